@@ -1,0 +1,18 @@
+"""localmap: per-shard code inside global PyTorch programs.
+
+Public surface:
+- ``local_map``: run a function on the local shards of DTensors and get DTensors back (drop-in for
+  ``torch.distributed.tensor.experimental.local_map``).
+- ``LocalMapError``: raised for bad input, naming the argument path, mesh dim, expected, given and fix.
+- ``Shard``, ``Replicate``, ``Partial``: PyTorch's own placement types, re-exported.
+- ``localmap.testing``: run code on a simulated mesh or on real gloo processes.
+"""
+
+from torch.distributed.tensor import Partial, Replicate, Shard
+
+from ._eager import local_map
+from ._errors import LocalMapError
+
+__version__ = "0.1.0"
+
+__all__ = ["local_map", "LocalMapError", "Shard", "Replicate", "Partial", "__version__"]

@@ -1,0 +1,131 @@
+"""Shapes of shards: torch.chunk layout, uneven detection, and global shapes of a region's outputs.
+
+DTensor lays a Shard(d) dim out like ``torch.chunk``: ``ceil(n / k)`` rows per rank until the rows run out
+(10 rows on 4 ranks: 3, 3, 3, 1). With several mesh dims sharding the same tensor dim, the earlier mesh dim
+splits first and each later one splits the blocks it was given.
+
+A region's output only has local shapes. When every DTensor input is evenly sharded, outputs are taken to be
+even too (global = local x mesh size; no communication, the same assumption as PyTorch's local_map). When any
+input is unevenly sharded, the true global sizes are found by gathering every rank's local sizes of the sharded
+output dims (one small all_gather per mesh dim), and the gathered layout is checked against DTensor's.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch.distributed.tensor import DeviceMesh
+from torch.distributed.tensor.placement_types import Placement, Shard
+
+from ._compat import DTensorSpec, all_gather_stack, is_simulated, simulated_local, simulated_rank_map
+from ._errors import fail
+from ._specs import placements_str
+
+
+def chunk_sizes(total: int, parts: int) -> list[int]:
+    """Sizes of the pieces torch.chunk (and DTensor's Shard) cuts `total` rows into across `parts` ranks."""
+    step = -(-total // parts) if total else 0
+    return [max(0, min(step, total - i * step)) for i in range(parts)]
+
+
+def shard_dims(placements: Sequence[Placement]) -> dict[int, list[int]]:
+    """tensor dim -> the mesh dims sharding it, in mesh order."""
+    out: dict[int, list[int]] = {}
+    for mesh_dim, p in enumerate(placements):
+        if isinstance(p, Shard):
+            out.setdefault(p.dim, []).append(mesh_dim)
+    return out
+
+
+def is_uneven(spec: DTensorSpec) -> bool:
+    """Whether a DTensor's shards differ in size along some sharded dim (plain loops: Dynamo traces this)."""
+    shape, mesh_shape = spec.shape, spec.mesh.shape
+    for dim, mesh_dims in shard_dims(spec.placements).items():
+        ranks = 1
+        for m in mesh_dims:
+            ranks *= mesh_shape[m]
+        if shape[dim] % ranks:
+            return True
+    return False
+
+
+def dense_stride(shape: Sequence[int], like_stride: Sequence[int]) -> tuple[int, ...]:
+    """Dense strides for `shape`, ordering dims as `like_stride` does (outermost = largest stride)."""
+    order = sorted(range(len(shape)), key=lambda d: (-like_stride[d], d))
+    stride = [0] * len(shape)
+    step = 1
+    for d in reversed(order):
+        stride[d] = step
+        step *= max(int(shape[d]), 1)
+    return tuple(stride)
+
+
+def _local_size_matrix(tensors: Sequence[torch.Tensor], entries: Sequence[tuple[int, int]],
+                       mesh: DeviceMesh) -> list:
+    """Every rank's local sizes for (tensor index, dim) entries, as nested lists indexed [c0][c1]...[entry].
+
+    One all_gather per mesh dim, innermost first, so that every rank ends with the whole table and so reaches
+    the same conclusion (no rank can raise while the others go on).
+    """
+    device = tensors[0].device
+    if any(is_simulated(t) for t in tensors):
+        def sizes_on(rank: int) -> torch.Tensor:
+            return torch.tensor([_size_on(tensors[i], rank, d) for i, d in entries], device=device)
+
+        table = simulated_rank_map(sizes_on)
+    else:
+        table = torch.tensor([int(tensors[i].shape[d]) for i, d in entries], dtype=torch.int64, device=device)
+    for mesh_dim in reversed(range(mesh.ndim)):
+        table = all_gather_stack(table, mesh, mesh_dim)
+    return table.tolist()
+
+
+def _size_on(t: torch.Tensor, rank: int, dim: int) -> int:
+    return int(simulated_local(t)[rank].shape[dim]) if is_simulated(t) else int(t.shape[dim])
+
+
+def _expected_layout(total: int, mesh_dims: Sequence[int], mesh_shape: Sequence[int]) -> torch.Tensor:
+    """Local sizes DTensor expects at each coordinate of `mesh_dims` for a dim of `total` rows."""
+    blocks = torch.tensor(total)
+    for m in mesh_dims:
+        n = mesh_shape[m]
+        blocks = torch.tensor([chunk_sizes(int(b), n) for b in blocks.flatten().tolist()]).reshape(
+            *blocks.shape, n)
+    return blocks
+
+
+def gather_global_shapes(tensors: Sequence[torch.Tensor], placements: Sequence[tuple[Placement, ...]],
+                         mesh: DeviceMesh, paths: Sequence[str]) -> list[list[int]]:
+    """Global shapes of uneven region outputs, from every rank's local sizes; checks DTensor's layout."""
+    entries = [(i, d) for i, pl in enumerate(placements) for d in shard_dims(pl)]
+    shapes = [list(t.shape) for t in tensors]
+    if not entries:
+        return shapes
+    table = torch.tensor(_local_size_matrix(tensors, entries, mesh))  # [n0, ..., n_{k-1}, entries]
+    mesh_shape = tuple(mesh.shape)
+    for col, (i, d) in enumerate(entries):
+        sizes = table[..., col]
+        sharding = shard_dims(placements[i])[d]
+        for m in range(mesh.ndim):
+            if m in sharding:
+                continue
+            first = sizes.select(m, 0).unsqueeze(m)
+            if not bool((sizes == first).all()):
+                raise fail(paths[i], f"local sizes of dim {d} differ across ranks of a mesh dim that does "
+                           f"not shard it", mesh=mesh, mesh_dim=m, expected="equal sizes",
+                           given=sizes.movedim(m, 0).flatten(1).T.tolist(),
+                           fix=f"shard dim {d} on that mesh dim too, or return the same size on every rank")
+            sizes = first
+        for m in reversed(range(mesh.ndim)):
+            if m not in sharding:
+                sizes = sizes.squeeze(m)
+        total = int(sizes.sum())
+        expected = _expected_layout(total, sharding, mesh_shape)
+        if not torch.equal(sizes, expected):
+            raise fail(paths[i], f"local sizes of dim {d} are not DTensor's chunk layout for {total} rows",
+                       mesh=mesh, mesh_dim=sharding[-1], expected=expected.tolist(), given=sizes.tolist(),
+                       fix="return shards cut like torch.chunk (ceil(n/k) rows per rank), or pad to even "
+                           f"and claim {placements_str(placements[i])} on the padded size")
+        shapes[i][d] = total
+    return shapes

@@ -1,0 +1,65 @@
+"""Shared test helpers: run a region on DTensors and compare values and gradients with one device."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+from torch.distributed.tensor import Partial, Placement, Replicate, Shard
+
+from localmap import local_map
+from localmap.testing import distribute, full, on_one_device
+
+S0, S1, R, P = Shard(0), Shard(1), Replicate(), Partial()
+
+_gen = torch.Generator().manual_seed(1234)
+
+
+def randn(*shape: int) -> torch.Tensor:
+    """A global test input: the same plain tensor whether or not a simulated mesh is active."""
+    with on_one_device():
+        return torch.randn(*shape, generator=_gen)
+
+
+def grad_for_output(out_placements: Sequence[Placement]) -> tuple[Placement, ...]:
+    """Placements to hand the upstream gradient in with: the output's own, Partial given as Replicate."""
+    return tuple(R if isinstance(p, Partial) else p for p in out_placements)
+
+
+def check_region(mesh: Any, body: Callable, inputs: Sequence[torch.Tensor], in_placements: Sequence[Any],
+                 out_placements: Sequence[Placement], in_grad_placements: Sequence[Any] | None = None,
+                 atol: float = 1e-5, seed: int = 0, **local_map_kwargs: Any) -> dict[str, float]:
+    """Run `body` as a region on DTensors of `inputs` and check forward and backward against `body` on the
+    global tensors. Returns the largest absolute differences; asserts they are within `atol`, that the output
+    has the declared placements and each input gradient the declared (or default) grad placements."""
+    with on_one_device():
+        gen = torch.Generator().manual_seed(seed)
+        ref_inputs = [t.detach().clone().requires_grad_() for t in inputs]
+        ref_out = body(*ref_inputs)
+        upstream = torch.randn(ref_out.shape, generator=gen, dtype=ref_out.dtype)
+        ref_out.backward(upstream)
+
+    region = local_map(body, out_placements, in_placements, in_grad_placements, mesh, **local_map_kwargs)
+    dts = [distribute(t, mesh, pl, requires_grad=True) for t, pl in zip(inputs, in_placements)]
+    out = region(*dts)
+    assert tuple(out.placements) == tuple(out_placements), (out.placements, out_placements)
+    assert tuple(out.shape) == tuple(ref_out.shape)
+    out.backward(distribute(upstream, mesh, grad_for_output(out_placements)))
+
+    diffs = {"out": max_diff(full(out), ref_out)}
+    for k, (d, ref, pl) in enumerate(zip(dts, ref_inputs, in_placements)):
+        want = tuple(in_grad_placements[k]) if in_grad_placements else grad_for_output(pl)
+        assert tuple(d.grad.placements) == want, (k, d.grad.placements, want)
+        assert d.grad.shape == ref.shape
+        diffs[f"grad{k}"] = max_diff(full(d.grad), ref.grad)
+    bad = {k: v for k, v in diffs.items() if not v <= atol}
+    assert not bad, f"differs from single-device result: {bad}"
+    return diffs
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest absolute difference of two plain tensors of the same shape (inf if the shapes differ)."""
+    with on_one_device():
+        if a.shape != b.shape:
+            return float("inf")
+        return (a.detach() - b.detach()).abs().max().item() if a.numel() else 0.0
