@@ -63,3 +63,9 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
         if a.shape != b.shape:
             return float("inf")
         return (a.detach() - b.detach()).abs().max().item() if a.numel() else 0.0
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max_diff scaled by the reference's magnitude (at least 1), for values that grow large."""
+    with on_one_device():
+        return max_diff(a, b) / max(1.0, b.detach().abs().max().item() if b.numel() else 0.0)

@@ -147,7 +147,7 @@ def _uneven(spec: DTensorSpec) -> bool:
     hit = _uneven_by_spec.get(id(spec))
     if hit is not None and hit[0] is spec:
         return hit[1]
-    result = is_uneven(spec)
+    result = is_uneven(spec.shape, spec.placements, spec.mesh)
     if len(_uneven_by_spec) > 4096:
         _uneven_by_spec.clear()
     _uneven_by_spec[id(spec)] = (spec, result)
@@ -203,22 +203,22 @@ class Region:
                        expected=mesh, given=a.device_mesh,
                        fix="redistribute it onto the region's mesh, or pass the matching device_mesh")
         if plan.specs is None:
-            spec = a._spec.placements
+            spec = a.placements
         else:
             spec = plan.specs[i]
             if spec is None:
                 raise fail(leaf_path("args", args, i), "is a DTensor but its in_placements spec is None",
                            expected="a list of placements", given=None,
                            fix=f"give its placements, e.g. {placements_str(a.placements)}")
-            if a._spec.placements != spec:
+            if a.placements != spec:
                 path = leaf_path("args", args, i)
                 spec = normalize_shard_dims(spec, a.ndim, path, "in_placements", mesh)
-                if a._spec.placements != spec:
+                if a.placements != spec:
                     if not self.redistribute_inputs:
-                        dim = next(m for m, (p, q) in enumerate(zip(a._spec.placements, spec)) if p != q)
+                        dim = next(m for m, (p, q) in enumerate(zip(a.placements, spec)) if p != q)
                         raise fail(path, "has placements that differ from in_placements", mesh=mesh,
                                    mesh_dim=dim, expected=placements_str(spec),
-                                   given=placements_str(a._spec.placements),
+                                   given=placements_str(a.placements),
                                    fix="pass redistribute_inputs=True, or call .redistribute(...) first")
                     a = a.redistribute(mesh, spec)
         if plan.grad_specs is None:
@@ -396,7 +396,7 @@ class Region:
         locals_ = list(flat)
         for i in dtensor_idx:
             a, gp = self._check_leaf(plan, args, flat, i, mesh)
-            if is_uneven(a._spec):
+            if is_uneven(a.shape, a.placements, mesh):
                 raise fail(leaf_path("args", args, i), "is unevenly sharded, which local_map does not support "
                            "under torch.compile", given=tuple(a.shape),
                            fix="pad the sharded dim to a multiple of the mesh size, or run this region eagerly")

@@ -38,10 +38,11 @@ def shard_dims(placements: Sequence[Placement]) -> dict[int, list[int]]:
     return out
 
 
-def is_uneven(spec: DTensorSpec) -> bool:
-    """Whether a DTensor's shards differ in size along some sharded dim (plain loops: Dynamo traces this)."""
-    shape, mesh_shape = spec.shape, spec.mesh.shape
-    for dim, mesh_dims in shard_dims(spec.placements).items():
+def is_uneven(shape: Sequence[int], placements: Sequence[Placement], mesh: DeviceMesh) -> bool:
+    """Whether shards of a tensor of `shape` differ in size along some sharded dim (plain loops: Dynamo
+    traces this)."""
+    mesh_shape = mesh.shape
+    for dim, mesh_dims in shard_dims(placements).items():
         ranks = 1
         for m in mesh_dims:
             ranks *= mesh_shape[m]

@@ -119,7 +119,8 @@ def resolve_input_specs(in_placements: Sequence[Any], args: tuple, num_leaves: i
     if len(in_placements) != len(args):
         raise fail(name, f"has {len(in_placements)} entries for a call with {len(args)} positional "
                    f"arguments ({num_leaves} tensor/value leaves)",
-                   expected=f"{len(args)} (one per argument) or {num_leaves} (one per leaf)",
+                   expected=f"{len(args)} (one per argument)" + (
+                       f" or {num_leaves} (one per leaf)" if num_leaves != len(args) else ""),
                    given=len(in_placements),
                    fix="give one spec per positional argument; use None for non-tensor arguments")
     out: list[LeafSpec] = []
