@@ -223,3 +223,17 @@ def test_repeated_calls_use_cached_specs(mesh1d):
         out = f(distribute(x, mesh1d, [S0]))
         assert out.shape == (rows, 4) and max_diff(full(out), x + 1) < 1e-6
     assert len(f.region._output_plans) == 1
+
+
+def test_decorated_method_binds_self(mesh1d):
+    """The wrapper is a plain function, so a decorated method gets `self` (a non-tensor with a None spec)."""
+    x = randn(8, 4)
+
+    class Scale:
+        factor = 3.0
+
+        @local_map(out_placements=[S0], in_placements=(None, [S0]))
+        def apply(self, a):
+            return a * self.factor
+
+    assert max_diff(full(Scale().apply(distribute(x, mesh1d, [S0]))), x * 3) < 1e-6
