@@ -12,13 +12,13 @@ output dims (one small all_gather per mesh dim), and the gathered layout is chec
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 from torch.distributed.tensor import DeviceMesh
 from torch.distributed.tensor.placement_types import Placement, Shard
 
-from ._compat import DTensorSpec, all_gather_stack, is_simulated, simulated_local, simulated_rank_map
+from ._compat import all_gather_stack, is_simulated, simulated_local, simulated_rank_map
 from ._errors import fail
 from ._specs import placements_str
 

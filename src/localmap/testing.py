@@ -175,7 +175,7 @@ def run_gloo(fn: Callable[..., Any], world_size: int, mesh_shape: Sequence[int] 
                 dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in got]
                 if dead:
                     raise GlooError(f"run_gloo: ranks {dead} died (exit codes "
-                                    f"{[procs[r].exitcode for r in dead]}) without reporting")
+                                    f"{[procs[r].exitcode for r in dead]}) without reporting") from None
     finally:
         for p in procs:
             p.join(timeout=5)
