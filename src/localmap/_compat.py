@@ -140,3 +140,83 @@ def outside_simulation() -> Any:
 
     mode = local_tensor_mode()
     return mode.disable() if mode is not None else contextlib.nullcontext()
+
+
+# ---- tracing internals used by the operator (hop.py) and region building (_region.py) -------------------------
+
+def isolated_tracing() -> Any:
+    """A context for tracing a region's own graphs from inside another trace: functionalization suspended and
+    the outer proxy modes off, so the inner make_fx sees plain fake tensors and records into its own graph."""
+    import contextlib
+
+    from torch._dispatch.python import suspend_functionalization
+    from torch._subclasses.functional_tensor import disable_functional_mode
+    from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(suspend_functionalization())
+    stack.enter_context(disable_functional_mode())
+    stack.enter_context(disable_proxy_modes_tracing())
+    return stack
+
+
+def detect_fake_mode(values: Any) -> Any:
+    """The FakeTensorMode of the fake tensors among `values` (or the active one), else None."""
+    from torch._guards import detect_fake_mode as detect
+
+    return detect(values)
+
+
+def new_fake_mode() -> Any:
+    """A FakeTensorMode with a ShapeEnv (so data-dependent sizes become unbacked symbols, not errors)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    return FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv())
+
+
+def ignore_fresh_unbacked(fake_mode: Any) -> Any:
+    """Allow unbacked symbols created inside a region's body (e.g. .tolist() split sizes)."""
+    import contextlib
+
+    env = getattr(fake_mode, "shape_env", None)
+    return env.ignore_fresh_unbacked_symbols() if env is not None else contextlib.nullcontext()
+
+
+def has_free_unbacked_symbols(values: Any) -> bool:
+    from torch.fx.experimental.symbolic_shapes import has_free_unbacked_symbols as has
+
+    return has(values)
+
+
+def below_autograd() -> Any:
+    """Run ops below the Autograd dispatch key (the region's forward and backward graphs run there)."""
+    return torch._C._AutoDispatchBelowAutograd()
+
+
+def copy_forward_meta_to_backward(joint: Any) -> None:
+    """Copy annotations (fx traceback 'custom' meta and friends) of forward nodes onto the backward nodes
+    autograd derived from them, as AOTAutograd does."""
+    from torch._functorch._aot_autograd.graph_capture import copy_fwd_metadata_to_bw_nodes
+
+    copy_fwd_metadata_to_bw_nodes(joint)
+
+
+def partitioner(name: str) -> Any:
+    """PyTorch's joint-graph partitioners by name: 'min_cut' (rematerializing) or 'default'."""
+    from torch._functorch import partitioners as p
+
+    return {"min_cut": p.min_cut_rematerialization_partition, "default": p.default_partition}[name]
+
+
+def sac_modes() -> tuple:
+    """The dispatch modes of selective activation checkpointing, which must see the operator as one op."""
+    from torch.utils.checkpoint import _CachedTorchDispatchMode, _CachingTorchDispatchMode
+
+    return (_CachingTorchDispatchMode, _CachedTorchDispatchMode)
+
+
+def storage_key(t: torch.Tensor) -> Any:
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    return StorageWeakRef(t.untyped_storage())

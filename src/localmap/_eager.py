@@ -315,6 +315,10 @@ class Region:
                 break
         dtensor_idx = [i for i, a in enumerate(flat) if isinstance(a, DTensor)]
         if not dtensor_idx:
+            if _tracing_regions():
+                from ._frontend import call_traced
+
+                return call_traced(self, args, kwargs)
             if self.in_placements is not None:  # still catch a wrong spec count
                 resolve_input_specs(self.in_placements, args, len(flat))
             return self.func(*args, **kwargs)
@@ -414,6 +418,13 @@ class Region:
             spec = self._check_output(out, i, t, spec, mesh)
             results.append(DTensor.from_local(t, mesh, spec, run_check=False) if spec is not None else t)
         return pytree.tree_unflatten(results, out_tree)
+
+
+def _tracing_regions() -> bool:
+    """Whether plain-tensor calls should become operator regions (inside hop.defer_inlining())."""
+    from .hop import is_deferring
+
+    return is_deferring()
 
 
 def _common_mesh(args: tuple, flat: Sequence[Any], dtensor_idx: Sequence[int]) -> DeviceMesh:

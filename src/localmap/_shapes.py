@@ -12,7 +12,7 @@ output dims (one small all_gather per mesh dim), and the gathered layout is chec
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch.distributed.tensor import DeviceMesh
@@ -54,11 +54,11 @@ def is_uneven(shape: Sequence[int], placements: Sequence[Placement], mesh: Devic
 def dense_stride(shape: Sequence[int], like_stride: Sequence[int]) -> tuple[int, ...]:
     """Dense strides for `shape`, ordering dims as `like_stride` does (outermost = largest stride)."""
     order = sorted(range(len(shape)), key=lambda d: (-like_stride[d], d))
-    stride = [0] * len(shape)
-    step = 1
+    stride: list[Any] = [0] * len(shape)
+    step: Any = 1
     for d in reversed(order):
         stride[d] = step
-        step *= max(int(shape[d]), 1)
+        step = step * torch.sym_max(shape[d], 1)
     return tuple(stride)
 
 
@@ -130,3 +130,37 @@ def gather_global_shapes(tensors: Sequence[torch.Tensor], placements: Sequence[t
                            f"and claim {placements_str(placements[i])} on the padded size")
         shapes[i][d] = total
     return shapes
+
+
+# ---- global <-> local metadata for tracing (fake tensors; sizes may be SymInts) --------------------------------
+
+def _ceil_div(a: Any, b: int) -> Any:
+    return -((-a) // b)
+
+
+def local_shape(shape: Sequence[Any], placements: Sequence[Placement], mesh_shape: Sequence[int],
+                coordinate: Sequence[int]) -> list[Any]:
+    """The local shape at `coordinate` of a tensor of global `shape` (torch.chunk layout, nested shards)."""
+    out = list(shape)
+    for m, p in enumerate(placements):
+        if isinstance(p, Shard):
+            size, n, c = out[p.dim], mesh_shape[m], coordinate[m]
+            step = _ceil_div(size, n)
+            out[p.dim] = torch.sym_max(0, torch.sym_min(step, size - c * step))
+    return out
+
+
+def even_global_shape(shape: Sequence[Any], placements: Sequence[Placement],
+                      mesh_shape: Sequence[int]) -> list[Any]:
+    """The global shape of an evenly sharded tensor from its local shape."""
+    out = list(shape)
+    for m, p in enumerate(placements):
+        if isinstance(p, Shard):
+            out[p.dim] = out[p.dim] * mesh_shape[m]
+    return out
+
+
+def like_stride(shape: Sequence[Any], stride: Sequence[Any]) -> tuple[Any, ...]:
+    """Dense strides for `shape` in the dim order of `stride`, keeping broadcast (0) strides as 0."""
+    dense = dense_stride(shape, stride)
+    return tuple(0 if s == 0 and n != 1 else d for s, n, d in zip(stride, shape, dense))

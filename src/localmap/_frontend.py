@@ -1,0 +1,111 @@
+"""The traced front end: ``local_map`` called on plain global-shaped tensors while regions are deferred.
+
+The region's function is traced into a body GraphModule on local fake tensors (this rank's shard of each
+input), the body gets the region's placements in ``meta["local_map_kwargs"]``, and ``local_map_hop`` is
+called on the global arguments. Tensor and SymInt arguments become operator inputs; every other argument
+(ints, None, modules, keyword arguments) is a constant of the body.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from . import _compat
+from ._compat import pytree
+from ._errors import fail
+from ._region import KWARGS, to_local_fake, trace_body
+from ._specs import check_spec_for_mesh, leaf_path, normalize_shard_dims, placements_str, resolve_input_specs
+from ._specs import resolve_output_specs
+
+
+def _leaf_specs(spec_arg: Any, name: str, args: tuple, flat: list, mesh: Any) -> list:
+    specs = resolve_input_specs(spec_arg, args, len(flat), name)
+    out = []
+    for i, (a, s) in enumerate(zip(flat, specs)):
+        if isinstance(a, torch.Tensor):
+            if s is None:
+                raise fail(leaf_path("args", args, i), f"is a tensor but its {name} spec is None",
+                           expected="a list of placements", given=None,
+                           fix="give its placements, e.g. [Replicate()] or [Shard(0)]")
+            check_spec_for_mesh(s, mesh, leaf_path("args", args, i), name)
+            s = normalize_shard_dims(s, a.ndim, leaf_path("args", args, i), name, mesh)
+        elif s is not None:
+            raise fail(leaf_path("args", args, i), "is not a tensor but has a placement spec", expected=None,
+                       given=placements_str(s), fix=f"use None in {name} for non-tensor arguments")
+        out.append(s)
+    return out
+
+
+def call_traced(region: Any, args: tuple, kwargs: dict) -> Any:
+    """Trace the region's function into a body and call the operator on the global arguments."""
+    from .hop import local_map_hop
+
+    mesh = region.device_mesh
+    if mesh is None:
+        raise fail("device_mesh", "is needed to trace a region on plain tensors", given=None,
+                   fix="pass device_mesh= to local_map")
+    if region.in_placements is None:
+        raise fail("in_placements", "are needed to trace a region on plain tensors", given=None,
+                   fix="give one spec per argument, e.g. in_placements=([Shard(0)], [Replicate()])")
+    flat, treespec = pytree.tree_flatten(args)
+    specs = _leaf_specs(region.in_placements, "in_placements", args, flat, mesh)
+    grads = None
+    if region.in_grad_placements is not None:
+        grads = _leaf_specs(region.in_grad_placements, "in_grad_placements", args, flat, mesh)
+    inputs = [i for i, a in enumerate(flat) if isinstance(a, (torch.Tensor, torch.SymInt))]
+    hop_args = [flat[i] for i in inputs]
+
+    with _compat.isolated_tracing():
+        fake_mode = _compat.detect_fake_mode(hop_args) or _compat.new_fake_mode()
+        with fake_mode:
+            local = [to_local_fake(_as_fake(a, fake_mode), specs[i], mesh) for i, a in zip(inputs, hop_args)]
+
+    traced: dict[str, Any] = {}
+
+    def body_fn(*local_inputs: Any) -> tuple:
+        leaves = list(flat)
+        for i, v in zip(inputs, local_inputs):
+            leaves[i] = v
+        out = region.func(*pytree.tree_unflatten(leaves, treespec), **kwargs)
+        traced["out"] = out
+        return tuple(o for o in pytree.tree_leaves(out) if isinstance(o, torch.Tensor))
+
+    body = trace_body(body_fn, local)
+    out = traced["out"]
+    flat_out, out_tree = pytree.tree_flatten(out)
+    out_specs = resolve_output_specs(region.out_placements, out, len(flat_out))
+    tensor_specs = []
+    for i, (o, s) in enumerate(zip(flat_out, out_specs)):
+        if isinstance(o, DTensor):
+            raise fail(leaf_path("outputs", out, i), "the function returned a DTensor",
+                       expected="a local torch.Tensor", given="DTensor", fix="return local tensors only")
+        if isinstance(o, torch.Tensor):
+            if s is None:
+                raise fail(leaf_path("outputs", out, i), "is a Tensor but its out_placements spec is None",
+                           expected="a list of placements", given=None, fix="give its placements")
+            check_spec_for_mesh(s, mesh, leaf_path("outputs", out, i), "out_placements")
+            tensor_specs.append(normalize_shard_dims(s, o.ndim, leaf_path("outputs", out, i),
+                                                     "out_placements", mesh))
+        elif s is not None:
+            raise fail(leaf_path("outputs", out, i), "is not a Tensor but has a placement spec",
+                       expected=None, given=placements_str(s), fix="use None for non-tensor outputs")
+    body.meta[KWARGS] = {
+        "in_placements": tuple(specs[i] for i in inputs),
+        "out_placements": tuple(tensor_specs),
+        "in_grad_placements": None if grads is None else tuple(grads[i] for i in inputs),
+        "device_mesh": mesh,
+    }
+    results = iter(local_map_hop(body, *hop_args))
+    return pytree.tree_unflatten(
+        [next(results) if isinstance(o, torch.Tensor) else o for o in flat_out], out_tree)
+
+
+def _as_fake(value: Any, fake_mode: Any) -> Any:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    if isinstance(value, torch.Tensor) and not isinstance(value, FakeTensor):
+        return fake_mode.from_tensor(value)
+    return value

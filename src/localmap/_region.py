@@ -1,0 +1,363 @@
+"""Building a region: its body graph from a function, and its forward and backward graphs from the body.
+
+A region's graphs all work in *local* (per-shard) shapes:
+
+* **body**: ``(*inputs) -> (*outputs)``, traced from the user's function on local fake tensors;
+* **forward**: ``(*inputs) -> (*outputs, *activations)``;
+* **backward**: ``(*activations, *tangents) -> (*input_grads)``, one gradient (or None) per input and one tangent
+  per output that requires grad, activations in the order the forward returns them (tensors, then SymInts).
+
+Forward and backward come from one joint trace of the body (``torch.autograd.grad`` under ``make_fx``) cut by
+PyTorch's partitioner (min-cut rematerialization by default). Identical regions (same body code, constants,
+placements, mesh and input metadata) are built once: a model of 32 identical layers builds its graphs once.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+import torch.fx.traceback as fx_traceback
+from torch.distributed.tensor import DeviceMesh
+from torch.distributed.tensor.placement_types import Partial, Placement, Replicate
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from . import _compat
+from ._errors import LocalMapError, fail
+from ._shapes import like_stride, local_shape
+
+KWARGS = "local_map_kwargs"  # GraphModule.meta key of a region's placements and mesh (as PyTorch's operator)
+ROLE = "localmap"  # GraphModule.meta key of localmap's own facts about a graph (role, activations, ...)
+
+
+@dataclass(frozen=True)
+class RegionGraphs:
+    """A region's partitioned graphs and what it takes to run them."""
+
+    forward: fx.GraphModule
+    backward: fx.GraphModule | None  # None when no output requires grad
+    num_outputs: int
+    num_activations: int
+    tangent_outputs: tuple[int, ...]  # outputs that receive a tangent, in backward input order
+    tangent_strides: tuple[tuple[Any, ...], ...]  # local strides the backward graph was traced with
+    grad_inputs: tuple[int, ...]  # inputs that get a gradient
+    stats: dict = field(default_factory=dict, compare=False)
+
+
+# ---- metadata ---------------------------------------------------------------------------------------------------
+
+def region_kwargs(body: fx.GraphModule, num_args: int) -> dict:
+    """The body's placements and mesh, checked against the number of arguments."""
+    kwargs = getattr(body, "meta", {}).get(KWARGS)
+    if not isinstance(kwargs, dict) or "in_placements" not in kwargs or "out_placements" not in kwargs:
+        raise fail("body", f"has no meta[{KWARGS!r}] with in_placements and out_placements",
+                   expected="{'in_placements': ..., 'out_placements': ..., 'device_mesh': mesh}",
+                   given=type(kwargs).__name__, fix="set body.meta['local_map_kwargs'] before calling the operator")
+    if kwargs.get("device_mesh") is None:
+        raise fail("body", "has no device_mesh in its local_map_kwargs", fix="set local_map_kwargs['device_mesh']")
+    if len(kwargs["in_placements"]) != num_args:
+        raise fail("in_placements", f"has {len(kwargs['in_placements'])} entries for {num_args} operator inputs",
+                   expected=num_args, given=len(kwargs["in_placements"]),
+                   fix="give one placement tuple (or None for a non-tensor) per input")
+    return kwargs
+
+
+def role_of(gm: fx.GraphModule) -> dict:
+    return gm.meta.get(ROLE, {"role": "body", "num_activations": 0})
+
+
+def grad_placements(kwargs: dict) -> tuple:
+    """Gradient placements of each input: in_grad_placements when given, else the input's own with Partial
+    read as Replicate (the eager default)."""
+    given = kwargs.get("in_grad_placements")
+    if given is not None:
+        return tuple(None if p is None else tuple(p) for p in given)
+    return tuple(None if p is None else tangent_placements(p) for p in kwargs["in_placements"])
+
+
+def tangent_placements(placements: Sequence[Placement]) -> tuple[Placement, ...]:
+    """What a gradient flowing into a value with `placements` looks like: Partial becomes Replicate."""
+    return tuple(Replicate() if isinstance(p, Partial) else p for p in placements)
+
+
+# ---- global <-> local fake tensors ------------------------------------------------------------------------------
+
+def mesh_coordinate(mesh: DeviceMesh) -> list[int]:
+    """This rank's coordinate; tracing on a fake process group happens as rank 0 (documented)."""
+    coord = mesh.get_coordinate()
+    if coord is None:
+        raise LocalMapError("local_map: this rank is not part of the region's device_mesh")
+    return list(coord)
+
+
+def to_local_fake(value: Any, placements: Sequence[Placement] | None, mesh: DeviceMesh) -> Any:
+    """A fresh fake tensor with the local shape this rank holds of global `value` (non-tensors pass)."""
+    if not isinstance(value, torch.Tensor) or placements is None:
+        return value
+    shape = local_shape(value.shape, placements, tuple(mesh.shape), mesh_coordinate(mesh))
+    return torch.empty_strided(shape, like_stride(shape, value.stride()), dtype=value.dtype,
+                               device=value.device, requires_grad=value.requires_grad)
+
+
+def to_global_fake(value: Any, placements: Sequence[Placement] | None, mesh: DeviceMesh,
+                   shape: Sequence[Any] | None = None) -> Any:
+    """A fresh fake tensor with the global shape of local `value` (even sharding unless `shape` is known)."""
+    from ._shapes import even_global_shape
+
+    if not isinstance(value, torch.Tensor) or placements is None:
+        return value
+    if shape is None:
+        shape = even_global_shape(value.shape, placements, tuple(mesh.shape))
+    return torch.empty_strided(shape, like_stride(shape, value.stride()), dtype=value.dtype,
+                               device=value.device, requires_grad=value.requires_grad)
+
+
+# ---- running and checking bodies --------------------------------------------------------------------------------
+
+def run_graph(gm: fx.GraphModule, args: Sequence[Any], keep_meta: bool = False) -> tuple:
+    """Run a region graph; with keep_meta, through an Interpreter so node metadata (annotations,
+    checkpoint tags) reaches whatever trace is recording."""
+    out = fx.Interpreter(gm).run(*args) if keep_meta else gm(*args)
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+def check_no_input_mutation(body: fx.GraphModule) -> None:
+    """A body may not mutate its inputs (the region's inputs are DTensor shards owned by the caller)."""
+    aliases: dict[fx.Node, int] = {}
+    for i, node in enumerate(n for n in body.graph.nodes if n.op == "placeholder"):
+        aliases[node] = i
+    for node in body.graph.nodes:
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        schema = node.target._schema
+        for arg, formal in zip(node.args, schema.arguments):
+            if not isinstance(arg, fx.Node) or arg not in aliases:
+                continue
+            if formal.alias_info is not None and formal.alias_info.is_write:
+                raise fail(f"inputs[{aliases[arg]}]", f"is mutated in the region's body by {node.target}",
+                           expected="a body that does not write to its inputs", given=str(node.target),
+                           fix="compute into a new tensor (out-of-place op), or clone the input first")
+            if formal.alias_info is not None and not formal.alias_info.is_write:
+                aliases[node] = aliases[arg]  # a view of an input: writes to it write the input
+
+
+# ---- building forward and backward ------------------------------------------------------------------------------
+
+_cache: dict[Any, RegionGraphs] = {}
+_cache_lock = threading.Lock()
+build_count = 0  # regions actually built (not served from the cache); read by tests and benchmarks
+
+
+def _meta_key(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return ("T", tuple(value.shape), tuple(value.stride()), value.dtype, value.device.type,
+                value.requires_grad)
+    if isinstance(value, torch.SymInt):
+        raise TypeError("symbolic")
+    return ("V", value if isinstance(value, (int, float, bool, str, type(None))) else id(value))
+
+
+def _cache_key(body: fx.GraphModule, args: Sequence[Any], partition: str) -> Any:
+    """Identity of a region for the cache; None when it cannot be keyed (symbolic sizes)."""
+    try:
+        kwargs = body.meta[KWARGS]
+        nodes = tuple(
+            (n.meta.get("custom") and repr(n.meta.get("custom")), repr(n.meta.get("recompute")))
+            for n in body.graph.nodes)
+        constants = tuple(id(getattr(body, n.target)) for n in body.graph.nodes if n.op == "get_attr")
+        placements = (repr(kwargs["in_placements"]), repr(kwargs["out_placements"]),
+                      repr(kwargs.get("in_grad_placements")))
+        key = (body.code, nodes, constants, placements, id(kwargs["device_mesh"]), partition,
+               tuple(_meta_key(a) for a in args), _sac_active())
+        hash(key)
+        return key
+    except TypeError:
+        return None
+
+
+def _sac_active() -> bool:
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    sac = _compat.sac_modes()
+    return any(isinstance(m, sac) for m in _get_current_dispatch_mode_stack())
+
+
+def build_region(body: fx.GraphModule, args: Sequence[Any], partition: str = "min_cut") -> RegionGraphs:
+    """Forward and backward graphs of `body` for global arguments `args` (cached)."""
+    global build_count
+    kwargs = region_kwargs(body, len(args))
+    key = _cache_key(body, args, partition)
+    if key is not None:
+        with _cache_lock:
+            hit = _cache.get(key)
+        if hit is not None:
+            return hit
+    graphs = _build(body, args, kwargs, partition)
+    build_count += 1
+    if key is not None:
+        with _cache_lock:
+            if len(_cache) > 512:
+                _cache.clear()
+            _cache[key] = graphs
+    return graphs
+
+
+def _build(body: fx.GraphModule, args: Sequence[Any], kwargs: dict, partition: str) -> RegionGraphs:
+    mesh = kwargs["device_mesh"]
+    in_placements = kwargs["in_placements"]
+    with _compat.isolated_tracing():
+        fake_mode = _compat.detect_fake_mode(args) or _compat.new_fake_mode()
+        with fake_mode:
+            fakes = [fake_mode.from_tensor(a) if isinstance(a, torch.Tensor) and not _is_fake(a) else a
+                     for a in args]
+            primals = [to_local_fake(a, p, mesh) for a, p in zip(fakes, in_placements)]
+            with _compat.ignore_fresh_unbacked(fake_mode), torch.enable_grad():
+                probe = run_graph(body, primals)
+            tangent_idx = tuple(i for i, o in enumerate(probe) if isinstance(o, torch.Tensor) and o.requires_grad)
+            grad_idx = tuple(i for i, p in enumerate(primals) if isinstance(p, torch.Tensor) and p.requires_grad)
+            if _compat.has_free_unbacked_symbols([probe[i] for i in tangent_idx]):
+                raise fail("outputs", "have data-dependent sizes that would leak out of the region",
+                           fix="make every output's size depend only on input sizes (pad or combine inside)")
+            tangents = [torch.empty_strided(probe[i].shape, probe[i].stride(), dtype=probe[i].dtype,
+                                            device=probe[i].device) for i in tangent_idx]
+        num_outputs = len(probe)
+
+        def joint(primals: list, tangents: list) -> tuple:
+            outs = run_graph(body, primals, keep_meta=True)
+            grads: list[Any] = [None] * len(primals)
+            if tangent_idx and grad_idx:
+                found = torch.autograd.grad([outs[i] for i in tangent_idx], [primals[i] for i in grad_idx],
+                                            tangents, allow_unused=True)
+                for i, g in zip(grad_idx, found):
+                    grads[i] = g
+            inputs = {_compat.storage_key(p) for p in primals if isinstance(p, torch.Tensor)}
+            outs = tuple(o.clone() if isinstance(o, torch.Tensor) and _compat.storage_key(o) in inputs else o
+                         for o in outs)
+            return (*outs, *grads)
+
+        with fx_traceback.preserve_node_meta(), _compat.ignore_fresh_unbacked(fake_mode):
+            joint_gm = make_fx(joint)(primals, tangents)
+        _compat.copy_forward_meta_to_backward(joint_gm)
+        if not tangent_idx:
+            forward, backward = _forward_only(joint_gm, num_outputs), None
+        else:
+            forward, backward = _compat.partitioner(partition)(
+                joint_gm, [primals, tangents], num_fwd_outputs=num_outputs)
+    num_activations = len(_outputs(forward)) - num_outputs
+    if backward is not None:
+        _activations_first(backward, forward, num_outputs)
+    graphs = RegionGraphs(
+        forward=forward, backward=backward, num_outputs=num_outputs, num_activations=num_activations,
+        tangent_outputs=tangent_idx,
+        tangent_strides=tuple(tuple(t.stride()) for t in tangents), grad_inputs=grad_idx,
+    )
+    _check_counts(graphs, kwargs, len(args))
+    _annotate(graphs, kwargs, args)
+    return graphs
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor)
+
+
+def _outputs(gm: fx.GraphModule) -> tuple:
+    return tuple(gm.graph.find_nodes(op="output")[0].args[0])
+
+
+def _placeholders(gm: fx.GraphModule) -> list[fx.Node]:
+    return list(gm.graph.find_nodes(op="placeholder"))
+
+
+def _forward_only(joint_gm: fx.GraphModule, num_outputs: int) -> fx.GraphModule:
+    """When nothing needs a gradient the joint is the forward: drop its (all None) gradient outputs and
+    tangent placeholders."""
+    graph = joint_gm.graph
+    out = graph.find_nodes(op="output")[0]
+    out.args = (tuple(out.args[0][:num_outputs]),)
+    for node in _placeholders(joint_gm):
+        if node.name.startswith("tangents") and not node.users:
+            graph.erase_node(node)
+    graph.eliminate_dead_code()
+    gm = fx.GraphModule(joint_gm, graph)
+    gm.graph._codegen = fx.graph.CodeGen()  # plain positional signature
+    gm.recompile()
+    return gm
+
+
+def _activations_first(backward: fx.GraphModule, forward: fx.GraphModule, num_outputs: int) -> None:
+    """Order the backward's placeholders as the forward returns activations (tensors, then SymInts), then
+    tangents. PyTorch's partitioner puts SymInt activations first."""
+    saved = _outputs(forward)[num_outputs:]
+    names = [n.name for n in saved]
+    holders = {n.name: n for n in _placeholders(backward)}
+    ordered = [holders[name] for name in names if name in holders]
+    rest = [n for n in _placeholders(backward) if n.name not in set(names)]
+    first_op = next(n for n in backward.graph.nodes if n.op != "placeholder")
+    for node in ordered + rest:
+        first_op.prepend(node)
+    backward.recompile()
+
+
+def _check_counts(graphs: RegionGraphs, kwargs: dict, num_args: int) -> None:
+    """The partitioned graphs' inputs and outputs must match the placements (else the caller gets an error,
+    not a silently misaligned graph)."""
+    n_in, n_out = len(_placeholders(graphs.forward)), len(_outputs(graphs.forward))
+    want_out = len(kwargs["out_placements"])
+    if n_in != num_args:
+        raise fail("forward graph", f"has {n_in} inputs for {num_args} in_placements", expected=num_args,
+                   given=n_in, fix="report this: the partitioner dropped or added an input")
+    if graphs.num_outputs != want_out:
+        raise fail("outputs", f"the body returns {graphs.num_outputs} outputs but out_placements has {want_out}",
+                   expected=want_out, given=graphs.num_outputs,
+                   fix="give one out placement per output of the body")
+    if n_out != graphs.num_outputs + graphs.num_activations:
+        raise fail("forward graph", "output count disagrees with outputs plus activations",
+                   expected=graphs.num_outputs + graphs.num_activations, given=n_out, fix="report this")
+    if graphs.backward is not None:
+        b_in, b_out = len(_placeholders(graphs.backward)), len(_outputs(graphs.backward))
+        if b_in != graphs.num_activations + len(graphs.tangent_outputs):
+            raise fail("backward graph", "input count disagrees with activations plus tangents",
+                       expected=graphs.num_activations + len(graphs.tangent_outputs), given=b_in, fix="report this")
+        if b_out != num_args:
+            raise fail("backward graph", f"has {b_out} outputs for {num_args} inputs", expected=num_args,
+                       given=b_out, fix="report this")
+
+
+def _annotate(graphs: RegionGraphs, kwargs: dict, args: Sequence[Any]) -> None:
+    """Placements and roles on the graphs, as a planner reads them. Backward metadata is derived: its inputs
+    are the tangents of the outputs that get one (placements of a gradient flowing into those outputs), its
+    outputs the inputs' gradient placements."""
+    forward, backward = graphs.forward, graphs.backward
+    forward.meta[KWARGS] = dict(kwargs)
+    forward.meta[ROLE] = {"role": "forward", "num_activations": graphs.num_activations,
+                          "num_outputs": graphs.num_outputs}
+    if backward is None:
+        return
+    outs = kwargs["out_placements"]
+    backward.meta[KWARGS] = {
+        "in_placements": tuple(tangent_placements(outs[i]) for i in graphs.tangent_outputs),
+        "out_placements": grad_placements(kwargs),
+        "in_grad_placements": None,
+        "device_mesh": kwargs["device_mesh"],
+    }
+    backward.meta[ROLE] = {
+        "role": "backward", "num_activations": graphs.num_activations,
+        "grad_shapes": tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else None for a in args),
+    }
+
+
+# ---- tracing a function into a body -----------------------------------------------------------------------------
+
+def trace_body(fn: Callable[..., tuple], local_inputs: Sequence[Any]) -> fx.GraphModule:
+    """Trace ``fn(*local_inputs) -> tuple of tensors`` into a body GraphModule with a flat signature."""
+    with _compat.isolated_tracing():
+        fake_mode = _compat.detect_fake_mode(local_inputs)
+        with _compat.ignore_fresh_unbacked(fake_mode):
+            gm = make_fx(fn)(*local_inputs)
+    check_no_input_mutation(gm)
+    return gm
