@@ -239,7 +239,7 @@ def _build(body: fx.GraphModule, args: Sequence[Any], kwargs: dict, partition: s
             return (*outs, *grads)
 
         with fx_traceback.preserve_node_meta(), _compat.ignore_fresh_unbacked(fake_mode):
-            joint_gm = make_fx(joint)(primals, tangents)
+            joint_gm = make_fx(joint, tracing_mode="fake")(primals, tangents)
         _compat.copy_forward_meta_to_backward(joint_gm)
         if not tangent_idx:
             forward, backward = _forward_only(joint_gm, num_outputs), None
@@ -358,6 +358,6 @@ def trace_body(fn: Callable[..., tuple], local_inputs: Sequence[Any]) -> fx.Grap
     with _compat.isolated_tracing():
         fake_mode = _compat.detect_fake_mode(local_inputs)
         with _compat.ignore_fresh_unbacked(fake_mode):
-            gm = make_fx(fn)(*local_inputs)
+            gm = make_fx(fn, tracing_mode="fake")(*local_inputs)
     check_no_input_mutation(gm)
     return gm

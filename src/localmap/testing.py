@@ -2,6 +2,7 @@
 
 - ``simulated_mesh(shape, names)``: a context manager giving a DeviceMesh whose ranks are simulated in this
   process (PyTorch's LocalTensorMode over the fake process group). Every tensor op runs once per rank.
+- ``fake_mesh(shape, names)``: a mesh of any size over the fake process group, for tracing (no values).
 - ``run_gloo(fn, world_size, ...)``: spawns one process per rank over loopback, runs ``fn(mesh, *args)`` on
   each, and returns the per-rank results. Bounded by a timeout; process groups are always destroyed.
 - ``distribute(t, mesh, placements)``: a DTensor of a global tensor, including Partial placements (split into
@@ -31,7 +32,7 @@ from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, dis
 
 from . import _compat
 
-__all__ = ["simulated_mesh", "run_gloo", "distribute", "full", "on_one_device", "GlooError"]
+__all__ = ["simulated_mesh", "fake_mesh", "run_gloo", "distribute", "full", "on_one_device", "GlooError"]
 
 
 @contextlib.contextmanager
@@ -45,6 +46,20 @@ def simulated_mesh(shape: int | Sequence[int], names: Sequence[str] | None = Non
     try:
         with _compat.local_tensor_mode(world):
             yield init_device_mesh("cpu", shape, mesh_dim_names=tuple(names) if names else None)
+    finally:
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def fake_mesh(shape: int | Sequence[int], names: Sequence[str] | None = None) -> Iterator[DeviceMesh]:
+    """A DeviceMesh over the fake process group, for tracing only (no values): any size, e.g. 2048 ranks as
+    (8, 8, 4, 8). This process is rank 0. Leaves no process group behind."""
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    if dist.is_initialized():
+        raise RuntimeError("fake_mesh needs no process group to be initialized; destroy it first")
+    _compat.fake_process_group(math.prod(shape))
+    try:
+        yield init_device_mesh("cpu", shape, mesh_dim_names=tuple(names) if names else None)
     finally:
         dist.destroy_process_group()
 
