@@ -153,10 +153,15 @@ def isolated_tracing() -> Any:
     from torch._subclasses.functional_tensor import disable_functional_mode
     from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
 
+    from torch.utils._python_dispatch import _disable_current_modes
+
     stack = contextlib.ExitStack()
     stack.enter_context(suspend_functionalization())
     stack.enter_context(disable_functional_mode())
     stack.enter_context(disable_proxy_modes_tracing())
+    # Also user dispatch modes (checkpoint policies, counters): building a region is trace-time work, not
+    # ops of the program. Callers re-enter the fake mode they need.
+    stack.enter_context(_disable_current_modes())
     return stack
 
 
@@ -197,7 +202,7 @@ def below_autograd() -> Any:
 def copy_forward_meta_to_backward(joint: Any) -> None:
     """Copy annotations (fx traceback 'custom' meta and friends) of forward nodes onto the backward nodes
     autograd derived from them, as AOTAutograd does."""
-    from torch._functorch._aot_autograd.graph_capture import copy_fwd_metadata_to_bw_nodes
+    from torch._functorch._aot_autograd.utils import copy_fwd_metadata_to_bw_nodes
 
     copy_fwd_metadata_to_bw_nodes(joint)
 
@@ -220,3 +225,31 @@ def storage_key(t: torch.Tensor) -> Any:
     from torch.multiprocessing.reductions import StorageWeakRef
 
     return StorageWeakRef(t.untyped_storage())
+
+
+def current_trace_graph() -> Any:
+    """The fx.Graph that the active make_fx trace is recording into (None outside one)."""
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+    mode = get_proxy_mode()
+    return None if mode is None else mode.tracer.graph
+
+
+def without_saved_tensor_hooks() -> Any:
+    """Set aside the default saved-tensor hooks (e.g. an activation checkpoint around the region) while a
+    region's joint graph is traced: its own autograd.grad must not trigger the user's recomputation."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def ctx() -> Any:
+        hooks = []
+        while (top := torch._C._autograd._top_saved_tensors_default_hooks(True)) is not None:
+            hooks.append(top)
+            torch._C._autograd._pop_saved_tensors_default_hooks()
+        try:
+            yield
+        finally:
+            for pack, unpack in reversed(hooks):
+                torch._C._autograd._push_saved_tensors_default_hooks(pack, unpack)
+
+    return ctx()

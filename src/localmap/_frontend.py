@@ -16,7 +16,7 @@ from torch.distributed.tensor import DTensor
 from . import _compat
 from ._compat import pytree
 from ._errors import fail
-from ._region import KWARGS, to_local_fake, trace_body
+from ._region import set_region_meta, to_local_fake, trace_body
 from ._specs import check_spec_for_mesh, leaf_path, normalize_shard_dims, placements_str, resolve_input_specs
 from ._specs import resolve_output_specs
 
@@ -61,7 +61,9 @@ def call_traced(region: Any, args: tuple, kwargs: dict) -> Any:
     with _compat.isolated_tracing():
         fake_mode = _compat.detect_fake_mode(hop_args) or _compat.new_fake_mode()
         with fake_mode:
-            local = [to_local_fake(_as_fake(a, fake_mode), specs[i], mesh) for i, a in zip(inputs, hop_args)]
+            # The body is traced without autograd (its backward is built later from the body graph).
+            local = [_detached(to_local_fake(_as_fake(a, fake_mode), specs[i], mesh))
+                     for i, a in zip(inputs, hop_args)]
 
     traced: dict[str, Any] = {}
 
@@ -92,15 +94,19 @@ def call_traced(region: Any, args: tuple, kwargs: dict) -> Any:
         elif s is not None:
             raise fail(leaf_path("outputs", out, i), "is not a Tensor but has a placement spec",
                        expected=None, given=placements_str(s), fix="use None for non-tensor outputs")
-    body.meta[KWARGS] = {
+    set_region_meta(body, {
         "in_placements": tuple(specs[i] for i in inputs),
         "out_placements": tuple(tensor_specs),
         "in_grad_placements": None if grads is None else tuple(grads[i] for i in inputs),
         "device_mesh": mesh,
-    }
+    })
     results = iter(local_map_hop(body, *hop_args))
     return pytree.tree_unflatten(
         [next(results) if isinstance(o, torch.Tensor) else o for o in flat_out], out_tree)
+
+
+def _detached(value: Any) -> Any:
+    return value.detach() if isinstance(value, torch.Tensor) else value
 
 
 def _as_fake(value: Any, fake_mode: Any) -> Any:

@@ -49,9 +49,33 @@ class RegionGraphs:
 
 # ---- metadata ---------------------------------------------------------------------------------------------------
 
+_SAVED = "_localmap_meta"  # an attribute copy of the meta: GraphModule pickling keeps attributes, drops meta
+
+
+def set_region_meta(gm: fx.GraphModule, kwargs: dict, role: dict | None = None) -> None:
+    """Record a region graph's placements (and localmap role) where planners and the operator read them."""
+    gm.meta[KWARGS] = kwargs
+    if role is not None:
+        gm.meta[ROLE] = role
+    setattr(gm, _SAVED, {KWARGS: kwargs, ROLE: gm.meta.get(ROLE)})
+
+
+def _restore_meta(gm: fx.GraphModule) -> None:
+    saved = getattr(gm, _SAVED, None)
+    if saved and KWARGS not in gm.meta:
+        gm.meta[KWARGS] = saved[KWARGS]
+        if saved.get(ROLE) is not None:
+            gm.meta[ROLE] = saved[ROLE]
+
+
+def kwargs_of(gm: fx.GraphModule) -> dict | None:
+    _restore_meta(gm)
+    return gm.meta.get(KWARGS)
+
+
 def region_kwargs(body: fx.GraphModule, num_args: int) -> dict:
     """The body's placements and mesh, checked against the number of arguments."""
-    kwargs = getattr(body, "meta", {}).get(KWARGS)
+    kwargs = kwargs_of(body) if isinstance(body, fx.GraphModule) else None
     if not isinstance(kwargs, dict) or "in_placements" not in kwargs or "out_placements" not in kwargs:
         raise fail("body", f"has no meta[{KWARGS!r}] with in_placements and out_placements",
                    expected="{'in_placements': ..., 'out_placements': ..., 'device_mesh': mesh}",
@@ -66,6 +90,7 @@ def region_kwargs(body: fx.GraphModule, num_args: int) -> dict:
 
 
 def role_of(gm: fx.GraphModule) -> dict:
+    _restore_meta(gm)
     return gm.meta.get(ROLE, {"role": "body", "num_activations": 0})
 
 
@@ -163,7 +188,7 @@ def _meta_key(value: Any) -> Any:
 def _cache_key(body: fx.GraphModule, args: Sequence[Any], partition: str) -> Any:
     """Identity of a region for the cache; None when it cannot be keyed (symbolic sizes)."""
     try:
-        kwargs = body.meta[KWARGS]
+        kwargs = kwargs_of(body)
         nodes = tuple(
             (n.meta.get("custom") and repr(n.meta.get("custom")), repr(n.meta.get("recompute")))
             for n in body.graph.nodes)
@@ -208,7 +233,7 @@ def build_region(body: fx.GraphModule, args: Sequence[Any], partition: str = "mi
 def _build(body: fx.GraphModule, args: Sequence[Any], kwargs: dict, partition: str) -> RegionGraphs:
     mesh = kwargs["device_mesh"]
     in_placements = kwargs["in_placements"]
-    with _compat.isolated_tracing():
+    with _compat.isolated_tracing(), _compat.without_saved_tensor_hooks():
         fake_mode = _compat.detect_fake_mode(args) or _compat.new_fake_mode()
         with fake_mode:
             fakes = [fake_mode.from_tensor(a) if isinstance(a, torch.Tensor) and not _is_fake(a) else a
@@ -227,6 +252,7 @@ def _build(body: fx.GraphModule, args: Sequence[Any], kwargs: dict, partition: s
 
         def joint(primals: list, tangents: list) -> tuple:
             outs = run_graph(body, primals, keep_meta=True)
+            _tag_phase(_compat.current_trace_graph())  # what exists now is forward (as AOTAutograd tags)
             grads: list[Any] = [None] * len(primals)
             if tangent_idx and grad_idx:
                 found = torch.autograd.grad([outs[i] for i in tangent_idx], [primals[i] for i in grad_idx],
@@ -236,11 +262,13 @@ def _build(body: fx.GraphModule, args: Sequence[Any], kwargs: dict, partition: s
             inputs = {_compat.storage_key(p) for p in primals if isinstance(p, torch.Tensor)}
             outs = tuple(o.clone() if isinstance(o, torch.Tensor) and _compat.storage_key(o) in inputs else o
                          for o in outs)
+            _tag_phase(_compat.current_trace_graph())  # and what autograd added since is backward
             return (*outs, *grads)
 
         with fx_traceback.preserve_node_meta(), _compat.ignore_fresh_unbacked(fake_mode):
             joint_gm = make_fx(joint, tracing_mode="fake")(primals, tangents)
         _compat.copy_forward_meta_to_backward(joint_gm)
+        _clean_checkpoint_tags(joint_gm, num_outputs)
         if not tangent_idx:
             forward, backward = _forward_only(joint_gm, num_outputs), None
         else:
@@ -257,6 +285,38 @@ def _build(body: fx.GraphModule, args: Sequence[Any], kwargs: dict, partition: s
     _check_counts(graphs, kwargs, len(args))
     _annotate(graphs, kwargs, args)
     return graphs
+
+
+def _tag_phase(graph: fx.Graph | None) -> None:
+    """Tag untagged nodes as forward until the first call, backward after; tangents are backward. Lets
+    PyTorch copy forward annotations onto the backward nodes derived from them."""
+    if graph is None:
+        return
+    tagged_forward = any(n.meta.get("partitioner_tag") for n in graph.nodes)
+    for node in graph.nodes:
+        if "partitioner_tag" not in node.meta:
+            backward = tagged_forward or (node.op == "placeholder" and node.name.startswith("tangents"))
+            node.meta["partitioner_tag"] = "is_backward" if backward else "is_forward"
+
+
+def _clean_checkpoint_tags(joint: fx.GraphModule, num_outputs: int) -> None:
+    """Keep selective-checkpoint tags (meta 'recompute') only on the forward ops of the body, where the
+    partitioner reads them; tracing leaves the last tag on placeholders and backward ops too. Tags made
+    outside Dynamo have no checkpoint graph id: give them one."""
+    outputs = joint.graph.find_nodes(op="output")[0].args[0][:num_outputs]
+    forward: set[fx.Node] = set()
+    stack = [o for o in outputs if isinstance(o, fx.Node)]
+    while stack:
+        node = stack.pop()
+        if node not in forward:
+            forward.add(node)
+            stack.extend(node.all_input_nodes)
+    for node in joint.graph.nodes:
+        if node.op != "call_function" or node not in forward:
+            node.meta.pop("recompute", None)
+            node.meta.pop("ac_graph_id", None)
+        elif "recompute" in node.meta and node.meta.get("ac_graph_id") is None:
+            node.meta["ac_graph_id"] = 0
 
 
 def _is_fake(t: torch.Tensor) -> bool:
@@ -333,22 +393,20 @@ def _annotate(graphs: RegionGraphs, kwargs: dict, args: Sequence[Any]) -> None:
     are the tangents of the outputs that get one (placements of a gradient flowing into those outputs), its
     outputs the inputs' gradient placements."""
     forward, backward = graphs.forward, graphs.backward
-    forward.meta[KWARGS] = dict(kwargs)
-    forward.meta[ROLE] = {"role": "forward", "num_activations": graphs.num_activations,
-                          "num_outputs": graphs.num_outputs}
+    set_region_meta(forward, dict(kwargs), {"role": "forward", "num_activations": graphs.num_activations,
+                                            "num_outputs": graphs.num_outputs})
     if backward is None:
         return
     outs = kwargs["out_placements"]
-    backward.meta[KWARGS] = {
+    set_region_meta(backward, {
         "in_placements": tuple(tangent_placements(outs[i]) for i in graphs.tangent_outputs),
         "out_placements": grad_placements(kwargs),
         "in_grad_placements": None,
         "device_mesh": kwargs["device_mesh"],
-    }
-    backward.meta[ROLE] = {
+    }, {
         "role": "backward", "num_activations": graphs.num_activations,
         "grad_shapes": tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else None for a in args),
-    }
+    })
 
 
 # ---- tracing a function into a body -----------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from torch.fx.experimental.proxy_tensor import ProxyTorchDispatchMode, track_ten
 
 from . import _compat
 from ._region import (
-    KWARGS, ROLE, RegionGraphs, build_region, region_kwargs, role_of, run_graph, to_global_fake, to_local_fake,
+    KWARGS, ROLE, RegionGraphs, build_region, kwargs_of, region_kwargs, role_of, run_graph, to_global_fake, to_local_fake,
 )
 from ._shapes import dense_stride
 
@@ -116,7 +116,7 @@ def _proxy(mode: ProxyTorchDispatchMode, body: fx.GraphModule, *args: Any) -> tu
     body_proxy = tracer.create_proxy("get_attr", _install(tracer.root, body), (), {})
     proxy_args = torch.utils._pytree.tree_map(tracer.unwrap_proxy, args)
     out_proxy = tracer.create_proxy("call_function", local_map_hop, (body_proxy, *proxy_args), {})
-    out_proxy.node.meta[KWARGS] = body.meta.get(KWARGS)
+    out_proxy.node.meta[KWARGS] = kwargs_of(body)
     out_proxy.node.meta[ROLE] = role_of(body)
     return track_tensor_tree(example, out_proxy, constant=None, tracer=tracer)
 
@@ -145,7 +145,7 @@ def _install(root: torch.nn.Module, gm: fx.GraphModule) -> str:
 def _run_local(gm: fx.GraphModule, args: tuple, mode: FakeTensorMode) -> tuple:
     """Global fake args -> local fakes -> run -> global fake outputs (activations stay local)."""
     role = role_of(gm)
-    kwargs = gm.meta[KWARGS]
+    kwargs = kwargs_of(gm)
     mesh = kwargs["device_mesh"]
     skip = role["num_activations"] if role["role"] == "backward" else 0
     region_kwargs(gm, len(args) - skip)
