@@ -406,3 +406,29 @@ def test_identical_regions_are_built_once(big_mesh):
     fw_nodes = region_nodes(gm)
     assert len(fw_nodes) == 64  # 32 forward + 32 backward nodes
     assert len({n.args[0].target for n in fw_nodes}) == 2  # sharing one forward and one backward submodule
+
+
+def test_functionalization_unwraps_and_rewraps(big_mesh):
+    P4 = [Shard(0), R, R, R]
+    f = localmap.local_map(lambda a: a.cos() + 1, P4, (P4,), device_mesh=big_mesh)
+
+    def prog(a):
+        b = a.clone()
+        b.add_(1)  # a mutation outside the region, which functionalization removes
+        return f(b).sum()
+
+    with defer_inlining():
+        gm = make_fx(torch.func.functionalize(prog), tracing_mode="fake")(torch.randn(64, 4))
+    assert len(region_nodes(gm)) == 1 and "add_" not in gm.code
+    assert tuple(region_nodes(gm)[0].meta["val"][0].shape) == (64, 4)
+
+
+def test_direct_call_with_mutating_body_is_rejected(big_mesh):
+    body = make_fx(lambda a: (a.add_(1),))(torch.randn(8, 4))
+    body.meta["local_map_kwargs"] = dict(in_placements=((R,) * 4,), out_placements=((R,) * 4,),
+                                         device_mesh=big_mesh)
+    with pytest.raises(LocalMapError, match="mutated.*aten.add_"):
+        trace_train(lambda a: local_map_hop(body, a * 1)[0].sum(), fake(8, 4))
+    with defer_inlining(), pytest.raises(LocalMapError, match="mutated.*aten.add_"):
+        make_fx(torch.func.functionalize(lambda a: local_map_hop(body, a)[0]), tracing_mode="fake")(
+            torch.randn(8, 4))

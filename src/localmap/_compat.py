@@ -153,9 +153,11 @@ def isolated_tracing() -> Any:
     from torch._subclasses.functional_tensor import disable_functional_mode
     from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
 
+    from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
     from torch.utils._python_dispatch import _disable_current_modes
 
     stack = contextlib.ExitStack()
+    stack.enter_context(temporarily_clear_interpreter_stack())  # torch.func transforms (functionalize, ...)
     stack.enter_context(suspend_functionalization())
     stack.enter_context(disable_functional_mode())
     stack.enter_context(disable_proxy_modes_tracing())

@@ -16,7 +16,8 @@ from torch.distributed.tensor import DTensor
 from . import _compat
 from ._compat import pytree
 from ._errors import fail
-from ._region import set_region_meta, to_local_fake, trace_body
+from ._region import mesh_coordinate, set_region_meta, trace_body
+from ._shapes import like_stride, local_shape
 from ._specs import check_spec_for_mesh, leaf_path, normalize_shard_dims, placements_str, resolve_input_specs
 from ._specs import resolve_output_specs
 
@@ -58,12 +59,15 @@ def call_traced(region: Any, args: tuple, kwargs: dict) -> Any:
     inputs = [i for i, a in enumerate(flat) if isinstance(a, (torch.Tensor, torch.SymInt))]
     hop_args = [flat[i] for i in inputs]
 
-    with _compat.isolated_tracing():
-        fake_mode = _compat.detect_fake_mode(hop_args) or _compat.new_fake_mode()
-        with fake_mode:
-            # The body is traced without autograd (its backward is built later from the body graph).
-            local = [_detached(to_local_fake(_as_fake(a, fake_mode), specs[i], mesh))
-                     for i, a in zip(inputs, hop_args)]
+    # Local metadata is read here, where the arguments may still be wrapped (functionalization, torch.func
+    # transforms); the body is then traced in isolation on fresh fakes, without autograd (its backward is
+    # built later from the body graph).
+    fake_mode = _compat.detect_fake_mode(hop_args) or _compat.new_fake_mode()
+    coordinate = mesh_coordinate(mesh)
+    local_meta = [_local_meta(a, specs[i], mesh, coordinate) for i, a in zip(inputs, hop_args)]
+    with _compat.isolated_tracing(), fake_mode:
+        local = [torch.empty_strided(m[0], m[1], dtype=m[2], device=m[3]) if isinstance(m, tuple) else m
+                 for m in local_meta]
 
     traced: dict[str, Any] = {}
 
@@ -105,13 +109,9 @@ def call_traced(region: Any, args: tuple, kwargs: dict) -> Any:
         [next(results) if isinstance(o, torch.Tensor) else o for o in flat_out], out_tree)
 
 
-def _detached(value: Any) -> Any:
-    return value.detach() if isinstance(value, torch.Tensor) else value
-
-
-def _as_fake(value: Any, fake_mode: Any) -> Any:
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    if isinstance(value, torch.Tensor) and not isinstance(value, FakeTensor):
-        return fake_mode.from_tensor(value)
-    return value
+def _local_meta(value: Any, placements: Any, mesh: Any, coordinate: list[int]) -> Any:
+    """(shape, stride, dtype, device) of this rank's shard of a tensor argument; SymInts pass through."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    shape = local_shape(value.shape, placements, tuple(mesh.shape), coordinate)
+    return (shape, like_stride(shape, value.stride()), value.dtype, value.device)

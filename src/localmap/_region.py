@@ -214,6 +214,7 @@ def build_region(body: fx.GraphModule, args: Sequence[Any], partition: str = "mi
     """Forward and backward graphs of `body` for global arguments `args` (cached)."""
     global build_count
     kwargs = region_kwargs(body, len(args))
+    check_no_input_mutation(body)
     key = _cache_key(body, args, partition)
     if key is not None:
         with _cache_lock:

@@ -30,7 +30,7 @@ from torch.fx.experimental.proxy_tensor import ProxyTorchDispatchMode, track_ten
 
 from . import _compat
 from ._region import (
-    KWARGS, ROLE, RegionGraphs, build_region, kwargs_of, region_kwargs, role_of, run_graph, to_global_fake, to_local_fake,
+    KWARGS, ROLE, RegionGraphs, build_region, check_no_input_mutation, kwargs_of, region_kwargs, role_of, run_graph, to_global_fake, to_local_fake,
 )
 from ._shapes import dense_stride
 
@@ -93,7 +93,8 @@ def _autograd(body: fx.GraphModule, *args: Any) -> tuple:
 
 @local_map_hop.py_functionalize_impl
 def _functionalize(ctx: Any, body: fx.GraphModule, *args: Any) -> tuple:
-    """Unwrap, redispatch, rewrap. Bodies that mutate inputs were rejected when traced (_region)."""
+    """Unwrap, redispatch, rewrap. A body that writes to its inputs is rejected (LocalMapError naming the op)."""
+    check_no_input_mutation(body)
     unwrapped = ctx.unwrap_tensors(args)
     with ctx.redispatch_to_next():
         return ctx.wrap_tensors(local_map_hop(body, *unwrapped))
