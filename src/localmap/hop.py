@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import weakref
 from typing import Any, Iterator
 
 import torch
@@ -152,12 +153,56 @@ def _run_local(gm: fx.GraphModule, args: tuple, mode: FakeTensorMode) -> tuple:
     region_kwargs(gm, len(args) - skip)
     local_args = list(args[:skip]) + [
         to_local_fake(a, p, mesh) for a, p in zip(args[skip:], kwargs["in_placements"])]
-    with _compat.ignore_fresh_unbacked(mode):
-        outs = run_graph(gm, local_args)
+    outs = _outputs_from_cache(gm, local_args)
+    if outs is None:
+        with _compat.ignore_fresh_unbacked(mode):
+            outs = run_graph(gm, local_args)
+        _remember_outputs(gm, local_args, outs)
     n = len(kwargs["out_placements"])
     shapes = role.get("grad_shapes") or (None,) * n
     results = [to_global_fake(o, p, mesh, s) for o, p, s in zip(outs[:n], kwargs["out_placements"], shapes)]
     return (*results, *outs[n:])
+
+
+# Output metadata of region graphs per input metadata: a model of many identical layers runs each graph on
+# fake tensors once, then makes fresh fakes of the remembered shapes. Only concrete (non-symbolic) shapes.
+_fake_outputs: "weakref.WeakKeyDictionary[fx.GraphModule, dict]" = weakref.WeakKeyDictionary()
+
+
+def _meta_key(values: Any) -> Any:
+    key = []
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            key.append((tuple(v.shape), v.stride(), v.dtype, v.device))
+        elif isinstance(v, (int, float, bool, type(None))) and not isinstance(v, torch.SymInt):
+            key.append(v)
+        else:
+            raise TypeError("not cacheable")
+    out = tuple(key)
+    hash(out)
+    return out
+
+
+def _outputs_from_cache(gm: fx.GraphModule, args: list) -> tuple | None:
+    try:
+        metas = _fake_outputs.get(gm, {}).get(_meta_key(args))
+    except TypeError:
+        return None
+    if metas is None:
+        return None
+    return tuple(torch.empty_strided(m[0], m[1], dtype=m[2], device=m[3]) if isinstance(m, tuple) else m
+                 for m in metas)
+
+
+def _remember_outputs(gm: fx.GraphModule, args: list, outs: tuple) -> None:
+    try:
+        key = _meta_key(args)
+        metas = [(tuple(o.shape), o.stride(), o.dtype, o.device) if isinstance(o, torch.Tensor) else o
+                 for o in outs]
+        _meta_key([o for o in outs])  # symbolic outputs (data-dependent sizes) are not remembered
+    except TypeError:
+        return
+    _fake_outputs.setdefault(gm, {})[key] = metas
 
 
 def _coerce(grad: torch.Tensor, local_stride: tuple) -> torch.Tensor:
