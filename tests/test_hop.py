@@ -115,17 +115,13 @@ def test_default_is_inline(big_mesh):
 # ---- direct operator call ---------------------------------------------------------------------------------------
 
 def test_direct_call_on_fake_global_input(big_mesh):
-    seen = []
-
     def body_fn(x):
-        seen.append(tuple(x.shape))
         return (torch.tanh(x) * 2,)
 
     body = make_fx(body_fn)(torch.randn(10, 80))
     placements = (R, R, R, Shard(0))  # Shard(0) over 'ep' (8 ranks)
     body.meta["local_map_kwargs"] = dict(in_placements=(placements,), out_placements=(placements,),
                                          in_grad_placements=None, device_mesh=big_mesh)
-    seen.clear()
     x = fake(80, 80)
     gm = trace_train(lambda a: local_map_hop(body, a)[0].sum(), x)
     fw_node, bw_node = region_nodes(gm)
@@ -432,3 +428,34 @@ def test_direct_call_with_mutating_body_is_rejected(big_mesh):
     with defer_inlining(), pytest.raises(LocalMapError, match="mutated.*aten.add_"):
         make_fx(torch.func.functionalize(lambda a: local_map_hop(body, a)[0]), tracing_mode="fake")(
             torch.randn(8, 4))
+
+
+def test_partitioner_is_selectable(big_mesh):
+    """min-cut recomputes the cheap sin in the backward; the default partitioner saves it."""
+    P4 = [Shard(0), R, R, R]
+    f = localmap.local_map(lambda a: a.sin().cos(), P4, (P4,), device_mesh=big_mesh)
+
+    def saved(partitioner):
+        def train(a):
+            return torch.autograd.grad(f(a).sum(), [a])
+        with defer_inlining(partitioner):
+            gm = make_fx(train, tracing_mode="fake")(fake(64, 4))
+        fw = submodule(gm, region_nodes(gm)[0])
+        return [n.name for n in fw.graph.find_nodes(op="output")[0].args[0][1:]]
+
+    assert "sin" in saved("default") and "sin" not in saved("min_cut")
+    with pytest.raises(LocalMapError, match="partitioner 'greedy'"):
+        with defer_inlining("greedy"):
+            pass
+    assert not is_deferring()
+
+
+def test_none_and_symint_arguments_under_dynamic_shapes(big_mesh):
+    """A None argument is a body constant; a SymInt argument (a size under dynamic shapes) is an input."""
+    P4 = [Shard(0), R, R, R]
+    f = localmap.local_map(lambda a, n, nothing: a * n if nothing is None else a, P4, (P4, None, None),
+                           device_mesh=big_mesh)
+    gm = trace_train(lambda a: f(a, a.shape[1], None).sum(), torch.randn(64, 4, requires_grad=True),
+                     mode="symbolic")
+    fw_node = region_nodes(gm)[0]
+    assert len(fw_node.args) == 3 and isinstance(fw_node.args[2].meta["val"], torch.SymInt)

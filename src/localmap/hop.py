@@ -33,6 +33,7 @@ from . import _compat
 from ._region import (
     KWARGS, ROLE, RegionGraphs, build_region, check_no_input_mutation, kwargs_of, region_kwargs, role_of, run_graph, to_global_fake, to_local_fake,
 )
+from ._errors import LocalMapError
 from ._shapes import dense_stride
 
 __all__ = ["local_map_hop", "defer_inlining", "is_deferring", "LocalMapHOP"]
@@ -43,19 +44,37 @@ __all__ = ["local_map_hop", "defer_inlining", "is_deferring", "LocalMapHOP"]
 _state = threading.local()
 
 
+PARTITIONERS = ("min_cut", "default")
+
+
 def is_deferring() -> bool:
     """Whether regions stay regions (inside ``defer_inlining()``) on this thread."""
-    return getattr(_state, "depth", 0) > 0
+    return bool(getattr(_state, "partitioners", None))
+
+
+def current_partitioner() -> str:
+    stack = getattr(_state, "partitioners", None)
+    return stack[-1] if stack else "min_cut"
 
 
 @contextlib.contextmanager
-def defer_inlining() -> Iterator[None]:
-    """Keep local_map regions as regions (one node each, local-shaped graphs) instead of inlining them."""
-    _state.depth = getattr(_state, "depth", 0) + 1
+def defer_inlining(partitioner: str = "min_cut") -> Iterator[None]:
+    """Keep local_map regions as regions (one node each, local-shaped graphs) instead of inlining them.
+
+    `partitioner` picks how each region's joint graph is cut: "min_cut" (PyTorch's min-cut
+    rematerialization: recomputes cheap ops instead of saving them) or "default" (saves what the backward
+    uses). Nestable; the innermost choice applies; restored on exit, also on error. Per thread.
+    """
+    if partitioner not in PARTITIONERS:
+        raise LocalMapError(f"local_map: defer_inlining: partitioner {partitioner!r} is not one of {PARTITIONERS}")
+    stack = getattr(_state, "partitioners", None)
+    if stack is None:
+        stack = _state.partitioners = []
+    stack.append(partitioner)
     try:
         yield
     finally:
-        _state.depth -= 1
+        stack.pop()
 
 
 # ---- the operator -----------------------------------------------------------------------------------------------
@@ -88,7 +107,7 @@ def _autograd(body: fx.GraphModule, *args: Any) -> tuple:
     if not needs_grad or role_of(body)["role"] != "body":
         with _compat.below_autograd():
             return local_map_hop(body, *args)
-    graphs = build_region(body, args)
+    graphs = build_region(body, args, current_partitioner())
     return _RegionFunction.apply(graphs, *args)
 
 
