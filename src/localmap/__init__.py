@@ -5,14 +5,23 @@ Public surface:
   ``torch.distributed.tensor.experimental.local_map``).
 - ``LocalMapError``: raised for bad input, naming the argument path, mesh dim, expected, given and fix.
 - ``Shard``, ``Replicate``, ``Partial``: PyTorch's own placement types, re-exported.
+- ``capture``/``CapturedProgram``/``Region``: a training step as graphs, regions one node each, measured and
+  runnable on one device; ``verify`` compares that run with the model; ``use_mesh`` sets a default mesh.
+- ``localmap.hop``: the operator (``local_map_hop``, ``defer_inlining``).
 - ``localmap.testing``: run code on a simulated mesh or on real gloo processes.
 """
 
 from torch.distributed.tensor import Partial, Replicate, Shard
 
+from ._capture import CapturedProgram, Region, capture
+from ._context import use_mesh
 from ._eager import local_map
 from ._errors import LocalMapError
+from ._run import VerificationError, verify
 
 __version__ = "0.1.0"
 
-__all__ = ["local_map", "LocalMapError", "Shard", "Replicate", "Partial", "__version__"]
+__all__ = [
+    "local_map", "LocalMapError", "Shard", "Replicate", "Partial", "capture", "CapturedProgram", "Region",
+    "verify", "VerificationError", "use_mesh", "__version__",
+]

@@ -179,7 +179,7 @@ def new_fake_mode() -> Any:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-    return FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv())
+    return FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv(), static_shapes=True)
 
 
 def ignore_fresh_unbacked(fake_mode: Any) -> Any:
@@ -255,3 +255,37 @@ def without_saved_tensor_hooks() -> Any:
                 torch._C._autograd._push_saved_tensors_default_hooks(pack, unpack)
 
     return ctx()
+
+
+def group_size(group: Any) -> int | None:
+    """Size of a process group given by name (as functional collectives record it in graphs)."""
+    try:
+        from torch.distributed.distributed_c10d import _resolve_process_group
+
+        return _resolve_process_group(group).size() if isinstance(group, str) else None
+    except Exception:  # an unknown name (a graph from another process): no size, no cost
+        return None
+
+
+def joint_partition(joint: Any, inputs: Any, num_forward_outputs: int) -> tuple:
+    """Cut a whole program's joint graph into forward and backward, saving what the backward needs."""
+    from torch._functorch.partitioners import default_partition
+
+    return default_partition(joint, inputs, num_fwd_outputs=num_forward_outputs)
+
+
+def register_cpu_attention_flops() -> None:
+    """PyTorch's flop counter has formulas for the CUDA attention kernels only; count the CPU flash-attention
+    kernels (what scaled_dot_product_attention runs on CPU) with the same formulas."""
+    from torch.utils import flop_counter as fc
+
+    aten = torch.ops.aten
+    pairs = (
+        (aten._scaled_dot_product_flash_attention_for_cpu,
+         lambda q, k, v, *args, out_shape=None, **kw: fc.sdpa_flop_count(q, k, v)),
+        (aten._scaled_dot_product_flash_attention_for_cpu_backward,
+         lambda g, q, k, v, *args, out_shape=None, **kw: fc.sdpa_backward_flop_count(g, q, k, v)),
+    )
+    for op, formula in pairs:
+        if op not in fc.flop_registry and op.default not in fc.flop_registry:
+            fc.register_flop_formula(op)(formula)

@@ -22,6 +22,7 @@ from torch.distributed.tensor.placement_types import Partial, Placement, Replica
 
 from ._compat import AsyncCollectiveTensor, DTensorSpec, fast_apply, make_dtensor, make_spec, pytree
 from ._compat import global_shape_and_stride, redistribute_local
+from ._context import recorder
 from ._errors import LocalMapError, fail
 from ._shapes import dense_stride, gather_global_shapes, is_uneven
 from ._specs import (
@@ -154,7 +155,7 @@ def _uneven(spec: DTensorSpec) -> bool:
     return result
 
 
-class Region:
+class MappedFunction:
     """One ``local_map``-wrapped function: its specs, options and caches. Called with (args, kwargs)."""
 
     def __init__(self, func: Callable, out_placements: Any, in_placements: Any, in_grad_placements: Any,
@@ -319,6 +320,11 @@ class Region:
                 from ._frontend import call_traced
 
                 return call_traced(self, args, kwargs)
+            references = recorder("reference")
+            if references is not None:
+                from ._frontend import call_reference
+
+                return call_reference(self, args, kwargs, references)
             if self.in_placements is not None:  # still catch a wrong spec count
                 resolve_input_specs(self.in_placements, args, len(flat))
             return self.func(*args, **kwargs)
@@ -467,7 +473,7 @@ def local_map(
             in_grad_placements=in_grad_placements, device_mesh=device_mesh,
             redistribute_inputs=redistribute_inputs,
         )
-    region = Region(func, out_placements, in_placements, in_grad_placements, device_mesh, redistribute_inputs)
+    region = MappedFunction(func, out_placements, in_placements, in_grad_placements, device_mesh, redistribute_inputs)
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -477,4 +483,4 @@ def local_map(
     return wrapper
 
 
-__all__ = ["local_map", "Region", "LocalMapError"]
+__all__ = ["local_map", "MappedFunction", "LocalMapError"]

@@ -14,9 +14,10 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from . import _compat
+from ._context import call_site, default_mesh
 from ._compat import pytree
 from ._errors import fail
-from ._region import mesh_coordinate, set_region_meta, trace_body
+from ._region import SOURCE, mesh_coordinate, set_region_meta, trace_body
 from ._shapes import like_stride, local_shape
 from ._specs import check_spec_for_mesh, leaf_path, normalize_shard_dims, placements_str, resolve_input_specs
 from ._specs import resolve_output_specs
@@ -44,10 +45,10 @@ def call_traced(region: Any, args: tuple, kwargs: dict) -> Any:
     """Trace the region's function into a body and call the operator on the global arguments."""
     from .hop import local_map_hop
 
-    mesh = region.device_mesh
+    mesh = region.device_mesh or default_mesh()
     if mesh is None:
         raise fail("device_mesh", "is needed to trace a region on plain tensors", given=None,
-                   fix="pass device_mesh= to local_map")
+                   fix="pass device_mesh= to local_map, or trace inside `with localmap.use_mesh(mesh):`")
     if region.in_placements is None:
         raise fail("in_placements", "are needed to trace a region on plain tensors", given=None,
                    fix="give one spec per argument, e.g. in_placements=([Shard(0)], [Replicate()])")
@@ -104,6 +105,7 @@ def call_traced(region: Any, args: tuple, kwargs: dict) -> Any:
         "in_grad_placements": None if grads is None else tuple(grads[i] for i in inputs),
         "device_mesh": mesh,
     })
+    body.meta[SOURCE] = {"name": getattr(region.func, "__name__", "region"), "source": call_site()}
     results = iter(local_map_hop(body, *hop_args))
     return pytree.tree_unflatten(
         [next(results) if isinstance(o, torch.Tensor) else o for o in flat_out], out_tree)
@@ -115,3 +117,21 @@ def _local_meta(value: Any, placements: Any, mesh: Any, coordinate: list[int]) -
         return value
     shape = local_shape(value.shape, placements, tuple(mesh.shape), coordinate)
     return (shape, like_stride(shape, value.stride()), value.dtype, value.device)
+
+
+def call_reference(region: Any, args: tuple, kwargs: dict, records: list) -> Any:
+    """Run the region inlined on one device (its function on the global tensors) and record its outputs and,
+    when backward runs, the gradients of its tensor inputs: the reference that verify compares with."""
+    flat, treespec = pytree.tree_flatten(args)
+    record: dict[str, Any] = {"name": getattr(region.func, "__name__", "region"), "source": call_site(),
+                              "input_grads": {}}
+    leaves = list(flat)
+    for i, a in enumerate(flat):
+        if isinstance(a, torch.Tensor) and a.requires_grad:
+            leaves[i] = a.view_as(a)
+            leaves[i].register_hook(lambda g, i=i: record["input_grads"].__setitem__(i, g.detach().clone()))
+    out = region.func(*pytree.tree_unflatten(leaves, treespec), **kwargs)
+    record["outputs"] = [o.detach().clone() for o in pytree.tree_leaves(out) if isinstance(o, torch.Tensor)]
+    record["tensor_inputs"] = [i for i, a in enumerate(flat) if isinstance(a, (torch.Tensor, torch.SymInt))]
+    records.append(record)
+    return out

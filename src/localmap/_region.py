@@ -31,6 +31,7 @@ from ._shapes import like_stride, local_shape
 
 KWARGS = "local_map_kwargs"  # GraphModule.meta key of a region's placements and mesh (as PyTorch's operator)
 ROLE = "localmap"  # GraphModule.meta key of localmap's own facts about a graph (role, activations, ...)
+SOURCE = "localmap_source"  # body.meta key: the region's function name and call site (file:line)
 
 
 @dataclass(frozen=True)
@@ -253,7 +254,7 @@ def _build(body: fx.GraphModule, args: Sequence[Any], kwargs: dict, partition: s
 
         def joint(primals: list, tangents: list) -> tuple:
             outs = run_graph(body, primals, keep_meta=True)
-            _tag_phase(_compat.current_trace_graph())  # what exists now is forward (as AOTAutograd tags)
+            tag_phase(_compat.current_trace_graph())  # what exists now is forward (as AOTAutograd tags)
             grads: list[Any] = [None] * len(primals)
             if tangent_idx and grad_idx:
                 found = torch.autograd.grad([outs[i] for i in tangent_idx], [primals[i] for i in grad_idx],
@@ -263,7 +264,7 @@ def _build(body: fx.GraphModule, args: Sequence[Any], kwargs: dict, partition: s
             inputs = {_compat.storage_key(p) for p in primals if isinstance(p, torch.Tensor)}
             outs = tuple(o.clone() if isinstance(o, torch.Tensor) and _compat.storage_key(o) in inputs else o
                          for o in outs)
-            _tag_phase(_compat.current_trace_graph())  # and what autograd added since is backward
+            tag_phase(_compat.current_trace_graph())  # and what autograd added since is backward
             return (*outs, *grads)
 
         with fx_traceback.preserve_node_meta(), _compat.ignore_fresh_unbacked(fake_mode):
@@ -288,7 +289,7 @@ def _build(body: fx.GraphModule, args: Sequence[Any], kwargs: dict, partition: s
     return graphs
 
 
-def _tag_phase(graph: fx.Graph | None) -> None:
+def tag_phase(graph: fx.Graph | None) -> None:
     """Tag untagged nodes as forward until the first call, backward after; tangents are backward. Lets
     PyTorch copy forward annotations onto the backward nodes derived from them."""
     if graph is None:

@@ -33,6 +33,7 @@ from . import _compat
 from ._region import (
     KWARGS, ROLE, RegionGraphs, build_region, check_no_input_mutation, kwargs_of, region_kwargs, role_of, run_graph, to_global_fake, to_local_fake,
 )
+from ._context import recorder
 from ._errors import LocalMapError
 from ._shapes import dense_stride
 
@@ -104,10 +105,16 @@ def _autograd(body: fx.GraphModule, *args: Any) -> tuple:
         isinstance(a, torch.Tensor) and a.requires_grad for a in args)
     if not is_deferring():
         return run_graph(body, args)
-    if not needs_grad or role_of(body)["role"] != "body":
+    if role_of(body)["role"] != "body":
         with _compat.below_autograd():
             return local_map_hop(body, *args)
-    graphs = build_region(body, args, current_partitioner())
+    graphs = build_region(body, args, current_partitioner()) if needs_grad else None
+    records = recorder("capture")
+    if records is not None:
+        records.append({"body": body, "graphs": graphs, "args": args})
+    if graphs is None:
+        with _compat.below_autograd():
+            return local_map_hop(body, *args)
     return _RegionFunction.apply(graphs, *args)
 
 

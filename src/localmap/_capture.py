@@ -1,0 +1,303 @@
+"""``capture``: a whole program (forward and backward) as graphs in global shapes, each region one node.
+
+The program is traced on fake tensors (nothing of global size is allocated; meta tensors work too) with
+regions deferred, as one joint graph of the loss and the gradients of every input and parameter that
+requires grad, then cut into forward and backward by PyTorch's default partitioner. The operator records each
+region it builds (in call order); records are matched to the region's forward node by order and to its
+backward node by the activations it consumes.
+"""
+
+from __future__ import annotations
+
+import json
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+from torch.distributed.device_mesh import DeviceMesh
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from . import _compat, _cost
+from ._compat import pytree
+from ._context import recording
+from ._errors import fail
+from ._region import ROLE, SOURCE, kwargs_of, role_of, tag_phase
+from .hop import defer_inlining, local_map_hop
+
+
+@dataclass
+class Region:
+    """One region call in a captured program: placements, graphs (local shapes), shapes and costs per rank."""
+
+    name: str
+    source: str
+    mesh: DeviceMesh
+    in_placements: tuple
+    out_placements: tuple
+    in_grad_placements: tuple
+    body: fx.GraphModule
+    forward: fx.GraphModule
+    backward: fx.GraphModule | None
+    num_activations: int
+    global_in_shapes: list
+    local_in_shapes: list
+    global_out_shapes: list
+    local_out_shapes: list
+    flops: dict
+    activation_bytes: int
+    comm_bytes: float
+    comm_detail: dict = field(default_factory=dict)
+    forward_node: str = ""
+    backward_node: str | None = None
+
+    def to_dict(self) -> dict:
+        def pl(specs: Any) -> Any:
+            return [None if s is None else [repr(p) for p in s] for s in specs]
+
+        return {
+            "name": self.name, "source": self.source, "mesh": {
+                "shape": list(self.mesh.shape), "dim_names": list(self.mesh.mesh_dim_names or [])},
+            "in_placements": pl(self.in_placements), "out_placements": pl(self.out_placements),
+            "in_grad_placements": pl(self.in_grad_placements), "num_activations": self.num_activations,
+            "global_in_shapes": self.global_in_shapes, "local_in_shapes": self.local_in_shapes,
+            "global_out_shapes": self.global_out_shapes, "local_out_shapes": self.local_out_shapes,
+            "flops": self.flops, "activation_bytes": self.activation_bytes, "comm_bytes": self.comm_bytes,
+            "comm_detail": self.comm_detail, "forward_node": self.forward_node, "backward_node": self.backward_node,
+        }
+
+
+class CapturedProgram:
+    """A captured training step (or forward): graphs in global shapes, regions, costs; runnable on one device."""
+
+    def __init__(self, forward: fx.GraphModule, backward: fx.GraphModule | None, joint: fx.GraphModule | None,
+                 regions: list[Region], input_names: list[str], module: torch.nn.Module | None,
+                 call: Callable, treespec: Any) -> None:
+        self.forward = forward
+        self.backward = backward
+        self.joint = joint
+        self.regions = regions
+        self.input_names = input_names
+        self._module = module
+        self._call = call
+        self._treespec = treespec
+
+    def totals(self) -> dict:
+        return {
+            "regions": len(self.regions),
+            "flops_forward": sum(r.flops["forward"] for r in self.regions),
+            "flops_backward": sum(r.flops["backward"] for r in self.regions),
+            "activation_bytes": sum(r.activation_bytes for r in self.regions),
+            "comm_bytes": sum(r.comm_bytes for r in self.regions),
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps({"regions": [r.to_dict() for r in self.regions], "totals": self.totals(),
+                           "inputs": self.input_names}, indent=indent)
+
+    def report(self) -> str:
+        from ._draw import report
+
+        return report(self)
+
+    def to_dot(self) -> str:
+        from ._draw import to_dot
+
+        return to_dot(self)
+
+    def save_svg(self, path: str) -> str:
+        from ._draw import save_svg
+
+        return save_svg(self, path)
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the captured program on real global tensors on one device, each region as the mesh would."""
+        from ._run import run_program
+
+        return run_program(self, args, kwargs)
+
+    def __repr__(self) -> str:
+        return f"CapturedProgram({len(self.regions)} regions, inputs {len(self.input_names)})"
+
+
+# ---- capture ------------------------------------------------------------------------------------------------------
+
+def capture(fn: Callable | torch.nn.Module, *args: Any, backward: bool = True, **kwargs: Any) -> CapturedProgram:
+    """Capture `fn(*args, **kwargs)` (a callable or nn.Module on plain global-shaped tensors, regions made with
+    localmap.local_map) as forward and backward graphs. With backward=True, `fn` returns a scalar loss."""
+    module = fn if isinstance(fn, torch.nn.Module) else None
+    state = dict(module.named_parameters()) if module is not None else {}
+    if module is not None:
+        state.update(dict(module.named_buffers()))
+    names = list(state)
+    leaves, treespec = pytree.tree_flatten((args, kwargs))
+    input_names = [*names, *(_leaf_name(args, kwargs, i) for i in range(len(leaves)))]
+
+    fake_mode = _compat.new_fake_mode()
+    primals = [_to_fake(t, fake_mode) for t in (*state.values(), *leaves)]
+
+    def call(inputs: list) -> Any:
+        a, k = pytree.tree_unflatten(list(inputs[len(names):]), treespec)
+        if module is None:
+            return fn(*a, **k)
+        return torch.func.functional_call(module, dict(zip(names, inputs[:len(names)])), a, k)
+
+    with defer_inlining(), recording("capture") as records:
+        if backward:
+            with fake_mode:
+                seed = torch.ones((), dtype=torch.float32)  # d(loss)/d(loss): the backward's one input
+            joint = make_fx(_joint(call), tracing_mode="fake")(primals, [seed])
+            forward, backward_gm = _compat.joint_partition(joint, [primals, [seed]], 1)
+        else:
+            with torch.no_grad():
+                forward = make_fx(lambda inputs: call(inputs), tracing_mode="fake")(primals)
+            joint, backward_gm = None, None
+    regions = _regions(forward, backward_gm, records)
+    return CapturedProgram(forward, backward_gm, joint, regions, input_names, module, call, treespec)
+
+
+def _joint(call: Callable) -> Callable:
+    def joint(primals: list, tangents: list) -> tuple:
+        loss = call(primals)
+        tag_phase(_compat.current_trace_graph())  # what exists now is the forward
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise fail("capture", "with backward=True the function must return a scalar loss",
+                       expected="a 0-d tensor", given=shape,
+                       fix="return a scalar (e.g. .sum() or .mean()), or pass backward=False")
+        want = [i for i, p in enumerate(primals) if isinstance(p, torch.Tensor) and p.requires_grad]
+        grads: list[Any] = [None] * len(primals)
+        if want and loss.requires_grad:
+            found = torch.autograd.grad(loss, [primals[i] for i in want], [tangents[0].to(loss.dtype)],
+                                        allow_unused=True)
+            for i, g in zip(want, found):
+                grads[i] = g
+        tag_phase(_compat.current_trace_graph())  # and what autograd added is the backward
+        return (loss, *grads)
+
+    return joint
+
+
+def _to_fake(value: Any, fake_mode: Any) -> Any:
+    if not isinstance(value, torch.Tensor):
+        return value
+    fake = fake_mode.from_tensor(value.detach())
+    return fake.requires_grad_(value.requires_grad) if value.is_floating_point() or value.is_complex() else fake
+
+
+def _leaf_name(args: tuple, kwargs: dict, index: int) -> str:
+    path = pytree.tree_flatten_with_path((args, kwargs))[0][index][0]
+    head, rest = path[0], path[1:]
+    return ("args" if getattr(head, "idx", 1) == 0 else "kwargs") + pytree.keystr(rest)
+
+
+# ---- regions ------------------------------------------------------------------------------------------------------
+
+def _hop_nodes(gm: fx.GraphModule | None) -> list[fx.Node]:
+    if gm is None:
+        return []
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is local_map_hop]
+
+
+def _regions(forward: fx.GraphModule, backward: fx.GraphModule | None, records: list) -> list[Region]:
+    fw_nodes = _hop_nodes(forward)
+    if len(fw_nodes) != len(records):
+        raise fail("capture", "found a different number of region nodes than region calls",
+                   expected=len(records), given=len(fw_nodes), fix="report this with the program")
+    bw_nodes = _hop_nodes(backward)
+    unmatched = list(bw_nodes)
+    uses: dict[str, int] = {}
+    regions: list[Region] = []
+    producers: dict[fx.Node, tuple[Region, int]] = {}
+    for node, record in zip(fw_nodes, records):
+        body, graphs = record["body"], record["graphs"]
+        kwargs = kwargs_of(body)
+        info = body.meta.get(SOURCE, {"name": "region", "source": "<direct call>"})
+        uses[info["name"]] = uses.get(info["name"], -1) + 1
+        fw_gm = graphs.forward if graphs is not None else body
+        bw_gm = graphs.backward if graphs is not None else None
+        n_out = len(kwargs["out_placements"])
+        bw_node = _match_backward(node, n_out, unmatched)
+        bw_kwargs = kwargs_of(bw_gm) if bw_gm is not None else None
+        region = Region(
+            name=f"{info['name']}.{uses[info['name']]}", source=info["source"], mesh=kwargs["device_mesh"],
+            in_placements=tuple(kwargs["in_placements"]), out_placements=tuple(kwargs["out_placements"]),
+            in_grad_placements=tuple(bw_kwargs["out_placements"]) if bw_kwargs else
+            tuple(kwargs.get("in_grad_placements") or ()),
+            body=body, forward=fw_gm, backward=bw_gm,
+            num_activations=role_of(fw_gm).get("num_activations", 0) if graphs is not None else 0,
+            global_in_shapes=[_shape(a.meta.get("val")) if isinstance(a, fx.Node) else None for a in node.args[1:]],
+            local_in_shapes=[_shape(p.meta.get("val")) for p in fw_gm.graph.find_nodes(op="placeholder")],
+            global_out_shapes=[_shape(v) for v in node.meta["val"][:n_out]],
+            local_out_shapes=[_shape(_meta(o)) for o in fw_gm.graph.find_nodes(op="output")[0].args[0][:n_out]],
+            flops={"forward": _cost.graph_flops(fw_gm), "backward": _cost.graph_flops(bw_gm)},
+            activation_bytes=_cost.activation_bytes(fw_gm, n_out) if graphs is not None else 0,
+            comm_bytes=0.0, forward_node=node.name, backward_node=bw_node.name if bw_node is not None else None,
+        )
+        inputs = _input_comm(node, region, producers)
+        inside = _cost.collective_bytes(fw_gm) + _cost.collective_bytes(bw_gm)
+        region.comm_detail = {"inputs": inputs, "collectives": inside}
+        region.comm_bytes = inputs + inside
+        for user in node.users:
+            if user.target is operator.getitem and user.args[1] < n_out:
+                producers[user] = (region, user.args[1])
+        regions.append(region)
+    return regions
+
+
+def _match_backward(fw_node: fx.Node, n_out: int, candidates: list[fx.Node]) -> fx.Node | None:
+    """The backward region node that consumes this forward node's activations (saved across the cut under
+    the same names), else the latest unmatched one (backward runs regions in reverse)."""
+    saved = {u.name for u in fw_node.users if u.target is operator.getitem and u.args[1] >= n_out}
+    for cand in candidates:
+        if any(isinstance(a, fx.Node) and a.name in saved for a in cand.args[1:]):
+            candidates.remove(cand)
+            return cand
+    if saved or not candidates:
+        return None
+    return candidates.pop()
+
+
+def _input_comm(node: fx.Node, region: Region, producers: dict) -> float:
+    """Bytes to bring each input from its producer region's out placements to this region's in placements
+    (inputs from program inputs or unknown producers count as already placed)."""
+    total = 0.0
+    for arg, dst in zip(node.args[1:], region.in_placements):
+        if not isinstance(arg, fx.Node) or dst is None:
+            continue
+        src = _producer(arg, producers)
+        val = arg.meta.get("val")
+        if src is not None and isinstance(val, torch.Tensor):
+            prod_region, idx = src
+            total += _cost.reshard_bytes(val.shape, val.dtype, prod_region.out_placements[idx], dst,
+                                         tuple(region.mesh.shape))
+    return total
+
+
+def _producer(node: fx.Node, producers: dict) -> tuple | None:
+    """Follow shape-preserving single-input ops back to a region output."""
+    seen = 0
+    while seen < 64:
+        if node in producers:
+            return producers[node]
+        tensor_args = [a for a in node.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor)]
+        val = node.meta.get("val")
+        if node.op != "call_function" or len(tensor_args) != 1 or not isinstance(val, torch.Tensor) \
+                or tuple(tensor_args[0].meta["val"].shape) != tuple(val.shape):
+            return None
+        node = tensor_args[0]
+        seen += 1
+    return None
+
+
+def _meta(node: Any) -> Any:
+    return node.meta.get("val") if isinstance(node, fx.Node) else node
+
+
+def _shape(val: Any) -> list | None:
+    return [int(s) if not isinstance(s, torch.SymInt) else str(s) for s in val.shape] \
+        if isinstance(val, torch.Tensor) else None
+
+
+__all__ = ["capture", "CapturedProgram", "Region", "ROLE"]

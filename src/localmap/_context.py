@@ -1,0 +1,80 @@
+"""Per-thread context that regions read while a program is traced or checked.
+
+- ``use_mesh(mesh)``: the default mesh of regions that give none (traced regions; eager regions take the mesh
+  of their DTensor arguments).
+- a *recorder* (set by ``capture``): the operator appends one record per region call it builds, so the
+  captured program can name each region's call site and graphs.
+- a *reference recorder* (set by ``verify``): regions running inlined on one device record their outputs and
+  their inputs' gradients, to compare region by region with the captured program's ``run``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import threading
+from typing import Any, Iterator
+
+from torch.distributed.device_mesh import DeviceMesh
+
+_local = threading.local()
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: DeviceMesh) -> Iterator[DeviceMesh]:
+    """Set the default mesh for regions that give no ``device_mesh`` (nestable, per thread)."""
+    if not isinstance(mesh, DeviceMesh):
+        from ._errors import fail
+
+        raise fail("use_mesh", "needs a DeviceMesh", given=type(mesh).__name__, fix="pass init_device_mesh(...)")
+    stack = _stack("meshes")
+    stack.append(mesh)
+    try:
+        yield mesh
+    finally:
+        stack.pop()
+
+
+def default_mesh() -> DeviceMesh | None:
+    stack = _stack("meshes")
+    return stack[-1] if stack else None
+
+
+def _stack(name: str) -> list:
+    stack = getattr(_local, name, None)
+    if stack is None:
+        stack = []
+        setattr(_local, name, stack)
+    return stack
+
+
+@contextlib.contextmanager
+def recording(kind: str) -> Iterator[list]:
+    """Collect region records of `kind` ("capture" or "reference") made on this thread inside the block."""
+    records: list = []
+    stack = _stack(kind)
+    stack.append(records)
+    try:
+        yield records
+    finally:
+        stack.pop()
+
+
+def recorder(kind: str) -> list | None:
+    stack = _stack(kind)
+    return stack[-1] if stack else None
+
+
+def call_site() -> str:
+    """file:line of the innermost caller outside localmap and torch (where the user called the region)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        path = os.path.abspath(frame.f_code.co_filename)
+        if not path.startswith(_PACKAGE_DIR) and f"{os.sep}torch{os.sep}" not in path \
+                and "contextlib" not in path:
+            rel = os.path.relpath(path)
+            return f"{path if rel.startswith('..') else rel}:{frame.f_lineno}"
+        frame = frame.f_back
+    return "<unknown>"

@@ -1,0 +1,126 @@
+"""What a region costs each rank: FLOPs, saved activation bytes, and communication bytes.
+
+Communication uses standard ring costs per mesh dim of size n, on the bytes B a rank holds before the
+collective (rules as data in ``RESHARD_COST``):
+
+    Shard -> Replicate      all-gather       (n - 1) * B
+    Partial -> Replicate    all-reduce       2 (n - 1) / n * B
+    Partial -> Shard        reduce-scatter   (n - 1) / n * B
+    Shard(a) -> Shard(b)    all-to-all       (n - 1) / n * B
+    anything else           local            0   (Replicate -> Shard slices; Replicate -> Partial keeps a share)
+
+Collectives inside a region's graphs (functional collectives) are counted with the same costs: all_gather
+(n - 1) * input, reduce_scatter (n - 1) / n * input, all_reduce 2 (n - 1) / n * input, all_to_all
+(n - 1) / n * input.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+from torch.distributed.tensor.placement_types import Partial, Placement, Shard
+
+from . import _compat
+from ._shapes import local_shape
+
+
+def _kind(p: Placement) -> str:
+    return "S" if isinstance(p, Shard) else "P" if isinstance(p, Partial) else "R"
+
+
+RESHARD_COST: dict[tuple[str, str], Callable[[float, int], float]] = {
+    ("S", "R"): lambda b, n: (n - 1) * b,
+    ("P", "R"): lambda b, n: 2 * (n - 1) / n * b,
+    ("P", "S"): lambda b, n: (n - 1) / n * b,
+    ("S", "S"): lambda b, n: (n - 1) / n * b,  # only when the dims differ (checked by the caller)
+}
+
+COLLECTIVE_COST: dict[str, Callable[[float, int], float]] = {
+    "all_gather_into_tensor": lambda b, n: (n - 1) * b,
+    "reduce_scatter_tensor": lambda b, n: (n - 1) / n * b,
+    "all_reduce": lambda b, n: 2 * (n - 1) / n * b,
+    "all_to_all_single": lambda b, n: (n - 1) / n * b,
+}
+
+
+def tensor_bytes(shape: Sequence[Any], dtype: torch.dtype) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n * dtype.itemsize
+
+
+def reshard_bytes(global_shape: Sequence[int], dtype: torch.dtype, src: Sequence[Placement],
+                  dst: Sequence[Placement], mesh_shape: Sequence[int]) -> float:
+    """Bytes one rank sends to bring a tensor from placements `src` to `dst`, mesh dim by mesh dim."""
+    local = local_shape(global_shape, src, mesh_shape, [0] * len(mesh_shape))
+    held = tensor_bytes(local, dtype)
+    total = 0.0
+    for m, (a, b) in enumerate(zip(src, dst)):
+        if a == b:
+            continue
+        rule = RESHARD_COST.get((_kind(a), _kind(b)))
+        if rule is not None:
+            total += rule(held, mesh_shape[m])
+    return total
+
+
+def collective_bytes(gm: fx.GraphModule | None) -> float:
+    """Bytes one rank sends in the functional collectives of a region graph."""
+    if gm is None:
+        return 0.0
+    total = 0.0
+    for node in gm.graph.nodes:
+        name = getattr(node.target, "__name__", "").split(".")[0]
+        namespace = getattr(getattr(node.target, "_schema", None), "name", "")
+        if node.op != "call_function" or not namespace.startswith("_c10d_functional::") or name not in COLLECTIVE_COST:
+            continue
+        val = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
+        group = _compat.group_size(node.args[-1])
+        if isinstance(val, torch.Tensor) and group:
+            total += COLLECTIVE_COST[name](tensor_bytes(val.shape, val.dtype), group)
+    return total
+
+
+_flops_cache: "weakref.WeakKeyDictionary[fx.GraphModule, int]" = weakref.WeakKeyDictionary()
+_compat.register_cpu_attention_flops()
+
+
+def graph_flops(gm: fx.GraphModule | None) -> int:
+    """FLOPs of one run of a region graph on its traced (local) shapes, by PyTorch's flop counter."""
+    if gm is None:
+        return 0
+    if gm in _flops_cache:
+        return _flops_cache[gm]
+    from torch.utils.flop_counter import FlopCounterMode
+
+    holders = list(gm.graph.find_nodes(op="placeholder"))
+    vals = [h.meta.get("val") for h in holders]
+    with _compat.isolated_tracing():
+        mode = _compat.detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)]) or _compat.new_fake_mode()
+        with mode:
+            args = [torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=v.device)
+                    if isinstance(v, torch.Tensor) else v for v in vals]
+            counter = FlopCounterMode(display=False)
+            with counter, _compat.ignore_fresh_unbacked(mode):
+                gm(*args)
+    flops = int(counter.get_total_flops())
+    _flops_cache[gm] = flops
+    return flops
+
+
+def activation_bytes(forward: fx.GraphModule | None, num_outputs: int) -> int:
+    """Bytes of the tensors a region's forward saves for its backward, per rank."""
+    if forward is None:
+        return 0
+    saved = forward.graph.find_nodes(op="output")[0].args[0][num_outputs:]
+    total = 0
+    for node in saved:
+        val = node.meta.get("val") if isinstance(node, fx.Node) else None
+        if isinstance(val, torch.Tensor):
+            total += tensor_bytes(val.shape, val.dtype)
+    return total
+
