@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # torch is pinned to the CPU build first: a bare range could pull a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench clean graphviz
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -19,10 +19,17 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-demo: $(VENV)/.installed
+# Graphviz's `dot` draws captured programs (CapturedProgram.save_svg). Installed from Debian's packages when
+# missing and we are root; otherwise save_svg's error says how to install it.
+graphviz:
+	@command -v dot >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq graphviz >/dev/null) ; } || \
+	  echo "note: graphviz not installed; save_svg will say how to install it"
+
+demo: $(VENV)/.installed graphviz
 	$(PY) -m localmap demo
 
-test: $(VENV)/.installed-test
+test: $(VENV)/.installed-test graphviz
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.installed

@@ -68,12 +68,14 @@ def recorder(kind: str) -> list | None:
 
 
 def call_site() -> str:
-    """file:line of the innermost caller outside localmap and torch (where the user called the region)."""
+    """file:line of the innermost caller outside localmap's machinery and torch (where the user called the
+    region). localmap's own models and demo count as user code."""
     frame = sys._getframe(1)
     while frame is not None:
         path = os.path.abspath(frame.f_code.co_filename)
-        if not path.startswith(_PACKAGE_DIR) and f"{os.sep}torch{os.sep}" not in path \
-                and "contextlib" not in path:
+        internal = path.startswith(_PACKAGE_DIR) and (
+            os.path.basename(path).startswith("_") or os.path.basename(path) == "hop.py")
+        if not internal and f"{os.sep}torch{os.sep}" not in path and "contextlib" not in path:
             rel = os.path.relpath(path)
             return f"{path if rel.startswith('..') else rel}:{frame.f_lineno}"
         frame = frame.f_back

@@ -153,7 +153,8 @@ class _MeshInterpreter(fx.Interpreter):
         name = self.names.get(self.node.name, self.node.name) if self.node is not None else "region"
 
         def note(msg: str) -> None:
-            self.result.disagreements.append(f"{name}: {msg}")
+            if f"{name}: {msg}" not in self.result.disagreements:
+                self.result.disagreements.append(f"{name}: {msg}")
 
         expected = self.node.meta.get("val") if self.node is not None else None
         outs = [join({c: o[i] for c, o in per_rank.items()}, kwargs["out_placements"][i], mesh_shape, note)
