@@ -57,6 +57,9 @@ def test_llama_block(mesh2d):
     fw = {n.name: n for n in hop_nodes(prog.forward)}[attn.forward_node]
     assert fw.meta["local_map_kwargs"]["in_placements"][0] == (S0, S1)
     assert tuple(fw.meta["val"][0].shape) == (4, 4, 6, 4)
+    bw = {n.name: n for n in hop_nodes(prog.backward)}[attn.backward_node]
+    assert bw.meta["local_map_kwargs"]["out_placements"] == ((S0, S1),) * 3
+    assert [tuple(g.shape) for g in bw.meta["val"]] == [(4, 4, 6, 4)] * 3  # global-shaped gradients
     assert attn.source.endswith(".py:" + attn.source.split(":")[-1]) and "models.py" in attn.source
     assert attn.flops["forward"] > 0 and attn.flops["backward"] > attn.flops["forward"]
     assert prog.joint is not None and len(hop_nodes(prog.joint)) == 4
