@@ -28,10 +28,12 @@ def grad_for_output(out_placements: Sequence[Placement]) -> tuple[Placement, ...
 
 def check_region(mesh: Any, body: Callable, inputs: Sequence[torch.Tensor], in_placements: Sequence[Any],
                  out_placements: Sequence[Placement], in_grad_placements: Sequence[Any] | None = None,
-                 atol: float = 1e-5, seed: int = 0, **local_map_kwargs: Any) -> dict[str, float]:
+                 atol: float = 1e-5, seed: int = 0, expected_grads: Sequence[Any] | None = None,
+                 **local_map_kwargs: Any) -> dict[str, float]:
     """Run `body` as a region on DTensors of `inputs` and check forward and backward against `body` on the
     global tensors. Returns the largest absolute differences; asserts they are within `atol`, that the output
-    has the declared placements and each input gradient the declared (or default) grad placements."""
+    has the declared placements and each input gradient the declared grad placements (or `expected_grads`,
+    or the input's own placements with Partial read as Replicate)."""
     with on_one_device():
         gen = torch.Generator().manual_seed(seed)
         ref_inputs = [t.detach().clone().requires_grad_() for t in inputs]
@@ -48,7 +50,8 @@ def check_region(mesh: Any, body: Callable, inputs: Sequence[torch.Tensor], in_p
 
     diffs = {"out": max_diff(full(out), ref_out)}
     for k, (d, ref, pl) in enumerate(zip(dts, ref_inputs, in_placements)):
-        want = tuple(in_grad_placements[k]) if in_grad_placements else grad_for_output(pl)
+        want = tuple(in_grad_placements[k]) if in_grad_placements else \
+            tuple(expected_grads[k]) if expected_grads else grad_for_output(pl)
         assert tuple(d.grad.placements) == want, (k, d.grad.placements, want)
         assert d.grad.shape == ref.shape
         diffs[f"grad{k}"] = max_diff(full(d.grad), ref.grad)

@@ -119,13 +119,25 @@ def test_non_tensor_argument(mesh4):
     localmap.verify(f, x, w)
 
 
-def test_wrong_out_placements_is_named_by_verify(mesh2d):
+def test_wrong_out_placements_is_named_by_check_and_verify(mesh2d):
+    """Claiming Replicate on 'tp' for the MLP's partial sum: the check refuses it at capture; with the check
+    off the run shows a wrong number and verify names the region."""
+    from localmap import PlacementError
+
     torch.manual_seed(0)
     block = LlamaBlock(16, 4, 32, mesh2d)
-    block.mlp = localmap.local_map(  # claims Replicate on 'tp' for what is a partial sum over 'tp'
-        block.mlp.region.func, out_placements=[S0, R], in_placements=([S0, R], [R, S1], [R, S1], [R, S0]),
-        in_grad_placements=([S0, P], [P, S1], [P, S1], [P, S0]), device_mesh=mesh2d)
-    model, x = Loss(block), torch.randn(4, 6, 16)
+    x = torch.randn(4, 6, 16)
+
+    def claim_replicate(check):
+        block.mlp = localmap.local_map(
+            block.mlp.region.func, out_placements=[S0, R], in_placements=([S0, R], [R, S1], [R, S1], [R, S0]),
+            in_grad_placements=([S0, P], [P, S1], [P, S1], [P, S0]), device_mesh=mesh2d, check=check)
+        return Loss(block)
+
+    with pytest.raises(PlacementError, match=r"outputs: is a partial sum over the ranks but is claimed Replicate"
+                                             r".*aten.mm.*models.py:\d+.*'tp'"):
+        localmap.capture(claim_replicate(True), x)
+    model = claim_replicate(False)
     got = localmap.capture(model, x).run(x)
     assert not torch.allclose(got.loss, model(x), atol=1e-4)  # a wrong placement shows as a wrong number
     with pytest.raises(VerificationError, match=r"region swiglu_mlp\.0 .*models\.py:\d+.* output 0 differs"):
@@ -133,7 +145,7 @@ def test_wrong_out_placements_is_named_by_verify(mesh2d):
 
 
 def test_wrong_gradient_placements_are_named_by_verify(mesh4):
-    mm = localmap.local_map(lambda a, w: a @ w, [S0], ([S0], [R]), device_mesh=mesh4)  # w's grad is Partial
+    mm = localmap.local_map(lambda a, w: a @ w, [S0], ([S0], [R]), ([S0], [R]), mesh4, check=False)
 
     def f(x, w):
         return mm(x, w).pow(2).sum()
@@ -141,6 +153,8 @@ def test_wrong_gradient_placements_are_named_by_verify(mesh4):
     x, w = torch.randn(8, 4), torch.randn(4, 3, requires_grad=True)
     with pytest.raises(VerificationError, match=r"region <lambda>\.0 .* gradient of input 1 differs"):
         localmap.verify(f, x, w)
+    inferred = localmap.local_map(lambda a, w: a @ w, [S0], ([S0], [R]), device_mesh=mesh4)
+    localmap.verify(lambda x, w: inferred(x, w).pow(2).sum(), x, w)  # inferred: Partial, right
 
 
 def test_costs(mesh4):
@@ -163,11 +177,12 @@ def test_report_json_dot_svg(mesh2d, tmp_path):
     torch.manual_seed(0)
     prog = localmap.capture(Loss(LlamaBlock(16, 4, 32, mesh2d)), torch.randn(4, 6, 16))
     text = prog.report()
-    assert "attention_core.0" in text and "swiglu_mlp.0" in text and "total" in text
+    assert "attention_core.0" in text and "swiglu_mlp.0" in text and "total" in text and "2/2 ok" in text
     data = json.loads(prog.to_json())
     assert [r["name"] for r in data["regions"]] == ["attention_core.0", "swiglu_mlp.0"]
     assert data["regions"][1]["out_placements"] == [["Shard(dim=0)", "Partial(sum)"]]
     assert data["totals"]["regions"] == 2 and data["totals"]["flops_forward"] > 0
+    assert [r["verdict"] for r in data["regions"]] == ["ok", "ok"]
     dot = prog.to_dot()
     assert dot.startswith("digraph") and "attention_core.0" in dot and "shape=box" in dot
     if shutil.which("dot"):

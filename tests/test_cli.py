@@ -29,12 +29,28 @@ def test_demo_bad_arguments_exit_nonzero():
 
 
 def test_demo_reports_a_wrong_gradient_placement(monkeypatch, capsys):
-    """Dropping in_grad_placements (PyTorch's default: the gradient of a replicated weight taken as
-    Replicate) makes g's gradient wrong; the demo says MISMATCH and fails."""
+    """Claiming the gradient of the replicated weight g as Replicate (PyTorch's default) with the check off
+    makes it wrong; the demo says MISMATCH and fails."""
+    import localmap.demo as demo
+    from localmap import Partial, Replicate
+
+    real = demo.local_map
+
+    def replicate_grads(f, out, ins, grads=None):
+        grads = tuple([Replicate() if isinstance(p, Partial) else p for p in g] for g in grads)
+        return real(f, out, ins, grads, check=False)
+
+    monkeypatch.setattr(demo, "local_map", replicate_grads)
+    assert demo.run_demo() is False
+    out = capsys.readouterr().out
+    assert "grad g   (Replicate(),)" in out and "MISMATCH" in out
+
+
+def test_demo_gradient_placements_inferred(monkeypatch, capsys):
+    """Leaving in_grad_placements out, localmap infers them from the bodies: the demo still matches."""
     import localmap.demo as demo
 
     real = demo.local_map
     monkeypatch.setattr(demo, "local_map", lambda f, out, ins, grads=None: real(f, out, ins))
-    assert demo.run_demo() is False
-    out = capsys.readouterr().out
-    assert "grad g   (Replicate(),)" in out and "MISMATCH" in out
+    assert demo.run_demo() is True
+    assert "grad g   (Partial(sum),)" in capsys.readouterr().out

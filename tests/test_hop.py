@@ -314,16 +314,21 @@ def test_in_grad_placements_in_backward_metadata(big_mesh):
     gm = trace_train(lambda a, w: f(a, w).sum(), fake(64, 4), fake(4, 3))
     fw_node, bw_node = region_nodes(gm)
     assert bw_node.meta["local_map_kwargs"]["out_placements"] == (tuple(X), (Partial(), R, R, R))
-    g = make_fx(lambda a, w: f(a, w).sum())  # the default: gradient placements follow the inputs
-    del g
+    # Left out, the gradient placements are inferred from the body: w meets data sharded over 'dp'.
     f2 = localmap.local_map(lambda a, w: a @ w, X, (X, W), device_mesh=big_mesh)
     gm2 = trace_train(lambda a, w: f2(a, w).sum(), fake(64, 4), fake(4, 3))
-    assert region_nodes(gm2)[1].meta["local_map_kwargs"]["out_placements"] == (tuple(X), tuple(W))
+    assert region_nodes(gm2)[1].meta["local_map_kwargs"]["out_placements"] == (tuple(X), (Partial(), R, R, R))
+    # With the check off, nothing is inferred: the inputs' own placements (PyTorch's default).
+    f3 = localmap.local_map(lambda a, w: a @ w, X, (X, W), device_mesh=big_mesh, check=False)
+    gm3 = trace_train(lambda a, w: f3(a, w).sum(), fake(64, 4), fake(4, 3))
+    assert region_nodes(gm3)[1].meta["local_map_kwargs"]["out_placements"] == (tuple(X), tuple(W))
 
 
 def test_in_grad_placements_values_on_one_rank(one_rank):
+    # On one rank a Partial gradient equals a Replicate one; the check (which would call it Replicate) is off
+    # to show that a given in_grad_placements is used as given.
     f = localmap.local_map(lambda a, w: torch.tanh(a @ w), [R], ([R], [R]), ([R], [Partial()]),
-                           device_mesh=one_rank)
+                           device_mesh=one_rank, check=False)
     x, w = torch.randn(5, 4, requires_grad=True), torch.randn(4, 3, requires_grad=True)
     with defer_inlining():
         got = torch.autograd.grad(f(x, w).pow(2).sum(), [x, w])

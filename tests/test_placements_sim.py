@@ -82,13 +82,21 @@ def test_elementwise_2d(mesh2d, case):
 def test_replicated_weight_gradient_needs_partial(mesh2d):
     """A weight Replicate on 'tp' used with activations sharded on 'tp': its gradient is a partial sum.
 
-    With in_grad_placements=[Partial()] on that dim the gradient is right; with the default (Replicate, as
-    PyTorch's local_map assumes) each rank holds only its own contribution and the result is wrong."""
+    Given as [Partial()] on that dim it is right; left out (in_grad_placements=None) it is inferred as Partial
+    and right too; claimed Replicate (PyTorch's local_map default) the check refuses it, and with the check off
+    each rank holds only its own contribution, so the result is wrong."""
+    from localmap._check import PlacementError
+
     x, w = randn(8, 12), randn(12, 16)
     check_region(mesh2d, matmul, [x, w], [(R, S0), (R, R)], (R, S0), [(R, S0), (R, P)])
+    diffs = check_region(mesh2d, matmul, [x, w], [(R, S0), (R, R)], (R, S0), None,
+                         expected_grads=[(R, S0), (R, P)])
+    assert diffs["grad1"] < 1e-5
+    with pytest.raises(PlacementError, match="in_grad_placements for args\\[1\\].*partial sum"):
+        check_region(mesh2d, matmul, [x, w], [(R, S0), (R, R)], (R, S0), [(R, S0), (R, R)])
     # Ranks then disagree on a "replicated" value (the simulation refuses to reconcile it) or it is wrong.
     with pytest.raises(AssertionError, match="differs from single-device|must be the same"):
-        check_region(mesh2d, matmul, [x, w], [(R, S0), (R, R)], (R, S0), [(R, S0), (R, R)])
+        check_region(mesh2d, matmul, [x, w], [(R, S0), (R, R)], (R, S0), [(R, S0), (R, R)], check=False)
 
 
 def test_nonlinear_elementwise(mesh2d):

@@ -14,6 +14,8 @@ Public surface:
 from torch.distributed.tensor import Partial, Replicate, Shard
 
 from ._capture import CapturedProgram, Region, capture
+from ._check import PlacementError
+from ._types import VARYING, RuleError, register_rule
 from ._context import use_mesh
 from ._eager import local_map
 from ._errors import LocalMapError
@@ -23,5 +25,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "local_map", "LocalMapError", "Shard", "Replicate", "Partial", "capture", "CapturedProgram", "Region",
-    "verify", "VerificationError", "use_mesh", "__version__",
+    "verify", "VerificationError", "use_mesh", "PlacementError", "register_rule", "RuleError", "VARYING",
+    "__version__",
 ]

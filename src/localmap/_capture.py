@@ -51,6 +51,7 @@ class Region:
     comm_detail: dict = field(default_factory=dict)
     forward_node: str = ""
     backward_node: str | None = None
+    verdict: str = "unchecked"  # the placement check's verdict: "ok", the first problem, or "unchecked"
 
     def to_dict(self) -> dict:
         def pl(specs: Any) -> Any:
@@ -65,6 +66,7 @@ class Region:
             "global_out_shapes": self.global_out_shapes, "local_out_shapes": self.local_out_shapes,
             "flops": self.flops, "activation_bytes": self.activation_bytes, "comm_bytes": self.comm_bytes,
             "comm_detail": self.comm_detail, "forward_node": self.forward_node, "backward_node": self.backward_node,
+            "verdict": self.verdict,
         }
 
 
@@ -234,6 +236,7 @@ def _regions(forward: fx.GraphModule, backward: fx.GraphModule | None, records: 
             flops={"forward": _cost.graph_flops(fw_gm), "backward": _cost.graph_flops(bw_gm)},
             activation_bytes=_cost.activation_bytes(fw_gm, n_out) if graphs is not None else 0,
             comm_bytes=0.0, forward_node=node.name, backward_node=bw_node.name if bw_node is not None else None,
+            verdict=info.get("verdict", "unchecked"),
         )
         inputs = _input_comm(node, region, producers)
         inside = _cost.collective_bytes(fw_gm) + _cost.collective_bytes(bw_gm)

@@ -289,3 +289,34 @@ def register_cpu_attention_flops() -> None:
     for op, formula in pairs:
         if op not in fc.flop_registry and op.default not in fc.flop_registry:
             fc.register_flop_formula(op)(formula)
+
+
+def propagate_sharding(op: Any, args: Any, kwargs: dict) -> Any:
+    """DTensor's sharding propagation for one op on input specs: output specs and whether inputs would have
+    to be redistributed (i.e. whether running the op on the shards computes the shard of the global op)."""
+    from torch.distributed.tensor._op_schema import OpSchema
+
+    prop = DTensor._op_dispatcher.sharding_propagator
+    schema = OpSchema(op, tuple(args), dict(kwargs))
+    try:
+        return prop.propagate_op_sharding(schema)
+    except TypeError:  # unhashable arguments: the uncached path
+        return prop.propagate_op_sharding_non_cached(schema)
+
+
+def quiet_fake_tensor_errors() -> Any:
+    """Silence the fake-tensor logger while DTensor's propagation is probed (a probe may fail, by design)."""
+    import contextlib
+    import logging
+
+    @contextlib.contextmanager
+    def ctx() -> Any:
+        logger = logging.getLogger("torch._subclasses.fake_tensor")
+        level = logger.level
+        logger.setLevel(logging.CRITICAL)
+        try:
+            yield
+        finally:
+            logger.setLevel(level)
+
+    return ctx()

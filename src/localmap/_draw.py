@@ -31,17 +31,19 @@ def _num(x: float) -> str:
 def report(prog: Any) -> str:
     """A table of regions (placements, local shapes, per-rank FLOPs, saved bytes, communication) and totals."""
     rows = [("region", "source", "in -> out placements", "local in shapes", "fwd flops", "bwd flops",
-             "saved B", "comm B")]
+             "saved B", "comm B", "check")]
     for r in prog.regions:
         rows.append((
             r.name, r.source,
             " ".join(_pl(p) for p in r.in_placements) + " -> " + " ".join(_pl(p) for p in r.out_placements),
             " ".join("x".join(map(str, s)) if s else "-" for s in r.local_in_shapes),
             _num(r.flops["forward"]), _num(r.flops["backward"]), _num(r.activation_bytes), _num(r.comm_bytes),
+            r.verdict if len(r.verdict) < 60 else r.verdict[:57] + "...",
         ))
     t = prog.totals()
     rows.append(("total", f"{t['regions']} regions", "", "", _num(t["flops_forward"]), _num(t["flops_backward"]),
-                 _num(t["activation_bytes"]), _num(t["comm_bytes"])))
+                 _num(t["activation_bytes"]), _num(t["comm_bytes"]),
+                 f"{sum(r.verdict == 'ok' for r in prog.regions)}/{len(prog.regions)} ok"))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

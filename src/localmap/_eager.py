@@ -159,7 +159,10 @@ class MappedFunction:
     """One ``local_map``-wrapped function: its specs, options and caches. Called with (args, kwargs)."""
 
     def __init__(self, func: Callable, out_placements: Any, in_placements: Any, in_grad_placements: Any,
-                 device_mesh: DeviceMesh | None, redistribute_inputs: bool) -> None:
+                 device_mesh: DeviceMesh | None, redistribute_inputs: bool, check: bool | str = True) -> None:
+        if check not in (True, False, "warn"):
+            raise fail("check", "must be True, False or 'warn'", given=repr(check),
+                       fix="check=True raises PlacementError, 'warn' warns, False skips the check")
         validate_spec_argument(in_placements, "in_placements")
         validate_spec_argument(in_grad_placements, "in_grad_placements")
         validate_spec_argument(out_placements, "out_placements")
@@ -172,6 +175,8 @@ class MappedFunction:
         self.in_grad_placements = in_grad_placements
         self.device_mesh = device_mesh
         self.redistribute_inputs = redistribute_inputs
+        self.check = check
+        self._verdicts: dict[Any, tuple] = {}
         self._input_plans: dict[Any, _InputPlan] = {}
         self._output_plans: dict[Any, _OutputPlan] = {}
 
@@ -338,10 +343,8 @@ class MappedFunction:
         locals_ = list(flat)
         uneven = False
         track_grad = torch.is_grad_enabled()
-        grad_idx: list[int] = []
-        grad_inputs: list[DTensor] = []
-        grad_placements: list[tuple[Placement, ...]] = []
         specs, grad_specs = plan.specs, plan.fast_grad_specs
+        checked: list[tuple[int, DTensor, tuple[Placement, ...]]] = []
         for i in dtensor_idx:
             a = flat[i]
             spec = a._spec
@@ -354,6 +357,15 @@ class MappedFunction:
                 a, gp = self._check_leaf(plan, args, flat, i, mesh)
             if not uneven:
                 uneven = _uneven(a._spec)
+            checked.append((i, a, gp))
+        if self.check is not False:
+            inferred = self._verdict(plan, flat, treespec, checked, mesh, kwargs)
+            if inferred is not None:  # in_grad_placements=None: use the gradient placements the body implies
+                checked = [(i, a, inferred[i] or gp) for i, a, gp in checked]
+        grad_idx: list[int] = []
+        grad_inputs: list[DTensor] = []
+        grad_placements: list[tuple[Placement, ...]] = []
+        for i, a, gp in checked:
             if track_grad and a.requires_grad:
                 grad_idx.append(i)
                 grad_inputs.append(a)
@@ -382,6 +394,36 @@ class MappedFunction:
             if s is not None and results[i] is flat_out[i]:
                 results[i] = make_dtensor(flat_out[i], s, requires_grad=False)
         return results[0] if out_tree is None else pytree.tree_unflatten(results, out_tree)
+
+    def _verdict(self, plan: _InputPlan, flat: Sequence[Any], treespec: Any, checked: list, mesh: DeviceMesh,
+                 kwargs: dict) -> tuple | None:
+        """The body's placement check for these inputs (cached: steady-state calls pay one lookup); returns
+        the inferred gradient placements per leaf when in_grad_placements is None."""
+        key = (id(plan), tuple(id(a._spec) for _, a, _ in checked))
+        hit = self._verdicts.get(key)
+        if hit is None or any(s is not a._spec for s, (_, a, _) in zip(hit[0], checked)):
+            from ._check import check_function
+
+            leaves = list(flat)
+            leaf_specs: list[Any] = [None] * len(leaves)
+            for i, a in enumerate(leaves):
+                if isinstance(a, torch.Tensor) and not isinstance(a, DTensor):
+                    leaf_specs[i] = (plan.specs[i] if plan.specs is not None and plan.specs[i] is not None
+                                     else tuple(Replicate() for _ in range(mesh.ndim)))
+            for i, a, _ in checked:
+                leaves[i], leaf_specs[i] = a._local_tensor, tuple(a.placements)
+            verdict = check_function(self.func, leaves, leaf_specs, self.out_placements, plan.grad_specs, mesh,
+                                     treespec if treespec is not None else pytree.tree_flatten(tuple(flat))[1],
+                                     kwargs)
+            hit = (tuple(a._spec for _, a, _ in checked), verdict)
+            if len(self._verdicts) < 256:
+                self._verdicts[key] = hit
+        verdict = hit[1]
+        if not verdict.ok:
+            from ._check import enforce
+
+            enforce(verdict, self.check)
+        return verdict.grad_placements if self.in_grad_placements is None else None
 
     def _check_non_dtensor_leaves(self, plan: _InputPlan, args: tuple, flat: Sequence[Any]) -> None:
         for i, (a, spec) in enumerate(zip(flat, plan.specs)):  # type: ignore[arg-type]
@@ -461,19 +503,23 @@ def local_map(
     device_mesh: DeviceMesh | None = None,
     *,
     redistribute_inputs: bool = False,
+    check: bool | str = True,
 ) -> Callable:
     """Run ``func`` on the local shards of its DTensor arguments and wrap its outputs as DTensors.
 
     Same signature and meaning as ``torch.distributed.tensor.experimental.local_map``; specs may also be
     pytree prefixes of the arguments (see the README). Works as a decorator when ``func`` is None.
+    ``check`` (True, "warn" or False) type-checks the body against the placements and, when
+    ``in_grad_placements`` is None, infers the gradient placements (see the README).
     """
     if func is None:
         return functools.partial(
             local_map, out_placements=out_placements, in_placements=in_placements,
             in_grad_placements=in_grad_placements, device_mesh=device_mesh,
-            redistribute_inputs=redistribute_inputs,
+            redistribute_inputs=redistribute_inputs, check=check,
         )
-    region = MappedFunction(func, out_placements, in_placements, in_grad_placements, device_mesh, redistribute_inputs)
+    region = MappedFunction(func, out_placements, in_placements, in_grad_placements, device_mesh,
+                            redistribute_inputs, check)
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:

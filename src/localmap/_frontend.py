@@ -81,6 +81,18 @@ def call_traced(region: Any, args: tuple, kwargs: dict) -> Any:
         return tuple(o for o in pytree.tree_leaves(out) if isinstance(o, torch.Tensor))
 
     body = trace_body(body_fn, local)
+    verdict = None
+    if region.check is not False:
+        from ._check import check_function, enforce
+
+        check_leaves = list(flat)
+        for i, v in zip(inputs, local):
+            check_leaves[i] = v
+        verdict = check_function(region.func, check_leaves, specs, region.out_placements, grads, mesh, treespec,
+                                 kwargs)
+        enforce(verdict, region.check)
+        if grads is None:  # in_grad_placements=None: the body's own gradient placements
+            grads = list(verdict.grad_placements)
     out = traced["out"]
     flat_out, out_tree = pytree.tree_flatten(out)
     out_specs = resolve_output_specs(region.out_placements, out, len(flat_out))
@@ -105,7 +117,8 @@ def call_traced(region: Any, args: tuple, kwargs: dict) -> Any:
         "in_grad_placements": None if grads is None else tuple(grads[i] for i in inputs),
         "device_mesh": mesh,
     })
-    body.meta[SOURCE] = {"name": getattr(region.func, "__name__", "region"), "source": call_site()}
+    body.meta[SOURCE] = {"name": getattr(region.func, "__name__", "region"), "source": call_site(),
+                         "verdict": "unchecked" if verdict is None else verdict.summary()}
     results = iter(local_map_hop(body, *hop_args))
     return pytree.tree_unflatten(
         [next(results) if isinstance(o, torch.Tensor) else o for o in flat_out], out_tree)
