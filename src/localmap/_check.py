@@ -262,6 +262,7 @@ def check_function(fn: Callable, local_args: Sequence[Any], leaf_specs: Sequence
         traced["out"] = out
         return tuple(o for o in pytree.tree_leaves(out) if isinstance(o, torch.Tensor))
 
+    _compat.register_trace_anchor(fn)
     tensors = [local_args[i] for i in inputs]
     fake_mode = _compat.detect_fake_mode(tensors) or _compat.new_fake_mode()
     with _compat.isolated_tracing():

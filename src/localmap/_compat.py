@@ -297,11 +297,10 @@ def propagate_sharding(op: Any, args: Any, kwargs: dict) -> Any:
     from torch.distributed.tensor._op_schema import OpSchema
 
     prop = DTensor._op_dispatcher.sharding_propagator
-    schema = OpSchema(op, tuple(args), dict(kwargs))
-    try:
-        return prop.propagate_op_sharding(schema)
-    except TypeError:  # unhashable arguments: the uncached path
-        return prop.propagate_op_sharding_non_cached(schema)
+    # Uncached: DTensor's cache keys on the arguments its runtime schema info marks static, which a schema
+    # built here would not carry (a sum over dim 0 and over dim 1 would share an entry).
+    schema = OpSchema(op, tuple(args), dict(kwargs), schema_info=prop.op_to_schema_info.get(op))
+    return prop.propagate_op_sharding_non_cached(schema)
 
 
 def quiet_fake_tensor_errors() -> Any:
@@ -320,3 +319,10 @@ def quiet_fake_tensor_errors() -> Any:
             logger.setLevel(level)
 
     return ctx()
+
+
+def register_trace_anchor(fn: Any) -> None:
+    """Keep `fn`'s frames in the stack traces make_fx records (so a check can name the body's source line)."""
+    from torch.fx.proxy import _register_stack_trace_anchor
+
+    _register_stack_trace_anchor(getattr(fn, "__wrapped__", fn))

@@ -48,6 +48,26 @@ def _wait(t: torch.Tensor) -> torch.Tensor:
     return t.wait() if isinstance(t, AsyncCollectiveTensor) else t
 
 
+def avg_ranks(placements: Sequence[Placement], mesh: DeviceMesh) -> int:
+    """Ranks averaged by Partial('avg') placements: a value y = mean of n local values passes 1/n of its
+    gradient to each (and a local input of such a value receives 1/n of the true gradient)."""
+    n = 1
+    for m, p in enumerate(placements):
+        if isinstance(p, Partial) and p.reduce_op == "avg":
+            n *= mesh.size(m)
+    return n
+
+
+def _avg_input_grad(g: torch.Tensor, spec: DTensorSpec, grad_placements: Sequence[Placement]) -> torch.Tensor:
+    """The gradient of an input held as Partial('avg') is n times its local gradient where it is given as
+    Replicate (each local piece carries 1/n of the value)."""
+    n = 1
+    for m, (p, q) in enumerate(zip(spec.placements, grad_placements)):
+        if isinstance(p, Partial) and p.reduce_op == "avg" and isinstance(q, Replicate):
+            n *= spec.mesh.size(m)
+    return g * n if n != 1 else g
+
+
 class _ToLocal(torch.autograd.Function):
     """DTensor inputs -> their local tensors, in one node. Backward wraps each local gradient as a DTensor
     with the input's global metadata and its gradient placements."""
@@ -71,6 +91,7 @@ class _ToLocal(torch.autograd.Function):
             if g is None:
                 out.append(None)
                 continue
+            g = _avg_input_grad(g, spec, placements)
             if g.stride() == local_stride:
                 if placements == spec.placements:
                     out.append(make_dtensor(g, spec, requires_grad=False))
@@ -103,11 +124,13 @@ class _FromLocal(torch.autograd.Function):
             target = _grad_default(spec.placements)
             if g._spec.placements != target:
                 target_spec = DTensorSpec(spec.mesh, target, tensor_meta=g._spec.tensor_meta)
-                out.append(_wait(redistribute_local(g._local_tensor, g._spec, target_spec)))
+                local = _wait(redistribute_local(g._local_tensor, g._spec, target_spec))
             elif torch.is_grad_enabled():  # create_graph=True: keep the conversion differentiable
-                out.append(g.to_local())
+                local = g.to_local()
             else:
-                out.append(_wait(g._local_tensor))
+                local = _wait(g._local_tensor)
+            scale = avg_ranks(spec.placements, spec.mesh)
+            out.append(local / scale if scale != 1 else local)
         return tuple(out)
 
 

@@ -185,14 +185,13 @@ def propagate(node: fx.Node, in_types: list, mesh: Any, types: dict) -> Any:
                   if isinstance(s, _compat.DTensorSpec)]
     broken: set[int] = set()  # mesh dims where the local op is not the shard of the global op
     for g, w in zip(given, wanted):
-        for m, (a, b) in enumerate(zip(g.placements, w.placements)):
-            if a != b:
-                if isinstance(a, Partial):
-                    raise RuleError(
-                        f"{_op_name(node)} cannot take a Partial value as it is (it is not linear in it, or "
-                        f"mixes it with a value that is not a partial sum)",
-                        "all_reduce the partial value first, or keep the computation linear", m)
-                broken.add(m)
+        broken.update(m for m, (a, b) in enumerate(zip(g.placements, w.placements)) if a != b)
+    for m in sorted(broken):
+        if any(isinstance(g.placements[m], Partial) for g in given):
+            raise RuleError(
+                f"{_op_name(node)} cannot take a Partial value as it is (it is not linear in it, or mixes it "
+                f"with a value that is not a partial sum)",
+                "all_reduce the partial value first, or keep the computation linear", m)
     out = sharding.output_spec
     specs = out if isinstance(out, (tuple, list)) else (out,)
     results = []

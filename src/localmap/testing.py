@@ -102,6 +102,11 @@ def distribute(t: torch.Tensor, mesh: DeviceMesh, placements: Sequence[Placement
             raise ValueError(f"distribute: Partial({placements[m].reduce_op!r}) is not supported here")
     base = tuple(Replicate() if isinstance(p, Partial) else p for p in placements)
     d = distribute_tensor(t.detach(), mesh, base)
+    if _compat.simulation_active() and not _compat.is_simulated(d._local_tensor):
+        # Give every simulated rank its own copy, so collectives on it (a Partial reduction) count every rank.
+        local = d._local_tensor
+        d = DTensor.from_local(_compat.simulated_rank_map(lambda r: local.clone()), mesh, base, run_check=False,
+                               shape=d.shape, stride=d.stride())
     if partial:
         local = d._local_tensor
         weights = _partial_weights(mesh, placements)
