@@ -8,7 +8,9 @@ median over interleaved rounds (the machine is shared and noisy):
   pytorch  torch.distributed.tensor.experimental.local_map
   localmap localmap.local_map
 
-overhead = median(variant) - median(raw). The printed ratio is localmap's overhead / PyTorch's.
+overhead = median(variant) - median(raw). The printed ratio is localmap's overhead / PyTorch's. localmap runs
+with its placement check on (the default); the last column is the check's steady-state cost: localmap minus
+localmap with check=False (the check traces the body once, then each call pays a cache lookup).
 Run: ``make bench`` or ``.venv/bin/python benchmarks/bench_eager.py [--calls N] [--rounds R]``.
 """
 
@@ -64,7 +66,8 @@ def main() -> None:
         lb = b.to_local().detach().requires_grad_()
         lgrad = grad.to_local()
         specs = dict(out_placements=R, in_placements=(R, R), device_mesh=mesh)
-        regions = {"pytorch": torch_local_map(torch.mm, **specs), "localmap": localmap.local_map(torch.mm, **specs)}
+        regions = {"pytorch": torch_local_map(torch.mm, **specs), "localmap": localmap.local_map(torch.mm, **specs),
+                   "unchecked": localmap.local_map(torch.mm, check=False, **specs)}
 
         def forward(name):
             if name == "raw":
@@ -99,10 +102,10 @@ def main() -> None:
         print(f"torch {torch.__version__}, 1-rank gloo mesh, 2 inputs x 64x64 float32, body torch.mm, "
               f"{args.rounds} rounds x {args.calls} calls, medians in microseconds")
         print(f"{'mode':<22}{'raw body':>10}{'pytorch':>10}{'localmap':>10}{'pt overhead':>13}"
-              f"{'lm overhead':>13}{'ratio':>8}")
+              f"{'lm overhead':>13}{'ratio':>8}{'check cost':>12}")
         for label, make in (("forward", forward), ("forward+backward", forward_backward),
                             ("forward, no_grad", forward_no_grad)):
-            fns = {name: make(name) for name in ("raw", "pytorch", "localmap")}
+            fns = {name: make(name) for name in ("raw", "pytorch", "localmap", "unchecked")}
             for fn in fns.values():  # warm-up: caches, allocator
                 _samples(fn, 200)
             samples = {name: [] for name in fns}
@@ -112,7 +115,7 @@ def main() -> None:
             med = {name: statistics.median(s) * 1e6 for name, s in samples.items()}
             pt, lm = med["pytorch"] - med["raw"], med["localmap"] - med["raw"]
             print(f"{label:<22}{med['raw']:>10.1f}{med['pytorch']:>10.1f}{med['localmap']:>10.1f}"
-                  f"{pt:>13.1f}{lm:>13.1f}{lm / pt:>8.2f}")
+                  f"{pt:>13.1f}{lm:>13.1f}{lm / pt:>8.2f}{med['localmap'] - med['unchecked']:>12.1f}")
     finally:
         dist.destroy_process_group()
 

@@ -14,7 +14,7 @@ import contextlib
 import os
 import sys
 import threading
-from typing import Any, Iterator
+from typing import Iterator
 
 from torch.distributed.device_mesh import DeviceMesh
 

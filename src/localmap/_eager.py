@@ -24,7 +24,7 @@ from ._compat import AsyncCollectiveTensor, DTensorSpec, fast_apply, make_dtenso
 from ._compat import global_shape_and_stride, redistribute_local
 from ._context import recorder
 from ._errors import LocalMapError, fail
-from ._shapes import dense_stride, gather_global_shapes, is_uneven
+from ._shapes import avg_ranks, dense_stride, gather_global_shapes, is_uneven
 from ._specs import (
     LeafSpec, check_spec_for_mesh, leaf_path, normalize_shard_dims, placements_str, resolve_input_specs,
     resolve_output_specs, validate_spec_argument,
@@ -48,19 +48,21 @@ def _wait(t: torch.Tensor) -> torch.Tensor:
     return t.wait() if isinstance(t, AsyncCollectiveTensor) else t
 
 
-def avg_ranks(placements: Sequence[Placement], mesh: DeviceMesh) -> int:
-    """Ranks averaged by Partial('avg') placements: a value y = mean of n local values passes 1/n of its
-    gradient to each (and a local input of such a value receives 1/n of the true gradient)."""
-    n = 1
-    for m, p in enumerate(placements):
-        if isinstance(p, Partial) and p.reduce_op == "avg":
-            n *= mesh.size(m)
-    return n
+_has_avg: dict[tuple, bool] = {}
+
+
+def _any_avg(placements: tuple) -> bool:
+    hit = _has_avg.get(placements)
+    if hit is None:
+        hit = _has_avg[placements] = any(isinstance(p, Partial) and p.reduce_op == "avg" for p in placements)
+    return hit
 
 
 def _avg_input_grad(g: torch.Tensor, spec: DTensorSpec, grad_placements: Sequence[Placement]) -> torch.Tensor:
     """The gradient of an input held as Partial('avg') is n times its local gradient where it is given as
     Replicate (each local piece carries 1/n of the value)."""
+    if not _any_avg(spec.placements):
+        return g
     n = 1
     for m, (p, q) in enumerate(zip(spec.placements, grad_placements)):
         if isinstance(p, Partial) and p.reduce_op == "avg" and isinstance(q, Replicate):
@@ -129,21 +131,21 @@ class _FromLocal(torch.autograd.Function):
                 local = g.to_local()
             else:
                 local = _wait(g._local_tensor)
-            scale = avg_ranks(spec.placements, spec.mesh)
-            out.append(local / scale if scale != 1 else local)
+            out.append(local / avg_ranks(spec.placements, spec.mesh) if _any_avg(spec.placements) else local)
         return tuple(out)
 
 
 class _InputPlan:
     """Resolved leaf specs for one argument structure on one mesh."""
 
-    __slots__ = ("mesh", "specs", "grad_specs", "fast_grad_specs")
+    __slots__ = ("mesh", "specs", "grad_specs", "fast_grad_specs", "verdict")
 
     def __init__(self, mesh: DeviceMesh, specs: tuple[LeafSpec, ...] | None,
                  grad_specs: tuple[LeafSpec, ...] | None) -> None:
         self.mesh = mesh
         self.specs = specs
         self.grad_specs = grad_specs
+        self.verdict: tuple | None = None  # (DTensor specs, Verdict) of the last checked call on this plan
         # Grad specs usable without per-call checks; None where a negative Shard dim needs the tensor's ndim.
         self.fast_grad_specs = None if grad_specs is None else tuple(
             None if s is None or any(isinstance(p, Shard) and p.dim < 0 for p in s) else s
@@ -381,10 +383,8 @@ class MappedFunction:
             if not uneven:
                 uneven = _uneven(a._spec)
             checked.append((i, a, gp))
-        if self.check is not False:
-            inferred = self._verdict(plan, flat, treespec, checked, mesh, kwargs)
-            if inferred is not None:  # in_grad_placements=None: use the gradient placements the body implies
-                checked = [(i, a, inferred[i] or gp) for i, a, gp in checked]
+        # in_grad_placements=None: the gradient placements the body implies (from the cached check)
+        inferred = self._verdict(plan, flat, treespec, checked, mesh, kwargs) if self.check is not False else None
         grad_idx: list[int] = []
         grad_inputs: list[DTensor] = []
         grad_placements: list[tuple[Placement, ...]] = []
@@ -392,7 +392,7 @@ class MappedFunction:
             if track_grad and a.requires_grad:
                 grad_idx.append(i)
                 grad_inputs.append(a)
-                grad_placements.append(gp)
+                grad_placements.append(inferred[i] or gp if inferred is not None else gp)
             else:
                 locals_[i] = _wait(a._local_tensor)
         if grad_inputs:
@@ -422,9 +422,20 @@ class MappedFunction:
                  kwargs: dict) -> tuple | None:
         """The body's placement check for these inputs (cached: steady-state calls pay one lookup); returns
         the inferred gradient placements per leaf when in_grad_placements is None."""
-        key = (id(plan), tuple(id(a._spec) for _, a, _ in checked))
-        hit = self._verdicts.get(key)
-        if hit is None or any(s is not a._spec for s, (_, a, _) in zip(hit[0], checked)):
+        hit = plan.verdict  # steady state: the same DTensor specs as last time on this plan
+        if hit is not None and len(hit[0]) == len(checked):
+            for s, (_, a, _) in zip(hit[0], checked):
+                if s is not a._spec:
+                    hit = None
+                    break
+        else:
+            hit = None
+        if hit is None:
+            key = (id(plan), tuple(id(a._spec) for _, a, _ in checked))
+            hit = self._verdicts.get(key)
+            if hit is not None and any(s is not a._spec for s, (_, a, _) in zip(hit[0], checked)):
+                hit = None
+        if hit is None:
             from ._check import check_function
 
             leaves = list(flat)
@@ -441,6 +452,7 @@ class MappedFunction:
             hit = (tuple(a._spec for _, a, _ in checked), verdict)
             if len(self._verdicts) < 256:
                 self._verdicts[key] = hit
+        plan.verdict = hit
         verdict = hit[1]
         if not verdict.ok:
             from ._check import enforce

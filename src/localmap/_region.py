@@ -27,7 +27,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from . import _compat
 from ._errors import LocalMapError, fail
-from ._shapes import like_stride, local_shape
+from ._shapes import avg_ranks, like_stride, local_shape
 
 KWARGS = "local_map_kwargs"  # GraphModule.meta key of a region's placements and mesh (as PyTorch's operator)
 ROLE = "localmap"  # GraphModule.meta key of localmap's own facts about a graph (role, activations, ...)
@@ -408,6 +408,8 @@ def _annotate(graphs: RegionGraphs, kwargs: dict, args: Sequence[Any]) -> None:
     }, {
         "role": "backward", "num_activations": graphs.num_activations,
         "grad_shapes": tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else None for a in args),
+        # A Partial('avg') output passes 1/n of its gradient to each rank's local output.
+        "tangent_scales": tuple(avg_ranks(outs[i], kwargs["device_mesh"]) for i in graphs.tangent_outputs),
     })
 
 

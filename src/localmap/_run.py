@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
-from torch.distributed.tensor.placement_types import Partial, Placement, Replicate, Shard
+from torch.distributed.tensor.placement_types import Partial, Placement, Shard
 
 from ._compat import pytree
 from ._context import recording
@@ -143,11 +143,12 @@ class _MeshInterpreter(fx.Interpreter):
         saved, inputs = args[:skip], args[skip:]
         coords = _coordinates(mesh_shape)
         traced = [h.meta.get("val") for h in gm.graph.find_nodes(op="placeholder")][skip:]
+        scales = role.get("tangent_scales") or (1,) * len(inputs)
         per_rank = {}
         for r, coord in enumerate(coords):
-            local = [s.values[r] for s in saved] + [
-                _like(split(a, p, mesh_shape, coord), t)
-                for a, p, t in zip(inputs, kwargs["in_placements"], traced)]
+            pieces = [_like(split(a, p, mesh_shape, coord), t)
+                      for a, p, t in zip(inputs, kwargs["in_placements"], traced)]
+            local = [s.values[r] for s in saved] + [x / k if k != 1 else x for x, k in zip(pieces, scales)]
             per_rank[coord] = run_graph(gm, local)
         n = len(kwargs["out_placements"])
         name = self.names.get(self.node.name, self.node.name) if self.node is not None else "region"

@@ -164,3 +164,15 @@ def like_stride(shape: Sequence[Any], stride: Sequence[Any]) -> tuple[Any, ...]:
     """Dense strides for `shape` in the dim order of `stride`, keeping broadcast (0) strides as 0."""
     dense = dense_stride(shape, stride)
     return tuple(0 if s == 0 and n != 1 else d for s, n, d in zip(stride, shape, dense))
+
+
+def avg_ranks(placements: Sequence[Placement], mesh: DeviceMesh) -> int:
+    """Ranks averaged by Partial('avg') placements: a value that is the mean of n local values passes 1/n of
+    its gradient to each of them."""
+    from torch.distributed.tensor.placement_types import Partial
+
+    n = 1
+    for m, p in enumerate(placements):
+        if isinstance(p, Partial) and p.reduce_op == "avg":
+            n *= mesh.size(m)
+    return n
