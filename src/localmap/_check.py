@@ -17,6 +17,7 @@ Verdicts are cached per (function, input metadata, placements), so steady-state 
 from __future__ import annotations
 
 import operator
+import os
 import re
 import threading
 import warnings
@@ -78,7 +79,8 @@ def _source(node: fx.Node) -> str:
     frames = re.findall(r'File "([^"]+)", line (\d+)', trace)
     for path, line in reversed(frames):
         if "/torch/" not in path and "/localmap/_" not in path and "/localmap/hop.py" not in path:
-            return f"{path}:{line}"
+            rel = os.path.relpath(path)
+            return f"{path if rel.startswith('..') else rel}:{line}"
     return "<unknown>"
 
 
