@@ -142,3 +142,22 @@ def test_check_warn_mode_warns_and_runs():
     with pytest.warns(UserWarning, match="claimed Replicate"):
         with pytest.raises((AssertionError, RuntimeError)):  # it runs, and is wrong
             _run(case, check="warn")
+
+
+def test_untraceable_body_runs_unchecked_with_a_warning():
+    """A body the tracer cannot follow (here: it reads tensor data into Python) still runs, with a warning."""
+    import localmap
+    from helpers import max_diff
+    from localmap.testing import distribute, full
+
+    def body(x):
+        if x.new_ones(()).item() > 0:  # data-dependent Python control flow
+            return x * 2
+        return x
+
+    with simulated_mesh(4) as mesh:
+        x = randn(8, 4)
+        f = localmap.local_map(body, [S0], ([S0],))
+        with pytest.warns(UserWarning, match="could not be traced for the placement check"):
+            out = f(distribute(x, mesh, [S0]))
+        assert max_diff(full(out), x * 2) < 1e-6

@@ -45,14 +45,17 @@ class Verdict:
     """What checking a region found: problems (empty when the placements hold) and inferred gradients."""
 
     problems: list[PlacementError] = field(default_factory=list)
-    grad_placements: tuple = ()  # one entry per input leaf: inferred placements, or None for non-tensors
+    grad_placements: tuple | None = ()  # per input leaf: inferred placements (None entries for non-tensors)
     output_types: list = field(default_factory=list)
+    unchecked: str | None = None  # why the body could not be traced for the check (then nothing is inferred)
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
     def summary(self) -> str:
+        if self.unchecked:
+            return f"unchecked: {self.unchecked}"
         return "ok" if self.ok else str(self.problems[0]).splitlines()[0]
 
 
@@ -267,14 +270,27 @@ def check_function(fn: Callable, local_args: Sequence[Any], leaf_specs: Sequence
     _compat.register_trace_anchor(fn)
     tensors = [local_args[i] for i in inputs]
     fake_mode = _compat.detect_fake_mode(tensors) or _compat.new_fake_mode()
-    with _compat.isolated_tracing():
-        with fake_mode:
-            fakes = [torch.empty_strided(tuple(int(s) for s in _plain(a).shape), _plain(a).stride(),
-                                         dtype=a.dtype, device="meta" if a.is_meta else "cpu")
-                     for a in (local_args[i] for i in inputs)]
-        with _compat.ignore_fresh_unbacked(fake_mode):
-            gm = make_fx(body, decomposition_table=_decompositions(), tracing_mode="fake",
-                         record_stack_traces=True)(*fakes)
+    try:
+        with _compat.isolated_tracing():
+            with fake_mode:
+                fakes = [torch.empty_strided(tuple(int(s) for s in _plain(a).shape), _plain(a).stride(),
+                                             dtype=a.dtype, device="meta" if a.is_meta else "cpu")
+                         for a in (local_args[i] for i in inputs)]
+            with _compat.ignore_fresh_unbacked(fake_mode):
+                gm = make_fx(body, decomposition_table=_decompositions(), tracing_mode="fake",
+                             record_stack_traces=True)(*fakes)
+    except LocalMapError:
+        raise
+    except Exception as e:  # a body the tracer cannot follow still runs; it just is not checked
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+        warnings.warn(f"local_map: the body of {getattr(fn, '__name__', fn)!r} could not be traced for the "
+                      f"placement check ({reason}); it runs unchecked and its gradient placements are not "
+                      "inferred. Pass check=False to silence this.", stacklevel=4)
+        verdict = Verdict(grad_placements=None, unchecked=reason)
+        if key is not None:
+            with _lock:
+                _cache[key] = (fn, verdict)
+        return verdict
     out = traced["out"]
     flat_out = pytree.tree_leaves(out)
     specs = resolve_output_specs(out_placements, out, len(flat_out))
@@ -320,7 +336,7 @@ def _plain(t: torch.Tensor) -> torch.Tensor:
 
 def enforce(verdict: Verdict, mode: Any) -> None:
     """Raise the first problem (check=True) or warn once per verdict (check='warn')."""
-    if verdict.ok or mode is False:
+    if verdict.ok or mode is False or verdict.unchecked:
         return
     if mode == "warn":
         if not getattr(verdict, "_warned", False):

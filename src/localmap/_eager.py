@@ -458,7 +458,7 @@ class MappedFunction:
             from ._check import enforce
 
             enforce(verdict, self.check)
-        return verdict.grad_placements if self.in_grad_placements is None else None
+        return verdict.grad_placements if self.in_grad_placements is None else None  # None when unchecked
 
     def _check_non_dtensor_leaves(self, plan: _InputPlan, args: tuple, flat: Sequence[Any]) -> None:
         for i, (a, spec) in enumerate(zip(flat, plan.specs)):  # type: ignore[arg-type]

@@ -91,7 +91,7 @@ def call_traced(region: Any, args: tuple, kwargs: dict) -> Any:
         verdict = check_function(region.func, check_leaves, specs, region.out_placements, grads, mesh, treespec,
                                  kwargs)
         enforce(verdict, region.check)
-        if grads is None:  # in_grad_placements=None: the body's own gradient placements
+        if grads is None and verdict.grad_placements is not None:  # inferred from the body
             grads = list(verdict.grad_placements)
     out = traced["out"]
     flat_out, out_tree = pytree.tree_flatten(out)
