@@ -31,6 +31,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from . import _compat
 from ._compat import pytree
+from ._context import in_region
 from ._errors import LocalMapError, fail, mesh_dim_label
 from ._specs import placements_str
 from ._types import VARYING, RuleError, output_types
@@ -263,7 +264,8 @@ def check_function(fn: Callable, local_args: Sequence[Any], leaf_specs: Sequence
     def body(*tensors: Any) -> tuple:
         for i, t in zip(inputs, tensors):
             leaves[i] = t
-        out = fn(*pytree.tree_unflatten(leaves, treespec), **kwargs)
+        with in_region(mesh):
+            out = fn(*pytree.tree_unflatten(leaves, treespec), **kwargs)
         traced["out"] = out
         return tuple(o for o in pytree.tree_leaves(out) if isinstance(o, torch.Tensor))
 

@@ -80,3 +80,26 @@ def call_site() -> str:
             return f"{path if rel.startswith('..') else rel}:{frame.f_lineno}"
         frame = frame.f_back
     return "<unknown>"
+
+
+# The mesh of the region whose body is running (or being traced), for localmap.collectives.
+def push_region_mesh(mesh: DeviceMesh) -> None:
+    _stack("region_meshes").append(mesh)
+
+
+def pop_region_mesh() -> None:
+    _stack("region_meshes").pop()
+
+
+def region_mesh() -> DeviceMesh | None:
+    stack = _stack("region_meshes")
+    return stack[-1] if stack else default_mesh()
+
+
+@contextlib.contextmanager
+def in_region(mesh: DeviceMesh) -> Iterator[None]:
+    push_region_mesh(mesh)
+    try:
+        yield
+    finally:
+        pop_region_mesh()

@@ -22,7 +22,7 @@ from torch.distributed.tensor.placement_types import Partial, Placement, Replica
 
 from ._compat import AsyncCollectiveTensor, DTensorSpec, fast_apply, make_dtensor, make_spec, pytree
 from ._compat import global_shape_and_stride, redistribute_local
-from ._context import recorder
+from ._context import pop_region_mesh, push_region_mesh, recorder
 from ._errors import LocalMapError, fail
 from ._shapes import avg_ranks, dense_stride, gather_global_shapes, is_uneven
 from ._specs import (
@@ -398,7 +398,11 @@ class MappedFunction:
         if grad_inputs:
             for i, t in zip(grad_idx, _to_local(tuple(grad_placements), *grad_inputs)):
                 locals_[i] = t
-        out = self.func(*(locals_ if treespec is None else pytree.tree_unflatten(locals_, treespec)), **kwargs)
+        push_region_mesh(mesh)  # for localmap.collectives inside the body
+        try:
+            out = self.func(*(locals_ if treespec is None else pytree.tree_unflatten(locals_, treespec)), **kwargs)
+        finally:
+            pop_region_mesh()
 
         if isinstance(out, torch.Tensor):
             flat_out: Sequence[Any] = (out,)

@@ -14,7 +14,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from . import _compat
-from ._context import call_site, default_mesh
+from ._context import call_site, default_mesh, in_region
 from ._compat import pytree
 from ._errors import fail
 from ._region import SOURCE, mesh_coordinate, set_region_meta, trace_body
@@ -76,7 +76,8 @@ def call_traced(region: Any, args: tuple, kwargs: dict) -> Any:
         leaves = list(flat)
         for i, v in zip(inputs, local_inputs):
             leaves[i] = v
-        out = region.func(*pytree.tree_unflatten(leaves, treespec), **kwargs)
+        with in_region(mesh):
+            out = region.func(*pytree.tree_unflatten(leaves, treespec), **kwargs)
         traced["out"] = out
         return tuple(o for o in pytree.tree_leaves(out) if isinstance(o, torch.Tensor))
 

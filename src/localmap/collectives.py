@@ -1,0 +1,232 @@
+"""Collectives inside regions, by mesh dim, with the gradients typed regions need.
+
+Every function takes ``mesh_dim`` as a name or an index; the mesh is the enclosing region's (or ``mesh=``).
+They are PyTorch's functional collectives (so they trace into graphs, run under gloo/NCCL and on the simulated
+mesh) wrapped in autograd functions whose backward is the transpose:
+
+=================================  ================================================================
+forward                            backward
+=================================  ================================================================
+``all_reduce`` (sum/avg/max/min)   identity (avg: 1/n; max/min: where this rank held the result):
+                                   the result is a replicated value, so its gradient is too
+``all_gather``                     ``reduce_scatter`` (the gathered value meets per-rank data)
+``reduce_scatter``                 ``all_gather``
+``all_to_all`` / ``_single``       the inverse all_to_all (splits swapped)
+``ppermute`` / ``shift``           the inverse permutation
+``pvary`` (identity)               ``all_reduce``: a replicated value entering per-rank computation
+=================================  ================================================================
+
+``all_reduce`` and ``pvary`` are each other's converse (JAX's psum and pvary). ``axis_index(mesh_dim)`` is a
+0-dim int64 tensor computed by a collective, so it is right on every rank in traced graphs too.
+``ppermute`` moves data with an all_gather (every rank receives every value), which is simple and traces
+everywhere but sends n times the bytes of a point-to-point exchange.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.distributed._functional_collectives as funcol
+from torch.distributed.device_mesh import DeviceMesh
+
+from ._context import region_mesh
+from ._errors import fail
+
+__all__ = ["all_reduce", "all_gather", "reduce_scatter", "all_to_all", "all_to_all_single", "ppermute", "shift",
+           "axis_index", "axis_size", "pvary"]
+
+_OPS = ("sum", "avg", "max", "min")
+
+
+def _group(mesh_dim: int | str, mesh: DeviceMesh | None) -> tuple[DeviceMesh, int, tuple]:
+    mesh = mesh if mesh is not None else region_mesh()
+    if mesh is None:
+        raise fail("mesh", "a collective needs a mesh: none is given and no region is running",
+                   fix="call it inside a local_map region, or pass mesh=")
+    names = list(mesh.mesh_dim_names or ())
+    if isinstance(mesh_dim, str):
+        if mesh_dim not in names:
+            raise fail("mesh_dim", "names no dim of the mesh", expected=names, given=mesh_dim,
+                       fix="use one of the mesh's dim names, or an index")
+        index = names.index(mesh_dim)
+    else:
+        index = int(mesh_dim)
+        if not 0 <= index < mesh.ndim:
+            raise fail("mesh_dim", f"is out of range for a {mesh.ndim}-d mesh", given=mesh_dim,
+                       fix=f"use 0 .. {mesh.ndim - 1}")
+    return mesh, index, (mesh, index)
+
+
+def _wait(t: torch.Tensor) -> torch.Tensor:
+    return funcol.wait_tensor(t) if isinstance(t, funcol.AsyncCollectiveTensor) else t
+
+
+def _reduce(x: torch.Tensor, op: str, group: tuple) -> torch.Tensor:
+    return _wait(funcol.all_reduce(x, op, group))
+
+
+class _AllReduce(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, op: str, group: tuple, n: int) -> torch.Tensor:  # type: ignore[override]
+        y = _reduce(x, op, group)
+        ctx.op, ctx.n = op, n
+        if op in ("max", "min"):
+            ctx.save_for_backward(x == y)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple:  # type: ignore[override]
+        if ctx.op == "avg":
+            g = g / ctx.n
+        elif ctx.op in ("max", "min"):
+            (held,) = ctx.saved_tensors
+            g = g * held
+        return g, None, None, None
+
+
+class _Pvary(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: tuple) -> torch.Tensor:  # type: ignore[override]
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple:  # type: ignore[override]
+        return _reduce(g.contiguous(), "sum", ctx.group), None
+
+
+class _AllGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, dim: int, group: tuple) -> torch.Tensor:  # type: ignore[override]
+        ctx.dim, ctx.group = dim, group
+        return _wait(funcol.all_gather_single(x.contiguous(), dim, group))
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple:  # type: ignore[override]
+        return _wait(funcol.reduce_scatter_single(g.contiguous(), "sum", ctx.dim, ctx.group)), None, None
+
+
+class _ReduceScatter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, op: str, dim: int, group: tuple, n: int) -> torch.Tensor:  # type: ignore[override]
+        ctx.dim, ctx.group, ctx.scale = dim, group, (1 / n if op == "avg" else 1)
+        return _wait(funcol.reduce_scatter_single(x.contiguous(), op, dim, group))
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple:  # type: ignore[override]
+        out = _wait(funcol.all_gather_single(g.contiguous(), ctx.dim, ctx.group))
+        return (out * ctx.scale if ctx.scale != 1 else out), None, None, None, None
+
+
+class _AllToAllSingle(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, out_splits: Any, in_splits: Any, group: tuple) -> torch.Tensor:  # type: ignore[override]
+        ctx.out_splits, ctx.in_splits, ctx.group = out_splits, in_splits, group
+        return _wait(funcol.all_to_all_single(x.contiguous(), out_splits, in_splits, group))
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple:  # type: ignore[override]
+        back = _wait(funcol.all_to_all_single(g.contiguous(), ctx.in_splits, ctx.out_splits, ctx.group))
+        return back, None, None, None
+
+
+def all_reduce(x: torch.Tensor, mesh_dim: int | str, op: str = "sum", *, mesh: DeviceMesh | None = None) -> torch.Tensor:
+    """Reduce over the ranks of `mesh_dim` (sum, avg, max, min); every rank gets the result."""
+    if op not in _OPS:
+        raise fail("op", "is not a reduction all_reduce knows", expected=_OPS, given=op, fix="use sum/avg/max/min")
+    mesh, index, group = _group(mesh_dim, mesh)
+    return _AllReduce.apply(x, op, group, mesh.size(index))
+
+
+def pvary(x: torch.Tensor, mesh_dim: int | str, *, mesh: DeviceMesh | None = None) -> torch.Tensor:
+    """Identity forward, all_reduce backward: mark a replicated value that enters per-rank computation, so its
+    gradient (a partial sum on each rank) is summed."""
+    _, _, group = _group(mesh_dim, mesh)
+    return _Pvary.apply(x, group)
+
+
+def all_gather(x: torch.Tensor, mesh_dim: int | str, dim: int = 0, *, mesh: DeviceMesh | None = None) -> torch.Tensor:
+    """Concatenate every rank's `x` along `dim`, in rank order."""
+    _, _, group = _group(mesh_dim, mesh)
+    return _AllGather.apply(x, dim % max(x.dim(), 1), group)
+
+
+def reduce_scatter(x: torch.Tensor, mesh_dim: int | str, dim: int = 0, op: str = "sum", *,
+                   mesh: DeviceMesh | None = None) -> torch.Tensor:
+    """Reduce over the ranks of `mesh_dim`, then keep this rank's chunk of `dim` (sum or avg)."""
+    if op not in ("sum", "avg"):
+        raise fail("op", "is not a reduction reduce_scatter supports", expected=("sum", "avg"), given=op,
+                   fix="use sum or avg")
+    mesh, index, group = _group(mesh_dim, mesh)
+    n = mesh.size(index)
+    if x.shape[dim] % n:
+        raise fail("x", f"dim {dim} of size {x.shape[dim]} does not split evenly over {n} ranks",
+                   mesh=mesh, mesh_dim=index, fix="pad that dim to a multiple of the mesh dim's size")
+    return _ReduceScatter.apply(x, op, dim % x.dim(), group, n)
+
+
+def all_to_all_single(x: torch.Tensor, mesh_dim: int | str, output_split_sizes: Sequence[int] | None = None,
+                      input_split_sizes: Sequence[int] | None = None, *, mesh: DeviceMesh | None = None) -> torch.Tensor:
+    """Send rows of `x` (dim 0) to each rank by `input_split_sizes`, receive by `output_split_sizes` (equal
+    splits when None). Sizes may be data-dependent (e.g. from ``counts.tolist()``)."""
+    _, _, group = _group(mesh_dim, mesh)
+    out = None if output_split_sizes is None else list(output_split_sizes)
+    inp = None if input_split_sizes is None else list(input_split_sizes)
+    return _AllToAllSingle.apply(x, out, inp, group)
+
+
+def all_to_all(x: torch.Tensor, mesh_dim: int | str, split_dim: int, concat_dim: int, *,
+               mesh: DeviceMesh | None = None) -> torch.Tensor:
+    """Split `x` into n chunks along `split_dim`, send chunk j to rank j, concatenate what arrives along
+    `concat_dim` (rank order)."""
+    mesh, index, _ = _group(mesh_dim, mesh)
+    n = mesh.size(index)
+    if x.shape[split_dim] % n:
+        raise fail("x", f"split dim {split_dim} of size {x.shape[split_dim]} does not split over {n} ranks",
+                   mesh=mesh, mesh_dim=index, fix="pad the split dim to a multiple of the mesh dim's size")
+    chunks = torch.cat(torch.chunk(x, n, dim=split_dim), dim=0) if split_dim != 0 else x
+    received = all_to_all_single(chunks, mesh_dim, mesh=mesh)
+    return torch.cat(torch.chunk(received, n, dim=0), dim=concat_dim)
+
+
+def axis_size(mesh_dim: int | str, *, mesh: DeviceMesh | None = None) -> int:
+    """The number of ranks along `mesh_dim`."""
+    mesh, index, _ = _group(mesh_dim, mesh)
+    return mesh.size(index)
+
+
+def axis_index(mesh_dim: int | str, *, mesh: DeviceMesh | None = None, device: Any = None) -> torch.Tensor:
+    """This rank's coordinate along `mesh_dim`, as a 0-dim int64 tensor (made by an all_to_all of
+    ``arange(n)``, so it is per rank in traced graphs and on the simulated mesh alike)."""
+    mesh, index, group = _group(mesh_dim, mesh)
+    n = mesh.size(index)
+    dev = device if device is not None else torch.device(mesh.device_type)
+    ids = torch.arange(n, dtype=torch.int64, device=dev)
+    return _wait(funcol.all_to_all_single(ids, None, None, group))[0]
+
+
+def ppermute(x: torch.Tensor, mesh_dim: int | str, perm: Sequence[tuple[int, int]], *,
+             mesh: DeviceMesh | None = None) -> torch.Tensor:
+    """Send `x` from rank src to rank dst for each (src, dst) in `perm` (as JAX's ppermute); a rank that
+    receives nothing gets zeros."""
+    mesh, index, _ = _group(mesh_dim, mesh)
+    n = mesh.size(index)
+    sources = [-1] * n
+    for src, dst in perm:
+        if not (0 <= src < n and 0 <= dst < n) or sources[dst] != -1:
+            raise fail("perm", "must be (source, destination) pairs of distinct destinations within the mesh dim",
+                       expected=f"pairs in 0..{n - 1}", given=list(perm), fix="list each destination once")
+        sources[dst] = src
+    gathered = all_gather(x.unsqueeze(0), mesh_dim, 0, mesh=mesh)  # [n, *x.shape], rank order
+    me = axis_index(mesh_dim, mesh=mesh, device=x.device)
+    table = torch.tensor(sources, dtype=torch.int64, device=x.device)
+    src = table[me]
+    picked = gathered.index_select(0, src.clamp(min=0).reshape(1)).squeeze(0)
+    return picked * (src >= 0).to(x.dtype)
+
+
+def shift(x: torch.Tensor, mesh_dim: int | str, offset: int = 1, *, mesh: DeviceMesh | None = None) -> torch.Tensor:
+    """Rank r sends to rank (r + offset) mod n, so it receives rank (r - offset)'s value (a ring step)."""
+    n = axis_size(mesh_dim, mesh=mesh)
+    return ppermute(x, mesh_dim, [(r, (r + offset) % n) for r in range(n)], mesh=mesh)
