@@ -13,6 +13,7 @@ Public surface:
 
 from torch.distributed.tensor import Partial, Replicate, Shard
 
+from . import collectives
 from ._capture import CapturedProgram, Region, capture
 from ._check import PlacementError
 from ._types import VARYING, RuleError, register_rule
@@ -25,6 +26,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "local_map", "LocalMapError", "Shard", "Replicate", "Partial", "capture", "CapturedProgram", "Region",
-    "verify", "VerificationError", "use_mesh", "PlacementError", "register_rule", "RuleError", "VARYING",
+    "verify", "VerificationError", "use_mesh", "collectives", "PlacementError", "register_rule", "RuleError", "VARYING",
     "__version__",
 ]

@@ -34,7 +34,7 @@ from ._compat import pytree
 from ._context import in_region
 from ._errors import LocalMapError, fail, mesh_dim_label
 from ._specs import placements_str
-from ._types import VARYING, RuleError, output_types
+from ._types import COLLECTIVES, GRADIENT_SUMMING, VARYING, RuleError, output_types
 
 
 class PlacementError(LocalMapError):
@@ -77,12 +77,15 @@ def _decompositions() -> dict:
     return _DECOMPOSE
 
 
+_LIBRARY_FILES = ("/localmap/hop.py", "/localmap/collectives.py")
+
+
 def _source(node: fx.Node) -> str:
     """file:line of the user's code that made `node`, from the trace's stack."""
     trace = node.meta.get("stack_trace") or ""
     frames = re.findall(r'File "([^"]+)", line (\d+)', trace)
     for path, line in reversed(frames):
-        if "/torch/" not in path and "/localmap/_" not in path and "/localmap/hop.py" not in path:
+        if "/torch/" not in path and "/localmap/_" not in path and not path.endswith(_LIBRARY_FILES):
             rel = os.path.relpath(path)
             return f"{path if rel.startswith('..') else rel}:{line}"
     return "<unknown>"
@@ -105,6 +108,7 @@ def check_graph(gm: fx.GraphModule, in_types: Sequence[Any], out_claims: Sequenc
     origin: dict[fx.Node, list] = {}  # per mesh dim: the node that gave the value its type there
     lineage: dict[fx.Node, list[set]] = {}  # per mesh dim: inputs whose Replicate value reached here unchanged
     meets = [[False] * ndim for _ in in_types]
+    reported: set = set()  # (collective node, mesh dim) already reported as needing pvary
 
     for i, (node, t) in enumerate(zip(gm.graph.find_nodes(op="placeholder"), in_types)):
         types[node] = None if t is None else tuple(t)
@@ -140,11 +144,17 @@ def check_graph(gm: fx.GraphModule, in_types: Sequence[Any], out_claims: Sequenc
             same = [a for a in inputs if types[a][m] == here]
             origin[node].append(origin[same[0]][m] if same else node)
             reaching = set().union(*(lineage[a][m] for a in inputs if isinstance(types[a][m], Replicate)))
-            if isinstance(here, Replicate):
-                lineage[node].append(reaching)
+            if node.target in GRADIENT_SUMMING:  # its backward sums the per-rank gradients itself
+                lineage[node].append(set())
+            elif isinstance(here, Replicate):
+                starts = node.target in COLLECTIVES and _differentiable(node)
+                lineage[node].append({node} if starts else reaching)
             else:
                 for j in reaching:
-                    meets[j][m] = True
+                    if isinstance(j, fx.Node):  # a collective's replicated result meets per-rank data
+                        _needs_pvary(verdict, reported, j, node, mesh, m)
+                    else:
+                        meets[j][m] = True
                 lineage[node].append(set())
 
     outputs = [o for o in pytree.tree_leaves(gm.graph.find_nodes(op="output")[0].args[0])
@@ -187,6 +197,26 @@ def check_graph(gm: fx.GraphModule, in_types: Sequence[Any], out_claims: Sequenc
             fix=f"use {placements_str(inferred)}, or leave in_grad_placements=None to have it inferred",
             error=PlacementError))
     return verdict
+
+
+def _differentiable(node: fx.Node) -> bool:
+    val = node.meta.get("val")
+    return isinstance(val, torch.Tensor) and (val.is_floating_point() or val.is_complex())
+
+
+def _needs_pvary(verdict: Verdict, reported: set, made: fx.Node, used: fx.Node, mesh: Any, m: int) -> None:
+    """A replicated collective result used with per-rank data: its gradient there is per rank, but the
+    collective's backward passes this rank's share on as if it were the whole gradient."""
+    if (made, m) in reported:
+        return
+    reported.add((made, m))
+    name = repr(mesh.mesh_dim_names[m]) if mesh.mesh_dim_names else str(m)
+    path = f"op {_op(made)} at {_source(made)}"
+    verdict.problems.append(fail(
+        path, f"its result is the same on every rank but meets per-rank data in {_op(used)} at {_source(used)}, "
+        "so its gradient differs per rank and the collective's backward would keep only this rank's share",
+        mesh=mesh, mesh_dim=m, fix=f"pass the result through localmap.collectives.pvary(y, {name}) where it "
+        "meets per-rank data (identity forward, all_reduce backward)", error=PlacementError))
 
 
 def _compare(claim: Placement, got: Any, mesh: Any, m: int) -> tuple[str, str] | None:

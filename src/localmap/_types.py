@@ -131,6 +131,48 @@ for _op in (aten.var.correction, aten.std.correction, aten.var_mean.correction):
     register_rule(_op, _statistic)
 
 
+# ---- collectives (functional collectives, as localmap.collectives traces them) ---------------------------------
+
+_c10d = torch.ops._c10d_functional
+
+
+def collective_mesh_dim(node: fx.Node, mesh: Any) -> int:
+    """The mesh dim whose process group a functional collective node runs over (its last argument)."""
+    name = node.args[-1]
+    for m in range(mesh.ndim):
+        if mesh.get_group(m).group_name == name:
+            return m
+    raise RuleError(f"{_op_name(node)} runs over process group {name!r}, which is no dim of the region's mesh",
+                    "run collectives over the region's own mesh dims (localmap.collectives by dim name)")
+
+
+def collective_rule(to: Callable[[Any], Any], partial_ok: bool) -> Rule:
+    """A rule for a collective over one mesh dim: that dim's entry becomes to(input entry); others pass."""
+
+    def rule(node: fx.Node, in_types: list, mesh: Any) -> Any:
+        m = collective_mesh_dim(node, mesh)
+        t = in_types[0]
+        if isinstance(t[m], Partial) and not partial_ok:
+            raise RuleError(f"{_op_name(node)} moves pieces of a Partial value between ranks; the result is no "
+                            "partial sum of anything", "all_reduce (or reduce_scatter) the partial value first", m)
+        return tuple(to(p) if k == m else p for k, p in enumerate(t))
+
+    return rule
+
+
+# all_reduce: the result is the same on every rank (its gradient, the same on every rank, passes through).
+register_rule(_c10d.all_reduce.default, collective_rule(lambda p: Replicate(), partial_ok=True))
+# all_gather / all_to_all / reduce_scatter: per-rank results whose gradients are per rank (JAX's typing of
+# all_gather: a value that meets per-rank data; its transpose reduce-scatters).
+register_rule(_c10d.all_gather_into_tensor.default, collective_rule(lambda p: VARYING, partial_ok=False))
+register_rule(_c10d.all_to_all_single.default, collective_rule(lambda p: VARYING, partial_ok=False))
+register_rule(_c10d.reduce_scatter_tensor.default, collective_rule(lambda p: VARYING, partial_ok=True))
+register_rule(_c10d.wait_tensor.default, _same_as_input)
+COLLECTIVES = {_c10d.all_reduce.default, _c10d.all_gather_into_tensor.default, _c10d.all_to_all_single.default,
+               _c10d.reduce_scatter_tensor.default}
+GRADIENT_SUMMING: set = set()  # identity-forward ops whose backward all-reduces (collectives.pvary)
+
+
 # ---- the default rule: DTensor's sharding propagation -----------------------------------------------------------
 
 def _global_shape(val: torch.Tensor, t: Type, mesh_shape: Sequence[int]) -> list:

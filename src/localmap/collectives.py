@@ -30,6 +30,7 @@ import torch
 import torch.distributed._functional_collectives as funcol
 from torch.distributed.device_mesh import DeviceMesh
 
+from . import _types
 from ._context import region_mesh
 from ._errors import fail
 
@@ -85,15 +86,29 @@ class _AllReduce(torch.autograd.Function):
         return g, None, None, None
 
 
-class _Pvary(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, group: tuple) -> torch.Tensor:  # type: ignore[override]
-        ctx.group = group
-        return x.view_as(x)
+# pvary is a custom op (not an autograd.Function) so that it shows as its own node in traced graphs: the checker
+# reads it as "from here the gradient is summed over the mesh dim".
+@torch.library.custom_op("localmap::pvary", mutates_args=())
+def _pvary_op(x: torch.Tensor, group_name: str) -> torch.Tensor:
+    return x.clone()
 
-    @staticmethod
-    def backward(ctx: Any, g: torch.Tensor) -> tuple:  # type: ignore[override]
-        return _reduce(g.contiguous(), "sum", ctx.group), None
+
+@_pvary_op.register_fake
+def _(x: torch.Tensor, group_name: str) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def _pvary_backward(ctx: Any, g: torch.Tensor) -> tuple:
+    return _wait(funcol.all_reduce(g.contiguous(), "sum", ctx.group_name)), None
+
+
+def _pvary_setup(ctx: Any, inputs: tuple, output: Any) -> None:
+    ctx.group_name = inputs[1]
+
+
+_pvary_op.register_autograd(_pvary_backward, setup_context=_pvary_setup)
+_types.GRADIENT_SUMMING.add(torch.ops.localmap.pvary.default)
+_types.register_rule(torch.ops.localmap.pvary.default, _types.collective_rule(lambda p: _types.VARYING, False))
 
 
 class _AllGather(torch.autograd.Function):
@@ -142,8 +157,8 @@ def all_reduce(x: torch.Tensor, mesh_dim: int | str, op: str = "sum", *, mesh: D
 def pvary(x: torch.Tensor, mesh_dim: int | str, *, mesh: DeviceMesh | None = None) -> torch.Tensor:
     """Identity forward, all_reduce backward: mark a replicated value that enters per-rank computation, so its
     gradient (a partial sum on each rank) is summed."""
-    _, _, group = _group(mesh_dim, mesh)
-    return _Pvary.apply(x, group)
+    mesh, index, _ = _group(mesh_dim, mesh)
+    return _pvary_op(x, mesh.get_group(index).group_name)
 
 
 def all_gather(x: torch.Tensor, mesh_dim: int | str, dim: int = 0, *, mesh: DeviceMesh | None = None) -> torch.Tensor:
