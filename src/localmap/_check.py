@@ -34,7 +34,7 @@ from ._compat import pytree
 from ._context import in_region
 from ._errors import LocalMapError, fail, mesh_dim_label
 from ._specs import placements_str
-from ._types import COLLECTIVES, GRADIENT_SUMMING, VARYING, RuleError, output_types
+from ._types import UNSUMMED_GRADIENT, GRADIENT_SUMMING, VARYING, RuleError, output_types
 
 
 class PlacementError(LocalMapError):
@@ -147,7 +147,7 @@ def check_graph(gm: fx.GraphModule, in_types: Sequence[Any], out_claims: Sequenc
             if node.target in GRADIENT_SUMMING:  # its backward sums the per-rank gradients itself
                 lineage[node].append(set())
             elif isinstance(here, Replicate):
-                starts = node.target in COLLECTIVES and _differentiable(node)
+                starts = node.target in UNSUMMED_GRADIENT and _differentiable(node)
                 lineage[node].append({node} if starts else reaching)
             else:
                 for j in reaching:

@@ -113,11 +113,34 @@ def fake_process_group(world_size: int) -> None:
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
 
 
-def local_tensor_mode(world_size: int) -> Any:
-    """A LocalTensorMode simulating `world_size` ranks in this process."""
+def local_tensor_mode(world_size: int | frozenset) -> Any:
+    """A LocalTensorMode simulating `world_size` ranks (or the given rank set) in this process."""
     from torch.distributed._local_tensor import LocalTensorMode
 
     return LocalTensorMode(world_size)
+
+
+def simulated_value(per_rank: dict[int, Any]) -> Any:
+    """One simulated value from rank -> value: a LocalTensor for tensors, a per-rank SymInt for differing ints."""
+    from torch.distributed._local_tensor import LocalIntNode, LocalTensor
+
+    first = next(iter(per_rank.values()))
+    if isinstance(first, torch.Tensor):
+        return LocalTensor(per_rank)
+    if isinstance(first, int) and not isinstance(first, bool) and len(set(per_rank.values())) > 1:
+        return torch.SymInt(LocalIntNode(per_rank))
+    return first
+
+
+def value_on_rank(value: Any, rank: int) -> Any:
+    """Rank `rank`'s part of a simulated value (LocalTensor or per-rank SymInt); other values as they are."""
+    from torch.distributed._local_tensor import LocalIntNode, LocalTensor
+
+    if isinstance(value, LocalTensor):
+        return value._local_tensors[rank]
+    if isinstance(value, torch.SymInt) and isinstance(value.node, LocalIntNode):
+        return value.node._local_ints[rank]
+    return value
 
 
 def reconcile(t: torch.Tensor) -> torch.Tensor:

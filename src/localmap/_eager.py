@@ -21,7 +21,7 @@ from torch.distributed.tensor import DeviceMesh, DTensor
 from torch.distributed.tensor.placement_types import Partial, Placement, Replicate, Shard
 
 from ._compat import AsyncCollectiveTensor, DTensorSpec, fast_apply, make_dtensor, make_spec, pytree
-from ._compat import global_shape_and_stride, redistribute_local
+from ._compat import global_shape_and_stride, is_simulated, redistribute_local, simulated_local
 from ._context import pop_region_mesh, push_region_mesh, recorder
 from ._errors import LocalMapError, fail
 from ._shapes import avg_ranks, dense_stride, gather_global_shapes, is_uneven
@@ -44,6 +44,14 @@ def _grad_default(placements: tuple[Placement, ...]) -> tuple[Placement, ...]:
     return grad
 
 
+def _plain_stride(t: torch.Tensor) -> tuple[int, ...]:
+    """The local stride as plain ints. On the simulated mesh ranks holding different sizes (an empty shard
+    next to a full one) report per-rank strides; rank 0's orders the dims as every rank does."""
+    if is_simulated(t):
+        return simulated_local(t)[0].stride()
+    return t.stride()
+
+
 def _wait(t: torch.Tensor) -> torch.Tensor:
     return t.wait() if isinstance(t, AsyncCollectiveTensor) else t
 
@@ -56,6 +64,28 @@ def _any_avg(placements: tuple) -> bool:
     if hit is None:
         hit = _has_avg[placements] = any(isinstance(p, Partial) and p.reduce_op == "avg" for p in placements)
     return hit
+
+
+_has_minmax: dict[tuple, bool] = {}
+
+
+def _any_minmax(placements: tuple) -> bool:
+    hit = _has_minmax.get(placements)
+    if hit is None:
+        hit = _has_minmax[placements] = any(
+            isinstance(p, Partial) and p.reduce_op in ("max", "min") for p in placements)
+    return hit
+
+
+def _minmax_grad_error(path: str, placements: Sequence[Placement], mesh: DeviceMesh) -> LocalMapError:
+    """A Partial(max/min) output that needs a gradient: only the rank holding the extreme should get it, which
+    no rank can tell locally, so the gradient would reach every rank's local extreme (silently wrong)."""
+    m = next(m for m, p in enumerate(placements) if isinstance(p, Partial) and p.reduce_op in ("max", "min"))
+    return fail(path, f"is {placements[m]!r} and requires grad; its gradient belongs only to the rank holding "
+                "the extreme, which no rank knows locally", mesh=mesh, mesh_dim=m,
+                expected="a Partial(max/min) output that does not require grad",
+                given=placements_str(placements),
+                fix="all_reduce it (max/min) inside the region and claim Replicate, or return it detached")
 
 
 def _avg_input_grad(g: torch.Tensor, spec: DTensorSpec, grad_placements: Sequence[Placement]) -> torch.Tensor:
@@ -100,7 +130,7 @@ class _ToLocal(torch.autograd.Function):
                     continue
                 stride = spec.stride
             else:
-                stride = dense_stride(spec.shape, g.stride())
+                stride = dense_stride(spec.shape, _plain_stride(g))
             grad_spec = make_spec(spec.mesh, placements, spec.shape, stride, spec.tensor_meta.dtype)
             out.append(make_dtensor(g, grad_spec, requires_grad=False))
         return tuple(out)
@@ -328,7 +358,7 @@ class MappedFunction:
             shapes = gather_global_shapes(tensors, [dspecs[i] for i in idx], mesh,  # type: ignore[misc]
                                           [leaf_path("outputs", out, i) for i in idx])
             for i, t, shape in zip(idx, tensors, shapes):
-                dspecs[i] = make_spec(mesh, dspecs[i], shape, dense_stride(shape, t.stride()), t.dtype)  # type: ignore[arg-type]
+                dspecs[i] = make_spec(mesh, dspecs[i], shape, dense_stride(shape, _plain_stride(t)), t.dtype)  # type: ignore[arg-type]
         return dspecs
 
     # -- call ---------------------------------------------------------------------------------------------
@@ -414,6 +444,9 @@ class MappedFunction:
         results = list(flat_out)
         grad_out = [i for i, s in enumerate(dspecs) if s is not None and track_grad and flat_out[i].requires_grad]
         if grad_out:
+            for i in grad_out:
+                if _any_minmax(dspecs[i].placements):
+                    raise _minmax_grad_error(leaf_path("outputs", out, i), dspecs[i].placements, mesh)
             wrapped = _from_local(tuple(dspecs[i] for i in grad_out), *(flat_out[i] for i in grad_out))
             for i, d in zip(grad_out, wrapped):
                 results[i] = d

@@ -18,7 +18,7 @@ from ._context import call_site, default_mesh, in_region
 from ._compat import pytree
 from ._errors import fail
 from ._region import SOURCE, mesh_coordinate, set_region_meta, trace_body
-from ._shapes import like_stride, local_shape
+from ._shapes import is_uneven, like_stride, local_shape
 from ._specs import check_spec_for_mesh, leaf_path, normalize_shard_dims, placements_str, resolve_input_specs
 from ._specs import resolve_output_specs
 
@@ -34,11 +34,27 @@ def _leaf_specs(spec_arg: Any, name: str, args: tuple, flat: list, mesh: Any) ->
                            fix="give its placements, e.g. [Replicate()] or [Shard(0)]")
             check_spec_for_mesh(s, mesh, leaf_path("args", args, i), name)
             s = normalize_shard_dims(s, a.ndim, leaf_path("args", args, i), name, mesh)
+            if name == "in_placements" and _uneven(a, s, mesh):
+                raise fail(leaf_path("args", args, i), "is unevenly sharded, which regions traced as graph nodes "
+                           "(capture, defer_inlining) do not support: their graphs are traced at one rank's "
+                           "shard sizes", given=f"shape {tuple(a.shape)} with {placements_str(s)} on mesh "
+                           f"{tuple(mesh.shape)}", fix="pad the sharded dim to a multiple of the ranks "
+                           "sharding it, or run this region eagerly on DTensors")
         elif s is not None:
             raise fail(leaf_path("args", args, i), "is not a tensor but has a placement spec", expected=None,
                        given=placements_str(s), fix=f"use None in {name} for non-tensor arguments")
         out.append(s)
     return out
+
+
+def _uneven(a: torch.Tensor, placements: Any, mesh: Any) -> bool:
+    """Whether `a` would be cut into shards of different sizes (only known for concrete sizes)."""
+    from torch.distributed.tensor.placement_types import Shard
+
+    dims = {p.dim for p in placements if isinstance(p, Shard)}
+    if any(not isinstance(a.shape[d], int) for d in dims):
+        return False
+    return is_uneven(a.shape, placements, mesh)
 
 
 def call_traced(region: Any, args: tuple, kwargs: dict) -> Any:

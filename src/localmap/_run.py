@@ -23,6 +23,7 @@ import torch
 import torch.fx as fx
 from torch.distributed.tensor.placement_types import Partial, Placement, Shard
 
+from . import _compat
 from ._compat import pytree
 from ._context import recording
 from ._errors import LocalMapError, fail
@@ -144,12 +145,16 @@ class _MeshInterpreter(fx.Interpreter):
         coords = _coordinates(mesh_shape)
         traced = [h.meta.get("val") for h in gm.graph.find_nodes(op="placeholder")][skip:]
         scales = role.get("tangent_scales") or (1,) * len(inputs)
-        per_rank = {}
+        local_args = {}
         for r, coord in enumerate(coords):
             pieces = [_like(split(a, p, mesh_shape, coord), t)
                       for a, p, t in zip(inputs, kwargs["in_placements"], traced)]
-            local = [s.values[r] for s in saved] + [x / k if k != 1 else x for x, k in zip(pieces, scales)]
-            per_rank[coord] = run_graph(gm, local)
+            local_args[coord] = [s.values[r] for s in saved] + [x / k if k != 1 else x
+                                                                for x, k in zip(pieces, scales)]
+        if has_collectives(gm):  # ranks talk to each other: run them together on the simulated mesh
+            per_rank = _run_ranks_together(gm, local_args, kwargs["device_mesh"])
+        else:
+            per_rank = {coord: run_graph(gm, local) for coord, local in local_args.items()}
         n = len(kwargs["out_placements"])
         name = self.names.get(self.node.name, self.node.name) if self.node is not None else "region"
 
@@ -167,6 +172,22 @@ class _MeshInterpreter(fx.Interpreter):
         store = self.result.region_input_grads if role["role"] == "backward" else self.result.region_outputs
         store[name] = outs
         return (*outs, *activations)
+
+
+def has_collectives(gm: fx.GraphModule) -> bool:
+    return any(n.op == "call_function" and str(getattr(n.target, "namespace", "")) == "_c10d_functional"
+               for n in gm.graph.nodes)
+
+
+def _run_ranks_together(gm: fx.GraphModule, local_args: dict[tuple, list], mesh: Any) -> dict[tuple, tuple]:
+    """Run a region graph that holds collectives once for all ranks, each rank's values in a simulated tensor
+    (LocalTensorMode over the mesh's process groups, which must still exist)."""
+    ranks = {coord: int(mesh.mesh[coord]) for coord in local_args}
+    width = len(next(iter(local_args.values())))
+    packed = [_compat.simulated_value({ranks[c]: args[i] for c, args in local_args.items()}) for i in range(width)]
+    with _compat.local_tensor_mode(frozenset(ranks.values())):
+        out = run_graph(gm, packed)
+    return {c: tuple(_compat.value_on_rank(o, ranks[c]) for o in out) for c in local_args}
 
 
 def _like(value: Any, traced: Any) -> Any:

@@ -82,7 +82,8 @@ def is_replicate(t: Any) -> bool:
 # ---- rules as data ----------------------------------------------------------------------------------------------
 
 def _same_as_input(node: fx.Node, in_types: list, mesh: Any) -> Any:
-    return next(t for t in in_types if t is not None)
+    # No typed input: a copy of a constant (e.g. a torch.tensor literal), the same on every rank.
+    return next((t for t in in_types if t is not None), None) or _factory(node, in_types, mesh)
 
 
 def _factory(node: fx.Node, in_types: list, mesh: Any) -> Any:
@@ -168,8 +169,9 @@ register_rule(_c10d.all_gather_into_tensor.default, collective_rule(lambda p: VA
 register_rule(_c10d.all_to_all_single.default, collective_rule(lambda p: VARYING, partial_ok=False))
 register_rule(_c10d.reduce_scatter_tensor.default, collective_rule(lambda p: VARYING, partial_ok=True))
 register_rule(_c10d.wait_tensor.default, _same_as_input)
-COLLECTIVES = {_c10d.all_reduce.default, _c10d.all_gather_into_tensor.default, _c10d.all_to_all_single.default,
-               _c10d.reduce_scatter_tensor.default}
+# Ops whose replicated result passes its gradient back unsummed (localmap.collectives.all_reduce): where such a
+# result meets per-rank data, the checker demands pvary. And identity-forward ops whose backward sums (pvary).
+UNSUMMED_GRADIENT: set = set()
 GRADIENT_SUMMING: set = set()  # identity-forward ops whose backward all-reduces (collectives.pvary)
 
 

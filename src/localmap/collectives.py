@@ -63,31 +63,44 @@ def _wait(t: torch.Tensor) -> torch.Tensor:
     return funcol.wait_tensor(t) if isinstance(t, funcol.AsyncCollectiveTensor) else t
 
 
-def _reduce(x: torch.Tensor, op: str, group: tuple) -> torch.Tensor:
-    return _wait(funcol.all_reduce(x, op, group))
+def _name(mesh: DeviceMesh, index: int) -> str:
+    return mesh.get_group(index).group_name
 
 
-class _AllReduce(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, op: str, group: tuple, n: int) -> torch.Tensor:  # type: ignore[override]
-        y = _reduce(x, op, group)
-        ctx.op, ctx.n = op, n
-        if op in ("max", "min"):
-            ctx.save_for_backward(x == y)
-        return y
-
-    @staticmethod
-    def backward(ctx: Any, g: torch.Tensor) -> tuple:  # type: ignore[override]
-        if ctx.op == "avg":
-            g = g / ctx.n
-        elif ctx.op in ("max", "min"):
-            (held,) = ctx.saved_tensors
-            g = g * held
-        return g, None, None, None
+# Two custom ops give the gradients that differ from the functional collectives' own (their all_reduce
+# backward all-reduces again; ours is the identity, as the result's gradient is the same on every rank). Both
+# are per-rank local ops (a copy), so they run unchanged on the simulated mesh and show as nodes in traced
+# graphs, where the checker reads them; the communication itself stays a functional collective.
+@torch.library.custom_op("localmap::reduced", mutates_args=())
+def _reduced_op(x: torch.Tensor, result: torch.Tensor, op: str, n: int) -> torch.Tensor:
+    """`result` (the all_reduce of `x`, computed without autograd), differentiated as the reduction: the
+    gradient passes to `x` unchanged (sum), divided by n (avg), or where x held the result (max/min)."""
+    return result.clone()
 
 
-# pvary is a custom op (not an autograd.Function) so that it shows as its own node in traced graphs: the checker
-# reads it as "from here the gradient is summed over the mesh dim".
+@_reduced_op.register_fake
+def _(x: torch.Tensor, result: torch.Tensor, op: str, n: int) -> torch.Tensor:
+    return torch.empty_like(result)
+
+
+def _reduced_setup(ctx: Any, inputs: tuple, output: Any) -> None:
+    x, result, ctx.op, ctx.n = inputs
+    if ctx.op in ("max", "min"):
+        ctx.save_for_backward(x == result)
+
+
+def _reduced_backward(ctx: Any, g: torch.Tensor) -> tuple:
+    if ctx.op == "avg":
+        g = g / ctx.n
+    elif ctx.op in ("max", "min"):
+        (held,) = ctx.saved_tensors
+        g = g * held
+    return g, None, None, None
+
+
+_reduced_op.register_autograd(_reduced_backward, setup_context=_reduced_setup)
+
+
 @torch.library.custom_op("localmap::pvary", mutates_args=())
 def _pvary_op(x: torch.Tensor, group_name: str) -> torch.Tensor:
     return x.clone()
@@ -98,78 +111,56 @@ def _(x: torch.Tensor, group_name: str) -> torch.Tensor:
     return torch.empty_like(x)
 
 
-def _pvary_backward(ctx: Any, g: torch.Tensor) -> tuple:
-    return _wait(funcol.all_reduce(g.contiguous(), "sum", ctx.group_name)), None
-
-
 def _pvary_setup(ctx: Any, inputs: tuple, output: Any) -> None:
     ctx.group_name = inputs[1]
 
 
+def _pvary_backward(ctx: Any, g: torch.Tensor) -> tuple:
+    return _wait(funcol.all_reduce(g.contiguous(), "sum", ctx.group_name)), None
+
+
 _pvary_op.register_autograd(_pvary_backward, setup_context=_pvary_setup)
-_types.GRADIENT_SUMMING.add(torch.ops.localmap.pvary.default)
+
+# Type rules: `reduced` has its result's type (Replicate over the reduced dim); `pvary` makes a value per rank
+# and sums its gradient itself.
+_types.register_rule(torch.ops.localmap.reduced.default, lambda node, in_types, mesh: in_types[-1])
 _types.register_rule(torch.ops.localmap.pvary.default, _types.collective_rule(lambda p: _types.VARYING, False))
-
-
-class _AllGather(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, dim: int, group: tuple) -> torch.Tensor:  # type: ignore[override]
-        ctx.dim, ctx.group = dim, group
-        return _wait(funcol.all_gather_single(x.contiguous(), dim, group))
-
-    @staticmethod
-    def backward(ctx: Any, g: torch.Tensor) -> tuple:  # type: ignore[override]
-        return _wait(funcol.reduce_scatter_single(g.contiguous(), "sum", ctx.dim, ctx.group)), None, None
-
-
-class _ReduceScatter(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, op: str, dim: int, group: tuple, n: int) -> torch.Tensor:  # type: ignore[override]
-        ctx.dim, ctx.group, ctx.scale = dim, group, (1 / n if op == "avg" else 1)
-        return _wait(funcol.reduce_scatter_single(x.contiguous(), op, dim, group))
-
-    @staticmethod
-    def backward(ctx: Any, g: torch.Tensor) -> tuple:  # type: ignore[override]
-        out = _wait(funcol.all_gather_single(g.contiguous(), ctx.dim, ctx.group))
-        return (out * ctx.scale if ctx.scale != 1 else out), None, None, None, None
-
-
-class _AllToAllSingle(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, out_splits: Any, in_splits: Any, group: tuple) -> torch.Tensor:  # type: ignore[override]
-        ctx.out_splits, ctx.in_splits, ctx.group = out_splits, in_splits, group
-        return _wait(funcol.all_to_all_single(x.contiguous(), out_splits, in_splits, group))
-
-    @staticmethod
-    def backward(ctx: Any, g: torch.Tensor) -> tuple:  # type: ignore[override]
-        back = _wait(funcol.all_to_all_single(g.contiguous(), ctx.in_splits, ctx.out_splits, ctx.group))
-        return back, None, None, None
+_types.UNSUMMED_GRADIENT.add(torch.ops.localmap.reduced.default)
+_types.GRADIENT_SUMMING.add(torch.ops.localmap.pvary.default)
 
 
 def all_reduce(x: torch.Tensor, mesh_dim: int | str, op: str = "sum", *, mesh: DeviceMesh | None = None) -> torch.Tensor:
-    """Reduce over the ranks of `mesh_dim` (sum, avg, max, min); every rank gets the result."""
+    """Reduce over the ranks of `mesh_dim` (sum, avg, max, min); every rank gets the result. Its gradient is
+    taken to be the same on every rank (the result is replicated), so backward passes it to `x` without
+    communication; where the result meets per-rank data, pass it through `pvary` (the checker says where)."""
     if op not in _OPS:
         raise fail("op", "is not a reduction all_reduce knows", expected=_OPS, given=op, fix="use sum/avg/max/min")
-    mesh, index, group = _group(mesh_dim, mesh)
-    return _AllReduce.apply(x, op, group, mesh.size(index))
+    mesh, index, _ = _group(mesh_dim, mesh)
+    n = mesh.size(index)
+    result = _wait(funcol.all_reduce(x.detach(), "sum" if op == "avg" else op, _name(mesh, index)))
+    if op == "avg":
+        result = result / n
+    return _reduced_op(x, result, op, n)
 
 
 def pvary(x: torch.Tensor, mesh_dim: int | str, *, mesh: DeviceMesh | None = None) -> torch.Tensor:
-    """Identity forward, all_reduce backward: mark a replicated value that enters per-rank computation, so its
-    gradient (a partial sum on each rank) is summed."""
+    """Identity forward, all_reduce backward: a replicated value that enters per-rank computation, so its
+    gradient (a different share on each rank) is summed. The converse of `all_reduce`."""
     mesh, index, _ = _group(mesh_dim, mesh)
-    return _pvary_op(x, mesh.get_group(index).group_name)
+    return _pvary_op(x, _name(mesh, index))
 
 
 def all_gather(x: torch.Tensor, mesh_dim: int | str, dim: int = 0, *, mesh: DeviceMesh | None = None) -> torch.Tensor:
-    """Concatenate every rank's `x` along `dim`, in rank order."""
+    """Concatenate every rank's `x` along `dim`, in rank order. Backward reduce-scatters: the result is meant to
+    meet per-rank data (gathered keys and values, say), so each rank's gradient is a share to be summed."""
     _, _, group = _group(mesh_dim, mesh)
-    return _AllGather.apply(x, dim % max(x.dim(), 1), group)
+    return _wait(funcol.all_gather_tensor(x.contiguous(), dim % max(x.dim(), 1), group))
 
 
 def reduce_scatter(x: torch.Tensor, mesh_dim: int | str, dim: int = 0, op: str = "sum", *,
                    mesh: DeviceMesh | None = None) -> torch.Tensor:
-    """Reduce over the ranks of `mesh_dim`, then keep this rank's chunk of `dim` (sum or avg)."""
+    """Reduce over the ranks of `mesh_dim`, then keep this rank's chunk of `dim` (sum or avg). Backward
+    all-gathers."""
     if op not in ("sum", "avg"):
         raise fail("op", "is not a reduction reduce_scatter supports", expected=("sum", "avg"), given=op,
                    fix="use sum or avg")
@@ -178,17 +169,19 @@ def reduce_scatter(x: torch.Tensor, mesh_dim: int | str, dim: int = 0, op: str =
     if x.shape[dim] % n:
         raise fail("x", f"dim {dim} of size {x.shape[dim]} does not split evenly over {n} ranks",
                    mesh=mesh, mesh_dim=index, fix="pad that dim to a multiple of the mesh dim's size")
-    return _ReduceScatter.apply(x, op, dim % x.dim(), group, n)
+    x = x / n if op == "avg" else x
+    return _wait(funcol.reduce_scatter_tensor(x.contiguous(), "sum", dim % x.dim(), group))
 
 
 def all_to_all_single(x: torch.Tensor, mesh_dim: int | str, output_split_sizes: Sequence[int] | None = None,
                       input_split_sizes: Sequence[int] | None = None, *, mesh: DeviceMesh | None = None) -> torch.Tensor:
     """Send rows of `x` (dim 0) to each rank by `input_split_sizes`, receive by `output_split_sizes` (equal
-    splits when None). Sizes may be data-dependent (e.g. from ``counts.tolist()``)."""
+    splits when None). Sizes may be data-dependent (e.g. from ``counts.tolist()``). Backward sends the
+    gradients back by the swapped sizes."""
     _, _, group = _group(mesh_dim, mesh)
     out = None if output_split_sizes is None else list(output_split_sizes)
     inp = None if input_split_sizes is None else list(input_split_sizes)
-    return _AllToAllSingle.apply(x, out, inp, group)
+    return _wait(funcol.all_to_all_single(x.contiguous(), out, inp, group))
 
 
 def all_to_all(x: torch.Tensor, mesh_dim: int | str, split_dim: int, concat_dim: int, *,
@@ -236,8 +229,8 @@ def ppermute(x: torch.Tensor, mesh_dim: int | str, perm: Sequence[tuple[int, int
     gathered = all_gather(x.unsqueeze(0), mesh_dim, 0, mesh=mesh)  # [n, *x.shape], rank order
     me = axis_index(mesh_dim, mesh=mesh, device=x.device)
     table = torch.tensor(sources, dtype=torch.int64, device=x.device)
-    src = table[me]
-    picked = gathered.index_select(0, src.clamp(min=0).reshape(1)).squeeze(0)
+    src = table.index_select(0, me.reshape(1))  # a tensor index: no data-dependent Python int in traces
+    picked = gathered.index_select(0, src.clamp(min=0)).squeeze(0)
     return picked * (src >= 0).to(x.dtype)
 
 

@@ -1,137 +1,390 @@
-"""The demo: a small tensor-parallel block written with local_map regions, run on a simulated mesh and
-compared value by value, gradient by gradient, with the same block on one device.
+"""``localmap demo``: train a small Llama-style model written with localmap regions on a mesh, step by step
+against the same model on one device, and show the captured program.
 
-Block (tokens x dim, tokens sharded unevenly across ranks where the mesh allows):
-  h   = rms_norm(x) * g          region: tokens Shard(0); g Replicate, its gradient a Partial sum
-  u   = gelu(h @ W1)             region: column-parallel, W1 Shard(1); h Replicate, its gradient Partial
-  y   = u @ W2                   region: row-parallel, W2 Shard(0); output Partial (sums over ranks)
-  out = x + y                    plain DTensor ops; loss = mean(out ** 2)
+The model is ``demo_model.DemoLlama`` (embedding, RMSNorm, attention whose core is a region over heads, a
+mixture of experts in an expert-parallel region that dispatches tokens with all_to_all, a loss region). It is
+trained with plain SGD on DTensors on a (dp, tp) mesh, three ways:
+
+- ``sim`` (default): every rank simulated in this process (``testing.simulated_mesh``);
+- ``gloo``: one process per rank on loopback (``testing.run_gloo``); rank 0 reports each step;
+- under ``torchrun``: detected from RANK / WORLD_SIZE; rank 0 prints.
+
+Every step, the loss and every parameter's gradient are compared with a single-device reference model that has
+the same initial weights and data. Then the model is captured on a fake mesh of the same shape
+(``localmap.capture``) and its region table (placements, local shapes, costs, check verdicts) is shown.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
 
-import torch
-import torch.nn.functional as F
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
-from . import local_map
-from .testing import distribute, full, on_one_device, simulated_mesh
-from torch.distributed.tensor import Partial, Replicate, Shard
+from ._showcase import (CliError, MeshSpec, console, region_table, tolerant_costs, verdict_is_problem,
+                        verdict_style, write_outputs)
 
-
-def rms_norm(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * g
-
-
-def up_proj(h: torch.Tensor, w1: torch.Tensor) -> torch.Tensor:
-    return F.gelu(h @ w1)
-
-
-def down_proj(u: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    return u @ w2
-
-
-def reference_block(x, g, w1, w2):
-    out = x + down_proj(up_proj(rms_norm(x, g), w1), w2)
-    return (out ** 2).mean()
+ATOL, RTOL = 1e-5, 1e-4
+MAX_SIM_RANKS = 64
 
 
 @dataclass
-class Row:
-    name: str
-    placements: str
-    shape: tuple
-    diff: float
-    scale: float
+class Config:
+    mesh: MeshSpec
+    launcher: str = "sim"
+    layers: int = 2
+    dim: int = 32
+    heads: int = 4
+    experts: int = 4
+    hidden: int = 32
+    vocab: int = 64
+    steps: int = 5
+    seed: int = 0
+    lr: float = 1.0
 
     @property
-    def ok(self) -> bool:
-        return self.diff <= 1e-4 * max(1.0, self.scale)
+    def dp(self) -> int:
+        return self.mesh.shape[0]
+
+    @property
+    def tp(self) -> int:
+        return self.mesh.shape[1]
+
+    @property
+    def batch(self) -> int:
+        return 2 * self.dp
+
+    @property
+    def seq(self) -> int:
+        return 4 * self.tp
+
+    def model_kwargs(self, reference: bool) -> dict:
+        return dict(vocab=self.vocab, dim=self.dim, heads=self.heads, experts=self.experts, hidden=self.hidden,
+                    layers=self.layers, reference=reference)
 
 
-def run_demo(ranks: int = 4, tokens: int = 10, dim: int = 16, hidden: int = 32, seed: int = 0,
-             print_fn=print) -> bool:
-    """Run the block on a simulated `ranks`-rank mesh and against one device; True when all agree."""
-    with simulated_mesh(ranks, ("tp",)) as mesh:
+@dataclass
+class Step:
+    step: int
+    loss: float
+    ref_loss: float
+    loss_diff: float
+    grad_diff: float
+    worst: str  # the parameter with the largest gradient difference
+    ok: bool
+
+
+@dataclass
+class TrainResult:
+    steps: list[Step] = field(default_factory=list)
+    verdicts: dict[str, str] = field(default_factory=dict)  # region function -> verdict of its check
+
+
+def validate(cfg: Config) -> None:
+    """Raise CliError when the sizes cannot be laid out on the mesh or the launcher cannot start it."""
+    if len(cfg.mesh.shape) != 2:
+        raise CliError(f"--mesh {cfg.mesh}: the demo's model is laid out on a 2-D (dp, tp) mesh; give DPxTP, "
+                       "e.g. 2x2")
+    tp = cfg.tp
+    for what, value in (("--layers", cfg.layers), ("--dim", cfg.dim), ("--experts", cfg.experts),
+                        ("--steps", cfg.steps)):
+        if value < 1:
+            raise CliError(f"{what} must be at least 1 (got {value})")
+    if cfg.dim % cfg.heads:
+        raise CliError(f"--dim {cfg.dim} must be a multiple of the {cfg.heads} attention heads")
+    if cfg.heads % tp:
+        raise CliError(f"--mesh {cfg.mesh}: tp={tp} must divide the {cfg.heads} attention heads (they are "
+                       "sharded over tp)")
+    if cfg.experts % tp or cfg.experts < 2:
+        raise CliError(f"--experts {cfg.experts} must be at least 2 and a multiple of tp={tp} (experts are "
+                       "sharded over tp)")
+    world = cfg.mesh.size
+    if cfg.launcher == "sim" and world > MAX_SIM_RANKS:
+        raise CliError(f"--launcher sim simulates at most {MAX_SIM_RANKS} ranks in one process; --mesh "
+                       f"{cfg.mesh} has {world}")
+    if cfg.launcher == "gloo":
+        limit = max(4, 4 * (os.cpu_count() or 1))
+        if world > limit:
+            raise CliError(f"--launcher gloo cannot start {world} processes here (at most {limit}: 4 per CPU "
+                           "core); use a smaller --mesh or --launcher sim")
+
+
+# ---- training on a mesh (any launcher) -------------------------------------------------------------------------
+
+def _batch(cfg: Config, step: int) -> tuple:
+    import torch
+
+    gen = torch.Generator().manual_seed(cfg.seed * 100_003 + step)
+    tokens = torch.randint(0, cfg.vocab, (cfg.batch, cfg.seq), generator=gen)
+    targets = torch.randint(0, cfg.vocab, (cfg.batch, cfg.seq), generator=gen)
+    return tokens, targets
+
+
+def _models(cfg: Config) -> tuple:
+    import torch
+
+    from .demo_model import DemoLlama
+
+    torch.manual_seed(cfg.seed)
+    reference = DemoLlama(**cfg.model_kwargs(reference=True))
+    model = DemoLlama(**cfg.model_kwargs(reference=False))
+    model.load_state_dict(reference.state_dict())
+    return model, reference
+
+
+def _region_functions(model: Any) -> dict[str, Any]:
+    """The model's local_map wrappers by a readable name (one per layer and kind, and the loss)."""
+    found = {}
+    for name, module in model.named_modules():
+        for attr in ("attention", "moe", "loss"):
+            fn = getattr(module, attr, None)
+            if callable(fn) and hasattr(fn, "region"):
+                found[f"{name}.{attr}" if name else attr] = fn
+    return found
+
+
+def _verdict_of(fn: Any) -> str:
+    """The placement check's verdict for a region function after it has run (eager path)."""
+    region = fn.region
+    if region.check is False:
+        return "unchecked (check=False: the checker cannot type data-dependent split sizes yet)"
+    verdicts = [v for _, v in region._verdicts.values()]
+    if not verdicts:
+        return "unchecked (not called)"
+    bad = [v for v in verdicts if v.unchecked or not v.ok]
+    return (bad[0] if bad else verdicts[0]).summary()
+
+
+def train(mesh: Any, cfg: Config, on_step: Callable[[Step], None]) -> TrainResult:
+    """Train cfg.steps SGD steps on `mesh` (simulated or real) and on one device; compare every step."""
+    import torch
+    from torch.distributed.tensor import Replicate, Shard
+
+    from .testing import distribute, full, on_one_device
+
+    with on_one_device():
+        model, reference = _models(cfg)
+        ref_params = {n: p.detach().clone().requires_grad_() for n, p in reference.named_parameters()}
+    params = {n: distribute(p, mesh, type(model).placements(n), requires_grad=True) for n, p in ref_params.items()}
+    data = [Shard(0), Replicate()]
+    result = TrainResult()
+    for step in range(cfg.steps):
         with on_one_device():
-            gen = torch.Generator().manual_seed(seed)
-            x = torch.randn(tokens, dim, generator=gen)
-            g = 1 + 0.1 * torch.randn(dim, generator=gen)
-            w1 = torch.randn(dim, hidden, generator=gen) / math.sqrt(dim)
-            w2 = torch.randn(hidden, dim, generator=gen) / math.sqrt(hidden)
-            ref_leaves = [t.clone().requires_grad_() for t in (x, g, w1, w2)]
-            ref_loss = reference_block(*ref_leaves)
-            ref_loss.backward()
-
-        S0, S1, R, P = Shard(0), Shard(1), Replicate(), Partial()
-        norm = local_map(rms_norm, [S0], ([S0], [R]), ([S0], [P]))
-        up = local_map(up_proj, [S1], ([R], [S1]), ([P], [S1]))
-        down = local_map(down_proj, [P], ([S1], [S0]), ([S1], [S0]))
-
-        placements = {"x": [S0], "g": [R], "w1": [S1], "w2": [S0]}
-        leaves = {k: distribute(t, mesh, placements[k], requires_grad=True)
-                  for k, t in zip(placements, (x, g, w1, w2))}
-        h = norm(leaves["x"], leaves["g"])
-        y = down(up(h.redistribute(mesh, [R]), leaves["w1"]), leaves["w2"])
-        out = leaves["x"] + y.redistribute(mesh, [S0])
-        loss = (out ** 2).mean()
-        loss.backward()
-
-        local_rows = [int(n) for n in _rows_per_rank(leaves["x"])]
-        sample = (_first(leaves["g"].grad), ref_leaves[1].grad[:4].tolist())
-        rows = [Row("loss", str(tuple(loss.placements)), (), _diff(loss, ref_loss), abs(ref_loss.item()))]
-        for (name, d), ref in zip(leaves.items(), ref_leaves):
-            rows.append(Row(f"grad {name}", str(tuple(d.grad.placements)), tuple(d.grad.shape),
-                            _diff(d.grad, ref.grad), _scale(ref.grad)))
-
-    print_fn(f"localmap demo: tensor-parallel block on a simulated {ranks}-rank mesh ('tp'), "
-             f"{tokens} tokens x {dim} (rows per rank {local_rows}), hidden {hidden}")
-    print_fn(f"  loss: localmap {_first(loss)[0]:.6f}   single device {ref_loss.item():.6f}")
-    print_fn("  grad g[:4]: localmap [" + ", ".join(f"{v:+.5f}" for v in sample[0]) + "]")
-    print_fn("         single device [" + ", ".join(f"{v:+.5f}" for v in sample[1]) + "]")
-    print_fn(f"  {'value':<8} {'placements':<22} {'shape':<10} {'max |diff|':>11}  verdict")
-    for r in rows:
-        print_fn(f"  {r.name:<8} {r.placements:<22} {str(r.shape):<10} {r.diff:>11.2e}  "
-                 f"{'ok' if r.ok else 'MISMATCH'}")
-    ok = all(r.ok for r in rows)
-    print_fn(f"  {'all values and gradients match one device' if ok else 'MISMATCH against one device'}")
-    return ok
+            tokens, targets = _batch(cfg, step)
+            ref_loss = torch.func.functional_call(reference, ref_params, (tokens, targets))
+            ref_grads = torch.autograd.grad(ref_loss, list(ref_params.values()))
+        loss = torch.func.functional_call(model, params, (distribute(tokens, mesh, data),
+                                                          distribute(targets, mesh, data)))
+        grads = torch.autograd.grad(loss, list(params.values()))
+        value = full(loss)
+        worst, grad_diff, ok = "", 0.0, True
+        with on_one_device():
+            loss_value, ref_value = value.item(), ref_loss.item()
+            loss_diff = abs(loss_value - ref_value)
+            ok = loss_diff <= ATOL + RTOL * abs(ref_value)
+        for (name, g), ref_g in zip(zip(params, grads), ref_grads):
+            got = full(g)
+            with on_one_device():
+                diff = (got - ref_g).abs().max().item()
+                scale = ref_g.abs().max().item()
+            if diff > grad_diff or not worst:
+                worst, grad_diff = name, diff
+            ok = ok and diff <= ATOL + RTOL * scale
+        record = Step(step + 1, loss_value, ref_value, loss_diff, grad_diff, worst, bool(ok))
+        result.steps.append(record)
+        on_step(record)
+        with torch.no_grad():
+            params = {n: (p.detach() - cfg.lr * g.redistribute(p.device_mesh, p.placements)).requires_grad_()
+                      for (n, p), g in zip(params.items(), grads)}
+        with on_one_device(), torch.no_grad():
+            ref_params = {n: (p.detach() - cfg.lr * g).requires_grad_() for (n, p), g in
+                          zip(ref_params.items(), ref_grads)}
+    result.verdicts = {name: _verdict_of(fn) for name, fn in _region_functions(model).items()}
+    return result
 
 
-def _rows_per_rank(d) -> list[int]:
-    from ._compat import is_simulated, simulated_local
+# ---- launchers -------------------------------------------------------------------------------------------------
 
-    local = d.to_local()
-    if is_simulated(local):
-        return [t.shape[0] for _, t in sorted(simulated_local(local).items())]
-    return [local.shape[0]]
+def _train_simulated(cfg: Config, on_step: Callable[[Step], None]) -> TrainResult:
+    from .testing import simulated_mesh
+
+    with simulated_mesh(cfg.mesh.shape, cfg.mesh.names) as mesh:
+        return train(mesh, cfg, on_step)
 
 
-def _diff(d, ref: torch.Tensor) -> float:
-    """Largest difference of a DTensor's global value from the reference; inf when ranks disagree on a value
-    that its placements say they share (a wrong placement claim)."""
+def _gloo_rank(mesh: Any, cfg: Config, queue: Any) -> dict | None:
+    """One gloo rank: train; rank 0 reports each step on `queue` and returns the verdicts."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    result = train(mesh, cfg, lambda s: queue.put(asdict(s)) if rank == 0 else None)
+    return result.verdicts if rank == 0 else None
+
+
+def _train_gloo(cfg: Config, on_step: Callable[[Step], None]) -> TrainResult:
+    import multiprocessing as mp
+    import queue as queue_mod
+    import threading
+
+    from .testing import GlooError, run_gloo
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    out: dict[str, Any] = {}
+
+    def launch() -> None:
+        try:
+            out["results"] = run_gloo(_gloo_rank, cfg.mesh.size, cfg.mesh.shape, cfg.mesh.names, args=(cfg, q),
+                                      timeout=300)
+        except BaseException as exc:  # reported by the main thread
+            out["error"] = exc
+
+    thread = threading.Thread(target=launch, daemon=True)
+    thread.start()
+    result = TrainResult()
+    while thread.is_alive() or not q.empty():
+        try:
+            step = Step(**q.get(timeout=0.2))
+        except queue_mod.Empty:
+            continue
+        result.steps.append(step)
+        on_step(step)
+    thread.join()
+    if "error" in out:
+        err = out["error"]
+        if isinstance(err, GlooError):
+            lines = [ln for ln in str(err).splitlines() if ln.strip()]
+            raise CliError(f"gloo launcher: {lines[-1].strip() if lines else err}") from err
+        raise err
+    result.verdicts = out["results"][0]
+    return result
+
+
+def under_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def _train_torchrun(cfg: Config, on_step: Callable[[Step], None]) -> TrainResult:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world = int(os.environ["WORLD_SIZE"])
+    if world != cfg.mesh.size:
+        raise CliError(f"torchrun started {world} processes but --mesh {cfg.mesh} needs {cfg.mesh.size}")
+    dist.init_process_group("gloo")
     try:
-        value = full(d)
-    except AssertionError:
-        return math.inf
-    with on_one_device():
-        return (value - ref.detach()).abs().max().item()
+        mesh = init_device_mesh("cpu", cfg.mesh.shape, mesh_dim_names=cfg.mesh.names)
+        rank = dist.get_rank()
+        return train(mesh, cfg, on_step if rank == 0 else (lambda s: None))
+    finally:
+        dist.destroy_process_group()
 
 
-def _first(d) -> list[float]:
-    """Up to four leading entries of a DTensor's global value (rank 0's view when ranks disagree)."""
-    from ._compat import is_simulated, simulated_local
+# ---- capture ---------------------------------------------------------------------------------------------------
 
-    value = d.full_tensor()
-    if is_simulated(value):
-        value = simulated_local(value)[0]
-    with on_one_device():
-        return value.reshape(-1)[:4].tolist()
+def capture_model(cfg: Config) -> Any:
+    """The model captured on a fake mesh of the same shape: forward and backward graphs, one node per region."""
+    import torch
+
+    import localmap
+
+    from .demo_model import DemoLlama
+    from .testing import fake_mesh
+
+    with fake_mesh(cfg.mesh.shape, cfg.mesh.names) as mesh, localmap.use_mesh(mesh), tolerant_costs():
+        with torch.device("meta"):
+            model = DemoLlama(**cfg.model_kwargs(reference=False))
+        tokens, targets = _batch(cfg, 0)
+        return localmap.capture(model, tokens.to("meta"), targets.to("meta"))
 
 
-def _scale(t: torch.Tensor) -> float:
-    with on_one_device():
-        return t.abs().max().item()
+# ---- the command -----------------------------------------------------------------------------------------------
 
+def _steps_table(cfg: Config, steps: list[Step], where: str) -> Table:
+    table = Table(title=f"training {cfg.steps} steps (SGD, lr {cfg.lr}) {where}, against one device",
+                  title_justify="left")
+    table.add_column("step", justify="right")
+    table.add_column("loss (mesh)", justify="right")
+    table.add_column("loss (one device)", justify="right")
+    table.add_column("|loss diff|", justify="right")
+    table.add_column("max |grad diff|", justify="right")
+    table.add_column("worst parameter")
+    table.add_column("match")
+    for s in steps:
+        table.add_row(str(s.step), f"{s.loss:.6f}", f"{s.ref_loss:.6f}", f"{s.loss_diff:.1e}", f"{s.grad_diff:.1e}",
+                      s.worst, "[green]ok[/]" if s.ok else "[bold red]MISMATCH[/]")
+    return table
+
+
+def run_demo(cfg: Config, out: Console | None = None, svg: str | None = None, json_path: str | None = None) -> bool:
+    """Run the demo and print it; True when every step matches one device and no region check failed."""
+    out = out or console()
+    validate(cfg)
+    torchrun = under_torchrun()
+    if torchrun:
+        launcher, where = _train_torchrun, f"on a {cfg.mesh} mesh under torchrun"
+        quiet = os.environ.get("RANK") != "0"
+    elif cfg.launcher == "gloo":
+        launcher, where, quiet = _train_gloo, f"on a {cfg.mesh} mesh of {cfg.mesh.size} gloo processes", False
+    else:
+        launcher, where, quiet = _train_simulated, f"on a simulated {cfg.mesh} mesh", False
+    if quiet:
+        out = Console(quiet=True)
+    start = time.monotonic()
+    out.print(f"[bold]localmap demo[/]: a {cfg.layers}-layer Llama-style model (dim {cfg.dim}, {cfg.heads} heads, "
+              f"{cfg.experts} experts, vocab {cfg.vocab}; batch {cfg.batch} x seq {cfg.seq}) written with "
+              f"localmap regions, trained {where}")
+
+    steps: list[Step] = []
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        TextColumn("{task.fields[status]}"), console=out)
+    task = progress.add_task("training", total=cfg.steps, status="starting")
+
+    def on_step(s: Step) -> None:
+        steps.append(s)
+        progress.update(task, advance=1, status=f"loss {s.loss:.4f} (one device {s.ref_loss:.4f})")
+        live.update(Group(_steps_table(cfg, steps, where), progress))
+
+    with Live(Group(_steps_table(cfg, steps, where), progress), console=out, refresh_per_second=8) as live:
+        result = launcher(cfg, on_step)
+        live.update(Group(_steps_table(cfg, steps, where), progress))
+
+    verdicts = Table(title="placement check of each region (on the mesh, eager)", title_justify="left")
+    verdicts.add_column("region")
+    verdicts.add_column("verdict")
+    for name, v in result.verdicts.items():
+        verdicts.add_row(name, f"[{verdict_style(v)}]{v}[/]")
+    out.print(verdicts)
+
+    if torchrun and quiet:
+        prog = None
+    else:
+        with out.status("capturing the training step (forward and backward) on a fake mesh"):
+            prog = capture_model(cfg)
+        out.print(region_table(prog, f"captured program on a fake {cfg.mesh} mesh: one row per region call"))
+        write_outputs(prog, svg, json_path, out)
+
+    matched = all(s.ok for s in result.steps) and len(result.steps) == cfg.steps
+    problems = [n for n, v in result.verdicts.items() if verdict_is_problem(v)]
+    if prog is not None:
+        problems += [r.name for r in prog.regions if verdict_is_problem(r.verdict)]
+    ok = matched and not problems
+    max_loss = max((s.loss_diff for s in result.steps), default=0.0)
+    max_grad = max((s.grad_diff for s in result.steps), default=0.0)
+    n_regions = len(prog.regions) if prog is not None else len(result.verdicts)
+    n_ok = sum(r.verdict == "ok" for r in prog.regions) if prog is not None else \
+        sum(v == "ok" for v in result.verdicts.values())
+    last = result.steps[-1] if result.steps else None
+    head = "[bold green]ok[/]" if ok else "[bold red]FAILED[/]"
+    what = "match one device" if matched else "do NOT match one device"
+    out.print(f"{head}: {len(result.steps)} steps {where} {what} (loss {result.steps[0].loss:.4f} -> "
+              f"{last.loss:.4f}; max |loss diff| {max_loss:.1e}, max |grad diff| {max_grad:.1e}); "
+              f"{n_regions} regions, {n_ok} checked ok"
+              + (f", check problems in {', '.join(problems)}" if problems else "")
+              + f"; {time.monotonic() - start:.1f}s")
+    return ok

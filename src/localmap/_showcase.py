@@ -1,0 +1,157 @@
+"""What the ``demo`` and ``inspect`` commands share: mesh strings, the terminal, the region table, errors.
+
+Kept free of heavy imports at module level (torch is imported inside functions) so that bad command lines are
+answered quickly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import re
+import sys
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+from rich.console import Console
+from rich.table import Table
+
+DEFAULT_NAMES = {1: ("tp",), 2: ("dp", "tp"), 3: ("pp", "dp", "tp")}
+
+
+class CliError(Exception):
+    """Bad input to a command: shown as one line, exit status 1 (no traceback unless --debug)."""
+
+
+def console(stderr: bool = False) -> Console:
+    """A rich console; wide enough for the region table when output goes to a file or a pipe."""
+    out = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr, width=None if out.isatty() else 160, highlight=False)
+
+
+@dataclass(frozen=True)
+class MeshSpec:
+    shape: tuple[int, ...]
+    names: tuple[str, ...]
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    def __str__(self) -> str:
+        return "x".join(map(str, self.shape)) + " (" + ", ".join(self.names) + ")"
+
+
+_PLAIN = re.compile(r"^\s*\d+(\s*x\s*\d+)*\s*$")
+_NAMED = re.compile(r"^\s*[A-Za-z_]\w*\s*=\s*\d+(\s*,\s*[A-Za-z_]\w*\s*=\s*\d+)*\s*$")
+
+
+def parse_mesh(text: str, names: tuple[str, ...] | None = None) -> MeshSpec:
+    """'2x2' (dims named by `names`, else dp, tp) or 'dp=2,tp=2'. Raises CliError on anything else."""
+    if _NAMED.match(text):
+        pairs = [p.split("=") for p in text.replace(" ", "").split(",")]
+        spec = MeshSpec(tuple(int(n) for _, n in pairs), tuple(k for k, _ in pairs))
+        if len(set(spec.names)) != len(spec.names):
+            raise CliError(f"--mesh {text!r}: a mesh dim name appears twice")
+    elif _PLAIN.match(text):
+        shape = tuple(int(n) for n in text.replace(" ", "").split("x"))
+        if names is None or len(names) != len(shape):
+            names = DEFAULT_NAMES.get(len(shape), tuple(f"d{i}" for i in range(len(shape))))
+        spec = MeshSpec(shape, tuple(names))
+    else:
+        raise CliError(f"--mesh {text!r} does not parse: write the sizes as 2x2 (or 4, 2x2x2), or name the dims "
+                       "as dp=2,tp=2")
+    if any(n < 1 for n in spec.shape):
+        raise CliError(f"--mesh {text!r}: every mesh dim needs at least one rank")
+    return spec
+
+
+def error_line(exc: BaseException) -> str:
+    """One line for an exception: its first line, with a LocalMapError's fix when it has one."""
+    lines = str(exc).strip().splitlines() or [type(exc).__name__]
+    line = lines[0]
+    fix = getattr(exc, "fix", None)
+    if fix:
+        line += f" (fix: {fix})"
+    return line
+
+
+@contextlib.contextmanager
+def tolerant_costs() -> Iterator[None]:
+    """Costs of region graphs whose sizes depend on data (an all_to_all whose split sizes come from .tolist())
+    cannot be evaluated by localmap._cost yet: count them as 0 instead of failing the capture."""
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+
+    from . import _cost
+
+    def tolerant(fn: Any) -> Any:
+        @functools.wraps(fn)
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except GuardOnDataDependentSymNode:
+                return 0
+        return wrapped
+
+    names = ("graph_flops", "activation_bytes", "collective_bytes")
+    saved = {n: getattr(_cost, n) for n in names}
+    for n in names:
+        setattr(_cost, n, tolerant(saved[n]))
+    try:
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(_cost, n, fn)
+
+
+def verdict_style(verdict: str) -> str:
+    return "green" if verdict == "ok" else "yellow" if verdict.startswith("unchecked") else "bold red"
+
+
+def verdict_is_problem(verdict: str) -> bool:
+    return verdict != "ok" and not verdict.startswith("unchecked")
+
+
+def region_table(prog: Any, title: str = "captured program: one row per region call") -> Table:
+    """The captured program's regions (placements, local shapes, per-rank costs, check verdict) and totals."""
+    from ._draw import _num, _pl
+
+    table = Table(title=title, title_justify="left", show_footer=True)
+    totals = prog.totals()
+    checked = sum(r.verdict == "ok" for r in prog.regions)
+    table.add_column("region", footer="total")
+    table.add_column("source", footer=f"{totals['regions']} regions")
+    table.add_column("in -> out placements")
+    table.add_column("local in shapes")
+    table.add_column("fwd flops", justify="right", footer=_num(totals["flops_forward"]))
+    table.add_column("bwd flops", justify="right", footer=_num(totals["flops_backward"]))
+    table.add_column("saved B", justify="right", footer=_num(totals["activation_bytes"]))
+    table.add_column("comm B", justify="right", footer=_num(totals["comm_bytes"]))
+    table.add_column("check", footer=f"{checked}/{len(prog.regions)} ok")
+    for r in prog.regions:
+        table.add_row(
+            r.name, r.source,
+            " ".join(_pl(p) for p in r.in_placements) + " -> " + " ".join(_pl(p) for p in r.out_placements),
+            " ".join("x".join(map(str, s)) if s else "-" for s in r.local_in_shapes),
+            _num(r.flops["forward"]), _num(r.flops["backward"]), _num(r.activation_bytes), _num(r.comm_bytes),
+            f"[{verdict_style(r.verdict)}]{_escape(r.verdict)}[/]",
+        )
+    return table
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+def write_outputs(prog: Any, svg: str | None, json_path: str | None, out: Console) -> None:
+    """--svg / --json: the captured program's picture and report."""
+    if json_path:
+        with open(json_path, "w") as f:
+            f.write(prog.to_json())
+        out.print(f"wrote {json_path} (report as JSON)")
+    if svg:
+        prog.save_svg(svg)
+        out.print(f"wrote {svg} (picture of the forward program)")
