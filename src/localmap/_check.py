@@ -99,7 +99,8 @@ def _op(node: fx.Node) -> str:
 # ---- type-checking a graph --------------------------------------------------------------------------------------
 
 def check_graph(gm: fx.GraphModule, in_types: Sequence[Any], out_claims: Sequence[Any], mesh: Any,
-                given_grads: Sequence[Any] | None, out_paths: Sequence[str], in_paths: Sequence[str]) -> Verdict:
+                given_grads: Sequence[Any] | None, out_paths: Sequence[str], in_paths: Sequence[str],
+                uneven: frozenset = frozenset()) -> Verdict:
     """Type `gm`'s values from `in_types` (one per placeholder: placements or None), compare outputs with
     `out_claims` (one per tensor output) and infer or check gradient placements."""
     ndim = mesh.ndim
@@ -130,6 +131,8 @@ def check_graph(gm: fx.GraphModule, in_types: Sequence[Any], out_claims: Sequenc
             types[node] = None  # sizes and scalars
             continue
         try:
+            if uneven and node.target in _MEANS:
+                _check_uneven_mean(node, [types[a] for a in inputs], uneven)
             out = output_types(node, [types[a] for a in inputs], mesh, types)
         except RuleError as e:
             verdict.problems.append(fail(
@@ -219,6 +222,26 @@ def _needs_pvary(verdict: Verdict, reported: set, made: fx.Node, used: fx.Node, 
         "meets per-rank data (identity forward, all_reduce backward)", error=PlacementError))
 
 
+_MEANS = {torch.ops.aten.mean.dim, torch.ops.aten.mean.default}
+
+
+def _check_uneven_mean(node: fx.Node, in_types: list, uneven: frozenset) -> None:
+    """A mean over a dim sharded on a mesh dim where shards differ in size: the local means are not pieces of
+    a Partial(avg) (each rank divides by its own count). `uneven`: mesh dims on which some input is unevenly
+    sharded (conservative: the value reduced may descend from it)."""
+    t = in_types[0] if in_types else None
+    if t is None:
+        return
+    ndim = node.args[0].meta["val"].ndim
+    dims = node.args[1] if node.target is torch.ops.aten.mean.dim and node.args[1] else range(ndim)
+    dims = {d % ndim for d in dims} if ndim else set()
+    for m, p in enumerate(t):
+        if m in uneven and isinstance(p, Shard) and p.dim in dims:
+            raise RuleError(f"takes a mean over dim {p.dim}, which is sharded unevenly (shards of different "
+                            "sizes): the local means are not a Partial(avg) of the global mean",
+                            "sum locally and divide by the global size, or shard that dim evenly", mesh_dim=m)
+
+
 def _compare(claim: Placement, got: Any, mesh: Any, m: int) -> tuple[str, str] | None:
     """(problem, fix) when a claimed placement contradicts the inferred type on one mesh dim."""
     dim = mesh_dim_label(mesh, m).split(" ", 2)[-1]
@@ -269,7 +292,8 @@ def _meta(value: Any) -> Any:
 
 
 def check_function(fn: Callable, local_args: Sequence[Any], leaf_specs: Sequence[Any], out_placements: Any,
-                   given_grads: Sequence[Any] | None, mesh: Any, treespec: Any, kwargs: dict) -> Verdict:
+                   given_grads: Sequence[Any] | None, mesh: Any, treespec: Any, kwargs: dict,
+                   uneven: frozenset = frozenset()) -> Verdict:
     """Trace `fn` on fake copies of `local_args` (flat leaves) and check it; cached."""
     global check_count
     from ._specs import leaf_path, resolve_output_specs
@@ -277,7 +301,7 @@ def check_function(fn: Callable, local_args: Sequence[Any], leaf_specs: Sequence
     key = None
     try:
         key = (id(fn), tuple(_meta(a) for a in local_args), repr(leaf_specs), repr(out_placements),
-               repr(given_grads), id(mesh), treespec, repr(sorted(kwargs.items())) if kwargs else "")
+               repr(given_grads), id(mesh), treespec, repr(sorted(kwargs.items())) if kwargs else "", uneven)
         hash(key)
     except TypeError:
         key = None
@@ -334,7 +358,8 @@ def check_function(fn: Callable, local_args: Sequence[Any], leaf_specs: Sequence
     given = None if given_grads is None else [
         _normalized(given_grads[i], local_args[i].ndim, mesh.ndim) for i in inputs]
     with _compat.isolated_tracing():  # symbolic size arithmetic must not reach an outer trace
-        verdict = check_graph(gm, [leaf_specs[i] for i in inputs], claims, mesh, given, out_paths, in_paths)
+        verdict = check_graph(gm, [leaf_specs[i] for i in inputs], claims, mesh, given, out_paths, in_paths,
+                              uneven)
     grads: list[Any] = [None] * len(leaves)
     for i, g in zip(inputs, verdict.grad_placements):
         grads[i] = g

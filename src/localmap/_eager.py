@@ -14,6 +14,7 @@ DTensor's public ``to_local``/``from_local``, which Dynamo understands.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable, Sequence
 
 import torch
@@ -24,7 +25,7 @@ from ._compat import AsyncCollectiveTensor, DTensorSpec, fast_apply, make_dtenso
 from ._compat import global_shape_and_stride, is_simulated, redistribute_local, simulated_local
 from ._context import pop_region_mesh, push_region_mesh, recorder
 from ._errors import LocalMapError, fail
-from ._shapes import avg_ranks, dense_stride, gather_global_shapes, is_uneven
+from ._shapes import avg_ranks, dense_stride, gather_global_shapes, is_uneven, shard_dims
 from ._specs import (
     LeafSpec, check_spec_for_mesh, leaf_path, normalize_shard_dims, placements_str, resolve_input_specs,
     resolve_output_specs, validate_spec_argument,
@@ -485,7 +486,7 @@ class MappedFunction:
                 leaves[i], leaf_specs[i] = a._local_tensor, tuple(a.placements)
             verdict = check_function(self.func, leaves, leaf_specs, self.out_placements, plan.grad_specs, mesh,
                                      treespec if treespec is not None else pytree.tree_flatten(tuple(flat))[1],
-                                     kwargs)
+                                     kwargs, _uneven_mesh_dims([a for _, a, _ in checked]))
             hit = (tuple(a._spec for _, a, _ in checked), verdict)
             if len(self._verdicts) < 256:
                 self._verdicts[key] = hit
@@ -538,6 +539,16 @@ class MappedFunction:
             spec = self._check_output(out, i, t, spec, mesh)
             results.append(DTensor.from_local(t, mesh, spec, run_check=False) if spec is not None else t)
         return pytree.tree_unflatten(results, out_tree)
+
+
+def _uneven_mesh_dims(dtensors: Sequence[DTensor]) -> frozenset:
+    """Mesh dims on which some input's shards differ in size (read by the check: means over such dims)."""
+    out: set[int] = set()
+    for a in dtensors:
+        for d, mesh_dims in shard_dims(a.placements).items():
+            if a.shape[d] % math.prod(a.device_mesh.size(m) for m in mesh_dims):
+                out.update(mesh_dims)
+    return frozenset(out)
 
 
 def _tracing_regions() -> bool:

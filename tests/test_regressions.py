@@ -1,0 +1,69 @@
+"""Regression tests for failures the property tests (tests/test_properties.py) found, one plain case each,
+compared with one device where values matter."""
+
+import pytest
+import torch
+
+from helpers import P, R, S0, max_diff, randn
+from localmap import LocalMapError, Partial, PlacementError, capture, local_map
+from localmap.testing import distribute, fake_mesh, full, on_one_device, simulated_mesh
+
+
+def test_sum_over_dim_with_empty_shards_backward():
+    """1 row (and 0 rows) on 4 ranks: ranks hold 1, 0, 0, 0 rows; the gradient's per-rank strides differ and
+    building its DTensor crashed (AssertionError in the simulated mesh's int comparison)."""
+    for rows in (1, 0):
+        with simulated_mesh(4) as mesh:
+            x = randn(rows, 3)
+            xd = distribute(x, mesh, [S0], requires_grad=True)
+            out = local_map(lambda a: a.sum(0), [P], ([S0],), None, mesh)(xd)
+            out.backward(distribute(torch.ones(3), mesh, [R]))
+            assert max_diff(full(out), x.sum(0)) < 1e-6
+            assert xd.grad.placements == (S0,) and max_diff(full(xd.grad), torch.ones(rows, 3)) == 0
+
+
+def test_mean_over_unevenly_sharded_dim_is_refused():
+    """10 rows on 4 ranks (3, 3, 3, 1): the mean of the local means is not the global mean, yet the check
+    accepted Partial(avg). Even shards stay accepted and right."""
+    with simulated_mesh(4) as mesh:
+        x = randn(10, 3)
+        f = local_map(lambda a: a.mean(0), [Partial("avg")], ([S0],), None, mesh)
+        with pytest.raises(PlacementError, match="mean over dim 0, which is sharded unevenly"):
+            f(distribute(x, mesh, [S0]))
+        out = local_map(lambda a: a.mean(0), [Partial("avg")], ([S0],), None, mesh, check=False)(
+            distribute(x, mesh, [S0]))
+        assert max_diff(full(out), x.mean(0)) > 1e-3  # the value the check prevents is wrong
+        y = randn(8, 3)
+        assert max_diff(full(f(distribute(y, mesh, [S0]))), y.mean(0)) < 1e-6
+
+
+def test_partial_max_output_with_grad_is_refused():
+    """amax over a sharded dim is Partial(max); its gradient went to every rank's local maximum (wrong by the
+    gradient of every non-maximal rank). Now an error when a gradient is needed; without one the value is right."""
+    with simulated_mesh(4) as mesh:
+        x = randn(8, 3)
+        f = local_map(lambda a: a.amax(0), [Partial("max")], ([S0],), None, mesh)
+        with pytest.raises(LocalMapError, match="Partial\\(max\\) and requires grad"):
+            f(distribute(x, mesh, [S0], requires_grad=True))
+        with torch.no_grad():
+            out = f(distribute(x, mesh, [S0], requires_grad=True))
+        assert max_diff(full(out), x.amax(0)) == 0
+    with fake_mesh(4) as mesh:
+        g = local_map(lambda a: a.amax(0), [Partial("max")], ([S0],), None, mesh)
+        with pytest.raises(LocalMapError, match="Partial\\(max\\) and requires grad"):
+            capture(lambda a: g(a).sum(), torch.randn(8, 3, requires_grad=True))
+
+
+def test_uneven_input_to_traced_region_is_refused():
+    """capture traced the region at rank 0's shard size and claimed a global shape of local x ranks (6 rows
+    for 5); run then failed inside the backward graph. Now refused up front, naming the argument."""
+    with fake_mesh(2) as mesh:
+        f = local_map(lambda a: torch.tanh(a), [S0], ([S0],), None, mesh)
+        with pytest.raises(LocalMapError, match="args\\[0\\]: is unevenly sharded"):
+            capture(lambda a: f(a).sum(), torch.randn(5, 3, requires_grad=True))
+        x = torch.randn(6, 3, requires_grad=True)
+        prog = capture(lambda a: f(a).sum(), x)
+        result = prog.run(x)
+        with on_one_device():
+            assert torch.allclose(result.loss, torch.tanh(x).sum())
+            assert torch.allclose(result.grads["args[0]"], 1 - torch.tanh(x) ** 2)
