@@ -71,6 +71,8 @@ def error_line(exc: BaseException) -> str:
     """One line for an exception: its first line, with a LocalMapError's fix when it has one."""
     lines = str(exc).strip().splitlines() or [type(exc).__name__]
     line = lines[0]
+    if not isinstance(exc, CliError) and type(exc).__name__ not in ("LocalMapError", "PlacementError"):
+        line = f"{type(exc).__name__}: {line}"
     fix = getattr(exc, "fix", None)
     if fix:
         line += f" (fix: {fix})"
@@ -109,6 +111,13 @@ def verdict_style(verdict: str) -> str:
     return "green" if verdict == "ok" else "yellow" if verdict.startswith("unchecked") else "bold red"
 
 
+def short_verdict(verdict: str) -> str:
+    """For a table cell: ok, unchecked, or 'problem' (the whole verdict is printed under the table)."""
+    if verdict == "ok":
+        return "ok"
+    return "unchecked" if verdict.startswith("unchecked") else "PROBLEM"
+
+
 def verdict_is_problem(verdict: str) -> bool:
     return verdict != "ok" and not verdict.startswith("unchecked")
 
@@ -120,8 +129,8 @@ def region_table(prog: Any, title: str = "captured program: one row per region c
     table = Table(title=title, title_justify="left", show_footer=True)
     totals = prog.totals()
     checked = sum(r.verdict == "ok" for r in prog.regions)
-    table.add_column("region", footer="total")
-    table.add_column("source", footer=f"{totals['regions']} regions")
+    table.add_column("region", footer="total", no_wrap=True)
+    table.add_column("source", footer=f"{totals['regions']} regions", no_wrap=True)
     table.add_column("in -> out placements")
     table.add_column("local in shapes")
     table.add_column("fwd flops", justify="right", footer=_num(totals["flops_forward"]))
@@ -131,13 +140,20 @@ def region_table(prog: Any, title: str = "captured program: one row per region c
     table.add_column("check", footer=f"{checked}/{len(prog.regions)} ok")
     for r in prog.regions:
         table.add_row(
-            r.name, r.source,
+            r.name, _short_source(r.source),
             " ".join(_pl(p) for p in r.in_placements) + " -> " + " ".join(_pl(p) for p in r.out_placements),
             " ".join("x".join(map(str, s)) if s else "-" for s in r.local_in_shapes),
             _num(r.flops["forward"]), _num(r.flops["backward"]), _num(r.activation_bytes), _num(r.comm_bytes),
-            f"[{verdict_style(r.verdict)}]{_escape(r.verdict)}[/]",
+            f"[{verdict_style(r.verdict)}]{_escape(short_verdict(r.verdict))}[/]",
         )
     return table
+
+
+def _short_source(source: str) -> str:
+    """file.py:line (the directory dropped; the JSON report keeps the whole path)."""
+    import os
+
+    return os.path.basename(source)
 
 
 def _escape(text: str) -> str:
