@@ -12,6 +12,9 @@ collective (rules as data in ``RESHARD_COST``):
 Collectives inside a region's graphs (functional collectives) are counted with the same costs: all_gather
 (n - 1) * input, reduce_scatter (n - 1) / n * input, all_reduce 2 (n - 1) / n * input, all_to_all
 (n - 1) / n * input.
+
+Sizes that depend on data (tokens routed to experts by an all_to_all with ``.tolist()`` splits) are unknown at
+capture: FLOPs and bytes count them as 0, so those numbers are lower bounds.
 """
 
 from __future__ import annotations
@@ -46,10 +49,22 @@ COLLECTIVE_COST: dict[str, Callable[[float, int], float]] = {
 }
 
 
+def at_least(value: Any) -> int:
+    """An int for a size or count; one that depends on data (an unbacked symbol, e.g. tokens routed to an
+    expert) is counted at its lower bound, with every data-dependent size taken as 0."""
+    if isinstance(value, int):
+        return value
+    expr = value.node.expr if isinstance(value, torch.SymInt) else value
+    free = getattr(expr, "free_symbols", None)
+    if free is None:
+        return int(value)
+    return int(expr.subs({sym: 0 for sym in free}))
+
+
 def tensor_bytes(shape: Sequence[Any], dtype: torch.dtype) -> int:
     n = 1
     for s in shape:
-        n *= int(s)
+        n *= at_least(s)
     return n * dtype.itemsize
 
 
@@ -107,7 +122,7 @@ def graph_flops(gm: fx.GraphModule | None) -> int:
             counter = FlopCounterMode(display=False)
             with counter, _compat.ignore_fresh_unbacked(mode):
                 gm(*args)
-    flops = int(counter.get_total_flops())
+    flops = at_least(counter.get_total_flops())
     _flops_cache[gm] = flops
     return flops
 

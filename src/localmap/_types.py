@@ -147,27 +147,25 @@ def collective_mesh_dim(node: fx.Node, mesh: Any) -> int:
                     "run collectives over the region's own mesh dims (localmap.collectives by dim name)")
 
 
-def collective_rule(to: Callable[[Any], Any], partial_ok: bool) -> Rule:
-    """A rule for a collective over one mesh dim: that dim's entry becomes to(input entry); others pass."""
+def collective_rule(to: Callable[[Any], Any]) -> Rule:
+    """A rule for a collective over one mesh dim: that dim's entry becomes to(input entry); others pass (the
+    collectives are linear, so a value partial over another dim stays partial there). A Partial input over the
+    collective's own dim is read as per-rank data (per-rank token counts sent by an all_to_all, say)."""
 
     def rule(node: fx.Node, in_types: list, mesh: Any) -> Any:
         m = collective_mesh_dim(node, mesh)
-        t = in_types[0]
-        if isinstance(t[m], Partial) and not partial_ok:
-            raise RuleError(f"{_op_name(node)} moves pieces of a Partial value between ranks; the result is no "
-                            "partial sum of anything", "all_reduce (or reduce_scatter) the partial value first", m)
-        return tuple(to(p) if k == m else p for k, p in enumerate(t))
+        return tuple(to(p) if k == m else p for k, p in enumerate(in_types[0]))
 
     return rule
 
 
 # all_reduce: the result is the same on every rank (its gradient, the same on every rank, passes through).
-register_rule(_c10d.all_reduce.default, collective_rule(lambda p: Replicate(), partial_ok=True))
+register_rule(_c10d.all_reduce.default, collective_rule(lambda p: Replicate()))
 # all_gather / all_to_all / reduce_scatter: per-rank results whose gradients are per rank (JAX's typing of
 # all_gather: a value that meets per-rank data; its transpose reduce-scatters).
-register_rule(_c10d.all_gather_into_tensor.default, collective_rule(lambda p: VARYING, partial_ok=False))
-register_rule(_c10d.all_to_all_single.default, collective_rule(lambda p: VARYING, partial_ok=False))
-register_rule(_c10d.reduce_scatter_tensor.default, collective_rule(lambda p: VARYING, partial_ok=True))
+register_rule(_c10d.all_gather_into_tensor.default, collective_rule(lambda p: VARYING))
+register_rule(_c10d.all_to_all_single.default, collective_rule(lambda p: VARYING))
+register_rule(_c10d.reduce_scatter_tensor.default, collective_rule(lambda p: VARYING))
 register_rule(_c10d.wait_tensor.default, _same_as_input)
 # Ops whose replicated result passes its gradient back unsummed (localmap.collectives.all_reduce): where such a
 # result meets per-rank data, the checker demands pvary. And identity-forward ops whose backward sums (pvary).

@@ -124,7 +124,7 @@ _pvary_op.register_autograd(_pvary_backward, setup_context=_pvary_setup)
 # Type rules: `reduced` has its result's type (Replicate over the reduced dim); `pvary` makes a value per rank
 # and sums its gradient itself.
 _types.register_rule(torch.ops.localmap.reduced.default, lambda node, in_types, mesh: in_types[-1])
-_types.register_rule(torch.ops.localmap.pvary.default, _types.collective_rule(lambda p: _types.VARYING, False))
+_types.register_rule(torch.ops.localmap.pvary.default, _types.collective_rule(lambda p: _types.VARYING))
 _types.UNSUMMED_GRADIENT.add(torch.ops.localmap.reduced.default)
 _types.GRADIENT_SUMMING.add(torch.ops.localmap.pvary.default)
 
