@@ -23,7 +23,7 @@ from torch.distributed.tensor.placement_types import Partial, Placement, Replica
 
 from ._compat import AsyncCollectiveTensor, DTensorSpec, fast_apply, make_dtensor, make_spec, pytree
 from ._compat import global_shape_and_stride, is_simulated, redistribute_local, simulated_local
-from ._context import pop_region_mesh, push_region_mesh, recorder
+from ._context import in_region, pop_region_mesh, push_region_mesh, recorder
 from ._errors import LocalMapError, fail
 from ._shapes import avg_ranks, dense_stride, gather_global_shapes, is_uneven, shard_dims
 from ._specs import (
@@ -526,7 +526,8 @@ class MappedFunction:
                            "under torch.compile", given=tuple(a.shape),
                            fix="pad the sharded dim to a multiple of the mesh size, or run this region eagerly")
             locals_[i] = a.to_local(grad_placements=gp)
-        out = self.func(*pytree.tree_unflatten(locals_, treespec), **kwargs)
+        with in_region(mesh):  # for localmap.collectives inside the body
+            out = self.func(*pytree.tree_unflatten(locals_, treespec), **kwargs)
         flat_out, out_tree = pytree.tree_flatten(out)
         specs = resolve_output_specs(self.out_placements, out, len(flat_out))
         results = []
