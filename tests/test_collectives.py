@@ -323,3 +323,19 @@ def _compiled_collectives(mesh):
 def test_collectives_under_torch_compile():
     for diff in run_gloo(_compiled_collectives, 2, mesh_dim_names=("tp",), timeout=300):
         assert diff < 1e-5
+
+
+def test_collectives_inside_a_region_count_in_its_comm_bytes():
+    """Ring costs per rank: all_gather of a [2, 3] float shard over 4 ranks sends 3 * 24 bytes forward; its
+    backward reduce-scatters the [8, 3] gradient, 3/4 * 96 bytes; all_reduce of a [1, 3] float sends
+    2 * 3/4 * 12 forward and nothing backward (its gradient passes unchanged); pvary's backward all-reduces the
+    same 12 bytes."""
+    with fake_mesh(4, ("tp",)) as mesh:
+        def body(q, k):
+            s = C.pvary(C.all_reduce(q.sum(0, keepdim=True), "tp"), "tp")
+            return q @ C.all_gather(k, "tp").T + s.sum()
+
+        region = local_map(body, [S0], ([S0], [S0]), device_mesh=mesh)
+        q, k = (torch.randn(8, 3, requires_grad=True) for _ in range(2))
+        (r,) = localmap.capture(lambda q, k: region(q, k).sum(), q, k).regions
+        assert r.comm_detail["collectives"] == pytest.approx(3 * 24 + 3 / 4 * 96 + 2 * 3 / 4 * 12 + 2 * 3 / 4 * 12)
