@@ -34,7 +34,7 @@ from ._compat import pytree
 from ._context import in_region
 from ._errors import LocalMapError, fail, mesh_dim_label
 from ._specs import placements_str
-from ._types import UNSUMMED_GRADIENT, GRADIENT_SUMMING, VARYING, RuleError, output_types
+from ._types import DISPLAY_NAMES, GRADIENT_SUMMING, UNSUMMED_GRADIENT, VARYING, RuleError, output_types
 
 
 class PlacementError(LocalMapError):
@@ -92,6 +92,8 @@ def _source(node: fx.Node) -> str:
 
 
 def _op(node: fx.Node) -> str:
+    if node.target in DISPLAY_NAMES:
+        return DISPLAY_NAMES[node.target]
     return str(node.target) if isinstance(node.target, torch._ops.OpOverload) else \
         getattr(node.target, "__name__", str(node.target))
 

@@ -170,7 +170,8 @@ register_rule(_c10d.wait_tensor.default, _same_as_input)
 # Ops whose replicated result passes its gradient back unsummed (localmap.collectives.all_reduce): where such a
 # result meets per-rank data, the checker demands pvary. And identity-forward ops whose backward sums (pvary).
 UNSUMMED_GRADIENT: set = set()
-GRADIENT_SUMMING: set = set()  # identity-forward ops whose backward all-reduces (collectives.pvary)
+GRADIENT_SUMMING: set = set()
+DISPLAY_NAMES: dict = {}  # op -> the name users wrote (error messages)  # identity-forward ops whose backward all-reduces (collectives.pvary)
 
 
 # ---- the default rule: DTensor's sharding propagation -----------------------------------------------------------

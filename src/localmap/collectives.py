@@ -127,6 +127,8 @@ _types.register_rule(torch.ops.localmap.reduced.default, lambda node, in_types, 
 _types.register_rule(torch.ops.localmap.pvary.default, _types.collective_rule(lambda p: _types.VARYING))
 _types.UNSUMMED_GRADIENT.add(torch.ops.localmap.reduced.default)
 _types.GRADIENT_SUMMING.add(torch.ops.localmap.pvary.default)
+_types.DISPLAY_NAMES.update({torch.ops.localmap.reduced.default: "all_reduce",
+                             torch.ops.localmap.pvary.default: "pvary"})
 
 
 def all_reduce(x: torch.Tensor, mesh_dim: int | str, op: str = "sum", *, mesh: DeviceMesh | None = None) -> torch.Tensor:
