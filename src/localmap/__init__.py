@@ -7,6 +7,8 @@ Public surface:
 - ``Shard``, ``Replicate``, ``Partial``: PyTorch's own placement types, re-exported.
 - ``capture``/``CapturedProgram``/``Region``: a training step as graphs, regions one node each, measured and
   runnable on one device; ``verify`` compares that run with the model; ``use_mesh`` sets a default mesh.
+- ``localmap.collectives``: collectives by mesh dim for region bodies (all_reduce, all_gather, reduce_scatter,
+  all_to_all(_single), ppermute, shift, pvary, axis_index, axis_size), with the gradients placement types need.
 - ``localmap.hop``: the operator (``local_map_hop``, ``defer_inlining``).
 - ``localmap.testing``: run code on a simulated mesh or on real gloo processes.
 """
