@@ -67,3 +67,15 @@ def test_uneven_input_to_traced_region_is_refused():
         with on_one_device():
             assert torch.allclose(result.loss, torch.tanh(x).sum())
             assert torch.allclose(result.grads["args[0]"], 1 - torch.tanh(x) ** 2)
+
+
+def test_mean_of_partial_value_is_partial():
+    """A mean is linear: the mean of a Partial(sum) value is Partial(sum). The check refused it (DTensor's mean
+    strategy asks for a redistribution); it is accepted and right."""
+    with simulated_mesh(4) as mesh:
+        x = randn(4, 6)
+        xd = distribute(x, mesh, [P], requires_grad=True)
+        out = local_map(lambda a: a.mean(1), [P], ([P],), None, mesh)(xd)
+        out.backward(distribute(torch.ones(4), mesh, [R]))
+        assert max_diff(full(out), x.mean(1)) < 1e-6
+        assert xd.grad.placements == (R,) and max_diff(full(xd.grad), torch.full((4, 6), 1 / 6)) < 1e-6

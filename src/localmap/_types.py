@@ -132,6 +132,20 @@ for _op in (aten.var.correction, aten.std.correction, aten.var_mean.correction):
     register_rule(_op, _statistic)
 
 
+def _mean(node: fx.Node, in_types: list, mesh: Any) -> Any:
+    """A mean is linear in its input: on a mesh dim where the input is Partial(sum/avg) the output is the same
+    Partial (DTensor's strategy asks for a redistribution there); other mesh dims as DTensor propagates them."""
+    t = in_types[0]
+    keep = {m for m, p in enumerate(t) if isinstance(p, Partial) and p.reduce_op in ("sum", "avg")}
+    plain = tuple(Replicate() if m in keep else p for m, p in enumerate(t))
+    out = _default_types(node, [plain], mesh, {node.args[0]: plain})
+    return tuple(t[m] if m in keep else p for m, p in enumerate(out))
+
+
+for _op in (aten.mean.dim, aten.mean.default):
+    register_rule(_op, _mean)
+
+
 # ---- collectives (functional collectives, as localmap.collectives traces them) ---------------------------------
 
 _c10d = torch.ops._c10d_functional
@@ -269,6 +283,10 @@ def output_types(node: fx.Node, in_types: list, mesh: Any, types: dict) -> Any:
     rule = rule_for(node.target)
     if rule is not None:
         return rule(node, in_types, mesh)
+    return _default_types(node, in_types, mesh, types)
+
+
+def _default_types(node: fx.Node, in_types: list, mesh: Any, types: dict) -> Any:
     tensors = [t for t in in_types if t is not None]
     if not tensors:
         return _factory(node, in_types, mesh)
