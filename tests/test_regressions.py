@@ -79,3 +79,18 @@ def test_mean_of_partial_value_is_partial():
         out.backward(distribute(torch.ones(4), mesh, [R]))
         assert max_diff(full(out), x.mean(1)) < 1e-6
         assert xd.grad.placements == (R,) and max_diff(full(xd.grad), torch.full((4, 6), 1 / 6)) < 1e-6
+
+
+def test_captured_gradient_of_partial_avg_input():
+    """capture(...).run gave the gradient of a Partial('avg') input 1/n of its value (the eager path scales
+    it by n; the traced path did not)."""
+    x, w = torch.randn(3, 8), torch.randn(8, 2)
+    with fake_mesh(2) as mesh:
+        f = local_map(lambda a, b: a @ b, [Partial("avg")], ([R], [Partial("avg")]), None, mesh)
+        xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+        result = capture(lambda a, b: f(a, b).sum(), xs, ws).run(x, w)
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    (xr @ wr).sum().backward()
+    assert torch.allclose(result.loss, (x @ w).sum(), atol=1e-5)
+    assert torch.allclose(result.grads["args[0]"], xr.grad, atol=1e-5)
+    assert torch.allclose(result.grads["args[1]"], wr.grad, atol=1e-5)

@@ -419,7 +419,21 @@ def _annotate(graphs: RegionGraphs, kwargs: dict, args: Sequence[Any]) -> None:
         "grad_shapes": tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else None for a in args),
         # A Partial('avg') output passes 1/n of its gradient to each rank's local output.
         "tangent_scales": tuple(avg_ranks(outs[i], kwargs["device_mesh"]) for i in graphs.tangent_outputs),
+        # An input held as Partial('avg') whose gradient is Replicate there: each local piece carries 1/n of
+        # the value, so its gradient is n times the local one (as the eager path scales it).
+        "grad_scales": tuple(_avg_grad_scale(p, g, kwargs["device_mesh"])
+                             for p, g in zip(kwargs["in_placements"], grad_placements(kwargs))),
     })
+
+
+def _avg_grad_scale(placements: Any, grads: Any, mesh: DeviceMesh) -> int:
+    if placements is None or grads is None:
+        return 1
+    n = 1
+    for m, (p, g) in enumerate(zip(placements, grads)):
+        if isinstance(p, Partial) and p.reduce_op == "avg" and isinstance(g, Replicate):
+            n *= mesh.size(m)
+    return n
 
 
 # ---- tracing a function into a body -----------------------------------------------------------------------------

@@ -167,6 +167,9 @@ class _MeshInterpreter(fx.Interpreter):
                 for i in range(n)]
         if isinstance(expected, (tuple, list)):  # the layout the program was traced with
             outs = [_like(o, e) for o, e in zip(outs, expected)]
+        grad_scales = role.get("grad_scales") if role["role"] == "backward" else None
+        if grad_scales:  # gradients of Partial('avg') inputs (see _region._annotate)
+            outs = [o * k if k != 1 and isinstance(o, torch.Tensor) else o for o, k in zip(outs, grad_scales)]
         total = len(next(iter(per_rank.values())))
         activations = [PerRank([per_rank[c][j] for c in coords]) for j in range(n, total)]
         store = self.result.region_input_grads if role["role"] == "backward" else self.result.region_outputs
