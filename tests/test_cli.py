@@ -1,56 +1,225 @@
-"""The main job as a user runs it: `python -m localmap demo` in a subprocess."""
+"""The main job as a user runs it: `python -m localmap demo` and `python -m localmap inspect` in subprocesses
+(simulated and gloo launchers, each example file, each kind of bad input), and the demo's numbers against the
+same model trained on one device here."""
 
+import json
+import os
+import re
 import subprocess
 import sys
 
+import pytest
+import torch
 
-def _run(*args):
-    return subprocess.run([sys.executable, "-m", "localmap", *args], capture_output=True, text=True, timeout=120)
-
-
-def test_demo_matches_single_device():
-    res = _run("demo")
-    assert res.returncode == 0, res.stderr
-    assert "rows per rank [3, 3, 3, 1]" in res.stdout
-    assert "grad g   (Partial(sum),)" in res.stdout
-    assert "all values and gradients match one device" in res.stdout
-    assert "MISMATCH" not in res.stdout
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = os.path.join(ROOT, "examples")
 
 
-def test_demo_other_mesh_size():
-    res = _run("demo", "--ranks", "2", "--hidden", "8", "--tokens", "5")
-    assert res.returncode == 0, res.stderr
-    assert "rows per rank [3, 2]" in res.stdout
+def _cmd(*args):
+    return [sys.executable, "-m", "localmap", *args]
 
 
-def test_demo_bad_arguments_exit_nonzero():
-    res = _run("demo", "--ranks", "3", "--hidden", "32")
-    assert res.returncode == 2 and "must be a multiple of --ranks" in res.stderr
+def _run(*args, env=None, timeout=240):
+    return subprocess.run(_cmd(*args), capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env={**os.environ, "COLUMNS": "200", **(env or {})})
 
 
-def test_demo_reports_a_wrong_gradient_placement(monkeypatch, capsys):
-    """Claiming the gradient of the replicated weight g as Replicate (PyTorch's default) with the check off
-    makes it wrong; the demo says MISMATCH and fails."""
-    import localmap.demo as demo
-    from localmap import Partial, Replicate
+def _steps(stdout):
+    """(step, loss on the mesh, loss on one device, max grad diff, match) rows of the demo's step table."""
+    rows = re.findall(r"│\s+(\d+) │\s+([\d.]+) │\s+([\d.]+) │\s+([\d.e+-]+) │\s+([\d.e+-]+) │ \S+\s+│ (\w+)", stdout)
+    return [(int(s), float(a), float(b), float(g), m) for s, a, b, _, g, m in rows]
 
-    real = demo.local_map
 
-    def replicate_grads(f, out, ins, grads=None):
-        grads = tuple([Replicate() if isinstance(p, Partial) else p for p in g] for g in grads)
-        return real(f, out, ins, grads, check=False)
+def _reference_losses(steps, seed=0, mesh_shape=(2, 2), layers=2):
+    """The demo's model trained on one device here, independently of the demo's loop: loss per step."""
+    from localmap.demo import Config, _batch
+    from localmap.demo_model import DemoLlama
+    from localmap._showcase import MeshSpec
 
-    monkeypatch.setattr(demo, "local_map", replicate_grads)
-    assert demo.run_demo() is False
+    cfg = Config(mesh=MeshSpec(mesh_shape, ("dp", "tp")), layers=layers, steps=steps, seed=seed)
+    torch.manual_seed(seed)
+    model = DemoLlama(**cfg.model_kwargs(reference=True))
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+    losses = []
+    for step in range(steps):
+        loss = model(*_batch(cfg, step))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+# ---- demo -----------------------------------------------------------------------------------------------------
+
+def test_demo_simulated_mesh_matches_one_device(tmp_path):
+    svg, js = tmp_path / "prog.svg", tmp_path / "prog.json"
+    res = _run("demo", "--steps", "2", "--layers", "1", "--svg", str(svg), "--json", str(js))
+    assert res.returncode == 0, res.stdout + res.stderr
+    out = res.stdout
+    steps = _steps(out)
+    assert [s[0] for s in steps] == [1, 2] and all(s[4] == "ok" for s in steps)
+    expected = _reference_losses(2, layers=1)
+    for (_, mesh_loss, one_device, grad_diff, _), ref in zip(steps, expected):
+        assert abs(mesh_loss - ref) < 1e-4 and abs(one_device - ref) < 1e-4
+        assert grad_diff < 1e-5
+    assert re.search(r"ok: 2 steps on a simulated 2x2 \(dp, tp\) mesh match one device", out)
+    # each region's eager verdict, and the captured program's table
+    assert re.search(r"layers\.0\.attention\s+│ ok", out) and re.search(r"loss\s+│ ok", out)
+    assert re.search(r"layers\.0\.moe\s+│ unchecked", out)
+    for name in ("attention_core.0", "moe_expert_parallel.0", "token_loss_sum.0"):
+        assert name in out
+    assert re.search(r"token_loss_sum\.0 .*\(S\(0\),R\) \(S\(0\),R\) -> \(P,R\)", out)
+    assert "3 regions" in out and "2/3 ok" in out
+    report = json.loads(js.read_text())
+    assert [r["name"] for r in report["regions"]][:2] == ["attention_core.0", "moe_expert_parallel.0"]
+    assert report["regions"][0]["local_in_shapes"][0] == [2, 2, 8, 8]  # batch 4 / dp, heads 4 / tp
+    assert "<svg" in svg.read_text()
+
+
+def test_demo_gloo_processes_match_one_device():
+    res = _run("demo", "--launcher", "gloo", "--mesh", "1x2", "--layers", "1", "--steps", "2")
+    assert res.returncode == 0, res.stdout + res.stderr
+    steps = _steps(res.stdout)
+    expected = _reference_losses(2, mesh_shape=(1, 2), layers=1)
+    assert len(steps) == 2 and all(s[4] == "ok" for s in steps)
+    assert all(abs(s[1] - ref) < 1e-4 for s, ref in zip(steps, expected))
+    assert "ok: 2 steps on a 1x2 (dp, tp) mesh of 2 gloo processes match one device" in res.stdout
+
+
+def test_demo_wrong_gradient_placement_fails(monkeypatch, capsys):
+    """The router's gradient claimed Replicate (PyTorch's default for a replicated input) instead of a partial
+    sum: the demo's comparison with one device catches it, says MISMATCH and returns False."""
+    import localmap.demo_model as dm
+    from localmap.demo import Config, run_demo
+    from localmap._showcase import console, parse_mesh
+    from localmap import Replicate
+
+    wrong = list(dm.MOE_GRADS)
+    wrong[1] = [Replicate(), Replicate()]
+    monkeypatch.setattr(dm, "MOE_GRADS", tuple(wrong))
+    ok = run_demo(Config(mesh=parse_mesh("2x2"), layers=1, steps=1), out=console())
     out = capsys.readouterr().out
-    assert "grad g   (Replicate(),)" in out and "MISMATCH" in out
+    assert ok is False
+    assert "MISMATCH" in out and "FAILED" in out and "do NOT match one device" in out
+    assert re.search(r"layers\.0\.router", out)  # the parameter whose gradient is wrong
 
 
-def test_demo_gradient_placements_inferred(monkeypatch, capsys):
-    """Leaving in_grad_placements out, localmap infers them from the bodies: the demo still matches."""
-    import localmap.demo as demo
+# ---- inspect ----------------------------------------------------------------------------------------------------
 
-    real = demo.local_map
-    monkeypatch.setattr(demo, "local_map", lambda f, out, ins, grads=None: real(f, out, ins))
-    assert demo.run_demo() is True
-    assert "grad g   (Partial(sum),)" in capsys.readouterr().out
+def test_inspect_attention_with_verify(tmp_path):
+    js = tmp_path / "attn.json"
+    res = _run("inspect", os.path.join("examples", "attention.py"), "--verify", "--json", str(js))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "on a fake 2x2 (dp, tp) mesh" in res.stdout
+    assert re.search(r"attention_core\.0 .*attention\.py:\d+ .*2x2x8x8", res.stdout)
+    assert "1/1 ok" in res.stdout
+    m = re.search(r"loss differs by ([\d.e+-]+), 4 gradients by at most ([\d.e+-]+)", res.stdout)
+    assert m and float(m.group(1)) < 1e-5 and float(m.group(2)) < 1e-4
+    assert "ok: attention.py:program(mesh): 1 regions, 1 checked ok, verify matched one device" in res.stdout
+    assert json.loads(js.read_text())["regions"][0]["verdict"] == "ok"
+
+
+def test_inspect_moe_expert_parallel():
+    res = _run("inspect", os.path.join("examples", "moe.py"))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "on a fake 4 (ep) mesh" in res.stdout
+    assert re.search(r"moe_expert_parallel\.0 .*\(S\(0\)\) \(R\) \(S\(0\)\) \(S\(0\)\) -> \(S\(0\)\)", res.stdout)
+    assert re.search(r"8x16 16x8 2x16x32 2x32x16", res.stdout)  # 32 tokens and 8 experts over 4 ranks
+    assert "ok: moe.py:program(mesh): 1 regions" in res.stdout
+
+
+def test_inspect_wrong_region_is_flagged_by_check_and_verify():
+    res = _run("inspect", os.path.join("examples", "wrong_region.py"), "--verify")
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert re.search(r"down\.0 .*PROBLEM", res.stdout) and re.search(r"up\.0 .* ok", res.stdout)
+    assert "is a partial sum over the ranks but is claimed Replicate" in res.stdout
+    assert "verify failed" in res.stdout and "region down.0" in res.stdout
+    assert "FAILED: wrong_region.py:program(mesh): 2 regions, 1 checked ok, placement problems in down.0" in res.stdout
+    assert "Traceback" not in res.stderr
+
+
+def test_inspect_named_entry_point(tmp_path):
+    src = tmp_path / "prog.py"
+    src.write_text(
+        "import torch\nfrom localmap import Shard, local_map\nMESH = 'tp=2'\n"
+        "def other(mesh):\n"
+        "    f = local_map(lambda x: x.sin(), [Shard(0)], ([Shard(0)],), device_mesh=mesh)\n"
+        "    return (lambda x: f(x).sum()), (torch.randn(4, 3, requires_grad=True),)\n"
+        "def junk(mesh):\n    return 42\n")
+    res = _run("inspect", f"{src}:other")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "on a fake 2 (tp) mesh" in res.stdout and "1/1 ok" in res.stdout
+
+    from click.testing import CliRunner
+
+    from localmap.cli import app
+
+    res = CliRunner().invoke(app, ["inspect", f"{src}:junk"])
+    assert res.exit_code == 1 and "prog.py:junk(mesh) must return (fn, args) or (fn, args, reference)" in res.stderr
+
+
+# ---- bad input: one line on stderr, exit 1, no traceback unless --debug ---------------------------------------
+
+# One subprocess per kind of bad input the commands promise to answer in one line (run side by side: each pays
+# for importing torch); the other variants go through the same command objects in this process (click's runner).
+BAD = {
+    "missing file": (("inspect", "examples/nothere.py"), "examples/nothere.py: no such file"),
+    "no entry point": (("inspect", "examples/attention.py:nope"), "defines no function nope(mesh)"),
+    "mesh does not parse": (("demo", "--mesh", "2by2"), "--mesh '2by2' does not parse"),
+    "mesh does not match the placements": (("inspect", "examples/attention.py", "--mesh", "4"),
+                                           "has 2 placements for a 1-d mesh"),
+    "gloo world too large": (("demo", "--launcher", "gloo", "--mesh", "64x4"), "cannot start 256 processes"),
+}
+
+BAD_IN_PROCESS = {
+    "demo mesh not 2-D": (("demo", "--mesh", "4"), {}, "2-D (dp, tp) mesh"),
+    "mesh does not fit the heads": (("demo", "--mesh", "2x3"), {}, "tp=3 must divide the 4 attention heads"),
+    "too many simulated ranks": (("demo", "--mesh", "32x4"), {}, "simulates at most 64 ranks"),
+    "experts do not fit": (("demo", "--experts", "3"), {}, "--experts 3 must be at least 2 and a multiple of tp=2"),
+    "torchrun world differs": (("demo", "--mesh", "2x2"), {"RANK": "0", "WORLD_SIZE": "2"},
+                               "torchrun started 2 processes but --mesh 2x2 (dp, tp) needs 4"),
+    "inspect mesh does not parse": (("inspect", "examples/moe.py", "--mesh", "ep=x"), {}, "does not parse"),
+    "not a python file": (("inspect", "examples"), {}, "not a Python file"),
+}
+
+
+def test_bad_input_one_line_and_nonzero_exit():
+    env = {**os.environ, "COLUMNS": "200"}
+    procs = {name: subprocess.Popen(_cmd(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    cwd=ROOT, env=env) for name, (args, _) in BAD.items()}
+    debug = subprocess.Popen(_cmd("demo", "--mesh", "2by2", "--debug"), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=180)
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert proc.returncode == 1, (name, out, err)
+        assert len(lines) == 1 and lines[0].startswith("localmap: error: "), (name, err)
+        assert BAD[name][1] in lines[0], (name, lines[0])
+    out, err = debug.communicate(timeout=180)
+    assert debug.returncode != 0 and "Traceback" in err and "CliError" in err
+
+
+@pytest.mark.parametrize("name", list(BAD_IN_PROCESS))
+def test_bad_input_variants(name, monkeypatch):
+    from click.testing import CliRunner
+
+    from localmap.cli import app
+
+    args, env, expected = BAD_IN_PROCESS[name]
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.chdir(ROOT)
+    res = CliRunner().invoke(app, list(args))
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.exit_code == 1, (res.stdout, res.stderr, res.exception)
+    assert len(lines) == 1 and lines[0].startswith("localmap: error: ") and expected in lines[0], res.stderr
+
+
+def test_usage_error_is_clicks():
+    from click.testing import CliRunner
+
+    from localmap.cli import app
+
+    res = CliRunner().invoke(app, ["demo", "--launcher", "mpi"])
+    assert res.exit_code == 2 and "Invalid value for '--launcher'" in res.stderr

@@ -35,6 +35,9 @@ EP = "tp"  # the mesh dim experts are spread over
 # it fails inside DTensor propagation. Until it can, the expert-parallel region runs unchecked; its gradient
 # placements are given explicitly, and the demo compares every gradient with one device.
 MOE_CHECK = False
+# Gradient placements of the expert-parallel region's inputs (x, router, w1, w2, top_k): the replicated router
+# meets per-rank tokens on both mesh dims, so its gradient is a partial sum over both.
+MOE_GRADS = ([S0, S1], [P, P], [P, S0], [P, S0], None)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -120,7 +123,7 @@ class Layer(nn.Module):
         # Tokens: batch over dp, sequence over tp (each tp rank routes its own tokens); experts over tp.
         self.moe = local_map(moe_expert_parallel, out_placements=[S0, S1],
                              in_placements=([S0, S1], [R, R], [R, S0], [R, S0], None),
-                             in_grad_placements=([S0, S1], [P, P], [P, S0], [P, S0], None), check=MOE_CHECK)
+                             in_grad_placements=MOE_GRADS, check=MOE_CHECK)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
