@@ -94,3 +94,14 @@ def test_captured_gradient_of_partial_avg_input():
     assert torch.allclose(result.loss, (x @ w).sum(), atol=1e-5)
     assert torch.allclose(result.grads["args[0]"], xr.grad, atol=1e-5)
     assert torch.allclose(result.grads["args[1]"], wr.grad, atol=1e-5)
+
+
+def test_sum_of_partial_avg_value_is_partial_avg():
+    """sum is linear: the sum of a Partial('avg') value is Partial('avg'). The check refused it."""
+    with simulated_mesh(2) as mesh:
+        x = randn(4, 3)
+        xd = distribute(x, mesh, [Partial("avg")], requires_grad=True)
+        out = local_map(lambda a: a.sum(0), [Partial("avg")], ([Partial("avg")],), None, mesh)(xd)
+        out.backward(distribute(torch.ones(3), mesh, [R]))
+        assert max_diff(full(out), x.sum(0)) < 1e-5
+        assert xd.grad.placements == (R,) and max_diff(full(xd.grad), torch.ones(4, 3)) < 1e-6

@@ -132,9 +132,10 @@ for _op in (aten.var.correction, aten.std.correction, aten.var_mean.correction):
     register_rule(_op, _statistic)
 
 
-def _mean(node: fx.Node, in_types: list, mesh: Any) -> Any:
-    """A mean is linear in its input: on a mesh dim where the input is Partial(sum/avg) the output is the same
-    Partial (DTensor's strategy asks for a redistribution there); other mesh dims as DTensor propagates them."""
+def _linear_reduction(node: fx.Node, in_types: list, mesh: Any) -> Any:
+    """A sum or mean is linear in its input: on a mesh dim where the input is Partial(sum/avg) the output is the
+    same Partial (DTensor's strategies ask for a redistribution for some of them); other mesh dims as DTensor
+    propagates them."""
     t = in_types[0]
     keep = {m for m, p in enumerate(t) if isinstance(p, Partial) and p.reduce_op in ("sum", "avg")}
     plain = tuple(Replicate() if m in keep else p for m, p in enumerate(t))
@@ -142,8 +143,8 @@ def _mean(node: fx.Node, in_types: list, mesh: Any) -> Any:
     return tuple(t[m] if m in keep else p for m, p in enumerate(out))
 
 
-for _op in (aten.mean.dim, aten.mean.default):
-    register_rule(_op, _mean)
+for _op in (aten.mean.dim, aten.mean.default, aten.sum.dim_IntList, aten.sum.default):
+    register_rule(_op, _linear_reduction)
 
 
 # ---- collectives (functional collectives, as localmap.collectives traces them) ---------------------------------
