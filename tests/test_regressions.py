@@ -105,3 +105,17 @@ def test_sum_of_partial_avg_value_is_partial_avg():
         out.backward(distribute(torch.ones(3), mesh, [R]))
         assert max_diff(full(out), x.sum(0)) < 1e-5
         assert xd.grad.placements == (R,) and max_diff(full(xd.grad), torch.ones(4, 3)) < 1e-6
+
+
+def test_run_region_gradient_with_broadcast_layout():
+    """A region whose backward returns expanded (stride 0) gradients: run copied them into a tensor with the
+    traced stride-0 layout, which PyTorch refuses to write ("more than one element ... single memory
+    location")."""
+    x, y, up = torch.randn(3, 1, 6), torch.randn(3, 1, 6), torch.randn(1, 6)
+    with fake_mesh(2) as mesh:
+        f = local_map(lambda a, b: (a + b).sum(0) * 1.5, [R], ([R], [R]), None, mesh)
+        prog = capture(lambda a, b: (f(a, b) * up).sum(), x.clone().requires_grad_(), y.clone().requires_grad_())
+        result = prog.run(x, y)
+    want = (up * 1.5).expand(3, 1, 6)
+    assert torch.allclose(result.loss, (((x + y).sum(0) * 1.5) * up).sum(), atol=1e-5)
+    assert torch.allclose(result.grads["args[0]"], want) and torch.allclose(result.grads["args[1]"], want)

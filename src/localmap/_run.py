@@ -202,6 +202,8 @@ def _like(value: Any, traced: Any) -> Any:
     want = like_stride(value.shape, traced.stride())
     if value.stride() == tuple(want):
         return value
+    if any(s == 0 and n > 1 for s, n in zip(want, value.shape)):  # a broadcast (expanded) layout: not writable
+        return value
     return torch.empty_strided(value.shape, want, dtype=value.dtype, device=value.device).copy_(value)
 
 
