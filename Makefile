@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # torch is pinned to the CPU build first: a bare range could pull a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test bench clean graphviz
+.PHONY: demo test fuzz bench clean graphviz
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,13 @@ demo: $(VENV)/.installed graphviz
 
 test: $(VENV)/.installed-test graphviz
 	$(PY) -m pytest -q
+
+# The property tests with 2,000 random cases (make test runs 200); prints how many ran. LOCALMAP_FUZZ_EXAMPLES
+# sets the count, LOCALMAP_FUZZ_SEED=1 draws new cases instead of the fixed sequence, LOCALMAP_FUZZ_SHRINK=1
+# shrinks a failure to a small example.
+FUZZ_EXAMPLES ?= 2000
+fuzz: $(VENV)/.installed-test
+	LOCALMAP_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -s -p no:logging tests/test_properties.py
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_eager.py
