@@ -37,7 +37,7 @@ test: $(VENV)/.installed-test graphviz
 # shrinks a failure to a small example.
 FUZZ_EXAMPLES ?= 2000
 fuzz: $(VENV)/.installed-test
-	LOCALMAP_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -s -p no:logging tests/test_properties.py
+	LOCALMAP_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -s -p no:logging --timeout=3600 tests/test_properties.py
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_eager.py
