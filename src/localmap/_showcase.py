@@ -1,8 +1,4 @@
-"""What the ``demo`` and ``inspect`` commands share: mesh strings, the terminal, the region table, errors.
-
-Kept free of heavy imports at module level (torch is imported inside functions) so that bad command lines are
-answered quickly.
-"""
+"""What the ``demo`` and ``inspect`` commands share: mesh strings, the terminal, the region table, errors."""
 
 from __future__ import annotations
 

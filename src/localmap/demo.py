@@ -231,7 +231,11 @@ def train(mesh: Any, cfg: Config, on_step: Callable[[Step], None]) -> TrainResul
 # ---- launchers -------------------------------------------------------------------------------------------------
 
 def _train_simulated(cfg: Config, on_step: Callable[[Step], None]) -> TrainResult:
+    import torch
+
     from .testing import simulated_mesh
+
+    torch.set_num_threads(1)  # tiny tensors: intra-op threads only add overhead (and spin on a busy machine)
 
     with simulated_mesh(cfg.mesh.shape, cfg.mesh.names) as mesh:
         return train(mesh, cfg, on_step)
@@ -379,6 +383,9 @@ def run_demo(cfg: Config, out: Console | None = None, svg: str | None = None, js
     out.print(f"[bold]localmap demo[/]: a {cfg.layers}-layer Llama-style model (dim {cfg.dim}, {cfg.heads} heads, "
               f"{cfg.experts} experts, vocab {cfg.vocab}; batch {cfg.batch} x seq {cfg.seq}) written with "
               f"localmap regions, trained {where}", soft_wrap=True)
+    out.print("  regions: attention core (batch over dp, heads over tp); mixture of experts (experts over tp, tokens "
+              "dispatched to their experts' ranks with all_to_all_single, split sizes from the routing); loss "
+              "(a partial sum over dp)", soft_wrap=True, highlight=False)
 
     steps: list[Step] = []
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
