@@ -162,7 +162,8 @@ def test_inspect_named_entry_point(tmp_path):
 # ---- bad input: one line on stderr, exit 1, no traceback unless --debug ---------------------------------------
 
 # One subprocess per kind of bad input the commands promise to answer in one line (run side by side: each pays
-# for importing torch); the other variants go through the same command objects in this process (click's runner).
+# for importing torch); other variants, and --debug, go through the same command objects in this process (click's
+# runner).
 BAD = {
     "missing file": (("inspect", "examples/nothere.py"), "examples/nothere.py: no such file"),
     "no entry point": (("inspect", "examples/attention.py:nope"), "defines no function nope(mesh)"),
@@ -188,16 +189,12 @@ def test_bad_input_one_line_and_nonzero_exit():
     env = {**os.environ, "COLUMNS": "200"}
     procs = {name: subprocess.Popen(_cmd(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                     cwd=ROOT, env=env) for name, (args, _) in BAD.items()}
-    debug = subprocess.Popen(_cmd("demo", "--mesh", "2by2", "--debug"), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
     for name, proc in procs.items():
         out, err = proc.communicate(timeout=180)
         lines = [ln for ln in err.splitlines() if ln.strip()]
         assert proc.returncode == 1, (name, out, err)
         assert len(lines) == 1 and lines[0].startswith("localmap: error: "), (name, err)
         assert BAD[name][1] in lines[0], (name, lines[0])
-    out, err = debug.communicate(timeout=180)
-    assert debug.returncode != 0 and "Traceback" in err and "CliError" in err
 
 
 @pytest.mark.parametrize("name", list(BAD_IN_PROCESS))
@@ -214,6 +211,17 @@ def test_bad_input_variants(name, monkeypatch):
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert res.exit_code == 1, (res.stdout, res.stderr, res.exception)
     assert len(lines) == 1 and lines[0].startswith("localmap: error: ") and expected in lines[0], res.stderr
+
+
+def test_debug_lets_the_exception_through():
+    from click.testing import CliRunner
+
+    from localmap._showcase import CliError
+    from localmap.cli import app
+
+    res = CliRunner().invoke(app, ["demo", "--mesh", "2by2", "--debug"])
+    assert res.exit_code == 1 and isinstance(res.exception, CliError) and "localmap: error" not in res.stderr
+    assert "does not parse" in str(res.exception)
 
 
 def test_usage_error_is_clicks():
