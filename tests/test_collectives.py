@@ -241,6 +241,18 @@ def test_ring_attention_region_matches_one_device():
                               [q, k, v], [seq, seq, seq], seq)
 
 
+def _assert_every_collective_waited(region):
+    wait = torch.ops._c10d_functional.wait_tensor.default
+    found = 0
+    for gm in (region.forward, region.backward):
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and getattr(node.target, "namespace", "") == "_c10d_functional" \
+                    and node.target is not wait:
+                found += 1
+                assert any(u.target is wait for u in node.users), f"{node} has no wait_tensor"
+    assert found >= 4  # two all_to_all_single forward (counts, tokens) + back, and their backward
+
+
 def test_moe_and_ring_attention_captured_and_run():
     with fake_mesh(4, ("ep",)) as mesh:
         moe = local_map(moe_experts, device_mesh=mesh, **MOE_PLACEMENTS)
@@ -248,6 +260,7 @@ def test_moe_and_ring_attention_captured_and_run():
         prog = localmap.capture(lambda *a: moe(*a).pow(2).sum(), *inputs)
         (region,) = prog.regions
         assert region.comm_bytes > 0 and region.verdict == "ok"
+        _assert_every_collective_waited(region)
         report = localmap.verify(lambda *a: moe(*a).pow(2).sum(), *inputs,
                                  reference=lambda *a: moe_reference(*a).pow(2).sum(), atol=1e-4)
         assert report.loss_diff < 1e-4
