@@ -287,7 +287,7 @@ def test_outputs_aliasing_inputs_are_cloned(one_rank):
 def test_mutating_body_is_rejected(big_mesh):
     P4 = [Shard(0), R, R, R]
     f = localmap.local_map(lambda a: a.mul_(2), P4, (P4,), device_mesh=big_mesh)
-    with pytest.raises(LocalMapError, match="inputs\\[0\\].*mutated.*aten.mul_"):
+    with pytest.raises(LocalMapError, match="args\\[0\\].*mutated.*aten.mul_"):
         trace_train(lambda a: f(a * 1).sum(), fake(64, 4))
 
 

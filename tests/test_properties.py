@@ -244,8 +244,11 @@ def evaluate(body: Body, shapes: list, placements: list, mesh_shape: tuple) -> d
             t, shape = chains[0]
         else:
             (a, sa), (b, sb) = chains
-            if ERR in (a, b) or EXCL in (a, b):
-                t = EXCL if EXCL in (a, b) else ERR
+            if EXCL in (a, b):
+                t = EXCL
+            elif ERR in (a, b):  # refused, unless the operands do not even fit (then the body fails as such)
+                fit = _binary_type(body.comb, ts[0] if a == ERR else a, ts[1] if b == ERR else b)[0]
+                t = EXCL if fit == EXCL else ERR
             else:
                 t, meets[0], meets[1] = _binary_type(body.comb, a, b)
             shape = sa if body.comb != "mm" else (sa[0], sb[1])

@@ -22,7 +22,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from . import _compat, _cost
 from ._compat import pytree
 from ._context import recording
-from ._errors import fail
+from ._errors import LocalMapError, fail
 from ._region import ROLE, SOURCE, kwargs_of, role_of, tag_phase
 from .hop import defer_inlining, local_map_hop
 
@@ -145,6 +145,21 @@ def capture(fn: Callable | torch.nn.Module, *args: Any, backward: bool = True, *
             return fn(*a, **k)
         return torch.func.functional_call(module, dict(zip(names, inputs[:len(names)])), a, k)
 
+    try:
+        forward, backward_gm, joint, records = _trace(call, primals, backward, fake_mode)
+    except LocalMapError:
+        raise
+    except Exception as e:  # e.g. control flow on tensor values, which a trace cannot follow
+        name = getattr(fn, "__qualname__", None) or type(fn).__name__
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise fail("capture", f"could not trace {name!r}: {type(e).__name__}: {first}"[:400],
+                   fix="capture needs a function a trace can follow: no Python control flow on tensor values "
+                       "(use torch.where), no .item()/.tolist() deciding what runs") from e
+    regions = _regions(forward, backward_gm, records)
+    return CapturedProgram(forward, backward_gm, joint, regions, input_names, module, call, treespec)
+
+
+def _trace(call: Callable, primals: list, backward: bool, fake_mode: Any) -> tuple:
     with defer_inlining(), recording("capture") as records:
         if backward:
             with fake_mode:
@@ -155,8 +170,7 @@ def capture(fn: Callable | torch.nn.Module, *args: Any, backward: bool = True, *
             with torch.no_grad():
                 forward = make_fx(lambda inputs: call(inputs), tracing_mode="fake")(primals)
             joint, backward_gm = None, None
-    regions = _regions(forward, backward_gm, records)
-    return CapturedProgram(forward, backward_gm, joint, regions, input_names, module, call, treespec)
+    return forward, backward_gm, joint, records
 
 
 def _joint(call: Callable) -> Callable:

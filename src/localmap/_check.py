@@ -350,13 +350,16 @@ def check_function(fn: Callable, local_args: Sequence[Any], leaf_specs: Sequence
                 _cache[key] = (fn, verdict)
         return verdict
     out = traced["out"]
+    tree = pytree.tree_unflatten(list(local_args), treespec)
+    in_paths = [leaf_path("args", tree, i) for i in inputs]
+    from ._region import check_no_input_mutation
+
+    check_no_input_mutation(gm, in_paths)  # before the body runs for real: its inputs are the caller's shards
     flat_out = pytree.tree_leaves(out)
     specs = resolve_output_specs(out_placements, out, len(flat_out))
     # Malformed claims (wrong length, Shard dim out of range) are left to the spec checks, which name them.
     claims = [_normalized(s, o.ndim, mesh.ndim) for o, s in zip(flat_out, specs) if isinstance(o, torch.Tensor)]
     out_paths = [leaf_path("outputs", out, k) for k, o in enumerate(flat_out) if isinstance(o, torch.Tensor)]
-    tree = pytree.tree_unflatten(list(local_args), treespec)
-    in_paths = [leaf_path("args", tree, i) for i in inputs]
     given = None if given_grads is None else [
         _normalized(given_grads[i], local_args[i].ndim, mesh.ndim) for i in inputs]
     with _compat.isolated_tracing():  # symbolic size arithmetic must not reach an outer trace

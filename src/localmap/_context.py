@@ -91,6 +91,12 @@ def pop_region_mesh() -> None:
     _stack("region_meshes").pop()
 
 
+def enclosing_region_mesh() -> DeviceMesh | None:
+    """The mesh of the region whose body is being run or traced on this thread (None outside bodies)."""
+    stack = _stack("region_meshes")
+    return stack[-1] if stack else None
+
+
 def region_mesh() -> DeviceMesh | None:
     stack = _stack("region_meshes")
     return stack[-1] if stack else default_mesh()

@@ -24,7 +24,7 @@ from torch.distributed.tensor.placement_types import Partial, Placement, Replica
 from ._compat import AsyncCollectiveTensor, DTensorSpec, fast_apply, make_dtensor, make_spec, pytree
 from ._compat import global_shape_and_stride, is_simulated, redistribute_local, simulated_local
 from ._context import in_region, pop_region_mesh, push_region_mesh, recorder
-from ._errors import LocalMapError, fail
+from ._errors import LocalMapError, body_error, fail
 from ._shapes import avg_ranks, dense_stride, gather_global_shapes, is_uneven, shard_dims
 from ._specs import (
     LeafSpec, check_spec_for_mesh, leaf_path, normalize_shard_dims, placements_str, resolve_input_specs,
@@ -216,6 +216,9 @@ class MappedFunction:
 
     def __init__(self, func: Callable, out_placements: Any, in_placements: Any, in_grad_placements: Any,
                  device_mesh: DeviceMesh | None, redistribute_inputs: bool, check: bool | str = True) -> None:
+        if not callable(func):
+            raise fail("func", "is not callable", expected="a function (or module) to run on local shards",
+                       given=type(func).__name__, fix="pass the function first: local_map(fn, out_placements, ...)")
         if check not in (True, False, "warn"):
             raise fail("check", "must be True, False or 'warn'", given=repr(check),
                        fix="check=True raises PlacementError, 'warn' warns, False skips the check")
@@ -252,6 +255,7 @@ class MappedFunction:
                 if s is not None:
                     check_spec_for_mesh(s, mesh, leaf_path("args", args, i), name)
         plan = _InputPlan(mesh, specs, grad_specs)
+        _check_grad_ranges(plan, args, flat, mesh)
         if len(self._input_plans) < 64:
             self._input_plans[key] = plan
         return plan
@@ -432,6 +436,8 @@ class MappedFunction:
         push_region_mesh(mesh)  # for localmap.collectives inside the body
         try:
             out = self.func(*(locals_ if treespec is None else pytree.tree_unflatten(locals_, treespec)), **kwargs)
+        except Exception as e:  # only on the error path: name the region and the line that raised
+            raise body_error(self.func, e) from e
         finally:
             pop_region_mesh()
 
@@ -476,6 +482,8 @@ class MappedFunction:
         if hit is None:
             from ._check import check_function
 
+            _check_grad_ranges(plan, tuple(flat) if treespec is None else pytree.tree_unflatten(list(flat), treespec),
+                               flat, mesh)
             leaves = list(flat)
             leaf_specs: list[Any] = [None] * len(leaves)
             for i, a in enumerate(leaves):
@@ -504,6 +512,11 @@ class MappedFunction:
                 raise fail(leaf_path("args", args, i), "is not a tensor but has a placement spec",
                            expected=None, given=placements_str(spec),
                            fix="use None in in_placements for non-tensor arguments")
+        for i, (a, spec) in enumerate(zip(flat, plan.grad_specs or ())):
+            if spec is not None and not isinstance(a, torch.Tensor):
+                raise fail(leaf_path("args", args, i), "is not a tensor but has an in_grad_placements spec",
+                           expected=None, given=placements_str(spec),
+                           fix="use None in in_grad_placements for non-tensor arguments")
 
     def _call_compiling(self, args: tuple, kwargs: dict) -> Any:
         """Trace-friendly path for torch.compile: same checks, DTensor's public conversions."""
@@ -540,6 +553,15 @@ class MappedFunction:
             spec = self._check_output(out, i, t, spec, mesh)
             results.append(DTensor.from_local(t, mesh, spec, run_check=False) if spec is not None else t)
         return pytree.tree_unflatten(results, out_tree)
+
+
+def _check_grad_ranges(plan: _InputPlan, args: tuple, flat: Sequence[Any], mesh: DeviceMesh) -> None:
+    """in_grad_placements' Shard dims against each DTensor input's ndim (on slow paths only: a new plan, a new
+    input metadata; steady-state calls use the plan's specs unchecked)."""
+    for i, g in enumerate(plan.fast_grad_specs or ()):
+        a = flat[i]
+        if g is not None and isinstance(a, DTensor):
+            normalize_shard_dims(g, a.ndim, leaf_path("args", args, i), "in_grad_placements", mesh)
 
 
 def _uneven_mesh_dims(dtensors: Sequence[DTensor]) -> frozenset:

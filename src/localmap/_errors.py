@@ -70,3 +70,79 @@ def fail(
     return error(
         "\n".join(lines), path=path, mesh_dim=mesh_dim, expected=expected, given=given, fix=fix
     )
+
+
+# ---- errors raised inside a region's body -------------------------------------------------------------------------
+
+class BodyError(LocalMapError):
+    """An error raised inside a region's body (a shape error in a matmul, say), re-raised naming the region, where
+    it is defined and the line of the body that raised. The original exception is ``__cause__`` and
+    ``original``; the raised object is also an instance of the original's type where Python allows it, so
+    ``except RuntimeError`` still catches a wrapped RuntimeError."""
+
+    original: BaseException | None = None
+
+    def __str__(self) -> str:  # the message as given (KeyError and friends would quote it)
+        return str(self.args[0]) if self.args else ""
+
+
+_body_error_types: dict[type, type] = {}
+
+
+def _body_error_type(original: type) -> type:
+    cls = _body_error_types.get(original)
+    if cls is None:
+        try:
+            cls = type(f"BodyError[{original.__name__}]", (BodyError, original), {"__module__": __name__})
+        except TypeError:  # incompatible layout (OSError, ...): the plain wrapper
+            cls = BodyError
+        _body_error_types[original] = cls
+    return cls
+
+
+def _site(path: str, line: int) -> str:
+    import os
+
+    rel = os.path.relpath(path)
+    return f"{path if rel.startswith('..') else rel}:{line}"
+
+
+def region_label(func: Any) -> tuple[str, str]:
+    """(name, file:line of its definition) of a region's function."""
+    inner = getattr(func, "__wrapped__", func)
+    name = getattr(inner, "__qualname__", None) or getattr(inner, "__name__", None) or type(inner).__name__
+    code = getattr(inner, "__code__", None) or getattr(getattr(inner, "forward", None), "__code__", None)
+    return name, (_site(code.co_filename, code.co_firstlineno) if code is not None else "<unknown>")
+
+
+def _raising_line(exc: BaseException) -> str | None:
+    """file:line of the innermost frame of the traceback outside torch and localmap's internals."""
+    import os
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    found = None
+    tb = exc.__traceback__
+    while tb is not None:
+        path = os.path.abspath(tb.tb_frame.f_code.co_filename)
+        internal = (path.startswith(here) and os.path.basename(path).startswith("_")) or \
+            f"{os.sep}torch{os.sep}" in path or path.endswith("hop.py") and path.startswith(here)
+        if not internal:
+            found = _site(path, tb.tb_lineno)
+        tb = tb.tb_next
+    return found
+
+
+def body_error(func: Any, exc: BaseException, phase: str = "its body") -> LocalMapError:
+    """The error to raise for `exc` raised inside region `func`: BodyError naming the region and line (a
+    LocalMapError passes through unchanged: it names its own path)."""
+    if isinstance(exc, LocalMapError):
+        return exc
+    name, defined = region_label(func)
+    at = _raising_line(exc)
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    err = fail(f"region {name!r} (defined at {defined})",
+               f"{phase} raised {type(exc).__name__}" + (f" at {at}" if at else "") + (f": {first}" if first else ""),
+               fix="the original error and its traceback are chained above (raised from it)",
+               error=_body_error_type(type(exc)))
+    err.original = exc
+    return err

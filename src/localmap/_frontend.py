@@ -14,9 +14,9 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from . import _compat
-from ._context import call_site, default_mesh, in_region
+from ._context import call_site, default_mesh, enclosing_region_mesh, in_region
 from ._compat import pytree
-from ._errors import fail
+from ._errors import LocalMapError, body_error, fail
 from ._region import SOURCE, mesh_coordinate, set_region_meta, trace_body
 from ._shapes import is_uneven, like_stride, local_shape
 from ._specs import check_spec_for_mesh, leaf_path, normalize_shard_dims, placements_str, resolve_input_specs
@@ -61,7 +61,12 @@ def call_traced(region: Any, args: tuple, kwargs: dict) -> Any:
     """Trace the region's function into a body and call the operator on the global arguments."""
     from .hop import local_map_hop
 
-    mesh = region.device_mesh or default_mesh()
+    mesh = region.device_mesh or enclosing_region_mesh() or default_mesh()
+    outer = enclosing_region_mesh()
+    if outer is not None and mesh is not outer and mesh != outer:
+        raise fail("device_mesh", "of a region nested in another region differs from the enclosing region's mesh",
+                   expected=outer, given=mesh,
+                   fix="give the inner region the enclosing region's mesh (or no device_mesh), or call it outside")
     if mesh is None:
         raise fail("device_mesh", "is needed to trace a region on plain tensors", given=None,
                    fix="pass device_mesh= to local_map, or trace inside `with localmap.use_mesh(mesh):`")
@@ -97,7 +102,12 @@ def call_traced(region: Any, args: tuple, kwargs: dict) -> Any:
         traced["out"] = out
         return tuple(o for o in pytree.tree_leaves(out) if isinstance(o, torch.Tensor))
 
-    body = trace_body(body_fn, local)
+    try:
+        body = trace_body(body_fn, local, [leaf_path("args", args, i) for i in inputs])
+    except LocalMapError:
+        raise
+    except Exception as e:  # a PyTorch error inside the body: name the region and the line
+        raise body_error(region.func, e, "tracing its body") from e
     verdict = None
     if region.check is not False:
         from ._check import check_function, enforce

@@ -150,8 +150,9 @@ def run_graph(gm: fx.GraphModule, args: Sequence[Any], keep_meta: bool = False) 
     return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
 
-def check_no_input_mutation(body: fx.GraphModule) -> None:
-    """A body may not mutate its inputs (the region's inputs are DTensor shards owned by the caller)."""
+def check_no_input_mutation(body: fx.GraphModule, paths: Sequence[str] | None = None) -> None:
+    """A body may not mutate its inputs (the region's inputs are DTensor shards owned by the caller). `paths`:
+    the argument path of each placeholder, for the message."""
     aliases: dict[fx.Node, int] = {}
     for i, node in enumerate(n for n in body.graph.nodes if n.op == "placeholder"):
         aliases[node] = i
@@ -163,7 +164,9 @@ def check_no_input_mutation(body: fx.GraphModule) -> None:
             if not isinstance(arg, fx.Node) or arg not in aliases:
                 continue
             if formal.alias_info is not None and formal.alias_info.is_write:
-                raise fail(f"inputs[{aliases[arg]}]", f"is mutated in the region's body by {node.target}",
+                k = aliases[arg]
+                raise fail(paths[k] if paths is not None and k < len(paths) else f"inputs[{k}]",
+                           f"is mutated in the region's body by {node.target}",
                            expected="a body that does not write to its inputs", given=str(node.target),
                            fix="compute into a new tensor (out-of-place op), or clone the input first")
             if formal.alias_info is not None and not formal.alias_info.is_write:
@@ -438,11 +441,12 @@ def _avg_grad_scale(placements: Any, grads: Any, mesh: DeviceMesh) -> int:
 
 # ---- tracing a function into a body -----------------------------------------------------------------------------
 
-def trace_body(fn: Callable[..., tuple], local_inputs: Sequence[Any]) -> fx.GraphModule:
+def trace_body(fn: Callable[..., tuple], local_inputs: Sequence[Any],
+               paths: Sequence[str] | None = None) -> fx.GraphModule:
     """Trace ``fn(*local_inputs) -> tuple of tensors`` into a body GraphModule with a flat signature."""
     with _compat.isolated_tracing():
         fake_mode = _compat.detect_fake_mode(local_inputs)
         with _compat.ignore_fresh_unbacked(fake_mode):
             gm = make_fx(fn, tracing_mode="fake")(*local_inputs)
-    check_no_input_mutation(gm)
+    check_no_input_mutation(gm, paths)
     return gm

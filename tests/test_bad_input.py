@@ -1,0 +1,330 @@
+"""A catalogue of wrong uses: each raises LocalMapError whose message names the argument path (or the region),
+and none leaves global state behind (defer_inlining, dispatch modes, localmap's context stacks and caches,
+process groups, grad mode). Raising again on a second try shows that no cache remembered a half-done call.
+
+tests/test_errors.py holds the first catalogue (spec counts, mesh ndim, Shard ranges, None specs, meshes,
+keywords, prefix structures, uneven layouts); the cases here extend it and are not repeated there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+from helpers import P, R, S0, S1, randn
+from localmap import LocalMapError, Partial, capture, local_map, use_mesh
+from localmap import _check, _context, _region, hop
+from localmap.hop import defer_inlining, local_map_hop
+from localmap.testing import distribute, fake_mesh, simulated_mesh
+
+RR, S0R = [R, R], [S0, R]
+
+
+def x4(mesh: Any, placements: Any = RR, *shape: int) -> Any:
+    return distribute(randn(*(shape or (4, 4))), mesh, placements)
+
+
+# ---- eager cases: fn(mesh) on a simulated 2x2 mesh ('dp', 'tp') -------------------------------------------
+
+def _mutating(a):
+    a.add_(1)
+    return a * 2
+
+
+def _mutating_view(a):
+    a[0].mul_(2)
+    return a + 1
+
+
+def _shape_error(a):
+    return a @ torch.ones(3, 3)
+
+
+def _dtype_error(a):
+    return torch.mm(a, torch.ones(4, 4, dtype=torch.int64))
+
+
+def _device_error(a):
+    return a + torch.ones(4, 4, device="meta")
+
+
+def _index_error(a):
+    return a[10]
+
+
+def _key_error(a):
+    return {"x": a}["y"]
+
+
+EAGER: dict[str, tuple[Callable, str, tuple]] = {
+    # specs: wrong count, type, length or nesting
+    "in_placements not a sequence": (
+        lambda m: local_map(lambda a: a, RR, {"a": RR})(x4(m)), "in_placements", ("list or tuple",)),
+    "in_placements entry of wrong type": (
+        lambda m: local_map(lambda a, b: a, RR, (RR, 3))(x4(m), x4(m)), "in_placements[1]", ("not a placement",)),
+    "out_placements a string": (
+        lambda m: local_map(lambda a: a, "Shard(0)", (RR,))(x4(m)), "out_placements", ("not a placement",)),
+    "in_grad_placements not a sequence": (
+        lambda m: local_map(lambda a: a, RR, (RR,), R)(x4(m)), "in_grad_placements", ("bare Placement",)),
+    "in_grad_placements wrong count": (
+        lambda m: local_map(lambda a, b: a + b, RR, (RR, RR), (RR,))(x4(m), x4(m)),
+        "in_grad_placements", ("1 entries", "2 positional")),
+    "in_grad_placements too short for the mesh": (
+        lambda m: local_map(lambda a: a, RR, (RR,), ([R],))(x4(m)),
+        "in_grad_placements for args[0]", ("1 placements for a 2-d mesh",)),
+    "in_placements too long for the mesh": (
+        lambda m: local_map(lambda a: a, RR, ([R, R, R],))(x4(m)), "args[0]", ("3 placements for a 2-d mesh",)),
+    "out spec too long for the mesh": (
+        lambda m: local_map(lambda a: (a, a), (RR, [R, R, R]), (RR,))(x4(m)), "outputs[1]", ("3 placements",)),
+    "fewer out specs than outputs": (
+        lambda m: local_map(lambda a: (a, a, a), [RR, RR], (RR,))(x4(m)), "outputs", ("3 output leaves",)),
+    "out specs nested wrongly": (
+        lambda m: local_map(lambda a: (a, (a, a)), (RR, [RR, RR, RR]), (RR,))(x4(m)), "outputs[1]",
+        ("3 entries", "has 2")),
+    "dict out specs for a tuple output": (
+        lambda m: local_map(lambda a: (a, a), {"x": RR, "y": RR}, (RR,))(x4(m)), "outputs", ("output leaves",)),
+    "dict out specs with other keys": (
+        lambda m: local_map(lambda a: {"x": a, "y": a}, {"x": RR, "z": RR}, (RR,))(x4(m)), "outputs",
+        ("keys that differ",)),
+    "nested dict prefix with other keys": (
+        lambda m: local_map(lambda d: d["a"]["y"], RR, ({"a": {"x": RR}},))({"a": {"y": x4(m)}}),
+        "args[0]['a']", ("keys that differ",)),
+    "nested list prefix of wrong length": (
+        lambda m: local_map(lambda xs: xs[1][0], RR, ([RR, [RR, RR, RR]],))([x4(m), [x4(m), x4(m)]]),
+        "args[0][1]", ("3 entries", "has 2")),
+    "grad spec for a non-tensor": (
+        lambda m: local_map(lambda a, k: a * k, RR, (RR, None), (RR, RR))(x4(m), 3), "args[1]",
+        ("in_grad_placements spec",)),
+    "spec for a None argument": (
+        lambda m: local_map(lambda a, k: a, RR, (RR, RR))(x4(m), None), "args[1]", ("not a tensor",)),
+    # Shard dims out of range or negative
+    "negative Shard dim out of range (input)": (
+        lambda m: local_map(lambda a: a, RR, ([R, torch.distributed.tensor.Shard(-3)],),
+                            redistribute_inputs=True)(x4(m)), "args[0]", ("Shard(-3) is out of range",
+                                                                           "mesh dim 1 ('tp')")),
+    "Shard dim out of range (in_grad_placements)": (
+        lambda m: local_map(lambda a: a, RR, (RR,), ([torch.distributed.tensor.Shard(2), R],))(x4(m)),
+        "in_grad_placements for args[0]", ("Shard(2) is out of range",)),
+    "negative Shard dim out of range (output)": (
+        lambda m: local_map(lambda a: a.sum(0), [torch.distributed.tensor.Shard(-2), R], (RR,))(x4(m)),
+        "outputs", ("Shard(-2) is out of range for a 1-d tensor",)),
+    "Shard of a 0-d input": (
+        lambda m: local_map(lambda a: a, RR, ([S0, R],), redistribute_inputs=True)(x4(m, RR, *())
+                                                                                     if False else
+                                                                                     distribute(randn(1)[0], m, RR)),
+        "args[0]", ("for a 0-d tensor",)),
+    # meshes
+    "nested DTensor on another mesh": (
+        lambda m: local_map(lambda xs: xs[0], RR, ([RR, RR],))(
+            [x4(m), distribute(randn(4, 4), init_device_mesh("cpu", (2, 2), mesh_dim_names=("a", "b")), RR)]),
+        "args[0][1]", ("different mesh",)),
+    "DTensor in a dict on another mesh than device_mesh": (
+        lambda m: local_map(lambda d: d["w"], [R], ({"w": [R]},), device_mesh=init_device_mesh("cpu", (4,)))(
+            {"w": x4(m)}), "args[0]['w']", ("different mesh than the region's",)),
+    "DTensor keyword inside a list": (
+        lambda m: local_map(lambda a, *, bs: a, RR, (RR,))(x4(m), bs=[1, x4(m)]), "kwargs['bs'][1]",
+        ("passed by keyword",)),
+    # bodies returning the wrong number or kind of outputs
+    "body returns None for a tensor spec": (
+        lambda m: local_map(lambda a: None, RR, (RR,))(x4(m)), "outputs", ("not a Tensor",)),
+    "body returns a string with a spec": (
+        lambda m: local_map(lambda a: (a, "x"), (RR, RR), (RR,))(x4(m)), "outputs[1]", ("not a Tensor",)),
+    "body returns a DTensor inside a dict": (
+        lambda m: (lambda d: local_map(lambda a: {"y": d}, {"y": RR}, (RR,))(d))(x4(m)), "outputs['y']",
+        ("returned a DTensor",)),
+    "body returns a tensor for a None spec in a dict": (
+        lambda m: local_map(lambda a: {"x": a, "y": a}, {"x": RR, "y": None}, (RR,))(x4(m)), "outputs['y']",
+        ("spec is None",)),
+    "Partial(max) output that needs a gradient": (
+        lambda m: local_map(lambda a: a.amax(0), [Partial("max"), R], (S0R,))(
+            distribute(randn(4, 4), m, S0R, requires_grad=True)), "outputs", ("Partial(max) and requires grad",)),
+    # bodies mutating inputs
+    "body mutates its input": (lambda m: local_map(_mutating, RR, (RR,))(x4(m)), "args[0]", ("mutated",)),
+    "body mutates a view of a nested input": (
+        lambda m: local_map(lambda xs: _mutating_view(xs[1]), RR, ([RR, RR],))([x4(m), x4(m)]), "args[0][1]",
+        ("mutated",)),
+    # PyTorch errors inside the body: named with the region and the line
+    "shape error in the body": (
+        lambda m: local_map(_shape_error, RR, (RR,))(x4(m)), "region '_shape_error'",
+        ("RuntimeError", "test_bad_input.py:", "cannot be multiplied")),
+    "dtype mismatch in the body": (
+        lambda m: local_map(_dtype_error, RR, (RR,), check=False)(x4(m)), "region '_dtype_error'",
+        ("RuntimeError",)),
+    "device mismatch in the body": (
+        lambda m: local_map(_device_error, RR, (RR,), check=False)(x4(m)), "region '_device_error'",
+        ("RuntimeError",)),
+    "index error in the body": (
+        lambda m: local_map(_index_error, RR, (RR,), check=False)(x4(m)), "region '_index_error'",
+        ("IndexError",)),
+    "key error in the body": (
+        lambda m: local_map(_key_error, RR, (RR,), check=False)(x4(m)), "region '_key_error'", ("KeyError",)),
+    # arguments of local_map itself
+    "func not callable": (lambda m: local_map(3, RR, (RR,)), "func", ("not callable",)),
+    "check not a known value": (lambda m: local_map(lambda a: a, RR, (RR,), check="yes"), "check", ("True",)),
+    "device_mesh given as a list": (
+        lambda m: local_map(lambda a: a, RR, (RR,), device_mesh=[0, 1]), "device_mesh", ("not a DeviceMesh",)),
+}
+
+
+# ---- traced cases: fn(mesh) on a fake 2x2 mesh (capture, defer_inlining, the operator) -------------------------
+
+def _data_dependent(a):
+    return a.sum() if a.sum() > 0 else -a.sum()
+
+
+def _capture_region(mesh, body, out, ins, *shapes, **kw):
+    f = local_map(body, out, ins, None, mesh, **kw)
+    return capture(lambda *xs: f(*xs).sum(), *(torch.randn(*s, requires_grad=True) for s in shapes))
+
+
+def _nested(mesh):
+    inner = local_map(lambda a: a * 2, [R], ([R],), None, init_device_mesh("cpu", (4,)))
+    outer = local_map(lambda a: inner(a) + 1, RR, (RR,), None, mesh)
+    return capture(lambda a: outer(a).sum(), torch.randn(4, 4, requires_grad=True))
+
+
+def _body_without_meta(mesh):
+    gm = torch.fx.symbolic_trace(lambda a: a * 2)
+    with defer_inlining():
+        return local_map_hop(gm, torch.randn(2, requires_grad=True))
+
+
+def _hop_wrong_count(mesh):
+    gm = torch.fx.symbolic_trace(lambda a: a * 2)
+    gm.meta["local_map_kwargs"] = {"in_placements": (RR, RR), "out_placements": (RR,), "device_mesh": mesh}
+    with defer_inlining():
+        return local_map_hop(gm, torch.randn(2, requires_grad=True))
+
+
+TRACED: dict[str, tuple[Callable, str, tuple]] = {
+    "capture of an untraceable function": (
+        lambda m: capture(_data_dependent, torch.randn(4, requires_grad=True)), "capture", ("could not trace",)),
+    "capture of a non-scalar loss": (
+        lambda m: capture(lambda a: a * 2, torch.randn(4, requires_grad=True)), "capture", ("scalar loss",)),
+    "nested regions on conflicting meshes": (_nested, "device_mesh", ("enclosing region",)),
+    "traced body mutates its input": (
+        lambda m: _capture_region(m, _mutating, RR, (RR,), (4, 4)), "args[0]", ("mutated",)),
+    "traced input unevenly sharded": (
+        lambda m: _capture_region(m, torch.tanh, S0R, (S0R,), (5, 4)), "args[0]", ("unevenly sharded",)),
+    "traced Partial(max) output needing a gradient": (
+        lambda m: _capture_region(m, lambda a: a.amax(0), [Partial("max"), R], (S0R,), (4, 4)), "outputs[0]",
+        ("Partial(max) and requires grad",)),
+    "traced shape error in the body": (
+        lambda m: _capture_region(m, _shape_error, RR, (RR,), (4, 4), check=False), "region '_shape_error'",
+        ("RuntimeError",)),
+    "traced region without a mesh": (
+        lambda m: (lambda f: capture(lambda a: f(a).sum(), torch.randn(4, requires_grad=True)))(
+            local_map(lambda a: a, [R], ([R],))), "device_mesh", ("is needed",)),
+    "traced region without in_placements": (
+        lambda m: (lambda f: capture(lambda a: f(a).sum(), torch.randn(4, requires_grad=True)))(
+            local_map(lambda a: a, RR, None, None, m)), "in_placements", ("are needed",)),
+    "traced tensor with a None spec": (
+        lambda m: _capture_region(m, lambda a: a, RR, (None,), (4,)), "args[0]", ("spec is None",)),
+    "traced output with a None spec": (
+        lambda m: _capture_region(m, lambda a: (a * 2, a), (RR, None), (RR,), (4,)), "outputs[1]",
+        ("spec is None",)),
+    "defer_inlining with an unknown partitioner": (
+        lambda m: defer_inlining("greedy").__enter__(), "defer_inlining", ("partitioner",)),
+    "use_mesh with a non-mesh": (lambda m: use_mesh("tp").__enter__(), "use_mesh", ("DeviceMesh",)),
+    "operator body without placements": (_body_without_meta, "body", ("local_map_kwargs",)),
+    "operator with a wrong input count": (_hop_wrong_count, "in_placements", ("2 entries for 1",)),
+}
+
+
+# ---- global state -----------------------------------------------------------------------------------------
+
+def _state() -> dict:
+    modes = torch._C._TorchDispatchModeKey
+    return {
+        "deferring": hop.is_deferring(),
+        "partitioners": list(getattr(hop._state, "partitioners", []) or []),
+        "dispatch modes": len(_get_current_dispatch_mode_stack()),
+        "infra modes": [torch._C._get_dispatch_mode(k) is None for k in (modes.FAKE, modes.PROXY, modes.FUNCTIONAL)],
+        "context stacks": {k: len(getattr(_context._local, k, []) or [])
+                           for k in ("meshes", "capture", "reference", "region_meshes")},
+        "grad enabled": torch.is_grad_enabled(),
+        "process group": dist.is_initialized(),
+        "functorch": torch._C._functorch.peek_interpreter_stack() is None,
+    }
+
+
+def _cache_sizes() -> tuple[int, int]:
+    return len(_check._cache), len(_region._cache)
+
+
+@contextlib.contextmanager
+def _unchanged_state():
+    before = _state()
+    yield
+    assert _state() == before
+    checks, regions = _cache_sizes()
+    assert checks <= 1025 and regions <= 513  # bounded
+
+
+def _expect(fn: Callable, mesh: Any, path: str, fragments: tuple) -> None:
+    for _ in range(2):  # the same error again: nothing half-done was cached
+        with pytest.raises(LocalMapError) as info:
+            fn(mesh)
+        msg = str(info.value)
+        assert msg.startswith("local_map: "), msg
+        assert path in msg, f"path {path!r} not named in:\n{msg}"
+        for f in fragments:
+            assert f in msg, f"{f!r} not in:\n{msg}"
+
+
+@pytest.mark.parametrize("name", list(EAGER))
+def test_eager_bad_input(name):
+    fn, path, fragments = EAGER[name]
+    outside = _state()
+    with simulated_mesh((2, 2), ("dp", "tp")) as mesh:
+        with _unchanged_state():
+            _expect(fn, mesh, path, fragments)
+    assert _state() == outside
+
+
+@pytest.mark.parametrize("name", list(TRACED))
+def test_traced_bad_input(name):
+    fn, path, fragments = TRACED[name]
+    outside = _state()
+    with fake_mesh((2, 2), ("dp", "tp")) as mesh:
+        with _unchanged_state():
+            _expect(fn, mesh, path, fragments)
+    assert _state() == outside
+
+
+def test_catalogue_size():
+    assert len(EAGER) + len(TRACED) >= 40
+
+
+def test_body_error_keeps_the_original_type_and_cause():
+    """A wrapped RuntimeError is still a RuntimeError (callers catching it keep working), chains the original,
+    and names the region, where it is defined and the body's line."""
+    with simulated_mesh(2) as mesh:
+        f = local_map(_shape_error, [R], ([R],))
+        with pytest.raises(RuntimeError) as info:
+            f(distribute(randn(4, 4), mesh, [R]))
+    err = info.value
+    assert isinstance(err, LocalMapError) and isinstance(err.__cause__, RuntimeError)
+    assert err.original is err.__cause__
+    msg = str(err)
+    assert "region '_shape_error' (defined at tests/test_bad_input.py:" in msg or \
+        "region '_shape_error' (defined at " in msg
+    line = _shape_error.__code__.co_firstlineno + 1
+    assert f"test_bad_input.py:{line}" in msg, msg
+
+
+def test_body_error_wrapping_is_off_the_hot_path():
+    """Wrapping happens only when the body raises: a working region's result is the body's own value."""
+    with simulated_mesh(2) as mesh:
+        x = distribute(randn(4, 4), mesh, [S0])
+        out = local_map(lambda a: a * 2, [S0], ([S0],))(x)
+        assert out.placements == (S0,)
+
+
+del P, S1  # imported for symmetry with the other test files
