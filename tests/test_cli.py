@@ -147,14 +147,13 @@ def test_inspect_named_entry_point(tmp_path):
         "    f = local_map(lambda x: x.sin(), [Shard(0)], ([Shard(0)],), device_mesh=mesh)\n"
         "    return (lambda x: f(x).sum()), (torch.randn(4, 3, requires_grad=True),)\n"
         "def junk(mesh):\n    return 42\n")
-    res = _run("inspect", f"{src}:other")
-    assert res.returncode == 0, res.stdout + res.stderr
-    assert "on a fake 2 (tp) mesh" in res.stdout and "1/1 ok" in res.stdout
-
     from click.testing import CliRunner
 
     from localmap.cli import app
 
+    res = CliRunner().invoke(app, ["inspect", f"{src}:other"])
+    assert res.exit_code == 0, (res.stdout, res.stderr, res.exception)
+    assert "on a fake 2 (tp) mesh" in res.stdout and "1/1 ok" in res.stdout
     res = CliRunner().invoke(app, ["inspect", f"{src}:junk"])
     assert res.exit_code == 1 and "prog.py:junk(mesh) must return (fn, args) or (fn, args, reference)" in res.stderr
 
