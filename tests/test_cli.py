@@ -26,7 +26,8 @@ def _run(*args, env=None, timeout=240):
 
 def _steps(stdout):
     """(step, loss on the mesh, loss on one device, max grad diff, match) rows of the demo's step table."""
-    rows = re.findall(r"│\s+(\d+) │\s+([\d.]+) │\s+([\d.]+) │\s+([\d.e+-]+) │\s+([\d.e+-]+) │ \S+\s+│ (\w+)", stdout)
+    num = r"([\d.e+-]+|inf|nan)"
+    rows = re.findall(rf"│\s+(\d+) │\s+{num} │\s+{num} │\s+{num} │\s+{num} │ \S+\s+│ (\w+)", stdout)
     return [(int(s), float(a), float(b), float(g), m) for s, a, b, _, g, m in rows]
 
 
@@ -87,22 +88,25 @@ def test_demo_gloo_processes_match_one_device():
     assert "ok: 2 steps on a 1x2 (dp, tp) mesh of 2 gloo processes match one device" in res.stdout
 
 
-def test_demo_wrong_gradient_placement_fails(monkeypatch, capsys):
+def test_demo_wrong_gradient_placement_fails(monkeypatch):
     """The router's gradient claimed Replicate (PyTorch's default for a replicated input) instead of a partial
-    sum: the demo's comparison with one device catches it, says MISMATCH and returns False."""
+    sum: the demo's comparison with one device catches it, says MISMATCH and exits 1 (the command run in this
+    process, so that the model's region can be patched)."""
+    from click.testing import CliRunner
+
     import localmap.demo_model as dm
-    from localmap.demo import Config, run_demo
-    from localmap._showcase import console, parse_mesh
     from localmap import Replicate
+    from localmap.cli import app
 
     wrong = list(dm.MOE_GRADS)
     wrong[1] = [Replicate(), Replicate()]
     monkeypatch.setattr(dm, "MOE_GRADS", tuple(wrong))
-    ok = run_demo(Config(mesh=parse_mesh("2x2"), layers=1, steps=1), out=console())
-    out = capsys.readouterr().out
-    assert ok is False
-    assert "MISMATCH" in out and "FAILED" in out and "do NOT match one device" in out
-    assert re.search(r"layers\.0\.router", out)  # the parameter whose gradient is wrong
+    res = CliRunner().invoke(app, ["demo", "--layers", "1", "--steps", "1"])
+    assert res.exit_code == 1, (res.stdout, res.stderr, res.exception)
+    steps = _steps(res.stdout)
+    assert len(steps) == 1 and steps[0][4] == "MISMATCH" and steps[0][3] > 1e-3
+    assert "layers.0.router" in res.stdout  # the parameter whose gradient is wrong
+    assert "FAILED" in res.stdout and "do NOT match one device" in res.stdout
 
 
 # ---- inspect ----------------------------------------------------------------------------------------------------
