@@ -150,6 +150,9 @@ def test_inspect_named_entry_point(tmp_path):
         "def other(mesh):\n"
         "    f = local_map(lambda x: x.sin(), [Shard(0)], ([Shard(0)],), device_mesh=mesh)\n"
         "    return (lambda x: f(x).sum()), (torch.randn(4, 3, requires_grad=True),)\n"
+        "def on_meta(mesh):\n"
+        "    fn, _ = other(mesh)\n"
+        "    return fn, (torch.randn(4, 3, device='meta', requires_grad=True),)\n"
         "def junk(mesh):\n    return 42\n")
     from click.testing import CliRunner
 
@@ -158,6 +161,10 @@ def test_inspect_named_entry_point(tmp_path):
     res = CliRunner().invoke(app, ["inspect", f"{src}:other"])
     assert res.exit_code == 0, (res.stdout, res.stderr, res.exception)
     assert "on a fake 2 (tp) mesh" in res.stdout and "1/1 ok" in res.stdout
+    res = CliRunner().invoke(app, ["inspect", f"{src}:on_meta"])  # meta inputs capture ...
+    assert res.exit_code == 0 and "1/1 ok" in res.stdout, (res.stdout, res.stderr, res.exception)
+    res = CliRunner().invoke(app, ["inspect", f"{src}:on_meta", "--verify"])  # ... but do not run
+    assert res.exit_code == 1 and "--verify runs the program, but prog.py:on_meta(mesh) gave meta tensors" in res.stderr
     res = CliRunner().invoke(app, ["inspect", f"{src}:junk"])
     assert res.exit_code == 1 and "prog.py:junk(mesh) must return (fn, args) or (fn, args, reference)" in res.stderr
 

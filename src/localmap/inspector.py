@@ -130,6 +130,9 @@ def run_inspect(target: str, mesh: str | None = None, *, verify: bool = False, s
     out.print(f"[bold]localmap inspect[/] {path}:{name} on a fake {spec} mesh")
     with fake_mesh(spec.shape, spec.names) as device_mesh, localmap.use_mesh(device_mesh), tolerant_costs():
         fn, args, reference = _unpack(program(device_mesh), label)
+        if verify and _has_meta(fn, args):
+            raise CliError(f"--verify runs the program, but {label} gave meta tensors; return real (small) "
+                           "tensors from it")
         with out.status("capturing forward and backward"), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # check="warn" regions: their verdicts are in the table
             try:
@@ -150,9 +153,6 @@ def run_inspect(target: str, mesh: str | None = None, *, verify: bool = False, s
         write_outputs(prog, svg, json_path, out)
         verified = True
         if verify:
-            if _has_meta(fn, args):
-                raise CliError(f"--verify runs the program, but {label} gave meta tensors; return real (small) "
-                               "tensors from it")
             with out.status("verifying: the captured program run rank by rank vs one device"), \
                     warnings.catch_warnings():
                 warnings.simplefilter("ignore")
