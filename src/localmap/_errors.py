@@ -72,6 +72,11 @@ def fail(
     )
 
 
+class CollectiveError(LocalMapError):
+    """A collective that localmap runs itself (the gather of uneven shard sizes) failed or timed out: another
+    rank failed, exited, or is in a different call."""
+
+
 # ---- errors raised inside a region's body -------------------------------------------------------------------------
 
 class BodyError(LocalMapError):

@@ -12,6 +12,8 @@ output dims (one small all_gather per mesh dim), and the gathered layout is chec
 
 from __future__ import annotations
 
+import os
+from datetime import timedelta
 from typing import Any, Sequence
 
 import torch
@@ -19,7 +21,7 @@ from torch.distributed.tensor import DeviceMesh
 from torch.distributed.tensor.placement_types import Placement, Shard
 
 from ._compat import all_gather_stack, is_simulated, simulated_local, simulated_rank_map
-from ._errors import fail
+from ._errors import CollectiveError, fail
 from ._specs import placements_str
 
 
@@ -77,9 +79,31 @@ def _local_size_matrix(tensors: Sequence[torch.Tensor], entries: Sequence[tuple[
         table = simulated_rank_map(sizes_on)
     else:
         table = torch.tensor([int(tensors[i].shape[d]) for i, d in entries], dtype=torch.int64, device=device)
+        limit = collective_timeout()
+        if limit is not None and not torch.compiler.is_compiling():  # a real process group: bounded waits
+            for mesh_dim in reversed(range(mesh.ndim)):
+                table = _all_gather_bounded(table, mesh, mesh_dim, limit)
+            return table.tolist()
     for mesh_dim in reversed(range(mesh.ndim)):
         table = all_gather_stack(table, mesh, mesh_dim)
     return table.tolist()
+
+
+def collective_timeout() -> float | None:
+    """Seconds localmap's own collectives wait for the other ranks (LOCALMAP_COLLECTIVE_TIMEOUT), or None for
+    the process group's timeout."""
+    value = os.environ.get("LOCALMAP_COLLECTIVE_TIMEOUT")
+    return float(value) if value else None
+
+
+def _all_gather_bounded(t: torch.Tensor, mesh: DeviceMesh, mesh_dim: int, seconds: float) -> torch.Tensor:
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(t) for _ in range(mesh.size(mesh_dim))]
+    work = dist.all_gather(parts, t.contiguous(), group=mesh.get_group(mesh_dim), async_op=True)
+    if not work.wait(timeout=timedelta(seconds=seconds)):
+        raise TimeoutError(f"all_gather over mesh dim {mesh_dim} did not finish in {seconds:g}s")
+    return torch.stack(parts)
 
 
 def _size_on(t: torch.Tensor, rank: int, dim: int) -> int:
@@ -103,7 +127,16 @@ def gather_global_shapes(tensors: Sequence[torch.Tensor], placements: Sequence[t
     shapes = [list(t.shape) for t in tensors]
     if not entries:
         return shapes
-    table = torch.tensor(_local_size_matrix(tensors, entries, mesh))  # [n0, ..., n_{k-1}, entries]
+    try:
+        table = torch.tensor(_local_size_matrix(tensors, entries, mesh))  # [n0, ..., n_{k-1}, entries]
+    except Exception as e:  # another rank failed, exited, or is in a different collective
+        limit = collective_timeout()
+        raise fail(paths[entries[0][0]], "could not gather every rank's shard sizes" + (
+            f" within {limit:g}s" if limit else ""), mesh=mesh,
+            given=f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300],
+            fix="another rank failed, exited, or called this region with other shapes or placements: see that "
+                "rank's error (the wait is bounded by LOCALMAP_COLLECTIVE_TIMEOUT seconds, else the process "
+                "group's timeout)", error=CollectiveError) from e
     mesh_shape = tuple(mesh.shape)
     for col, (i, d) in enumerate(entries):
         sizes = table[..., col]
