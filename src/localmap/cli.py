@@ -35,7 +35,7 @@ def app() -> None:
     """Per-shard code inside global PyTorch SPMD programs."""
 
 
-@app.command()
+@app.command(short_help="Train a Llama-style model with regions on a mesh against one device.")
 @click.option("--mesh", default="2x2", show_default=True, help="DPxTP mesh, e.g. 2x2 or dp=2,tp=2")
 @click.option("--launcher", type=click.Choice(["sim", "gloo"]), default="sim", show_default=True,
               help="sim: every rank simulated in this process; gloo: one process per rank on loopback "
@@ -62,7 +62,7 @@ def demo(mesh: str, launcher: str, layers: int, dim: int, experts: int, steps: i
     _guarded(debug, body)
 
 
-@app.command()
+@app.command(short_help="Capture a file's program(mesh) and show its regions, checks and costs.")
 @click.argument("target", metavar="FILE.py[:NAME]")
 @click.option("--mesh", default=None, help="mesh, e.g. 2x2 or dp=2,tp=2 (default: the file's MESH, else 2x2)")
 @click.option("--verify", is_flag=True, help="also run localmap.verify (needs real example tensors)")
