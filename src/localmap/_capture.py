@@ -160,7 +160,7 @@ def capture(fn: Callable | torch.nn.Module, *args: Any, backward: bool = True, *
 
 
 def _trace(call: Callable, primals: list, backward: bool, fake_mode: Any) -> tuple:
-    with defer_inlining(), recording("capture") as records:
+    with _compat.trace_lock(), defer_inlining(), recording("capture") as records:
         if backward:
             with fake_mode:
                 seed = torch.ones((), dtype=torch.float32)  # d(loss)/d(loss): the backward's one input

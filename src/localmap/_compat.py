@@ -167,6 +167,16 @@ def outside_simulation() -> Any:
 
 # ---- tracing internals used by the operator (hop.py) and region building (_region.py) -------------------------
 
+# torch.fx's tracer (under make_fx) patches functions through one process-wide patcher, so two threads tracing
+# at once break each other ("CURRENT_PATCHER is None"). localmap's traces (capture, region bodies, the placement
+# check, region graphs) take this re-entrant lock; steady-state eager calls trace nothing and never take it.
+_TRACE_LOCK = __import__("threading").RLock()
+
+
+def trace_lock() -> Any:
+    return _TRACE_LOCK
+
+
 def isolated_tracing() -> Any:
     """A context for tracing a region's own graphs from inside another trace: functionalization suspended and
     the outer proxy modes off, so the inner make_fx sees plain fake tensors and records into its own graph."""
@@ -180,6 +190,7 @@ def isolated_tracing() -> Any:
     from torch.utils._python_dispatch import _disable_current_modes
 
     stack = contextlib.ExitStack()
+    stack.enter_context(_TRACE_LOCK)  # one trace at a time per process (see trace_lock)
     stack.enter_context(temporarily_clear_interpreter_stack())  # torch.func transforms (functionalize, ...)
     stack.enter_context(suspend_functionalization())
     stack.enter_context(disable_functional_mode())
