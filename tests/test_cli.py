@@ -12,7 +12,6 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXAMPLES = os.path.join(ROOT, "examples")
 
 
 def _cmd(*args):
@@ -21,7 +20,7 @@ def _cmd(*args):
 
 def _run(*args, env=None, timeout=240):
     return subprocess.run(_cmd(*args), capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                          env={**os.environ, "COLUMNS": "200", **(env or {})})
+                          env={**os.environ, **(env or {})})
 
 
 def _steps(stdout):
@@ -196,9 +195,8 @@ BAD_IN_PROCESS = {
 
 
 def test_bad_input_one_line_and_nonzero_exit():
-    env = {**os.environ, "COLUMNS": "200"}
     procs = {name: subprocess.Popen(_cmd(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                    cwd=ROOT, env=env) for name, (args, _) in BAD.items()}
+                                    cwd=ROOT) for name, (args, _) in BAD.items()}
     for name, proc in procs.items():
         out, err = proc.communicate(timeout=180)
         lines = [ln for ln in err.splitlines() if ln.strip()]
