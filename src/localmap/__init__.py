@@ -21,7 +21,7 @@ from ._check import PlacementError
 from ._types import VARYING, RuleError, register_rule
 from ._context import use_mesh
 from ._eager import local_map
-from ._errors import LocalMapError
+from ._errors import BodyError, CollectiveError, LocalMapError
 from ._run import VerificationError, verify
 
 __version__ = "0.1.0"
@@ -29,5 +29,5 @@ __version__ = "0.1.0"
 __all__ = [
     "local_map", "LocalMapError", "Shard", "Replicate", "Partial", "capture", "CapturedProgram", "Region",
     "verify", "VerificationError", "use_mesh", "collectives", "PlacementError", "register_rule", "RuleError", "VARYING",
-    "__version__",
+    "BodyError", "CollectiveError", "__version__",
 ]
