@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import math
 import re
 import sys
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -73,34 +71,6 @@ def error_line(exc: BaseException) -> str:
     if fix:
         line += f" (fix: {fix})"
     return line
-
-
-@contextlib.contextmanager
-def tolerant_costs() -> Iterator[None]:
-    """Costs of region graphs whose sizes depend on data (an all_to_all whose split sizes come from .tolist())
-    cannot be evaluated by localmap._cost yet: count them as 0 instead of failing the capture."""
-    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
-
-    from . import _cost
-
-    def tolerant(fn: Any) -> Any:
-        @functools.wraps(fn)
-        def wrapped(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return fn(*args, **kwargs)
-            except GuardOnDataDependentSymNode:
-                return 0
-        return wrapped
-
-    names = ("graph_flops", "activation_bytes", "collective_bytes")
-    saved = {n: getattr(_cost, n) for n in names}
-    for n in names:
-        setattr(_cost, n, tolerant(saved[n]))
-    try:
-        yield
-    finally:
-        for n, fn in saved.items():
-            setattr(_cost, n, fn)
 
 
 def verdict_style(verdict: str) -> str:

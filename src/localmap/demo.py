@@ -27,7 +27,7 @@ from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ._showcase import (CliError, MeshSpec, console, region_table, tolerant_costs, verdict_is_problem,
+from ._showcase import (CliError, MeshSpec, console, region_table, verdict_is_problem,
                         verdict_style, write_outputs)
 
 ATOL, RTOL = 1e-5, 1e-4
@@ -317,7 +317,7 @@ def capture_model(cfg: Config) -> Any:
     from .demo_model import DemoLlama
     from .testing import fake_mesh
 
-    with fake_mesh(cfg.mesh.shape, cfg.mesh.names) as mesh, localmap.use_mesh(mesh), tolerant_costs():
+    with fake_mesh(cfg.mesh.shape, cfg.mesh.names) as mesh, localmap.use_mesh(mesh):
         with torch.device("meta"):
             model = DemoLlama(**cfg.model_kwargs(reference=False))
         tokens, targets = _batch(cfg, 0)

@@ -27,7 +27,7 @@ from typing import Any
 
 from rich.console import Console
 
-from ._showcase import (CliError, MeshSpec, console, parse_mesh, region_table, tolerant_costs, verdict_is_problem,
+from ._showcase import (CliError, MeshSpec, console, parse_mesh, region_table, verdict_is_problem,
                         verdict_style, write_outputs)
 
 ENTRY = "program"
@@ -128,7 +128,7 @@ def run_inspect(target: str, mesh: str | None = None, *, verify: bool = False, s
     from .testing import fake_mesh
 
     out.print(f"[bold]localmap inspect[/] {path}:{name} on a fake {spec} mesh")
-    with fake_mesh(spec.shape, spec.names) as device_mesh, localmap.use_mesh(device_mesh), tolerant_costs():
+    with fake_mesh(spec.shape, spec.names) as device_mesh, localmap.use_mesh(device_mesh):
         fn, args, reference = _unpack(program(device_mesh), label)
         if verify and _has_meta(fn, args):
             raise CliError(f"--verify runs the program, but {label} gave meta tensors; return real (small) "
