@@ -36,7 +36,9 @@ def moe_expert_parallel(x, router, w1, w2):
     rows = collectives.all_to_all_single(x[order], "ep", recv, send)
     mine = torch.repeat_interleave(torch.arange(local).repeat(ranks), got, output_size=rows.shape[0])
     back = collectives.all_to_all_single(experts(rows, router, w1, w2, mine), "ep", send, recv)
-    return torch.zeros_like(x).index_copy(0, order, back) * weight.unsqueeze(-1)  # x's size, not the data's
+    # Back in token order. index_select by the inverse order gives a size known from x (order's), not from the
+    # data, so nothing data-dependent leaves the region.
+    return back.index_select(0, order.argsort()) * weight.unsqueeze(-1)
 
 
 def moe_dense(x, router, w1, w2):
@@ -52,11 +54,10 @@ class MoE(nn.Module):
         self.w1 = nn.Parameter(torch.randn(num_experts, dim, hidden) / math.sqrt(dim))
         self.w2 = nn.Parameter(torch.randn(num_experts, hidden, dim) / math.sqrt(hidden))
         # Tokens Shard(0) over ep, experts Shard(0) over ep, the router replicated (its gradient a partial sum).
-        # check=False: the placement checker cannot type data-dependent split sizes yet.
         self.layer = moe_dense if dense else local_map(
             moe_expert_parallel, out_placements=[Shard(0)],
             in_placements=([Shard(0)], [Replicate()], [Shard(0)], [Shard(0)]),
-            in_grad_placements=([Shard(0)], [Partial()], [Shard(0)], [Shard(0)]), device_mesh=mesh, check=False)
+            in_grad_placements=([Shard(0)], [Partial()], [Shard(0)], [Shard(0)]), device_mesh=mesh)
 
     def forward(self, x):
         return (x + self.layer(x, self.router, self.w1, self.w2)).pow(2).mean()

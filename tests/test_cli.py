@@ -66,11 +66,11 @@ def test_demo_simulated_mesh_matches_one_device(tmp_path):
     assert re.search(r"ok: 2 steps on a simulated 2x2 \(dp, tp\) mesh match one device", out)
     # each region's eager verdict, and the captured program's table
     assert re.search(r"layers\.0\.attention\s+│ ok", out) and re.search(r"loss\s+│ ok", out)
-    assert re.search(r"layers\.0\.moe\s+│ unchecked", out)
+    assert re.search(r"layers\.0\.moe\s+│ ok", out)  # gradient placements inferred by the check
     for name in ("attention_core.0", "moe_expert_parallel.0", "token_loss_sum.0"):
         assert name in out
     assert re.search(r"token_loss_sum\.0 .*\(S\(0\),R\) \(S\(0\),R\) -> \(P,R\)", out)
-    assert "3 regions" in out and "2/3 ok" in out
+    assert "3 regions" in out and "3/3 ok" in out
     report = json.loads(js.read_text())
     assert [r["name"] for r in report["regions"]][:2] == ["attention_core.0", "moe_expert_parallel.0"]
     assert report["regions"][0]["local_in_shapes"][0] == [2, 2, 8, 8]  # batch 4 / dp, heads 4 / tp
@@ -89,17 +89,23 @@ def test_demo_gloo_processes_match_one_device():
 
 def test_demo_wrong_gradient_placement_fails(monkeypatch):
     """The router's gradient claimed Replicate (PyTorch's default for a replicated input) instead of a partial
-    sum: the demo's comparison with one device catches it, says MISMATCH and exits 1 (the command run in this
-    process, so that the model's region can be patched)."""
+    sum, with the check off (on, it refuses the claim): the demo's comparison with one device catches it, says
+    MISMATCH and exits 1 (the command run in this process, so that the model's region can be patched)."""
     from click.testing import CliRunner
 
     import localmap.demo_model as dm
-    from localmap import Replicate
+    from localmap import Partial, Replicate, Shard
     from localmap.cli import app
 
-    wrong = list(dm.MOE_GRADS)
-    wrong[1] = [Replicate(), Replicate()]
-    monkeypatch.setattr(dm, "MOE_GRADS", tuple(wrong))
+    real = dm.local_map
+
+    def wrong_router_gradient(fn, *args, **kwargs):
+        if fn is dm.moe_expert_parallel:
+            S0, S1, R, P = Shard(0), Shard(1), Replicate(), Partial()
+            kwargs.update(in_grad_placements=([S0, S1], [R, R], [P, S0], [P, S0], None), check=False)
+        return real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(dm, "local_map", wrong_router_gradient)
     res = CliRunner().invoke(app, ["demo", "--layers", "1", "--steps", "1"])
     assert res.exit_code == 1, (res.stdout, res.stderr, res.exception)
     steps = _steps(res.stdout)
@@ -124,12 +130,12 @@ def test_inspect_attention_with_verify(tmp_path):
 
 
 def test_inspect_moe_expert_parallel():
-    res = _run("inspect", os.path.join("examples", "moe.py"))
+    res = _run("inspect", os.path.join("examples", "moe.py"), "--verify")
     assert res.returncode == 0, res.stdout + res.stderr
     assert "on a fake 4 (ep) mesh" in res.stdout
     assert re.search(r"moe_expert_parallel\.0 .*\(S\(0\)\) \(R\) \(S\(0\)\) \(S\(0\)\) -> \(S\(0\)\)", res.stdout)
     assert re.search(r"8x16 16x8 2x16x32 2x32x16", res.stdout)  # 32 tokens and 8 experts over 4 ranks
-    assert "ok: moe.py:program(mesh): 1 regions" in res.stdout
+    assert "ok: moe.py:program(mesh): 1 regions, 1 checked ok, verify matched one device" in res.stdout
 
 
 def test_inspect_wrong_region_is_flagged_by_check_and_verify():

@@ -133,9 +133,17 @@ class _MeshInterpreter(fx.Interpreter):
         return super().run_node(n)
 
     def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
-        if target is not local_map_hop:
-            return super().call_function(target, args, kwargs)
-        return self._region(args[0], args[1:])
+        if target is local_map_hop:
+            return self._region(args[0], args[1:])
+        per_rank = [a for a in (*args, *kwargs.values()) if isinstance(a, PerRank)]
+        if per_rank:  # an op on a saved activation between regions (its size, say): once per rank
+            def on(r: int, a: Any) -> Any:
+                return a.values[r] if isinstance(a, PerRank) else a
+
+            return PerRank([super(_MeshInterpreter, self).call_function(
+                target, tuple(on(r, a) for a in args), {k: on(r, a) for k, a in kwargs.items()})
+                for r in range(len(per_rank[0].values))])
+        return super().call_function(target, args, kwargs)
 
     def _region(self, gm: fx.GraphModule, args: Sequence[Any]) -> tuple:
         kwargs, role = kwargs_of(gm), role_of(gm)

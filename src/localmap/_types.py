@@ -219,6 +219,9 @@ def _spec(val: torch.Tensor, t: Type, mesh: Any, local: bool = False) -> Any:
 def propagate(node: fx.Node, in_types: list, mesh: Any, types: dict) -> Any:
     """Output type(s) of `node` from DTensor's sharding strategies; None when DTensor has no strategy."""
     local = node.target in _SIZE_ARG_OPS
+    vals = [a.meta.get("val") for a in node.all_input_nodes]
+    if _compat.has_free_unbacked_symbols([(v.shape, v.stride()) for v in vals if isinstance(v, torch.Tensor)]):
+        return None  # data-dependent sizes (tokens routed by an all_to_all): DTensor's strategies need real ones
 
     def as_schema(a: Any) -> Any:
         if isinstance(a, fx.Node):

@@ -31,13 +31,9 @@ from . import local_map
 
 S0, S1, S2, R, P = Shard(0), Shard(1), Shard(2), Replicate(), Partial()
 EP = "tp"  # the mesh dim experts are spread over
-# The placement checker cannot yet type a body whose sizes depend on data (the split sizes read with .tolist()):
-# it fails inside DTensor propagation. Until it can, the expert-parallel region runs unchecked; its gradient
-# placements are given explicitly, and the demo compares every gradient with one device.
-MOE_CHECK = False
-# Gradient placements of the expert-parallel region's inputs (x, router, w1, w2, top_k): the replicated router
-# meets per-rank tokens on both mesh dims, so its gradient is a partial sum over both.
-MOE_GRADS = ([S0, S1], [P, P], [P, S0], [P, S0], None)
+# Gradient placements of the expert-parallel region's inputs (x, router, w1, w2, top_k) are inferred by the
+# checker: the replicated router meets per-rank tokens on both mesh dims, so its gradient is a partial sum over
+# both; the experts (sharded over tp) are replicated over dp and meet per-rank tokens there.
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -122,8 +118,7 @@ class Layer(nn.Module):
                                    in_grad_placements=(HEADS, HEADS, HEADS))
         # Tokens: batch over dp, sequence over tp (each tp rank routes its own tokens); experts over tp.
         self.moe = local_map(moe_expert_parallel, out_placements=[S0, S1],
-                             in_placements=([S0, S1], [R, R], [R, S0], [R, S0], None),
-                             in_grad_placements=MOE_GRADS, check=MOE_CHECK)
+                             in_placements=([S0, S1], [R, R], [R, S0], [R, S0], None))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
