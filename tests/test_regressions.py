@@ -119,3 +119,16 @@ def test_run_region_gradient_with_broadcast_layout():
     want = (up * 1.5).expand(3, 1, 6)
     assert torch.allclose(result.loss, (((x + y).sum(0) * 1.5) * up).sum(), atol=1e-5)
     assert torch.allclose(result.grads["args[0]"], want) and torch.allclose(result.grads["args[1]"], want)
+
+
+@pytest.mark.timeout(60)
+def test_flatten_of_empty_sharded_tensor_does_not_hang():
+    """The check asked DTensor's view rule about a (0, 4) tensor, which loops forever on a size-0 dim; the
+    region hung. Now the view of an empty tensor takes the conservative rule and the call returns."""
+    with simulated_mesh((3, 2)) as mesh:
+        x = randn(0, 4)
+        xd = distribute(x, mesh, [S0, R], requires_grad=True)
+        out = local_map(lambda a: torch.tanh(a.flatten(0, 1)), [S0, R], ([S0, R],), None, mesh)(xd)
+        assert tuple(out.shape) == (0,) and out.placements == (S0, R)
+        out.sum().backward()
+        assert tuple(xd.grad.shape) == (0, 4)

@@ -325,12 +325,20 @@ def register_cpu_attention_flops() -> None:
             fc.register_flop_formula(op)(formula)
 
 
+_VIEW_OPS = {torch.ops.aten.view, torch.ops.aten.reshape, torch.ops.aten._unsafe_view, torch.ops.aten.flatten,
+             torch.ops.aten.unflatten, torch.ops.aten._reshape_alias}
+
+
 def propagate_sharding(op: Any, args: Any, kwargs: dict) -> Any:
     """DTensor's sharding propagation for one op on input specs: output specs and whether inputs would have
     to be redistributed (i.e. whether running the op on the shards computes the shard of the global op)."""
     from torch.distributed.tensor._op_schema import OpSchema
 
     prop = DTensor._op_dispatcher.sharding_propagator
+    if getattr(op, "overloadpacket", None) in _VIEW_OPS and any(
+            0 in tuple(s.tensor_meta.shape) for s in args if isinstance(s, DTensorSpec) and s.tensor_meta):
+        # DTensor's view rule loops forever on a size-0 dim (torch 2.13): no strategy, the caller's rule applies
+        raise NotImplementedError("view of an empty tensor")
     # Uncached: DTensor's cache keys on the arguments its runtime schema info marks static, which a schema
     # built here would not carry (a sum over dim 0 and over dim 1 would share an entry).
     schema = OpSchema(op, tuple(args), dict(kwargs), schema_info=prop.op_to_schema_info.get(op))
