@@ -132,3 +132,17 @@ def test_flatten_of_empty_sharded_tensor_does_not_hang():
         assert tuple(out.shape) == (0,) and out.placements == (S0, R)
         out.sum().backward()
         assert tuple(xd.grad.shape) == (0, 4)
+
+
+def test_full_of_dim_sharded_on_two_mesh_dims_with_empty_shards():
+    """testing.full used DTensor's full_tensor, whose redistribution fails on the simulated mesh ("narrow
+    unexpectedly changed concrete size") for a size-1 dim sharded on two mesh dims (shards 1, 0, 0, 0). full now
+    assembles the ranks' local tensors by the placements."""
+    with simulated_mesh((2, 2, 2)) as mesh:
+        x = randn(1, 4, 1)
+        spec = [S0, torch.distributed.tensor.Shard(2), torch.distributed.tensor.Shard(2)]
+        xd = distribute(x, mesh, spec)
+        assert max_diff(full(xd), x) == 0
+        out = local_map(lambda a: torch.tanh(a.mean(1)), [S0, torch.distributed.tensor.Shard(1),
+                                                           torch.distributed.tensor.Shard(1)], (spec,), None, mesh)(xd)
+        assert max_diff(full(out), torch.tanh(x.mean(1))) < 1e-6

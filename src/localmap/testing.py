@@ -123,12 +123,31 @@ def distribute(t: torch.Tensor, mesh: DeviceMesh, placements: Sequence[Placement
 
 
 def full(x: torch.Tensor) -> torch.Tensor:
-    """The global value of a DTensor (or a simulated tensor that is the same on every rank), plain."""
+    """The global value of a DTensor (or a simulated tensor that is the same on every rank), plain.
+
+    On the simulated mesh a DTensor is put together from every rank's local tensor by its placements (Shard:
+    concatenated in mesh order, Partial: reduced, Replicate: every rank must agree), without DTensor's own
+    redistribution, which fails in the simulation for a dim sharded on several mesh dims with empty shards."""
     if isinstance(x, DTensor):
+        if _compat.is_simulated(x._local_tensor):
+            return _assemble(x)
         x = x.full_tensor()
     x = _compat.reconcile(x)
     with on_one_device():
         return x.detach().clone()
+
+
+def _assemble(x: DTensor) -> torch.Tensor:
+    from ._run import join
+
+    problems: list[str] = []
+    locals_ = _compat.simulated_local(x._local_tensor)
+    with on_one_device():
+        values = {coord: locals_[rank].detach().clone() for rank, coord in _mesh_coordinates(x.device_mesh).items()}
+        out = join(values, x.placements, tuple(x.device_mesh.shape), problems.append)
+    if problems:
+        raise AssertionError(f"full: a Replicate value must be the same on every rank: {problems[0]}")
+    return out
 
 
 # ---- real processes -----------------------------------------------------------------------------------------
