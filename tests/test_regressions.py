@@ -146,3 +146,16 @@ def test_full_of_dim_sharded_on_two_mesh_dims_with_empty_shards():
         out = local_map(lambda a: torch.tanh(a.mean(1)), [S0, torch.distributed.tensor.Shard(1),
                                                            torch.distributed.tensor.Shard(1)], (spec,), None, mesh)(xd)
         assert max_diff(full(out), torch.tanh(x.mean(1))) < 1e-6
+
+
+def test_wrong_claim_on_empty_contraction_is_refused():
+    """x (1, 0) @ w (0, 4) with the empty contraction dim sharded is a partial sum (of zeros); DTensor's
+    cost-based strategy choice on empty tensors made the check read it as 'varies', so a wrong Shard(0) claim
+    passed and gave a (2, 4) global shape for a (1, 4) value."""
+    with simulated_mesh(2) as mesh:
+        x, w = randn(1, 0), randn(0, 4)
+        args = (distribute(x, mesh, [torch.distributed.tensor.Shard(1)]), distribute(w, mesh, [S0]))
+        with pytest.raises(PlacementError, match="partial sum over the ranks but is claimed Shard"):
+            local_map(lambda a, b: a @ b, [S0], ([torch.distributed.tensor.Shard(1)], [S0]), None, mesh)(*args)
+        out = local_map(lambda a, b: a @ b, [P], ([torch.distributed.tensor.Shard(1)], [S0]), None, mesh)(*args)
+        assert tuple(out.shape) == (1, 4) and max_diff(full(out), x @ w) == 0

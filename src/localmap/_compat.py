@@ -329,6 +329,18 @@ _VIEW_OPS = {torch.ops.aten.view, torch.ops.aten.reshape, torch.ops.aten._unsafe
              torch.ops.aten.unflatten, torch.ops.aten._reshape_alias}
 
 
+def _non_empty(spec: DTensorSpec) -> DTensorSpec:
+    meta = spec.tensor_meta
+    if meta is None or 0 not in tuple(meta.shape):
+        return spec
+    import math
+
+    from ._shapes import dense_stride
+
+    shape = [s if s != 0 else math.prod(spec.mesh.shape) for s in meta.shape]
+    return make_spec(spec.mesh, spec.placements, shape, dense_stride(shape, meta.stride), meta.dtype)
+
+
 def propagate_sharding(op: Any, args: Any, kwargs: dict) -> Any:
     """DTensor's sharding propagation for one op on input specs: output specs and whether inputs would have
     to be redistributed (i.e. whether running the op on the shards computes the shard of the global op)."""
@@ -339,6 +351,11 @@ def propagate_sharding(op: Any, args: Any, kwargs: dict) -> Any:
             0 in tuple(s.tensor_meta.shape) for s in args if isinstance(s, DTensorSpec) and s.tensor_meta):
         # DTensor's view rule loops forever on a size-0 dim (torch 2.13): no strategy, the caller's rule applies
         raise NotImplementedError("view of an empty tensor")
+    # Other ops on empty tensors: every redistribution costs nothing there, so DTensor's cost-based choice may
+    # pick a strategy that redistributes (read as "the local op is not the shard of the global op"). Sizes do
+    # not change which placements an op's strategies accept, so ask about a non-empty tensor of the same
+    # placements (size 0 becomes the mesh's size, which every mesh dim divides).
+    args = tuple(_non_empty(a) if isinstance(a, DTensorSpec) else a for a in args)
     # Uncached: DTensor's cache keys on the arguments its runtime schema info marks static, which a schema
     # built here would not carry (a sum over dim 0 and over dim 1 would share an entry).
     schema = OpSchema(op, tuple(args), dict(kwargs), schema_info=prop.op_to_schema_info.get(op))
