@@ -2,7 +2,7 @@
 
 Every function takes ``mesh_dim`` as a name or an index; the mesh is the enclosing region's (or ``mesh=``).
 They are PyTorch's functional collectives (so they trace into graphs, run under gloo/NCCL and on the simulated
-mesh) wrapped in autograd functions whose backward is the transpose:
+mesh), differentiated by their transpose:
 
 =================================  ================================================================
 forward                            backward
@@ -156,7 +156,7 @@ def all_gather(x: torch.Tensor, mesh_dim: int | str, dim: int = 0, *, mesh: Devi
     """Concatenate every rank's `x` along `dim`, in rank order. Backward reduce-scatters: the result is meant to
     meet per-rank data (gathered keys and values, say), so each rank's gradient is a share to be summed."""
     _, _, group = _group(mesh_dim, mesh)
-    return _wait(funcol.all_gather_tensor(x.contiguous(), dim % max(x.dim(), 1), group))
+    return _wait(funcol.all_gather_single(x.contiguous(), dim % max(x.dim(), 1), group))
 
 
 def reduce_scatter(x: torch.Tensor, mesh_dim: int | str, dim: int = 0, op: str = "sum", *,
@@ -172,7 +172,7 @@ def reduce_scatter(x: torch.Tensor, mesh_dim: int | str, dim: int = 0, op: str =
         raise fail("x", f"dim {dim} of size {x.shape[dim]} does not split evenly over {n} ranks",
                    mesh=mesh, mesh_dim=index, fix="pad that dim to a multiple of the mesh dim's size")
     x = x / n if op == "avg" else x
-    return _wait(funcol.reduce_scatter_tensor(x.contiguous(), "sum", dim % x.dim(), group))
+    return _wait(funcol.reduce_scatter_single(x.contiguous(), "sum", dim % x.dim(), group))
 
 
 def all_to_all_single(x: torch.Tensor, mesh_dim: int | str, output_split_sizes: Sequence[int] | None = None,
