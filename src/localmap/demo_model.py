@@ -31,9 +31,6 @@ from . import local_map
 
 S0, S1, S2, R, P = Shard(0), Shard(1), Shard(2), Replicate(), Partial()
 EP = "tp"  # the mesh dim experts are spread over
-# Gradient placements of the expert-parallel region's inputs (x, router, w1, w2, top_k) are inferred by the
-# checker: the replicated router meets per-rank tokens on both mesh dims, so its gradient is a partial sum over
-# both; the experts (sharded over tp) are replicated over dp and meet per-rank tokens there.
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -116,7 +113,9 @@ class Layer(nn.Module):
         self.w2 = nn.Parameter(torch.randn(experts, hidden, dim) / math.sqrt(hidden))
         self.attention = local_map(attention_core, out_placements=HEADS, in_placements=(HEADS, HEADS, HEADS),
                                    in_grad_placements=(HEADS, HEADS, HEADS))
-        # Tokens: batch over dp, sequence over tp (each tp rank routes its own tokens); experts over tp.
+        # Tokens: batch over dp, sequence over tp (each tp rank routes its own tokens); experts over tp. The
+        # gradient placements are inferred by the check: the replicated router meets per-rank tokens on both mesh
+        # dims (a partial sum over both); the experts are replicated over dp and meet per-rank tokens there.
         self.moe = local_map(moe_expert_parallel, out_placements=[S0, S1],
                              in_placements=([S0, S1], [R, R], [R, S0], [R, S0], None))
 
