@@ -202,7 +202,15 @@ def _hop_wrong_count(mesh):
         return local_map_hop(gm, torch.randn(2, requires_grad=True))
 
 
+def _run_other_shapes(mesh):
+    f = local_map(lambda a, b: a @ b, S0R, (S0R, RR), None, mesh)
+    prog = capture(lambda a, b: f(a, b).sum(), torch.randn(4, 3, requires_grad=True), torch.randn(3, 2))
+    return prog.run(torch.randn(4, 3), torch.randn(5, 2))
+
+
 TRACED: dict[str, tuple[Callable, str, tuple]] = {
+    "run with inputs of other shapes than captured": (
+        _run_other_shapes, "region <lambda>.0 (", ("running its forward graph per rank raised RuntimeError",)),
     "capture of an untraceable function": (
         lambda m: capture(_data_dependent, torch.randn(4, requires_grad=True)), "capture", ("could not trace",)),
     "capture of a non-scalar loss": (

@@ -143,10 +143,13 @@ def body_error(func: Any, exc: BaseException, phase: str = "its body") -> LocalM
     if isinstance(exc, LocalMapError):
         return exc
     name, defined = region_label(func)
-    at = _raising_line(exc)
+    return wrapped_error(f"region {name!r} (defined at {defined})", exc, phase, _raising_line(exc))
+
+
+def wrapped_error(path: str, exc: BaseException, phase: str, at: str | None = None) -> LocalMapError:
+    """A BodyError at `path` for `exc` (raised while `phase` ran), keeping the original's type where possible."""
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    err = fail(f"region {name!r} (defined at {defined})",
-               f"{phase} raised {type(exc).__name__}" + (f" at {at}" if at else "") + (f": {first}" if first else ""),
+    err = fail(path, f"{phase} raised {type(exc).__name__}" + (f" at {at}" if at else "") + (f": {first}" if first else ""),
                fix="the original error and its traceback are chained above (raised from it)",
                error=_body_error_type(type(exc)))
     err.original = exc

@@ -26,7 +26,7 @@ from torch.distributed.tensor.placement_types import Partial, Placement, Shard
 from . import _compat
 from ._compat import pytree
 from ._context import recording
-from ._errors import LocalMapError, fail
+from ._errors import LocalMapError, fail, wrapped_error
 from ._region import kwargs_of, role_of, run_graph
 from ._shapes import chunk_sizes
 from .hop import local_map_hop
@@ -159,10 +159,17 @@ class _MeshInterpreter(fx.Interpreter):
                       for a, p, t in zip(inputs, kwargs["in_placements"], traced)]
             local_args[coord] = [s.values[r] for s in saved] + [x / k if k != 1 else x
                                                                 for x, k in zip(pieces, scales)]
-        if has_collectives(gm):  # ranks talk to each other: run them together on the simulated mesh
-            per_rank = _run_ranks_together(gm, local_args, kwargs["device_mesh"])
-        else:
-            per_rank = {coord: run_graph(gm, local) for coord, local in local_args.items()}
+        try:
+            if has_collectives(gm):  # ranks talk to each other: run them together on the simulated mesh
+                per_rank = _run_ranks_together(gm, local_args, kwargs["device_mesh"])
+            else:
+                per_rank = {coord: run_graph(gm, local) for coord, local in local_args.items()}
+        except LocalMapError:
+            raise
+        except Exception as e:  # only on the error path: name the region and where it is called
+            node = self.node.name if self.node is not None else ""
+            raise wrapped_error(f"region {self.names.get(node, node)} ({getattr(self, 'sources', {}).get(node, '?')})",
+                                e, f"running its {role['role']} graph per rank") from e
         n = len(kwargs["out_placements"])
         name = self.names.get(self.node.name, self.node.name) if self.node is not None else "region"
 
@@ -231,9 +238,13 @@ def run_program(prog: Any, args: tuple, kwargs: dict) -> RunResult:
     inputs = _real_inputs(prog, args, kwargs)
     names = {r.forward_node: r.name for r in prog.regions}
     names.update({r.backward_node: r.name for r in prog.regions if r.backward_node})
+    sources = {r.forward_node: r.source for r in prog.regions}
+    sources.update({r.backward_node: r.source for r in prog.regions if r.backward_node})
     result = RunResult(loss=None, grads={})
     with torch.no_grad():
-        fw_out = _MeshInterpreter(prog.forward, names, result).run(*inputs)
+        fw_run = _MeshInterpreter(prog.forward, names, result)
+        fw_run.sources = sources
+        fw_out = fw_run.run(*inputs)
         if prog.backward is None:
             result.loss = fw_out
             return result
@@ -241,7 +252,9 @@ def run_program(prog: Any, args: tuple, kwargs: dict) -> RunResult:
         produced.update({p.name: torch.ones((), dtype=fw_out[0].dtype)  # the loss's own gradient
                          for p in prog.backward.graph.find_nodes(op="placeholder") if p.name.startswith("tangents")})
         bw_in = [produced[p.name] for p in prog.backward.graph.find_nodes(op="placeholder")]
-        grads = _MeshInterpreter(prog.backward, names, result).run(*bw_in)
+        bw_run = _MeshInterpreter(prog.backward, names, result)
+        bw_run.sources = sources
+        grads = bw_run.run(*bw_in)
     result.loss = fw_out[0]
     result.grads = {name: g for name, g in zip(prog.input_names, grads) if g is not None}
     return result
