@@ -15,8 +15,11 @@ the outcome in advance:
 * a Partial(max) output that would need a gradient: ``LocalMapError`` (its gradient cannot be formed locally).
 
 Combinations the checker documents as undetectable (a value that varies with no structure, e.g. flattening a
-tensor sharded on its inner dim) are not drawn. The number of cases comes from the Hypothesis profile:
-``LOCALMAP_FUZZ_EXAMPLES`` (default 200; ``make fuzz`` sets 2000).
+tensor sharded on its inner dim, or a view of an empty sharded tensor) are not drawn.
+
+Environment: ``LOCALMAP_FUZZ_EXAMPLES`` (cases; default 200, ``make fuzz`` 2000), ``LOCALMAP_FUZZ_SEED`` (set:
+new random cases instead of the fixed sequence), ``LOCALMAP_FUZZ_SHRINK`` (set: shrink a failure),
+``LOCALMAP_FUZZ_PROGRESS=file`` (the case about to run, to find a slow one).
 """
 
 from __future__ import annotations
