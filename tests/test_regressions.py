@@ -159,3 +159,22 @@ def test_wrong_claim_on_empty_contraction_is_refused():
             local_map(lambda a, b: a @ b, [S0], ([torch.distributed.tensor.Shard(1)], [S0]), None, mesh)(*args)
         out = local_map(lambda a, b: a @ b, [P], ([torch.distributed.tensor.Shard(1)], [S0]), None, mesh)(*args)
         assert tuple(out.shape) == (1, 4) and max_diff(full(out), x @ w) == 0
+
+
+def test_view_of_partial_value_with_one_row_per_rank():
+    """Flattening a Partial(sum) value whose dim 0 is sharded one row per rank (4 rows on 4 ranks): DTensor's
+    view rule, asked about local sizes, has no strategy, and the fallback refused the Partial input. A view
+    keeps any Partial."""
+    with simulated_mesh((2, 4)) as mesh:
+        a, b = randn(4, 4, 2), randn(4, 4, 2)
+        spec_a, spec_b = [P, S0], [R, S0]
+        f = local_map(lambda x, y: (x * 1.5 * torch.tanh(y)).flatten(0, 1), [P, S0], (spec_a, spec_b), None, mesh)
+        ad, bd = distribute(a, mesh, spec_a, requires_grad=True), distribute(b, mesh, spec_b, requires_grad=True)
+        out = f(ad, bd)
+        ar, br = a.clone().requires_grad_(), b.clone().requires_grad_()
+        ref = (ar * 1.5 * torch.tanh(br)).flatten(0, 1)
+        up = randn(16, 2)
+        ref.backward(up)
+        out.backward(distribute(up, mesh, [R, S0]))
+        assert max_diff(full(out), ref) < 1e-5
+        assert max_diff(full(ad.grad), ar.grad) < 1e-5 and max_diff(full(bd.grad), br.grad) < 1e-5

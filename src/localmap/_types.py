@@ -136,8 +136,20 @@ def _linear_reduction(node: fx.Node, in_types: list, mesh: Any) -> Any:
     """A sum or mean is linear in its input: on a mesh dim where the input is Partial(sum/avg) the output is the
     same Partial (DTensor's strategies ask for a redistribution for some of them); other mesh dims as DTensor
     propagates them."""
+    return _keeping_partial(node, in_types, mesh, ("sum", "avg"))
+
+
+def _view(node: fx.Node, in_types: list, mesh: Any) -> Any:
+    """A view rearranges elements without combining them: any Partial input (sum, avg, max, min) gives the same
+    Partial output. DTensor's view rule, asked about local sizes, refuses some shardings (a dim of 1 row)."""
+    return _keeping_partial(node, in_types, mesh, ("sum", "avg", "max", "min"))
+
+
+def _keeping_partial(node: fx.Node, in_types: list, mesh: Any, ops: tuple) -> Any:
     t = in_types[0]
-    keep = {m for m, p in enumerate(t) if isinstance(p, Partial) and p.reduce_op in ("sum", "avg")}
+    keep = {m for m, p in enumerate(t) if isinstance(p, Partial) and p.reduce_op in ops}
+    if not keep:
+        return _default_types(node, in_types, mesh, {node.args[0]: t})
     plain = tuple(Replicate() if m in keep else p for m, p in enumerate(t))
     out = _default_types(node, [plain], mesh, {node.args[0]: plain})
     return tuple(t[m] if m in keep else p for m, p in enumerate(out))
@@ -145,6 +157,8 @@ def _linear_reduction(node: fx.Node, in_types: list, mesh: Any) -> Any:
 
 for _op in (aten.mean.dim, aten.mean.default, aten.sum.dim_IntList, aten.sum.default):
     register_rule(_op, _linear_reduction)
+for _op in (aten.view.default, aten._unsafe_view.default, aten.reshape.default):
+    register_rule(_op, _view)
 
 
 # ---- collectives (functional collectives, as localmap.collectives traces them) ---------------------------------
