@@ -33,7 +33,7 @@ test: $(VENV)/.installed-test graphviz
 	$(PY) -m pytest -q
 
 # The property tests with 2,000 random cases (make test runs 200); prints how many ran. LOCALMAP_FUZZ_EXAMPLES
-# sets the count, LOCALMAP_FUZZ_SEED=1 draws new cases instead of the fixed sequence, LOCALMAP_FUZZ_SHRINK=1
+# sets the count, LOCALMAP_FUZZ_SEED=N draws another fixed sequence, LOCALMAP_FUZZ_SHRINK=1
 # shrinks a failure to a small example.
 FUZZ_EXAMPLES ?= 2000
 fuzz: $(VENV)/.installed-test

@@ -17,8 +17,8 @@ the outcome in advance:
 Combinations the checker documents as undetectable (a value that varies with no structure, e.g. flattening a
 tensor sharded on its inner dim, or a view of an empty sharded tensor) are not drawn.
 
-Environment: ``LOCALMAP_FUZZ_EXAMPLES`` (cases; default 200, ``make fuzz`` 2000), ``LOCALMAP_FUZZ_SEED`` (set:
-new random cases instead of the fixed sequence), ``LOCALMAP_FUZZ_SHRINK`` (set: shrink a failure),
+Environment: ``LOCALMAP_FUZZ_EXAMPLES`` (cases; default 200, ``make fuzz`` 2000), ``LOCALMAP_FUZZ_SEED=N`` (another fixed
+sequence of cases, drawn from seed N), ``LOCALMAP_FUZZ_SHRINK`` (set: shrink a failure),
 ``LOCALMAP_FUZZ_PROGRESS=file`` (the case about to run, to find a slow one).
 """
 
@@ -34,6 +34,7 @@ from typing import Any
 import pytest
 import torch
 from hypothesis import HealthCheck, Phase, assume, given, settings
+from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 from torch.distributed.tensor import Partial, Replicate, Shard
 
@@ -546,6 +547,12 @@ COUNTS: dict[str, int] = {}
 PROGRESS = os.environ.get("LOCALMAP_FUZZ_PROGRESS")
 
 
+def _seeded(fn: Any) -> Any:
+    value = os.environ.get("LOCALMAP_FUZZ_SEED")
+    return hypothesis_seed(int(value))(fn) if value else fn
+
+
+@_seeded
 @settings(settings.get_profile("localmap"))
 @given(case=cases(), seed=st.integers(0, 2**16))
 def _property(case: Case, seed: int) -> None:
