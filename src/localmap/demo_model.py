@@ -28,13 +28,10 @@ from torch.distributed.tensor import Partial, Replicate, Shard
 
 from . import collectives as C
 from . import local_map
+from .models import project_heads, rms_norm
 
 S0, S1, S2, R, P = Shard(0), Shard(1), Shard(2), Replicate(), Partial()
 EP = "tp"  # the mesh dim experts are spread over
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
 
 # ---- regions' bodies (local code) ---------------------------------------------------------------------------
@@ -121,9 +118,7 @@ class Layer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
-        h = rms_norm(x, self.attn_norm)
-        q, k, v = ((h @ w).view(b, t, self.heads, d // self.heads).transpose(1, 2)
-                   for w in (self.wq, self.wk, self.wv))
+        q, k, v = project_heads(rms_norm(x, self.attn_norm), (self.wq, self.wk, self.wv), self.heads)
         o = self.attention(q, k, v).transpose(1, 2).reshape(b, t, d)
         x = x + _replicate_tp(o @ self.wo)
         h = _to_tokens(rms_norm(x, self.moe_norm))

@@ -28,6 +28,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
 
+def project_heads(h: torch.Tensor, weights: tuple, heads: int) -> tuple:
+    """[batch, seq, dim] times each weight, split into [batch, heads, seq, head_dim]."""
+    b, t, d = h.shape
+    return tuple((h @ w).view(b, t, heads, d // heads).transpose(1, 2) for w in weights)
+
+
 def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
@@ -64,9 +70,7 @@ class LlamaBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
-        h = rms_norm(x, self.attn_norm)
-        q, k, v = ((h @ w).view(b, t, self.heads, d // self.heads).transpose(1, 2)
-                   for w in (self.wq, self.wk, self.wv))
+        q, k, v = project_heads(rms_norm(x, self.attn_norm), (self.wq, self.wk, self.wv), self.heads)
         o = self.attention(q, k, v).transpose(1, 2).reshape(b, t, d)
         x = x + o @ self.wo
         return x + self.mlp(rms_norm(x, self.mlp_norm), self.w_gate, self.w_up, self.w_down)
