@@ -24,9 +24,10 @@ def _on(mesh, m: int, p):
     return [p if k == m else R for k in range(mesh.ndim)]
 
 
-def run_collective_region(mesh, m, body, reference, inputs, in_pl, out_pl, atol=1e-4, **kw):
+def run_collective_region(mesh, m, body, reference, inputs, in_pl, out_pl, atol=1e-4, grad_placements=None, **kw):
     """Run `body` as a region over mesh dim m (inputs placed by `in_pl`, Replicate on other dims), compare the
-    output and every input gradient with `reference` on one device. Returns the largest differences."""
+    output and every input gradient with `reference` on one device (and the gradients' placements with
+    `grad_placements` when given). Returns the largest differences."""
     dim = mesh.mesh_dim_names[m] if mesh.mesh_dim_names else m
     with on_one_device():
         refs = [t.clone().requires_grad_(t.is_floating_point()) for t in inputs]
@@ -39,6 +40,8 @@ def run_collective_region(mesh, m, body, reference, inputs, in_pl, out_pl, atol=
     out = region(*dts)
     out_grad_pl = [R if isinstance(p, Partial) else p for p in out.placements]
     out.backward(distribute(upstream, mesh, out_grad_pl))
+    if grad_placements is not None:
+        assert [tuple(d.grad.placements) for d in dts] == [tuple(p) for p in grad_placements]
     diffs = {"out": max_diff(full(out), want)}
     for k, (d, r) in enumerate(zip(dts, refs)):
         if r.grad is not None:
@@ -143,10 +146,9 @@ def test_replicate_input_meeting_gathered_data_gets_partial_gradient(mesh1d):
     """A Replicate weight used with all_gather'd (per-rank-gradient) data: inferred Partial and right."""
     x, w = randn(8, 6), randn(6, 6)
     body = lambda d, x, w: C.all_gather(x, d) @ w  # noqa: E731
-    region = local_map(lambda x, w: body(0, x, w), [Shard(0)], ([S0], [R]), device_mesh=mesh1d)
-    assert region  # placements right; values and gradients compared below
     out_ref = lambda x, w: (x @ w).repeat(4, 1)  # noqa: E731  every rank holds the whole product
-    run_collective_region(mesh1d, 0, body, out_ref, [x, w], [S0, R], S0)
+    run_collective_region(mesh1d, 0, body, out_ref, [x, w], [S0, R], S0,
+                          grad_placements=[(S0,), (Partial(),)])
 
 
 def test_bad_collective_arguments_name_the_argument(mesh1d):
