@@ -98,8 +98,8 @@ def enclosing_region_mesh() -> DeviceMesh | None:
 
 
 def region_mesh() -> DeviceMesh | None:
-    stack = _stack("region_meshes")
-    return stack[-1] if stack else default_mesh()
+    """The enclosing region's mesh, else the default mesh (use_mesh)."""
+    return enclosing_region_mesh() or default_mesh()
 
 
 @contextlib.contextmanager

@@ -27,8 +27,8 @@ from ._context import in_region, pop_region_mesh, push_region_mesh, recorder
 from ._errors import LocalMapError, body_error, fail
 from ._shapes import avg_ranks, dense_stride, gather_global_shapes, is_uneven, shard_dims
 from ._specs import (
-    LeafSpec, check_spec_for_mesh, leaf_path, normalize_shard_dims, placements_str, resolve_input_specs,
-    resolve_output_specs, validate_spec_argument,
+    LeafSpec, check_spec_for_mesh, extreme_grad_error, leaf_path, normalize_shard_dims, placements_str,
+    resolve_input_specs, resolve_output_specs, validate_spec_argument,
 )
 
 
@@ -76,17 +76,6 @@ def _any_minmax(placements: tuple) -> bool:
         hit = _has_minmax[placements] = any(
             isinstance(p, Partial) and p.reduce_op in ("max", "min") for p in placements)
     return hit
-
-
-def _minmax_grad_error(path: str, placements: Sequence[Placement], mesh: DeviceMesh) -> LocalMapError:
-    """A Partial(max/min) output that needs a gradient: only the rank holding the extreme should get it, which
-    no rank can tell locally, so the gradient would reach every rank's local extreme (silently wrong)."""
-    m = next(m for m, p in enumerate(placements) if isinstance(p, Partial) and p.reduce_op in ("max", "min"))
-    return fail(path, f"is {placements[m]!r} and requires grad; its gradient belongs only to the rank holding "
-                "the extreme, which no rank knows locally", mesh=mesh, mesh_dim=m,
-                expected="a Partial(max/min) output that does not require grad",
-                given=placements_str(placements),
-                fix="all_reduce it (max/min) inside the region and claim Replicate, or return it detached")
 
 
 def _avg_input_grad(g: torch.Tensor, spec: DTensorSpec, grad_placements: Sequence[Placement]) -> torch.Tensor:
@@ -453,7 +442,7 @@ class MappedFunction:
         if grad_out:
             for i in grad_out:
                 if _any_minmax(dspecs[i].placements):
-                    raise _minmax_grad_error(leaf_path("outputs", out, i), dspecs[i].placements, mesh)
+                    raise extreme_grad_error(leaf_path("outputs", out, i), dspecs[i].placements, mesh)
             wrapped = _from_local(tuple(dspecs[i] for i in grad_out), *(flat_out[i] for i in grad_out))
             for i, d in zip(grad_out, wrapped):
                 results[i] = d

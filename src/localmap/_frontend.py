@@ -61,8 +61,8 @@ def call_traced(region: Any, args: tuple, kwargs: dict) -> Any:
     """Trace the region's function into a body and call the operator on the global arguments."""
     from .hop import local_map_hop
 
-    mesh = region.device_mesh or enclosing_region_mesh() or default_mesh()
     outer = enclosing_region_mesh()
+    mesh = region.device_mesh or outer or default_mesh()
     if outer is not None and mesh is not outer and mesh != outer:
         raise fail("device_mesh", "of a region nested in another region differs from the enclosing region's mesh",
                    expected=outer, given=mesh,

@@ -28,6 +28,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from . import _compat
 from ._errors import LocalMapError, fail
 from ._shapes import avg_ranks, like_stride, local_shape
+from ._specs import extreme_grad_error
 
 KWARGS = "local_map_kwargs"  # GraphModule.meta key of a region's placements and mesh (as PyTorch's operator)
 ROLE = "localmap"  # GraphModule.meta key of localmap's own facts about a graph (role, activations, ...)
@@ -249,14 +250,9 @@ def _build(body: fx.GraphModule, args: Sequence[Any], kwargs: dict, partition: s
             tangent_idx = tuple(i for i, o in enumerate(probe) if isinstance(o, torch.Tensor) and o.requires_grad)
             grad_idx = tuple(i for i, p in enumerate(primals) if isinstance(p, torch.Tensor) and p.requires_grad)
             for i in tangent_idx:
-                extreme = [p for p in kwargs["out_placements"][i] or ()
-                           if isinstance(p, Partial) and p.reduce_op in ("max", "min")]
-                if extreme:
-                    raise fail(f"outputs[{i}]", f"is {extreme[0]!r} and requires grad; its gradient belongs "
-                               "only to the rank holding the extreme, which no rank knows locally",
-                               given=kwargs["out_placements"][i],
-                               fix="all_reduce it (max/min) inside the region and claim Replicate, or return "
-                                   "it detached")
+                out_pl = kwargs["out_placements"][i] or ()
+                if any(isinstance(p, Partial) and p.reduce_op in ("max", "min") for p in out_pl):
+                    raise extreme_grad_error(f"outputs[{i}]", out_pl, kwargs["device_mesh"])
             if _compat.has_free_unbacked_symbols([probe[i] for i in tangent_idx]):
                 raise fail("outputs", "have data-dependent sizes that would leak out of the region",
                            fix="make every output's size depend only on input sizes (pad or combine inside)")

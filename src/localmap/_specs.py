@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from torch.distributed.tensor import DeviceMesh
-from torch.distributed.tensor.placement_types import Placement, Shard
+from torch.distributed.tensor.placement_types import Partial, Placement, Shard
 
 from ._compat import pytree
 from ._errors import LocalMapError, fail
@@ -192,3 +192,14 @@ __all__ = [
     "LeafSpec", "LocalMapError", "is_leaf_spec", "validate_spec_argument", "resolve_input_specs",
     "resolve_output_specs", "check_spec_for_mesh", "normalize_shard_dims", "leaf_path", "placements_str",
 ]
+
+
+def extreme_grad_error(path: str, placements: Sequence[Placement], mesh: DeviceMesh) -> LocalMapError:
+    """A Partial(max/min) output that needs a gradient: only the rank holding the extreme should get it, which
+    no rank can tell locally, so the gradient would reach every rank's local extreme (silently wrong)."""
+    m = next(m for m, p in enumerate(placements) if isinstance(p, Partial) and p.reduce_op in ("max", "min"))
+    return fail(path, f"is {placements[m]!r} and requires grad; its gradient belongs only to the rank holding "
+                "the extreme, which no rank knows locally", mesh=mesh, mesh_dim=m,
+                expected="a Partial(max/min) output that does not require grad",
+                given=placements_str(placements),
+                fix="all_reduce it (max/min) inside the region and claim Replicate, or return it detached")

@@ -40,7 +40,8 @@ __all__ = ["all_reduce", "all_gather", "reduce_scatter", "all_to_all", "all_to_a
 _OPS = ("sum", "avg", "max", "min")
 
 
-def _group(mesh_dim: int | str, mesh: DeviceMesh | None) -> tuple[DeviceMesh, int, tuple]:
+def _group(mesh_dim: int | str, mesh: DeviceMesh | None) -> tuple[DeviceMesh, int]:
+    """The mesh and the index of `mesh_dim` in it; (mesh, index) is also the functional collectives' group."""
     mesh = mesh if mesh is not None else region_mesh()
     if mesh is None:
         raise fail("mesh", "a collective needs a mesh: none is given and no region is running",
@@ -56,7 +57,7 @@ def _group(mesh_dim: int | str, mesh: DeviceMesh | None) -> tuple[DeviceMesh, in
         if not 0 <= index < mesh.ndim:
             raise fail("mesh_dim", f"is out of range for a {mesh.ndim}-d mesh", given=mesh_dim,
                        fix=f"use 0 .. {mesh.ndim - 1}")
-    return mesh, index, (mesh, index)
+    return mesh, index
 
 
 def _wait(t: torch.Tensor) -> torch.Tensor:
@@ -137,7 +138,7 @@ def all_reduce(x: torch.Tensor, mesh_dim: int | str, op: str = "sum", *, mesh: D
     communication; where the result meets per-rank data, pass it through `pvary` (the checker says where)."""
     if op not in _OPS:
         raise fail("op", "is not a reduction all_reduce knows", expected=_OPS, given=op, fix="use sum/avg/max/min")
-    mesh, index, _ = _group(mesh_dim, mesh)
+    mesh, index = _group(mesh_dim, mesh)
     n = mesh.size(index)
     result = _wait(funcol.all_reduce(x.detach(), "sum" if op == "avg" else op, _name(mesh, index)))
     if op == "avg":
@@ -148,14 +149,14 @@ def all_reduce(x: torch.Tensor, mesh_dim: int | str, op: str = "sum", *, mesh: D
 def pvary(x: torch.Tensor, mesh_dim: int | str, *, mesh: DeviceMesh | None = None) -> torch.Tensor:
     """Identity forward, all_reduce backward: a replicated value that enters per-rank computation, so its
     gradient (a different share on each rank) is summed. The converse of `all_reduce`."""
-    mesh, index, _ = _group(mesh_dim, mesh)
+    mesh, index = _group(mesh_dim, mesh)
     return _pvary_op(x, _name(mesh, index))
 
 
 def all_gather(x: torch.Tensor, mesh_dim: int | str, dim: int = 0, *, mesh: DeviceMesh | None = None) -> torch.Tensor:
     """Concatenate every rank's `x` along `dim`, in rank order. Backward reduce-scatters: the result is meant to
     meet per-rank data (gathered keys and values, say), so each rank's gradient is a share to be summed."""
-    _, _, group = _group(mesh_dim, mesh)
+    group = _group(mesh_dim, mesh)
     return _wait(funcol.all_gather_single(x.contiguous(), dim % max(x.dim(), 1), group))
 
 
@@ -166,7 +167,7 @@ def reduce_scatter(x: torch.Tensor, mesh_dim: int | str, dim: int = 0, op: str =
     if op not in ("sum", "avg"):
         raise fail("op", "is not a reduction reduce_scatter supports", expected=("sum", "avg"), given=op,
                    fix="use sum or avg")
-    mesh, index, group = _group(mesh_dim, mesh)
+    mesh, index = group = _group(mesh_dim, mesh)
     n = mesh.size(index)
     if x.shape[dim] % n:
         raise fail("x", f"dim {dim} of size {x.shape[dim]} does not split evenly over {n} ranks",
@@ -180,7 +181,7 @@ def all_to_all_single(x: torch.Tensor, mesh_dim: int | str, output_split_sizes: 
     """Send rows of `x` (dim 0) to each rank by `input_split_sizes`, receive by `output_split_sizes` (equal
     splits when None). Sizes may be data-dependent (e.g. from ``counts.tolist()``). Backward sends the
     gradients back by the swapped sizes."""
-    _, _, group = _group(mesh_dim, mesh)
+    group = _group(mesh_dim, mesh)
     out = None if output_split_sizes is None else list(output_split_sizes)
     inp = None if input_split_sizes is None else list(input_split_sizes)
     return _wait(funcol.all_to_all_single(x.contiguous(), out, inp, group))
@@ -190,7 +191,7 @@ def all_to_all(x: torch.Tensor, mesh_dim: int | str, split_dim: int, concat_dim:
                mesh: DeviceMesh | None = None) -> torch.Tensor:
     """Split `x` into n chunks along `split_dim`, send chunk j to rank j, concatenate what arrives along
     `concat_dim` (rank order)."""
-    mesh, index, _ = _group(mesh_dim, mesh)
+    mesh, index = _group(mesh_dim, mesh)
     n = mesh.size(index)
     if x.shape[split_dim] % n:
         raise fail("x", f"split dim {split_dim} of size {x.shape[split_dim]} does not split over {n} ranks",
@@ -202,14 +203,14 @@ def all_to_all(x: torch.Tensor, mesh_dim: int | str, split_dim: int, concat_dim:
 
 def axis_size(mesh_dim: int | str, *, mesh: DeviceMesh | None = None) -> int:
     """The number of ranks along `mesh_dim`."""
-    mesh, index, _ = _group(mesh_dim, mesh)
+    mesh, index = _group(mesh_dim, mesh)
     return mesh.size(index)
 
 
 def axis_index(mesh_dim: int | str, *, mesh: DeviceMesh | None = None, device: Any = None) -> torch.Tensor:
     """This rank's coordinate along `mesh_dim`, as a 0-dim int64 tensor (made by an all_to_all of
     ``arange(n)``, so it is per rank in traced graphs and on the simulated mesh alike)."""
-    mesh, index, group = _group(mesh_dim, mesh)
+    mesh, index = group = _group(mesh_dim, mesh)
     n = mesh.size(index)
     dev = device if device is not None else torch.device(mesh.device_type)
     ids = torch.arange(n, dtype=torch.int64, device=dev)
@@ -220,7 +221,7 @@ def ppermute(x: torch.Tensor, mesh_dim: int | str, perm: Sequence[tuple[int, int
              mesh: DeviceMesh | None = None) -> torch.Tensor:
     """Send `x` from rank src to rank dst for each (src, dst) in `perm` (as JAX's ppermute); a rank that
     receives nothing gets zeros."""
-    mesh, index, _ = _group(mesh_dim, mesh)
+    mesh, index = _group(mesh_dim, mesh)
     n = mesh.size(index)
     sources = [-1] * n
     for src, dst in perm:
