@@ -19,7 +19,11 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
 from helpers import P, R, S0, S1, randn
 from localmap import LocalMapError, Partial, capture, local_map, use_mesh
-from localmap import _check, _context, _region, hop
+from localmap import hop
+from localmap.traced import operator as _operator
+from localmap import context as _context
+from localmap.check import checker as _check
+from localmap.traced import build as _region
 from localmap.hop import defer_inlining, local_map_hop
 from localmap.testing import distribute, fake_mesh, simulated_mesh
 
@@ -251,7 +255,7 @@ def _state() -> dict:
     modes = torch._C._TorchDispatchModeKey
     return {
         "deferring": hop.is_deferring(),
-        "partitioners": list(getattr(hop._state, "partitioners", []) or []),
+        "partitioners": list(getattr(_operator._state, "partitioners", []) or []),
         "dispatch modes": len(_get_current_dispatch_mode_stack()),
         "infra modes": [torch._C._get_dispatch_mode(k) is None for k in (modes.FAKE, modes.PROXY, modes.FUNCTIONAL)],
         "context stacks": {k: len(getattr(_context._local, k, []) or [])

@@ -60,7 +60,7 @@ def test_llama_block(mesh2d):
     bw = {n.name: n for n in hop_nodes(prog.backward)}[attn.backward_node]
     assert bw.meta["local_map_kwargs"]["out_placements"] == ((S0, S1),) * 3
     assert [tuple(g.shape) for g in bw.meta["val"]] == [(4, 4, 6, 4)] * 3  # global-shaped gradients
-    assert attn.source.endswith(".py:" + attn.source.split(":")[-1]) and "models.py" in attn.source
+    assert attn.source.endswith(".py:" + attn.source.split(":")[-1]) and "models/llama.py" in attn.source
     assert attn.flops["forward"] > 0 and attn.flops["backward"] > attn.flops["forward"]
     assert prog.joint is not None and len(hop_nodes(prog.joint)) == 4
     report = localmap.verify(model, x)
@@ -135,12 +135,12 @@ def test_wrong_out_placements_is_named_by_check_and_verify(mesh2d):
         return Loss(block)
 
     with pytest.raises(PlacementError, match=r"outputs: is a partial sum over the ranks but is claimed Replicate"
-                                             r".*aten.mm.*models.py:\d+.*'tp'"):
+                                             r".*aten.mm.*models/llama.py:\d+.*'tp'"):
         localmap.capture(claim_replicate(True), x)
     model = claim_replicate(False)
     got = localmap.capture(model, x).run(x)
     assert not torch.allclose(got.loss, model(x), atol=1e-4)  # a wrong placement shows as a wrong number
-    with pytest.raises(VerificationError, match=r"region swiglu_mlp\.0 .*models\.py:\d+.* output 0 differs"):
+    with pytest.raises(VerificationError, match=r"region swiglu_mlp\.0 .*models/llama\.py:\d+.* output 0 differs"):
         localmap.verify(model, x)
 
 

@@ -32,9 +32,9 @@ def _steps(stdout):
 
 def _reference_losses(steps, seed=0, mesh_shape=(2, 2), layers=2):
     """The demo's model trained on one device here, independently of the demo's loop: loss per step."""
-    from localmap.demo import Config, _batch
-    from localmap.demo_model import DemoLlama
-    from localmap._showcase import MeshSpec
+    from localmap.cli.demo import Config, _batch
+    from localmap.models.demo import DemoLlama
+    from localmap.cli.show import MeshSpec
 
     cfg = Config(mesh=MeshSpec(mesh_shape, ("dp", "tp")), layers=layers, steps=steps, seed=seed)
     torch.manual_seed(seed)
@@ -93,7 +93,7 @@ def test_demo_wrong_gradient_placement_fails(monkeypatch):
     MISMATCH and exits 1 (the command run in this process, so that the model's region can be patched)."""
     from click.testing import CliRunner
 
-    import localmap.demo_model as dm
+    import localmap.models.demo as dm
     from localmap import Partial, Replicate, Shard
     from localmap.cli import app
 
@@ -230,7 +230,7 @@ def test_bad_input_variants(name, monkeypatch):
 def test_debug_lets_the_exception_through():
     from click.testing import CliRunner
 
-    from localmap._showcase import CliError
+    from localmap.cli.show import CliError
     from localmap.cli import app
 
     res = CliRunner().invoke(app, ["demo", "--mesh", "2by2", "--debug"])

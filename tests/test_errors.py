@@ -167,7 +167,7 @@ def test_in_grad_placements_none_for_dtensor(mesh):
 
 def test_uneven_output_not_in_chunk_layout():
     """Ranks returning 2,3,3,2 rows (not torch.chunk's 3,3,3,1) cannot form a DTensor: said, not guessed."""
-    from localmap.testing import _compat
+    from localmap import compat as _compat
 
     with simulated_mesh(4) as mesh:
         x = distribute(randn(10, 2), mesh, [S0])

@@ -17,7 +17,8 @@ from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 import localmap
-from localmap import LocalMapError, _region
+from localmap import LocalMapError
+from localmap.traced import build as _region
 from localmap.hop import defer_inlining, is_deferring, local_map_hop
 from localmap.testing import fake_mesh
 

@@ -85,7 +85,7 @@ def test_replicated_weight_gradient_needs_partial(mesh2d):
     Given as [Partial()] on that dim it is right; left out (in_grad_placements=None) it is inferred as Partial
     and right too; claimed Replicate (PyTorch's local_map default) the check refuses it, and with the check off
     each rank holds only its own contribution, so the result is wrong."""
-    from localmap._check import PlacementError
+    from localmap.check.checker import PlacementError
 
     x, w = randn(8, 12), randn(12, 16)
     check_region(mesh2d, matmul, [x, w], [(R, S0), (R, R)], (R, S0), [(R, S0), (R, P)])

@@ -39,7 +39,7 @@ from hypothesis import strategies as st
 from torch.distributed.tensor import Partial, Replicate, Shard
 
 from localmap import LocalMapError, PlacementError, capture, local_map
-from localmap._shapes import chunk_sizes
+from localmap.placements.shapes import chunk_sizes
 from localmap.testing import distribute, fake_mesh, full, on_one_device, simulated_mesh
 
 # DTensor warns about sequential all_reduces on 3-D meshes: thousands of lines in a long run.

@@ -15,14 +15,14 @@ Public surface:
 
 from torch.distributed.tensor import Partial, Replicate, Shard
 
-from . import collectives
-from ._capture import CapturedProgram, Region, capture
-from ._check import PlacementError
-from ._types import VARYING, RuleError, register_rule
-from ._context import use_mesh
-from ._eager import local_map
-from ._errors import BodyError, CollectiveError, LocalMapError
-from ._run import VerificationError, verify
+from localmap import collectives
+from localmap.program.capture import CapturedProgram, Region, capture
+from localmap.check.checker import PlacementError
+from localmap.check.rules import VARYING, RuleError, register_rule
+from localmap.context import use_mesh
+from localmap.eager.region import local_map
+from localmap.errors import BodyError, CollectiveError, LocalMapError
+from localmap.program.run import VerificationError, verify
 
 __version__ = "0.1.0"
 

@@ -17,8 +17,6 @@ Verdicts are cached per (function, input metadata, placements), so steady-state 
 from __future__ import annotations
 
 import operator
-import os
-import re
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -29,12 +27,13 @@ import torch.fx as fx
 from torch.distributed.tensor.placement_types import Partial, Placement, Replicate, Shard
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from . import _compat
-from ._compat import pytree
-from ._context import in_region
-from ._errors import LocalMapError, fail, mesh_dim_label
-from ._specs import placements_str
-from ._types import DISPLAY_NAMES, GRADIENT_SUMMING, UNSUMMED_GRADIENT, VARYING, RuleError, output_types
+from localmap import compat as _compat
+from localmap.compat import pytree
+from localmap.context import in_region
+from localmap.errors import LocalMapError, fail, mesh_dim_label
+from localmap.placements.specs import placements_str
+from localmap.sites import stack_trace_site
+from localmap.check.rules import DISPLAY_NAMES, GRADIENT_SUMMING, UNSUMMED_GRADIENT, VARYING, RuleError, output_types
 
 
 class PlacementError(LocalMapError):
@@ -77,18 +76,9 @@ def _decompositions() -> dict:
     return _DECOMPOSE
 
 
-_LIBRARY_FILES = ("/localmap/hop.py", "/localmap/collectives.py")
-
-
 def _source(node: fx.Node) -> str:
     """file:line of the user's code that made `node`, from the trace's stack."""
-    trace = node.meta.get("stack_trace") or ""
-    frames = re.findall(r'File "([^"]+)", line (\d+)', trace)
-    for path, line in reversed(frames):
-        if "/torch/" not in path and "/localmap/_" not in path and not path.endswith(_LIBRARY_FILES):
-            rel = os.path.relpath(path)
-            return f"{path if rel.startswith('..') else rel}:{line}"
-    return "<unknown>"
+    return stack_trace_site(node.meta.get("stack_trace") or "") or "<unknown>"
 
 
 def _op(node: fx.Node) -> str:
@@ -298,7 +288,7 @@ def check_function(fn: Callable, local_args: Sequence[Any], leaf_specs: Sequence
                    uneven: frozenset = frozenset()) -> Verdict:
     """Trace `fn` on fake copies of `local_args` (flat leaves) and check it; cached."""
     global check_count
-    from ._specs import leaf_path, resolve_output_specs
+    from localmap.placements.specs import leaf_path, resolve_output_specs
 
     key = None
     try:
@@ -352,7 +342,7 @@ def check_function(fn: Callable, local_args: Sequence[Any], leaf_specs: Sequence
     out = traced["out"]
     tree = pytree.tree_unflatten(list(local_args), treespec)
     in_paths = [leaf_path("args", tree, i) for i in inputs]
-    from ._region import check_no_input_mutation
+    from localmap.traced.build import check_no_input_mutation
 
     check_no_input_mutation(gm, in_paths)  # before the body runs for real: its inputs are the caller's shards
     flat_out = pytree.tree_leaves(out)

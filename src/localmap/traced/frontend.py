@@ -13,14 +13,15 @@ from typing import Any
 import torch
 from torch.distributed.tensor import DTensor
 
-from . import _compat
-from ._context import call_site, default_mesh, enclosing_region_mesh, in_region
-from ._compat import pytree
-from ._errors import LocalMapError, body_error, fail
-from ._region import SOURCE, mesh_coordinate, set_region_meta, trace_body
-from ._shapes import is_uneven, like_stride, local_shape
-from ._specs import check_spec_for_mesh, leaf_path, normalize_shard_dims, placements_str, resolve_input_specs
-from ._specs import resolve_output_specs
+from localmap import compat as _compat
+from localmap.context import default_mesh, enclosing_region_mesh, in_region
+from localmap.sites import caller_site
+from localmap.compat import pytree
+from localmap.errors import LocalMapError, body_error, fail
+from localmap.traced.build import SOURCE, mesh_coordinate, set_region_meta, trace_body
+from localmap.placements.shapes import is_uneven, like_stride, local_shape
+from localmap.placements.specs import check_spec_for_mesh, leaf_path, normalize_shard_dims, placements_str, resolve_input_specs
+from localmap.placements.specs import resolve_output_specs
 
 
 def _leaf_specs(spec_arg: Any, name: str, args: tuple, flat: list, mesh: Any) -> list:
@@ -59,7 +60,7 @@ def _uneven(a: torch.Tensor, placements: Any, mesh: Any) -> bool:
 
 def call_traced(region: Any, args: tuple, kwargs: dict) -> Any:
     """Trace the region's function into a body and call the operator on the global arguments."""
-    from .hop import local_map_hop
+    from localmap.traced.operator import local_map_hop
 
     outer = enclosing_region_mesh()
     mesh = region.device_mesh or outer or default_mesh()
@@ -110,7 +111,7 @@ def call_traced(region: Any, args: tuple, kwargs: dict) -> Any:
         raise body_error(region.func, e, "tracing its body") from e
     verdict = None
     if region.check is not False:
-        from ._check import check_function, enforce
+        from localmap.check.checker import check_function, enforce
 
         check_leaves = list(flat)
         for i, v in zip(inputs, local):
@@ -144,7 +145,7 @@ def call_traced(region: Any, args: tuple, kwargs: dict) -> Any:
         "in_grad_placements": None if grads is None else tuple(grads[i] for i in inputs),
         "device_mesh": mesh,
     })
-    body.meta[SOURCE] = {"name": getattr(region.func, "__name__", "region"), "source": call_site(),
+    body.meta[SOURCE] = {"name": getattr(region.func, "__name__", "region"), "source": caller_site(),
                          "verdict": "unchecked" if verdict is None else verdict.summary()}
     results = iter(local_map_hop(body, *hop_args))
     return pytree.tree_unflatten(
@@ -163,7 +164,7 @@ def call_reference(region: Any, args: tuple, kwargs: dict, records: list) -> Any
     """Run the region inlined on one device (its function on the global tensors) and record its outputs and,
     when backward runs, the gradients of its tensor inputs: the reference that verify compares with."""
     flat, treespec = pytree.tree_flatten(args)
-    record: dict[str, Any] = {"name": getattr(region.func, "__name__", "region"), "source": call_site(),
+    record: dict[str, Any] = {"name": getattr(region.func, "__name__", "region"), "source": caller_site(),
                               "input_grads": {}}
     leaves = list(flat)
     for i, a in enumerate(flat):

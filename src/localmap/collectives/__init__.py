@@ -30,9 +30,9 @@ import torch
 import torch.distributed._functional_collectives as funcol
 from torch.distributed.device_mesh import DeviceMesh
 
-from . import _types
-from ._context import region_mesh
-from ._errors import fail
+from localmap.check import rules as _types
+from localmap.context import region_mesh
+from localmap.errors import fail
 
 __all__ = ["all_reduce", "all_gather", "reduce_scatter", "all_to_all", "all_to_all_single", "ppermute", "shift",
            "axis_index", "axis_size", "pvary"]

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import click
 
-from ._showcase import CliError, console, error_line, parse_mesh
+from localmap.cli.show import CliError, console, error_line, parse_mesh
 
 
 def _guarded(debug: bool, body: Callable[[], bool]) -> None:
@@ -53,7 +53,7 @@ def demo(mesh: str, launcher: str, layers: int, dim: int, experts: int, steps: i
     """Train a small Llama-style model (attention + MoE regions) on a mesh against one device."""
 
     def body() -> bool:
-        from .demo import Config, run_demo
+        from localmap.cli.demo import Config, run_demo
 
         cfg = Config(mesh=parse_mesh(mesh), launcher=launcher, layers=layers, dim=dim, experts=experts,
                      steps=steps, seed=seed)
@@ -75,7 +75,7 @@ def inspect(target: str, mesh: str | None, verify: bool, svg: str | None, json_p
     its regions, their placement checks and costs."""
 
     def body() -> bool:
-        from .inspector import run_inspect
+        from localmap.cli.inspector import run_inspect
 
         return run_inspect(target, mesh, verify=verify, svg=svg, json_path=json_path)
 

@@ -20,9 +20,9 @@ import torch
 from torch.distributed.tensor import DeviceMesh
 from torch.distributed.tensor.placement_types import Placement, Shard
 
-from ._compat import all_gather_stack, is_simulated, simulated_local, simulated_rank_map
-from ._errors import CollectiveError, fail
-from ._specs import placements_str
+from localmap.compat import all_gather_stack, is_simulated, simulated_local, simulated_rank_map
+from localmap.errors import CollectiveError, fail
+from localmap.placements.specs import placements_str
 
 
 def chunk_sizes(total: int, parts: int) -> list[int]:

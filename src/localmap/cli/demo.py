@@ -27,7 +27,7 @@ from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ._showcase import (CliError, MeshSpec, console, region_table, verdict_is_problem,
+from localmap.cli.show import (CliError, MeshSpec, console, region_table, verdict_is_problem,
                         verdict_style, write_outputs)
 
 ATOL, RTOL = 1e-5, 1e-4
@@ -133,7 +133,7 @@ def _batch(cfg: Config, step: int) -> tuple:
 def _models(cfg: Config) -> tuple:
     import torch
 
-    from .demo_model import DemoLlama
+    from localmap.models.demo import DemoLlama
 
     torch.manual_seed(cfg.seed)
     reference = DemoLlama(**cfg.model_kwargs(reference=True))
@@ -168,7 +168,7 @@ def _verdict_of(fn: Any) -> str:
 def _global(d: Any) -> Any:
     """The global value of a DTensor as one plain tensor; None when simulated ranks disagree on a value that
     its placements say they share (a wrong placement claim)."""
-    from .testing import full
+    from localmap.testing import full
 
     try:
         return full(d)
@@ -183,7 +183,7 @@ def train(mesh: Any, cfg: Config, on_step: Callable[[Step], None]) -> TrainResul
     import torch
     from torch.distributed.tensor import Replicate, Shard
 
-    from .testing import distribute, on_one_device
+    from localmap.testing import distribute, on_one_device
 
     # DTensor advises flattening (dp, tp) for a gradient reduced over both; not what this demo is about.
     logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
@@ -233,7 +233,7 @@ def train(mesh: Any, cfg: Config, on_step: Callable[[Step], None]) -> TrainResul
 def _train_simulated(cfg: Config, on_step: Callable[[Step], None]) -> TrainResult:
     import torch
 
-    from .testing import simulated_mesh
+    from localmap.testing import simulated_mesh
 
     torch.set_num_threads(1)  # tiny tensors: intra-op threads only add overhead (and spin on a busy machine)
 
@@ -255,7 +255,7 @@ def _train_gloo(cfg: Config, on_step: Callable[[Step], None]) -> TrainResult:
     import queue as queue_mod
     import threading
 
-    from .testing import GlooError, run_gloo
+    from localmap.testing import GlooError, run_gloo
 
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
@@ -314,8 +314,8 @@ def capture_model(cfg: Config) -> Any:
 
     import localmap
 
-    from .demo_model import DemoLlama
-    from .testing import fake_mesh
+    from localmap.models.demo import DemoLlama
+    from localmap.testing import fake_mesh
 
     with fake_mesh(cfg.mesh.shape, cfg.mesh.names) as mesh, localmap.use_mesh(mesh):
         with torch.device("meta"):

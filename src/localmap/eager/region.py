@@ -21,12 +21,12 @@ import torch
 from torch.distributed.tensor import DeviceMesh, DTensor
 from torch.distributed.tensor.placement_types import Partial, Placement, Replicate, Shard
 
-from ._compat import AsyncCollectiveTensor, DTensorSpec, fast_apply, make_dtensor, make_spec, pytree
-from ._compat import global_shape_and_stride, is_simulated, redistribute_local, simulated_local
-from ._context import in_region, pop_region_mesh, push_region_mesh, recorder
-from ._errors import LocalMapError, body_error, fail
-from ._shapes import avg_ranks, dense_stride, gather_global_shapes, is_uneven, shard_dims
-from ._specs import (
+from localmap.compat import AsyncCollectiveTensor, DTensorSpec, fast_apply, make_dtensor, make_spec, pytree
+from localmap.compat import global_shape_and_stride, is_simulated, redistribute_local, simulated_local
+from localmap.context import in_region, pop_region_mesh, push_region_mesh, recorder
+from localmap.errors import LocalMapError, body_error, fail
+from localmap.placements.shapes import avg_ranks, dense_stride, gather_global_shapes, is_uneven, shard_dims
+from localmap.placements.specs import (
     LeafSpec, check_spec_for_mesh, extreme_grad_error, leaf_path, normalize_shard_dims, placements_str,
     resolve_input_specs, resolve_output_specs, validate_spec_argument,
 )
@@ -371,12 +371,12 @@ class MappedFunction:
         dtensor_idx = [i for i, a in enumerate(flat) if isinstance(a, DTensor)]
         if not dtensor_idx:
             if _tracing_regions():
-                from ._frontend import call_traced
+                from localmap.traced.frontend import call_traced
 
                 return call_traced(self, args, kwargs)
             references = recorder("reference")
             if references is not None:
-                from ._frontend import call_reference
+                from localmap.traced.frontend import call_reference
 
                 return call_reference(self, args, kwargs, references)
             if self.in_placements is not None:  # still catch a wrong spec count
@@ -469,7 +469,7 @@ class MappedFunction:
             if hit is not None and any(s is not a._spec for s, (_, a, _) in zip(hit[0], checked)):
                 hit = None
         if hit is None:
-            from ._check import check_function
+            from localmap.check.checker import check_function
 
             _check_grad_ranges(plan, tuple(flat) if treespec is None else pytree.tree_unflatten(list(flat), treespec),
                                flat, mesh)
@@ -490,7 +490,7 @@ class MappedFunction:
         plan.verdict = hit
         verdict = hit[1]
         if not verdict.ok:
-            from ._check import enforce
+            from localmap.check.checker import enforce
 
             enforce(verdict, self.check)
         return verdict.grad_placements if self.in_grad_placements is None else None  # None when unchecked
@@ -565,7 +565,7 @@ def _uneven_mesh_dims(dtensors: Sequence[DTensor]) -> frozenset:
 
 def _tracing_regions() -> bool:
     """Whether plain-tensor calls should become operator regions (inside hop.defer_inlining())."""
-    from .hop import is_deferring
+    from localmap.traced.operator import is_deferring
 
     return is_deferring()
 

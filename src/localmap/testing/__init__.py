@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, distribute_tensor
 
-from . import _compat
+from localmap import compat as _compat
 
 __all__ = ["simulated_mesh", "fake_mesh", "run_gloo", "distribute", "full", "on_one_device", "GlooError"]
 
@@ -138,7 +138,7 @@ def full(x: torch.Tensor) -> torch.Tensor:
 
 
 def _assemble(x: DTensor) -> torch.Tensor:
-    from ._run import join
+    from localmap.program.run import join
 
     problems: list[str] = []
     locals_ = _compat.simulated_local(x._local_tensor)

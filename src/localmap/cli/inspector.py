@@ -27,7 +27,7 @@ from typing import Any
 
 from rich.console import Console
 
-from ._showcase import (CliError, MeshSpec, console, parse_mesh, region_table, verdict_is_problem,
+from localmap.cli.show import (CliError, MeshSpec, console, parse_mesh, region_table, verdict_is_problem,
                         verdict_style, write_outputs)
 
 ENTRY = "program"
@@ -104,7 +104,7 @@ def _unpack(result: Any, label: str) -> tuple[Any, tuple, Any]:
 def _has_meta(fn: Any, args: tuple) -> bool:
     import torch
 
-    from ._compat import pytree
+    from localmap.compat import pytree
 
     tensors = [t for t in pytree.tree_leaves(args) if isinstance(t, torch.Tensor)]
     if isinstance(fn, torch.nn.Module):
@@ -125,7 +125,7 @@ def run_inspect(target: str, mesh: str | None = None, *, verify: bool = False, s
     import localmap
     from localmap import PlacementError, VerificationError
 
-    from .testing import fake_mesh
+    from localmap.testing import fake_mesh
 
     out.print(f"[bold]localmap inspect[/] {path}:{name} on a fake {spec} mesh")
     with fake_mesh(spec.shape, spec.names) as device_mesh, localmap.use_mesh(device_mesh):

@@ -26,9 +26,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.tensor import Partial, Replicate, Shard
 
-from . import collectives as C
-from . import local_map
-from .models import project_heads, rms_norm
+from localmap import collectives as C
+from localmap import local_map
+from localmap.models.llama import project_heads, rms_norm
 
 S0, S1, S2, R, P = Shard(0), Shard(1), Shard(2), Replicate(), Partial()
 EP = "tp"  # the mesh dim experts are spread over

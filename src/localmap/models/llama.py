@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Partial, Replicate, Shard
 
-from . import local_map
+from localmap import local_map
 
 S0, S1, R, P = Shard(0), Shard(1), Replicate(), Partial()
 

@@ -90,7 +90,7 @@ def verdict_is_problem(verdict: str) -> bool:
 
 def region_table(prog: Any, title: str = "captured program: one row per region call") -> Table:
     """The captured program's regions (placements, local shapes, per-rank costs, check verdict) and totals."""
-    from ._draw import _num, _pl
+    from localmap.program.draw import _num, _pl
 
     table = Table(title=title, title_justify="left", show_footer=True)
     totals = prog.totals()

@@ -335,7 +335,7 @@ def _non_empty(spec: DTensorSpec) -> DTensorSpec:
         return spec
     import math
 
-    from ._shapes import dense_stride
+    from localmap.placements.shapes import dense_stride
 
     shape = [s if s != 0 else math.prod(spec.mesh.shape) for s in meta.shape]
     return make_spec(spec.mesh, spec.placements, shape, dense_stride(shape, meta.stride), meta.dtype)

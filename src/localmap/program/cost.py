@@ -26,8 +26,8 @@ import torch
 import torch.fx as fx
 from torch.distributed.tensor.placement_types import Partial, Placement, Shard
 
-from . import _compat
-from ._shapes import local_shape
+from localmap import compat as _compat
+from localmap.placements.shapes import local_shape
 
 
 def _kind(p: Placement) -> str:

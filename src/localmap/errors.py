@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from localmap.sites import site, traceback_site
+
 
 class LocalMapError(ValueError):
     """Bad input to a localmap API. Carries the pieces of its message as attributes for tools and tests."""
@@ -105,36 +107,12 @@ def _body_error_type(original: type) -> type:
     return cls
 
 
-def _site(path: str, line: int) -> str:
-    import os
-
-    rel = os.path.relpath(path)
-    return f"{path if rel.startswith('..') else rel}:{line}"
-
-
 def region_label(func: Any) -> tuple[str, str]:
     """(name, file:line of its definition) of a region's function."""
     inner = getattr(func, "__wrapped__", func)
     name = getattr(inner, "__qualname__", None) or getattr(inner, "__name__", None) or type(inner).__name__
     code = getattr(inner, "__code__", None) or getattr(getattr(inner, "forward", None), "__code__", None)
-    return name, (_site(code.co_filename, code.co_firstlineno) if code is not None else "<unknown>")
-
-
-def _raising_line(exc: BaseException) -> str | None:
-    """file:line of the innermost frame of the traceback outside torch and localmap's internals."""
-    import os
-
-    here = os.path.dirname(os.path.abspath(__file__))
-    found = None
-    tb = exc.__traceback__
-    while tb is not None:
-        path = os.path.abspath(tb.tb_frame.f_code.co_filename)
-        internal = (path.startswith(here) and os.path.basename(path).startswith("_")) or \
-            f"{os.sep}torch{os.sep}" in path or path.endswith("hop.py") and path.startswith(here)
-        if not internal:
-            found = _site(path, tb.tb_lineno)
-        tb = tb.tb_next
-    return found
+    return name, (site(code.co_filename, code.co_firstlineno) if code is not None else "<unknown>")
 
 
 def body_error(func: Any, exc: BaseException, phase: str = "its body") -> LocalMapError:
@@ -143,7 +121,7 @@ def body_error(func: Any, exc: BaseException, phase: str = "its body") -> LocalM
     if isinstance(exc, LocalMapError):
         return exc
     name, defined = region_label(func)
-    return wrapped_error(f"region {name!r} (defined at {defined})", exc, phase, _raising_line(exc))
+    return wrapped_error(f"region {name!r} (defined at {defined})", exc, phase, traceback_site(exc.__traceback__))
 
 
 def wrapped_error(path: str, exc: BaseException, phase: str, at: str | None = None) -> LocalMapError:

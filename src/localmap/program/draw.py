@@ -10,8 +10,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from ._errors import fail
-from .hop import local_map_hop
+from localmap.errors import fail
+from localmap.traced.operator import local_map_hop
 
 
 def _pl(placements: Any) -> str:

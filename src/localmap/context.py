@@ -11,22 +11,19 @@
 from __future__ import annotations
 
 import contextlib
-import os
-import sys
 import threading
 from typing import Iterator
 
 from torch.distributed.device_mesh import DeviceMesh
 
 _local = threading.local()
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 @contextlib.contextmanager
 def use_mesh(mesh: DeviceMesh) -> Iterator[DeviceMesh]:
     """Set the default mesh for regions that give no ``device_mesh`` (nestable, per thread)."""
     if not isinstance(mesh, DeviceMesh):
-        from ._errors import fail
+        from localmap.errors import fail
 
         raise fail("use_mesh", "needs a DeviceMesh", given=type(mesh).__name__, fix="pass init_device_mesh(...)")
     stack = _stack("meshes")
@@ -65,21 +62,6 @@ def recording(kind: str) -> Iterator[list]:
 def recorder(kind: str) -> list | None:
     stack = _stack(kind)
     return stack[-1] if stack else None
-
-
-def call_site() -> str:
-    """file:line of the innermost caller outside localmap's machinery and torch (where the user called the
-    region). localmap's own models and demo count as user code."""
-    frame = sys._getframe(1)
-    while frame is not None:
-        path = os.path.abspath(frame.f_code.co_filename)
-        internal = path.startswith(_PACKAGE_DIR) and (
-            os.path.basename(path).startswith("_") or os.path.basename(path) == "hop.py")
-        if not internal and f"{os.sep}torch{os.sep}" not in path and "contextlib" not in path:
-            rel = os.path.relpath(path)
-            return f"{path if rel.startswith('..') else rel}:{frame.f_lineno}"
-        frame = frame.f_back
-    return "<unknown>"
 
 
 # The mesh of the region whose body is running (or being traced), for localmap.collectives.

@@ -23,13 +23,13 @@ import torch
 import torch.fx as fx
 from torch.distributed.tensor.placement_types import Partial, Placement, Shard
 
-from . import _compat
-from ._compat import pytree
-from ._context import recording
-from ._errors import LocalMapError, fail, wrapped_error
-from ._region import kwargs_of, role_of, run_graph
-from ._shapes import chunk_sizes
-from .hop import local_map_hop
+from localmap import compat as _compat
+from localmap.compat import pytree
+from localmap.context import recording
+from localmap.errors import LocalMapError, fail, wrapped_error
+from localmap.traced.build import kwargs_of, role_of, run_graph
+from localmap.placements.shapes import chunk_sizes
+from localmap.traced.operator import local_map_hop
 
 
 class VerificationError(LocalMapError):
@@ -212,7 +212,7 @@ def _like(value: Any, traced: Any) -> Any:
     """`value` with the dim order (strides) of the traced fake `traced`, copying only when they differ."""
     if not isinstance(value, torch.Tensor) or not isinstance(traced, torch.Tensor) or value.shape != traced.shape:
         return value
-    from ._shapes import like_stride
+    from localmap.placements.shapes import like_stride
 
     want = like_stride(value.shape, traced.stride())
     if value.stride() == tuple(want):
@@ -315,7 +315,7 @@ def verify(fn: Callable | torch.nn.Module, *args: Any, reference: Callable | Non
            rtol: float = 1e-4, **kwargs: Any) -> VerifyReport:
     """Capture `fn`, run it as the mesh would, and compare loss and gradients with `reference` (default: `fn`
     on one device with every region inlined). Raises VerificationError naming the first region that differs."""
-    from ._capture import capture
+    from localmap.program.capture import capture
 
     prog = capture(fn, *args, **kwargs)
     got = prog.run(*args, **kwargs)

@@ -21,8 +21,8 @@ from typing import Any, Sequence
 from torch.distributed.tensor import DeviceMesh
 from torch.distributed.tensor.placement_types import Partial, Placement, Shard
 
-from ._compat import pytree
-from ._errors import LocalMapError, fail
+from localmap.compat import pytree
+from localmap.errors import LocalMapError, fail
 
 LeafSpec = tuple[Placement, ...] | None
 

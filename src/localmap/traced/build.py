@@ -25,10 +25,10 @@ from torch.distributed.tensor import DeviceMesh
 from torch.distributed.tensor.placement_types import Partial, Placement, Replicate
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from . import _compat
-from ._errors import LocalMapError, fail
-from ._shapes import avg_ranks, like_stride, local_shape
-from ._specs import extreme_grad_error
+from localmap import compat as _compat
+from localmap.errors import LocalMapError, fail
+from localmap.placements.shapes import avg_ranks, like_stride, local_shape
+from localmap.placements.specs import extreme_grad_error
 
 KWARGS = "local_map_kwargs"  # GraphModule.meta key of a region's placements and mesh (as PyTorch's operator)
 ROLE = "localmap"  # GraphModule.meta key of localmap's own facts about a graph (role, activations, ...)
@@ -132,7 +132,7 @@ def to_local_fake(value: Any, placements: Sequence[Placement] | None, mesh: Devi
 def to_global_fake(value: Any, placements: Sequence[Placement] | None, mesh: DeviceMesh,
                    shape: Sequence[Any] | None = None) -> Any:
     """A fresh fake tensor with the global shape of local `value` (even sharding unless `shape` is known)."""
-    from ._shapes import even_global_shape
+    from localmap.placements.shapes import even_global_shape
 
     if not isinstance(value, torch.Tensor) or placements is None:
         return value

@@ -24,7 +24,7 @@ import torch.fx as fx
 from torch.distributed.tensor.placement_types import Partial, Replicate, Shard
 from torch.utils import _pytree as pytree
 
-from . import _compat
+from localmap import compat as _compat
 
 
 class Varying:
@@ -225,7 +225,7 @@ _SIZE_ARG_OPS = {
 def _spec(val: torch.Tensor, t: Type, mesh: Any, local: bool = False) -> Any:
     placements = tuple(Replicate() if p is VARYING else p for p in t)
     shape = list(val.shape) if local else _global_shape(val, t, tuple(mesh.shape))
-    from ._shapes import dense_stride
+    from localmap.placements.shapes import dense_stride
 
     return _compat.make_spec(mesh, placements, shape, dense_stride(shape, val.stride()), val.dtype)
 

@@ -19,12 +19,13 @@ import torch.fx as fx
 from torch.distributed.device_mesh import DeviceMesh
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from . import _compat, _cost
-from ._compat import pytree
-from ._context import recording
-from ._errors import LocalMapError, fail
-from ._region import ROLE, SOURCE, kwargs_of, role_of, tag_phase
-from .hop import defer_inlining, local_map_hop
+from localmap import compat as _compat
+from localmap.program import cost as _cost
+from localmap.compat import pytree
+from localmap.context import recording
+from localmap.errors import LocalMapError, fail
+from localmap.traced.build import ROLE, SOURCE, kwargs_of, role_of, tag_phase
+from localmap.traced.operator import defer_inlining, local_map_hop
 
 
 @dataclass
@@ -99,23 +100,23 @@ class CapturedProgram:
                            "inputs": self.input_names}, indent=indent)
 
     def report(self) -> str:
-        from ._draw import report
+        from localmap.program.draw import report
 
         return report(self)
 
     def to_dot(self) -> str:
-        from ._draw import to_dot
+        from localmap.program.draw import to_dot
 
         return to_dot(self)
 
     def save_svg(self, path: str) -> str:
-        from ._draw import save_svg
+        from localmap.program.draw import save_svg
 
         return save_svg(self, path)
 
     def run(self, *args: Any, **kwargs: Any) -> Any:
         """Run the captured program on real global tensors on one device, each region as the mesh would."""
-        from ._run import run_program
+        from localmap.program.run import run_program
 
         return run_program(self, args, kwargs)
 

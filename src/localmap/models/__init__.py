@@ -1,0 +1,5 @@
+"""Models written with localmap regions, shared by the demo, tests and benchmarks."""
+
+from localmap.models.llama import Llama, LlamaBlock, MoEBlock, project_heads, rms_norm
+
+__all__ = ["Llama", "LlamaBlock", "MoEBlock", "project_heads", "rms_norm"]

@@ -1,0 +1,268 @@
+"""The local_map operator: each region one graph node carrying its placements.
+
+``local_map_hop(body, *args)`` is a HigherOrderOperator. ``body`` is an ``fx.GraphModule`` written in local
+(per-shard) shapes whose ``meta["local_map_kwargs"]`` holds ``in_placements``, ``out_placements``,
+``in_grad_placements`` (may be None) and ``device_mesh``; ``args`` are global-shaped. By default a region is
+inlined: its body runs on the arguments as given. Under ``defer_inlining()`` it stays a region:
+
+* Autograd: the region's forward and backward graphs are built (``_region.build_region``) and run through one
+  autograd Function, the forward below autograd with its activations saved for the backward.
+* FakeTensorMode: global inputs become local fakes (this rank's shard; rank 0 on a fake process group), the
+  graph runs, outputs become global again; saved activations stay local.
+* ProxyTorchDispatchMode: one ``call_function`` node targeting this operator, the graph installed as a
+  submodule of the traced module, ``meta["local_map_kwargs"]`` and global-shaped ``meta["val"]`` on the node.
+
+One function per dispatch key below, registered next to each other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import weakref
+from typing import Any, Iterator
+
+import torch
+import torch.fx as fx
+from torch._C import DispatchKey
+from torch._ops import HigherOrderOperator
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.proxy_tensor import ProxyTorchDispatchMode, track_tensor_tree
+
+from localmap import compat as _compat
+from localmap.traced.build import (
+    KWARGS, ROLE, RegionGraphs, build_region, check_no_input_mutation, kwargs_of, region_kwargs, role_of, run_graph, to_global_fake, to_local_fake,
+)
+from localmap.context import recorder
+from localmap.errors import LocalMapError
+from localmap.placements.shapes import dense_stride
+
+__all__ = ["local_map_hop", "defer_inlining", "is_deferring", "LocalMapHOP"]
+
+
+# ---- defer_inlining: per thread, nestable -------------------------------------------------------------------
+
+_state = threading.local()
+
+
+PARTITIONERS = ("min_cut", "default")
+
+
+def is_deferring() -> bool:
+    """Whether regions stay regions (inside ``defer_inlining()``) on this thread."""
+    return bool(getattr(_state, "partitioners", None))
+
+
+def current_partitioner() -> str:
+    stack = getattr(_state, "partitioners", None)
+    return stack[-1] if stack else "min_cut"
+
+
+@contextlib.contextmanager
+def defer_inlining(partitioner: str = "min_cut") -> Iterator[None]:
+    """Keep local_map regions as regions (one node each, local-shaped graphs) instead of inlining them.
+
+    `partitioner` picks how each region's joint graph is cut: "min_cut" (PyTorch's min-cut
+    rematerialization: recomputes cheap ops instead of saving them) or "default" (saves what the backward
+    uses). Nestable; the innermost choice applies; restored on exit, also on error. Per thread.
+    """
+    if partitioner not in PARTITIONERS:
+        raise LocalMapError(f"local_map: defer_inlining: partitioner {partitioner!r} is not one of {PARTITIONERS}")
+    stack = getattr(_state, "partitioners", None)
+    if stack is None:
+        stack = _state.partitioners = []
+    stack.append(partitioner)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+# ---- the operator -----------------------------------------------------------------------------------------------
+
+class LocalMapHOP(HigherOrderOperator):
+    def __init__(self) -> None:
+        super().__init__("localmap_region")
+
+    def __call__(self, body: fx.GraphModule, *args: Any) -> tuple:
+        return super().__call__(body, *args)
+
+
+local_map_hop = LocalMapHOP()
+
+
+@local_map_hop.py_impl(DispatchKey.CompositeExplicitAutograd)
+def _run_real(body: fx.GraphModule, *args: Any) -> tuple:
+    """Real tensors: run the graph."""
+    return run_graph(body, args)
+
+
+@local_map_hop.py_impl(DispatchKey.Autograd)
+def _autograd(body: fx.GraphModule, *args: Any) -> tuple:
+    """Inline under ordinary autograd by default; under defer_inlining, build the region's forward and
+    backward graphs and run them through one autograd Function."""
+    needs_grad = torch.is_grad_enabled() and any(
+        isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+    if not is_deferring():
+        return run_graph(body, args)
+    if role_of(body)["role"] != "body":
+        with _compat.below_autograd():
+            return local_map_hop(body, *args)
+    graphs = build_region(body, args, current_partitioner()) if needs_grad else None
+    records = recorder("capture")
+    if records is not None:
+        records.append({"body": body, "graphs": graphs, "args": args})
+    if graphs is None:
+        with _compat.below_autograd():
+            return local_map_hop(body, *args)
+    return _RegionFunction.apply(graphs, *args)
+
+
+@local_map_hop.py_functionalize_impl
+def _functionalize(ctx: Any, body: fx.GraphModule, *args: Any) -> tuple:
+    """Unwrap, redispatch, rewrap. A body that writes to its inputs is rejected (LocalMapError naming the op)."""
+    check_no_input_mutation(body)
+    unwrapped = ctx.unwrap_tensors(args)
+    with ctx.redispatch_to_next():
+        return ctx.wrap_tensors(local_map_hop(body, *unwrapped))
+
+
+@local_map_hop.py_impl(FakeTensorMode)
+def _fake(mode: FakeTensorMode, body: fx.GraphModule, *args: Any) -> tuple:
+    """Run the graph on fake tensors; under defer_inlining, in local shapes (see module docstring)."""
+    with mode:
+        if not is_deferring():
+            return run_graph(body, args)
+        return _run_local(body, args, mode)
+
+
+@local_map_hop.py_impl(ProxyTorchDispatchMode)
+def _proxy(mode: ProxyTorchDispatchMode, body: fx.GraphModule, *args: Any) -> tuple:
+    """One call_function node targeting the operator; the graph becomes a submodule of the traced root."""
+    example = local_map_hop(body, *args)
+    tracer = mode.tracer
+    body_proxy = tracer.create_proxy("get_attr", _install(tracer.root, body), (), {})
+    proxy_args = torch.utils._pytree.tree_map(tracer.unwrap_proxy, args)
+    out_proxy = tracer.create_proxy("call_function", local_map_hop, (body_proxy, *proxy_args), {})
+    out_proxy.node.meta[KWARGS] = kwargs_of(body)
+    out_proxy.node.meta[ROLE] = role_of(body)
+    return track_tensor_tree(example, out_proxy, constant=None, tracer=tracer)
+
+
+for _mode in _compat.sac_modes():  # selective activation checkpointing sees a region as one op
+    @local_map_hop.py_impl(_mode)
+    def _sac(mode: Any, body: fx.GraphModule, *args: Any) -> tuple:
+        return mode.__torch_dispatch__(local_map_hop, [], (body, *args), {})
+
+
+# ---- helpers ----------------------------------------------------------------------------------------------------
+
+def _install(root: torch.nn.Module, gm: fx.GraphModule) -> str:
+    """Register `gm` on the traced root once; the same graph (a cached region) keeps its name."""
+    for name, child in root.named_children():
+        if child is gm:
+            return name
+    prefix = {"body": "local_map_body", "forward": "local_map_fw", "backward": "local_map_bw"}[role_of(gm)["role"]]
+    i = 0
+    while hasattr(root, f"{prefix}_{i}"):
+        i += 1
+    root.register_module(f"{prefix}_{i}", gm)
+    return f"{prefix}_{i}"
+
+
+def _run_local(gm: fx.GraphModule, args: tuple, mode: FakeTensorMode) -> tuple:
+    """Global fake args -> local fakes -> run -> global fake outputs (activations stay local)."""
+    role = role_of(gm)
+    kwargs = kwargs_of(gm)
+    mesh = kwargs["device_mesh"]
+    skip = role["num_activations"] if role["role"] == "backward" else 0
+    region_kwargs(gm, len(args) - skip)
+    local_args = list(args[:skip]) + [
+        to_local_fake(a, p, mesh) for a, p in zip(args[skip:], kwargs["in_placements"])]
+    outs = _outputs_from_cache(gm, local_args)
+    if outs is None:
+        with _compat.ignore_fresh_unbacked(mode):
+            outs = run_graph(gm, local_args)
+        _remember_outputs(gm, local_args, outs)
+    n = len(kwargs["out_placements"])
+    shapes = role.get("grad_shapes") or (None,) * n
+    results = [to_global_fake(o, p, mesh, s) for o, p, s in zip(outs[:n], kwargs["out_placements"], shapes)]
+    return (*results, *outs[n:])
+
+
+# Output metadata of region graphs per input metadata: a model of many identical layers runs each graph on
+# fake tensors once, then makes fresh fakes of the remembered shapes. Only concrete (non-symbolic) shapes.
+_fake_outputs: "weakref.WeakKeyDictionary[fx.GraphModule, dict]" = weakref.WeakKeyDictionary()
+
+
+def _meta_key(values: Any) -> Any:
+    key = []
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            key.append((tuple(v.shape), v.stride(), v.dtype, v.device))
+        elif isinstance(v, (int, float, bool, type(None))) and not isinstance(v, torch.SymInt):
+            key.append(v)
+        else:
+            raise TypeError("not cacheable")
+    out = tuple(key)
+    hash(out)
+    return out
+
+
+def _outputs_from_cache(gm: fx.GraphModule, args: list) -> tuple | None:
+    try:
+        metas = _fake_outputs.get(gm, {}).get(_meta_key(args))
+    except TypeError:
+        return None
+    if metas is None:
+        return None
+    return tuple(torch.empty_strided(m[0], m[1], dtype=m[2], device=m[3]) if isinstance(m, tuple) else m
+                 for m in metas)
+
+
+def _remember_outputs(gm: fx.GraphModule, args: list, outs: tuple) -> None:
+    try:
+        key = _meta_key(args)
+        metas = [(tuple(o.shape), o.stride(), o.dtype, o.device) if isinstance(o, torch.Tensor) else o
+                 for o in outs]
+        _meta_key([o for o in outs])  # symbolic outputs (data-dependent sizes) are not remembered
+    except TypeError:
+        return
+    _fake_outputs.setdefault(gm, {})[key] = metas
+
+
+def _coerce(grad: torch.Tensor, local_stride: tuple) -> torch.Tensor:
+    """Give an incoming gradient the dim order (memory format) the backward graph was traced with."""
+    want = dense_stride(grad.shape, local_stride)
+    if tuple(grad.stride()) == tuple(want) or grad.numel() <= 1:
+        return grad
+    return grad.new_empty_strided(grad.shape, want).copy_(grad)
+
+
+class _RegionFunction(torch.autograd.Function):
+    """Runs a region's forward graph below autograd and its backward graph on the saved activations."""
+
+    @staticmethod
+    def forward(ctx: Any, graphs: RegionGraphs, *args: Any) -> tuple:  # type: ignore[override]
+        with _compat.below_autograd():
+            outs = local_map_hop(graphs.forward, *args)
+        n = graphs.num_outputs
+        saved = outs[n:]
+        ctx.graphs = graphs
+        ctx.layout = [isinstance(a, torch.Tensor) for a in saved]
+        ctx.save_for_backward(*(a for a in saved if isinstance(a, torch.Tensor)))
+        ctx.symbols = [a for a in saved if not isinstance(a, torch.Tensor)]
+        results = tuple(outs[:n])
+        ctx.mark_non_differentiable(*(r for i, r in enumerate(results)
+                                      if isinstance(r, torch.Tensor) and i not in graphs.tangent_outputs))
+        return results
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Any) -> tuple:  # type: ignore[override]
+        graphs: RegionGraphs = ctx.graphs
+        tensors, symbols = iter(ctx.saved_tensors), iter(ctx.symbols)
+        saved = [next(tensors) if is_tensor else next(symbols) for is_tensor in ctx.layout]
+        tangents = [_coerce(grads[i], s) for i, s in zip(graphs.tangent_outputs, graphs.tangent_strides)]
+        with _compat.below_autograd():
+            input_grads = local_map_hop(graphs.backward, *saved, *tangents)
+        return (None, *input_grads)
