@@ -22,7 +22,7 @@ from localmap.check.rules import VARYING, RuleError, register_rule
 from localmap.context import use_mesh
 from localmap.eager.region import local_map
 from localmap.errors import BodyError, CollectiveError, LocalMapError
-from localmap.program.run import VerificationError, verify
+from localmap.program.verify import VerificationError, verify
 
 __version__ = "0.1.0"
 

@@ -8,9 +8,9 @@ the file is below it.
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
-import sys
 from types import TracebackType
 from typing import Iterable
 
@@ -60,7 +60,7 @@ def stack_trace_site(stack_trace: str) -> str | None:
 
 def caller_site() -> str:
     """The innermost caller outside library code: where the user called into localmap."""
-    frame = sys._getframe(1)
+    frame = inspect.currentframe()
     while frame is not None:
         if not is_library(frame.f_code.co_filename):
             return site(os.path.abspath(frame.f_code.co_filename), frame.f_lineno)

@@ -33,7 +33,9 @@ from localmap.context import in_region
 from localmap.errors import LocalMapError, fail, mesh_dim_label
 from localmap.placements.specs import placements_str
 from localmap.sites import stack_trace_site
-from localmap.check.rules import DISPLAY_NAMES, GRADIENT_SUMMING, UNSUMMED_GRADIENT, VARYING, RuleError, output_types
+from localmap.check.rules import output_types
+from localmap.collectives.registry import collective
+from localmap.placements.types import VARYING, RuleError
 
 
 class PlacementError(LocalMapError):
@@ -59,20 +61,13 @@ class Verdict:
         return "ok" if self.ok else str(self.problems[0]).splitlines()[0]
 
 
-_DECOMPOSE = None
+_DECOMPOSE: dict | None = None
 
 
 def _decompositions() -> dict:
-    """Normalizations and means are decomposed for the check, so their inner reductions get types."""
     global _DECOMPOSE
     if _DECOMPOSE is None:
-        from torch._decomp import get_decompositions
-
-        aten = torch.ops.aten
-        # Only decompositions written with aten ops (means and variances stay whole: DTensor types them).
-        _DECOMPOSE = get_decompositions([
-            aten._softmax, aten._log_softmax, aten.native_layer_norm, aten._fused_rms_norm, aten.rms_norm,
-        ])
+        _DECOMPOSE = _compat.check_decompositions()
     return _DECOMPOSE
 
 
@@ -82,9 +77,10 @@ def _source(node: fx.Node) -> str:
 
 
 def _op(node: fx.Node) -> str:
-    if node.target in DISPLAY_NAMES:
-        return DISPLAY_NAMES[node.target]
-    return str(node.target) if isinstance(node.target, torch._ops.OpOverload) else \
+    facts = collective(node.target)
+    if facts is not None and facts.name is not None:
+        return facts.name
+    return str(node.target) if isinstance(node.target, _compat.OpOverload) else \
         getattr(node.target, "__name__", str(node.target))
 
 
@@ -139,10 +135,11 @@ def check_graph(gm: fx.GraphModule, in_types: Sequence[Any], out_claims: Sequenc
             same = [a for a in inputs if types[a][m] == here]
             origin[node].append(origin[same[0]][m] if same else node)
             reaching = set().union(*(lineage[a][m] for a in inputs if isinstance(types[a][m], Replicate)))
-            if node.target in GRADIENT_SUMMING:  # its backward sums the per-rank gradients itself
+            gradient = getattr(collective(node.target), "gradient", None)
+            if gradient == "summing":  # its backward sums the per-rank gradients itself
                 lineage[node].append(set())
             elif isinstance(here, Replicate):
-                starts = node.target in UNSUMMED_GRADIENT and _differentiable(node)
+                starts = gradient == "unsummed" and _differentiable(node)
                 lineage[node].append({node} if starts else reaching)
             else:
                 for j in reaching:

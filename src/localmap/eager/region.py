@@ -21,7 +21,7 @@ import torch
 from torch.distributed.tensor import DeviceMesh, DTensor
 from torch.distributed.tensor.placement_types import Partial, Placement, Replicate, Shard
 
-from localmap.compat import AsyncCollectiveTensor, DTensorSpec, fast_apply, make_dtensor, make_spec, pytree
+from localmap.compat import DTensorSpec, fast_apply, local_tensor_of, make_dtensor, make_spec, pytree, spec_of
 from localmap.compat import global_shape_and_stride, is_simulated, redistribute_local, simulated_local
 from localmap.context import in_region, pop_region_mesh, push_region_mesh, recorder
 from localmap.errors import LocalMapError, body_error, fail
@@ -53,8 +53,7 @@ def _plain_stride(t: torch.Tensor) -> tuple[int, ...]:
     return t.stride()
 
 
-def _wait(t: torch.Tensor) -> torch.Tensor:
-    return t.wait() if isinstance(t, AsyncCollectiveTensor) else t
+from localmap.compat import wait_local as _wait
 
 
 _has_avg: dict[tuple, bool] = {}
@@ -100,9 +99,9 @@ class _ToLocal(torch.autograd.Function):
         views = []
         saved = []
         for d, placements in zip(dtensors, grad_placements):
-            t = _wait(d._local_tensor)
+            t = _wait(local_tensor_of(d))
             views.append(t.view_as(t))
-            saved.append((d._spec, placements, t.stride()))
+            saved.append((spec_of(d), placements, t.stride()))
         ctx.saved = saved
         return tuple(views)
 
@@ -144,13 +143,13 @@ class _FromLocal(torch.autograd.Function):
                 out.append(g)
                 continue
             target = _grad_default(spec.placements)
-            if g._spec.placements != target:
-                target_spec = DTensorSpec(spec.mesh, target, tensor_meta=g._spec.tensor_meta)
-                local = _wait(redistribute_local(g._local_tensor, g._spec, target_spec))
+            if spec_of(g).placements != target:
+                target_spec = DTensorSpec(spec.mesh, target, tensor_meta=spec_of(g).tensor_meta)
+                local = _wait(redistribute_local(local_tensor_of(g), spec_of(g), target_spec))
             elif torch.is_grad_enabled():  # create_graph=True: keep the conversion differentiable
                 local = g.to_local()
             else:
-                local = _wait(g._local_tensor)
+                local = _wait(local_tensor_of(g))
             out.append(local / avg_ranks(spec.placements, spec.mesh) if _any_avg(spec.placements) else local)
         return tuple(out)
 
@@ -396,7 +395,7 @@ class MappedFunction:
         checked: list[tuple[int, DTensor, tuple[Placement, ...]]] = []
         for i in dtensor_idx:
             a = flat[i]
-            spec = a._spec
+            spec = spec_of(a)
             # Fast path: same mesh object and placements as given; anything else gets the full check.
             if spec.mesh is mesh and specs is not None and spec.placements == specs[i]:
                 gp = _grad_default(spec.placements) if grad_specs is None else grad_specs[i]
@@ -405,7 +404,7 @@ class MappedFunction:
             else:
                 a, gp = self._check_leaf(plan, args, flat, i, mesh)
             if not uneven:
-                uneven = _uneven(a._spec)
+                uneven = _uneven(spec_of(a))
             checked.append((i, a, gp))
         # in_grad_placements=None: the gradient placements the body implies (from the cached check)
         inferred = self._verdict(plan, flat, treespec, checked, mesh, kwargs) if self.check is not False else None
@@ -418,7 +417,7 @@ class MappedFunction:
                 grad_inputs.append(a)
                 grad_placements.append(inferred[i] or gp if inferred is not None else gp)
             else:
-                locals_[i] = _wait(a._local_tensor)
+                locals_[i] = _wait(local_tensor_of(a))
         if grad_inputs:
             for i, t in zip(grad_idx, _to_local(tuple(grad_placements), *grad_inputs)):
                 locals_[i] = t
@@ -458,15 +457,15 @@ class MappedFunction:
         hit = plan.verdict  # steady state: the same DTensor specs as last time on this plan
         if hit is not None and len(hit[0]) == len(checked):
             for s, (_, a, _) in zip(hit[0], checked):
-                if s is not a._spec:
+                if s is not spec_of(a):
                     hit = None
                     break
         else:
             hit = None
         if hit is None:
-            key = (id(plan), tuple(id(a._spec) for _, a, _ in checked))
+            key = (id(plan), tuple(id(spec_of(a)) for _, a, _ in checked))
             hit = self._verdicts.get(key)
-            if hit is not None and any(s is not a._spec for s, (_, a, _) in zip(hit[0], checked)):
+            if hit is not None and any(s is not spec_of(a) for s, (_, a, _) in zip(hit[0], checked)):
                 hit = None
         if hit is None:
             from localmap.check.checker import check_function
@@ -480,11 +479,11 @@ class MappedFunction:
                     leaf_specs[i] = (plan.specs[i] if plan.specs is not None and plan.specs[i] is not None
                                      else tuple(Replicate() for _ in range(mesh.ndim)))
             for i, a, _ in checked:
-                leaves[i], leaf_specs[i] = a._local_tensor, tuple(a.placements)
+                leaves[i], leaf_specs[i] = local_tensor_of(a), tuple(a.placements)
             verdict = check_function(self.func, leaves, leaf_specs, self.out_placements, plan.grad_specs, mesh,
                                      treespec if treespec is not None else pytree.tree_flatten(tuple(flat))[1],
                                      kwargs, _uneven_mesh_dims([a for _, a, _ in checked]))
-            hit = (tuple(a._spec for _, a, _ in checked), verdict)
+            hit = (tuple(spec_of(a) for _, a, _ in checked), verdict)
             if len(self._verdicts) < 256:
                 self._verdicts[key] = hit
         plan.verdict = hit

@@ -9,9 +9,9 @@ collective (rules as data in ``RESHARD_COST``):
     Shard(a) -> Shard(b)    all-to-all       (n - 1) / n * B
     anything else           local            0   (Replicate -> Shard slices; Replicate -> Partial keeps a share)
 
-Collectives inside a region's graphs (functional collectives) are counted with the same costs: all_gather
-(n - 1) * input, reduce_scatter (n - 1) / n * input, all_reduce 2 (n - 1) / n * input, all_to_all
-(n - 1) / n * input.
+Collectives inside a region's graphs are counted by each collective's own cost rule
+(``localmap.collectives.registry``, written next to the collective): all_gather (n - 1) * input, reduce_scatter
+(n - 1) / n * input, all_reduce 2 (n - 1) / n * input, all_to_all (n - 1) / n * input.
 
 Sizes that depend on data (tokens routed to experts by an all_to_all with ``.tolist()`` splits) are unknown at
 capture: FLOPs and bytes count them as 0, so those numbers are lower bounds.
@@ -26,7 +26,8 @@ import torch
 import torch.fx as fx
 from torch.distributed.tensor.placement_types import Partial, Placement, Shard
 
-from localmap import compat as _compat
+from localmap import compat
+from localmap.collectives.registry import collective
 from localmap.placements.shapes import local_shape
 
 
@@ -40,14 +41,6 @@ RESHARD_COST: dict[tuple[str, str], Callable[[float, int], float]] = {
     ("P", "S"): lambda b, n: (n - 1) / n * b,
     ("S", "S"): lambda b, n: (n - 1) / n * b,  # only when the dims differ (checked by the caller)
 }
-
-COLLECTIVE_COST: dict[str, Callable[[float, int], float]] = {
-    "all_gather_into_tensor": lambda b, n: (n - 1) * b,
-    "reduce_scatter_tensor": lambda b, n: (n - 1) / n * b,
-    "all_reduce": lambda b, n: 2 * (n - 1) / n * b,
-    "all_to_all_single": lambda b, n: (n - 1) / n * b,
-}
-
 
 def at_least(value: Any) -> int:
     """An int for a size or count; one that depends on data (an unbacked symbol, e.g. tokens routed to an
@@ -89,19 +82,18 @@ def collective_bytes(gm: fx.GraphModule | None) -> float:
         return 0.0
     total = 0.0
     for node in gm.graph.nodes:
-        name = getattr(node.target, "__name__", "").split(".")[0]
-        namespace = getattr(getattr(node.target, "_schema", None), "name", "")
-        if node.op != "call_function" or not namespace.startswith("_c10d_functional::") or name not in COLLECTIVE_COST:
+        facts = collective(node.target) if node.op == "call_function" else None
+        if facts is None or facts.cost is None:
             continue
         val = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
-        group = _compat.group_size(node.args[-1])
+        group = compat.group_size(node.args[-1])
         if isinstance(val, torch.Tensor) and group:
-            total += COLLECTIVE_COST[name](tensor_bytes(val.shape, val.dtype), group)
+            total += facts.cost(tensor_bytes(val.shape, val.dtype), group)
     return total
 
 
 _flops_cache: "weakref.WeakKeyDictionary[fx.GraphModule, int]" = weakref.WeakKeyDictionary()
-_compat.register_cpu_attention_flops()
+compat.register_cpu_attention_flops()
 
 
 def graph_flops(gm: fx.GraphModule | None) -> int:
@@ -114,13 +106,13 @@ def graph_flops(gm: fx.GraphModule | None) -> int:
 
     holders = list(gm.graph.find_nodes(op="placeholder"))
     vals = [h.meta.get("val") for h in holders]
-    with _compat.isolated_tracing():
-        mode = _compat.detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)]) or _compat.new_fake_mode()
+    with compat.isolated_tracing():
+        mode = compat.detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)]) or compat.new_fake_mode()
         with mode:
             args = [torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=v.device)
                     if isinstance(v, torch.Tensor) else v for v in vals]
             counter = FlopCounterMode(display=False)
-            with counter, _compat.ignore_fresh_unbacked(mode):
+            with counter, compat.ignore_fresh_unbacked(mode):
                 gm(*args)
     flops = at_least(counter.get_total_flops())
     _flops_cache[gm] = flops

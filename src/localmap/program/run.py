@@ -1,4 +1,4 @@
-"""Running a captured program on one device as the mesh would, and verifying it against the model.
+"""Running a captured program on one device as the mesh would.
 
 ``run``: the program's forward and backward graphs run on real global tensors; every region node runs its
 graph once per rank of its mesh on that rank's pieces of the inputs (Shard: DTensor's torch.chunk slices;
@@ -6,34 +6,23 @@ Replicate: the value; Partial: unequal pieces that reduce to the value), and the
 together by the output placements (Shard: concatenated; Replicate: rank 0's, other ranks checked; Partial:
 reduced). Saved activations stay per rank between a region's forward and backward. A wrong placement claim
 therefore shows as a wrong number.
-
-``verify``: capture, run, and compare the loss and every gradient with the model run on one device with its
-regions inlined; a difference is traced to the first region whose output (forward) or input gradient
-(backward) differs.
 """
 
 from __future__ import annotations
 
-import itertools
-import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.fx as fx
-from torch.distributed.tensor.placement_types import Partial, Placement, Shard
 
 from localmap import compat as _compat
 from localmap.compat import pytree
-from localmap.context import recording
+from localmap.collectives.registry import communicates
 from localmap.errors import LocalMapError, fail, wrapped_error
 from localmap.traced.build import kwargs_of, role_of, run_graph
-from localmap.placements.shapes import chunk_sizes
+from localmap.program.split import coordinates, join, split
 from localmap.traced.operator import local_map_hop
-
-
-class VerificationError(LocalMapError):
-    """The captured program's run differs from the reference, naming the first region and tensor that differ."""
 
 
 @dataclass
@@ -50,71 +39,6 @@ class RunResult:
     region_outputs: dict[str, list] = field(default_factory=dict)  # region name -> global outputs
     region_input_grads: dict[str, list] = field(default_factory=dict)  # region name -> grads of its inputs
     disagreements: list[str] = field(default_factory=list)  # Replicate outputs whose ranks differ
-
-
-# ---- splitting and joining by placements --------------------------------------------------------------------------
-
-def _coordinates(mesh_shape: Sequence[int]) -> list[tuple[int, ...]]:
-    return list(itertools.product(*[range(n) for n in mesh_shape]))
-
-
-def _partial_piece(value: torch.Tensor, p: Partial, n: int, c: int) -> torch.Tensor:
-    """Rank c's piece of a Partial value: unequal shares that reduce back to the value."""
-    op = p.reduce_op
-    if op in ("sum", "avg"):
-        share = (c + 1) / (n * (n + 1) / 2) * (n if op == "avg" else 1)
-        return value * share
-    if op == "max":
-        return value if c == 0 else value - 1 - c
-    if op == "min":
-        return value if c == 0 else value + 1 + c
-    raise fail("run", f"Partial({op!r}) inputs are not supported by run", fix="use sum, avg, max or min")
-
-
-def split(value: Any, placements: Sequence[Placement] | None, mesh_shape: Sequence[int],
-          coord: Sequence[int]) -> Any:
-    """Rank `coord`'s local piece of a global value."""
-    if not isinstance(value, torch.Tensor) or placements is None:
-        return value
-    for m, p in enumerate(placements):
-        if isinstance(p, Shard):
-            sizes = chunk_sizes(value.shape[p.dim], mesh_shape[m])
-            value = value.narrow(p.dim, sum(sizes[:coord[m]]), sizes[coord[m]])
-        elif isinstance(p, Partial):
-            value = _partial_piece(value, p, mesh_shape[m], coord[m])
-    return value
-
-
-def join(values: dict[tuple, Any], placements: Sequence[Placement] | None, mesh_shape: Sequence[int],
-         note: Callable[[str], None]) -> Any:
-    """The global value from every rank's local value, innermost mesh dim first."""
-    if placements is None:
-        return values[tuple(0 for _ in mesh_shape)]
-    for m in reversed(range(len(mesh_shape))):
-        p = placements[m]
-        grouped: dict[tuple, list] = {}
-        for coord in sorted(values):
-            grouped.setdefault(coord[:m] + coord[m + 1:], []).append(values[coord])
-        joined = {}
-        for rest, parts in grouped.items():
-            joined[rest[:m] + (0,) + rest[m:]] = _join_dim(parts, p, m, note)
-        values = joined
-    return next(iter(values.values()))
-
-
-def _join_dim(parts: list, p: Placement, m: int, note: Callable[[str], None]) -> Any:
-    if not isinstance(parts[0], torch.Tensor):
-        return parts[0]
-    if isinstance(p, Shard):
-        return torch.cat(parts, dim=p.dim)
-    if isinstance(p, Partial):
-        stacked = torch.stack(parts)
-        return {"sum": stacked.sum(0), "avg": stacked.mean(0), "max": stacked.amax(0),
-                "min": stacked.amin(0)}[p.reduce_op]
-    first = parts[0]
-    if any(not torch.allclose(first, q, rtol=1e-4, atol=1e-5) for q in parts[1:]):
-        note(f"claimed Replicate on mesh dim {m} but ranks hold different values")
-    return first
 
 
 # ---- interpreting the program -------------------------------------------------------------------------------------
@@ -150,7 +74,7 @@ class _MeshInterpreter(fx.Interpreter):
         mesh_shape = tuple(kwargs["device_mesh"].shape)
         skip = role["num_activations"] if role["role"] == "backward" else 0
         saved, inputs = args[:skip], args[skip:]
-        coords = _coordinates(mesh_shape)
+        coords = coordinates(mesh_shape)
         traced = [h.meta.get("val") for h in gm.graph.find_nodes(op="placeholder")][skip:]
         scales = role.get("tangent_scales") or (1,) * len(inputs)
         local_args = {}
@@ -193,8 +117,7 @@ class _MeshInterpreter(fx.Interpreter):
 
 
 def has_collectives(gm: fx.GraphModule) -> bool:
-    return any(n.op == "call_function" and str(getattr(n.target, "namespace", "")) == "_c10d_functional"
-               for n in gm.graph.nodes)
+    return any(n.op == "call_function" and communicates(n.target) for n in gm.graph.nodes)
 
 
 def _run_ranks_together(gm: fx.GraphModule, local_args: dict[tuple, list], mesh: Any) -> dict[tuple, tuple]:
@@ -258,102 +181,3 @@ def run_program(prog: Any, args: tuple, kwargs: dict) -> RunResult:
     result.loss = fw_out[0]
     result.grads = {name: g for name, g in zip(prog.input_names, grads) if g is not None}
     return result
-
-
-# ---- verify -------------------------------------------------------------------------------------------------------
-
-@dataclass
-class VerifyReport:
-    loss_diff: float
-    grad_diffs: dict[str, float]
-    regions_checked: int
-    disagreements: list[str]
-
-    def __str__(self) -> str:
-        worst = max(self.grad_diffs.values(), default=0.0)
-        return (f"verified: loss differs by {self.loss_diff:.2e}, {len(self.grad_diffs)} gradients by at most "
-                f"{worst:.2e}, {self.regions_checked} regions")
-
-
-def _reference(fn: Any, args: tuple, kwargs: dict) -> tuple[Any, dict, list]:
-    """Loss, gradients by input name, and region records of `fn` on one device with regions inlined."""
-    module = fn if isinstance(fn, torch.nn.Module) else None
-    state = {k: v.detach().clone().requires_grad_(v.requires_grad)
-             for k, v in (module.named_parameters() if module is not None else [])}
-    buffers = dict(module.named_buffers()) if module is not None else {}
-    leaves, spec = pytree.tree_flatten((args, kwargs))
-    leaves = [t.detach().clone().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t
-              for t in leaves]
-    a, k = pytree.tree_unflatten(leaves, spec)
-    with recording("reference") as records:
-        loss = torch.func.functional_call(module, {**state, **buffers}, a, k) if module is not None else fn(*a, **k)
-        want = {n: t for n, t in state.items() if t.requires_grad}
-        want.update({_arg_name(args, kwargs, i): t for i, t in enumerate(leaves)
-                     if isinstance(t, torch.Tensor) and t.requires_grad})
-        grads = torch.autograd.grad(loss, list(want.values()), allow_unused=True) if want else []
-    return loss.detach(), {n: g for n, g in zip(want, grads) if g is not None}, records
-
-
-def _arg_name(args: tuple, kwargs: dict, index: int) -> str:
-    path = pytree.tree_flatten_with_path((args, kwargs))[0][index][0]
-    return ("args" if getattr(path[0], "idx", 1) == 0 else "kwargs") + pytree.keystr(path[1:])
-
-
-def _differs(a: Any, b: Any, atol: float, rtol: float) -> bool:
-    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
-        return False
-    return a.shape != b.shape or not torch.allclose(a.float(), b.float(), atol=atol, rtol=rtol)
-
-
-def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    if a.shape != b.shape:
-        return math.inf
-    return (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
-
-
-def verify(fn: Callable | torch.nn.Module, *args: Any, reference: Callable | None = None, atol: float = 1e-5,
-           rtol: float = 1e-4, **kwargs: Any) -> VerifyReport:
-    """Capture `fn`, run it as the mesh would, and compare loss and gradients with `reference` (default: `fn`
-    on one device with every region inlined). Raises VerificationError naming the first region that differs."""
-    from localmap.program.capture import capture
-
-    prog = capture(fn, *args, **kwargs)
-    got = prog.run(*args, **kwargs)
-    ref_loss, ref_grads, records = _reference(reference if reference is not None else fn, args, kwargs)
-    problems = []
-    if _differs(got.loss, ref_loss, atol, rtol):
-        problems.append(f"the loss: {got.loss.item():.6g} vs {ref_loss.item():.6g}")
-    for name, g in ref_grads.items():
-        if name not in got.grads or _differs(got.grads[name], g, atol, rtol):
-            problems.append(f"the gradient of {name}")
-    report = VerifyReport(
-        loss_diff=_max_diff(got.loss, ref_loss),
-        grad_diffs={n: _max_diff(got.grads[n], g) for n, g in ref_grads.items() if n in got.grads},
-        regions_checked=len(prog.regions), disagreements=got.disagreements)
-    if not problems:
-        return report
-    culprit = _first_region(prog, got, records, atol, rtol)
-    raise VerificationError(
-        f"local_map: verify: {culprit}; as a result {problems[0]} differs"
-        + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
-        + ("\n  ranks disagree: " + "; ".join(got.disagreements) if got.disagreements else "")
-        + "\n  fix: check that region's out_placements / in_grad_placements against what its body computes",
-        path=culprit)
-
-
-def _first_region(prog: Any, got: RunResult, records: list, atol: float, rtol: float) -> str:
-    if len(records) == len(prog.regions):
-        for region, record in zip(prog.regions, records):
-            for i, (mine, ref) in enumerate(zip(got.region_outputs.get(region.name, []), record["outputs"])):
-                if _differs(mine, ref, atol, rtol):
-                    return (f"region {region.name} ({region.source}) output {i} differs by "
-                            f"{_max_diff(mine, ref):.3g} (out_placements {region.out_placements[i]})")
-        for region, record in reversed(list(zip(prog.regions, records))):
-            mine_all = got.region_input_grads.get(region.name, [])
-            for j, flat_index in enumerate(record["tensor_inputs"]):
-                ref = record["input_grads"].get(flat_index)
-                mine = mine_all[j] if j < len(mine_all) else None
-                if ref is not None and mine is not None and _differs(mine, ref, atol, rtol):
-                    return (f"region {region.name} ({region.source}) gradient of input {j} differs by "
-                            f"{_max_diff(mine, ref):.3g} (in_grad_placements {region.in_grad_placements[j]})")
-    return "no single region differs on its own (check the code between regions)"

@@ -31,6 +31,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, distribute_tensor
 
 from localmap import compat as _compat
+from localmap.compat import local_tensor_of
 
 __all__ = ["simulated_mesh", "fake_mesh", "run_gloo", "distribute", "full", "on_one_device", "GlooError"]
 
@@ -102,13 +103,13 @@ def distribute(t: torch.Tensor, mesh: DeviceMesh, placements: Sequence[Placement
             raise ValueError(f"distribute: Partial({placements[m].reduce_op!r}) is not supported here")
     base = tuple(Replicate() if isinstance(p, Partial) else p for p in placements)
     d = distribute_tensor(t.detach(), mesh, base)
-    if _compat.simulation_active() and not _compat.is_simulated(d._local_tensor):
+    if _compat.simulation_active() and not _compat.is_simulated(local_tensor_of(d)):
         # Give every simulated rank its own copy, so collectives on it (a Partial reduction) count every rank.
-        local = d._local_tensor
+        local = local_tensor_of(d)
         d = DTensor.from_local(_compat.simulated_rank_map(lambda r: local.clone()), mesh, base, run_check=False,
                                shape=d.shape, stride=d.stride())
     if partial:
-        local = d._local_tensor
+        local = local_tensor_of(d)
         weights = _partial_weights(mesh, placements)
         if _compat.simulation_active():
             def piece(r: int) -> torch.Tensor:
@@ -129,7 +130,7 @@ def full(x: torch.Tensor) -> torch.Tensor:
     concatenated in mesh order, Partial: reduced, Replicate: every rank must agree), without DTensor's own
     redistribution, which fails in the simulation for a dim sharded on several mesh dims with empty shards."""
     if isinstance(x, DTensor):
-        if _compat.is_simulated(x._local_tensor):
+        if _compat.is_simulated(local_tensor_of(x)):
             return _assemble(x)
         x = x.full_tensor()
     x = _compat.reconcile(x)
@@ -138,10 +139,10 @@ def full(x: torch.Tensor) -> torch.Tensor:
 
 
 def _assemble(x: DTensor) -> torch.Tensor:
-    from localmap.program.run import join
+    from localmap.program.split import join
 
     problems: list[str] = []
-    locals_ = _compat.simulated_local(x._local_tensor)
+    locals_ = _compat.simulated_local(local_tensor_of(x))
     with on_one_device():
         values = {coord: locals_[rank].detach().clone() for rank, coord in _mesh_coordinates(x.device_mesh).items()}
         out = join(values, x.placements, tuple(x.device_mesh.shape), problems.append)

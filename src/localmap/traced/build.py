@@ -158,9 +158,9 @@ def check_no_input_mutation(body: fx.GraphModule, paths: Sequence[str] | None = 
     for i, node in enumerate(n for n in body.graph.nodes if n.op == "placeholder"):
         aliases[node] = i
     for node in body.graph.nodes:
-        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        schema = _compat.op_schema(node.target) if node.op == "call_function" else None
+        if schema is None:
             continue
-        schema = node.target._schema
         for arg, formal in zip(node.args, schema.arguments):
             if not isinstance(arg, fx.Node) or arg not in aliases:
                 continue
@@ -201,18 +201,11 @@ def _cache_key(body: fx.GraphModule, args: Sequence[Any], partition: str) -> Any
         placements = (repr(kwargs["in_placements"]), repr(kwargs["out_placements"]),
                       repr(kwargs.get("in_grad_placements")))
         key = (body.code, nodes, constants, placements, id(kwargs["device_mesh"]), partition,
-               tuple(_meta_key(a) for a in args), _sac_active())
+               tuple(_meta_key(a) for a in args), _compat.sac_active())
         hash(key)
         return key
     except TypeError:
         return None
-
-
-def _sac_active() -> bool:
-    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
-
-    sac = _compat.sac_modes()
-    return any(isinstance(m, sac) for m in _get_current_dispatch_mode_stack())
 
 
 def build_region(body: fx.GraphModule, args: Sequence[Any], partition: str = "min_cut") -> RegionGraphs:
@@ -242,7 +235,7 @@ def _build(body: fx.GraphModule, args: Sequence[Any], kwargs: dict, partition: s
     with _compat.isolated_tracing(), _compat.without_saved_tensor_hooks():
         fake_mode = _compat.detect_fake_mode(args) or _compat.new_fake_mode()
         with fake_mode:
-            fakes = [fake_mode.from_tensor(a) if isinstance(a, torch.Tensor) and not _is_fake(a) else a
+            fakes = [fake_mode.from_tensor(a) if isinstance(a, torch.Tensor) and not _compat.is_fake(a) else a
                      for a in args]
             primals = [to_local_fake(a, p, mesh) for a, p in zip(fakes, in_placements)]
             with _compat.ignore_fresh_unbacked(fake_mode), torch.enable_grad():
@@ -329,12 +322,6 @@ def _clean_checkpoint_tags(joint: fx.GraphModule, num_outputs: int) -> None:
             node.meta["ac_graph_id"] = 0
 
 
-def _is_fake(t: torch.Tensor) -> bool:
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    return isinstance(t, FakeTensor)
-
-
 def _outputs(gm: fx.GraphModule) -> tuple:
     return tuple(gm.graph.find_nodes(op="output")[0].args[0])
 
@@ -354,8 +341,7 @@ def _forward_only(joint_gm: fx.GraphModule, num_outputs: int) -> fx.GraphModule:
             graph.erase_node(node)
     graph.eliminate_dead_code()
     gm = fx.GraphModule(joint_gm, graph)
-    gm.graph._codegen = fx.graph.CodeGen()  # plain positional signature
-    gm.recompile()
+    _compat.plain_signature(gm)
     return gm
 
 

@@ -24,12 +24,10 @@ from typing import Any, Iterator
 
 import torch
 import torch.fx as fx
-from torch._C import DispatchKey
-from torch._ops import HigherOrderOperator
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.fx.experimental.proxy_tensor import ProxyTorchDispatchMode, track_tensor_tree
-
 from localmap import compat as _compat
+from localmap.compat import (
+    DispatchKey, FakeTensorMode, HigherOrderOperator, ProxyTorchDispatchMode, pytree, track_tensor_tree,
+)
 from localmap.traced.build import (
     KWARGS, ROLE, RegionGraphs, build_region, check_no_input_mutation, kwargs_of, region_kwargs, role_of, run_graph, to_global_fake, to_local_fake,
 )
@@ -142,7 +140,7 @@ def _proxy(mode: ProxyTorchDispatchMode, body: fx.GraphModule, *args: Any) -> tu
     example = local_map_hop(body, *args)
     tracer = mode.tracer
     body_proxy = tracer.create_proxy("get_attr", _install(tracer.root, body), (), {})
-    proxy_args = torch.utils._pytree.tree_map(tracer.unwrap_proxy, args)
+    proxy_args = pytree.tree_map(tracer.unwrap_proxy, args)
     out_proxy = tracer.create_proxy("call_function", local_map_hop, (body_proxy, *proxy_args), {})
     out_proxy.node.meta[KWARGS] = kwargs_of(body)
     out_proxy.node.meta[ROLE] = role_of(body)

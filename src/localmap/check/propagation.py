@@ -1,0 +1,144 @@
+"""The default placement rule: DTensor's own sharding propagation.
+
+An op without a rule of its own (``localmap.check.rules``) is asked about through DTensor's registered
+strategies (elementwise, matmul, reductions, views, ...): run on shards of these placements, does the op compute
+the shard of the global op, and with which placements? A strategy that would redistribute an input means "no"
+on that mesh dim. Ops DTensor knows nothing about get the conservative default: Varying where any input is not
+Replicate, and an error for a Partial input (the op's linearity is unknown).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+from torch.distributed.tensor.placement_types import Partial, Replicate, Shard
+
+from localmap import compat
+from localmap.compat import pytree
+from localmap.placements.shapes import dense_stride
+from localmap.placements.types import VARYING, RuleError, Type
+
+aten = torch.ops.aten
+
+
+def replicated(mesh: Any) -> Type:
+    """The type of a value that is the same on every rank (a factory's result, a constant)."""
+    return tuple(Replicate() for _ in range(mesh.ndim))
+
+
+def _global_shape(val: torch.Tensor, t: Type, mesh_shape: Sequence[int]) -> list:
+    shape = list(val.shape)
+    for m, p in enumerate(t):
+        if isinstance(p, Shard):
+            shape[p.dim] = shape[p.dim] * mesh_shape[m]
+    return shape
+
+
+# Ops whose arguments hold sizes, written in the body in local terms: DTensor propagation is given the local
+# shape as the tensor's shape, so sizes and shape agree and only the dim mapping matters.
+_SIZE_ARG_OPS = {
+    aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.expand.default,
+    aten.new_zeros.default, aten.new_ones.default, aten.new_empty.default, aten.new_full.default,
+    aten.view.dtype,
+}
+
+
+def _as_spec(val: torch.Tensor, t: Type, mesh: Any, local: bool = False) -> Any:
+    """A DTensor spec for a value of type `t` (Varying asked about as Replicate; sizes global unless `local`).
+    A size-0 dim is asked about as the mesh's size: every redistribution of an empty tensor costs nothing, so
+    DTensor's cost-based choice could pick one that redistributes, which would read as "the local op is not
+    the shard of the global op"; sizes do not change which placements a strategy accepts."""
+    placements = tuple(Replicate() if p is VARYING else p for p in t)
+    shape = list(val.shape) if local else _global_shape(val, t, tuple(mesh.shape))
+    shape = [s if s != 0 else math.prod(mesh.shape) for s in shape]
+    return compat.make_spec(mesh, placements, shape, dense_stride(shape, val.stride()), val.dtype)
+
+
+def propagate(node: fx.Node, in_types: list, mesh: Any, types: dict) -> Any:
+    """Output type(s) of `node` from DTensor's sharding strategies; None when DTensor has no strategy."""
+    local = node.target in _SIZE_ARG_OPS
+    vals = [a.meta.get("val") for a in node.all_input_nodes]
+    if compat.has_free_unbacked_symbols([(v.shape, v.stride()) for v in vals if isinstance(v, torch.Tensor)]):
+        return None  # data-dependent sizes (tokens routed by an all_to_all): DTensor's strategies need real ones
+
+    def as_schema(a: Any) -> Any:
+        if isinstance(a, fx.Node):
+            val = a.meta.get("val")
+            if isinstance(val, torch.Tensor) and types.get(a) is not None:
+                return _as_spec(val, types[a], mesh, local)
+            return val
+        return a
+
+    if compat.view_rule_hangs(node.target, [v.shape for v in vals if isinstance(v, torch.Tensor)]):
+        return None
+    args = pytree.tree_map(as_schema, node.args)
+    kwargs = pytree.tree_map(as_schema, dict(node.kwargs))
+    try:
+        with compat.quiet_fake_tensor_errors():
+            sharding = compat.propagate_sharding(node.target, args, kwargs)
+    except Exception:  # no strategy for this op (or one that cannot take these inputs)
+        return None
+    given = [s for s in pytree.tree_leaves(args) if isinstance(s, compat.DTensorSpec)]
+    wanted = given
+    if sharding.needs_redistribute and sharding.redistribute_schema is not None:
+        wanted = [s for s in pytree.tree_leaves(sharding.redistribute_schema.args_schema)
+                  if isinstance(s, compat.DTensorSpec)]
+    broken: set[int] = set()  # mesh dims where the local op is not the shard of the global op
+    for g, w in zip(given, wanted):
+        broken.update(m for m, (a, b) in enumerate(zip(g.placements, w.placements)) if a != b)
+    for m in sorted(broken):
+        if any(isinstance(g.placements[m], Partial) for g in given):
+            raise RuleError(
+                f"{op_name(node)} cannot take a Partial value as it is (it is not linear in it, or mixes it "
+                f"with a value that is not a partial sum)",
+                "all_reduce the partial value first, or keep the computation linear", m)
+    out = sharding.output_spec
+    specs = out if isinstance(out, (tuple, list)) else (out,)
+    results = []
+    for s in specs:
+        if s is None:
+            results.append(None)
+            continue
+        results.append(tuple(VARYING if m in broken else p for m, p in enumerate(s.placements)))
+    return results if isinstance(out, (tuple, list)) else results[0]
+
+
+def conservative(node: fx.Node, in_types: list, mesh: Any) -> Type:
+    """Varying where any input is not Replicate; a Partial input is an error (the op's linearity is unknown)."""
+    out = []
+    for m in range(mesh.ndim):
+        column = [t[m] for t in in_types if t is not None]
+        if any(isinstance(p, Partial) for p in column):
+            raise RuleError(f"{op_name(node)} has no placement rule and gets a Partial value",
+                            f"all_reduce first, or register a rule: localmap.register_rule({op_name(node)}, ...)",
+                            m)
+        out.append(Replicate() if all(isinstance(p, Replicate) for p in column) else VARYING)
+    return tuple(out)
+
+
+def default_types(node: fx.Node, in_types: list, mesh: Any, types: dict) -> Any:
+    tensors = [t for t in in_types if t is not None]
+    if not tensors:
+        return replicated(mesh)
+    varying = {m for t in tensors for m, p in enumerate(t) if p is VARYING}
+    for m in varying:
+        if any(isinstance(t[m], Partial) for t in tensors):
+            raise RuleError(f"{op_name(node)} mixes a Partial value with one that varies across ranks",
+                            "all_reduce the partial value first", m)
+    result = propagate(node, in_types, mesh, types)
+    if result is None:
+        return conservative(node, in_types, mesh)
+
+    def mark(t: Any) -> Any:
+        return None if t is None else tuple(VARYING if m in varying else p for m, p in enumerate(t))
+
+    return [mark(t) for t in result] if isinstance(result, list) else mark(result)
+
+
+
+def op_name(node: fx.Node) -> str:
+    return str(node.target) if not callable(node.target) or isinstance(node.target, compat.OpOverload) \
+        else getattr(node.target, "__name__", str(node.target))

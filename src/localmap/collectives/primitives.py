@@ -1,0 +1,263 @@
+"""Collectives inside regions, by mesh dim, with the gradients typed regions need.
+
+Every function takes ``mesh_dim`` as a name or an index; the mesh is the enclosing region's (or ``mesh=``).
+They are PyTorch's functional collectives (so they trace into graphs, run under gloo/NCCL and on the simulated
+mesh), differentiated by their transpose:
+
+=================================  ================================================================
+forward                            backward
+=================================  ================================================================
+``all_reduce`` (sum/avg/max/min)   identity (avg: 1/n; max/min: where this rank held the result):
+                                   the result is a replicated value, so its gradient is too
+``all_gather``                     ``reduce_scatter`` (the gathered value meets per-rank data)
+``reduce_scatter``                 ``all_gather``
+``all_to_all`` / ``_single``       the inverse all_to_all (splits swapped)
+``ppermute`` / ``shift``           the inverse permutation
+``pvary`` (identity)               ``all_reduce``: a replicated value entering per-rank computation
+=================================  ================================================================
+
+``all_reduce`` and ``pvary`` are each other's converse (JAX's psum and pvary). ``axis_index(mesh_dim)`` is a
+0-dim int64 tensor computed by a collective, so it is right on every rank in traced graphs too.
+``ppermute`` moves data with an all_gather (every rank receives every value), which is simple and traces
+everywhere but sends n times the bytes of a point-to-point exchange.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor.placement_types import Replicate
+
+from localmap import compat
+from localmap.collectives.registry import Collective, on_its_mesh_dim, register, same_as_input
+from localmap.compat import collectives as compat_funcol
+from localmap.context import region_mesh
+from localmap.errors import fail
+from localmap.placements.types import VARYING
+
+_OPS = ("sum", "avg", "max", "min")
+
+
+def _group(mesh_dim: int | str, mesh: DeviceMesh | None) -> tuple[DeviceMesh, int]:
+    """The mesh and the index of `mesh_dim` in it; (mesh, index) is also the functional collectives' group."""
+    mesh = mesh if mesh is not None else region_mesh()
+    if mesh is None:
+        raise fail("mesh", "a collective needs a mesh: none is given and no region is running",
+                   fix="call it inside a local_map region, or pass mesh=")
+    names = list(mesh.mesh_dim_names or ())
+    if isinstance(mesh_dim, str):
+        if mesh_dim not in names:
+            raise fail("mesh_dim", "names no dim of the mesh", expected=names, given=mesh_dim,
+                       fix="use one of the mesh's dim names, or an index")
+        index = names.index(mesh_dim)
+    else:
+        index = int(mesh_dim)
+        if not 0 <= index < mesh.ndim:
+            raise fail("mesh_dim", f"is out of range for a {mesh.ndim}-d mesh", given=mesh_dim,
+                       fix=f"use 0 .. {mesh.ndim - 1}")
+    return mesh, index
+
+
+def _name(mesh: DeviceMesh, index: int) -> str:
+    return mesh.get_group(index).group_name
+
+
+# Every functional collective returns an unwaited result; its wait is a local op of the input's type.
+register(compat.FUNCTIONAL_OPS.wait_tensor.default, Collective(None, same_as_input, cost=None))
+
+
+# ---- all_reduce ---------------------------------------------------------------------------------------------------
+# Two custom ops (reduced here, pvary below) give the gradients that differ from the functional collectives' own (their all_reduce
+# backward all-reduces again; ours is the identity, as the result's gradient is the same on every rank). Both
+# are per-rank local ops (a copy), so they run unchanged on the simulated mesh and show as nodes in traced
+# graphs, where the checker reads them; the communication itself stays a functional collective.
+@torch.library.custom_op("localmap::reduced", mutates_args=())
+def _reduced_op(x: torch.Tensor, result: torch.Tensor, op: str, n: int) -> torch.Tensor:
+    """`result` (the all_reduce of `x`, computed without autograd), differentiated as the reduction: the
+    gradient passes to `x` unchanged (sum), divided by n (avg), or where x held the result (max/min)."""
+    return result.clone()
+
+
+@_reduced_op.register_fake
+def _(x: torch.Tensor, result: torch.Tensor, op: str, n: int) -> torch.Tensor:
+    return torch.empty_like(result)
+
+
+def _reduced_setup(ctx: Any, inputs: tuple, output: Any) -> None:
+    x, result, ctx.op, ctx.n = inputs
+    if ctx.op in ("max", "min"):
+        ctx.save_for_backward(x == result)
+
+
+def _reduced_backward(ctx: Any, g: torch.Tensor) -> tuple:
+    if ctx.op == "avg":
+        g = g / ctx.n
+    elif ctx.op in ("max", "min"):
+        (held,) = ctx.saved_tensors
+        g = g * held
+    return g, None, None, None
+
+
+_reduced_op.register_autograd(_reduced_backward, setup_context=_reduced_setup)
+
+# The functional all_reduce's result is the same on every rank; localmap::reduced carries the gradient rule:
+# the result's gradient is the same on every rank, so this rank's passes to x unsummed.
+register(compat.FUNCTIONAL_OPS.all_reduce.default,
+         Collective(None, on_its_mesh_dim(lambda p: Replicate()), cost=lambda b, n: 2 * (n - 1) / n * b))
+register(torch.ops.localmap.reduced.default,
+         Collective("all_reduce", lambda node, in_types, mesh: in_types[-1], cost=None, gradient="unsummed"))
+
+
+def all_reduce(x: torch.Tensor, mesh_dim: int | str, op: str = "sum", *, mesh: DeviceMesh | None = None) -> torch.Tensor:
+    """Reduce over the ranks of `mesh_dim` (sum, avg, max, min); every rank gets the result. Its gradient is
+    taken to be the same on every rank (the result is replicated), so backward passes it to `x` without
+    communication; where the result meets per-rank data, pass it through `pvary` (the checker says where)."""
+    if op not in _OPS:
+        raise fail("op", "is not a reduction all_reduce knows", expected=_OPS, given=op, fix="use sum/avg/max/min")
+    mesh, index = _group(mesh_dim, mesh)
+    n = mesh.size(index)
+    result = compat_funcol.all_reduce(x.detach(), "sum" if op == "avg" else op, _name(mesh, index))
+    if op == "avg":
+        result = result / n
+    return _reduced_op(x, result, op, n)
+
+
+# ---- pvary --------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("localmap::pvary", mutates_args=())
+def _pvary_op(x: torch.Tensor, group_name: str) -> torch.Tensor:
+    return x.clone()
+
+
+@_pvary_op.register_fake
+def _(x: torch.Tensor, group_name: str) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def _pvary_setup(ctx: Any, inputs: tuple, output: Any) -> None:
+    ctx.group_name = inputs[1]
+
+
+def _pvary_backward(ctx: Any, g: torch.Tensor) -> tuple:
+    return compat_funcol.all_reduce(g.contiguous(), "sum", ctx.group_name), None
+
+
+_pvary_op.register_autograd(_pvary_backward, setup_context=_pvary_setup)
+
+# A replicated value made per rank; its backward sums the per-rank gradients itself.
+register(torch.ops.localmap.pvary.default,
+         Collective("pvary", on_its_mesh_dim(lambda p: VARYING), cost=None, gradient="summing"))
+
+
+def pvary(x: torch.Tensor, mesh_dim: int | str, *, mesh: DeviceMesh | None = None) -> torch.Tensor:
+    """Identity forward, all_reduce backward: a replicated value that enters per-rank computation, so its
+    gradient (a different share on each rank) is summed. The converse of `all_reduce`."""
+    mesh, index = _group(mesh_dim, mesh)
+    return _pvary_op(x, _name(mesh, index))
+
+
+# ---- all_gather / reduce_scatter / all_to_all: per-rank results whose gradients are per rank (JAX's typing of
+# all_gather: a value that meets per-rank data; its transpose reduce-scatters) -----------------------------------
+register(compat.FUNCTIONAL_OPS.all_gather_into_tensor.default,
+         Collective(None, on_its_mesh_dim(lambda p: VARYING), cost=lambda b, n: (n - 1) * b))
+
+
+def all_gather(x: torch.Tensor, mesh_dim: int | str, dim: int = 0, *, mesh: DeviceMesh | None = None) -> torch.Tensor:
+    """Concatenate every rank's `x` along `dim`, in rank order. Backward reduce-scatters: the result is meant to
+    meet per-rank data (gathered keys and values, say), so each rank's gradient is a share to be summed."""
+    group = _group(mesh_dim, mesh)
+    return compat_funcol.all_gather(x.contiguous(), dim % max(x.dim(), 1), group)
+
+
+register(compat.FUNCTIONAL_OPS.reduce_scatter_tensor.default,
+         Collective(None, on_its_mesh_dim(lambda p: VARYING), cost=lambda b, n: (n - 1) / n * b))
+
+
+def reduce_scatter(x: torch.Tensor, mesh_dim: int | str, dim: int = 0, op: str = "sum", *,
+                   mesh: DeviceMesh | None = None) -> torch.Tensor:
+    """Reduce over the ranks of `mesh_dim`, then keep this rank's chunk of `dim` (sum or avg). Backward
+    all-gathers."""
+    if op not in ("sum", "avg"):
+        raise fail("op", "is not a reduction reduce_scatter supports", expected=("sum", "avg"), given=op,
+                   fix="use sum or avg")
+    mesh, index = group = _group(mesh_dim, mesh)
+    n = mesh.size(index)
+    if x.shape[dim] % n:
+        raise fail("x", f"dim {dim} of size {x.shape[dim]} does not split evenly over {n} ranks",
+                   mesh=mesh, mesh_dim=index, fix="pad that dim to a multiple of the mesh dim's size")
+    x = x / n if op == "avg" else x
+    return compat_funcol.reduce_scatter(x.contiguous(), "sum", dim % x.dim(), group)
+
+
+register(compat.FUNCTIONAL_OPS.all_to_all_single.default,
+         Collective(None, on_its_mesh_dim(lambda p: VARYING), cost=lambda b, n: (n - 1) / n * b))
+
+
+def all_to_all_single(x: torch.Tensor, mesh_dim: int | str, output_split_sizes: Sequence[int] | None = None,
+                      input_split_sizes: Sequence[int] | None = None, *, mesh: DeviceMesh | None = None) -> torch.Tensor:
+    """Send rows of `x` (dim 0) to each rank by `input_split_sizes`, receive by `output_split_sizes` (equal
+    splits when None). Sizes may be data-dependent (e.g. from ``counts.tolist()``). Backward sends the
+    gradients back by the swapped sizes."""
+    group = _group(mesh_dim, mesh)
+    out = None if output_split_sizes is None else list(output_split_sizes)
+    inp = None if input_split_sizes is None else list(input_split_sizes)
+    return compat_funcol.all_to_all_single(x.contiguous(), out, inp, group)
+
+
+# ---- composed of the above ---------------------------------------------------------------------------------------
+
+def all_to_all(x: torch.Tensor, mesh_dim: int | str, split_dim: int, concat_dim: int, *,
+               mesh: DeviceMesh | None = None) -> torch.Tensor:
+    """Split `x` into n chunks along `split_dim`, send chunk j to rank j, concatenate what arrives along
+    `concat_dim` (rank order)."""
+    mesh, index = _group(mesh_dim, mesh)
+    n = mesh.size(index)
+    if x.shape[split_dim] % n:
+        raise fail("x", f"split dim {split_dim} of size {x.shape[split_dim]} does not split over {n} ranks",
+                   mesh=mesh, mesh_dim=index, fix="pad the split dim to a multiple of the mesh dim's size")
+    chunks = torch.cat(torch.chunk(x, n, dim=split_dim), dim=0) if split_dim != 0 else x
+    received = all_to_all_single(chunks, mesh_dim, mesh=mesh)
+    return torch.cat(torch.chunk(received, n, dim=0), dim=concat_dim)
+
+
+def axis_size(mesh_dim: int | str, *, mesh: DeviceMesh | None = None) -> int:
+    """The number of ranks along `mesh_dim`."""
+    mesh, index = _group(mesh_dim, mesh)
+    return mesh.size(index)
+
+
+def axis_index(mesh_dim: int | str, *, mesh: DeviceMesh | None = None, device: Any = None) -> torch.Tensor:
+    """This rank's coordinate along `mesh_dim`, as a 0-dim int64 tensor (made by an all_to_all of
+    ``arange(n)``, so it is per rank in traced graphs and on the simulated mesh alike)."""
+    mesh, index = group = _group(mesh_dim, mesh)
+    n = mesh.size(index)
+    dev = device if device is not None else torch.device(mesh.device_type)
+    ids = torch.arange(n, dtype=torch.int64, device=dev)
+    return compat_funcol.all_to_all_single(ids, None, None, group)[0]
+
+
+def ppermute(x: torch.Tensor, mesh_dim: int | str, perm: Sequence[tuple[int, int]], *,
+             mesh: DeviceMesh | None = None) -> torch.Tensor:
+    """Send `x` from rank src to rank dst for each (src, dst) in `perm` (as JAX's ppermute); a rank that
+    receives nothing gets zeros."""
+    mesh, index = _group(mesh_dim, mesh)
+    n = mesh.size(index)
+    sources = [-1] * n
+    for src, dst in perm:
+        if not (0 <= src < n and 0 <= dst < n) or sources[dst] != -1:
+            raise fail("perm", "must be (source, destination) pairs of distinct destinations within the mesh dim",
+                       expected=f"pairs in 0..{n - 1}", given=list(perm), fix="list each destination once")
+        sources[dst] = src
+    gathered = all_gather(x.unsqueeze(0), mesh_dim, 0, mesh=mesh)  # [n, *x.shape], rank order
+    me = axis_index(mesh_dim, mesh=mesh, device=x.device)
+    table = torch.tensor(sources, dtype=torch.int64, device=x.device)
+    src = table.index_select(0, me.reshape(1))  # a tensor index: no data-dependent Python int in traces
+    picked = gathered.index_select(0, src.clamp(min=0)).squeeze(0)
+    return picked * (src >= 0).to(x.dtype)
+
+
+def shift(x: torch.Tensor, mesh_dim: int | str, offset: int = 1, *, mesh: DeviceMesh | None = None) -> torch.Tensor:
+    """Rank r sends to rank (r + offset) mod n, so it receives rank (r - offset)'s value (a ring step)."""
+    n = axis_size(mesh_dim, mesh=mesh)
+    return ppermute(x, mesh_dim, [(r, (r + offset) % n) for r in range(n)], mesh=mesh)

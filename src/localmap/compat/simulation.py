@@ -1,0 +1,84 @@
+"""The simulated mesh: PyTorch's LocalTensorMode (every rank in one process) over the fake process group.
+
+The simulation stores one tensor per rank inside a LocalTensor and gives per-rank sizes as symbolic ints; these
+helpers let localmap read per-rank values without a collective on real ints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+
+def is_simulated(t: Any) -> bool:
+    from torch.distributed._local_tensor import LocalTensor
+
+    return isinstance(t, LocalTensor)
+
+def simulated_local(t: Any) -> dict[int, torch.Tensor]:
+    """rank -> that rank's plain tensor, for a LocalTensor."""
+    return t._local_tensors
+
+def simulation_active() -> bool:
+    """Whether a LocalTensorMode is simulating ranks right now."""
+    from torch.distributed._local_tensor import local_tensor_mode
+
+    return local_tensor_mode() is not None
+
+def simulated_rank_map(fn: Any) -> torch.Tensor:
+    """A LocalTensor whose rank r value is fn(r), under the active LocalTensorMode."""
+    from torch.distributed._local_tensor import local_tensor_mode
+
+    mode = local_tensor_mode()
+    assert mode is not None, "simulated_rank_map needs an active LocalTensorMode"
+    return mode.rank_map(fn)
+
+def fake_process_group(world_size: int) -> None:
+    """Initialize the fake (no-communication) process group that the simulated mesh runs over."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+
+def local_tensor_mode(world_size: int | frozenset) -> Any:
+    """A LocalTensorMode simulating `world_size` ranks (or the given rank set) in this process."""
+    from torch.distributed._local_tensor import LocalTensorMode
+
+    return LocalTensorMode(world_size)
+
+def simulated_value(per_rank: dict[int, Any]) -> Any:
+    """One simulated value from rank -> value: a LocalTensor for tensors, a per-rank SymInt for differing ints."""
+    from torch.distributed._local_tensor import LocalIntNode, LocalTensor
+
+    first = next(iter(per_rank.values()))
+    if isinstance(first, torch.Tensor):
+        return LocalTensor(per_rank)
+    if isinstance(first, int) and not isinstance(first, bool) and len(set(per_rank.values())) > 1:
+        return torch.SymInt(LocalIntNode(per_rank))
+    return first
+
+def value_on_rank(value: Any, rank: int) -> Any:
+    """Rank `rank`'s part of a simulated value (LocalTensor or per-rank SymInt); other values as they are."""
+    from torch.distributed._local_tensor import LocalIntNode, LocalTensor
+
+    if isinstance(value, LocalTensor):
+        return value._local_tensors[rank]
+    if isinstance(value, torch.SymInt) and isinstance(value.node, LocalIntNode):
+        return value.node._local_ints[rank]
+    return value
+
+def reconcile(t: torch.Tensor) -> torch.Tensor:
+    """The single plain tensor of a LocalTensor whose ranks all hold the same value (plain tensors pass)."""
+    return t.reconcile() if is_simulated(t) else t
+
+def outside_simulation() -> Any:
+    """A context in which the active LocalTensorMode (if any) is off, so tensors are plain single-device ones."""
+    from torch.distributed._local_tensor import local_tensor_mode
+
+    mode = local_tensor_mode()
+    return mode.disable() if mode is not None else contextlib.nullcontext()
+
+
+# ---- tracing internals used by the operator (hop.py) and region building (_region.py) -------------------------

@@ -1,0 +1,201 @@
+"""Tracing internals: the operator's base class and dispatch keys, fake modes, make_fx isolation, the
+partitioners, selective checkpointing, saved-tensor hooks, decompositions and the flop counter's formulas."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch._C import DispatchKey
+from torch._ops import HigherOrderOperator, OpOverload
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.fx.experimental.proxy_tensor import ProxyTorchDispatchMode, track_tensor_tree
+
+__all__ = ["DispatchKey", "HigherOrderOperator", "OpOverload", "FakeTensor", "FakeTensorMode",
+           "ProxyTorchDispatchMode", "track_tensor_tree"]
+
+
+def fast_apply(fn: type[torch.autograd.Function]) -> Any:
+    """``fn.apply`` without the Python-level checks for functorch transforms, used when none is active.
+
+    Falls back to ``fn.apply`` inside vmap/grad transforms, which need the full path.
+    """
+    c_apply = super(torch.autograd.Function, fn).apply  # type: ignore[misc]
+    full_apply = fn.apply
+    transforms_active = torch._C._are_functorch_transforms_active
+
+    def apply(*args: Any) -> Any:
+        return full_apply(*args) if transforms_active() else c_apply(*args)
+
+    return apply
+
+
+def op_schema(target: Any) -> Any:
+    """The schema of an aten op (its arguments' alias and mutation facts); None for other targets."""
+    return target._schema if isinstance(target, OpOverload) else None
+
+
+def is_fake(t: Any) -> bool:
+    return isinstance(t, FakeTensor)
+
+
+def plain_signature(gm: fx.GraphModule) -> None:
+    """Give a GraphModule a plain positional signature (make_fx's pytree codegen takes one list)."""
+    gm.graph._codegen = fx.graph.CodeGen()
+    gm.recompile()
+
+
+# torch.fx's tracer (under make_fx) patches functions through one process-wide patcher, so two threads tracing
+# at once break each other ("CURRENT_PATCHER is None"). localmap's traces (capture, region bodies, the placement
+# check, region graphs) take this re-entrant lock; steady-state eager calls trace nothing and never take it.
+_TRACE_LOCK = threading.RLock()
+
+def trace_lock() -> Any:
+    return _TRACE_LOCK
+
+def isolated_tracing() -> Any:
+    """A context for tracing a region's own graphs from inside another trace: functionalization suspended and
+    the outer proxy modes off, so the inner make_fx sees plain fake tensors and records into its own graph."""
+    from torch._dispatch.python import suspend_functionalization
+    from torch._subclasses.functional_tensor import disable_functional_mode
+    from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
+
+    from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(_TRACE_LOCK)  # one trace at a time per process (see trace_lock)
+    stack.enter_context(temporarily_clear_interpreter_stack())  # torch.func transforms (functionalize, ...)
+    stack.enter_context(suspend_functionalization())
+    stack.enter_context(disable_functional_mode())
+    stack.enter_context(disable_proxy_modes_tracing())
+    # Also user dispatch modes (checkpoint policies, counters): building a region is trace-time work, not
+    # ops of the program. Callers re-enter the fake mode they need.
+    stack.enter_context(_disable_current_modes())
+    return stack
+
+def detect_fake_mode(values: Any) -> Any:
+    """The FakeTensorMode of the fake tensors among `values` (or the active one), else None."""
+    from torch._guards import detect_fake_mode as detect
+
+    return detect(values)
+
+def new_fake_mode() -> Any:
+    """A FakeTensorMode with a ShapeEnv (so data-dependent sizes become unbacked symbols, not errors)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    return FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv(), static_shapes=True)
+
+def ignore_fresh_unbacked(fake_mode: Any) -> Any:
+    """Allow unbacked symbols created inside a region's body (e.g. .tolist() split sizes)."""
+    env = getattr(fake_mode, "shape_env", None)
+    return env.ignore_fresh_unbacked_symbols() if env is not None else contextlib.nullcontext()
+
+def has_free_unbacked_symbols(values: Any) -> bool:
+    from torch.fx.experimental.symbolic_shapes import has_free_unbacked_symbols as has
+
+    return has(values)
+
+def below_autograd() -> Any:
+    """Run ops below the Autograd dispatch key (the region's forward and backward graphs run there)."""
+    return torch._C._AutoDispatchBelowAutograd()
+
+def copy_forward_meta_to_backward(joint: Any) -> None:
+    """Copy annotations (fx traceback 'custom' meta and friends) of forward nodes onto the backward nodes
+    autograd derived from them, as AOTAutograd does."""
+    from torch._functorch._aot_autograd.utils import copy_fwd_metadata_to_bw_nodes
+
+    copy_fwd_metadata_to_bw_nodes(joint)
+
+def partitioner(name: str) -> Any:
+    """PyTorch's joint-graph partitioners by name: 'min_cut' (rematerializing) or 'default'."""
+    from torch._functorch import partitioners as p
+
+    return {"min_cut": p.min_cut_rematerialization_partition, "default": p.default_partition}[name]
+
+def sac_modes() -> tuple:
+    """The dispatch modes of selective activation checkpointing, which must see the operator as one op."""
+    from torch.utils.checkpoint import _CachedTorchDispatchMode, _CachingTorchDispatchMode
+
+    return (_CachingTorchDispatchMode, _CachedTorchDispatchMode)
+
+
+def sac_active() -> bool:
+    """Whether a selective-checkpoint dispatch mode is on the current mode stack."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    modes = sac_modes()
+    return any(isinstance(m, modes) for m in _get_current_dispatch_mode_stack())
+
+
+def storage_key(t: torch.Tensor) -> Any:
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    return StorageWeakRef(t.untyped_storage())
+
+def current_trace_graph() -> Any:
+    """The fx.Graph that the active make_fx trace is recording into (None outside one)."""
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+    mode = get_proxy_mode()
+    return None if mode is None else mode.tracer.graph
+
+def without_saved_tensor_hooks() -> Any:
+    """Set aside the default saved-tensor hooks (e.g. an activation checkpoint around the region) while a
+    region's joint graph is traced: its own autograd.grad must not trigger the user's recomputation."""
+    @contextlib.contextmanager
+    def ctx() -> Any:
+        hooks = []
+        while (top := torch._C._autograd._top_saved_tensors_default_hooks(True)) is not None:
+            hooks.append(top)
+            torch._C._autograd._pop_saved_tensors_default_hooks()
+        try:
+            yield
+        finally:
+            for pack, unpack in reversed(hooks):
+                torch._C._autograd._push_saved_tensors_default_hooks(pack, unpack)
+
+    return ctx()
+
+def joint_partition(joint: Any, inputs: Any, num_forward_outputs: int) -> tuple:
+    """Cut a whole program's joint graph into forward and backward, saving what the backward needs."""
+    from torch._functorch.partitioners import default_partition
+
+    return default_partition(joint, inputs, num_fwd_outputs=num_forward_outputs)
+
+def register_cpu_attention_flops() -> None:
+    """PyTorch's flop counter has formulas for the CUDA attention kernels only; count the CPU flash-attention
+    kernels (what scaled_dot_product_attention runs on CPU) with the same formulas."""
+    from torch.utils import flop_counter as fc
+
+    aten = torch.ops.aten
+    pairs = (
+        (aten._scaled_dot_product_flash_attention_for_cpu,
+         lambda q, k, v, *args, out_shape=None, **kw: fc.sdpa_flop_count(q, k, v)),
+        (aten._scaled_dot_product_flash_attention_for_cpu_backward,
+         lambda g, q, k, v, *args, out_shape=None, **kw: fc.sdpa_backward_flop_count(g, q, k, v)),
+    )
+    for op, formula in pairs:
+        if op not in fc.flop_registry and op.default not in fc.flop_registry:
+            fc.register_flop_formula(op)(formula)
+
+def register_trace_anchor(fn: Any) -> None:
+    """Keep `fn`'s frames in the stack traces make_fx records (so a check can name the body's source line)."""
+    from torch.fx.proxy import _register_stack_trace_anchor
+
+    _register_stack_trace_anchor(getattr(fn, "__wrapped__", fn))
+
+
+def check_decompositions() -> dict:
+    """Decompositions the placement check traces with: normalizations (softmax, log-softmax, layer norm, RMS
+    norm) written with aten reductions, so the reductions inside them get placement types. Means and variances
+    stay whole: DTensor types them."""
+    from torch._decomp import get_decompositions
+
+    aten = torch.ops.aten
+    return get_decompositions([aten._softmax, aten._log_softmax, aten.native_layer_norm, aten._fused_rms_norm,
+                               aten.rms_norm])

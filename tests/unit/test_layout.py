@@ -1,0 +1,164 @@
+"""The package's shape, checked by walking its source (ast): no import cycle between localmap's modules, and
+every PyTorch-private name reached through the fence (``localmap.compat``) and nowhere else.
+
+Private means a name with a leading underscore: a module path such as ``torch._ops`` or
+``torch.distributed._functional_collectives``, a name imported from torch such as ``_pytree``, or an attribute
+read such as ``dtensor._spec`` or ``gm.graph._codegen``. Two things are not torch's private API and are allowed
+everywhere: attributes localmap defines itself (assigned somewhere in localmap, or in a class body), and ATen
+operator names read from the ``aten`` namespace (``aten._to_copy``: rule tables are keyed by the ops that appear in
+graphs; see docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+from collections import defaultdict
+
+import localmap
+
+PACKAGE_DIR = os.path.dirname(localmap.__file__)
+SOURCE_ROOT = os.path.dirname(PACKAGE_DIR)
+FENCE = "localmap.compat"
+
+
+def _module_name(path: str) -> str:
+    name = os.path.relpath(path, SOURCE_ROOT)[:-3].replace(os.sep, ".")
+    return name.removesuffix(".__init__")
+
+
+def _modules() -> dict[str, ast.Module]:
+    found = {}
+    for folder, _, files in os.walk(PACKAGE_DIR):
+        for f in files:
+            if f.endswith(".py"):
+                path = os.path.join(folder, f)
+                with open(path) as fh:
+                    found[_module_name(path)] = ast.parse(fh.read(), path)
+    return found
+
+
+def _is_private(dotted: str) -> bool:
+    return any(p.startswith("_") and not p.startswith("__") for p in dotted.split("."))
+
+
+def _own_attributes(modules: dict[str, ast.Module]) -> set[str]:
+    """Attribute names localmap defines: assigned as attributes anywhere, or defined in a class body."""
+    names = set()
+    for tree in modules.values():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+                names.add(node.attr)
+            elif isinstance(node, ast.ClassDef):
+                for item in node.body:
+                    if isinstance(item, (ast.FunctionDef, ast.ClassDef)):
+                        names.add(item.name)
+                    elif isinstance(item, (ast.Assign, ast.AnnAssign)):
+                        targets = item.targets if isinstance(item, ast.Assign) else [item.target]
+                        names.update(t.id for t in targets if isinstance(t, ast.Name))
+    return names
+
+
+def _is_aten_op(node: ast.Attribute) -> bool:
+    base = node.value
+    return (isinstance(base, ast.Name) and base.id == "aten") or (isinstance(base, ast.Attribute) and base.attr == "aten")
+
+
+def _package_of(name: str, modules: dict) -> str:
+    return name if os.path.exists(os.path.join(SOURCE_ROOT, *name.split("."), "__init__.py")) else name.rpartition(".")[0]
+
+
+def _absolute(node: ast.ImportFrom, module: str, modules: dict) -> str:
+    if not node.level:
+        return node.module or ""
+    parts = _package_of(module, modules).split(".")
+    parts = parts[: len(parts) - (node.level - 1)]
+    return ".".join(parts + ([node.module] if node.module else []))
+
+
+def _walk(modules: dict[str, ast.Module]) -> tuple[dict[str, set[str]], list[str]]:
+    """Import edges between localmap modules, and private torch names used outside the fence."""
+    own = _own_attributes(modules)
+    edges: dict[str, set[str]] = defaultdict(set)
+    private: list[str] = []
+    for module, tree in modules.items():
+        fenced = module == FENCE or module.startswith(FENCE + ".")
+        for node in ast.walk(tree):
+            where = f"{module}:{getattr(node, 'lineno', '?')}"
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name.startswith("localmap"):
+                        edges[module].add(alias.name)
+                    elif alias.name.split(".")[0] == "torch" and _is_private(alias.name) and not fenced:
+                        private.append(f"{where} import {alias.name}")
+            elif isinstance(node, ast.ImportFrom):
+                base = _absolute(node, module, modules)
+                if base.startswith("localmap"):
+                    for alias in node.names:
+                        edges[module].add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base)
+                elif base.split(".")[0] == "torch" and not fenced and (
+                        _is_private(base) or any(_is_private(a.name) for a in node.names)):
+                    private.append(f"{where} from {base} import {', '.join(a.name for a in node.names)}")
+            elif isinstance(node, ast.Attribute) and not fenced and _is_private(node.attr) \
+                    and node.attr not in own and not _is_aten_op(node):
+                private.append(f"{where} .{node.attr}")
+    return edges, private
+
+
+def _cycles(edges: dict[str, set[str]], modules: dict) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in edges.get(v, ()):
+            if w not in modules:
+                continue
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in modules:
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycle():
+    modules = _modules()
+    edges, _ = _walk(modules)
+    assert _cycles(edges, modules) == []
+
+
+def test_private_torch_names_only_inside_the_fence():
+    _, private = _walk(_modules())
+    assert private == [], "private PyTorch names outside localmap.compat:\n" + "\n".join(private)
+
+
+def test_the_walk_sees_what_it_must_refuse():
+    """The checker is not vacuous: a private import, a private attribute and a cycle are each found."""
+    src = {
+        "localmap.a": ast.parse("from torch._ops import OpOverload\nimport localmap.b\n"),
+        "localmap.b": ast.parse("import localmap.a\ndef f(d):\n    return d._local_tensor\n"),
+    }
+    edges, private = _walk(src)
+    assert private == ["localmap.a:1 from torch._ops import OpOverload", "localmap.b:3 ._local_tensor"]
+    assert _cycles(edges, src) == [["localmap.a", "localmap.b"]]
