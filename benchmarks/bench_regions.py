@@ -24,7 +24,6 @@ from torch.distributed.tensor import Replicate, Shard
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import localmap
-from localmap import _region
 from localmap.hop import defer_inlining, local_map_hop
 from localmap.testing import fake_mesh
 
@@ -99,13 +98,13 @@ def main() -> None:
                 with FakeTensorMode():
                     x = torch.randn(TOKENS, DIM, requires_grad=True)
                     ws = [torch.randn(DIM, DIM, requires_grad=True) for _ in range(layers)]
-                _region._cache.clear()  # every repeat starts cold: the cache must pay off within one trace
-                before = _region.build_count
+                localmap.clear_caches()  # every repeat starts cold: the cache must pay off within one trace
+                before = localmap.cache_info()["regions_built"]
                 times["localmap"].append(trace(local_map_hop, defer_inlining, make_bodies(layers, mesh), x, ws))
-                built = _region.build_count - before
+                built = localmap.cache_info()["regions_built"] - before
                 times["pytorch"].append(trace(torch_hop_module.local_map_hop, torch_hop_module.defer_inlining,
                                               make_bodies(layers, mesh), x, ws))
-                _region._cache.clear()
+                localmap.clear_caches()
                 times["frontend"].append(trace_frontend(mesh, layers, x, ws))
             med = {k: statistics.median(v) for k, v in times.items()}
             print(f"{layers:>4}{med['pytorch']:>14.3f}{med['localmap']:>14.3f}"

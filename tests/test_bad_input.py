@@ -19,11 +19,9 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
 from helpers import P, R, S0, S1, randn
 from localmap import LocalMapError, Partial, capture, local_map, use_mesh
+import localmap
+import localmap.context
 from localmap import hop
-from localmap.traced import operator as _operator
-from localmap import context as _context
-from localmap.check import checker as _check
-from localmap.traced import build as _region
 from localmap.hop import defer_inlining, local_map_hop
 from localmap.testing import distribute, fake_mesh, simulated_mesh
 
@@ -255,11 +253,9 @@ def _state() -> dict:
     modes = torch._C._TorchDispatchModeKey
     return {
         "deferring": hop.is_deferring(),
-        "partitioners": list(getattr(_operator._state, "partitioners", []) or []),
         "dispatch modes": len(_get_current_dispatch_mode_stack()),
         "infra modes": [torch._C._get_dispatch_mode(k) is None for k in (modes.FAKE, modes.PROXY, modes.FUNCTIONAL)],
-        "context stacks": {k: len(getattr(_context._local, k, []) or [])
-                           for k in ("meshes", "capture", "reference", "region_meshes")},
+        "context stacks": localmap.context.thread_state(),
         "grad enabled": torch.is_grad_enabled(),
         "process group": dist.is_initialized(),
         "functorch": torch._C._functorch.peek_interpreter_stack() is None,
@@ -267,7 +263,8 @@ def _state() -> dict:
 
 
 def _cache_sizes() -> tuple[int, int]:
-    return len(_check._cache), len(_region._cache)
+    info = localmap.cache_info()
+    return info["verdicts_cached"], info["regions_cached"]
 
 
 @contextlib.contextmanager

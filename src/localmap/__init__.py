@@ -11,11 +11,13 @@ Public surface:
   all_to_all(_single), ppermute, shift, pvary, axis_index, axis_size), with the gradients placement types need.
 - ``localmap.hop``: the operator (``local_map_hop``, ``defer_inlining``).
 - ``localmap.testing``: run code on a simulated mesh or on real gloo processes.
+- ``cache_info``/``clear_caches``: localmap's process-wide caches (built regions, check verdicts).
 """
 
 from torch.distributed.tensor import Partial, Replicate, Shard
 
 from localmap import collectives
+from localmap.caches import cache_info, clear_caches
 from localmap.program.capture import CapturedProgram, Region, capture
 from localmap.check.checker import PlacementError
 from localmap.check.rules import VARYING, RuleError, register_rule
@@ -29,5 +31,5 @@ __version__ = "0.1.0"
 __all__ = [
     "local_map", "LocalMapError", "Shard", "Replicate", "Partial", "capture", "CapturedProgram", "Region",
     "verify", "VerificationError", "use_mesh", "collectives", "PlacementError", "register_rule", "RuleError", "VARYING",
-    "BodyError", "CollectiveError", "__version__",
+    "BodyError", "CollectiveError", "cache_info", "clear_caches", "__version__",
 ]

@@ -26,57 +26,68 @@ def use_mesh(mesh: DeviceMesh) -> Iterator[DeviceMesh]:
         from localmap.errors import fail
 
         raise fail("use_mesh", "needs a DeviceMesh", given=type(mesh).__name__, fix="pass init_device_mesh(...)")
-    stack = _stack("meshes")
-    stack.append(mesh)
+    entries = stack("meshes")
+    entries.append(mesh)
     try:
         yield mesh
     finally:
-        stack.pop()
+        entries.pop()
 
 
 def default_mesh() -> DeviceMesh | None:
-    stack = _stack("meshes")
-    return stack[-1] if stack else None
+    entries = stack("meshes")
+    return entries[-1] if entries else None
 
 
-def _stack(name: str) -> list:
-    stack = getattr(_local, name, None)
-    if stack is None:
-        stack = []
-        setattr(_local, name, stack)
-    return stack
+STACKS = ("meshes", "capture", "reference", "region_meshes", "partitioners")  # what a thread's context holds
+
+
+def stack(name: str) -> list:
+    """This thread's stack `name` (one of STACKS), innermost last; callers push and pop in try/finally."""
+    found = getattr(_local, name, None)
+    if found is None:
+        found = []
+        setattr(_local, name, found)
+    return found
+
+
+def thread_state() -> dict[str, int]:
+    """Depth of each of this thread's context stacks: default meshes (use_mesh), capture and reference
+    recorders, running region bodies, defer_inlining. All 0 outside localmap's calls; tests check that
+    nothing leaks after an error."""
+    return {name: len(stack(name)) for name in STACKS}
 
 
 @contextlib.contextmanager
 def recording(kind: str) -> Iterator[list]:
     """Collect region records of `kind` ("capture" or "reference") made on this thread inside the block."""
     records: list = []
-    stack = _stack(kind)
-    stack.append(records)
+    entries = stack(kind)
+    entries.append(records)
     try:
         yield records
     finally:
-        stack.pop()
+        entries.pop()
 
 
 def recorder(kind: str) -> list | None:
-    stack = _stack(kind)
-    return stack[-1] if stack else None
+    entries = stack(kind)
+    return entries[-1] if entries else None
 
 
 # The mesh of the region whose body is running (or being traced), for localmap.collectives.
 def push_region_mesh(mesh: DeviceMesh) -> None:
-    _stack("region_meshes").append(mesh)
+    stack("region_meshes").append(mesh)
 
 
 def pop_region_mesh() -> None:
-    _stack("region_meshes").pop()
+    stack("region_meshes").pop()
 
 
 def enclosing_region_mesh() -> DeviceMesh | None:
     """The mesh of the region whose body is being run or traced on this thread (None outside bodies)."""
-    stack = _stack("region_meshes")
-    return stack[-1] if stack else None
+    entries = stack("region_meshes")
+    return entries[-1] if entries else None
 
 
 def region_mesh() -> DeviceMesh | None:

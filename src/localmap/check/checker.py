@@ -33,6 +33,7 @@ from localmap.context import in_region
 from localmap.errors import LocalMapError, fail, mesh_dim_label
 from localmap.placements.specs import placements_str
 from localmap.sites import stack_trace_site
+from localmap.check.mutation import check_no_input_mutation
 from localmap.check.rules import output_types
 from localmap.collectives.registry import collective
 from localmap.placements.types import VARYING, RuleError
@@ -269,7 +270,19 @@ def _compare(claim: Placement, got: Any, mesh: Any, m: int) -> tuple[str, str] |
 
 _cache: dict[Any, tuple[Any, Verdict]] = {}
 _lock = threading.Lock()
-check_count = 0  # functions actually traced and checked (not served from the cache); read by tests
+VERDICT_CACHE_LIMIT = 1024  # verdicts remembered (cleared when full)
+_checked = 0  # bodies actually traced and checked (not served from the cache)
+
+
+def cache_info() -> dict[str, int]:
+    """Bodies traced and checked since the process started, and verdicts cached now."""
+    with _lock:
+        return {"bodies_checked": _checked, "verdicts_cached": len(_cache)}
+
+
+def clear_cache() -> None:
+    with _lock:
+        _cache.clear()
 
 
 def _meta(value: Any) -> Any:
@@ -284,7 +297,7 @@ def check_function(fn: Callable, local_args: Sequence[Any], leaf_specs: Sequence
                    given_grads: Sequence[Any] | None, mesh: Any, treespec: Any, kwargs: dict,
                    uneven: frozenset = frozenset()) -> Verdict:
     """Trace `fn` on fake copies of `local_args` (flat leaves) and check it; cached."""
-    global check_count
+    global _checked
     from localmap.placements.specs import leaf_path, resolve_output_specs
 
     key = None
@@ -339,8 +352,6 @@ def check_function(fn: Callable, local_args: Sequence[Any], leaf_specs: Sequence
     out = traced["out"]
     tree = pytree.tree_unflatten(list(local_args), treespec)
     in_paths = [leaf_path("args", tree, i) for i in inputs]
-    from localmap.traced.build import check_no_input_mutation
-
     check_no_input_mutation(gm, in_paths)  # before the body runs for real: its inputs are the caller's shards
     flat_out = pytree.tree_leaves(out)
     specs = resolve_output_specs(out_placements, out, len(flat_out))
@@ -356,10 +367,10 @@ def check_function(fn: Callable, local_args: Sequence[Any], leaf_specs: Sequence
     for i, g in zip(inputs, verdict.grad_placements):
         grads[i] = g
     verdict.grad_placements = tuple(grads)
-    check_count += 1
+    _checked += 1
     if key is not None:
         with _lock:
-            if len(_cache) > 1024:
+            if len(_cache) >= VERDICT_CACHE_LIMIT:
                 _cache.clear()
             _cache[key] = (fn, verdict)
     return verdict

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from torch.distributed.tensor import DeviceMesh
-from torch.distributed.tensor.placement_types import Partial, Placement, Shard
+import torch
+from torch.distributed.tensor import DeviceMesh, DTensor
+from torch.distributed.tensor.placement_types import Placement, Shard
 
 from localmap.compat import pytree
-from localmap.errors import LocalMapError, fail
+from localmap.errors import fail
 
 LeafSpec = tuple[Placement, ...] | None
 
@@ -188,18 +189,31 @@ def placements_str(placements: Sequence[Placement] | None) -> str:
     return "(" + ", ".join(repr(p) for p in placements) + ("," if len(placements) == 1 else "") + ")"
 
 
-__all__ = [
-    "LeafSpec", "LocalMapError", "is_leaf_spec", "validate_spec_argument", "resolve_input_specs",
-    "resolve_output_specs", "check_spec_for_mesh", "normalize_shard_dims", "leaf_path", "placements_str",
-]
+# ---- leaves against their specs (the same checks, and the same messages, on every path) ------------------------
+
+def check_output_leaf(out: Any, i: int, leaf: Any, spec: LeafSpec, mesh: DeviceMesh) -> LeafSpec:
+    """Output leaf `i` of `out` against its spec: a local tensor needs placements (one per mesh dim, Shard dims
+    in range; returned normalized), anything else needs None."""
+    if isinstance(leaf, torch.Tensor):
+        if isinstance(leaf, DTensor):
+            raise fail(leaf_path("outputs", out, i), "the function returned a DTensor",
+                       expected="a local torch.Tensor", given="DTensor",
+                       fix="return .to_local() of it, or compute on the local inputs only")
+        if spec is None:
+            raise fail(leaf_path("outputs", out, i), "is a Tensor but its out_placements spec is None",
+                       expected="a list of placements", given=None,
+                       fix="give its placements, e.g. [Replicate()] or [Shard(0)]")
+        check_spec_for_mesh(spec, mesh, leaf_path("outputs", out, i), "out_placements")
+        return normalize_shard_dims(spec, leaf.ndim, leaf_path("outputs", out, i), "out_placements", mesh)
+    if spec is not None:
+        raise fail(leaf_path("outputs", out, i), "is not a Tensor but has a placement spec",
+                   expected=None, given=placements_str(spec), fix="use None for non-tensor outputs")
+    return None
 
 
-def extreme_grad_error(path: str, placements: Sequence[Placement], mesh: DeviceMesh) -> LocalMapError:
-    """A Partial(max/min) output that needs a gradient: only the rank holding the extreme should get it, which
-    no rank can tell locally, so the gradient would reach every rank's local extreme (silently wrong)."""
-    m = next(m for m, p in enumerate(placements) if isinstance(p, Partial) and p.reduce_op in ("max", "min"))
-    return fail(path, f"is {placements[m]!r} and requires grad; its gradient belongs only to the rank holding "
-                "the extreme, which no rank knows locally", mesh=mesh, mesh_dim=m,
-                expected="a Partial(max/min) output that does not require grad",
-                given=placements_str(placements),
-                fix="all_reduce it (max/min) inside the region and claim Replicate, or return it detached")
+def check_non_tensor_leaf(args: tuple, i: int, leaf: Any, spec: LeafSpec, name: str) -> None:
+    """Argument leaf `i` that is not a tensor must have no placement spec in `name`."""
+    if spec is not None and not isinstance(leaf, torch.Tensor):
+        what = "a placement spec" if name == "in_placements" else f"an {name} spec"
+        raise fail(leaf_path("args", args, i), f"is not a tensor but has {what}", expected=None,
+                   given=placements_str(spec), fix=f"use None in {name} for non-tensor arguments")

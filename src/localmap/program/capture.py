@@ -24,7 +24,8 @@ from localmap.program import cost as _cost
 from localmap.compat import pytree
 from localmap.context import recording
 from localmap.errors import LocalMapError, fail
-from localmap.traced.build import ROLE, SOURCE, kwargs_of, role_of, tag_phase
+from localmap.traced.build import tag_phase
+from localmap.traced.meta import ROLE, SOURCE, kwargs_of, role_of
 from localmap.traced.operator import defer_inlining, local_map_hop
 
 

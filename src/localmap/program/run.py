@@ -20,7 +20,8 @@ from localmap import compat as _compat
 from localmap.compat import pytree
 from localmap.collectives.registry import communicates
 from localmap.errors import LocalMapError, fail, wrapped_error
-from localmap.traced.build import kwargs_of, role_of, run_graph
+from localmap.traced.graphs import run_graph
+from localmap.traced.meta import kwargs_of, role_of
 from localmap.program.split import coordinates, join, split
 from localmap.traced.operator import local_map_hop
 

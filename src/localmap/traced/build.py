@@ -1,4 +1,4 @@
-"""Building a region: its body graph from a function, and its forward and backward graphs from the body.
+"""Building a region: its forward and backward graphs from its body graph (cached).
 
 A region's graphs all work in *local* (per-shard) shapes:
 
@@ -16,23 +16,19 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.fx as fx
 import torch.fx.traceback as fx_traceback
-from torch.distributed.tensor import DeviceMesh
-from torch.distributed.tensor.placement_types import Partial, Placement, Replicate
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from localmap import compat as _compat
-from localmap.errors import LocalMapError, fail
-from localmap.placements.shapes import avg_ranks, like_stride, local_shape
-from localmap.placements.specs import extreme_grad_error
-
-KWARGS = "local_map_kwargs"  # GraphModule.meta key of a region's placements and mesh (as PyTorch's operator)
-ROLE = "localmap"  # GraphModule.meta key of localmap's own facts about a graph (role, activations, ...)
-SOURCE = "localmap_source"  # body.meta key: the region's function name and call site (file:line)
+from localmap.errors import fail
+from localmap.placements.algebra import avg_grad_scale, avg_ranks, extreme_grad_error, grad_default, has_extreme
+from localmap.check.mutation import check_no_input_mutation
+from localmap.traced.graphs import run_graph, to_local_fake
+from localmap.traced.meta import grad_placements, kwargs_of, region_kwargs, set_region_meta
 
 
 @dataclass(frozen=True)
@@ -48,137 +44,23 @@ class RegionGraphs:
     grad_inputs: tuple[int, ...]  # inputs that get a gradient
     stats: dict = field(default_factory=dict, compare=False)
 
-
-# ---- metadata ---------------------------------------------------------------------------------------------------
-
-_SAVED = "_localmap_meta"  # an attribute copy of the meta: GraphModule pickling keeps attributes, drops meta
-
-
-def set_region_meta(gm: fx.GraphModule, kwargs: dict, role: dict | None = None) -> None:
-    """Record a region graph's placements (and localmap role) where planners and the operator read them."""
-    gm.meta[KWARGS] = kwargs
-    if role is not None:
-        gm.meta[ROLE] = role
-    setattr(gm, _SAVED, {KWARGS: kwargs, ROLE: gm.meta.get(ROLE)})
-
-
-def _restore_meta(gm: fx.GraphModule) -> None:
-    saved = getattr(gm, _SAVED, None)
-    if saved and KWARGS not in gm.meta:
-        gm.meta[KWARGS] = saved[KWARGS]
-        if saved.get(ROLE) is not None:
-            gm.meta[ROLE] = saved[ROLE]
-
-
-def kwargs_of(gm: fx.GraphModule) -> dict | None:
-    _restore_meta(gm)
-    return gm.meta.get(KWARGS)
-
-
-def region_kwargs(body: fx.GraphModule, num_args: int) -> dict:
-    """The body's placements and mesh, checked against the number of arguments."""
-    kwargs = kwargs_of(body) if isinstance(body, fx.GraphModule) else None
-    if not isinstance(kwargs, dict) or "in_placements" not in kwargs or "out_placements" not in kwargs:
-        raise fail("body", f"has no meta[{KWARGS!r}] with in_placements and out_placements",
-                   expected="{'in_placements': ..., 'out_placements': ..., 'device_mesh': mesh}",
-                   given=type(kwargs).__name__, fix="set body.meta['local_map_kwargs'] before calling the operator")
-    if kwargs.get("device_mesh") is None:
-        raise fail("body", "has no device_mesh in its local_map_kwargs", fix="set local_map_kwargs['device_mesh']")
-    if len(kwargs["in_placements"]) != num_args:
-        raise fail("in_placements", f"has {len(kwargs['in_placements'])} entries for {num_args} operator inputs",
-                   expected=num_args, given=len(kwargs["in_placements"]),
-                   fix="give one placement tuple (or None for a non-tensor) per input")
-    return kwargs
-
-
-def role_of(gm: fx.GraphModule) -> dict:
-    _restore_meta(gm)
-    return gm.meta.get(ROLE, {"role": "body", "num_activations": 0})
-
-
-def grad_placements(kwargs: dict) -> tuple:
-    """Gradient placements of each input: in_grad_placements when given, else the input's own with Partial
-    read as Replicate (the eager default)."""
-    given = kwargs.get("in_grad_placements")
-    if given is not None:
-        return tuple(None if p is None else tuple(p) for p in given)
-    return tuple(None if p is None else tangent_placements(p) for p in kwargs["in_placements"])
-
-
-def tangent_placements(placements: Sequence[Placement]) -> tuple[Placement, ...]:
-    """What a gradient flowing into a value with `placements` looks like: Partial becomes Replicate."""
-    return tuple(Replicate() if isinstance(p, Partial) else p for p in placements)
-
-
-# ---- global <-> local fake tensors ------------------------------------------------------------------------------
-
-def mesh_coordinate(mesh: DeviceMesh) -> list[int]:
-    """This rank's coordinate; tracing on a fake process group happens as rank 0 (documented)."""
-    coord = mesh.get_coordinate()
-    if coord is None:
-        raise LocalMapError("local_map: this rank is not part of the region's device_mesh")
-    return list(coord)
-
-
-def to_local_fake(value: Any, placements: Sequence[Placement] | None, mesh: DeviceMesh) -> Any:
-    """A fresh fake tensor with the local shape this rank holds of global `value` (non-tensors pass)."""
-    if not isinstance(value, torch.Tensor) or placements is None:
-        return value
-    shape = local_shape(value.shape, placements, tuple(mesh.shape), mesh_coordinate(mesh))
-    return torch.empty_strided(shape, like_stride(shape, value.stride()), dtype=value.dtype,
-                               device=value.device, requires_grad=value.requires_grad)
-
-
-def to_global_fake(value: Any, placements: Sequence[Placement] | None, mesh: DeviceMesh,
-                   shape: Sequence[Any] | None = None) -> Any:
-    """A fresh fake tensor with the global shape of local `value` (even sharding unless `shape` is known)."""
-    from localmap.placements.shapes import even_global_shape
-
-    if not isinstance(value, torch.Tensor) or placements is None:
-        return value
-    if shape is None:
-        shape = even_global_shape(value.shape, placements, tuple(mesh.shape))
-    return torch.empty_strided(shape, like_stride(shape, value.stride()), dtype=value.dtype,
-                               device=value.device, requires_grad=value.requires_grad)
-
-
-# ---- running and checking bodies --------------------------------------------------------------------------------
-
-def run_graph(gm: fx.GraphModule, args: Sequence[Any], keep_meta: bool = False) -> tuple:
-    """Run a region graph; with keep_meta, through an Interpreter so node metadata (annotations,
-    checkpoint tags) reaches whatever trace is recording."""
-    out = fx.Interpreter(gm).run(*args) if keep_meta else gm(*args)
-    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
-
-
-def check_no_input_mutation(body: fx.GraphModule, paths: Sequence[str] | None = None) -> None:
-    """A body may not mutate its inputs (the region's inputs are DTensor shards owned by the caller). `paths`:
-    the argument path of each placeholder, for the message."""
-    aliases: dict[fx.Node, int] = {}
-    for i, node in enumerate(n for n in body.graph.nodes if n.op == "placeholder"):
-        aliases[node] = i
-    for node in body.graph.nodes:
-        schema = _compat.op_schema(node.target) if node.op == "call_function" else None
-        if schema is None:
-            continue
-        for arg, formal in zip(node.args, schema.arguments):
-            if not isinstance(arg, fx.Node) or arg not in aliases:
-                continue
-            if formal.alias_info is not None and formal.alias_info.is_write:
-                k = aliases[arg]
-                raise fail(paths[k] if paths is not None and k < len(paths) else f"inputs[{k}]",
-                           f"is mutated in the region's body by {node.target}",
-                           expected="a body that does not write to its inputs", given=str(node.target),
-                           fix="compute into a new tensor (out-of-place op), or clone the input first")
-            if formal.alias_info is not None and not formal.alias_info.is_write:
-                aliases[node] = aliases[arg]  # a view of an input: writes to it write the input
-
-
 # ---- building forward and backward ------------------------------------------------------------------------------
 
 _cache: dict[Any, RegionGraphs] = {}
 _cache_lock = threading.Lock()
-build_count = 0  # regions actually built (not served from the cache); read by tests and benchmarks
+REGION_CACHE_LIMIT = 512  # built regions remembered (cleared when full)
+_built = 0  # regions actually built (not served from the cache)
+
+
+def cache_info() -> dict[str, int]:
+    """Regions built since the process started, and regions cached now."""
+    with _cache_lock:
+        return {"regions_built": _built, "regions_cached": len(_cache)}
+
+
+def clear_cache() -> None:
+    with _cache_lock:
+        _cache.clear()
 
 
 def _meta_key(value: Any) -> Any:
@@ -210,7 +92,7 @@ def _cache_key(body: fx.GraphModule, args: Sequence[Any], partition: str) -> Any
 
 def build_region(body: fx.GraphModule, args: Sequence[Any], partition: str = "min_cut") -> RegionGraphs:
     """Forward and backward graphs of `body` for global arguments `args` (cached)."""
-    global build_count
+    global _built
     kwargs = region_kwargs(body, len(args))
     check_no_input_mutation(body)
     key = _cache_key(body, args, partition)
@@ -220,10 +102,10 @@ def build_region(body: fx.GraphModule, args: Sequence[Any], partition: str = "mi
         if hit is not None:
             return hit
     graphs = _build(body, args, kwargs, partition)
-    build_count += 1
+    _built += 1
     if key is not None:
         with _cache_lock:
-            if len(_cache) > 512:
+            if len(_cache) >= REGION_CACHE_LIMIT:
                 _cache.clear()
             _cache[key] = graphs
     return graphs
@@ -244,7 +126,7 @@ def _build(body: fx.GraphModule, args: Sequence[Any], kwargs: dict, partition: s
             grad_idx = tuple(i for i, p in enumerate(primals) if isinstance(p, torch.Tensor) and p.requires_grad)
             for i in tangent_idx:
                 out_pl = kwargs["out_placements"][i] or ()
-                if any(isinstance(p, Partial) and p.reduce_op in ("max", "min") for p in out_pl):
+                if has_extreme(tuple(out_pl)):
                     raise extreme_grad_error(f"outputs[{i}]", out_pl, kwargs["device_mesh"])
             if _compat.has_free_unbacked_symbols([probe[i] for i in tangent_idx]):
                 raise fail("outputs", "have data-dependent sizes that would leak out of the region",
@@ -395,7 +277,7 @@ def _annotate(graphs: RegionGraphs, kwargs: dict, args: Sequence[Any]) -> None:
         return
     outs = kwargs["out_placements"]
     set_region_meta(backward, {
-        "in_placements": tuple(tangent_placements(outs[i]) for i in graphs.tangent_outputs),
+        "in_placements": tuple(grad_default(tuple(outs[i])) for i in graphs.tangent_outputs),
         "out_placements": grad_placements(kwargs),
         "in_grad_placements": None,
         "device_mesh": kwargs["device_mesh"],
@@ -406,29 +288,6 @@ def _annotate(graphs: RegionGraphs, kwargs: dict, args: Sequence[Any]) -> None:
         "tangent_scales": tuple(avg_ranks(outs[i], kwargs["device_mesh"]) for i in graphs.tangent_outputs),
         # An input held as Partial('avg') whose gradient is Replicate there: each local piece carries 1/n of
         # the value, so its gradient is n times the local one (as the eager path scales it).
-        "grad_scales": tuple(_avg_grad_scale(p, g, kwargs["device_mesh"])
+        "grad_scales": tuple(avg_grad_scale(p, g, kwargs["device_mesh"])
                              for p, g in zip(kwargs["in_placements"], grad_placements(kwargs))),
     })
-
-
-def _avg_grad_scale(placements: Any, grads: Any, mesh: DeviceMesh) -> int:
-    if placements is None or grads is None:
-        return 1
-    n = 1
-    for m, (p, g) in enumerate(zip(placements, grads)):
-        if isinstance(p, Partial) and p.reduce_op == "avg" and isinstance(g, Replicate):
-            n *= mesh.size(m)
-    return n
-
-
-# ---- tracing a function into a body -----------------------------------------------------------------------------
-
-def trace_body(fn: Callable[..., tuple], local_inputs: Sequence[Any],
-               paths: Sequence[str] | None = None) -> fx.GraphModule:
-    """Trace ``fn(*local_inputs) -> tuple of tensors`` into a body GraphModule with a flat signature."""
-    with _compat.isolated_tracing():
-        fake_mode = _compat.detect_fake_mode(local_inputs)
-        with _compat.ignore_fresh_unbacked(fake_mode):
-            gm = make_fx(fn, tracing_mode="fake")(*local_inputs)
-    check_no_input_mutation(gm, paths)
-    return gm

@@ -11,17 +11,19 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.distributed.tensor import DTensor
 
 from localmap import compat as _compat
 from localmap.context import default_mesh, enclosing_region_mesh, in_region
 from localmap.sites import caller_site
 from localmap.compat import pytree
 from localmap.errors import LocalMapError, body_error, fail
-from localmap.traced.build import SOURCE, mesh_coordinate, set_region_meta, trace_body
+from localmap.traced.graphs import mesh_coordinate, trace_body
+from localmap.traced.meta import SOURCE, set_region_meta
 from localmap.placements.shapes import is_uneven, like_stride, local_shape
-from localmap.placements.specs import check_spec_for_mesh, leaf_path, normalize_shard_dims, placements_str, resolve_input_specs
-from localmap.placements.specs import resolve_output_specs
+from localmap.placements.specs import (
+    check_non_tensor_leaf, check_output_leaf, check_spec_for_mesh, leaf_path, normalize_shard_dims, placements_str,
+    resolve_input_specs, resolve_output_specs,
+)
 
 
 def _leaf_specs(spec_arg: Any, name: str, args: tuple, flat: list, mesh: Any) -> list:
@@ -41,9 +43,8 @@ def _leaf_specs(spec_arg: Any, name: str, args: tuple, flat: list, mesh: Any) ->
                            "shard sizes", given=f"shape {tuple(a.shape)} with {placements_str(s)} on mesh "
                            f"{tuple(mesh.shape)}", fix="pad the sharded dim to a multiple of the ranks "
                            "sharding it, or run this region eagerly on DTensors")
-        elif s is not None:
-            raise fail(leaf_path("args", args, i), "is not a tensor but has a placement spec", expected=None,
-                       given=placements_str(s), fix=f"use None in {name} for non-tensor arguments")
+        else:
+            check_non_tensor_leaf(args, i, a, s, name)
         out.append(s)
     return out
 
@@ -125,20 +126,10 @@ def call_traced(region: Any, args: tuple, kwargs: dict) -> Any:
     flat_out, out_tree = pytree.tree_flatten(out)
     out_specs = resolve_output_specs(region.out_placements, out, len(flat_out))
     tensor_specs = []
-    for i, (o, s) in enumerate(zip(flat_out, out_specs)):
-        if isinstance(o, DTensor):
-            raise fail(leaf_path("outputs", out, i), "the function returned a DTensor",
-                       expected="a local torch.Tensor", given="DTensor", fix="return local tensors only")
-        if isinstance(o, torch.Tensor):
-            if s is None:
-                raise fail(leaf_path("outputs", out, i), "is a Tensor but its out_placements spec is None",
-                           expected="a list of placements", given=None, fix="give its placements")
-            check_spec_for_mesh(s, mesh, leaf_path("outputs", out, i), "out_placements")
-            tensor_specs.append(normalize_shard_dims(s, o.ndim, leaf_path("outputs", out, i),
-                                                     "out_placements", mesh))
-        elif s is not None:
-            raise fail(leaf_path("outputs", out, i), "is not a Tensor but has a placement spec",
-                       expected=None, given=placements_str(s), fix="use None for non-tensor outputs")
+    for i, (o, s) in enumerate(zip(flat_out, out_specs, strict=True)):
+        placements = check_output_leaf(out, i, o, s, mesh)
+        if placements is not None:
+            tensor_specs.append(placements)
     set_region_meta(body, {
         "in_placements": tuple(specs[i] for i in inputs),
         "out_placements": tuple(tensor_specs),

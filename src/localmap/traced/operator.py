@@ -18,7 +18,6 @@ One function per dispatch key below, registered next to each other.
 from __future__ import annotations
 
 import contextlib
-import threading
 import weakref
 from typing import Any, Iterator
 
@@ -28,31 +27,30 @@ from localmap import compat as _compat
 from localmap.compat import (
     DispatchKey, FakeTensorMode, HigherOrderOperator, ProxyTorchDispatchMode, pytree, track_tensor_tree,
 )
-from localmap.traced.build import (
-    KWARGS, ROLE, RegionGraphs, build_region, check_no_input_mutation, kwargs_of, region_kwargs, role_of, run_graph, to_global_fake, to_local_fake,
-)
+from localmap.check.mutation import check_no_input_mutation
+from localmap import context
 from localmap.context import recorder
 from localmap.errors import LocalMapError
 from localmap.placements.shapes import dense_stride
+from localmap.traced.build import RegionGraphs, build_region
+from localmap.traced.graphs import run_graph, to_global_fake, to_local_fake
+from localmap.traced.meta import KWARGS, ROLE, kwargs_of, region_kwargs, role_of
 
 __all__ = ["local_map_hop", "defer_inlining", "is_deferring", "LocalMapHOP"]
 
 
 # ---- defer_inlining: per thread, nestable -------------------------------------------------------------------
 
-_state = threading.local()
-
-
 PARTITIONERS = ("min_cut", "default")
 
 
 def is_deferring() -> bool:
     """Whether regions stay regions (inside ``defer_inlining()``) on this thread."""
-    return bool(getattr(_state, "partitioners", None))
+    return bool(context.stack("partitioners"))
 
 
 def current_partitioner() -> str:
-    stack = getattr(_state, "partitioners", None)
+    stack = context.stack("partitioners")
     return stack[-1] if stack else "min_cut"
 
 
@@ -66,9 +64,7 @@ def defer_inlining(partitioner: str = "min_cut") -> Iterator[None]:
     """
     if partitioner not in PARTITIONERS:
         raise LocalMapError(f"local_map: defer_inlining: partitioner {partitioner!r} is not one of {PARTITIONERS}")
-    stack = getattr(_state, "partitioners", None)
-    if stack is None:
-        stack = _state.partitioners = []
+    stack = context.stack("partitioners")
     stack.append(partitioner)
     try:
         yield

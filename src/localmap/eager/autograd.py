@@ -1,0 +1,98 @@
+"""The eager path's two autograd nodes: all DTensor inputs to local tensors in one node, all local outputs to
+DTensors in one node.
+
+PyTorch's local_map spends one node per input (``to_local``) and per output (``from_local``); batching them is
+most of localmap's eager speed-up. ``to_local_shards``/``from_local_shards`` call the nodes without the Python
+checks for functorch transforms when none is active (``compat.fast_apply``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.placement_types import Placement
+
+from localmap import compat
+from localmap.compat import DTensorSpec, local_tensor_of, make_dtensor, make_spec, spec_of, wait_local
+from localmap.placements.algebra import avg_grad_scale, avg_ranks, grad_default, has_avg
+from localmap.eager.uneven import plain_stride
+from localmap.placements.shapes import dense_stride
+
+
+def _input_grad(g: torch.Tensor, spec: DTensorSpec, grad_placements: tuple[Placement, ...],
+                local_stride: tuple[int, ...]) -> DTensor:
+    """A local gradient wrapped as the input's gradient DTensor (its global metadata, its gradient placements)."""
+    if has_avg(spec.placements):
+        scale = avg_grad_scale(spec.placements, grad_placements, spec.mesh)
+        g = g * scale if scale != 1 else g
+    if g.stride() == local_stride:
+        if grad_placements == spec.placements:
+            return make_dtensor(g, spec, requires_grad=False)
+        stride = spec.stride
+    else:
+        stride = dense_stride(spec.shape, plain_stride(g))
+    grad_spec = make_spec(spec.mesh, grad_placements, spec.shape, stride, spec.tensor_meta.dtype)
+    return make_dtensor(g, grad_spec, requires_grad=False)
+
+
+class ToLocalShards(torch.autograd.Function):
+    """DTensor inputs -> their local tensors, in one node. Backward wraps each local gradient as a DTensor
+    with the input's global metadata and its gradient placements."""
+
+    @staticmethod
+    def forward(ctx: Any, grad_placements: tuple, *dtensors: DTensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        ctx.set_materialize_grads(False)
+        views = []
+        saved = []
+        for d, placements in zip(dtensors, grad_placements, strict=True):
+            t = wait_local(local_tensor_of(d))
+            views.append(t.view_as(t))
+            saved.append((spec_of(d), placements, t.stride()))
+        ctx.saved = saved
+        return tuple(views)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple:  # type: ignore[override]
+        out: list[Any] = [None]
+        for g, (spec, placements, local_stride) in zip(grads, ctx.saved, strict=True):
+            out.append(None if g is None else _input_grad(g, spec, placements, local_stride))
+        return tuple(out)
+
+
+class FromLocalShards(torch.autograd.Function):
+    """Local outputs -> DTensors, in one node. Backward brings each DTensor gradient to the placements the
+    local output had (Partial read as Replicate) and returns its local tensor."""
+
+    @staticmethod
+    def forward(ctx: Any, specs: Sequence[DTensorSpec], *locals_: torch.Tensor) -> tuple[DTensor, ...]:  # type: ignore[override]
+        ctx.set_materialize_grads(False)
+        ctx.specs = specs
+        return tuple(make_dtensor(t.view_as(t), s, requires_grad=t.requires_grad)
+                     for t, s in zip(locals_, specs, strict=True))
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Any) -> tuple:  # type: ignore[override]
+        out: list[Any] = [None]
+        for g, spec in zip(grads, ctx.specs, strict=True):
+            out.append(_output_grad(g, spec) if isinstance(g, DTensor) else g)
+        return tuple(out)
+
+
+def _output_grad(g: DTensor, spec: DTensorSpec) -> torch.Tensor:
+    """The local gradient of an output from the DTensor gradient flowing into it."""
+    target = grad_default(spec.placements)
+    g_spec = spec_of(g)
+    if g_spec.placements != target:
+        target_spec = DTensorSpec(spec.mesh, target, tensor_meta=g_spec.tensor_meta)
+        local = wait_local(compat.redistribute_local(local_tensor_of(g), g_spec, target_spec))
+    elif torch.is_grad_enabled():  # create_graph=True: keep the conversion differentiable
+        local = g.to_local()
+    else:
+        local = wait_local(local_tensor_of(g))
+    return local / avg_ranks(spec.placements, spec.mesh) if has_avg(spec.placements) else local
+
+
+to_local_shards = compat.fast_apply(ToLocalShards)
+from_local_shards = compat.fast_apply(FromLocalShards)

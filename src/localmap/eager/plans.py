@@ -1,0 +1,171 @@
+"""Plans of the eager path: a region's specs resolved once per argument (or output) structure and mesh.
+
+A plan holds one leaf spec per pytree leaf, checked against the mesh when it is made; steady-state calls with
+the same structure reuse it and compare placements only (the fast path). The per-leaf checks below run when a
+leaf does not match its plan (the slow path) and raise the errors that name the argument.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch.distributed.tensor import DeviceMesh, DTensor
+from torch.distributed.tensor.placement_types import Placement, Shard
+
+from localmap.compat import DTensorSpec, global_shape_and_stride, make_spec
+from localmap.eager.uneven import gather_global_shapes, plain_stride
+from localmap.errors import fail
+from localmap.placements.algebra import grad_default
+from localmap.placements.shapes import dense_stride
+from localmap.placements.specs import (
+    LeafSpec, check_non_tensor_leaf, check_output_leaf, check_spec_for_mesh, leaf_path, normalize_shard_dims,
+    placements_str, resolve_input_specs, resolve_output_specs,
+)
+
+OUTPUT_SPEC_CACHE_LIMIT = 256  # output DTensorSpecs remembered per output plan, by (index, shape, stride, dtype)
+
+
+class InputPlan:
+    """Resolved leaf specs for one argument structure on one mesh."""
+
+    __slots__ = ("mesh", "specs", "grad_specs", "fast_grad_specs", "verdict")
+
+    def __init__(self, mesh: DeviceMesh, specs: tuple[LeafSpec, ...] | None,
+                 grad_specs: tuple[LeafSpec, ...] | None) -> None:
+        self.mesh = mesh
+        self.specs = specs  # in_placements per leaf (None: take each DTensor's own)
+        self.grad_specs = grad_specs  # in_grad_placements per leaf (None: inferred or the default)
+        self.verdict: tuple | None = None  # (DTensor specs, Verdict) of the last checked call on this plan
+        # Grad specs usable without per-call checks; None where a negative Shard dim needs the tensor's ndim.
+        self.fast_grad_specs = None if grad_specs is None else tuple(
+            None if s is None or any(isinstance(p, Shard) and p.dim < 0 for p in s) else s
+            for s in grad_specs)
+
+
+class OutputPlan:
+    """Resolved leaf specs for one output structure on one mesh, and a cache of output DTensorSpecs."""
+
+    __slots__ = ("mesh", "specs", "dtensor_specs")
+
+    def __init__(self, mesh: DeviceMesh, specs: tuple[LeafSpec, ...]) -> None:
+        self.mesh = mesh
+        self.specs = specs
+        self.dtensor_specs: dict[Any, DTensorSpec] = {}
+
+
+def make_input_plan(in_placements: Any, in_grad_placements: Any, mesh: DeviceMesh, args: tuple,
+                    flat: Sequence[Any]) -> InputPlan:
+    """Resolve and check the input specs for this argument structure (a new structure or mesh)."""
+    specs = grad_specs = None
+    if in_placements is not None:
+        specs = resolve_input_specs(in_placements, args, len(flat))
+    if in_grad_placements is not None:
+        grad_specs = resolve_input_specs(in_grad_placements, args, len(flat), "in_grad_placements")
+    for name, resolved in (("in_placements", specs), ("in_grad_placements", grad_specs)):
+        for i, s in enumerate(resolved or ()):
+            if s is not None:
+                check_spec_for_mesh(s, mesh, leaf_path("args", args, i), name)
+    plan = InputPlan(mesh, specs, grad_specs)
+    check_grad_ranges(plan, args, flat, mesh)
+    return plan
+
+
+def check_grad_ranges(plan: InputPlan, args: tuple, flat: Sequence[Any], mesh: DeviceMesh) -> None:
+    """in_grad_placements' Shard dims against each DTensor input's ndim (on slow paths only: a new plan, a new
+    input metadata; steady-state calls use the plan's specs unchecked)."""
+    for i, g in enumerate(plan.fast_grad_specs or ()):
+        a = flat[i]
+        if g is not None and isinstance(a, DTensor):
+            normalize_shard_dims(g, a.ndim, leaf_path("args", args, i), "in_grad_placements", mesh)
+
+
+def check_non_dtensor_leaves(plan: InputPlan, args: tuple, flat: Sequence[Any]) -> None:
+    """Leaves that are not tensors carry no specs (checked for pytree arguments)."""
+    for name, specs in (("in_placements", plan.specs), ("in_grad_placements", plan.grad_specs)):
+        for i, (a, spec) in enumerate(zip(flat, specs or (None,) * len(flat), strict=True)):
+            check_non_tensor_leaf(args, i, a, spec, name)
+
+
+def check_input_leaf(plan: InputPlan, args: tuple, flat: Sequence[Any], i: int, mesh: DeviceMesh,
+                     redistribute: bool) -> tuple[DTensor, tuple[Placement, ...]]:
+    """The slow path for one DTensor input: its mesh, its placements against the plan (redistributing when
+    asked) and its gradient placements. Returns the DTensor to unwrap and its gradient placements."""
+    a = flat[i]
+    if a.device_mesh is not mesh and a.device_mesh != mesh:
+        raise fail(leaf_path("args", args, i), "is a DTensor on a different mesh than the region's",
+                   expected=mesh, given=a.device_mesh,
+                   fix="redistribute it onto the region's mesh, or pass the matching device_mesh")
+    spec = a.placements if plan.specs is None else plan.specs[i]
+    if spec is None:
+        raise fail(leaf_path("args", args, i), "is a DTensor but its in_placements spec is None",
+                   expected="a list of placements", given=None,
+                   fix=f"give its placements, e.g. {placements_str(a.placements)}")
+    if a.placements != spec:
+        path = leaf_path("args", args, i)
+        spec = normalize_shard_dims(spec, a.ndim, path, "in_placements", mesh)
+        if a.placements != spec:
+            if not redistribute:
+                dim = next(m for m, (p, q) in enumerate(zip(a.placements, spec)) if p != q)
+                raise fail(path, "has placements that differ from in_placements", mesh=mesh, mesh_dim=dim,
+                           expected=placements_str(spec), given=placements_str(a.placements),
+                           fix="pass redistribute_inputs=True, or call .redistribute(...) first")
+            a = a.redistribute(mesh, spec)
+    if plan.grad_specs is None:
+        return a, grad_default(spec)
+    grad = plan.grad_specs[i]
+    if grad is None:
+        raise fail(leaf_path("args", args, i), "is a DTensor but its in_grad_placements spec is None",
+                   expected="a list of placements", given=None,
+                   fix=f"give its gradient placements, e.g. {placements_str(grad_default(spec))}")
+    return a, normalize_shard_dims(grad, a.ndim, leaf_path("args", args, i), "in_grad_placements", mesh)
+
+
+def make_output_plan(out_placements: Any, out: Any, flat_out: Sequence[Any], mesh: DeviceMesh) -> OutputPlan:
+    """Resolve and check the output specs for this output structure (a new structure or mesh)."""
+    specs = resolve_output_specs(out_placements, out, len(flat_out))
+    for i, spec in enumerate(specs):
+        if spec is not None:
+            check_spec_for_mesh(spec, mesh, leaf_path("outputs", out, i), "out_placements")
+    return OutputPlan(mesh, specs)
+
+
+def output_dtensor_specs(out: Any, flat_out: Sequence[Any], plan: OutputPlan, mesh: DeviceMesh,
+                         uneven: bool) -> list[DTensorSpec | None]:
+    """One DTensorSpec per tensor output (None for other leaves), from the cache when shapes repeat; with
+    uneven inputs, global shapes gathered from every rank."""
+    dspecs: list[Any] = []
+    cache = plan.dtensor_specs
+    for i, t in enumerate(flat_out):
+        key: Any = None
+        if not uneven and isinstance(t, torch.Tensor) and not isinstance(t, DTensor):
+            try:
+                key = (i, t.shape, t.stride(), t.dtype)
+                spec = cache.get(key)
+                if spec is not None:
+                    dspecs.append(spec)
+                    continue
+            except TypeError:  # symbolic sizes (simulated mesh, uneven shards): not cacheable
+                key = None
+        placements = check_output_leaf(out, i, t, plan.specs[i], mesh)
+        if placements is None or uneven:
+            dspecs.append(placements)  # uneven: completed below
+            continue
+        shape, stride = global_shape_and_stride(t, mesh, placements)
+        spec = make_spec(mesh, placements, shape, stride, t.dtype)
+        if key is not None and len(cache) < OUTPUT_SPEC_CACHE_LIMIT:
+            cache[key] = spec
+        dspecs.append(spec)
+    return _with_gathered_shapes(out, flat_out, dspecs, mesh) if uneven else dspecs
+
+
+def _with_gathered_shapes(out: Any, flat_out: Sequence[Any], placements: list, mesh: DeviceMesh) -> list:
+    """Output specs of uneven outputs: global shapes from every rank's local sizes."""
+    idx = [i for i, p in enumerate(placements) if p is not None]
+    tensors = [flat_out[i] for i in idx]
+    shapes = gather_global_shapes(tensors, [placements[i] for i in idx], mesh,
+                                  [leaf_path("outputs", out, i) for i in idx])
+    specs = list(placements)
+    for i, t, shape in zip(idx, tensors, shapes, strict=True):
+        specs[i] = make_spec(mesh, placements[i], shape, dense_stride(shape, plain_stride(t)), t.dtype)
+    return specs
