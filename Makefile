@@ -10,13 +10,14 @@ TORCH  ?= torch==2.13.0
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
+# The library needs torch only; the command line (demo, inspect) is the [cli] extra, which both targets install.
 $(VENV)/.installed: pyproject.toml | $(PY)
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e .
+	$(PY) -m pip install -q -e '.[cli]'
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[cli,test]'
 	touch $@
 
 # Graphviz's `dot` draws captured programs (CapturedProgram.save_svg). Installed from Debian's packages when

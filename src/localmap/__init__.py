@@ -20,7 +20,8 @@ from localmap import collectives
 from localmap.caches import cache_info, clear_caches
 from localmap.program.capture import CapturedProgram, Region, capture
 from localmap.check.checker import PlacementError
-from localmap.check.rules import VARYING, RuleError, register_rule
+from localmap.check.rules import register_rule
+from localmap.placements.types import VARYING, RuleError
 from localmap.context import use_mesh
 from localmap.eager.region import local_map
 from localmap.errors import BodyError, CollectiveError, LocalMapError

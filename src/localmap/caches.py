@@ -3,7 +3,7 @@ who want a cold start). Each region's own caches are ``fn.region.cache_info()``.
 
 from __future__ import annotations
 
-from localmap.check import checker
+from localmap.check import function as check_function
 from localmap.traced import build
 
 
@@ -11,10 +11,10 @@ def cache_info() -> dict[str, int]:
     """``regions_built``/``regions_cached``: region graphs built (not served from the cache) since the process
     started, and held now; ``bodies_checked``/``verdicts_cached``: region bodies traced for the placement check,
     and verdicts held now."""
-    return {**build.cache_info(), **checker.cache_info()}
+    return {**build.cache_info(), **check_function.cache_info()}
 
 
 def clear_caches() -> None:
     """Forget built regions and check verdicts (the counters keep counting)."""
     build.clear_cache()
-    checker.clear_cache()
+    check_function.clear_cache()

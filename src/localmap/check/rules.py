@@ -19,7 +19,7 @@ from torch.distributed.tensor.placement_types import Partial, Replicate, Shard
 import localmap.collectives  # noqa: F401  (registers the collectives' facts)
 from localmap.check.propagation import default_types, op_name, replicated
 from localmap.collectives.registry import collective
-from localmap.placements.types import VARYING, RuleError, Varying
+from localmap.placements.types import VARYING, RuleError
 
 
 Rule = Callable[[fx.Node, list, Any], Any]
@@ -132,8 +132,3 @@ def output_types(node: fx.Node, in_types: list, mesh: Any, types: dict) -> Any:
     if facts is not None:
         return facts.type_rule(node, in_types, mesh)
     return default_types(node, in_types, mesh, types)
-
-
-
-
-__all__ = ["register_rule", "RULES", "output_types", "VARYING", "Varying", "RuleError"]

@@ -370,13 +370,7 @@ def run_demo(cfg: Config, out: Console | None = None, svg: str | None = None, js
     out = out or console()
     validate(cfg)
     torchrun = under_torchrun()
-    if torchrun:
-        launcher, where = _train_torchrun, f"on a {cfg.mesh} mesh under torchrun"
-        quiet = os.environ.get("RANK") != "0"
-    elif cfg.launcher == "gloo":
-        launcher, where, quiet = _train_gloo, f"on a {cfg.mesh} mesh of {cfg.mesh.size} gloo processes", False
-    else:
-        launcher, where, quiet = _train_simulated, f"on a simulated {cfg.mesh} mesh", False
+    launcher, where, quiet = _launcher(cfg, torchrun)
     if quiet:
         out = Console(quiet=True)
     start = time.monotonic()
@@ -386,7 +380,34 @@ def run_demo(cfg: Config, out: Console | None = None, svg: str | None = None, js
     out.print("  regions: attention core (batch over dp, heads over tp); mixture of experts (experts over tp, tokens "
               "dispatched to their experts' ranks with all_to_all_single, split sizes from the routing); loss "
               "(a partial sum over dp)", soft_wrap=True, highlight=False)
+    background = _Background(capture_model, cfg) if launcher is _train_gloo else None  # this process idles
+    result = _train_live(cfg, out, launcher, where)
+    verdicts = Table(title="placement check of each region (on the mesh, eager)", title_justify="left")
+    verdicts.add_column("region")
+    verdicts.add_column("verdict")
+    for name, v in result.verdicts.items():
+        verdicts.add_row(name, f"[{verdict_style(v)}]{v}[/]")
+    out.print(verdicts)
+    prog = None
+    if not (torchrun and quiet):
+        with out.status("capturing the training step (forward and backward) on a fake mesh"):
+            prog = background.result() if background is not None else capture_model(cfg)
+        out.print(region_table(prog, f"captured program on a fake {cfg.mesh} mesh: one row per region call"))
+        write_outputs(prog, svg, json_path, out)
+    return _summary(cfg, out, result, prog, where, time.monotonic() - start)
 
+
+def _launcher(cfg: Config, torchrun: bool) -> tuple[Callable, str, bool]:
+    """(train function, where it trains, whether this process stays quiet: a torchrun rank other than 0)."""
+    if torchrun:
+        return _train_torchrun, f"on a {cfg.mesh} mesh under torchrun", os.environ.get("RANK") != "0"
+    if cfg.launcher == "gloo":
+        return _train_gloo, f"on a {cfg.mesh} mesh of {cfg.mesh.size} gloo processes", False
+    return _train_simulated, f"on a simulated {cfg.mesh} mesh", False
+
+
+def _train_live(cfg: Config, out: Console, launcher: Callable, where: str) -> Any:
+    """Train with a live table of the steps and a progress bar."""
     steps: list[Step] = []
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         TextColumn("{task.fields[status]}"), console=out)
@@ -397,28 +418,16 @@ def run_demo(cfg: Config, out: Console | None = None, svg: str | None = None, js
         progress.update(task, advance=1, status=f"loss {s.loss:.4f} (one device {s.ref_loss:.4f})")
         live.update(Group(_steps_table(cfg, steps, where), progress))
 
-    background = _Background(capture_model, cfg) if launcher is _train_gloo else None  # this process idles
     with Live(Group(_steps_table(cfg, steps, where), progress), console=out, refresh_per_second=8) as live:
         result = launcher(cfg, on_step)
         live.update(Group(_steps_table(cfg, steps, where), progress))
     if not out.is_terminal:
         out.line()  # Live's last render ends without a newline when not drawing on a terminal
+    return result
 
-    verdicts = Table(title="placement check of each region (on the mesh, eager)", title_justify="left")
-    verdicts.add_column("region")
-    verdicts.add_column("verdict")
-    for name, v in result.verdicts.items():
-        verdicts.add_row(name, f"[{verdict_style(v)}]{v}[/]")
-    out.print(verdicts)
 
-    if torchrun and quiet:
-        prog = None
-    else:
-        with out.status("capturing the training step (forward and backward) on a fake mesh"):
-            prog = background.result() if background is not None else capture_model(cfg)
-        out.print(region_table(prog, f"captured program on a fake {cfg.mesh} mesh: one row per region call"))
-        write_outputs(prog, svg, json_path, out)
-
+def _summary(cfg: Config, out: Console, result: Any, prog: Any, where: str, seconds: float) -> bool:
+    """The last line: whether every step matched one device and every region checked ok."""
     matched = all(s.ok for s in result.steps) and len(result.steps) == cfg.steps
     problems = [n for n, v in result.verdicts.items() if verdict_is_problem(v)]
     if prog is not None:
@@ -436,5 +445,5 @@ def run_demo(cfg: Config, out: Console | None = None, svg: str | None = None, js
               f"{last.loss:.4f}; max |loss diff| {max_loss:.1e}, max |grad diff| {max_grad:.1e}); "
               f"{n_regions} regions, {n_ok} checked ok"
               + (f", check problems in {', '.join(problems)}" if problems else "")
-              + f"; {time.monotonic() - start:.1f}s", soft_wrap=True)
+              + f"; {seconds:.1f}s", soft_wrap=True)
     return ok

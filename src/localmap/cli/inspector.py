@@ -27,6 +27,11 @@ from typing import Any
 
 from rich.console import Console
 
+import localmap
+from localmap import PlacementError, VerificationError
+from localmap.compat import pytree
+from localmap.testing import fake_mesh
+
 from localmap.cli.show import (CliError, MeshSpec, console, parse_mesh, region_table, verdict_is_problem,
                         verdict_style, write_outputs)
 
@@ -104,8 +109,6 @@ def _unpack(result: Any, label: str) -> tuple[Any, tuple, Any]:
 def _has_meta(fn: Any, args: tuple) -> bool:
     import torch
 
-    from localmap.compat import pytree
-
     tensors = [t for t in pytree.tree_leaves(args) if isinstance(t, torch.Tensor)]
     if isinstance(fn, torch.nn.Module):
         tensors += list(fn.parameters()) + list(fn.buffers())
@@ -121,48 +124,22 @@ def run_inspect(target: str, mesh: str | None = None, *, verify: bool = False, s
     program = entry_point(module, path, name)
     spec = _mesh_spec(module, path, mesh)
     label = f"{os.path.basename(path)}:{name}(mesh)"
-
-    import localmap
-    from localmap import PlacementError, VerificationError
-
-    from localmap.testing import fake_mesh
-
     out.print(f"[bold]localmap inspect[/] {path}:{name} on a fake {spec} mesh")
     with fake_mesh(spec.shape, spec.names) as device_mesh, localmap.use_mesh(device_mesh):
         fn, args, reference = _unpack(program(device_mesh), label)
         if verify and _has_meta(fn, args):
             raise CliError(f"--verify runs the program, but {label} gave meta tensors; return real (small) "
                            "tensors from it")
-        with out.status("capturing forward and backward"), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # check="warn" regions: their verdicts are in the table
-            try:
-                prog = localmap.capture(fn, *args)
-            except PlacementError as exc:
-                out.print(f"[bold red]placement check failed while capturing[/] (a region with check=True):")
-                out.print(str(exc), markup=False)
-                out.print("[bold red]FAILED[/]: fix the region, or set check='warn' on it to see the whole program")
-                return False
-            except localmap.LocalMapError as exc:
-                raise CliError(f"with the mesh {spec}: {exc}".splitlines()[0]
-                               + (f" (fix: {exc.fix})" if exc.fix else "")) from exc
+        prog = _capture(fn, args, spec, out)
+        if prog is None:
+            return False
         out.print(region_table(prog, f"{label} captured: one row per region call"))
         problems = [r for r in prog.regions if verdict_is_problem(r.verdict)]
         for r in prog.regions:
             if r.verdict != "ok":
                 out.print(f"  {r.name} ({r.source}): [{verdict_style(r.verdict)}]{_escape(r.verdict)}[/]", soft_wrap=True)
         write_outputs(prog, svg, json_path, out)
-        verified = True
-        if verify:
-            with out.status("verifying: the captured program run rank by rank vs one device"), \
-                    warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                try:
-                    report = localmap.verify(fn, *args, reference=reference)
-                    out.print(f"[green]verify:[/] {report}")
-                except VerificationError as exc:
-                    verified = False
-                    out.print("[bold red]verify failed:[/]")
-                    out.print(str(exc), markup=False, soft_wrap=True)
+        verified = _verify(fn, args, reference, out) if verify else True
     ok = not problems and verified
     n_ok = sum(r.verdict == "ok" for r in prog.regions)
     head = "[bold green]ok[/]" if ok else "[bold red]FAILED[/]"
@@ -173,6 +150,35 @@ def run_inspect(target: str, mesh: str | None = None, *, verify: bool = False, s
         detail += ", verify " + ("matched one device" if verified else "found a difference")
     out.print(f"{head}: {label}: {detail}", soft_wrap=True)
     return ok
+
+
+def _capture(fn: Any, args: tuple, spec: MeshSpec, out: Console) -> Any:
+    """The captured program; None (after printing why) when a region with check=True refuses its claims."""
+    with out.status("capturing forward and backward"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # check="warn" regions: their verdicts are in the table
+        try:
+            return localmap.capture(fn, *args)
+        except PlacementError as exc:
+            out.print("[bold red]placement check failed while capturing[/] (a region with check=True):")
+            out.print(str(exc), markup=False)
+            out.print("[bold red]FAILED[/]: fix the region, or set check='warn' on it to see the whole program")
+            return None
+        except localmap.LocalMapError as exc:
+            raise CliError(f"with the mesh {spec}: {exc}".splitlines()[0]
+                           + (f" (fix: {exc.fix})" if exc.fix else "")) from exc
+
+
+def _verify(fn: Any, args: tuple, reference: Any, out: Console) -> bool:
+    """localmap.verify, printed; False when it finds a difference."""
+    with out.status("verifying: the captured program run rank by rank vs one device"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            out.print(f"[green]verify:[/] {localmap.verify(fn, *args, reference=reference)}")
+            return True
+        except VerificationError as exc:
+            out.print("[bold red]verify failed:[/]")
+            out.print(str(exc), markup=False, soft_wrap=True)
+            return False
 
 
 def _escape(text: str) -> str:

@@ -90,7 +90,7 @@ def verdict_is_problem(verdict: str) -> bool:
 
 def region_table(prog: Any, title: str = "captured program: one row per region call") -> Table:
     """The captured program's regions (placements, local shapes, per-rank costs, check verdict) and totals."""
-    from localmap.program.draw import _num, _pl
+    from localmap.program.draw import short_number, short_placements
 
     table = Table(title=title, title_justify="left", show_footer=True)
     totals = prog.totals()
@@ -99,17 +99,17 @@ def region_table(prog: Any, title: str = "captured program: one row per region c
     table.add_column("source", footer=f"{totals['regions']} regions", no_wrap=True)
     table.add_column("in -> out placements")
     table.add_column("local in shapes")
-    table.add_column("fwd flops", justify="right", footer=_num(totals["flops_forward"]))
-    table.add_column("bwd flops", justify="right", footer=_num(totals["flops_backward"]))
-    table.add_column("saved B", justify="right", footer=_num(totals["activation_bytes"]))
-    table.add_column("comm B", justify="right", footer=_num(totals["comm_bytes"]))
+    table.add_column("fwd flops", justify="right", footer=short_number(totals["flops_forward"]))
+    table.add_column("bwd flops", justify="right", footer=short_number(totals["flops_backward"]))
+    table.add_column("saved B", justify="right", footer=short_number(totals["activation_bytes"]))
+    table.add_column("comm B", justify="right", footer=short_number(totals["comm_bytes"]))
     table.add_column("check", footer=f"{checked}/{len(prog.regions)} ok")
     for r in prog.regions:
         table.add_row(
             r.name, _short_source(r.source),
-            " ".join(_pl(p) for p in r.in_placements) + " -> " + " ".join(_pl(p) for p in r.out_placements),
+            " ".join(short_placements(p) for p in r.in_placements) + " -> " + " ".join(short_placements(p) for p in r.out_placements),
             " ".join("x".join(map(str, s)) if s else "-" for s in r.local_in_shapes),
-            _num(r.flops["forward"]), _num(r.flops["backward"]), _num(r.activation_bytes), _num(r.comm_bytes),
+            short_number(r.flops["forward"]), short_number(r.flops["backward"]), short_number(r.activation_bytes), short_number(r.comm_bytes),
             f"[{verdict_style(r.verdict)}]{_escape(short_verdict(r.verdict))}[/]",
         )
     return table

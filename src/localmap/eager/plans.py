@@ -106,7 +106,7 @@ def check_input_leaf(plan: InputPlan, args: tuple, flat: Sequence[Any], i: int, 
         spec = normalize_shard_dims(spec, a.ndim, path, "in_placements", mesh)
         if a.placements != spec:
             if not redistribute:
-                dim = next(m for m, (p, q) in enumerate(zip(a.placements, spec)) if p != q)
+                dim = next(m for m, (p, q) in enumerate(zip(a.placements, spec, strict=True)) if p != q)
                 raise fail(path, "has placements that differ from in_placements", mesh=mesh, mesh_dim=dim,
                            expected=placements_str(spec), given=placements_str(a.placements),
                            fix="pass redistribute_inputs=True, or call .redistribute(...) first")

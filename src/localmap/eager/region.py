@@ -26,6 +26,8 @@ import torch
 from torch.distributed.tensor import DeviceMesh, DTensor
 from torch.distributed.tensor.placement_types import Placement, Replicate
 
+from localmap.check.checker import enforce
+from localmap.check.function import check_function
 from localmap.compat import local_tensor_of, make_dtensor, pytree, spec_of, wait_local
 from localmap.context import pop_region_mesh, push_region_mesh, recorder
 from localmap.eager.autograd import from_local_shards, to_local_shards
@@ -38,6 +40,8 @@ from localmap.eager.uneven import is_uneven_spec, uneven_mesh_dims
 from localmap.errors import body_error, fail
 from localmap.placements.algebra import extreme_grad_error, grad_default, has_extreme
 from localmap.placements.specs import leaf_path, resolve_input_specs, validate_spec_argument
+from localmap.traced.frontend import call_reference, call_traced
+from localmap.traced.operator import is_deferring
 
 PLAN_CACHE_LIMIT = 64  # argument (or output) structures remembered per region
 VERDICT_CACHE_LIMIT = 256  # input metadata whose check verdict is remembered per region
@@ -96,9 +100,6 @@ class RegionCallable:
 
     def _call_plain(self, args: tuple, kwargs: dict, flat: Sequence[Any]) -> Any:
         """No DTensor argument: a region node while capturing, a recorded reference in verify, else fn."""
-        from localmap.traced.frontend import call_reference, call_traced
-        from localmap.traced.operator import is_deferring
-
         if is_deferring():
             return call_traced(self, args, kwargs)
         references = recorder("reference")
@@ -225,16 +226,12 @@ class RegionCallable:
         plan.verdict = hit
         verdict = hit[1]
         if not verdict.ok:
-            from localmap.check.checker import enforce
-
             enforce(verdict, self.check)
         return verdict.grad_placements if self.in_grad_placements is None else None  # None when unchecked
 
     def _check_body(self, plan: InputPlan, flat: Sequence[Any], treespec: Any, checked: list, mesh: DeviceMesh,
                     kwargs: dict) -> Any:
         """Trace and check the body on these inputs' local metadata (a verdict cache miss)."""
-        from localmap.check.checker import check_function
-
         args = tuple(flat) if treespec is None else pytree.tree_unflatten(list(flat), treespec)
         check_grad_ranges(plan, args, flat, mesh)
         leaves = list(flat)

@@ -87,4 +87,4 @@ def even_global_shape(shape: Sequence[Any], placements: Sequence[Placement],
 def like_stride(shape: Sequence[Any], stride: Sequence[Any]) -> tuple[Any, ...]:
     """Dense strides for `shape` in the dim order of `stride`, keeping broadcast (0) strides as 0."""
     dense = dense_stride(shape, stride)
-    return tuple(0 if s == 0 and n != 1 else d for s, n, d in zip(stride, shape, dense))
+    return tuple(0 if s == 0 and n != 1 else d for s, n, d in zip(stride, shape, dense, strict=True))

@@ -94,7 +94,7 @@ def _broadcast(spec: Any, value: Any, path: str, name: str) -> list[LeafSpec]:
                        expected=f"{len(value)} specs, or one spec for all of {path}", given=len(spec),
                        fix=f"give one spec per element of {path}, or a single list of placements")
         out: list[LeafSpec] = []
-        for i, (s, v) in enumerate(zip(spec, value)):
+        for i, (s, v) in enumerate(zip(spec, value, strict=True)):
             out.extend(_broadcast(s, v, f"{path}[{i}]", name))
         return out
     if isinstance(value, dict) and isinstance(spec, dict):
@@ -125,7 +125,7 @@ def resolve_input_specs(in_placements: Sequence[Any], args: tuple, num_leaves: i
                    given=len(in_placements),
                    fix="give one spec per positional argument; use None for non-tensor arguments")
     out: list[LeafSpec] = []
-    for i, (s, a) in enumerate(zip(in_placements, args)):
+    for i, (s, a) in enumerate(zip(in_placements, args, strict=True)):
         out.extend(_broadcast(s, a, f"args[{i}]", name))
     return tuple(out)
 

@@ -25,7 +25,7 @@ from localmap.compat import pytree
 from localmap.context import recording
 from localmap.errors import LocalMapError, fail
 from localmap.traced.build import tag_phase
-from localmap.traced.meta import ROLE, SOURCE, kwargs_of, role_of
+from localmap.traced.meta import SOURCE, kwargs_of, role_of
 from localmap.traced.operator import defer_inlining, local_map_hop
 
 
@@ -189,7 +189,7 @@ def _joint(call: Callable) -> Callable:
         if want and loss.requires_grad:
             found = torch.autograd.grad(loss, [primals[i] for i in want], [tangents[0].to(loss.dtype)],
                                         allow_unused=True)
-            for i, g in zip(want, found):
+            for i, g in zip(want, found, strict=True):
                 grads[i] = g
         tag_phase(_compat.current_trace_graph())  # and what autograd added is the backward
         return (loss, *grads)
@@ -228,7 +228,7 @@ def _regions(forward: fx.GraphModule, backward: fx.GraphModule | None, records: 
     uses: dict[str, int] = {}
     regions: list[Region] = []
     producers: dict[fx.Node, tuple[Region, int]] = {}
-    for node, record in zip(fw_nodes, records):
+    for node, record in zip(fw_nodes, records, strict=True):
         body, graphs = record["body"], record["graphs"]
         kwargs = kwargs_of(body)
         info = body.meta.get(SOURCE, {"name": "region", "source": "<direct call>"})
@@ -317,6 +317,3 @@ def _meta(node: Any) -> Any:
 def _shape(val: Any) -> list | None:
     return [int(s) if not isinstance(s, torch.SymInt) else str(s) for s in val.shape] \
         if isinstance(val, torch.Tensor) else None
-
-
-__all__ = ["capture", "CapturedProgram", "Region", "ROLE"]

@@ -14,14 +14,14 @@ from localmap.errors import fail
 from localmap.traced.operator import local_map_hop
 
 
-def _pl(placements: Any) -> str:
+def short_placements(placements: Any) -> str:
     if placements is None:
         return "-"
     short = {"Replicate()": "R", "Partial(sum)": "P"}
     return "(" + ",".join(short.get(repr(p), repr(p).replace("Shard(dim=", "S(")) for p in placements) + ")"
 
 
-def _num(x: float) -> str:
+def short_number(x: float) -> str:
     for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(x) >= scale:
             return f"{x / scale:.1f}{unit}"
@@ -35,14 +35,14 @@ def report(prog: Any) -> str:
     for r in prog.regions:
         rows.append((
             r.name, r.source,
-            " ".join(_pl(p) for p in r.in_placements) + " -> " + " ".join(_pl(p) for p in r.out_placements),
+            " ".join(short_placements(p) for p in r.in_placements) + " -> " + " ".join(short_placements(p) for p in r.out_placements),
             " ".join("x".join(map(str, s)) if s else "-" for s in r.local_in_shapes),
-            _num(r.flops["forward"]), _num(r.flops["backward"]), _num(r.activation_bytes), _num(r.comm_bytes),
+            short_number(r.flops["forward"]), short_number(r.flops["backward"]), short_number(r.activation_bytes), short_number(r.comm_bytes),
             r.verdict if len(r.verdict) < 60 else r.verdict[:57] + "...",
         ))
     t = prog.totals()
-    rows.append(("total", f"{t['regions']} regions", "", "", _num(t["flops_forward"]), _num(t["flops_backward"]),
-                 _num(t["activation_bytes"]), _num(t["comm_bytes"]),
+    rows.append(("total", f"{t['regions']} regions", "", "", short_number(t["flops_forward"]), short_number(t["flops_backward"]),
+                 short_number(t["activation_bytes"]), short_number(t["comm_bytes"]),
                  f"{sum(r.verdict == 'ok' for r in prog.regions)}/{len(prog.regions)} ok"))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
@@ -65,8 +65,8 @@ def to_dot(prog: Any) -> str:
             continue
         if node.op == "call_function" and node.target is local_map_hop and node.name in regions:
             r = regions[node.name]
-            label = (f"{r.name}\\n{r.source}\\nin {' '.join(_pl(p) for p in r.in_placements)}"
-                     f"\\nout {' '.join(_pl(p) for p in r.out_placements)}"
+            label = (f"{r.name}\\n{r.source}\\nin {' '.join(short_placements(p) for p in r.in_placements)}"
+                     f"\\nout {' '.join(short_placements(p) for p in r.out_placements)}"
                      f"\\nlocal {' '.join('x'.join(map(str, s)) for s in r.local_in_shapes if s)}")
             lines.append(f'  "{node.name}" [shape=box, style="filled,rounded", fillcolor="#dbe9f6", '
                          f'label="{_esc(label)}"];')

@@ -81,7 +81,7 @@ class _MeshInterpreter(fx.Interpreter):
         local_args = {}
         for r, coord in enumerate(coords):
             pieces = [_like(split(a, p, mesh_shape, coord), t)
-                      for a, p, t in zip(inputs, kwargs["in_placements"], traced)]
+                      for a, p, t in zip(inputs, kwargs["in_placements"], traced, strict=True)]
             local_args[coord] = [s.values[r] for s in saved] + [x / k if k != 1 else x
                                                                 for x, k in zip(pieces, scales)]
         try:

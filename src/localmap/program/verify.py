@@ -52,7 +52,7 @@ def _reference(fn: Any, args: tuple, kwargs: dict) -> tuple[Any, dict, list]:
         want.update({_arg_name(args, kwargs, i): t for i, t in enumerate(leaves)
                      if isinstance(t, torch.Tensor) and t.requires_grad})
         grads = torch.autograd.grad(loss, list(want.values()), allow_unused=True) if want else []
-    return loss.detach(), {n: g for n, g in zip(want, grads) if g is not None}, records
+    return loss.detach(), {n: g for n, g in zip(want, grads, strict=True) if g is not None}, records
 
 
 def _arg_name(args: tuple, kwargs: dict, index: int) -> str:

@@ -119,7 +119,7 @@ def _build(body: fx.GraphModule, args: Sequence[Any], kwargs: dict, partition: s
         with fake_mode:
             fakes = [fake_mode.from_tensor(a) if isinstance(a, torch.Tensor) and not _compat.is_fake(a) else a
                      for a in args]
-            primals = [to_local_fake(a, p, mesh) for a, p in zip(fakes, in_placements)]
+            primals = [to_local_fake(a, p, mesh) for a, p in zip(fakes, in_placements, strict=True)]
             with _compat.ignore_fresh_unbacked(fake_mode), torch.enable_grad():
                 probe = run_graph(body, primals)
             tangent_idx = tuple(i for i, o in enumerate(probe) if isinstance(o, torch.Tensor) and o.requires_grad)
@@ -142,7 +142,7 @@ def _build(body: fx.GraphModule, args: Sequence[Any], kwargs: dict, partition: s
             if tangent_idx and grad_idx:
                 found = torch.autograd.grad([outs[i] for i in tangent_idx], [primals[i] for i in grad_idx],
                                             tangents, allow_unused=True)
-                for i, g in zip(grad_idx, found):
+                for i, g in zip(grad_idx, found, strict=True):
                     grads[i] = g
             inputs = {_compat.storage_key(p) for p in primals if isinstance(p, torch.Tensor)}
             outs = tuple(o.clone() if isinstance(o, torch.Tensor) and _compat.storage_key(o) in inputs else o
@@ -289,5 +289,5 @@ def _annotate(graphs: RegionGraphs, kwargs: dict, args: Sequence[Any]) -> None:
         # An input held as Partial('avg') whose gradient is Replicate there: each local piece carries 1/n of
         # the value, so its gradient is n times the local one (as the eager path scales it).
         "grad_scales": tuple(avg_grad_scale(p, g, kwargs["device_mesh"])
-                             for p, g in zip(kwargs["in_placements"], grad_placements(kwargs))),
+                             for p, g in zip(kwargs["in_placements"], grad_placements(kwargs), strict=True)),
     })

@@ -13,12 +13,15 @@ from typing import Any
 import torch
 
 from localmap import compat as _compat
+from localmap.check.checker import enforce
+from localmap.check.function import check_function
 from localmap.context import default_mesh, enclosing_region_mesh, in_region
 from localmap.sites import caller_site
 from localmap.compat import pytree
 from localmap.errors import LocalMapError, body_error, fail
 from localmap.traced.graphs import mesh_coordinate, trace_body
 from localmap.traced.meta import SOURCE, set_region_meta
+from localmap.traced.operator import local_map_hop
 from localmap.placements.shapes import is_uneven, like_stride, local_shape
 from localmap.placements.specs import (
     check_non_tensor_leaf, check_output_leaf, check_spec_for_mesh, leaf_path, normalize_shard_dims, placements_str,
@@ -29,7 +32,7 @@ from localmap.placements.specs import (
 def _leaf_specs(spec_arg: Any, name: str, args: tuple, flat: list, mesh: Any) -> list:
     specs = resolve_input_specs(spec_arg, args, len(flat), name)
     out = []
-    for i, (a, s) in enumerate(zip(flat, specs)):
+    for i, (a, s) in enumerate(zip(flat, specs, strict=True)):
         if isinstance(a, torch.Tensor):
             if s is None:
                 raise fail(leaf_path("args", args, i), f"is a tensor but its {name} spec is None",
@@ -61,8 +64,45 @@ def _uneven(a: torch.Tensor, placements: Any, mesh: Any) -> bool:
 
 def call_traced(region: Any, args: tuple, kwargs: dict) -> Any:
     """Trace the region's function into a body and call the operator on the global arguments."""
-    from localmap.traced.operator import local_map_hop
+    mesh = _traced_mesh(region)
+    flat, treespec = pytree.tree_flatten(args)
+    specs = _leaf_specs(region.in_placements, "in_placements", args, flat, mesh)
+    grads = None
+    if region.in_grad_placements is not None:
+        grads = _leaf_specs(region.in_grad_placements, "in_grad_placements", args, flat, mesh)
+    inputs = [i for i, a in enumerate(flat) if isinstance(a, (torch.Tensor, torch.SymInt))]
+    hop_args = [flat[i] for i in inputs]
+    local = _local_fakes(hop_args, [specs[i] for i in inputs], mesh)
+    body, out = _trace_region_body(region, args, kwargs, inputs, local, mesh)
+    verdict = None
+    if region.check is not False:
+        check_leaves = list(flat)
+        for i, v in zip(inputs, local, strict=True):
+            check_leaves[i] = v
+        verdict = check_function(region.func, check_leaves, specs, region.out_placements, grads, mesh, treespec,
+                                 kwargs)
+        enforce(verdict, region.check)
+        if grads is None and verdict.grad_placements is not None:  # inferred from the body
+            grads = list(verdict.grad_placements)
+    flat_out, out_tree = pytree.tree_flatten(out)
+    out_specs = resolve_output_specs(region.out_placements, out, len(flat_out))
+    tensor_specs = [p for p in (check_output_leaf(out, i, o, s, mesh)
+                                for i, (o, s) in enumerate(zip(flat_out, out_specs, strict=True))) if p is not None]
+    set_region_meta(body, {
+        "in_placements": tuple(specs[i] for i in inputs),
+        "out_placements": tuple(tensor_specs),
+        "in_grad_placements": None if grads is None else tuple(grads[i] for i in inputs),
+        "device_mesh": mesh,
+    })
+    body.meta[SOURCE] = {"name": getattr(region.func, "__name__", "region"), "source": caller_site(),
+                         "verdict": "unchecked" if verdict is None else verdict.summary()}
+    results = iter(local_map_hop(body, *hop_args))
+    return pytree.tree_unflatten(
+        [next(results) if isinstance(o, torch.Tensor) else o for o in flat_out], out_tree)
 
+
+def _traced_mesh(region: Any) -> Any:
+    """The region's mesh when traced: its own, else the enclosing region's, else the default (use_mesh)."""
     outer = enclosing_region_mesh()
     mesh = region.device_mesh or outer or default_mesh()
     if outer is not None and mesh is not outer and mesh != outer:
@@ -75,29 +115,32 @@ def call_traced(region: Any, args: tuple, kwargs: dict) -> Any:
     if region.in_placements is None:
         raise fail("in_placements", "are needed to trace a region on plain tensors", given=None,
                    fix="give one spec per argument, e.g. in_placements=([Shard(0)], [Replicate()])")
-    flat, treespec = pytree.tree_flatten(args)
-    specs = _leaf_specs(region.in_placements, "in_placements", args, flat, mesh)
-    grads = None
-    if region.in_grad_placements is not None:
-        grads = _leaf_specs(region.in_grad_placements, "in_grad_placements", args, flat, mesh)
-    inputs = [i for i, a in enumerate(flat) if isinstance(a, (torch.Tensor, torch.SymInt))]
-    hop_args = [flat[i] for i in inputs]
+    return mesh
 
-    # Local metadata is read here, where the arguments may still be wrapped (functionalization, torch.func
-    # transforms); the body is then traced in isolation on fresh fakes, without autograd (its backward is
-    # built later from the body graph).
-    fake_mode = _compat.detect_fake_mode(hop_args) or _compat.new_fake_mode()
+
+def _local_fakes(values: list, placements: list, mesh: Any) -> list:
+    """Fresh fakes of this rank's shards of the operator's arguments (SymInts pass through).
+
+    Local metadata is read here, where the arguments may still be wrapped (functionalization, torch.func
+    transforms); the body is then traced in isolation on the fresh fakes, without autograd (its backward is
+    built later from the body graph)."""
+    fake_mode = _compat.detect_fake_mode(values) or _compat.new_fake_mode()
     coordinate = mesh_coordinate(mesh)
-    local_meta = [_local_meta(a, specs[i], mesh, coordinate) for i, a in zip(inputs, hop_args)]
+    local_meta = [_local_meta(a, p, mesh, coordinate) for a, p in zip(values, placements, strict=True)]
     with _compat.isolated_tracing(), fake_mode:
-        local = [torch.empty_strided(m[0], m[1], dtype=m[2], device=m[3]) if isinstance(m, tuple) else m
-                 for m in local_meta]
+        return [torch.empty_strided(m[0], m[1], dtype=m[2], device=m[3]) if isinstance(m, tuple) else m
+                for m in local_meta]
 
+
+def _trace_region_body(region: Any, args: tuple, kwargs: dict, inputs: list[int], local: list,
+                       mesh: Any) -> tuple[Any, Any]:
+    """The region's function traced into a body graph on the local fakes, and its (traced) output."""
+    flat, treespec = pytree.tree_flatten(args)
     traced: dict[str, Any] = {}
 
     def body_fn(*local_inputs: Any) -> tuple:
         leaves = list(flat)
-        for i, v in zip(inputs, local_inputs):
+        for i, v in zip(inputs, local_inputs, strict=True):
             leaves[i] = v
         with in_region(mesh):
             out = region.func(*pytree.tree_unflatten(leaves, treespec), **kwargs)
@@ -110,37 +153,7 @@ def call_traced(region: Any, args: tuple, kwargs: dict) -> Any:
         raise
     except Exception as e:  # a PyTorch error inside the body: name the region and the line
         raise body_error(region.func, e, "tracing its body") from e
-    verdict = None
-    if region.check is not False:
-        from localmap.check.checker import check_function, enforce
-
-        check_leaves = list(flat)
-        for i, v in zip(inputs, local):
-            check_leaves[i] = v
-        verdict = check_function(region.func, check_leaves, specs, region.out_placements, grads, mesh, treespec,
-                                 kwargs)
-        enforce(verdict, region.check)
-        if grads is None and verdict.grad_placements is not None:  # inferred from the body
-            grads = list(verdict.grad_placements)
-    out = traced["out"]
-    flat_out, out_tree = pytree.tree_flatten(out)
-    out_specs = resolve_output_specs(region.out_placements, out, len(flat_out))
-    tensor_specs = []
-    for i, (o, s) in enumerate(zip(flat_out, out_specs, strict=True)):
-        placements = check_output_leaf(out, i, o, s, mesh)
-        if placements is not None:
-            tensor_specs.append(placements)
-    set_region_meta(body, {
-        "in_placements": tuple(specs[i] for i in inputs),
-        "out_placements": tuple(tensor_specs),
-        "in_grad_placements": None if grads is None else tuple(grads[i] for i in inputs),
-        "device_mesh": mesh,
-    })
-    body.meta[SOURCE] = {"name": getattr(region.func, "__name__", "region"), "source": caller_site(),
-                         "verdict": "unchecked" if verdict is None else verdict.summary()}
-    results = iter(local_map_hop(body, *hop_args))
-    return pytree.tree_unflatten(
-        [next(results) if isinstance(o, torch.Tensor) else o for o in flat_out], out_tree)
+    return body, traced["out"]
 
 
 def _local_meta(value: Any, placements: Any, mesh: Any, coordinate: list[int]) -> Any:

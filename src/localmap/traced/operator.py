@@ -36,8 +36,6 @@ from localmap.traced.build import RegionGraphs, build_region
 from localmap.traced.graphs import run_graph, to_global_fake, to_local_fake
 from localmap.traced.meta import KWARGS, ROLE, kwargs_of, region_kwargs, role_of
 
-__all__ = ["local_map_hop", "defer_inlining", "is_deferring", "LocalMapHOP"]
-
 
 # ---- defer_inlining: per thread, nestable -------------------------------------------------------------------
 
@@ -172,7 +170,7 @@ def _run_local(gm: fx.GraphModule, args: tuple, mode: FakeTensorMode) -> tuple:
     skip = role["num_activations"] if role["role"] == "backward" else 0
     region_kwargs(gm, len(args) - skip)
     local_args = list(args[:skip]) + [
-        to_local_fake(a, p, mesh) for a, p in zip(args[skip:], kwargs["in_placements"])]
+        to_local_fake(a, p, mesh) for a, p in zip(args[skip:], kwargs["in_placements"], strict=True)]
     outs = _outputs_from_cache(gm, local_args)
     if outs is None:
         with _compat.ignore_fresh_unbacked(mode):
@@ -256,7 +254,7 @@ class _RegionFunction(torch.autograd.Function):
         graphs: RegionGraphs = ctx.graphs
         tensors, symbols = iter(ctx.saved_tensors), iter(ctx.symbols)
         saved = [next(tensors) if is_tensor else next(symbols) for is_tensor in ctx.layout]
-        tangents = [_coerce(grads[i], s) for i, s in zip(graphs.tangent_outputs, graphs.tangent_strides)]
+        tangents = [_coerce(grads[i], s) for i, s in zip(graphs.tangent_outputs, graphs.tangent_strides, strict=True)]
         with _compat.below_autograd():
             input_grads = local_map_hop(graphs.backward, *saved, *tangents)
         return (None, *input_grads)

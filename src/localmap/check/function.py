@@ -1,0 +1,168 @@
+"""Checking a Python function: its body traced once per input metadata on fake local tensors (softmax, layer
+norm and RMS norm decomposed so the reductions inside them get types), then typed by ``check_graph``.
+
+Verdicts are cached per (function, input metadata, placements), so steady-state calls pay a dictionary lookup.
+A body the tracer cannot follow still runs: it is reported unchecked (with a warning), never "ok".
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+from torch.distributed.tensor.placement_types import Shard
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from localmap import compat
+from localmap.check.checker import Verdict, check_graph
+from localmap.check.mutation import check_no_input_mutation
+from localmap.compat import pytree
+from localmap.context import in_region
+from localmap.errors import LocalMapError
+from localmap.placements.specs import leaf_path, resolve_output_specs
+
+_DECOMPOSE: dict | None = None
+
+
+def _decompositions() -> dict:
+    global _DECOMPOSE
+    if _DECOMPOSE is None:
+        _DECOMPOSE = compat.check_decompositions()
+    return _DECOMPOSE
+
+
+_cache: dict[Any, tuple[Any, Verdict]] = {}
+_lock = threading.Lock()
+VERDICT_CACHE_LIMIT = 1024  # verdicts remembered (cleared when full)
+_checked = 0  # bodies actually traced and checked (not served from the cache)
+
+
+def cache_info() -> dict[str, int]:
+    """Bodies traced and checked since the process started, and verdicts cached now."""
+    with _lock:
+        return {"bodies_checked": _checked, "verdicts_cached": len(_cache)}
+
+
+def clear_cache() -> None:
+    with _lock:
+        _cache.clear()
+
+
+def _meta(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return ("T", tuple(int(s) for s in _plain(value).shape), value.dtype)
+    if isinstance(value, (int, float, bool, str, type(None))):
+        return ("V", value)
+    return ("O", id(value))
+
+
+def check_function(fn: Callable, local_args: Sequence[Any], leaf_specs: Sequence[Any], out_placements: Any,
+                   given_grads: Sequence[Any] | None, mesh: Any, treespec: Any, kwargs: dict,
+                   uneven: frozenset = frozenset()) -> Verdict:
+    """Trace `fn` on fake copies of `local_args` (flat leaves) and check it; cached."""
+    global _checked
+    key = None
+    try:
+        key = (id(fn), tuple(_meta(a) for a in local_args), repr(leaf_specs), repr(out_placements),
+               repr(given_grads), id(mesh), treespec, repr(sorted(kwargs.items())) if kwargs else "", uneven)
+        hash(key)
+    except TypeError:
+        key = None
+    if key is not None:
+        with _lock:
+            hit = _cache.get(key)
+        if hit is not None and hit[0] is fn:
+            return hit[1]
+    inputs = [i for i, a in enumerate(local_args) if isinstance(a, torch.Tensor)]
+    try:
+        gm, out = _trace(fn, local_args, inputs, mesh, treespec, kwargs)
+    except LocalMapError:
+        raise
+    except Exception as e:  # a body the tracer cannot follow still runs; it just is not checked
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+        warnings.warn(f"local_map: the body of {getattr(fn, '__name__', fn)!r} could not be traced for the "
+                      f"placement check ({reason}); it runs unchecked and its gradient placements are not "
+                      "inferred. Pass check=False to silence this.", stacklevel=4)
+        verdict = Verdict(grad_placements=None, unchecked=reason)
+    else:
+        verdict = _check_traced(gm, out, local_args, inputs, leaf_specs, out_placements, given_grads, mesh,
+                                treespec, uneven)
+        _checked += 1
+    if key is not None:
+        with _lock:
+            if len(_cache) >= VERDICT_CACHE_LIMIT:
+                _cache.clear()
+            _cache[key] = (fn, verdict)
+    return verdict
+
+
+def _trace(fn: Callable, local_args: Sequence[Any], inputs: list[int], mesh: Any, treespec: Any,
+           kwargs: dict) -> tuple[fx.GraphModule, Any]:
+    """The body traced on fresh fakes of the tensor leaves (decomposed, stack traces kept), and its output."""
+    leaves = list(local_args)
+    traced: dict[str, Any] = {}
+
+    def body(*tensors: Any) -> tuple:
+        for i, t in zip(inputs, tensors, strict=True):
+            leaves[i] = t
+        with in_region(mesh):
+            out = fn(*pytree.tree_unflatten(leaves, treespec), **kwargs)
+        traced["out"] = out
+        return tuple(o for o in pytree.tree_leaves(out) if isinstance(o, torch.Tensor))
+
+    compat.register_trace_anchor(fn)
+    tensors = [local_args[i] for i in inputs]
+    fake_mode = compat.detect_fake_mode(tensors) or compat.new_fake_mode()
+    with compat.isolated_tracing():
+        with fake_mode:
+            fakes = [torch.empty_strided(tuple(int(s) for s in _plain(a).shape), _plain(a).stride(),
+                                         dtype=a.dtype, device="meta" if a.is_meta else "cpu") for a in tensors]
+        with compat.ignore_fresh_unbacked(fake_mode):
+            gm = make_fx(body, decomposition_table=_decompositions(), tracing_mode="fake",
+                         record_stack_traces=True)(*fakes)
+    return gm, traced["out"]
+
+
+def _check_traced(gm: fx.GraphModule, out: Any, local_args: Sequence[Any], inputs: list[int],
+                  leaf_specs: Sequence[Any], out_placements: Any, given_grads: Sequence[Any] | None, mesh: Any,
+                  treespec: Any, uneven: frozenset) -> Verdict:
+    """The traced body's verdict; gradient placements per leaf (None for non-tensors)."""
+    tree = pytree.tree_unflatten(list(local_args), treespec)
+    in_paths = [leaf_path("args", tree, i) for i in inputs]
+    check_no_input_mutation(gm, in_paths)  # before the body runs for real: its inputs are the caller's shards
+    flat_out = pytree.tree_leaves(out)
+    specs = resolve_output_specs(out_placements, out, len(flat_out))
+    # Malformed claims (wrong length, Shard dim out of range) are left to the spec checks, which name them.
+    claims = [_normalized(s, o.ndim, mesh.ndim) for o, s in zip(flat_out, specs) if isinstance(o, torch.Tensor)]
+    out_paths = [leaf_path("outputs", out, k) for k, o in enumerate(flat_out) if isinstance(o, torch.Tensor)]
+    given = None if given_grads is None else [
+        _normalized(given_grads[i], local_args[i].ndim, mesh.ndim) for i in inputs]
+    with compat.isolated_tracing():  # symbolic size arithmetic must not reach an outer trace
+        verdict = check_graph(gm, [leaf_specs[i] for i in inputs], claims, mesh, given, out_paths, in_paths,
+                              uneven)
+    grads: list[Any] = [None] * len(local_args)
+    for i, g in zip(inputs, verdict.grad_placements, strict=True):
+        grads[i] = g
+    verdict.grad_placements = tuple(grads)
+    return verdict
+
+
+def _normalized(claim: Any, ndim: int, mesh_ndim: int) -> Any:
+    if claim is None or len(claim) != mesh_ndim:
+        return None
+    out = []
+    for p in claim:
+        if isinstance(p, Shard):
+            if not -ndim <= p.dim < ndim:
+                return None
+            p = Shard(p.dim % ndim) if ndim else p
+        out.append(p)
+    return tuple(out)
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """Rank 0's tensor of a simulated (LocalTensor) value; the tensor itself otherwise."""
+    return compat.simulated_local(t)[0] if compat.is_simulated(t) else t
