@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # torch is pinned to the CPU build first: a bare range could pull a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test fuzz bench clean graphviz
+.PHONY: demo test test-torch fuzz bench clean graphviz
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -33,15 +33,26 @@ demo: $(VENV)/.installed graphviz
 test: $(VENV)/.installed-test graphviz
 	$(PY) -m pytest -q
 
+# The same suite on another PyTorch release, in its own venv (.venv-torch-X.Y.Z): `make test-torch` runs it on
+# 2.14.1 (a CUDA build from this machine's disk, about 5.5 GB installed; it runs on the CPU), and
+# `make test-torch TORCH=torch==2.15.0` on any other pinned release.
+ifeq ($(origin TORCH),command line)
+OTHER_TORCH := $(TORCH)
+else
+OTHER_TORCH := torch==2.14.1
+endif
+test-torch:
+	$(MAKE) test VENV=.venv-$(subst ==,-,$(OTHER_TORCH)) TORCH=$(OTHER_TORCH)
+
 # The property tests with 2,000 random cases (make test runs 200); prints how many ran. LOCALMAP_FUZZ_EXAMPLES
 # sets the count, LOCALMAP_FUZZ_SEED=N draws another fixed sequence, LOCALMAP_FUZZ_SHRINK=1
 # shrinks a failure to a small example.
 FUZZ_EXAMPLES ?= 2000
 fuzz: $(VENV)/.installed-test
-	LOCALMAP_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -s -p no:logging --timeout=3600 tests/test_properties.py
+	LOCALMAP_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -s -p no:logging --timeout=3600 tests/check/test_properties.py
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_eager.py
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache
+	rm -rf $(VENV) .venv-torch-* build src/*.egg-info .pytest_cache

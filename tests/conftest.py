@@ -1,3 +1,19 @@
+"""Shared fixtures for every test folder (unit, eager, traced, check, program, distributed, cli).
+
+Mesh fixtures say what kind of mesh they give:
+
+* ``sim_mesh_*``: a simulated mesh (``localmap.testing.simulated_mesh``, PyTorch's LocalTensorMode): every rank
+  is run in this process and holds real values;
+* ``fake_mesh_*``: a mesh over the fake process group (``localmap.testing.fake_mesh``), for tracing only: any
+  size, no values.
+
+The suffix is the mesh shape; a 2-D or larger mesh has named dims (2x2: ``dp, tp``; 8x8x4x8: ``dp, tp, cp, ep``),
+a 1-D fake mesh is named ``tp`` and a 1-D simulated mesh is unnamed.
+
+``slow``: tests that spawn real gloo processes (every test in tests/distributed/); deselect with
+``-m "not slow"``.
+"""
+
 import os
 import sys
 
@@ -5,16 +21,48 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from localmap.testing import simulated_mesh  # noqa: E402
+from localmap.testing import fake_mesh, simulated_mesh  # noqa: E402
 
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: spawns real processes (gloo); deselect with -m 'not slow'")
+
+
+# ---- simulated meshes: values on every rank -----------------------------------------------------------------
 
 @pytest.fixture
-def mesh1d():
+def sim_mesh_4():
     with simulated_mesh(4) as mesh:
         yield mesh
 
 
 @pytest.fixture
-def mesh2d():
+def sim_mesh_2x2():
     with simulated_mesh((2, 2), ("dp", "tp")) as mesh:
+        yield mesh
+
+
+# ---- fake meshes: tracing only, no values -------------------------------------------------------------------
+
+@pytest.fixture
+def fake_mesh_1():
+    with fake_mesh(1, ("tp",)) as mesh:
+        yield mesh
+
+
+@pytest.fixture
+def fake_mesh_4():
+    with fake_mesh(4, ("tp",)) as mesh:
+        yield mesh
+
+
+@pytest.fixture
+def fake_mesh_2x2():
+    with fake_mesh((2, 2), ("dp", "tp")) as mesh:
+        yield mesh
+
+
+@pytest.fixture
+def fake_mesh_8x8x4x8():
+    with fake_mesh((8, 8, 4, 8), ("dp", "tp", "cp", "ep")) as mesh:
         yield mesh

@@ -1,13 +1,15 @@
-"""Shared test helpers: run a region on DTensors and compare values and gradients with one device."""
+"""Shared test helpers: run a region on DTensors and compare values and gradients with one device; expect a
+LocalMapError of the documented shape (``expect_error``, the error catalogue's one helper)."""
 
 from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
+import pytest
 import torch
 from torch.distributed.tensor import Partial, Placement, Replicate, Shard
 
-from localmap import local_map
+from localmap import LocalMapError, local_map
 from localmap.testing import distribute, full, on_one_device
 
 S0, S1, R, P = Shard(0), Shard(1), Replicate(), Partial()
@@ -72,3 +74,23 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     """max_diff scaled by the reference's magnitude (at least 1), for values that grow large."""
     with on_one_device():
         return max_diff(a, b) / max(1.0, b.detach().abs().max().item() if b.numel() else 0.0)
+
+
+def expect_error(fn: Callable[[], Any], path: str, contains: tuple[str, ...] = (),
+                 error: type[BaseException] = LocalMapError) -> LocalMapError:
+    """Call `fn`, which must raise `error` (LocalMapError, or a documented subclass or base such as ValueError or
+    the original type of a wrapped body error); the exception must be a LocalMapError whose message's first line
+    is ``local_map: ...`` naming `path`, which contains every fragment of `contains`, and which has a line
+    starting with ``  fix:`` (every LocalMapError says how to fix it). Returns the exception."""
+    with pytest.raises(error) as info:
+        fn()
+    err = info.value
+    assert isinstance(err, LocalMapError), f"{type(err).__name__} is not a LocalMapError: {err}"
+    msg = str(err)
+    lines = msg.splitlines()
+    assert lines and lines[0].startswith("local_map: "), msg
+    assert path in lines[0], f"path {path!r} not named on the first line of:\n{msg}"
+    for fragment in contains:
+        assert fragment in msg, f"{fragment!r} not in:\n{msg}"
+    assert any(line.startswith("  fix:") for line in lines[1:]), f"no fix line in:\n{msg}"
+    return err

@@ -11,7 +11,10 @@ import sys
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytest.importorskip("click")  # the CLI is an optional extra (pip install 'localmap[cli]')
+pytest.importorskip("rich")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 
 
 def _cmd(*args):
@@ -77,6 +80,7 @@ def test_demo_simulated_mesh_matches_one_device(tmp_path):
     assert "<svg" in svg.read_text()
 
 
+@pytest.mark.slow  # real gloo processes
 def test_demo_gloo_processes_match_one_device():
     res = _run("demo", "--launcher", "gloo", "--mesh", "1x2", "--layers", "1", "--steps", "2")
     assert res.returncode == 0, res.stdout + res.stderr

@@ -1,9 +1,12 @@
 """torch.compile(fullgraph=True) of a function calling localmap.local_map on DTensors runs under gloo (2 ranks)
 and gives the same values and gradients as eager."""
 
+import pytest
 import torch
 
 from localmap.testing import run_gloo
+
+pytestmark = pytest.mark.slow
 
 
 def _compiled_vs_eager(mesh):

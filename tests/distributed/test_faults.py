@@ -10,6 +10,8 @@ import torch
 
 from localmap.testing import GlooError, run_gloo
 
+pytestmark = pytest.mark.slow
+
 BOUND = 4.0  # seconds a rank may wait for a peer in a collective
 RUN_LIMIT = 90.0  # the whole run, spawning included
 

@@ -7,6 +7,8 @@ import torch
 
 from localmap.testing import GlooError, run_gloo
 
+pytestmark = pytest.mark.slow
+
 
 def _tp_mlp(mesh):
     """A tensor-parallel MLP from two regions, on every rank: returns the largest differences."""

@@ -56,30 +56,30 @@ def mul(a, b):
 
 
 @pytest.mark.parametrize("case", list(_cases(MATMUL, 1)))
-def test_matmul_1d(mesh1d, case):
+def test_matmul_1d(sim_mesh_4, case):
     ins, out, grads = case
-    check_region(mesh1d, matmul, [randn(8, 12), randn(12, 16)], ins, out, grads)
+    check_region(sim_mesh_4, matmul, [randn(8, 12), randn(12, 16)], ins, out, grads)
 
 
 @pytest.mark.parametrize("case", list(_cases(MATMUL, 2)))
-def test_matmul_2d(mesh2d, case):
+def test_matmul_2d(sim_mesh_2x2, case):
     ins, out, grads = case
-    check_region(mesh2d, matmul, [randn(8, 12), randn(12, 16)], ins, out, grads)
+    check_region(sim_mesh_2x2, matmul, [randn(8, 12), randn(12, 16)], ins, out, grads)
 
 
 @pytest.mark.parametrize("case", list(_cases(ELEMENTWISE, 1)))
-def test_elementwise_1d(mesh1d, case):
+def test_elementwise_1d(sim_mesh_4, case):
     ins, out, grads = case
-    check_region(mesh1d, mul, [randn(8, 12), randn(8, 12)], ins, out, grads)
+    check_region(sim_mesh_4, mul, [randn(8, 12), randn(8, 12)], ins, out, grads)
 
 
 @pytest.mark.parametrize("case", list(_cases(ELEMENTWISE, 2)))
-def test_elementwise_2d(mesh2d, case):
+def test_elementwise_2d(sim_mesh_2x2, case):
     ins, out, grads = case
-    check_region(mesh2d, mul, [randn(8, 12), randn(8, 12)], ins, out, grads)
+    check_region(sim_mesh_2x2, mul, [randn(8, 12), randn(8, 12)], ins, out, grads)
 
 
-def test_replicated_weight_gradient_needs_partial(mesh2d):
+def test_replicated_weight_gradient_needs_partial(sim_mesh_2x2):
     """A weight Replicate on 'tp' used with activations sharded on 'tp': its gradient is a partial sum.
 
     Given as [Partial()] on that dim it is right; left out (in_grad_placements=None) it is inferred as Partial
@@ -88,20 +88,20 @@ def test_replicated_weight_gradient_needs_partial(mesh2d):
     from localmap.check.checker import PlacementError
 
     x, w = randn(8, 12), randn(12, 16)
-    check_region(mesh2d, matmul, [x, w], [(R, S0), (R, R)], (R, S0), [(R, S0), (R, P)])
-    diffs = check_region(mesh2d, matmul, [x, w], [(R, S0), (R, R)], (R, S0), None,
+    check_region(sim_mesh_2x2, matmul, [x, w], [(R, S0), (R, R)], (R, S0), [(R, S0), (R, P)])
+    diffs = check_region(sim_mesh_2x2, matmul, [x, w], [(R, S0), (R, R)], (R, S0), None,
                          expected_grads=[(R, S0), (R, P)])
     assert diffs["grad1"] < 1e-5
     with pytest.raises(PlacementError, match="in_grad_placements for args\\[1\\].*partial sum"):
-        check_region(mesh2d, matmul, [x, w], [(R, S0), (R, R)], (R, S0), [(R, S0), (R, R)])
+        check_region(sim_mesh_2x2, matmul, [x, w], [(R, S0), (R, R)], (R, S0), [(R, S0), (R, R)])
     # Ranks then disagree on a "replicated" value (the simulation refuses to reconcile it) or it is wrong.
     with pytest.raises(AssertionError, match="differs from single-device|must be the same"):
-        check_region(mesh2d, matmul, [x, w], [(R, S0), (R, R)], (R, S0), [(R, S0), (R, R)], check=False)
+        check_region(sim_mesh_2x2, matmul, [x, w], [(R, S0), (R, R)], (R, S0), [(R, S0), (R, R)], check=False)
 
 
-def test_nonlinear_elementwise(mesh2d):
+def test_nonlinear_elementwise(sim_mesh_2x2):
     body = lambda a, b: torch.tanh(a) * b + a.exp()  # noqa: E731
-    check_region(mesh2d, body, [randn(8, 12), randn(8, 12)], [(S0, S1), (S0, S1)], (S0, S1),
+    check_region(sim_mesh_2x2, body, [randn(8, 12), randn(8, 12)], [(S0, S1), (S0, S1)], (S0, S1),
                  [(S0, S1), (S0, S1)])
-    check_region(mesh2d, body, [randn(8, 12), randn(12)], [(S0, R), (R, R)], (S0, R),
+    check_region(sim_mesh_2x2, body, [randn(8, 12), randn(12)], [(S0, R), (R, R)], (S0, R),
                  [(S0, R), (P, R)])

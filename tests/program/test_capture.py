@@ -28,25 +28,13 @@ class Loss(nn.Module):
         return self.inner(x).pow(2).mean()
 
 
-@pytest.fixture
-def mesh2d():
-    with fake_mesh((2, 2), ("dp", "tp")) as mesh:
-        yield mesh
-
-
-@pytest.fixture
-def mesh4():
-    with fake_mesh(4, ("tp",)) as mesh:
-        yield mesh
-
-
 def hop_nodes(gm):
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is local_map_hop]
 
 
-def test_llama_block(mesh2d):
+def test_llama_block(fake_mesh_2x2):
     torch.manual_seed(0)
-    model, x = Loss(LlamaBlock(16, 4, 32, mesh2d)), torch.randn(4, 6, 16)
+    model, x = Loss(LlamaBlock(16, 4, 32, fake_mesh_2x2)), torch.randn(4, 6, 16)
     prog = localmap.capture(model, x)
     assert [r.name for r in prog.regions] == ["attention_core.0", "swiglu_mlp.0"]
     assert len(hop_nodes(prog.forward)) == 2 and len(hop_nodes(prog.backward)) == 2
@@ -80,9 +68,9 @@ def test_moe_block():
         localmap.verify(model, x)
 
 
-def test_region_used_twice_and_nested_modules(mesh2d):
+def test_region_used_twice_and_nested_modules(fake_mesh_2x2):
     torch.manual_seed(0)
-    model = Llama(vocab=32, dim=16, heads=4, hidden=32, layers=2, mesh=mesh2d)
+    model = Llama(vocab=32, dim=16, heads=4, hidden=32, layers=2, mesh=fake_mesh_2x2)
     tokens = torch.randint(0, 32, (4, 6))
     prog = localmap.capture(model, tokens)
     assert [r.name for r in prog.regions] == ["attention_core.0", "swiglu_mlp.0", "attention_core.1",
@@ -91,7 +79,8 @@ def test_region_used_twice_and_nested_modules(mesh2d):
     assert "blocks.0.w_up" in prog.input_names
     localmap.verify(model, tokens)
 
-    block = localmap.local_map(lambda a, w: torch.tanh(a @ w), [S0], ([S0], [R]), ([S0], [P]), mesh4_of(mesh2d))
+    block = localmap.local_map(lambda a, w: torch.tanh(a @ w), [S0], ([S0], [R]), ([S0], [P]),
+                               tp_submesh(fake_mesh_2x2))
 
     def twice(x, w):
         return block(block(x, w), w).sum()
@@ -102,13 +91,13 @@ def test_region_used_twice_and_nested_modules(mesh2d):
     localmap.verify(twice, x, w)
 
 
-def mesh4_of(mesh2d):
-    return mesh2d["tp"]
+def tp_submesh(mesh):
+    return mesh["tp"]
 
 
-def test_non_tensor_argument(mesh4):
+def test_non_tensor_argument(fake_mesh_4):
     scale = localmap.local_map(lambda a, k, name: a * k if name == "mul" else a + k, [S0], ([S0], None, None),
-                               device_mesh=mesh4)
+                               device_mesh=fake_mesh_4)
 
     def f(x, w):
         return scale(x @ w, 3, "mul").pow(2).sum()
@@ -119,19 +108,19 @@ def test_non_tensor_argument(mesh4):
     localmap.verify(f, x, w)
 
 
-def test_wrong_out_placements_is_named_by_check_and_verify(mesh2d):
+def test_wrong_out_placements_is_named_by_check_and_verify(fake_mesh_2x2):
     """Claiming Replicate on 'tp' for the MLP's partial sum: the check refuses it at capture; with the check
     off the run shows a wrong number and verify names the region."""
     from localmap import PlacementError
 
     torch.manual_seed(0)
-    block = LlamaBlock(16, 4, 32, mesh2d)
+    block = LlamaBlock(16, 4, 32, fake_mesh_2x2)
     x = torch.randn(4, 6, 16)
 
     def claim_replicate(check):
         block.mlp = localmap.local_map(
             block.mlp.region.func, out_placements=[S0, R], in_placements=([S0, R], [R, S1], [R, S1], [R, S0]),
-            in_grad_placements=([S0, P], [P, S1], [P, S1], [P, S0]), device_mesh=mesh2d, check=check)
+            in_grad_placements=([S0, P], [P, S1], [P, S1], [P, S0]), device_mesh=fake_mesh_2x2, check=check)
         return Loss(block)
 
     with pytest.raises(PlacementError, match=r"outputs: is a partial sum over the ranks but is claimed Replicate"
@@ -144,8 +133,8 @@ def test_wrong_out_placements_is_named_by_check_and_verify(mesh2d):
         localmap.verify(model, x)
 
 
-def test_wrong_gradient_placements_are_named_by_verify(mesh4):
-    mm = localmap.local_map(lambda a, w: a @ w, [S0], ([S0], [R]), ([S0], [R]), mesh4, check=False)
+def test_wrong_gradient_placements_are_named_by_verify(fake_mesh_4):
+    mm = localmap.local_map(lambda a, w: a @ w, [S0], ([S0], [R]), ([S0], [R]), fake_mesh_4, check=False)
 
     def f(x, w):
         return mm(x, w).pow(2).sum()
@@ -153,13 +142,13 @@ def test_wrong_gradient_placements_are_named_by_verify(mesh4):
     x, w = torch.randn(8, 4), torch.randn(4, 3, requires_grad=True)
     with pytest.raises(VerificationError, match=r"region <lambda>\.0 .* gradient of input 1 differs"):
         localmap.verify(f, x, w)
-    inferred = localmap.local_map(lambda a, w: a @ w, [S0], ([S0], [R]), device_mesh=mesh4)
+    inferred = localmap.local_map(lambda a, w: a @ w, [S0], ([S0], [R]), device_mesh=fake_mesh_4)
     localmap.verify(lambda x, w: inferred(x, w).pow(2).sum(), x, w)  # inferred: Partial, right
 
 
-def test_costs(mesh4):
-    up = localmap.local_map(lambda a, w: a @ w, [S1], ([R], [S1]), ([P], [S1]), device_mesh=mesh4)
-    down = localmap.local_map(lambda h: h * 2, [R], ([R],), device_mesh=mesh4)  # needs an all-gather of h
+def test_costs(fake_mesh_4):
+    up = localmap.local_map(lambda a, w: a @ w, [S1], ([R], [S1]), ([P], [S1]), device_mesh=fake_mesh_4)
+    down = localmap.local_map(lambda h: h * 2, [R], ([R],), device_mesh=fake_mesh_4)  # needs an all-gather of h
 
     def f(x, w):
         return down(up(x, w)).sum()
@@ -173,9 +162,9 @@ def test_costs(mesh4):
     assert first.activation_bytes == 8 * 16 * 4  # x saved for w's gradient
 
 
-def test_report_json_dot_svg(mesh2d, tmp_path):
+def test_report_json_dot_svg(fake_mesh_2x2, tmp_path):
     torch.manual_seed(0)
-    prog = localmap.capture(Loss(LlamaBlock(16, 4, 32, mesh2d)), torch.randn(4, 6, 16))
+    prog = localmap.capture(Loss(LlamaBlock(16, 4, 32, fake_mesh_2x2)), torch.randn(4, 6, 16))
     text = prog.report()
     assert "attention_core.0" in text and "swiglu_mlp.0" in text and "total" in text and "2/2 ok" in text
     data = json.loads(prog.to_json())
@@ -193,8 +182,8 @@ def test_report_json_dot_svg(mesh2d, tmp_path):
             prog.save_svg(str(tmp_path / "program.svg"))
 
 
-def test_forward_only_and_errors(mesh4):
-    region = localmap.local_map(lambda a: a.relu(), [S0], ([S0],), device_mesh=mesh4)
+def test_forward_only_and_errors(fake_mesh_4):
+    region = localmap.local_map(lambda a: a.relu(), [S0], ([S0],), device_mesh=fake_mesh_4)
     prog = localmap.capture(lambda x: region(x) * 2, torch.randn(8, 4), backward=False)
     assert prog.backward is None and prog.regions[0].backward is None
     assert torch.allclose(prog.run(torch.ones(8, 4)).loss[0], torch.full((8, 4), 2.0))
@@ -202,11 +191,11 @@ def test_forward_only_and_errors(mesh4):
         localmap.capture(lambda x: region(x), torch.randn(8, 4, requires_grad=True))
 
 
-def test_use_mesh_sets_the_default(mesh4):
+def test_use_mesh_sets_the_default(fake_mesh_4):
     region = localmap.local_map(lambda a: a * 2, [S0], ([S0],))
-    with localmap.use_mesh(mesh4):
+    with localmap.use_mesh(fake_mesh_4):
         prog = localmap.capture(lambda x: region(x).sum(), torch.randn(8, 4, requires_grad=True))
-    assert prog.regions[0].mesh is mesh4 and prog.regions[0].local_in_shapes == [[2, 4]]
+    assert prog.regions[0].mesh is fake_mesh_4 and prog.regions[0].local_in_shapes == [[2, 4]]
     with pytest.raises(LocalMapError, match="use_mesh"):
         localmap.capture(lambda x: region(x).sum(), torch.randn(8, 4, requires_grad=True))
 

@@ -47,6 +47,8 @@ class Verdict:
     grad_placements: tuple | None = ()  # per input leaf: inferred placements (None entries for non-tensors)
     output_types: list = field(default_factory=list)
     unchecked: str | None = None  # why the body could not be traced for the check (then nothing is inferred)
+    function: str = "region"  # the checked function's name, for messages
+    warned: bool = field(default=False, compare=False)  # warnings of this verdict were shown (once each)
 
     @property
     def ok(self) -> bool:
@@ -279,13 +281,30 @@ def _compare(claim: Placement, got: Any, mesh: Any, m: int) -> tuple[str, str] |
     return None
 
 
+CHECK_MODES = (True, False, "warn", "strict")
+
+
 def enforce(verdict: Verdict, mode: Any) -> None:
-    """Raise the first problem (check=True) or warn once per verdict (check='warn')."""
-    if verdict.ok or mode is False or verdict.unchecked:
+    """Act on a verdict by the region's check mode: True raises the first problem, "warn" warns once per
+    verdict, False does nothing. A body that could not be traced is never called ok: it warns (once), and is an
+    error in "strict" mode (``spmd_types=True``), which accepts only a checked body."""
+    if mode is False or (verdict.ok and not verdict.unchecked):
+        return
+    if verdict.unchecked:
+        if mode == "strict":
+            raise fail(f"region {verdict.function!r}", "could not be traced for the placement check, which "
+                       "spmd_types=True (check='strict') requires", given=verdict.unchecked,
+                       fix="make the body traceable (no Python control flow on tensor values), or pass "
+                           "check=True to run it unchecked with a warning")
+        if not verdict.warned:
+            verdict.warned = True
+            warnings.warn(f"local_map: the body of {verdict.function!r} could not be traced for the placement "
+                          f"check ({verdict.unchecked}); it runs unchecked and its gradient placements are not "
+                          "inferred. Pass check=False to silence this.", stacklevel=4)
         return
     if mode == "warn":
-        if not getattr(verdict, "_warned", False):
-            verdict._warned = True  # type: ignore[attr-defined]
+        if not verdict.warned:
+            verdict.warned = True
             for p in verdict.problems:
                 warnings.warn(str(p), stacklevel=4)
         return

@@ -8,13 +8,11 @@ A body the tracer cannot follow still runs: it is reported unchecked (with a war
 from __future__ import annotations
 
 import threading
-import warnings
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
 from torch.distributed.tensor.placement_types import Shard
-from torch.fx.experimental.proxy_tensor import make_fx
 
 from localmap import compat
 from localmap.check.checker import Verdict, check_graph
@@ -83,10 +81,7 @@ def check_function(fn: Callable, local_args: Sequence[Any], leaf_specs: Sequence
         raise
     except Exception as e:  # a body the tracer cannot follow still runs; it just is not checked
         reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
-        warnings.warn(f"local_map: the body of {getattr(fn, '__name__', fn)!r} could not be traced for the "
-                      f"placement check ({reason}); it runs unchecked and its gradient placements are not "
-                      "inferred. Pass check=False to silence this.", stacklevel=4)
-        verdict = Verdict(grad_placements=None, unchecked=reason)
+        verdict = Verdict(grad_placements=None, unchecked=reason, function=getattr(fn, "__name__", str(fn)))
     else:
         verdict = _check_traced(gm, out, local_args, inputs, leaf_specs, out_placements, given_grads, mesh,
                                 treespec, uneven)
@@ -121,7 +116,7 @@ def _trace(fn: Callable, local_args: Sequence[Any], inputs: list[int], mesh: Any
             fakes = [torch.empty_strided(tuple(int(s) for s in _plain(a).shape), _plain(a).stride(),
                                          dtype=a.dtype, device="meta" if a.is_meta else "cpu") for a in tensors]
         with compat.ignore_fresh_unbacked(fake_mode):
-            gm = make_fx(body, decomposition_table=_decompositions(), tracing_mode="fake",
+            gm = compat.make_fx(body, decomposition_table=_decompositions(), tracing_mode="fake",
                          record_stack_traces=True)(*fakes)
     return gm, traced["out"]
 

@@ -59,10 +59,44 @@ def _as_spec(val: torch.Tensor, t: Type, mesh: Any, local: bool = False) -> Any:
 
 def propagate(node: fx.Node, in_types: list, mesh: Any, types: dict) -> Any:
     """Output type(s) of `node` from DTensor's sharding strategies; None when DTensor has no strategy."""
+    asked = _ask_dtensor(node, mesh, types)
+    if asked is None:
+        return None
+    sharding, given = asked
+    wanted = given
+    if sharding.needs_redistribute and sharding.redistribute_schema is not None:
+        wanted = [s for s in pytree.tree_leaves(sharding.redistribute_schema.args_schema)
+                  if isinstance(s, compat.DTensorSpec)]
+    # Mesh dims where every input is Replicate: ranks along them hold the same inputs, so the (deterministic)
+    # op gives the same result there, whatever strategy DTensor picks (it may pick a free Replicate -> Shard
+    # chunk on such a dim, as torch 2.14's cat does, which is no sign that the local op is wrong).
+    whole = {m for m in range(mesh.ndim) if all(isinstance(t[m], Replicate) for t in in_types if t is not None)}
+    broken: set[int] = set()  # mesh dims where the local op is not the shard of the global op
+    for g, w in zip(given, wanted):
+        broken.update(m for m, (a, b) in enumerate(zip(g.placements, w.placements, strict=True))
+                      if a != b and m not in whole)
+    for m in sorted(broken):
+        if any(isinstance(g.placements[m], Partial) for g in given):
+            raise RuleError(
+                f"{op_name(node)} cannot take a Partial value as it is (it is not linear in it, or mixes it "
+                f"with a value that is not a partial sum)",
+                "all_reduce the partial value first, or keep the computation linear", m)
+    out = sharding.output_spec
+    results = [None if s is None else tuple(Replicate() if m in whole else VARYING if m in broken else p
+                                            for m, p in enumerate(s.placements))
+               for s in (out if isinstance(out, (tuple, list)) else (out,))]
+    return results if isinstance(out, (tuple, list)) else results[0]
+
+
+def _ask_dtensor(node: fx.Node, mesh: Any, types: dict) -> tuple[Any, list] | None:
+    """DTensor's sharding decision for `node` on specs of its inputs' types, and those specs; None when DTensor
+    cannot be asked (data-dependent sizes, a view of an empty tensor) or has no strategy."""
     local = node.target in _SIZE_ARG_OPS
     vals = [a.meta.get("val") for a in node.all_input_nodes]
     if compat.has_free_unbacked_symbols([(v.shape, v.stride()) for v in vals if isinstance(v, torch.Tensor)]):
         return None  # data-dependent sizes (tokens routed by an all_to_all): DTensor's strategies need real ones
+    if compat.view_rule_hangs(node.target, [v.shape for v in vals if isinstance(v, torch.Tensor)]):
+        return None
 
     def as_schema(a: Any) -> Any:
         if isinstance(a, fx.Node):
@@ -72,8 +106,6 @@ def propagate(node: fx.Node, in_types: list, mesh: Any, types: dict) -> Any:
             return val
         return a
 
-    if compat.view_rule_hangs(node.target, [v.shape for v in vals if isinstance(v, torch.Tensor)]):
-        return None
     args = pytree.tree_map(as_schema, node.args)
     kwargs = pytree.tree_map(as_schema, dict(node.kwargs))
     try:
@@ -81,29 +113,7 @@ def propagate(node: fx.Node, in_types: list, mesh: Any, types: dict) -> Any:
             sharding = compat.propagate_sharding(node.target, args, kwargs)
     except Exception:  # no strategy for this op (or one that cannot take these inputs)
         return None
-    given = [s for s in pytree.tree_leaves(args) if isinstance(s, compat.DTensorSpec)]
-    wanted = given
-    if sharding.needs_redistribute and sharding.redistribute_schema is not None:
-        wanted = [s for s in pytree.tree_leaves(sharding.redistribute_schema.args_schema)
-                  if isinstance(s, compat.DTensorSpec)]
-    broken: set[int] = set()  # mesh dims where the local op is not the shard of the global op
-    for g, w in zip(given, wanted):
-        broken.update(m for m, (a, b) in enumerate(zip(g.placements, w.placements)) if a != b)
-    for m in sorted(broken):
-        if any(isinstance(g.placements[m], Partial) for g in given):
-            raise RuleError(
-                f"{op_name(node)} cannot take a Partial value as it is (it is not linear in it, or mixes it "
-                f"with a value that is not a partial sum)",
-                "all_reduce the partial value first, or keep the computation linear", m)
-    out = sharding.output_spec
-    specs = out if isinstance(out, (tuple, list)) else (out,)
-    results = []
-    for s in specs:
-        if s is None:
-            results.append(None)
-            continue
-        results.append(tuple(VARYING if m in broken else p for m, p in enumerate(s.placements)))
-    return results if isinstance(out, (tuple, list)) else results[0]
+    return sharding, [s for s in pytree.tree_leaves(args) if isinstance(s, compat.DTensorSpec)]
 
 
 def conservative(node: fx.Node, in_types: list, mesh: Any) -> Type:

@@ -1,6 +1,7 @@
 """The command line, ``localmap demo`` and ``localmap inspect`` (also ``python -m localmap ...``): an optional
 extra. ``pip install localmap`` pulls in torch only; ``pip install 'localmap[cli]'`` adds click and rich, which
-the commands need (``localmap.cli.commands``). Without them the script says how to install them.
+the commands need (``localmap.cli.commands``), and numpy (torch warns on stderr at import without it). Without
+click or rich the script says how to install them.
 """
 
 from __future__ import annotations

@@ -71,8 +71,19 @@ def propagate_sharding(op: Any, args: Any, kwargs: dict) -> Any:
     prop = DTensor._op_dispatcher.sharding_propagator
     # Uncached: DTensor's cache keys on the arguments its runtime schema info marks static, which a schema
     # built here would not carry (a sum over dim 0 and over dim 1 would share an entry).
-    schema = OpSchema(op, tuple(args), dict(kwargs), schema_info=prop.op_to_schema_info.get(op))
+    schema = OpSchema(op, tuple(args), dict(kwargs), schema_info=_schema_info(prop, op))
     return prop.propagate_op_sharding_non_cached(schema)
+
+
+def _schema_info(prop: Any, op: Any) -> Any:
+    """An op's RuntimeSchemaInfo, looked up as DTensor's dispatcher does: ops registered with a whole-mesh
+    strategy keep it in ``op_to_schema_info``, ops registered with a single-mesh-dim strategy (torch 2.14 moved
+    aten.cat there, among others) in ``op_to_schema_info_for_single_dim_strategy``. Without it a list argument
+    (cat's tensors) is not flattened and DTensor's expansion finds no input strategies."""
+    info = prop.op_to_schema_info.get(op)
+    if info is None:
+        info = getattr(prop, "op_to_schema_info_for_single_dim_strategy", {}).get(op)
+    return info
 
 
 def quiet_fake_tensor_errors() -> Any:

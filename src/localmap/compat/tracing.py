@@ -33,6 +33,18 @@ def fast_apply(fn: type[torch.autograd.Function]) -> Any:
     return apply
 
 
+def make_fx(fn: Any, **kwargs: Any) -> Any:
+    """torch's make_fx, keeping ``detach`` as ``aten.detach`` in the graph.
+
+    From torch 2.14, make_fx called without a decomposition table rewrites ``detach`` to ``alias``, so a graph
+    that is differentiated again (a region's body, replayed under autograd to build its backward) loses the
+    user's gradient cuts; an explicit table, even an empty one, keeps them (torch 2.13 always kept them)."""
+    from torch.fx.experimental.proxy_tensor import make_fx as torch_make_fx
+
+    kwargs.setdefault("decomposition_table", {})
+    return torch_make_fx(fn, **kwargs)
+
+
 def op_schema(target: Any) -> Any:
     """The schema of an aten op (its arguments' alias and mutation facts); None for other targets."""
     return target._schema if isinstance(target, OpOverload) else None

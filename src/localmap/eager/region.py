@@ -26,7 +26,7 @@ import torch
 from torch.distributed.tensor import DeviceMesh, DTensor
 from torch.distributed.tensor.placement_types import Placement, Replicate
 
-from localmap.check.checker import enforce
+from localmap.check.checker import CHECK_MODES, enforce
 from localmap.check.function import check_function
 from localmap.compat import local_tensor_of, make_dtensor, pytree, spec_of, wait_local
 from localmap.context import pop_region_mesh, push_region_mesh, recorder
@@ -55,9 +55,10 @@ class RegionCallable:
         if not callable(func):
             raise fail("func", "is not callable", expected="a function (or module) to run on local shards",
                        given=type(func).__name__, fix="pass the function first: local_map(fn, out_placements, ...)")
-        if check not in (True, False, "warn"):
-            raise fail("check", "must be True, False or 'warn'", given=repr(check),
-                       fix="check=True raises PlacementError, 'warn' warns, False skips the check")
+        if check not in CHECK_MODES:
+            raise fail("check", "must be True, False, 'warn' or 'strict'", given=repr(check),
+                       fix="check=True raises PlacementError, 'warn' warns, False skips the check, 'strict' also "
+                           "refuses a body the check cannot trace")
         validate_spec_argument(in_placements, "in_placements")
         validate_spec_argument(in_grad_placements, "in_grad_placements")
         validate_spec_argument(out_placements, "out_placements")
@@ -225,7 +226,7 @@ class RegionCallable:
                     self._verdicts[key] = hit
         plan.verdict = hit
         verdict = hit[1]
-        if not verdict.ok:
+        if not verdict.ok or verdict.unchecked:
             enforce(verdict, self.check)
         return verdict.grad_placements if self.in_grad_placements is None else None  # None when unchecked
 
@@ -263,21 +264,30 @@ def local_map(
     device_mesh: DeviceMesh | None = None,
     *,
     redistribute_inputs: bool = False,
+    spmd_types: bool = False,
     check: bool | str = True,
 ) -> Callable:
     """Run ``func`` on the local shards of its DTensor arguments and wrap its outputs as DTensors.
 
-    Same signature and meaning as ``torch.distributed.tensor.experimental.local_map``; specs may also be
-    pytree prefixes of the arguments (see the README). Works as a decorator when ``func`` is None.
-    ``check`` (True, "warn" or False) type-checks the body against the placements and, when
-    ``in_grad_placements`` is None, infers the gradient placements (see the README).
+    Same signature and meaning as ``torch.distributed.tensor.experimental.local_map`` (PyTorch 2.14's, with
+    ``redistribute_inputs`` and ``spmd_types``); specs may also be pytree prefixes of the arguments (see the
+    README). Works as a decorator when ``func`` is None. ``check`` (True, "warn", "strict" or False) type-checks
+    the body against the placements and, when ``in_grad_placements`` is None, infers the gradient placements.
+    ``spmd_types=True`` asks for a typed body: localmap's own check in its strict mode (``check="strict"``: a
+    wrong claim raises, and so does a body the check cannot trace); it needs no extra package.
     """
     if func is None:
         return functools.partial(
             local_map, out_placements=out_placements, in_placements=in_placements,
             in_grad_placements=in_grad_placements, device_mesh=device_mesh,
-            redistribute_inputs=redistribute_inputs, check=check,
+            redistribute_inputs=redistribute_inputs, spmd_types=spmd_types, check=check,
         )
+    if spmd_types:
+        if check in (False, "warn"):
+            raise fail("spmd_types", f"asks for a typed body but check={check!r} turns the check off or down",
+                       given=f"spmd_types=True, check={check!r}",
+                       fix="drop check= (spmd_types=True means check='strict'), or drop spmd_types")
+        check = "strict"
     region = RegionCallable(func, out_placements, in_placements, in_grad_placements, device_mesh,
                             redistribute_inputs, check)
 

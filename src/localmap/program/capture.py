@@ -17,7 +17,6 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 from torch.distributed.device_mesh import DeviceMesh
-from torch.fx.experimental.proxy_tensor import make_fx
 
 from localmap import compat as _compat
 from localmap.program import cost as _cost
@@ -166,11 +165,11 @@ def _trace(call: Callable, primals: list, backward: bool, fake_mode: Any) -> tup
         if backward:
             with fake_mode:
                 seed = torch.ones((), dtype=torch.float32)  # d(loss)/d(loss): the backward's one input
-            joint = make_fx(_joint(call), tracing_mode="fake")(primals, [seed])
+            joint = _compat.make_fx(_joint(call), tracing_mode="fake")(primals, [seed])
             forward, backward_gm = _compat.joint_partition(joint, [primals, [seed]], 1)
         else:
             with torch.no_grad():
-                forward = make_fx(lambda inputs: call(inputs), tracing_mode="fake")(primals)
+                forward = _compat.make_fx(lambda inputs: call(inputs), tracing_mode="fake")(primals)
             joint, backward_gm = None, None
     return forward, backward_gm, joint, records
 

@@ -21,7 +21,6 @@ from typing import Any, Sequence
 import torch
 import torch.fx as fx
 import torch.fx.traceback as fx_traceback
-from torch.fx.experimental.proxy_tensor import make_fx
 
 from localmap import compat as _compat
 from localmap.errors import fail
@@ -151,7 +150,7 @@ def _build(body: fx.GraphModule, args: Sequence[Any], kwargs: dict, partition: s
             return (*outs, *grads)
 
         with fx_traceback.preserve_node_meta(), _compat.ignore_fresh_unbacked(fake_mode):
-            joint_gm = make_fx(joint, tracing_mode="fake")(primals, tangents)
+            joint_gm = _compat.make_fx(joint, tracing_mode="fake")(primals, tangents)
         _compat.copy_forward_meta_to_backward(joint_gm)
         _clean_checkpoint_tags(joint_gm, num_outputs)
         if not tangent_idx:

@@ -12,11 +12,10 @@ import torch
 import torch.fx as fx
 from torch.distributed.tensor import DeviceMesh
 from torch.distributed.tensor.placement_types import Placement
-from torch.fx.experimental.proxy_tensor import make_fx
 
 from localmap import compat as _compat
 from localmap.check.mutation import check_no_input_mutation
-from localmap.errors import LocalMapError
+from localmap.errors import fail
 from localmap.placements.shapes import even_global_shape, like_stride, local_shape
 
 
@@ -24,7 +23,9 @@ def mesh_coordinate(mesh: DeviceMesh) -> list[int]:
     """This rank's coordinate; tracing on a fake process group happens as rank 0 (documented)."""
     coord = mesh.get_coordinate()
     if coord is None:
-        raise LocalMapError("local_map: this rank is not part of the region's device_mesh")
+        raise fail("device_mesh", "does not hold this rank, so it has no shard to trace",
+                   given=f"mesh ranks {mesh.mesh.flatten().tolist()}",
+                   fix="call the region on ranks of its mesh, or give it a mesh that holds this rank")
     return list(coord)
 
 
@@ -60,6 +61,6 @@ def trace_body(fn: Callable[..., tuple], local_inputs: Sequence[Any],
     with _compat.isolated_tracing():
         fake_mode = _compat.detect_fake_mode(local_inputs)
         with _compat.ignore_fresh_unbacked(fake_mode):
-            gm = make_fx(fn, tracing_mode="fake")(*local_inputs)
+            gm = _compat.make_fx(fn, tracing_mode="fake")(*local_inputs)
     check_no_input_mutation(gm, paths)
     return gm

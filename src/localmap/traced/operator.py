@@ -30,7 +30,7 @@ from localmap.compat import (
 from localmap.check.mutation import check_no_input_mutation
 from localmap import context
 from localmap.context import recorder
-from localmap.errors import LocalMapError
+from localmap.errors import fail
 from localmap.placements.shapes import dense_stride
 from localmap.traced.build import RegionGraphs, build_region
 from localmap.traced.graphs import run_graph, to_global_fake, to_local_fake
@@ -61,7 +61,8 @@ def defer_inlining(partitioner: str = "min_cut") -> Iterator[None]:
     uses). Nestable; the innermost choice applies; restored on exit, also on error. Per thread.
     """
     if partitioner not in PARTITIONERS:
-        raise LocalMapError(f"local_map: defer_inlining: partitioner {partitioner!r} is not one of {PARTITIONERS}")
+        raise fail("defer_inlining", "partitioner is not one PyTorch has", expected=PARTITIONERS,
+                   given=repr(partitioner), fix="use 'min_cut' (recomputes cheap ops) or 'default' (saves them)")
     stack = context.stack("partitioners")
     stack.append(partitioner)
     try:
@@ -107,7 +108,7 @@ def _autograd(body: fx.GraphModule, *args: Any) -> tuple:
     if graphs is None:
         with _compat.below_autograd():
             return local_map_hop(body, *args)
-    return _RegionFunction.apply(graphs, *args)
+    return RegionGraphsFunction.apply(graphs, *args)
 
 
 @local_map_hop.py_functionalize_impl
@@ -231,7 +232,7 @@ def _coerce(grad: torch.Tensor, local_stride: tuple) -> torch.Tensor:
     return grad.new_empty_strided(grad.shape, want).copy_(grad)
 
 
-class _RegionFunction(torch.autograd.Function):
+class RegionGraphsFunction(torch.autograd.Function):
     """Runs a region's forward graph below autograd and its backward graph on the saved activations."""
 
     @staticmethod
