@@ -162,3 +162,29 @@ def test_the_walk_sees_what_it_must_refuse():
     edges, private = _walk(src)
     assert private == ["localmap.a:1 from torch._ops import OpOverload", "localmap.b:3 ._local_tensor"]
     assert _cycles(edges, src) == [["localmap.a", "localmap.b"]]
+
+
+MAX_FUNCTION_LINES = 60  # a function a newcomer reads in one screen
+
+
+def test_no_function_over_sixty_lines():
+    long = []
+    for module, tree in _modules().items():
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{module}.{node.name}: {lines} lines")
+    assert long == [], "functions over 60 lines:\n" + "\n".join(long)
+
+
+def test_no_module_level_all_after_definitions():
+    """``__all__`` of a module, where it has one, stands before its first definition (never mid-module)."""
+    late = []
+    for module, tree in _modules().items():
+        first_def = next((n.lineno for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))), None)
+        for n in tree.body:
+            if isinstance(n, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__" for t in n.targets):
+                if first_def is not None and n.lineno > first_def:
+                    late.append(f"{module}:{n.lineno}")
+    assert late == []

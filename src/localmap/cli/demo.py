@@ -1,7 +1,7 @@
 """``localmap demo``: train a small Llama-style model written with localmap regions on a mesh, step by step
 against the same model on one device, and show the captured program.
 
-The model is ``demo_model.DemoLlama`` (embedding, RMSNorm, attention whose core is a region over heads, a
+The model is ``localmap.models.demo.DemoLlama`` (embedding, RMSNorm, attention whose core is a region over heads, a
 mixture of experts in an expert-parallel region that dispatches tokens with all_to_all, a loss region). It is
 trained with plain SGD on DTensors on a (dp, tp) mesh, three ways:
 

@@ -141,8 +141,9 @@ class RegionCallable:
         return plan
 
     def _checked_inputs(self, plan: InputPlan, args: tuple, flat: Sequence[Any], dtensor_idx: list[int],
-                        mesh: DeviceMesh) -> tuple[list[tuple[int, DTensor, tuple[Placement, ...]]], bool]:
-        """(leaf index, DTensor to unwrap, gradient placements) per DTensor input, and whether any is uneven."""
+                        mesh: DeviceMesh) -> tuple[list[tuple[int, DTensor, tuple[Placement, ...], Any]], bool]:
+        """(leaf index, DTensor to unwrap, gradient placements, its DTensorSpec) per DTensor input, and whether
+        any is uneven."""
         specs, grad_specs = plan.specs, plan.fast_grad_specs
         checked = []
         uneven = False
@@ -154,11 +155,13 @@ class RegionCallable:
                 gp = grad_default(spec.placements) if grad_specs is None else grad_specs[i]
                 if gp is None:
                     a, gp = check_input_leaf(plan, args, flat, i, mesh, self.redistribute_inputs)
+                    spec = spec_of(a)
             else:
                 a, gp = check_input_leaf(plan, args, flat, i, mesh, self.redistribute_inputs)
+                spec = spec_of(a)  # redistributed, maybe
             if not uneven:
-                uneven = is_uneven_spec(spec_of(a))
-            checked.append((i, a, gp))
+                uneven = is_uneven_spec(spec)
+            checked.append((i, a, gp, spec))
         return checked, uneven
 
     def _to_locals(self, flat: Sequence[Any], checked: list, inferred: tuple | None) -> list:
@@ -168,7 +171,7 @@ class RegionCallable:
         grad_inputs: list[DTensor] = []
         grad_placements: list[tuple[Placement, ...]] = []
         track_grad = torch.is_grad_enabled()
-        for i, a, gp in checked:
+        for i, a, gp, _ in checked:
             if track_grad and a.requires_grad:
                 grad_idx.append(i)
                 grad_inputs.append(a)
@@ -215,13 +218,18 @@ class RegionCallable:
         """The body's placement check for these inputs (cached: steady-state calls pay one lookup); returns
         the inferred gradient placements per leaf when in_grad_placements is None."""
         hit = plan.verdict  # steady state: the same DTensor specs as last time on this plan
-        if hit is None or len(hit[0]) != len(checked) or any(
-                s is not spec_of(a) for s, (_, a, _) in zip(hit[0], checked)):
-            key = (id(plan), tuple(id(spec_of(a)) for _, a, _ in checked))
+        if hit is not None and len(hit[0]) == len(checked):
+            for s, c in zip(hit[0], checked):
+                if s is not c[3]:
+                    hit = None
+                    break
+        else:
+            hit = None
+        if hit is None:
+            key = (id(plan), tuple(id(c[3]) for c in checked))
             hit = self._verdicts.get(key)
-            if hit is None or any(s is not spec_of(a) for s, (_, a, _) in zip(hit[0], checked)):
-                hit = (tuple(spec_of(a) for _, a, _ in checked),
-                       self._check_body(plan, flat, treespec, checked, mesh, kwargs))
+            if hit is None or any(s is not c[3] for s, c in zip(hit[0], checked)):
+                hit = (tuple(c[3] for c in checked), self._check_body(plan, flat, treespec, checked, mesh, kwargs))
                 if len(self._verdicts) < VERDICT_CACHE_LIMIT:
                     self._verdicts[key] = hit
         plan.verdict = hit
@@ -241,11 +249,11 @@ class RegionCallable:
             if isinstance(a, torch.Tensor) and not isinstance(a, DTensor):
                 leaf_specs[i] = (plan.specs[i] if plan.specs is not None and plan.specs[i] is not None
                                  else tuple(Replicate() for _ in range(mesh.ndim)))
-        for i, a, _ in checked:
+        for i, a, _, _ in checked:
             leaves[i], leaf_specs[i] = local_tensor_of(a), tuple(a.placements)
         return check_function(self.func, leaves, leaf_specs, self.out_placements, plan.grad_specs, mesh,
                               treespec if treespec is not None else pytree.tree_flatten(tuple(flat))[1],
-                              kwargs, uneven_mesh_dims([a for _, a, _ in checked]))
+                              kwargs, uneven_mesh_dims([c[1] for c in checked]))
 
 
 def _check_kwargs(kwargs: dict) -> None:
