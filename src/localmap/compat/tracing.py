@@ -45,6 +45,15 @@ def make_fx(fn: Any, **kwargs: Any) -> Any:
     return torch_make_fx(fn, **kwargs)
 
 
+def is_data_dependent_error(e: BaseException) -> bool:
+    """Whether a trace stopped because a value decided control flow or a size (``if x.sum() > 0``, ``.item()``,
+    ``nonzero``): the errors fake tensors raise for that."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+
+    return isinstance(e, (GuardOnDataDependentSymNode, DataDependentOutputException, DynamicOutputShapeException))
+
+
 def op_schema(target: Any) -> Any:
     """The schema of an aten op (its arguments' alias and mutation facts); None for other targets."""
     return target._schema if isinstance(target, OpOverload) else None

@@ -22,7 +22,8 @@ from localmap import compat as _compat
 from localmap.program import cost as _cost
 from localmap.compat import pytree
 from localmap.context import recording
-from localmap.errors import LocalMapError, fail
+from localmap.errors import LocalMapError, fail, wrapped_error
+from localmap.sites import traceback_site
 from localmap.traced.build import tag_phase
 from localmap.traced.meta import SOURCE, kwargs_of, role_of
 from localmap.traced.operator import defer_inlining, local_map_hop
@@ -150,14 +151,24 @@ def capture(fn: Callable | torch.nn.Module, *args: Any, backward: bool = True, *
         forward, backward_gm, joint, records = _trace(call, primals, backward, fake_mode)
     except LocalMapError:
         raise
-    except Exception as e:  # e.g. control flow on tensor values, which a trace cannot follow
-        name = getattr(fn, "__qualname__", None) or type(fn).__name__
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise fail("capture", f"could not trace {name!r}: {type(e).__name__}: {first}"[:400],
-                   fix="capture needs a function a trace can follow: no Python control flow on tensor values "
-                       "(use torch.where), no .item()/.tolist() deciding what runs") from e
+    except Exception as e:
+        raise _trace_error(fn, e) from e
     regions = _regions(forward, backward_gm, records)
     return CapturedProgram(forward, backward_gm, joint, regions, input_names, module, call, treespec)
+
+
+def _trace_error(fn: Any, e: Exception) -> LocalMapError:
+    """What to raise when tracing `fn` failed: a value deciding control flow gets the hint to avoid it; any
+    other error is the original one, kept (type, message, traceback chained) and named by the line that raised."""
+    name = getattr(fn, "__qualname__", None) or type(fn).__name__
+    at = traceback_site(e.__traceback__)
+    if _compat.is_data_dependent_error(e):
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return fail("capture", f"could not trace {name!r}: a tensor's value decides what runs"
+                    + (f" at {at}" if at else "") + f" ({type(e).__name__}: {first})"[:300],
+                    fix="capture needs a function a trace can follow: no Python control flow on tensor values "
+                        "(use torch.where), no .item()/.tolist() deciding what runs")
+    return wrapped_error("capture", e, f"tracing {name!r}", at)
 
 
 def _trace(call: Callable, primals: list, backward: bool, fake_mode: Any) -> tuple:

@@ -7,7 +7,7 @@ difference is traced to the first region whose output (forward) or input gradien
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -19,21 +19,33 @@ from localmap.program.capture import capture
 from localmap.program.run import RunResult
 
 
+RTOL = 1e-4  # verify's default: a difference up to RTOL x the tensor's largest magnitude ...
+ATOL = 1e-5  # ... plus ATOL (for tensors that are all near zero) is rounding
+
+
 class VerificationError(LocalMapError):
     """The captured program's run differs from the reference, naming the first region and tensor that differ."""
 
 
 @dataclass
 class VerifyReport:
-    loss_diff: float
-    grad_diffs: dict[str, float]
+    """What verify compared. Differences are (largest absolute, largest relative to the reference's scale)."""
+
+    loss_diff: float  # absolute
+    grad_diffs: dict[str, float]  # input name -> largest absolute difference of its gradient
     regions_checked: int
-    disagreements: list[str]
+    disagreements: list[str]  # Replicate outputs whose ranks held different values
+    grad_rel_diffs: dict[str, float] = field(default_factory=dict)  # input name -> relative to the gradient's scale
+    region_diffs: dict[str, tuple[float, float]] = field(default_factory=dict)  # region -> (abs, rel), outputs
+    #                                                                            and input gradients together
+    rtol: float = RTOL
+    atol: float = ATOL
 
     def __str__(self) -> str:
         worst = max(self.grad_diffs.values(), default=0.0)
+        worst_rel = max(self.grad_rel_diffs.values(), default=0.0)
         return (f"verified: loss differs by {self.loss_diff:.2e}, {len(self.grad_diffs)} gradients by at most "
-                f"{worst:.2e}, {self.regions_checked} regions")
+                f"{worst:.2e} ({worst_rel:.1e} of their scale), {self.regions_checked} regions")
 
 
 def _reference(fn: Any, args: tuple, kwargs: dict) -> tuple[Any, dict, list]:
@@ -60,22 +72,35 @@ def _arg_name(args: tuple, kwargs: dict, index: int) -> str:
     return ("args" if getattr(path[0], "idx", 1) == 0 else "kwargs") + pytree.keystr(path[1:])
 
 
+def _scale(t: torch.Tensor) -> float:
+    """A tensor's scale: its largest magnitude."""
+    return t.detach().float().abs().max().item() if t.numel() else 0.0
+
+
+def _diffs(a: Any, b: Any) -> tuple[float, float]:
+    """(largest absolute difference, that divided by the reference's scale); inf when the shapes differ."""
+    if a.shape != b.shape:
+        return math.inf, math.inf
+    absolute = (a.detach().float() - b.detach().float()).abs().max().item() if a.numel() else 0.0
+    scale = _scale(b)
+    return absolute, (absolute / scale if scale else (0.0 if absolute == 0 else math.inf))
+
+
 def _differs(a: Any, b: Any, atol: float, rtol: float) -> bool:
+    """Whether `a` differs from reference `b` by more than atol + rtol * (b's scale) anywhere (a NaN differs).
+    Relative to the tensor's scale, not to each element: float32 rounding grows with the magnitudes summed, so a
+    small element of a large gradient carries the error of the large ones."""
     if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
         return False
-    return a.shape != b.shape or not torch.allclose(a.float(), b.float(), atol=atol, rtol=rtol)
+    absolute, _ = _diffs(a, b)
+    return not absolute <= atol + rtol * _scale(b)
 
 
-def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    if a.shape != b.shape:
-        return math.inf
-    return (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
-
-
-def verify(fn: Callable | torch.nn.Module, *args: Any, reference: Callable | None = None, atol: float = 1e-5,
-           rtol: float = 1e-4, **kwargs: Any) -> VerifyReport:
+def verify(fn: Callable | torch.nn.Module, *args: Any, reference: Callable | None = None, atol: float = ATOL,
+           rtol: float = RTOL, **kwargs: Any) -> VerifyReport:
     """Capture `fn`, run it as the mesh would, and compare loss and gradients with `reference` (default: `fn`
-    on one device with every region inlined). Raises VerificationError naming the first region that differs."""
+    on one device with every region inlined). A tensor matches when it differs by at most atol + rtol x its
+    largest magnitude. Raises VerificationError naming the first region that differs."""
     prog = capture(fn, *args, **kwargs)
     got = prog.run(*args, **kwargs)
     ref_loss, ref_grads, records = _reference(reference if reference is not None else fn, args, kwargs)
@@ -85,34 +110,61 @@ def verify(fn: Callable | torch.nn.Module, *args: Any, reference: Callable | Non
     for name, g in ref_grads.items():
         if name not in got.grads or _differs(got.grads[name], g, atol, rtol):
             problems.append(f"the gradient of {name}")
+    pairs = _region_pairs(prog, got, records)
+    grad_diffs = {n: _diffs(got.grads[n], g) for n, g in ref_grads.items() if n in got.grads}
     report = VerifyReport(
-        loss_diff=_max_diff(got.loss, ref_loss),
-        grad_diffs={n: _max_diff(got.grads[n], g) for n, g in ref_grads.items() if n in got.grads},
-        regions_checked=len(prog.regions), disagreements=got.disagreements)
+        loss_diff=_diffs(got.loss, ref_loss)[0], grad_diffs={n: d[0] for n, d in grad_diffs.items()},
+        regions_checked=len(prog.regions), disagreements=got.disagreements,
+        grad_rel_diffs={n: d[1] for n, d in grad_diffs.items()}, region_diffs=_region_diffs(pairs), rtol=rtol,
+        atol=atol)
     if not problems:
         return report
-    culprit = _first_region(prog, got, records, atol, rtol)
+    culprit = _first_region(pairs, atol, rtol)
     raise VerificationError(
         f"local_map: verify: {culprit}; as a result {problems[0]} differs"
         + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
         + ("\n  ranks disagree: " + "; ".join(got.disagreements) if got.disagreements else "")
-        + "\n  fix: check that region's out_placements / in_grad_placements against what its body computes",
+        + f"\n  given:    tolerance {atol:g} + {rtol:g} x each tensor's largest magnitude"
+        + "\n  fix:      check that region's out_placements / in_grad_placements against what its body computes",
         path=culprit)
 
 
-def _first_region(prog: Any, got: RunResult, records: list, atol: float, rtol: float) -> str:
-    if len(records) == len(prog.regions):
-        for region, record in zip(prog.regions, records):
-            for i, (mine, ref) in enumerate(zip(got.region_outputs.get(region.name, []), record["outputs"])):
-                if _differs(mine, ref, atol, rtol):
-                    return (f"region {region.name} ({region.source}) output {i} differs by "
-                            f"{_max_diff(mine, ref):.3g} (out_placements {region.out_placements[i]})")
-        for region, record in reversed(list(zip(prog.regions, records))):
-            mine_all = got.region_input_grads.get(region.name, [])
-            for j, flat_index in enumerate(record["tensor_inputs"]):
-                ref = record["input_grads"].get(flat_index)
-                mine = mine_all[j] if j < len(mine_all) else None
-                if ref is not None and mine is not None and _differs(mine, ref, atol, rtol):
-                    return (f"region {region.name} ({region.source}) gradient of input {j} differs by "
-                            f"{_max_diff(mine, ref):.3g} (in_grad_placements {region.in_grad_placements[j]})")
+def _region_pairs(prog: Any, got: RunResult, records: list) -> list[tuple[Any, str, int, Any, Any]]:
+    """(region, "output" or "gradient of input", index, the run's tensor, the reference's), outputs in program
+    order, then input gradients in backward order; none when the reference's regions do not line up."""
+    if len(records) != len(prog.regions):
+        return []
+    pairs = []
+    for region, record in zip(prog.regions, records, strict=True):
+        for i, (mine, ref) in enumerate(zip(got.region_outputs.get(region.name, []), record["outputs"])):
+            pairs.append((region, "output", i, mine, ref))
+    for region, record in reversed(list(zip(prog.regions, records, strict=True))):
+        mine_all = got.region_input_grads.get(region.name, [])
+        for j, flat_index in enumerate(record["tensor_inputs"]):
+            ref = record["input_grads"].get(flat_index)
+            mine = mine_all[j] if j < len(mine_all) else None
+            if isinstance(ref, torch.Tensor) and isinstance(mine, torch.Tensor):
+                pairs.append((region, "gradient of input", j, mine, ref))
+    return pairs
+
+
+def _region_diffs(pairs: list) -> dict[str, tuple[float, float]]:
+    """Per region, the largest absolute and relative differences over its outputs and input gradients."""
+    out: dict[str, tuple[float, float]] = {}
+    for region, _, _, mine, ref in pairs:
+        if isinstance(mine, torch.Tensor) and isinstance(ref, torch.Tensor):
+            absolute, relative = _diffs(mine, ref)
+            old = out.get(region.name, (0.0, 0.0))
+            out[region.name] = (max(old[0], absolute), max(old[1], relative))
+    return out
+
+
+def _first_region(pairs: list, atol: float, rtol: float) -> str:
+    for region, what, i, mine, ref in pairs:
+        if _differs(mine, ref, atol, rtol):
+            absolute, relative = _diffs(mine, ref)
+            claim = (f"out_placements {region.out_placements[i]}" if what == "output"
+                     else f"in_grad_placements {region.in_grad_placements[i]}")
+            return (f"region {region.name} ({region.source}) {what} {i} differs by {absolute:.3g} "
+                    f"({relative:.2g} of its scale) ({claim})")
     return "no single region differs on its own (check the code between regions)"
