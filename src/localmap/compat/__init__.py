@@ -29,8 +29,8 @@ from localmap.compat.simulation import (
 from localmap.compat.tracing import (
     DispatchKey, FakeTensorMode, HigherOrderOperator, OpOverload, ProxyTorchDispatchMode, below_autograd,
     check_decompositions, copy_forward_meta_to_backward, current_trace_graph, detect_fake_mode, fast_apply,
-    has_free_unbacked_symbols, ignore_fresh_unbacked, is_data_dependent_error, is_fake, isolated_tracing, joint_partition, make_fx, new_fake_mode,
-    op_schema, partitioner, plain_signature, register_cpu_attention_flops, register_trace_anchor, sac_active,
+    has_free_unbacked_symbols, ignore_fresh_unbacked, in_backward, is_data_dependent_error, is_fake, isolated_tracing, joint_partition, make_fx, new_fake_mode,
+    op_schema, own_node_meta, partitioner, plain_signature, register_cpu_attention_flops, register_trace_anchor, sac_active,
     sac_modes, storage_key, trace_lock, track_tensor_tree, without_saved_tensor_hooks,
 )
 from localmap.compat.versions import TORCH_AT_LEAST_2_14, TORCH_RELEASE
@@ -44,8 +44,8 @@ __all__ = [
     "simulated_value", "simulation_active", "value_on_rank", "DispatchKey", "FakeTensorMode", "HigherOrderOperator",
     "OpOverload", "ProxyTorchDispatchMode", "below_autograd", "check_decompositions",
     "copy_forward_meta_to_backward", "current_trace_graph", "detect_fake_mode", "fast_apply",
-    "has_free_unbacked_symbols", "ignore_fresh_unbacked", "is_data_dependent_error", "is_fake", "isolated_tracing", "joint_partition", "make_fx",
-    "new_fake_mode", "op_schema", "partitioner", "plain_signature", "register_cpu_attention_flops",
+    "has_free_unbacked_symbols", "ignore_fresh_unbacked", "in_backward", "is_data_dependent_error", "is_fake", "isolated_tracing", "joint_partition", "make_fx",
+    "new_fake_mode", "op_schema", "own_node_meta", "partitioner", "plain_signature", "register_cpu_attention_flops",
     "register_trace_anchor", "sac_active", "sac_modes", "storage_key", "trace_lock", "track_tensor_tree",
     "without_saved_tensor_hooks", "TORCH_AT_LEAST_2_14", "TORCH_RELEASE",
 ]

@@ -54,6 +54,25 @@ def is_data_dependent_error(e: BaseException) -> bool:
     return isinstance(e, (GuardOnDataDependentSymNode, DataDependentOutputException, DynamicOutputShapeException))
 
 
+@contextlib.contextmanager
+def own_node_meta() -> Any:
+    """fx.traceback's current node meta restored after a trace: a selective checkpoint traced by make_fx writes
+    its recompute tags there (torch.utils.checkpoint), and they must not tag the nodes of a later trace."""
+    import torch.fx.traceback as fx_traceback
+
+    saved = dict(fx_traceback.current_meta)
+    try:
+        yield
+    finally:
+        fx_traceback.current_meta = saved
+
+
+def in_backward() -> bool:
+    """Whether autograd's engine is running a backward on this thread (a checkpoint recomputes its forward
+    there)."""
+    return torch._C._current_graph_task_id() != -1
+
+
 def op_schema(target: Any) -> Any:
     """The schema of an aten op (its arguments' alias and mutation facts); None for other targets."""
     return target._schema if isinstance(target, OpOverload) else None

@@ -24,8 +24,8 @@ from localmap.compat import pytree
 from localmap.context import recording
 from localmap.errors import LocalMapError, fail, wrapped_error
 from localmap.sites import traceback_site
-from localmap.traced.build import tag_phase
-from localmap.traced.meta import SOURCE, kwargs_of, role_of
+from localmap.traced.build import clean_checkpoint_tags, tag_phase
+from localmap.traced.meta import ROLE, SOURCE, kwargs_of, role_of
 from localmap.traced.operator import defer_inlining, local_map_hop
 
 
@@ -172,11 +172,12 @@ def _trace_error(fn: Any, e: Exception) -> LocalMapError:
 
 
 def _trace(call: Callable, primals: list, backward: bool, fake_mode: Any) -> tuple:
-    with _compat.trace_lock(), defer_inlining(), recording("capture") as records:
+    with _compat.trace_lock(), _compat.own_node_meta(), defer_inlining(), recording("capture") as records:
         if backward:
             with fake_mode:
                 seed = torch.ones((), dtype=torch.float32)  # d(loss)/d(loss): the backward's one input
             joint = _compat.make_fx(_joint(call), tracing_mode="fake")(primals, [seed])
+            clean_checkpoint_tags(joint, 1)  # selective checkpoints in the program: tags the partitioner reads
             forward, backward_gm = _compat.joint_partition(joint, [primals, [seed]], 1)
         else:
             with torch.no_grad():
@@ -222,19 +223,21 @@ def _leaf_name(args: tuple, kwargs: dict, index: int) -> str:
 
 # ---- regions ------------------------------------------------------------------------------------------------------
 
-def _hop_nodes(gm: fx.GraphModule | None) -> list[fx.Node]:
+def _hop_nodes(gm: fx.GraphModule | None, roles: tuple[str, ...]) -> list[fx.Node]:
+    """The region nodes of these roles in a program graph (a checkpoint's recomputation puts forward region
+    nodes in the backward graph: they are no region's backward)."""
     if gm is None:
         return []
-    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is local_map_hop]
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is local_map_hop
+            and n.meta.get(ROLE, {}).get("role", "forward") in roles]
 
 
 def _regions(forward: fx.GraphModule, backward: fx.GraphModule | None, records: list) -> list[Region]:
-    fw_nodes = _hop_nodes(forward)
+    fw_nodes = _hop_nodes(forward, ("forward", "body"))
     if len(fw_nodes) != len(records):
         raise fail("capture", "found a different number of region nodes than region calls",
                    expected=len(records), given=len(fw_nodes), fix="report this with the program")
-    bw_nodes = _hop_nodes(backward)
-    unmatched = list(bw_nodes)
+    backward_of = _match_backwards(forward, fw_nodes, records, _hop_nodes(backward, ("backward",)))
     uses: dict[str, int] = {}
     regions: list[Region] = []
     producers: dict[fx.Node, tuple[Region, int]] = {}
@@ -246,7 +249,7 @@ def _regions(forward: fx.GraphModule, backward: fx.GraphModule | None, records: 
         fw_gm = graphs.forward if graphs is not None else body
         bw_gm = graphs.backward if graphs is not None else None
         n_out = len(kwargs["out_placements"])
-        bw_node = _match_backward(node, n_out, unmatched)
+        bw_node = backward_of.get(node)
         bw_kwargs = kwargs_of(bw_gm) if bw_gm is not None else None
         region = Region(
             name=f"{info['name']}.{uses[info['name']]}", source=info["source"], mesh=kwargs["device_mesh"],
@@ -275,17 +278,39 @@ def _regions(forward: fx.GraphModule, backward: fx.GraphModule | None, records: 
     return regions
 
 
-def _match_backward(fw_node: fx.Node, n_out: int, candidates: list[fx.Node]) -> fx.Node | None:
-    """The backward region node that consumes this forward node's activations (saved across the cut under
-    the same names), else the latest unmatched one (backward runs regions in reverse)."""
-    saved = {u.name for u in fw_node.users if u.target is operator.getitem and u.args[1] >= n_out}
-    for cand in candidates:
-        if any(isinstance(a, fx.Node) and a.name in saved for a in cand.args[1:]):
-            candidates.remove(cand)
-            return cand
-    if saved or not candidates:
-        return None
-    return candidates.pop()
+_ALIASES = (torch.ops.aten.detach.default, torch.ops.aten.alias.default)  # how a checkpoint saves a value
+
+
+def _match_backwards(forward: fx.GraphModule, fw_nodes: list[fx.Node], records: list,
+                     candidates: list[fx.Node]) -> dict[fx.Node, fx.Node]:
+    """Each forward region node's backward node: the one consuming its activations (saved across the cut under
+    the same names, maybe through the detach a checkpoint saves them with); the rest (regions a checkpoint
+    recomputes, whose backward consumes the recomputation; regions with no activations) by order, as the
+    backward runs regions in reverse."""
+    by_name = {n.name: n for n in forward.graph.nodes}
+
+    def root(name: str) -> str:
+        node = by_name.get(name)
+        while node is not None and node.op == "call_function" and node.target in _ALIASES:
+            node = node.args[0]
+        return node.name if node is not None else name
+
+    unmatched = list(candidates)
+    found: dict[fx.Node, fx.Node] = {}
+    needing = [(n, r) for n, r in zip(fw_nodes, records, strict=True)
+               if r["graphs"] is not None and r["graphs"].backward is not None]
+    for node, record in needing:
+        n_out = len(kwargs_of(record["body"])["out_placements"])
+        saved = {u.name for u in node.users if u.target is operator.getitem and u.args[1] >= n_out}
+        match = next((c for c in unmatched if any(isinstance(a, fx.Node) and root(a.name) in saved
+                                                  for a in c.args[1:])), None)
+        if match is not None:
+            found[node] = match
+            unmatched.remove(match)
+    rest = [n for n, _ in needing if n not in found]
+    for node, candidate in zip(reversed(rest), unmatched):
+        found[node] = candidate
+    return found
 
 
 def _input_comm(node: fx.Node, region: Region, producers: dict) -> float:

@@ -152,7 +152,7 @@ def _build(body: fx.GraphModule, args: Sequence[Any], kwargs: dict, partition: s
         with fx_traceback.preserve_node_meta(), _compat.ignore_fresh_unbacked(fake_mode):
             joint_gm = _compat.make_fx(joint, tracing_mode="fake")(primals, tangents)
         _compat.copy_forward_meta_to_backward(joint_gm)
-        _clean_checkpoint_tags(joint_gm, num_outputs)
+        clean_checkpoint_tags(joint_gm, num_outputs)
         if not tangent_idx:
             forward, backward = _forward_only(joint_gm, num_outputs), None
         else:
@@ -183,7 +183,7 @@ def tag_phase(graph: fx.Graph | None) -> None:
             node.meta["partitioner_tag"] = "is_backward" if backward else "is_forward"
 
 
-def _clean_checkpoint_tags(joint: fx.GraphModule, num_outputs: int) -> None:
+def clean_checkpoint_tags(joint: fx.GraphModule, num_outputs: int) -> None:
     """Keep selective-checkpoint tags (meta 'recompute') only on the forward ops of the body, where the
     partitioner reads them; tracing leaves the last tag on placeholders and backward ops too. Tags made
     outside Dynamo have no checkpoint graph id: give them one."""

@@ -103,7 +103,7 @@ def _autograd(body: fx.GraphModule, *args: Any) -> tuple:
             return local_map_hop(body, *args)
     graphs = build_region(body, args, current_partitioner()) if needs_grad else None
     records = recorder("capture")
-    if records is not None:
+    if records is not None and not _compat.in_backward():  # a checkpoint's recomputation is no new call
         records.append({"body": body, "graphs": graphs, "args": args})
     if graphs is None:
         with _compat.below_autograd():
