@@ -24,12 +24,12 @@ from localmap.compat.dtensor import (
 )
 from localmap.compat.simulation import (
     fake_process_group, is_simulated, local_tensor_mode, outside_simulation, reconcile, simulated_local,
-    simulated_rank_map, simulated_value, simulation_active, value_on_rank,
+    simulated_rank_map, simulated_value, simulation_active, simulation_mode_type, simulation_set_aside, value_on_rank,
 )
 from localmap.compat.tracing import (
     DispatchKey, FakeTensorMode, HigherOrderOperator, OpOverload, ProxyTorchDispatchMode, below_autograd,
     check_decompositions, copy_forward_meta_to_backward, current_trace_graph, detect_fake_mode, fast_apply,
-    has_free_unbacked_symbols, ignore_fresh_unbacked, in_backward, is_data_dependent_error, is_fake, isolated_tracing, joint_partition, make_fx, new_fake_mode,
+    has_free_unbacked_symbols, has_random_ops, ignore_fresh_unbacked, in_backward, is_data_dependent_error, is_fake, isolated_tracing, joint_partition, make_fx, new_fake_mode,
     op_schema, own_node_meta, partitioner, plain_signature, register_cpu_attention_flops, register_trace_anchor, sac_active,
     sac_modes, storage_key, trace_lock, track_tensor_tree, without_saved_tensor_hooks,
 )
@@ -41,10 +41,10 @@ __all__ = [
     "view_rule_hangs", "local_tensor_of", "make_dtensor", "make_spec", "propagate_sharding",
     "quiet_fake_tensor_errors", "redistribute_local", "spec_of", "fake_process_group", "is_simulated",
     "local_tensor_mode", "outside_simulation", "reconcile", "simulated_local", "simulated_rank_map",
-    "simulated_value", "simulation_active", "value_on_rank", "DispatchKey", "FakeTensorMode", "HigherOrderOperator",
+    "simulated_value", "simulation_active", "simulation_mode_type", "simulation_set_aside", "value_on_rank", "DispatchKey", "FakeTensorMode", "HigherOrderOperator",
     "OpOverload", "ProxyTorchDispatchMode", "below_autograd", "check_decompositions",
     "copy_forward_meta_to_backward", "current_trace_graph", "detect_fake_mode", "fast_apply",
-    "has_free_unbacked_symbols", "ignore_fresh_unbacked", "in_backward", "is_data_dependent_error", "is_fake", "isolated_tracing", "joint_partition", "make_fx",
+    "has_free_unbacked_symbols", "has_random_ops", "ignore_fresh_unbacked", "in_backward", "is_data_dependent_error", "is_fake", "isolated_tracing", "joint_partition", "make_fx",
     "new_fake_mode", "op_schema", "own_node_meta", "partitioner", "plain_signature", "register_cpu_attention_flops",
     "register_trace_anchor", "sac_active", "sac_modes", "storage_key", "trace_lock", "track_tensor_tree",
     "without_saved_tensor_hooks", "TORCH_AT_LEAST_2_14", "TORCH_RELEASE",

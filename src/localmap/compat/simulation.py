@@ -81,4 +81,13 @@ def outside_simulation() -> Any:
     return mode.disable() if mode is not None else contextlib.nullcontext()
 
 
-# ---- tracing internals used by the operator (hop.py) and region building (_region.py) -------------------------
+def simulation_mode_type() -> type:
+    """The simulated mesh's dispatch mode class (the operator registers an implementation for it)."""
+    from torch.distributed._local_tensor import LocalTensorMode
+
+    return LocalTensorMode
+
+
+def simulation_set_aside(mode: Any) -> bool:
+    """Whether a LocalTensorMode is disabled (outside_simulation): tensors are plain single-device ones."""
+    return bool(mode._disable)

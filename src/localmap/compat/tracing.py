@@ -67,6 +67,12 @@ def own_node_meta() -> Any:
         fx_traceback.current_meta = saved
 
 
+def has_random_ops(gm: fx.GraphModule) -> bool:
+    """Whether a graph draws random numbers (ops tagged nondeterministic_seeded: rand*, bernoulli, dropout)."""
+    return any(isinstance(n.target, OpOverload) and torch.Tag.nondeterministic_seeded in n.target.tags
+               for n in gm.graph.nodes if n.op == "call_function")
+
+
 def in_backward() -> bool:
     """Whether autograd's engine is running a backward on this thread (a checkpoint recomputes its forward
     there)."""

@@ -172,7 +172,9 @@ def _trace_error(fn: Any, e: Exception) -> LocalMapError:
 
 
 def _trace(call: Callable, primals: list, backward: bool, fake_mode: Any) -> tuple:
-    with _compat.trace_lock(), _compat.own_node_meta(), defer_inlining(), recording("capture") as records:
+    # On a simulated mesh the program is still traced once, globally: the simulation is set aside.
+    with _compat.trace_lock(), _compat.outside_simulation(), _compat.own_node_meta(), defer_inlining(), \
+            recording("capture") as records:
         if backward:
             with fake_mode:
                 seed = torch.ones((), dtype=torch.float32)  # d(loss)/d(loss): the backward's one input

@@ -165,7 +165,7 @@ def run_program(prog: Any, args: tuple, kwargs: dict) -> RunResult:
     sources = {r.forward_node: r.source for r in prog.regions}
     sources.update({r.backward_node: r.source for r in prog.regions if r.backward_node})
     result = RunResult(loss=None, grads={})
-    with torch.no_grad():
+    with torch.no_grad(), _compat.outside_simulation():  # run simulates the ranks itself
         fw_run = _MeshInterpreter(prog.forward, names, result)
         fw_run.sources = sources
         fw_out = fw_run.run(*inputs)

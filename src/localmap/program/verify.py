@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import torch
 
-from localmap.compat import pytree
+from localmap.compat import outside_simulation, pytree
 from localmap.context import recording
 from localmap.errors import LocalMapError
 from localmap.program.capture import capture
@@ -58,7 +58,7 @@ def _reference(fn: Any, args: tuple, kwargs: dict) -> tuple[Any, dict, list]:
     leaves = [t.detach().clone().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t
               for t in leaves]
     a, k = pytree.tree_unflatten(leaves, spec)
-    with recording("reference") as records:
+    with outside_simulation(), recording("reference") as records:
         loss = torch.func.functional_call(module, {**state, **buffers}, a, k) if module is not None else fn(*a, **k)
         want = {n: t for n, t in state.items() if t.requires_grad}
         want.update({_arg_name(args, kwargs, i): t for i, t in enumerate(leaves)

@@ -153,11 +153,7 @@ def _build(body: fx.GraphModule, args: Sequence[Any], kwargs: dict, partition: s
             joint_gm = _compat.make_fx(joint, tracing_mode="fake")(primals, tangents)
         _compat.copy_forward_meta_to_backward(joint_gm)
         clean_checkpoint_tags(joint_gm, num_outputs)
-        if not tangent_idx:
-            forward, backward = _forward_only(joint_gm, num_outputs), None
-        else:
-            forward, backward = _compat.partitioner(partition)(
-                joint_gm, [primals, tangents], num_fwd_outputs=num_outputs)
+        forward, backward = _partition(joint_gm, primals, tangents, num_outputs, partition, fake_mode)
     num_activations = len(_outputs(forward)) - num_outputs
     if backward is not None:
         _activations_first(backward, forward, num_outputs)
@@ -169,6 +165,17 @@ def _build(body: fx.GraphModule, args: Sequence[Any], kwargs: dict, partition: s
     _check_counts(graphs, kwargs, len(args))
     _annotate(graphs, kwargs, args)
     return graphs
+
+
+def _partition(joint_gm: fx.GraphModule, primals: list, tangents: list, num_outputs: int, partition: str,
+               fake_mode: Any) -> tuple[fx.GraphModule, fx.GraphModule | None]:
+    """Forward and backward graphs cut from the joint one (the forward alone when nothing takes a tangent)."""
+    if not tangents:
+        return _forward_only(joint_gm, num_outputs), None
+    if partition == "min_cut" and _compat.has_random_ops(joint_gm):
+        partition = "default"  # recomputing a random op would draw other numbers: save what it made
+    with fake_mode:  # the partitioner makes fake values too, in the mode the graph was traced in
+        return _compat.partitioner(partition)(joint_gm, [primals, tangents], num_fwd_outputs=num_outputs)
 
 
 def tag_phase(graph: fx.Graph | None) -> None:

@@ -142,6 +142,16 @@ def _proxy(mode: ProxyTorchDispatchMode, body: fx.GraphModule, *args: Any) -> tu
     return track_tensor_tree(example, out_proxy, constant=None, tracer=tracer)
 
 
+@local_map_hop.py_impl(_compat.simulation_mode_type())
+def _simulated(mode: Any, body: fx.GraphModule, *args: Any) -> tuple:
+    """The simulated mesh (LocalTensorMode): set aside (capture, run and verify trace and run globally), the
+    region dispatches on without it; on simulated per-rank values the graph runs once per rank."""
+    if not _compat.simulation_set_aside(mode) and any(_compat.is_simulated(a) for a in args):
+        with mode:
+            return run_graph(body, args)
+    return local_map_hop(body, *args)
+
+
 for _mode in _compat.sac_modes():  # selective activation checkpointing sees a region as one op
     @local_map_hop.py_impl(_mode)
     def _sac(mode: Any, body: fx.GraphModule, *args: Any) -> tuple:
