@@ -90,7 +90,8 @@ def check_graph(gm: fx.GraphModule, in_types: Sequence[Any], out_claims: Sequenc
                if isinstance(o, fx.Node) and isinstance(o.meta.get("val"), torch.Tensor)]
     for k, (node, claim) in enumerate(zip(outputs, out_claims, strict=True)):
         flow.compare_output(node, claim, out_paths[k] if k < len(out_paths) else f"outputs[{k}]")
-    _infer_grads(flow, in_types, given_grads, in_paths)
+    differentiable = [_differentiable(p) for p in gm.graph.find_nodes(op="placeholder")]
+    _infer_grads(flow, [t if d else None for t, d in zip(in_types, differentiable)], given_grads, in_paths)
     return flow.verdict
 
 
@@ -186,7 +187,8 @@ class _TypeFlow:
 def _infer_grads(flow: _TypeFlow, in_types: Sequence[Any], given_grads: Sequence[Any] | None,
                  in_paths: Sequence[str]) -> None:
     """Each input's gradient placements, the transpose of its type (Shard stays, Partial becomes Replicate,
-    Replicate becomes Partial where it meets per-rank data), checked against the given ones."""
+    Replicate becomes Partial where it meets per-rank data), checked against the given ones. Inputs typed None
+    (non-tensors, integer and bool tensors: no gradient reaches them) get none and no check."""
     grads = []
     for i, t in enumerate(in_types):
         grads.append(None if t is None else tuple(

@@ -1,9 +1,10 @@
 """The placement rules as data: each op's output type from its inputs' types, one rule per row.
 
 Types are those of ``localmap.placements.types`` (Replicate, Shard(d), Partial(op) or VARYING per mesh dim). An
-op's rule is, in order: its row in ``RULES`` (ops whose meaning DTensor does not say: copies, random numbers,
-statistics over sharded dims, linear reductions and views of Partial values); the collective's own rule
-(``localmap.collectives.registry``); else DTensor's sharding propagation (``localmap.check.propagation``).
+op's rule is, in order: its row in ``RULES`` (ops whose meaning DTensor does not say: copies, statistics over
+sharded dims, linear reductions and views of Partial values); random numbers (every op ATen tags as random:
+Varying, drawn per rank); the collective's own rule (``localmap.collectives.registry``); else DTensor's
+sharding propagation (``localmap.check.propagation``).
 ``register_rule(op, rule)`` adds or replaces a row.
 """
 
@@ -17,6 +18,7 @@ import torch.fx as fx
 from torch.distributed.tensor.placement_types import Partial, Replicate, Shard
 
 import localmap.collectives  # noqa: F401  (registers the collectives' facts)
+from localmap import compat
 from localmap.check.propagation import default_types, op_name, replicated
 from localmap.collectives.registry import collective
 from localmap.placements.types import VARYING, RuleError
@@ -64,10 +66,6 @@ aten = torch.ops.aten
 for _op in (aten.detach.default, aten.alias.default, aten.clone.default, aten.lift_fresh_copy.default,
             aten._to_copy.default):
     register_rule(_op, _same_as_input)
-for _op in (aten.rand.default, aten.randn.default, aten.rand_like.default, aten.randn_like.default,
-            aten.randint.low, aten.bernoulli.default, aten.bernoulli.p, aten.native_dropout.default,
-            aten.randperm.default, aten.normal.Tensor_float, aten.uniform.default):
-    register_rule(_op, _random)
 register_rule(operator.getitem, _getitem)
 
 
@@ -128,6 +126,8 @@ def output_types(node: fx.Node, in_types: list, mesh: Any, types: dict) -> Any:
     rule = rule_for(node.target)
     if rule is not None:
         return rule(node, in_types, mesh)
+    if compat.is_random_op(node.target):  # every op ATen tags as drawing random numbers
+        return _random(node, in_types, mesh)
     facts = collective(node.target)
     if facts is not None:
         return facts.type_rule(node, in_types, mesh)

@@ -67,10 +67,15 @@ def own_node_meta() -> Any:
         fx_traceback.current_meta = saved
 
 
+def is_random_op(target: Any) -> bool:
+    """Whether an op draws random numbers: ATen tags them nondeterministic_seeded (rand*, randint, randperm,
+    bernoulli and bernoulli_, dropout variants, normal, uniform_, multinomial, ...)."""
+    return isinstance(target, OpOverload) and torch.Tag.nondeterministic_seeded in target.tags
+
+
 def has_random_ops(gm: fx.GraphModule) -> bool:
-    """Whether a graph draws random numbers (ops tagged nondeterministic_seeded: rand*, bernoulli, dropout)."""
-    return any(isinstance(n.target, OpOverload) and torch.Tag.nondeterministic_seeded in n.target.tags
-               for n in gm.graph.nodes if n.op == "call_function")
+    """Whether a graph draws random numbers."""
+    return any(is_random_op(n.target) for n in gm.graph.nodes if n.op == "call_function")
 
 
 def in_backward() -> bool:

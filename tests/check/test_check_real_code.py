@@ -1,0 +1,41 @@
+"""The check on patterns from real models: every random op is typed random, and inputs no gradient can reach
+(integer labels) get no gradient check."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import R, S0, max_diff, randn
+from localmap import PlacementError, local_map
+from localmap.testing import distribute, full, on_one_device
+
+
+def test_dropout_is_random_per_rank(sim_mesh_4):
+    """F.dropout traces to aten.bernoulli_ (in place): its mask differs per rank, so a Replicate claim is wrong."""
+    x = randn(8, 4)
+    wrong = local_map(lambda a: F.dropout(a, 0.5, True), [R], ([R],), None, sim_mesh_4)
+    with pytest.raises(PlacementError, match="differs across ranks but is claimed Replicate"):
+        wrong(distribute(x, sim_mesh_4, [R]))
+    right = local_map(lambda a: F.dropout(a, 0.5, True), [S0], ([S0],), None, sim_mesh_4)
+    assert right(distribute(x, sim_mesh_4, [S0])).placements == (S0,)
+
+
+def _token_loss(logits, labels):
+    return F.cross_entropy(logits, labels, reduction="none")
+
+
+def test_integer_labels_get_no_gradient_check(sim_mesh_4):
+    """torchtitan's losses pass int64 labels with an in_grad_placements entry; no gradient flows to integers, so
+    no entry can contradict the body."""
+    with on_one_device():
+        logits, labels = randn(8, 10), torch.randint(0, 10, (8,))
+        ref = logits.clone().requires_grad_()
+        _token_loss(ref, labels).sum().backward()
+    f = local_map(_token_loss, [S0], ([S0], [S0]), ([S0], [R]), sim_mesh_4)
+    ld = distribute(logits, sim_mesh_4, [S0], requires_grad=True)
+    out = f(ld, distribute(labels, sim_mesh_4, [S0]))
+    out.backward(distribute(torch.ones(8), sim_mesh_4, [S0]))
+    assert max_diff(full(out), _token_loss(logits, labels)) < 1e-5
+    assert max_diff(full(ld.grad), ref.grad) < 1e-5
