@@ -39,3 +39,29 @@ def test_integer_labels_get_no_gradient_check(sim_mesh_4):
     out.backward(distribute(torch.ones(8), sim_mesh_4, [S0]))
     assert max_diff(full(out), _token_loss(logits, labels)) < 1e-5
     assert max_diff(full(ld.grad), ref.grad) < 1e-5
+
+
+def _scaled(scale):
+    def body(a):
+        return a * scale
+
+    return body
+
+
+def test_a_wrapper_rebuilt_every_forward_is_checked_once(sim_mesh_4):
+    """torchtitan builds `local_map(...)` inside forward on every call: the check keys the body by its code and
+    what it closes over, not by the wrapper object, so the body is traced once."""
+    import localmap
+
+    x = distribute(randn(8, 4), sim_mesh_4, [S0])
+    before = localmap.cache_info()["bodies_checked"]
+    for _ in range(5):
+        local_map(_scaled(2.0), [S0], ([S0],), None, sim_mesh_4)(x)
+    assert localmap.cache_info()["bodies_checked"] - before == 1
+    # closing over another object is another function: checked again, and a wrong claim is caught
+    with on_one_device():
+        scale = torch.full((), 3.0)
+    with pytest.raises(PlacementError, match="claimed Replicate"):
+        local_map(_scaled(scale), [R], ([S0],), None, sim_mesh_4)(x)
+    assert localmap.cache_info()["bodies_checked"] - before == 2
+    assert local_map(_scaled(scale), [S0], ([S0],), None, sim_mesh_4)(x).placements == (S0,)

@@ -7,6 +7,7 @@ A body the tracer cannot follow still runs: it is reported unchecked (with a war
 
 from __future__ import annotations
 
+import functools
 import threading
 from typing import Any, Callable, Sequence
 
@@ -63,8 +64,9 @@ def check_function(fn: Callable, local_args: Sequence[Any], leaf_specs: Sequence
     """Trace `fn` on fake copies of `local_args` (flat leaves) and check it; cached."""
     global _checked
     key = None
+    fn_key, fn_objects = function_identity(fn)
     try:
-        key = (id(fn), tuple(_meta(a) for a in local_args), repr(leaf_specs), repr(out_placements),
+        key = (fn_key, tuple(_meta(a) for a in local_args), repr(leaf_specs), repr(out_placements),
                repr(given_grads), id(mesh), treespec, repr(sorted(kwargs.items())) if kwargs else "", uneven)
         hash(key)
     except TypeError:
@@ -72,7 +74,8 @@ def check_function(fn: Callable, local_args: Sequence[Any], leaf_specs: Sequence
     if key is not None:
         with _lock:
             hit = _cache.get(key)
-        if hit is not None and hit[0] is fn:
+        if hit is not None and len(hit[0]) == len(fn_objects) and all(
+                a is b for a, b in zip(hit[0], fn_objects)):
             return hit[1]
     inputs = [i for i, a in enumerate(local_args) if isinstance(a, torch.Tensor)]
     try:
@@ -90,8 +93,33 @@ def check_function(fn: Callable, local_args: Sequence[Any], leaf_specs: Sequence
         with _lock:
             if len(_cache) >= VERDICT_CACHE_LIMIT:
                 _cache.clear()
-            _cache[key] = (fn, verdict)
+            _cache[key] = (fn_objects, verdict)
     return verdict
+
+
+def function_identity(fn: Callable) -> tuple[Any, tuple]:
+    """What decides a function's behaviour, as (a hashable key, the objects it names by id): its code, the
+    contents of its closure cells, its defaults, the object a method is bound to, a partial's arguments. Two
+    wrappers of the same code over the same objects (torchtitan builds a local_map wrapper in every forward)
+    are the same function to the check. The cache entry keeps the objects, so an id cannot be reused by another
+    object while the entry stands."""
+    if isinstance(fn, functools.partial):
+        key, objects = function_identity(fn.func)
+        extra = (*fn.args, *fn.keywords.values())
+        return ("partial", key, tuple(id(o) for o in extra), tuple(fn.keywords)), (*objects, *extra)
+    bound_to = getattr(fn, "__self__", None)
+    if bound_to is not None and hasattr(fn, "__func__"):
+        key, objects = function_identity(fn.__func__)
+        return ("method", key, id(bound_to)), (*objects, bound_to)
+    code = getattr(fn, "__code__", None)
+    if code is None:  # a module or another callable object: itself
+        return ("object", id(fn)), (fn,)
+    try:
+        cells = tuple(c.cell_contents for c in fn.__closure__ or ())
+    except ValueError:  # an empty cell (a name assigned later): the function itself
+        return ("object", id(fn)), (fn,)
+    objects = (*cells, *(fn.__defaults__ or ()), *(fn.__kwdefaults__ or {}).values(), fn.__globals__)
+    return ("function", code, tuple(id(o) for o in objects)), objects
 
 
 def _trace(fn: Callable, local_args: Sequence[Any], inputs: list[int], mesh: Any, treespec: Any,
