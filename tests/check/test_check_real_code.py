@@ -65,3 +65,25 @@ def test_a_wrapper_rebuilt_every_forward_is_checked_once(sim_mesh_4):
         local_map(_scaled(scale), [R], ([S0],), None, sim_mesh_4)(x)
     assert localmap.cache_info()["bodies_checked"] - before == 2
     assert local_map(_scaled(scale), [S0], ([S0],), None, sim_mesh_4)(x).placements == (S0,)
+
+
+def _stable_exp(x):
+    """Megatron's vocab-parallel softmax numerator: the max over the sharded vocab, detached (no gradient)."""
+    from localmap import collectives as C
+
+    return (x - C.all_reduce(x.amax(-1, keepdim=True).detach(), 0, "max")).exp()
+
+
+def test_a_detached_all_reduce_meeting_per_rank_data_needs_no_pvary(sim_mesh_4):
+    from localmap import Shard
+
+    with on_one_device():
+        x = randn(4, 16)
+        ref = x.clone().requires_grad_()
+        (ref - ref.amax(-1, keepdim=True).detach()).exp().sum().backward()
+    f = local_map(_stable_exp, [Shard(1)], ([Shard(1)],), None, sim_mesh_4)
+    xd = distribute(x, sim_mesh_4, [Shard(1)], requires_grad=True)
+    out = f(xd)
+    out.backward(distribute(torch.ones(4, 16), sim_mesh_4, [Shard(1)]))
+    assert max_diff(full(out), (x - x.amax(-1, keepdim=True)).exp()) < 1e-5
+    assert max_diff(full(xd.grad), ref.grad) < 1e-5

@@ -107,8 +107,11 @@ class _TypeFlow:
         self.lineage: dict[fx.Node, list[set]] = {}  # per mesh dim: Replicate inputs reaching here unchanged
         self.meets = [[False] * self.ndim for _ in range(num_inputs)]  # input i meets per-rank data on dim m
         self.reported: set = set()  # (collective node, mesh dim) already reported as needing pvary
+        self.carries_grad: set[fx.Node] = set()  # values a gradient can reach (not detached, not integer)
 
     def seed(self, node: fx.Node, i: int, t: Any) -> None:
+        if _differentiable(node):
+            self.carries_grad.add(node)
         self.types[node] = None if t is None else tuple(t)
         self.origin[node] = [node] * self.ndim
         self.lineage[node] = [({i} if t is not None and isinstance(t[m], Replicate) else set())
@@ -122,11 +125,15 @@ class _TypeFlow:
             types[node] = t[idx] if isinstance(t, list) and idx < len(t) else None
             self.origin[node] = self.origin.get(src, [node] * self.ndim)
             self.lineage[node] = self.lineage.get(src, [set() for _ in range(self.ndim)])
+            if src in self.carries_grad:
+                self.carries_grad.add(node)
             return
         if not isinstance(node.meta.get("val"), (torch.Tensor, tuple, list)):
             types[node] = None  # sizes and scalars
             return
         inputs = [a for a in node.all_input_nodes if types.get(a) is not None and not isinstance(types[a], list)]
+        if node.target not in _GRADIENT_CUTS and any(a in self.carries_grad for a in node.all_input_nodes):
+            self.carries_grad.add(node)
         types[node] = out = self._output_type(node, inputs)
         first = out[0] if isinstance(out, list) else out
         self.origin[node], self.lineage[node] = [], []
@@ -157,7 +164,7 @@ class _TypeFlow:
         if gradient == "summing":  # its backward sums the per-rank gradients itself
             lineage[node].append(set())
         elif isinstance(here, Replicate):
-            starts = gradient == "unsummed" and _differentiable(node)
+            starts = gradient == "unsummed" and node in self.carries_grad and _differentiable(node)
             lineage[node].append({node} if starts else reaching)
         else:
             for j in reaching:
@@ -207,6 +214,9 @@ def _infer_grads(flow: _TypeFlow, in_types: Sequence[Any], given_grads: Sequence
             expected=placements_str(inferred), given=placements_str(tuple(given)),
             fix=f"use {placements_str(inferred)}, or leave in_grad_placements=None to have it inferred",
             error=PlacementError))
+
+
+_GRADIENT_CUTS = (torch.ops.aten.detach.default,)  # ops whose output no gradient flows back through
 
 
 def _differentiable(node: fx.Node) -> bool:
