@@ -28,11 +28,13 @@ def _input_grad(g: torch.Tensor, spec: DTensorSpec, grad_placements: tuple[Place
         scale = avg_grad_scale(spec.placements, grad_placements, spec.mesh)
         g = g * scale if scale != 1 else g
     if g.stride() == local_stride:
-        if grad_placements == spec.placements:
-            return make_dtensor(g, spec, requires_grad=False)
         stride = spec.stride
+        if grad_placements == spec.placements and not g.requires_grad:
+            return make_dtensor(g, spec, requires_grad=False)
     else:
         stride = dense_stride(spec.shape, plain_stride(g))
+    if g.requires_grad:  # backward with create_graph=True: the wrapping must stay differentiable
+        return DTensor.from_local(g, spec.mesh, grad_placements, run_check=False, shape=spec.shape, stride=stride)
     grad_spec = make_spec(spec.mesh, grad_placements, spec.shape, stride, spec.tensor_meta.dtype)
     return make_dtensor(g, grad_spec, requires_grad=False)
 
