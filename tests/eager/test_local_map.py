@@ -6,7 +6,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 import localmap
-from helpers import P, R, S0, S1, check_region, max_diff, randn
+from helpers import P, R, S0, S1, check_region, max_diff, randn, rel_diff
 from localmap import local_map
 from localmap.testing import distribute, full, on_one_device
 
@@ -198,9 +198,9 @@ def test_region_then_dtensor_ops(sim_mesh_2x2):
         rx, r1, r2 = (t.clone().requires_grad_() for t in (x, w1, w2))
         ref = ((torch.relu((rx * 1.5) @ r1) @ r2) ** 2).mean()
         ref.backward()
-    assert max_diff(full(loss), ref) < 1e-5
+    assert rel_diff(full(loss), ref) < 1e-5  # relative: the loss is near 1e2 for some draws
     for d, r in ((xd, rx), (w1d, r1), (w2d, r2)):
-        assert max_diff(full(d.grad), r.grad) < 1e-5
+        assert rel_diff(full(d.grad), r.grad) < 1e-5
 
 
 def test_no_grad_and_inputs_without_grad(sim_mesh_4):
