@@ -87,3 +87,21 @@ def test_a_detached_all_reduce_meeting_per_rank_data_needs_no_pvary(sim_mesh_4):
     out.backward(distribute(torch.ones(4, 16), sim_mesh_4, [Shard(1)]))
     assert max_diff(full(out), (x - x.amax(-1, keepdim=True)).exp()) < 1e-5
     assert max_diff(full(xd.grad), ref.grad) < 1e-5
+
+
+def _maybe_total(a, total=False):
+    return a.sum(0, keepdim=True) if total else a * 2
+
+
+def test_a_keyword_flag_that_changes_the_body_is_checked_again(sim_mesh_4):
+    """The verdict depends on keyword arguments and non-tensor arguments, not only on the input specs: the same
+    region called with a flag that makes its output a partial sum must not reuse the earlier 'ok'."""
+    x = distribute(randn(8, 4), sim_mesh_4, [S0])
+    f = local_map(_maybe_total, [S0], ([S0],), None, sim_mesh_4)
+    assert f(x, total=False).placements == (S0,)
+    with pytest.raises(PlacementError, match="partial sum"):
+        f(x, total=True)
+    g = local_map(lambda a, k: a * k if k < 3 else a.sum(0, keepdim=True), [S0], ([S0], None), None, sim_mesh_4)
+    assert g(x, 2).placements == (S0,)
+    with pytest.raises(PlacementError, match="partial sum"):
+        g(x, 5)

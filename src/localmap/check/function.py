@@ -50,11 +50,13 @@ def clear_cache() -> None:
         _cache.clear()
 
 
-def _meta(value: Any) -> Any:
+def value_key(value: Any) -> Any:
+    """A value as a cache key of what decides a verdict: a tensor by its local shape and dtype, a plain value by
+    value (with its type: True and 1 differ), any other object by identity."""
     if isinstance(value, torch.Tensor):
         return ("T", tuple(int(s) for s in _plain(value).shape), value.dtype)
     if isinstance(value, (int, float, bool, str, type(None))):
-        return ("V", value)
+        return ("V", type(value).__name__, value)
     return ("O", id(value))
 
 
@@ -66,8 +68,9 @@ def check_function(fn: Callable, local_args: Sequence[Any], leaf_specs: Sequence
     key = None
     fn_key, fn_objects = function_identity(fn)
     try:
-        key = (fn_key, tuple(_meta(a) for a in local_args), repr(leaf_specs), repr(out_placements),
-               repr(given_grads), id(mesh), treespec, repr(sorted(kwargs.items())) if kwargs else "", uneven)
+        key = (fn_key, tuple(value_key(a) for a in local_args), repr(leaf_specs), repr(out_placements),
+               repr(given_grads), id(mesh), treespec, tuple((k, value_key(v)) for k, v in sorted(kwargs.items())),
+               uneven)
         hash(key)
     except TypeError:
         key = None

@@ -27,7 +27,7 @@ from torch.distributed.tensor import DeviceMesh, DTensor
 from torch.distributed.tensor.placement_types import Placement, Replicate
 
 from localmap.check.checker import CHECK_MODES, enforce
-from localmap.check.function import check_function
+from localmap.check.function import check_function, value_key
 from localmap.compat import local_tensor_of, make_dtensor, pytree, spec_of, wait_local
 from localmap.context import pop_region_mesh, push_region_mesh, recorder
 from localmap.eager.autograd import from_local_shards, to_local_shards
@@ -217,8 +217,10 @@ class RegionCallable:
                  kwargs: dict) -> tuple | None:
         """The body's placement check for these inputs (cached: steady-state calls pay one lookup); returns
         the inferred gradient placements per leaf when in_grad_placements is None."""
-        hit = plan.verdict  # steady state: the same DTensor specs as last time on this plan
-        if hit is not None and len(hit[0]) == len(checked):
+        # What else decides the body: its non-tensor arguments and keyword arguments (none on the fast path).
+        values = _value_key(flat, kwargs) if treespec is not None or kwargs else None
+        hit = plan.verdict  # steady state: the same DTensor specs (and values) as last time on this plan
+        if hit is not None and len(hit[0]) == len(checked) and hit[2] == values:
             for s, c in zip(hit[0], checked):
                 if s is not c[3]:
                     hit = None
@@ -226,10 +228,11 @@ class RegionCallable:
         else:
             hit = None
         if hit is None:
-            key = (id(plan), tuple(id(c[3]) for c in checked))
+            key = (id(plan), tuple(id(c[3]) for c in checked), values)
             hit = self._verdicts.get(key)
             if hit is None or any(s is not c[3] for s, c in zip(hit[0], checked)):
-                hit = (tuple(c[3] for c in checked), self._check_body(plan, flat, treespec, checked, mesh, kwargs))
+                hit = (tuple(c[3] for c in checked), self._check_body(plan, flat, treespec, checked, mesh, kwargs),
+                       values)
                 if len(self._verdicts) < VERDICT_CACHE_LIMIT:
                     self._verdicts[key] = hit
         plan.verdict = hit
@@ -254,6 +257,13 @@ class RegionCallable:
         return check_function(self.func, leaves, leaf_specs, self.out_placements, plan.grad_specs, mesh,
                               treespec if treespec is not None else pytree.tree_flatten(tuple(flat))[1],
                               kwargs, uneven_mesh_dims([c[1] for c in checked]))
+
+
+def _value_key(flat: Sequence[Any], kwargs: dict) -> tuple:
+    """The non-DTensor argument leaves and keyword arguments of a call as a key (check.function.value_key): a
+    flag or a scale that changes what the body computes is checked again."""
+    leaves = tuple(value_key(a) for a in flat if not isinstance(a, DTensor))
+    return leaves, tuple((k, value_key(v)) for k, v in sorted(kwargs.items()))
 
 
 def _check_kwargs(kwargs: dict) -> None:
