@@ -158,7 +158,7 @@ def _verdict_of(fn: Any) -> str:
     region = fn.region
     if region.check is False:
         return "unchecked (check=False: the checker cannot type data-dependent split sizes yet)"
-    verdicts = [v for _, v in region._verdicts.values()]
+    verdicts = region.verdicts()
     if not verdicts:
         return "unchecked (not called)"
     bad = [v for v in verdicts if v.unchecked or not v.ok]

@@ -81,6 +81,11 @@ class RegionCallable:
         return {"input_plans": len(self._input_plans), "output_plans": len(self._output_plans),
                 "verdicts": len(self._verdicts)}
 
+    def verdicts(self) -> list:
+        """The placement check's verdicts for the inputs this region has seen (one per distinct input metadata
+        and argument values), for reports."""
+        return [entry[1] for entry in self._verdicts.values()]
+
     # -- dispatch -----------------------------------------------------------------------------------------
 
     def __call__(self, args: tuple, kwargs: dict) -> Any:
