@@ -76,16 +76,13 @@ class CapturedProgram:
     """A captured training step (or forward): graphs in global shapes, regions, costs; runnable on one device."""
 
     def __init__(self, forward: fx.GraphModule, backward: fx.GraphModule | None, joint: fx.GraphModule | None,
-                 regions: list[Region], input_names: list[str], module: torch.nn.Module | None,
-                 call: Callable, treespec: Any) -> None:
+                 regions: list[Region], input_names: list[str], module: torch.nn.Module | None) -> None:
         self.forward = forward
         self.backward = backward
         self.joint = joint
         self.regions = regions
         self.input_names = input_names
-        self._module = module
-        self._call = call
-        self._treespec = treespec
+        self.module = module  # the captured nn.Module (its parameters and buffers are the first inputs), or None
 
     def totals(self) -> dict:
         return {
@@ -154,7 +151,7 @@ def capture(fn: Callable | torch.nn.Module, *args: Any, backward: bool = True, *
     except Exception as e:
         raise _trace_error(fn, e) from e
     regions = _regions(forward, backward_gm, records)
-    return CapturedProgram(forward, backward_gm, joint, regions, input_names, module, call, treespec)
+    return CapturedProgram(forward, backward_gm, joint, regions, input_names, module)
 
 
 def _trace_error(fn: Any, e: Exception) -> LocalMapError:

@@ -47,9 +47,9 @@ class RunResult:
 class _MeshInterpreter(fx.Interpreter):
     """Runs a program graph; region nodes run per rank."""
 
-    def __init__(self, gm: fx.GraphModule, names: dict[str, str], result: RunResult) -> None:
+    def __init__(self, gm: fx.GraphModule, regions: dict[str, Any], result: RunResult) -> None:
         super().__init__(gm)
-        self.names = names  # program node name -> region name
+        self.regions = regions  # program node name (forward or backward) -> its Region
         self.result = result
         self.node: fx.Node | None = None
 
@@ -92,11 +92,12 @@ class _MeshInterpreter(fx.Interpreter):
         except LocalMapError:
             raise
         except Exception as e:  # only on the error path: name the region and where it is called
-            node = self.node.name if self.node is not None else ""
-            raise wrapped_error(f"region {self.names.get(node, node)} ({getattr(self, 'sources', {}).get(node, '?')})",
-                                e, f"running its {role['role']} graph per rank") from e
+            region = self.regions.get(self.node.name) if self.node is not None else None
+            where = f"{region.name} ({region.source})" if region is not None else "(not a captured region)"
+            raise wrapped_error(f"region {where}", e, f"running its {role['role']} graph per rank") from e
         n = len(kwargs["out_placements"])
-        name = self.names.get(self.node.name, self.node.name) if self.node is not None else "region"
+        region = self.regions.get(self.node.name) if self.node is not None else None
+        name = region.name if region is not None else (self.node.name if self.node is not None else "region")
 
         def note(msg: str) -> None:
             if f"{name}: {msg}" not in self.result.disagreements:
@@ -108,7 +109,7 @@ class _MeshInterpreter(fx.Interpreter):
         if isinstance(expected, (tuple, list)):  # the layout the program was traced with
             outs = [_like(o, e) for o, e in zip(outs, expected)]
         grad_scales = role.get("grad_scales") if role["role"] == "backward" else None
-        if grad_scales:  # gradients of Partial('avg') inputs (see _region._annotate)
+        if grad_scales:  # gradients of Partial('avg') inputs (see traced.build._annotate)
             outs = [o * k if k != 1 and isinstance(o, torch.Tensor) else o for o, k in zip(outs, grad_scales)]
         total = len(next(iter(per_rank.values())))
         activations = [PerRank([per_rank[c][j] for c in coords]) for j in range(n, total)]
@@ -149,8 +150,8 @@ def _like(value: Any, traced: Any) -> Any:
 def _real_inputs(prog: Any, args: tuple, kwargs: dict) -> list:
     leaves = pytree.tree_leaves((args, kwargs))
     state = []
-    if prog._module is not None:
-        for name, t in (*prog._module.named_parameters(), *prog._module.named_buffers()):
+    if prog.module is not None:
+        for name, t in (*prog.module.named_parameters(), *prog.module.named_buffers()):
             if t.is_meta:
                 raise fail(name, "is a meta tensor; run needs real values", given="meta",
                            fix="materialize the module (e.g. to_empty + init) before run")
@@ -160,15 +161,11 @@ def _real_inputs(prog: Any, args: tuple, kwargs: dict) -> list:
 
 def run_program(prog: Any, args: tuple, kwargs: dict) -> RunResult:
     inputs = _real_inputs(prog, args, kwargs)
-    names = {r.forward_node: r.name for r in prog.regions}
-    names.update({r.backward_node: r.name for r in prog.regions if r.backward_node})
-    sources = {r.forward_node: r.source for r in prog.regions}
-    sources.update({r.backward_node: r.source for r in prog.regions if r.backward_node})
+    regions = {r.forward_node: r for r in prog.regions}
+    regions.update({r.backward_node: r for r in prog.regions if r.backward_node})
     result = RunResult(loss=None, grads={})
     with torch.no_grad(), _compat.outside_simulation():  # run simulates the ranks itself
-        fw_run = _MeshInterpreter(prog.forward, names, result)
-        fw_run.sources = sources
-        fw_out = fw_run.run(*inputs)
+        fw_out = _MeshInterpreter(prog.forward, regions, result).run(*inputs)
         if prog.backward is None:
             result.loss = fw_out
             return result
@@ -176,9 +173,7 @@ def run_program(prog: Any, args: tuple, kwargs: dict) -> RunResult:
         produced.update({p.name: torch.ones((), dtype=fw_out[0].dtype)  # the loss's own gradient
                          for p in prog.backward.graph.find_nodes(op="placeholder") if p.name.startswith("tangents")})
         bw_in = [produced[p.name] for p in prog.backward.graph.find_nodes(op="placeholder")]
-        bw_run = _MeshInterpreter(prog.backward, names, result)
-        bw_run.sources = sources
-        grads = bw_run.run(*bw_in)
+        grads = _MeshInterpreter(prog.backward, regions, result).run(*bw_in)
     result.loss = fw_out[0]
     result.grads = {name: g for name, g in zip(prog.input_names, grads) if g is not None}
     return result
