@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import P, R, S0, S1, check_region, randn
-from localmap import Partial, PlacementError
+from localmap import Partial, PlacementError, UnprovenError
 from localmap.testing import simulated_mesh
 
 AVG = Partial("avg")
@@ -93,8 +93,12 @@ CASES = [
          "aten.add.Tensor cannot take a Partial value"),  # mean over the shard + eps
     Case("layer norm over sharded features", layer_norm, [(8, 8), (8,)], [(S1,), (S0,)], (S1,),
          "reduces over dim 1, which is sharded"),
-    Case("softmax over the sharded dim", lambda x: x.softmax(-1), [(8, 8)], [(S1,)], (S1,),
-         "aten.sub.Tensor cannot take a Partial value"),
+    # A per-rank max subtracted from a shard is only a stabilizer to the check (a log-sum-exp merge across ranks
+    # may follow): the claim is unproven, not refused; the same for logsumexp written out.
+    Case("softmax over the sharded dim", lambda x: x.softmax(-1), [(8, 8)], [(S1,)], (S1,), "unproven"),
+    Case("exp minus logsumexp over the sharded dim", lambda x: (x - x.logsumexp(-1, keepdim=True)).exp(),
+         [(8, 8)], [(S1,)], (S1,), "unproven"),
+    Case("cumsum over the sharded dim", lambda x: x.cumsum(1), [(8, 8)], [(S1,)], (S1,), "unproven"),
     Case("loss averaged over a sharded batch, claimed Replicate", lambda x: x.pow(2).mean(), [(8, 4)], [(S0,)],
          (R,), "is a partial sum over the ranks but is claimed Replicate"),
     Case("replicated weight gradient claimed Replicate", lambda x, w: x @ w, [(8, 6), (6, 4)], [(S0,), (R,)],
@@ -126,7 +130,19 @@ def test_right_bodies_pass_and_match_one_device(case):
     _run(case, in_grad_placements=case.grads, expected_grads=case.expected_grads)
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.verdict != "ok"], ids=lambda c: c.name)
+@pytest.mark.parametrize("case", [c for c in CASES if c.verdict == "unproven"], ids=lambda c: c.name)
+def test_unproven_claims_warn_run_and_are_refused_in_strict_mode(case):
+    """A claim resting on a value the check cannot type is neither ok nor refused: one warning naming the op
+    where the proof stopped; check='strict' raises. These bodies are wrong, and run with the warning."""
+    with pytest.warns(UserWarning, match="^local_map: .* is unproven: the proof stopped at") as record:
+        with pytest.raises((AssertionError, RuntimeError)):
+            _run(case, in_grad_placements=case.grads)
+    assert sum("unproven" in str(w.message) for w in record) == 1
+    with pytest.raises(UnprovenError, match="claims what the check cannot prove"):
+        _run(case, in_grad_placements=case.grads, check="strict")
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.verdict not in ("ok", "unproven")], ids=lambda c: c.name)
 def test_wrong_bodies_are_refused_and_really_wrong(case):
     with pytest.raises(PlacementError, match=None) as info:
         _run(case, in_grad_placements=case.grads)
@@ -158,6 +174,6 @@ def test_untraceable_body_runs_unchecked_with_a_warning():
     with simulated_mesh(4) as mesh:
         x = randn(8, 4)
         f = localmap.local_map(body, [S0], ([S0],))
-        with pytest.warns(UserWarning, match="could not be traced for the placement check"):
+        with pytest.warns(UserWarning, match="could not be checked"):
             out = f(distribute(x, mesh, [S0]))
         assert max_diff(full(out), x * 2) < 1e-6

@@ -30,11 +30,12 @@ def _assert_every_collective_waited(region):
 
 def test_moe_and_ring_attention_captured_and_run():
     with fake_mesh(4, ("ep",)) as mesh:
-        moe = local_map(moe_experts, device_mesh=mesh, **MOE_PLACEMENTS)
+        moe = local_map(moe_experts, device_mesh=mesh, check="allow_unproven", **MOE_PLACEMENTS)
         inputs = [t.requires_grad_() for t in moe_inputs()]
         prog = localmap.capture(lambda *a: moe(*a).pow(2).sum(), *inputs)
         (region,) = prog.regions
-        assert region.comm_bytes > 0 and region.verdict == "ok"
+        # Tokens routed by all_to_all: the check cannot prove the Shard(0) claim (unproven, not ok); verify does.
+        assert region.comm_bytes > 0 and region.verdict.startswith("unproven: outputs claimed Shard(dim=0)")
         _assert_every_collective_waited(region)
         report = localmap.verify(lambda *a: moe(*a).pow(2).sum(), *inputs,
                                  reference=lambda *a: moe_reference(*a).pow(2).sum(), atol=1e-4)

@@ -3,13 +3,13 @@
 The body is traced once on fake local tensors (softmax / layer norm / mean decomposed, so the reductions inside
 them show), and every value gets a placement type per mesh dim (``_types``). Then:
 
-* each output's inferred type is compared with its out_placements: a claimed Replicate must be Replicate; a
-  claimed Shard(d) must not be a partial sum, a replicated value or a shard of another dim; a claimed Partial
-  must not be a whole (replicated) value or a shard. A value that varies with no derivable structure
-  (``Varying``) may be claimed Shard or Partial: localmap cannot say it is wrong;
+* each output's inferred type is compared with its out_placements (``check.verdict``'s three verdicts): equal
+  is proven; a contradiction (a partial sum claimed Replicate, a replicated value claimed Shard, ...) is wrong;
+  a claim on a value that varies with no derivable structure (``VARYING``) is unproven, never accepted;
 * each input's gradient placements are inferred as the transpose of its type: Shard stays Shard, Partial becomes
   Replicate, Replicate becomes Partial on a mesh dim where it meets data that varies (or is partial) there, else
-  stays Replicate. A given in_grad_placements that differs is an error.
+  stays Replicate. A given in_grad_placements that differs is an error, and so is an input whose gradient is
+  both (it meets per-rank data and also reaches a Replicate output unchanged): no one placement is right.
 
 Verdicts are cached per (function, input metadata, placements), so steady-state calls pay a dictionary lookup.
 """
@@ -17,8 +17,6 @@ Verdicts are cached per (function, input metadata, placements), so steady-state 
 from __future__ import annotations
 
 import operator
-import warnings
-from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -27,37 +25,13 @@ from torch.distributed.tensor.placement_types import Partial, Placement, Replica
 
 from localmap import compat as _compat
 from localmap.compat import pytree
-from localmap.errors import LocalMapError, fail, mesh_dim_label
+from localmap.errors import fail
 from localmap.placements.specs import placements_str
 from localmap.sites import stack_trace_site
 from localmap.check.rules import output_types
 from localmap.collectives.registry import collective
-from localmap.placements.types import VARYING, RuleError
-
-
-class PlacementError(LocalMapError):
-    """A region's body contradicts its placements (or its in_grad_placements)."""
-
-
-@dataclass
-class Verdict:
-    """What checking a region found: problems (empty when the placements hold) and inferred gradients."""
-
-    problems: list[PlacementError] = field(default_factory=list)
-    grad_placements: tuple | None = ()  # per input leaf: inferred placements (None entries for non-tensors)
-    output_types: list = field(default_factory=list)
-    unchecked: str | None = None  # why the body could not be traced for the check (then nothing is inferred)
-    function: str = "region"  # the checked function's name, for messages
-    warned: bool = field(default=False, compare=False)  # warnings of this verdict were shown (once each)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-    def summary(self) -> str:
-        if self.unchecked:
-            return f"unchecked: {self.unchecked}"
-        return "ok" if self.ok else str(self.problems[0]).splitlines()[0]
+from localmap.check.verdict import PlacementError, Verdict
+from localmap.placements.types import OPAQUE, PER_RANK_COPY, UNKNOWN_WHY, VARYING, RuleError
 
 
 def _source(node: fx.Node) -> str:
@@ -86,6 +60,8 @@ def check_graph(gm: fx.GraphModule, in_types: Sequence[Any], out_claims: Sequenc
     for node in gm.graph.nodes:
         if node.op == "call_function":
             flow.visit(node)
+        elif node.op == "get_attr":
+            flow.constant(node, getattr(gm, node.target, None))
     outputs = [o for o in pytree.tree_leaves(gm.graph.find_nodes(op="output")[0].args[0])
                if isinstance(o, fx.Node) and isinstance(o.meta.get("val"), torch.Tensor)]
     for k, (node, claim) in enumerate(zip(outputs, out_claims, strict=True)):
@@ -105,7 +81,9 @@ class _TypeFlow:
         self.types: dict[fx.Node, Any] = {}
         self.origin: dict[fx.Node, list] = {}  # per mesh dim: the node that gave the value its type there
         self.lineage: dict[fx.Node, list[set]] = {}  # per mesh dim: Replicate inputs reaching here unchanged
-        self.meets = [[False] * self.ndim for _ in range(num_inputs)]  # input i meets per-rank data on dim m
+        # input i meets per-rank data on mesh dim m at this node (its gradient is a Partial sum there), or None
+        self.meets: list[list[fx.Node | None]] = [[None] * self.ndim for _ in range(num_inputs)]
+        self.whole_uses: list[dict[int, str]] = [{} for _ in range(self.ndim)]  # input -> Replicate output
         self.reported: set = set()  # (collective node, mesh dim) already reported as needing pvary
         self.carries_grad: set[fx.Node] = set()  # values a gradient can reach (not detached, not integer)
 
@@ -116,6 +94,22 @@ class _TypeFlow:
         self.origin[node] = [node] * self.ndim
         self.lineage[node] = [({i} if t is not None and isinstance(t[m], Replicate) else set())
                               for m in range(self.ndim)]
+
+    def constant(self, node: fx.Node, value: Any) -> None:
+        """A plain tensor the body closes over or builds from Python values: the same on every rank, except a
+        simulated mesh's per-rank constant (built by rank), whose structure is unknown. (Closed-over DTensors
+        are inputs, typed by their placements: ``check.closure``.)"""
+        if not isinstance(node.meta.get("val"), torch.Tensor):
+            self.types[node] = None
+            return
+        if _compat.is_simulated(value):
+            node.meta[OPAQUE] = True
+            node.meta[UNKNOWN_WHY] = "a constant built per rank (a simulated mesh's per-rank value)"
+            self.types[node] = tuple(VARYING for _ in range(self.ndim))
+        else:
+            self.types[node] = tuple(Replicate() for _ in range(self.ndim))
+        self.origin[node] = [node] * self.ndim
+        self.lineage[node] = [set() for _ in range(self.ndim)]
 
     def visit(self, node: fx.Node) -> None:
         types = self.types
@@ -128,13 +122,17 @@ class _TypeFlow:
             if src in self.carries_grad:
                 self.carries_grad.add(node)
             return
-        if not isinstance(node.meta.get("val"), (torch.Tensor, tuple, list)):
+        val = node.meta.get("val")
+        if not isinstance(val, (torch.Tensor, tuple, list)):
             types[node] = None  # sizes and scalars
             return
         inputs = [a for a in node.all_input_nodes if types.get(a) is not None and not isinstance(types[a], list)]
         if node.target not in _GRADIENT_CUTS and any(a in self.carries_grad for a in node.all_input_nodes):
             self.carries_grad.add(node)
-        types[node] = out = self._output_type(node, inputs)
+        out = self._output_type(node, inputs)
+        if isinstance(val, (tuple, list)) and out is not None and not isinstance(out, list):
+            out = [out] * len(val)  # one type for every output of a multi-output op (its rule gave one)
+        types[node] = out
         first = out[0] if isinstance(out, list) else out
         self.origin[node], self.lineage[node] = [], []
         for m in range(self.ndim):
@@ -151,6 +149,7 @@ class _TypeFlow:
             self.verdict.problems.append(fail(
                 f"op {_op(node)} at {_source(node)}", e.problem, mesh=self.mesh, mesh_dim=e.mesh_dim,
                 fix=e.fix, error=PlacementError))
+            node.meta[UNKNOWN_WHY] = f"{_op(node)} was refused above"
             return tuple(VARYING for _ in range(self.ndim))
 
     def _track(self, node: fx.Node, inputs: list[fx.Node], m: int, here: Any) -> None:
@@ -170,25 +169,41 @@ class _TypeFlow:
             for j in reaching:
                 if isinstance(j, fx.Node):  # a collective's replicated result meets per-rank data
                     _needs_pvary(self.verdict, self.reported, j, node, self.mesh, m)
-                else:
-                    self.meets[j][m] = True
+                elif self.meets[j][m] is None:
+                    self.meets[j][m] = node
             lineage[node].append(set())
 
     def compare_output(self, node: fx.Node, claim: Any, path: str) -> None:
-        """An output's inferred type against its claimed placements, mesh dim by mesh dim."""
+        """An output's inferred type against its claimed placements, mesh dim by mesh dim: proven, wrong (a
+        problem) or unproven (a line naming where the proof stopped)."""
         t = self.types.get(node)
         self.verdict.output_types.append(t)
         if t is None or claim is None:
             return
         for m, (c, got) in enumerate(zip(claim, t, strict=True)):
-            problem = _compare(c, got, self.mesh, m)
-            if problem is not None:
-                made = self.origin[node][m]
-                where = f"made so by {_op(made)} at {_source(made)}" if made.op == "call_function" else \
-                    "passed through from an input"
-                self.verdict.problems.append(fail(
-                    path, f"{problem[0]} ({where})", mesh=self.mesh, mesh_dim=m, expected=f"claimed {c!r}",
-                    given=f"inferred {got!r}", fix=problem[1], error=PlacementError))
+            if isinstance(got, Replicate) and node in self.carries_grad:
+                for j in self.lineage[node][m]:
+                    if not isinstance(j, fx.Node):
+                        self.whole_uses[m].setdefault(j, path)
+            made = self.origin[node][m]
+            outcome = _compare(c, got, self.mesh, m, made.meta.get(OPAQUE, False))
+            if outcome is None:
+                continue
+            where = f"{_op(made)} at {_source(made)}" if made.op == "call_function" else \
+                "a constant" if made.op == "get_attr" else "an input"
+            if outcome[0] == "unproven":
+                why = made.meta.get(UNKNOWN_WHY) or "its value differs per rank with no structure localmap derives"
+                self.verdict.unproven.append(
+                    f"{path} claimed {c!r} on {_dim_name(self.mesh, m)} is unproven: the proof stopped at "
+                    f"{where} ({why})")
+                continue
+            self.verdict.problems.append(fail(
+                path, f"{outcome[1]} (made so by {where})", mesh=self.mesh, mesh_dim=m,
+                expected=f"claimed {c!r}", given=f"inferred {got!r}", fix=outcome[2], error=PlacementError))
+
+
+def _dim_name(mesh: Any, m: int) -> str:
+    return f"mesh dim {m} ({mesh.mesh_dim_names[m]!r})" if mesh.mesh_dim_names else f"mesh dim {m}"
 
 
 def _infer_grads(flow: _TypeFlow, in_types: Sequence[Any], given_grads: Sequence[Any] | None,
@@ -200,7 +215,9 @@ def _infer_grads(flow: _TypeFlow, in_types: Sequence[Any], given_grads: Sequence
     for i, t in enumerate(in_types):
         grads.append(None if t is None else tuple(
             p if isinstance(p, Shard) else Replicate() if isinstance(p, Partial) else
-            (Partial() if flow.meets[i][m] else Replicate()) for m, p in enumerate(t)))
+            (Partial() if flow.meets[i][m] is not None else Replicate()) for m, p in enumerate(t)))
+        if t is not None:
+            _refuse_mixed(flow, i, in_paths[i] if i < len(in_paths) else f"inputs[{i}]")
     flow.verdict.grad_placements = tuple(grads)
     for i, (given, inferred) in enumerate(zip(given_grads or (), grads)):
         if given is None or inferred is None or tuple(given) == inferred:
@@ -208,12 +225,32 @@ def _infer_grads(flow: _TypeFlow, in_types: Sequence[Any], given_grads: Sequence
         m = next(m for m, (a, b) in enumerate(zip(given, inferred)) if a != b)
         why = "it meets data that varies across those ranks, so each rank holds a partial sum" \
             if isinstance(inferred[m], Partial) else "every rank computes the same gradient"
+        path = in_paths[i] if i < len(in_paths) else f"inputs[{i}]"
+        closed = path.startswith("closed-over ")
+        fix = (f"call {path.split(' ', 1)[1]}.to_local(grad_placements={placements_str(inferred)}) in the body, or "
+               "pass it as an argument so local_map infers it") if closed else \
+            f"use {placements_str(inferred)}, or leave in_grad_placements=None to have it inferred"
         flow.verdict.problems.append(fail(
-            f"in_grad_placements for {in_paths[i] if i < len(in_paths) else f'inputs[{i}]'}",
-            f"contradicts the body: the gradient is {inferred[m]!r} ({why})", mesh=flow.mesh, mesh_dim=m,
-            expected=placements_str(inferred), given=placements_str(tuple(given)),
-            fix=f"use {placements_str(inferred)}, or leave in_grad_placements=None to have it inferred",
+            f"{'the gradient placements its to_local() declares, for' if closed else 'in_grad_placements for'} "
+            f"{path}", f"contradicts the body: the gradient is {inferred[m]!r} ({why})", mesh=flow.mesh,
+            mesh_dim=m, expected=placements_str(inferred), given=placements_str(tuple(given)), fix=fix,
             error=PlacementError))
+
+
+def _refuse_mixed(flow: _TypeFlow, i: int, path: str) -> None:
+    """A Replicate input that meets per-rank data and also reaches a Replicate output unchanged: its local
+    gradient is a partial share plus a whole one, so neither Partial (sums the whole part n times) nor
+    Replicate (drops the other ranks' shares) is right. pvary at the meeting makes the share summed there."""
+    for m in range(flow.ndim):
+        met, output = flow.meets[i][m], flow.whole_uses[m].get(i)
+        if met is None or output is None:
+            continue
+        flow.verdict.problems.append(fail(
+            path, f"meets per-rank data (in {_op(met)} at {_source(met)}) and also reaches {output}, a Replicate "
+            "output, unchanged: its gradient is part partial sum, part whole, and no one placement is right",
+            mesh=flow.mesh, mesh_dim=m, fix=f"pass it through localmap.collectives.pvary(x, "
+            f"{_dim_name(flow.mesh, m).split(' ', 2)[-1].strip('()')}) where it meets the per-rank data: "
+            "its gradient is then summed there, and Replicate", error=PlacementError))
 
 
 _GRADIENT_CUTS = (torch.ops.aten.detach.default,)  # ops whose output no gradient flows back through
@@ -259,17 +296,31 @@ def _check_uneven_mean(node: fx.Node, in_types: list, uneven: frozenset) -> None
                             "sum locally and divide by the global size, or shard that dim evenly", mesh_dim=m)
 
 
-def _compare(claim: Placement, got: Any, mesh: Any, m: int) -> tuple[str, str] | None:
-    """(problem, fix) when a claimed placement contradicts the inferred type on one mesh dim."""
-    dim = mesh_dim_label(mesh, m).split(" ", 2)[-1]
+def _compare(claim: Placement, got: Any, mesh: Any, m: int, opaque: bool) -> tuple | None:
+    """None when a claimed placement is proven by the inferred type on one mesh dim; ("unproven",) when it
+    rests on an untyped value; ("wrong", problem, fix) when the type contradicts it."""
     name = repr(mesh.mesh_dim_names[m]) if mesh.mesh_dim_names else f"mesh dim {m}"
     if got is VARYING:
+        if isinstance(claim, Replicate) and not opaque:
+            return ("wrong", "differs across ranks but is claimed Replicate", "return a value that is the same "
+                    f"on every rank (all_gather / all_reduce over {name}), or claim the placement it has")
+        return ("unproven",)
+    if got is PER_RANK_COPY:
         if isinstance(claim, Replicate):
-            return ("differs across ranks but is claimed Replicate", "return a value that is the same on every "
-                    f"rank (all_gather / all_reduce over {name}), or claim the placement it has")
-        return None
+            return ("wrong", "is the same on every rank, but typed per rank (a pvary or all_gather result): its "
+                    "backward sums the ranks' gradients, so as a Replicate output each rank's whole gradient "
+                    "would be counted once per rank", "return the value from before the pvary/all_gather (claim "
+                    "its own placement and let DTensor redistribute outside the region)")
+        return ("wrong", f"is the same on every rank but is claimed {claim!r}", "claim Replicate() (with the "
+                "value from before the pvary/all_gather)")
     if claim == got:
         return None
+    problem = _contradiction(claim, got, name)
+    return None if problem is None else ("wrong", *problem)
+
+
+def _contradiction(claim: Placement, got: Any, name: str) -> tuple[str, str] | None:
+    """(problem, fix) for a claim that differs from a proven Replicate, Shard or Partial type."""
     if isinstance(got, Partial):
         if isinstance(claim, Replicate):
             return ("is a partial sum over the ranks but is claimed Replicate",
@@ -288,36 +339,9 @@ def _compare(claim: Placement, got: Any, mesh: Any, m: int) -> tuple[str, str] |
         if isinstance(claim, Replicate):
             return (f"is a shard of dim {got.dim} (differs across ranks) but is claimed Replicate",
                     f"all_gather over {name} on dim {got.dim} before returning, or claim {got!r}")
+        if _compat.is_strided_shard(got):
+            return (f"is an interleaved (strided) piece of dim {got.dim}, not a contiguous shard: a reshape "
+                    "merged the sharded dim with a dim before it", "keep the sharded dim outermost in the "
+                    "reshape (or reshape outside the region), or claim the placement before the reshape")
         return (f"is a shard of dim {got.dim} but is claimed {claim!r}", f"claim {got!r}")
-    del dim
     return None
-
-
-CHECK_MODES = (True, False, "warn", "strict")
-
-
-def enforce(verdict: Verdict, mode: Any) -> None:
-    """Act on a verdict by the region's check mode: True raises the first problem, "warn" warns once per
-    verdict, False does nothing. A body that could not be traced is never called ok: it warns (once), and is an
-    error in "strict" mode (``spmd_types=True``), which accepts only a checked body."""
-    if mode is False or (verdict.ok and not verdict.unchecked):
-        return
-    if verdict.unchecked:
-        if mode == "strict":
-            raise fail(f"region {verdict.function!r}", "could not be traced for the placement check, which "
-                       "spmd_types=True (check='strict') requires", given=verdict.unchecked,
-                       fix="make the body traceable (no Python control flow on tensor values), or pass "
-                           "check=True to run it unchecked with a warning")
-        if not verdict.warned:
-            verdict.warned = True
-            warnings.warn(f"local_map: the body of {verdict.function!r} could not be traced for the placement "
-                          f"check ({verdict.unchecked}); it runs unchecked and its gradient placements are not "
-                          "inferred. Pass check=False to silence this.", stacklevel=4)
-        return
-    if mode == "warn":
-        if not verdict.warned:
-            verdict.warned = True
-            for p in verdict.problems:
-                warnings.warn(str(p), stacklevel=4)
-        return
-    raise verdict.problems[0]

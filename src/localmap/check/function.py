@@ -13,10 +13,12 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
-from torch.distributed.tensor.placement_types import Shard
+from torch.distributed.tensor.placement_types import Replicate, Shard
 
 from localmap import compat
-from localmap.check.checker import Verdict, check_graph
+from localmap.check.checker import check_graph
+from localmap.check.closure import closed_over_dtensors
+from localmap.check.verdict import Verdict, unchecked_verdict
 from localmap.check.mutation import check_no_input_mutation
 from localmap.compat import pytree
 from localmap.context import in_region
@@ -82,22 +84,35 @@ def check_function(fn: Callable, local_args: Sequence[Any], leaf_specs: Sequence
             return hit[1]
     inputs = [i for i, a in enumerate(local_args) if isinstance(a, torch.Tensor)]
     try:
-        gm, out = _trace(fn, local_args, inputs, mesh, treespec, kwargs)
-    except LocalMapError:
-        raise
-    except Exception as e:  # a body the tracer cannot follow still runs; it just is not checked
-        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
-        verdict = Verdict(grad_placements=None, unchecked=reason, function=getattr(fn, "__name__", str(fn)))
-    else:
-        verdict = _check_traced(gm, out, local_args, inputs, leaf_specs, out_placements, given_grads, mesh,
+        gm, out, closed = _trace(fn, local_args, inputs, mesh, treespec, kwargs)
+        verdict = _check_traced(gm, out, closed, local_args, inputs, leaf_specs, out_placements, given_grads, mesh,
                                 treespec, uneven)
+    except LocalMapError:
+        raise  # the body's own errors, and input mutation
+    except Exception as e:  # a body the tracer cannot follow, or a failure of the checker: the program runs
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+        verdict = unchecked_verdict(fn, reason, _guessed_grads(local_args, leaf_specs, given_grads, treespec))
+    else:
         _checked += 1
+        verdict.function = getattr(fn, "__name__", type(fn).__name__)
     if key is not None:
         with _lock:
             if len(_cache) >= VERDICT_CACHE_LIMIT:
                 _cache.clear()
             _cache[key] = (fn_objects, verdict)
     return verdict
+
+
+def _guessed_grads(local_args: Sequence[Any], leaf_specs: Sequence[Any], given_grads: Sequence[Any] | None,
+                   treespec: Any) -> list[str]:
+    """Paths of the inputs whose gradient placements an unchecked region must guess: floating-point inputs
+    that are Replicate on some mesh dim (Partial if they meet sharded data), when none were given."""
+    if given_grads is not None:
+        return []
+    tree = pytree.tree_unflatten(list(local_args), treespec)
+    return [leaf_path("args", tree, i) for i, (a, spec) in enumerate(zip(local_args, leaf_specs))
+            if isinstance(a, torch.Tensor) and a.is_floating_point() and spec is not None
+            and any(isinstance(p, Replicate) for p in spec)]
 
 
 def function_identity(fn: Callable) -> tuple[Any, tuple]:
@@ -126,21 +141,24 @@ def function_identity(fn: Callable) -> tuple[Any, tuple]:
 
 
 def _trace(fn: Callable, local_args: Sequence[Any], inputs: list[int], mesh: Any, treespec: Any,
-           kwargs: dict) -> tuple[fx.GraphModule, Any]:
-    """The body traced on fresh fakes of the tensor leaves (decomposed, stack traces kept), and its output."""
+           kwargs: dict) -> tuple[fx.GraphModule, Any, list]:
+    """The body traced on fresh fakes of the tensor leaves (decomposed, stack traces kept), its output, and the
+    closed-over DTensors (name, DTensor, grad_placements its to_local calls declared) traced as extra inputs."""
     leaves = list(local_args)
     traced: dict[str, Any] = {}
+    closed = [(name, d, []) for name, d in closed_over_dtensors(fn)]
 
     def body(*tensors: Any) -> tuple:
-        for i, t in zip(inputs, tensors, strict=True):
+        for i, t in zip(inputs, tensors, strict=False):
             leaves[i] = t
-        with in_region(mesh):
+        table = {id(d): (t, declared) for (_, d, declared), t in zip(closed, tensors[len(inputs):], strict=True)}
+        with in_region(mesh), compat.to_local_substituted(table):
             out = fn(*pytree.tree_unflatten(leaves, treespec), **kwargs)
         traced["out"] = out
         return tuple(o for o in pytree.tree_leaves(out) if isinstance(o, torch.Tensor))
 
     compat.register_trace_anchor(fn)
-    tensors = [local_args[i] for i in inputs]
+    tensors = [local_args[i] for i in inputs] + [_plain(compat.local_tensor_of(d)) for _, d, _ in closed]
     fake_mode = compat.detect_fake_mode(tensors) or compat.new_fake_mode()
     with compat.isolated_tracing():
         with fake_mode:
@@ -149,10 +167,10 @@ def _trace(fn: Callable, local_args: Sequence[Any], inputs: list[int], mesh: Any
         with compat.ignore_fresh_unbacked(fake_mode):
             gm = compat.make_fx(body, decomposition_table=_decompositions(), tracing_mode="fake",
                          record_stack_traces=True)(*fakes)
-    return gm, traced["out"]
+    return gm, traced["out"], closed
 
 
-def _check_traced(gm: fx.GraphModule, out: Any, local_args: Sequence[Any], inputs: list[int],
+def _check_traced(gm: fx.GraphModule, out: Any, closed: list, local_args: Sequence[Any], inputs: list[int],
                   leaf_specs: Sequence[Any], out_placements: Any, given_grads: Sequence[Any] | None, mesh: Any,
                   treespec: Any, uneven: frozenset) -> Verdict:
     """The traced body's verdict; gradient placements per leaf (None for non-tensors)."""
@@ -164,13 +182,19 @@ def _check_traced(gm: fx.GraphModule, out: Any, local_args: Sequence[Any], input
     # Malformed claims (wrong length, Shard dim out of range) are left to the spec checks, which name them.
     claims = [_normalized(s, o.ndim, mesh.ndim) for o, s in zip(flat_out, specs) if isinstance(o, torch.Tensor)]
     out_paths = [leaf_path("outputs", out, k) for k, o in enumerate(flat_out) if isinstance(o, torch.Tensor)]
-    given = None if given_grads is None else [
+    given = [None] * len(inputs) if given_grads is None else [
         _normalized(given_grads[i], local_args[i].ndim, mesh.ndim) for i in inputs]
+    in_types = [leaf_specs[i] for i in inputs]
+    for name, d, declared in closed:  # typed by their placements; gradients as their to_local calls declare
+        in_types.append(tuple(d.placements) if declared else None)
+        in_paths.append(f"closed-over {name}")
+        stated = next((g for g in declared if g is not None), None)
+        given.append(tuple(stated) if stated is not None else
+                     compat.grad_placements_default(tuple(d.placements)) if d.requires_grad else None)
     with compat.isolated_tracing():  # symbolic size arithmetic must not reach an outer trace
-        verdict = check_graph(gm, [leaf_specs[i] for i in inputs], claims, mesh, given, out_paths, in_paths,
-                              uneven)
+        verdict = check_graph(gm, in_types, claims, mesh, given, out_paths, in_paths, uneven)
     grads: list[Any] = [None] * len(local_args)
-    for i, g in zip(inputs, verdict.grad_placements, strict=True):
+    for i, g in zip(inputs, verdict.grad_placements[:len(inputs)], strict=True):
         grads[i] = g
     verdict.grad_placements = tuple(grads)
     return verdict

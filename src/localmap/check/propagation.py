@@ -19,7 +19,7 @@ from torch.distributed.tensor.placement_types import Partial, Replicate, Shard
 from localmap import compat
 from localmap.compat import pytree
 from localmap.placements.shapes import dense_stride
-from localmap.placements.types import VARYING, RuleError, Type
+from localmap.placements.types import OPAQUE, PER_RANK_COPY, UNKNOWN_WHY, VARYING, RuleError, Type
 
 aten = torch.ops.aten
 
@@ -51,7 +51,7 @@ def _as_spec(val: torch.Tensor, t: Type, mesh: Any, local: bool = False) -> Any:
     A size-0 dim is asked about as the mesh's size: every redistribution of an empty tensor costs nothing, so
     DTensor's cost-based choice could pick one that redistributes, which would read as "the local op is not
     the shard of the global op"; sizes do not change which placements a strategy accepts."""
-    placements = tuple(Replicate() if p is VARYING else p for p in t)
+    placements = tuple(Replicate() if p is VARYING or p is PER_RANK_COPY else p for p in t)
     shape = list(val.shape) if local else _global_shape(val, t, tuple(mesh.shape))
     shape = [s if s != 0 else math.prod(mesh.shape) for s in shape]
     return compat.make_spec(mesh, placements, shape, dense_stride(shape, val.stride()), val.dtype)
@@ -67,25 +67,38 @@ def propagate(node: fx.Node, in_types: list, mesh: Any, types: dict) -> Any:
     if sharding.needs_redistribute and sharding.redistribute_schema is not None:
         wanted = [s for s in pytree.tree_leaves(sharding.redistribute_schema.args_schema)
                   if isinstance(s, compat.DTensorSpec)]
-    # Mesh dims where every input is Replicate: ranks along them hold the same inputs, so the (deterministic)
+    # Mesh dims where every input is Replicate (in value): ranks along them hold the same inputs, so the (deterministic)
     # op gives the same result there, whatever strategy DTensor picks (it may pick a free Replicate -> Shard
     # chunk on such a dim, as torch 2.14's cat does, which is no sign that the local op is wrong).
-    whole = {m for m in range(mesh.ndim) if all(isinstance(t[m], Replicate) for t in in_types if t is not None)}
+    whole = {m for m in range(mesh.ndim)
+             if all(isinstance(t[m], Replicate) or t[m] is PER_RANK_COPY for t in in_types if t is not None)}
     broken: set[int] = set()  # mesh dims where the local op is not the shard of the global op
     for g, w in zip(given, wanted):
         broken.update(m for m, (a, b) in enumerate(zip(g.placements, w.placements, strict=True))
                       if a != b and m not in whole)
     for m in sorted(broken):
-        if any(isinstance(g.placements[m], Partial) for g in given):
-            raise RuleError(
-                f"{op_name(node)} cannot take a Partial value as it is (it is not linear in it, or mixes it "
-                f"with a value that is not a partial sum)",
-                "all_reduce the partial value first, or keep the computation linear", m)
+        _refuse_partial(node, [g.placements[m] for g in given], m)
+    if broken:
+        node.meta[UNKNOWN_WHY] = (f"DTensor's rule for {op_name(node)} would redistribute an input first: the "
+                                  "local op is not the shard of the global op (a scan or a reduction over a "
+                                  "sharded dim, a shape that only fits locally)")
     out = sharding.output_spec
     results = [None if s is None else tuple(Replicate() if m in whole else VARYING if m in broken else p
                                             for m, p in enumerate(s.placements))
                for s in (out if isinstance(out, (tuple, list)) else (out,))]
     return results if isinstance(out, (tuple, list)) else results[0]
+
+
+def _refuse_partial(node: fx.Node, column: list, m: int) -> None:
+    """An op that is not the shard of the global op on mesh dim m, given a Partial there: a partial sum used
+    non-linearly is refused (its local result is never a piece of the global one); a per-rank max or min is a
+    stabilizer (a log-sum-exp merge subtracts it before combining ranks), so the result is only Varying."""
+    partials = [p for p in column if isinstance(p, Partial)]
+    if partials and not all(p.reduce_op in ("max", "min") for p in partials):
+        raise RuleError(
+            f"{op_name(node)} cannot take a Partial value as it is (it is not linear in it, or mixes it "
+            f"with a value that is not a partial sum)",
+            "all_reduce the partial value first, or keep the computation linear", m)
 
 
 def _ask_dtensor(node: fx.Node, mesh: Any, types: dict) -> tuple[Any, list] | None:
@@ -94,6 +107,7 @@ def _ask_dtensor(node: fx.Node, mesh: Any, types: dict) -> tuple[Any, list] | No
     local = node.target in _SIZE_ARG_OPS
     vals = [a.meta.get("val") for a in node.all_input_nodes]
     if compat.has_free_unbacked_symbols([(v.shape, v.stride()) for v in vals if isinstance(v, torch.Tensor)]):
+        node.meta[UNKNOWN_WHY] = f"{op_name(node)} has sizes that depend on data (DTensor's rules need them)"
         return None  # data-dependent sizes (tokens routed by an all_to_all): DTensor's strategies need real ones
     if compat.view_rule_hangs(node.target, [v.shape for v in vals if isinstance(v, torch.Tensor)]):
         return None
@@ -112,20 +126,28 @@ def _ask_dtensor(node: fx.Node, mesh: Any, types: dict) -> tuple[Any, list] | No
         with compat.quiet_fake_tensor_errors():
             sharding = compat.propagate_sharding(node.target, args, kwargs)
     except Exception:  # no strategy for this op (or one that cannot take these inputs)
+        node.meta.setdefault(UNKNOWN_WHY, f"{op_name(node)} has no placement rule for these inputs (DTensor's "
+                             "sharding propagation has none, or refuses their global shapes)")
         return None
     return sharding, [s for s in pytree.tree_leaves(args) if isinstance(s, compat.DTensorSpec)]
 
 
 def conservative(node: fx.Node, in_types: list, mesh: Any) -> Type:
-    """Varying where any input is not Replicate; a Partial input is an error (the op's linearity is unknown)."""
+    """Replicate where every input is (a deterministic op of equal inputs), else Varying: what the op does with
+    shards or partial sums is unknown, so a claim resting on it is unproven (not refused)."""
     out = []
     for m in range(mesh.ndim):
         column = [t[m] for t in in_types if t is not None]
-        if any(isinstance(p, Partial) for p in column):
-            raise RuleError(f"{op_name(node)} has no placement rule and gets a Partial value",
-                            f"all_reduce first, or register a rule: localmap.register_rule({op_name(node)}, ...)",
-                            m)
-        out.append(Replicate() if all(isinstance(p, Replicate) for p in column) else VARYING)
+        if all(isinstance(p, Replicate) for p in column):
+            out.append(Replicate())
+        elif all(isinstance(p, Replicate) or p is PER_RANK_COPY for p in column):
+            out.append(PER_RANK_COPY)
+        else:
+            out.append(VARYING)
+            node.meta[OPAQUE] = True
+            node.meta.setdefault(UNKNOWN_WHY, f"{op_name(node)} has no placement rule (DTensor's sharding "
+                                 f"propagation has none for it; localmap.register_rule({op_name(node)}, ...) "
+                                 "adds one)")
     return tuple(out)
 
 
@@ -134,19 +156,19 @@ def default_types(node: fx.Node, in_types: list, mesh: Any, types: dict) -> Any:
     if not tensors:
         return replicated(mesh)
     varying = {m for t in tensors for m, p in enumerate(t) if p is VARYING}
+    copies = {m for t in tensors for m, p in enumerate(t) if p is PER_RANK_COPY} - varying
     for m in varying:
-        if any(isinstance(t[m], Partial) for t in tensors):
-            raise RuleError(f"{op_name(node)} mixes a Partial value with one that varies across ranks",
-                            "all_reduce the partial value first", m)
+        _refuse_partial(node, [t[m] for t in tensors], m)
     result = propagate(node, in_types, mesh, types)
     if result is None:
         return conservative(node, in_types, mesh)
 
-    def mark(t: Any) -> Any:
-        return None if t is None else tuple(VARYING if m in varying else p for m, p in enumerate(t))
+    def mark(t: Any) -> Any:  # varying inputs make the result varying; per-rank copies keep their kind
+        return None if t is None else tuple(
+            VARYING if m in varying else PER_RANK_COPY if m in copies and isinstance(p, Replicate) else p
+            for m, p in enumerate(t))
 
     return [mark(t) for t in result] if isinstance(result, list) else mark(result)
-
 
 
 def op_name(node: fx.Node) -> str:

@@ -21,7 +21,7 @@ import localmap.collectives  # noqa: F401  (registers the collectives' facts)
 from localmap import compat
 from localmap.check.propagation import default_types, op_name, replicated
 from localmap.collectives.registry import collective
-from localmap.placements.types import VARYING, RuleError
+from localmap.placements.types import PER_RANK_COPY, UNKNOWN_WHY, VARYING, RuleError
 
 
 Rule = Callable[[fx.Node, list, Any], Any]
@@ -54,8 +54,12 @@ def _same_as_input(node: fx.Node, in_types: list, mesh: Any) -> Any:
 
 
 def _random(node: fx.Node, in_types: list, mesh: Any) -> Any:
-    """Random numbers are drawn per rank: treat them as differing across ranks."""
-    return tuple(VARYING for _ in range(mesh.ndim))
+    """Random numbers are drawn per rank. Shaped like a shard (``bernoulli_`` on ``empty_like(x)``, ``rand_like``
+    of a shard), the draws are this rank's piece of one global draw; otherwise they differ per rank."""
+    template = next((t for t in in_types if t is not None), None)
+    node.meta[UNKNOWN_WHY] = f"{op_name(node)} draws random numbers on each rank"
+    return tuple(template[m] if template is not None and isinstance(template[m], Shard) else VARYING
+                 for m in range(mesh.ndim))
 
 
 def _getitem(node: fx.Node, in_types: list, mesh: Any) -> Any:
@@ -126,9 +130,57 @@ def output_types(node: fx.Node, in_types: list, mesh: Any, types: dict) -> Any:
     rule = rule_for(node.target)
     if rule is not None:
         return rule(node, in_types, mesh)
-    if compat.is_random_op(node.target):  # every op ATen tags as drawing random numbers
+    if compat.draws_random(node.target, node.args, node.kwargs):  # ops ATen tags random (dropout_p=0 is not)
         return _random(node, in_types, mesh)
     facts = collective(node.target)
     if facts is not None:
         return facts.type_rule(node, in_types, mesh)
     return default_types(node, in_types, mesh, types)
+
+
+# ---- attention kernels ------------------------------------------------------------------------------------------
+# DTensor has no sharding strategy for some fused attention ops (the CPU flash kernel), and the check never
+# decomposes them: attention is typed here, on q [..., Lq, E], k and v [..., Lk, E]: batch and head dims sharded
+# alike stay sharded; queries sharded along their sequence attend whole keys; keys sharded along their sequence
+# give a per-rank partial attention (merged by log-sum-exp outside: Varying); a mask or causality with sharded
+# queries uses local positions (Varying: unproven, not refused).
+
+def _attention(node: fx.Node, in_types: list, mesh: Any) -> Any:
+    q, k, v = node.args[:3]
+    inputs = list(node.all_input_nodes)
+    if len(in_types) != len(inputs) or not all(a in inputs for a in (q, k, v)):
+        return [default_types(node, in_types, mesh, {})]
+    types = dict(zip(inputs, in_types))
+    ndim = q.meta["val"].ndim
+    masked = bool(compat.call_argument(node.target, node.args, node.kwargs, "is_causal")) or \
+        any(a not in (q, k, v) for a in inputs)
+    out = tuple(_attention_dim(node, [types[q][m], types[k][m], types[v][m]], ndim, masked, m)
+                for m in range(mesh.ndim))
+    n = len(node.meta["val"]) if isinstance(node.meta.get("val"), (tuple, list)) else 1
+    return [out, out] + [replicated(mesh)] * (n - 2) if n > 1 else out
+
+
+def _attention_dim(node: fx.Node, column: list, ndim: int, masked: bool, m: int) -> Any:
+    q, k, v = column
+    if any(isinstance(p, Partial) for p in column):
+        raise RuleError(f"{op_name(node)} gets a Partial query, key or value: attention is not linear in them",
+                        "all_reduce it first", m)
+    kv_whole = all(isinstance(p, Replicate) or p is PER_RANK_COPY for p in (k, v))
+    if all(isinstance(p, Replicate) for p in column):
+        return Replicate()
+    if kv_whole and isinstance(q, Replicate):
+        return PER_RANK_COPY
+    if isinstance(q, Shard) and q == k == v and q.dim < ndim - 2:
+        return q  # batch or heads
+    if kv_whole and isinstance(q, Shard) and q.dim == ndim - 2 and not masked:
+        return q  # this rank's queries against every key
+    node.meta[UNKNOWN_WHY] = (
+        f"{op_name(node)} with these shardings (keys sharded along the sequence give a per-rank partial "
+        "attention; a mask or causality with sharded queries uses local positions)")
+    return VARYING
+
+
+for _name in ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+              "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention"):
+    if hasattr(aten, _name):
+        register_rule(getattr(aten, _name).default, _attention)

@@ -27,7 +27,7 @@ from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from localmap.cli.show import (CliError, MeshSpec, console, region_table, verdict_is_problem,
+from localmap.cli.show import (CliError, MeshSpec, console, region_table, verdict_counts, verdict_is_problem,
                         verdict_style, write_outputs)
 
 ATOL, RTOL = 1e-5, 1e-4
@@ -161,7 +161,7 @@ def _verdict_of(fn: Any) -> str:
     verdicts = region.verdicts()
     if not verdicts:
         return "unchecked (not called)"
-    bad = [v for v in verdicts if v.unchecked or not v.ok]
+    bad = [v for v in verdicts if v.status != "ok"]
     return (bad[0] if bad else verdicts[0]).summary()
 
 
@@ -436,14 +436,14 @@ def _summary(cfg: Config, out: Console, result: Any, prog: Any, where: str, seco
     max_loss = max((s.loss_diff for s in result.steps), default=0.0)
     max_grad = max((s.grad_diff for s in result.steps), default=0.0)
     n_regions = len(prog.regions) if prog is not None else len(result.verdicts)
-    n_ok = sum(r.verdict == "ok" for r in prog.regions) if prog is not None else \
-        sum(v == "ok" for v in result.verdicts.values())
+    counts = verdict_counts([r.verdict for r in prog.regions] if prog is not None else
+                            list(result.verdicts.values()))
     last = result.steps[-1] if result.steps else None
     head = "[bold green]ok[/]" if ok else "[bold red]FAILED[/]"
     what = "match one device" if matched else "do NOT match one device"
     out.print(f"{head}: {len(result.steps)} steps {where} {what} (loss {result.steps[0].loss:.4f} -> "
               f"{last.loss:.4f}; max |loss diff| {max_loss:.1e}, max |grad diff| {max_grad:.1e}); "
-              f"{n_regions} regions, {n_ok} checked ok"
+              f"{n_regions} regions, {counts}"
               + (f", check problems in {', '.join(problems)}" if problems else "")
               + f"; {seconds:.1f}s", soft_wrap=True)
     return ok

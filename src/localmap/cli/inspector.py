@@ -32,8 +32,8 @@ from localmap import PlacementError, VerificationError
 from localmap.compat import pytree
 from localmap.testing import fake_mesh
 
-from localmap.cli.show import (CliError, MeshSpec, console, parse_mesh, region_table, verdict_is_problem,
-                        verdict_style, write_outputs)
+from localmap.cli.show import (CliError, MeshSpec, console, parse_mesh, region_table, verdict_counts,
+                        verdict_is_problem, verdict_style, write_outputs)
 
 ENTRY = "program"
 DEFAULT_MESH = "2x2"
@@ -141,9 +141,8 @@ def run_inspect(target: str, mesh: str | None = None, *, verify: bool = False, s
         write_outputs(prog, svg, json_path, out)
         verified = _verify(fn, args, reference, out) if verify else True
     ok = not problems and verified
-    n_ok = sum(r.verdict == "ok" for r in prog.regions)
     head = "[bold green]ok[/]" if ok else "[bold red]FAILED[/]"
-    detail = f"{len(prog.regions)} regions, {n_ok} checked ok"
+    detail = f"{len(prog.regions)} regions, {verdict_counts([r.verdict for r in prog.regions])}"
     if problems:
         detail += f", placement problems in {', '.join(r.name for r in problems)}"
     if verify:

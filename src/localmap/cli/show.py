@@ -73,19 +73,32 @@ def error_line(exc: BaseException) -> str:
     return line
 
 
+# The check's three verdicts (and "unchecked") as reports show them: a verdict string is "ok", "unproven: ...",
+# "unchecked: ..." or a proven problem's first line.
+_UNSETTLED = ("unproven", "unchecked")
+
+
 def verdict_style(verdict: str) -> str:
-    return "green" if verdict == "ok" else "yellow" if verdict.startswith("unchecked") else "bold red"
+    return "green" if verdict == "ok" else "yellow" if verdict.startswith(_UNSETTLED) else "bold red"
 
 
 def short_verdict(verdict: str) -> str:
-    """For a table cell: ok, unchecked, or 'problem' (the whole verdict is printed under the table)."""
+    """For a table cell: ok, unproven, unchecked, or 'PROBLEM' (the whole verdict is printed under the table)."""
     if verdict == "ok":
         return "ok"
-    return "unchecked" if verdict.startswith("unchecked") else "PROBLEM"
+    return next((word for word in _UNSETTLED if verdict.startswith(word)), "PROBLEM")
 
 
 def verdict_is_problem(verdict: str) -> bool:
-    return verdict != "ok" and not verdict.startswith("unchecked")
+    """A proven contradiction (unproven and unchecked verdicts are reported, not failed)."""
+    return verdict != "ok" and not verdict.startswith(_UNSETTLED)
+
+
+def verdict_counts(verdicts: list[str]) -> str:
+    """"3 checked ok, 1 unproven" for a summary line (unproven and unchecked counted only when present)."""
+    words = [short_verdict(v) for v in verdicts]
+    extra = "".join(f", {words.count(w)} {w}" for w in _UNSETTLED if w in words)
+    return f"{words.count('ok')} checked ok{extra}"
 
 
 def region_table(prog: Any, title: str = "captured program: one row per region call") -> Table:

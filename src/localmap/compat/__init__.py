@@ -19,8 +19,9 @@ from localmap.compat.collectives import (
     FUNCTIONAL_OPS, AsyncCollectiveTensor, all_gather_stack, group_size, is_functional_collective, wait, wait_local,
 )
 from localmap.compat.dtensor import (
-    DTensorSpec, TensorMeta, global_shape_and_stride, grad_placements_default, view_rule_hangs, local_tensor_of,
-    make_dtensor, make_spec, propagate_sharding, quiet_fake_tensor_errors, redistribute_local, spec_of,
+    DTensorSpec, TensorMeta, global_shape_and_stride, grad_placements_default, is_strided_shard, view_rule_hangs,
+    local_tensor_of, make_dtensor, make_spec, propagate_sharding, quiet_fake_tensor_errors, redistribute_local, spec_of,
+    to_local_substituted,
 )
 from localmap.compat.simulation import (
     fake_process_group, is_simulated, local_tensor_mode, outside_simulation, reconcile, simulated_local,
@@ -29,7 +30,7 @@ from localmap.compat.simulation import (
 from localmap.compat.tracing import (
     DispatchKey, FakeTensorMode, HigherOrderOperator, OpOverload, ProxyTorchDispatchMode, below_autograd,
     check_decompositions, copy_forward_meta_to_backward, current_trace_graph, detect_fake_mode, fast_apply,
-    has_free_unbacked_symbols, has_random_ops, ignore_fresh_unbacked, in_backward, is_data_dependent_error, is_fake, is_random_op, isolated_tracing, joint_partition, make_fx, new_fake_mode,
+    call_argument, draws_random, has_free_unbacked_symbols, has_random_ops, ignore_fresh_unbacked, in_backward, is_data_dependent_error, is_fake, is_random_op, isolated_tracing, joint_partition, make_fx, new_fake_mode,
     op_schema, own_node_meta, partitioner, plain_signature, register_cpu_attention_flops, register_trace_anchor, sac_active,
     sac_modes, storage_key, trace_lock, track_tensor_tree, without_saved_tensor_hooks,
 )
@@ -44,7 +45,7 @@ __all__ = [
     "simulated_value", "simulation_active", "simulation_mode_type", "simulation_set_aside", "value_on_rank", "DispatchKey", "FakeTensorMode", "HigherOrderOperator",
     "OpOverload", "ProxyTorchDispatchMode", "below_autograd", "check_decompositions",
     "copy_forward_meta_to_backward", "current_trace_graph", "detect_fake_mode", "fast_apply",
-    "has_free_unbacked_symbols", "has_random_ops", "ignore_fresh_unbacked", "in_backward", "is_data_dependent_error", "is_fake", "is_random_op", "isolated_tracing", "joint_partition", "make_fx",
+    "call_argument", "draws_random", "has_free_unbacked_symbols", "has_random_ops", "ignore_fresh_unbacked", "in_backward", "is_data_dependent_error", "is_fake", "is_random_op", "isolated_tracing", "joint_partition", "make_fx",
     "new_fake_mode", "op_schema", "own_node_meta", "partitioner", "plain_signature", "register_cpu_attention_flops",
     "register_trace_anchor", "sac_active", "sac_modes", "storage_key", "trace_lock", "track_tensor_tree",
     "without_saved_tensor_hooks", "TORCH_AT_LEAST_2_14", "TORCH_RELEASE",

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import operator
-from typing import Any, Sequence
+import threading
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch.distributed.tensor import DeviceMesh, DTensor
@@ -102,3 +104,48 @@ def quiet_fake_tensor_errors() -> Any:
             logger.setLevel(level)
 
     return ctx()
+
+
+def is_strided_shard(p: Any) -> bool:
+    """DTensor's interleaved shard (``_StridedShard``: a reshape merged a sharded dim with one before it)."""
+    return isinstance(p, Placement) and type(p).__name__ == "_StridedShard"
+
+
+# NOTE: closed-over DTensors in a checked body. A body may call `self.w.to_local()` on a DTensor it closes over
+# (torchtitan's experts do). While the check traces such a body, `to_local` of those DTensors returns a traced
+# stand-in typed by their placements, and the gradient placements each call declares are recorded. The patch
+# is installed only for the trace (Dynamo must never see it) and consults a per-thread table, so other threads
+# calling to_local meanwhile get the original.
+_substitutes = threading.local()
+_patch_lock = threading.Lock()
+_patch_users = 0
+_original_to_local = DTensor.to_local
+
+
+def _to_local(self: DTensor, *, grad_placements: Any = None) -> torch.Tensor:
+    table = getattr(_substitutes, "table", None)
+    if table is not None and id(self) in table:
+        stand_in, declared = table[id(self)]
+        declared.append(grad_placements)
+        return stand_in
+    return _original_to_local(self, grad_placements=grad_placements)
+
+
+@contextlib.contextmanager
+def to_local_substituted(table: dict[int, tuple[torch.Tensor, list]]) -> Iterator[None]:
+    """While active on this thread: `d.to_local()` of a DTensor whose id is in `table` returns its stand-in and
+    appends the call's `grad_placements` to its list."""
+    global _patch_users
+    with _patch_lock:
+        _patch_users += 1
+        DTensor.to_local = _to_local  # type: ignore[method-assign]
+    previous = getattr(_substitutes, "table", None)
+    _substitutes.table = table
+    try:
+        yield
+    finally:
+        _substitutes.table = previous
+        with _patch_lock:
+            _patch_users -= 1
+            if _patch_users == 0:
+                DTensor.to_local = _original_to_local  # type: ignore[method-assign]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.fx as fx
@@ -71,6 +71,24 @@ def is_random_op(target: Any) -> bool:
     """Whether an op draws random numbers: ATen tags them nondeterministic_seeded (rand*, randint, randperm,
     bernoulli and bernoulli_, dropout variants, normal, uniform_, multinomial, ...)."""
     return isinstance(target, OpOverload) and torch.Tag.nondeterministic_seeded in target.tags
+
+
+def call_argument(target: Any, args: Sequence[Any], kwargs: dict, name: str, default: Any = None) -> Any:
+    """The value a call of an op passes for its argument `name` (by the op's schema), or `default`."""
+    schema = op_schema(target)
+    for k, arg in enumerate(schema.arguments if schema is not None else ()):
+        if arg.name == name:
+            return args[k] if k < len(args) else kwargs.get(name, arg.default_value)
+    return default
+
+
+def draws_random(target: Any, args: Sequence[Any], kwargs: dict) -> bool:
+    """Whether this call of an op draws random numbers: a random op, unless its only randomness is a dropout
+    probability given as 0 (attention kernels take ``dropout_p`` and are tagged random for it)."""
+    if not is_random_op(target):
+        return False
+    p = call_argument(target, args, kwargs, "dropout_p", default=1)
+    return not (isinstance(p, (int, float)) and p == 0)
 
 
 def has_random_ops(gm: fx.GraphModule) -> bool:

@@ -26,7 +26,7 @@ import torch
 from torch.distributed.tensor import DeviceMesh, DTensor
 from torch.distributed.tensor.placement_types import Placement, Replicate
 
-from localmap.check.checker import CHECK_MODES, enforce
+from localmap.check.verdict import CHECK_MODES, enforce
 from localmap.check.function import check_function, value_key
 from localmap.compat import local_tensor_of, make_dtensor, pytree, spec_of, wait_local
 from localmap.context import pop_region_mesh, push_region_mesh, recorder
@@ -56,9 +56,10 @@ class RegionCallable:
             raise fail("func", "is not callable", expected="a function (or module) to run on local shards",
                        given=type(func).__name__, fix="pass the function first: local_map(fn, out_placements, ...)")
         if check not in CHECK_MODES:
-            raise fail("check", "must be True, False, 'warn' or 'strict'", given=repr(check),
-                       fix="check=True raises PlacementError, 'warn' warns, False skips the check, 'strict' also "
-                           "refuses a body the check cannot trace")
+            raise fail("check", f"must be one of {CHECK_MODES}", given=repr(check),
+                       fix="check=True raises PlacementError and warns on an unproven claim, 'warn' only warns, "
+                           "False skips the check, 'strict' also refuses unproven claims and untraceable bodies, "
+                           "'allow_unproven' accepts unproven claims silently")
         validate_spec_argument(in_placements, "in_placements")
         validate_spec_argument(in_grad_placements, "in_grad_placements")
         validate_spec_argument(out_placements, "out_placements")
@@ -242,7 +243,7 @@ class RegionCallable:
                     self._verdicts[key] = hit
         plan.verdict = hit
         verdict = hit[1]
-        if not verdict.ok or verdict.unchecked:
+        if not verdict.settled:
             enforce(verdict, self.check)
         return verdict.grad_placements if self.in_grad_placements is None else None  # None when unchecked
 
@@ -294,8 +295,9 @@ def local_map(
 
     Same signature and meaning as ``torch.distributed.tensor.experimental.local_map`` (PyTorch 2.14's, with
     ``redistribute_inputs`` and ``spmd_types``); specs may also be pytree prefixes of the arguments (see the
-    README). Works as a decorator when ``func`` is None. ``check`` (True, "warn", "strict" or False) type-checks
-    the body against the placements and, when ``in_grad_placements`` is None, infers the gradient placements.
+    README). Works as a decorator when ``func`` is None. ``check`` (True, "warn", "strict", "allow_unproven" or
+    False) type-checks the body against the placements and, when ``in_grad_placements`` is None, infers the
+    gradient placements; a claim it can neither prove nor refute warns once (see ``localmap.check.verdict``).
     ``spmd_types=True`` asks for a typed body: localmap's own check in its strict mode (``check="strict"``: a
     wrong claim raises, and so does a body the check cannot trace); it needs no extra package.
     """
@@ -306,7 +308,7 @@ def local_map(
             redistribute_inputs=redistribute_inputs, spmd_types=spmd_types, check=check,
         )
     if spmd_types:
-        if check in (False, "warn"):
+        if check in (False, "warn", "allow_unproven"):
             raise fail("spmd_types", f"asks for a typed body but check={check!r} turns the check off or down",
                        given=f"spmd_types=True, check={check!r}",
                        fix="drop check= (spmd_types=True means check='strict'), or drop spmd_types")

@@ -5,7 +5,12 @@ For each mesh dim a value's type is one of:
 * ``Replicate()``: the same on every rank of that dim;
 * ``Shard(d)``: this rank's piece of dim d of one global tensor;
 * ``Partial(op)``: the true value is the reduction (op) of every rank's value;
-* ``VARYING``: differs across ranks with no global meaning that localmap can derive.
+* ``PER_RANK_COPY``: the same value on every rank, but typed per rank: its gradient is a per-rank share that
+  its producer's backward sums (``pvary``'s and ``all_gather``'s results, as JAX types them varying). As a value
+  it is Replicate (an op with sharded data gives the shard); claimed Replicate as it is, its gradient would be
+  counted once per rank;
+* ``VARYING``: differs across ranks with no global meaning that localmap can derive. A claim of Shard or
+  Partial on such a value is *unproven* (never accepted as proven).
 
 A value's type is a tuple with one entry per mesh dim. Rules (``localmap.check.rules``) give each op's output
 type from its inputs' types, or raise ``RuleError``.
@@ -14,22 +19,31 @@ type from its inputs' types, or raise ``RuleError``.
 from __future__ import annotations
 
 
-class Varying:
-    """Differs across the ranks of a mesh dim, with no shard or partial structure that localmap can derive."""
+class _Marker:
+    """A lattice element that is not a PyTorch placement: one instance per class, compared with ``is``."""
 
     _instance = None
 
-    def __new__(cls) -> "Varying":
-        if cls._instance is None:
+    def __new__(cls) -> "_Marker":
+        if cls.__dict__.get("_instance") is None:
             cls._instance = super().__new__(cls)
         return cls._instance
 
     def __repr__(self) -> str:
-        return "Varying"
+        return type(self).__name__
+
+
+class Varying(_Marker):
+    """Differs across the ranks of a mesh dim, with no shard or partial structure that localmap can derive."""
+
+
+class PerRankCopy(_Marker):
+    """The same on every rank of a mesh dim in value, per rank in gradient (see the module docstring)."""
 
 
 VARYING = Varying()
-Type = tuple  # one entry per mesh dim: Replicate | Shard | Partial | Varying
+PER_RANK_COPY = PerRankCopy()
+Type = tuple  # one entry per mesh dim: Replicate | Shard | Partial | PerRankCopy | Varying
 
 
 class RuleError(Exception):
@@ -38,3 +52,9 @@ class RuleError(Exception):
     def __init__(self, problem: str, fix: str, mesh_dim: int | None = None) -> None:
         super().__init__(problem)
         self.problem, self.fix, self.mesh_dim = problem, fix, mesh_dim
+
+
+# Why a value became VARYING at a node, kept in the check graph's node.meta under this key (for the message
+# that names where a proof stopped).
+UNKNOWN_WHY = "localmap_unknown_why"
+OPAQUE = "localmap_opaque"  # node.meta key: the op has no rule at all, so even a Replicate claim is unproven

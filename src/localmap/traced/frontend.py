@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from localmap import compat as _compat
-from localmap.check.checker import enforce
+from localmap.check.verdict import enforce
 from localmap.check.function import check_function
 from localmap.context import default_mesh, enclosing_region_mesh, in_region
 from localmap.sites import caller_site

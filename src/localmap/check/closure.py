@@ -1,0 +1,76 @@
+"""The DTensors a region's body closes over: module parameters and buffers (``self.w1``), closure cells,
+defaults, partial arguments and the module globals its code names. The check types their shards by their
+placements (``compat.to_local_substituted`` hands the trace a stand-in for each ``to_local()``); anything else
+closed over is a constant, the same on every rank.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from typing import Any, Callable, Iterator
+
+import torch
+from torch.distributed.tensor import DTensor
+
+_MAX_DEPTH = 2  # containers walked into (a list of experts' weights, a dict of buffers)
+
+
+def closed_over_dtensors(fn: Callable) -> list[tuple[str, DTensor]]:
+    """(name as the body reads it, DTensor) for each DTensor `fn` can reach without being passed it."""
+    found: dict[int, tuple[str, DTensor]] = {}
+    for name, obj in _reachable(fn):
+        _collect(name, obj, found, _MAX_DEPTH)
+    return list(found.values())
+
+
+def _reachable(fn: Any) -> Iterator[tuple[str, Any]]:
+    if isinstance(fn, functools.partial):
+        yield from _reachable(fn.func)
+        yield from ((f"partial arg {k}", a) for k, a in enumerate(fn.args))
+        yield from fn.keywords.items()
+        return
+    bound_to = getattr(fn, "__self__", None)
+    if bound_to is not None and hasattr(fn, "__func__"):
+        yield "self", bound_to
+        fn = fn.__func__
+    if isinstance(fn, torch.nn.Module):
+        yield "self", fn
+        return
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return
+    for name, cell in zip(code.co_freevars, fn.__closure__ or ()):
+        try:
+            yield name, cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+    yield from ((f"default {k}", d) for k, d in enumerate(fn.__defaults__ or ()))
+    yield from (fn.__kwdefaults__ or {}).items()
+    for name in _global_names(code):
+        if name in fn.__globals__:
+            yield name, fn.__globals__[name]
+
+
+def _global_names(code: Any) -> set[str]:
+    """Names the code (and the functions and lambdas defined in it) may read from its globals."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if hasattr(const, "co_names"):
+            names |= _global_names(const)
+    return names
+
+
+def _collect(name: str, obj: Any, found: dict, depth: int) -> None:
+    if isinstance(obj, DTensor):
+        found.setdefault(id(obj), (name, obj))
+    elif isinstance(obj, torch.nn.Module):
+        for n, t in itertools.chain(obj.named_parameters(), obj.named_buffers()):
+            if isinstance(t, DTensor):
+                found.setdefault(id(t), (f"{name}.{n}", t))
+    elif depth and isinstance(obj, (list, tuple)):
+        for k, o in enumerate(obj):
+            _collect(f"{name}[{k}]", o, found, depth - 1)
+    elif depth and isinstance(obj, dict):
+        for k, o in list(obj.items())[:64]:
+            _collect(f"{name}[{k!r}]", o, found, depth - 1)
