@@ -66,10 +66,11 @@ def test_all_reduce_claimed_replicate_passes_the_check_and_partial_does_not(sim_
 
 
 def test_replicate_input_meeting_gathered_data_gets_partial_gradient(sim_mesh_4):
-    """A Replicate weight used with all_gather'd (per-rank-gradient) data: inferred Partial and right."""
+    """A Replicate weight used with all_gather'd data (the same on every rank, its gradient per rank, as it meets
+    this rank's shard): inferred Partial and right."""
     x, w = randn(8, 6), randn(6, 6)
-    body = lambda d, x, w: C.all_gather(x, d) @ w  # noqa: E731
-    out_ref = lambda x, w: (x @ w).repeat(4, 1)  # noqa: E731  every rank holds the whole product
+    body = lambda d, x, w: x * (C.all_gather(x, d) @ w).sum(0)  # noqa: E731
+    out_ref = lambda x, w: x * (x @ w).sum(0)  # noqa: E731
     run_collective_region(sim_mesh_4, 0, body, out_ref, [x, w], [S0, R], S0,
                           grad_placements=[(S0,), (Partial(),)])
 

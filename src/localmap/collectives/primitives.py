@@ -28,14 +28,14 @@ from typing import Any, Sequence
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor.placement_types import Replicate
+from torch.distributed.tensor.placement_types import Partial, Replicate, Shard
 
 from localmap import compat
 from localmap.collectives.registry import Collective, on_its_mesh_dim, register, same_as_input
 from localmap.compat import collectives as compat_funcol
 from localmap.context import region_mesh
 from localmap.errors import fail
-from localmap.placements.types import VARYING
+from localmap.placements.types import PER_RANK_COPY, VARYING
 
 _OPS = ("sum", "avg", "max", "min")
 
@@ -147,7 +147,8 @@ _pvary_op.register_autograd(_pvary_backward, setup_context=_pvary_setup)
 
 # A replicated value made per rank; its backward sums the per-rank gradients itself.
 register(torch.ops.localmap.pvary.default,
-         Collective("pvary", on_its_mesh_dim(lambda p: VARYING), cost=None, gradient="summing"))
+         Collective("pvary", on_its_mesh_dim(lambda p: PER_RANK_COPY if isinstance(p, Replicate) else p), cost=None,
+                    gradient="summing"))
 
 
 def pvary(x: torch.Tensor, mesh_dim: int | str, *, mesh: DeviceMesh | None = None) -> torch.Tensor:
@@ -159,8 +160,10 @@ def pvary(x: torch.Tensor, mesh_dim: int | str, *, mesh: DeviceMesh | None = Non
 
 # ---- all_gather / reduce_scatter / all_to_all: per-rank results whose gradients are per rank (JAX's typing of
 # all_gather: a value that meets per-rank data; its transpose reduce-scatters) -----------------------------------
+# The gathered value is the same on every rank; typed per rank (its backward reduce-scatters the gradients).
 register(compat.FUNCTIONAL_OPS.all_gather_into_tensor.default,
-         Collective(None, on_its_mesh_dim(lambda p: VARYING), cost=lambda b, n: (n - 1) * b))
+         Collective(None, on_its_mesh_dim(lambda p: VARYING if isinstance(p, Partial) else PER_RANK_COPY),
+                    cost=lambda b, n: (n - 1) * b))
 
 
 def all_gather(x: torch.Tensor, mesh_dim: int | str, dim: int = 0, *, mesh: DeviceMesh | None = None) -> torch.Tensor:
@@ -170,8 +173,16 @@ def all_gather(x: torch.Tensor, mesh_dim: int | str, dim: int = 0, *, mesh: Devi
     return compat_funcol.all_gather(x.contiguous(), dim % max(x.dim(), 1), group)
 
 
+def _reduce_scatter_type(node: Any, in_types: list, mesh: Any) -> Any:
+    """A partial sum reduce-scattered along dim 0 is this rank's shard of dim 0. Along another dim the input
+    was rearranged (chunks concatenated) first, so the result's structure is not derived (Varying)."""
+    rearranged = getattr(node.args[0], "target", None) is torch.ops.aten.cat.default
+    return on_its_mesh_dim(lambda p: Shard(0) if isinstance(p, Partial) and p.reduce_op in ("sum", "avg")
+                           and not rearranged else VARYING)(node, in_types, mesh)
+
+
 register(compat.FUNCTIONAL_OPS.reduce_scatter_tensor.default,
-         Collective(None, on_its_mesh_dim(lambda p: VARYING), cost=lambda b, n: (n - 1) / n * b))
+         Collective(None, _reduce_scatter_type, cost=lambda b, n: (n - 1) / n * b))
 
 
 def reduce_scatter(x: torch.Tensor, mesh_dim: int | str, dim: int = 0, op: str = "sum", *,
