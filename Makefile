@@ -16,8 +16,9 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 	$(PY) -m pip install -q -e '.[cli]'
 	touch $@
 
+# The test extra brings torchtitan and its requirements; naming $(TORCH) again keeps the pinned build in place.
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
-	$(PY) -m pip install -q -e '.[cli,test]'
+	$(PY) -m pip install -q -e '.[cli,test]' $(TORCH)
 	touch $@
 
 # Graphviz's `dot` draws captured programs (CapturedProgram.save_svg). Installed from Debian's packages when
