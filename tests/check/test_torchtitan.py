@@ -269,43 +269,24 @@ def _assert_one_device(diffs: dict[str, float]) -> None:
     assert not bad, f"differs from one device: {bad}"
 
 
-def _param(site_name: str, reason: str | None) -> Any:
-    marks = [pytest.mark.slow] if site_name in GLOO else []
-    if reason:
-        marks.append(pytest.mark.xfail(strict=True, reason=reason))
-    return pytest.param(site_name, marks=marks, id=site_name)
+def _param(site_name: str) -> Any:
+    return pytest.param(site_name, marks=[pytest.mark.slow] if site_name in GLOO else [], id=site_name)
 
 
-# What the default check gets wrong today on these correct programs (issue 12); the lead removes each entry as
-# the checker is fixed.
-_TO_LOCAL = ("IndexError: list index out of range at check/rules.py:108 (in_types[0]): the body's "
-             "self.w.to_local() on a closed-over DTensor traces to a view of an untyped constant")
-CHECK_FAILS = {
-    "routed_experts_ep_off": _TO_LOCAL,
-    "routed_experts_ep_on": _TO_LOCAL,
-    "tok_embeddings": _TO_LOCAL,
-    "inner_attention_gqa": "PlacementError: outputs: is the same on every rank but is claimed Shard(dim=2) (made so "
-                           "by aten.transpose.int at torchtitan/models/common/attention.py:447)",
-    "chunked_loss_wrapper": "PlacementError: outputs[0]: is the same on every rank but is claimed Shard(dim=1) "
-                            "(made so by aten.clone.default at torchtitan/components/loss.py:675): split_with_sizes' "
-                            "outputs lose their types",
-}
-
-
-@pytest.mark.parametrize("site_name", [_param(s, None) for s in SITES])
+@pytest.mark.parametrize("site_name", [_param(s) for s in SITES])
 def test_with_pytorch_local_map_matches_one_device(site_name):
     """The baseline: torchtitan as shipped (PyTorch's local_map) computes what one device does."""
     _assert_one_device(_measure_anywhere(site_name, "torch"))
 
 
-@pytest.mark.parametrize("site_name", [_param(s, CHECK_FAILS.get(s)) for s in SITES])
+@pytest.mark.parametrize("site_name", [_param(s) for s in SITES])
 def test_with_localmap_and_the_default_check_matches_one_device(site_name):
     """The check must never break a correct program: the same site with localmap's local_map (check on) runs
     and computes what one device does."""
     _assert_one_device(_measure_anywhere(site_name, "localmap"))
 
 
-@pytest.mark.parametrize("site_name", [_param(s, None) for s in SITES])
+@pytest.mark.parametrize("site_name", [_param(s) for s in SITES])
 def test_with_localmap_unchecked_matches_one_device(site_name):
     """localmap's regions themselves (check off) are right on every site: a failure with the check on is the
     check's."""

@@ -9,6 +9,7 @@ Replicate, and an error for a Partial input (the op's linearity is unknown).
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any, Sequence
 
@@ -101,6 +102,39 @@ def _refuse_partial(node: fx.Node, column: list, m: int) -> None:
             "all_reduce the partial value first, or keep the computation linear", m)
 
 
+_VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
+
+
+def _ask_view_globally(node: fx.Node, mesh: Any, types: dict) -> tuple[Any, list] | None:
+    """A view written with local sizes, asked about in the global view: each sharded mesh dim's shard lands on
+    some output dim; the output dims that DTensor's view rule itself maps the shards to, given global sizes,
+    are the answer (so a heads split of a sharded feature dim keeps its shard exact). None when no choice
+    is consistent: the view only fits the local shape."""
+    src, t = node.args[0], types.get(node.args[0])
+    out_val = node.meta.get("val")
+    if t is None or not isinstance(out_val, torch.Tensor) or not all(isinstance(s, int) for s in out_val.shape):
+        return None
+    in_spec = _as_spec(src.meta["val"], t, mesh)
+    sharded = [(m, p) for m, p in enumerate(t) if isinstance(p, Shard)]
+    for choice in itertools.product(range(out_val.ndim), repeat=len(sharded)):
+        sizes = list(out_val.shape)
+        for (m, _), j in zip(sharded, choice):
+            sizes[j] *= mesh.shape[m]
+        if math.prod(sizes) != math.prod(in_spec.shape):
+            continue
+        try:
+            with compat.quiet_fake_tensor_errors():
+                sharding = compat.propagate_sharding(node.target, (in_spec, sizes), {})
+        except Exception:
+            continue
+        out = sharding.output_spec
+        if not sharding.needs_redistribute and all(
+                out.placements[m] == Shard(j) for (m, _), j in zip(sharded, choice)):
+            return sharding, [in_spec]
+    node.meta[UNKNOWN_WHY] = f"{op_name(node)} gives a shape that only fits the local shard (no global view)"
+    return None
+
+
 def _ask_dtensor(node: fx.Node, mesh: Any, types: dict) -> tuple[Any, list] | None:
     """DTensor's sharding decision for `node` on specs of its inputs' types, and those specs; None when DTensor
     cannot be asked (data-dependent sizes, a view of an empty tensor) or has no strategy."""
@@ -111,6 +145,8 @@ def _ask_dtensor(node: fx.Node, mesh: Any, types: dict) -> tuple[Any, list] | No
         return None  # data-dependent sizes (tokens routed by an all_to_all): DTensor's strategies need real ones
     if compat.view_rule_hangs(node.target, [v.shape for v in vals if isinstance(v, torch.Tensor)]):
         return None
+    if node.target in _VIEWS:
+        return _ask_view_globally(node, mesh, types)
 
     def as_schema(a: Any) -> Any:
         if isinstance(a, fx.Node):
