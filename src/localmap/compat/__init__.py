@@ -19,7 +19,7 @@ from torch.utils import _pytree as pytree
 from localmap.compat.collectives import (
     FUNCTIONAL_OPS, AsyncCollectiveTensor, all_gather_stack, group_size, is_functional_collective, wait, wait_local,
 )
-from localmap.compat.compiling import size_hint, surfacing, trace_time, traced_local
+from localmap.compat.compiling import optimization_hint, size_hint, surfacing, trace_time, traced_local
 from localmap.compat.dtensor import (
     DTensorSpec, TensorMeta, global_shape_and_stride, grad_placements_default, view_rule_hangs, local_tensor_of,
     make_dtensor, make_spec, propagate_sharding, quiet_fake_tensor_errors, redistribute_local, spec_of,
@@ -49,6 +49,6 @@ __all__ = [
     "has_free_unbacked_symbols", "has_random_ops", "ignore_fresh_unbacked", "in_backward", "is_data_dependent_error", "is_fake", "is_random_op", "isolated_tracing", "joint_partition", "make_fx",
     "new_fake_mode", "op_schema", "own_node_meta", "partitioner", "plain_signature", "register_cpu_attention_flops",
     "register_trace_anchor", "sac_active", "sac_modes", "storage_key", "trace_lock", "track_tensor_tree",
-    "without_saved_tensor_hooks", "TORCH_AT_LEAST_2_14", "TORCH_RELEASE", "size_hint", "surfacing", "trace_time",
+    "without_saved_tensor_hooks", "TORCH_AT_LEAST_2_14", "TORCH_RELEASE", "optimization_hint", "size_hint", "surfacing", "trace_time",
     "traced_local",
 ]

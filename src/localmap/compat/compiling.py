@@ -25,6 +25,9 @@ import functools
 from typing import Any, Callable
 
 import torch
+# A size (an int, or a SymInt Dynamo made symbolic) as an int: its example value, no guard added. Called as is
+# (no wrapper) in code Dynamo traces, which has a rule for it.
+from torch.fx.experimental.symbolic_shapes import optimization_hint
 
 _SURFACING: dict[type, type] = {}
 
@@ -79,8 +82,6 @@ def size_hint(n: Any) -> Any:
     """An int for a size or integer Dynamo made symbolic (its example value, no guard); anything else as is."""
     # isinstance(n, torch.SymInt) is False in code Dynamo traces (it answers for the int the SymInt stands for)
     if isinstance(n, int) and not isinstance(n, bool):
-        from torch.fx.experimental.symbolic_shapes import optimization_hint
-
         return optimization_hint(n)
     return n
 

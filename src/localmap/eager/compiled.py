@@ -15,16 +15,15 @@ from typing import Any
 import torch
 from torch.distributed.tensor import DTensor
 
-from localmap.compat import pytree, size_hint, traced_local
-from localmap.context import in_region
+from localmap.compat import optimization_hint, pytree, size_hint, traced_local
+from localmap.context import pop_region_mesh, push_region_mesh
 from localmap.eager.compile_time import plan_inputs, plan_outputs, plan_plain_call, refuse_uneven
 from localmap.placements.shapes import is_uneven
 
 
 def call_compiling(region: Any, args: tuple, kwargs: dict) -> Any:
     """Run `region` (a RegionCallable) while Dynamo traces."""
-    flat, treespec = pytree.tree_flatten(args)
-    skeleton = pytree.tree_unflatten(list(range(len(flat))), treespec)
+    flat, treespec, skeleton = _structure(args)
     dtensor_idx = [i for i, a in enumerate(flat) if isinstance(a, DTensor)]
     if not dtensor_idx:
         plan_plain_call(region, skeleton, tuple(describe(a) for a in flat))
@@ -40,14 +39,25 @@ def call_compiling(region: Any, args: tuple, kwargs: dict) -> Any:
             a = a.redistribute(mesh, target)
             _refuse_if_uneven(skeleton, i, a)
         locals_[i] = a.to_local(grad_placements=grads)
-    with in_region(mesh):  # for localmap.collectives inside the body
-        out = region.func(*pytree.tree_unflatten(locals_, treespec), **kwargs)
-    flat_out, out_tree = pytree.tree_flatten(out)
-    out_skeleton = pytree.tree_unflatten(list(range(len(flat_out))), out_tree)
+    push_region_mesh(mesh)  # for localmap.collectives inside the body
+    try:
+        out = region.func(*(locals_ if treespec is None else pytree.tree_unflatten(locals_, treespec)), **kwargs)
+    finally:
+        pop_region_mesh()
+    flat_out, out_tree, out_skeleton = _structure(out) if not isinstance(out, torch.Tensor) else ((out,), None, 0)
     specs = plan_outputs(region, mesh, out_skeleton, tuple(describe(t) for t in flat_out), torch.is_grad_enabled())
     results = [t if spec is None else DTensor.from_local(t, mesh, spec, run_check=False)
                for t, spec in zip(flat_out, specs, strict=True)]
-    return pytree.tree_unflatten(results, out_tree)
+    return results[0] if out_tree is None else pytree.tree_unflatten(results, out_tree)
+
+
+def _structure(tree: Any) -> tuple[Any, Any, Any]:
+    """(flat leaves, treespec, skeleton: the structure with each leaf's index in its place, which Dynamo can
+    pass as a constant). Positional tensors only: no pytree (Dynamo traces every call of it)."""
+    if type(tree) is tuple and all(isinstance(a, torch.Tensor) for a in tree):
+        return tree, None, tuple(range(len(tree)))
+    flat, treespec = pytree.tree_flatten(tree)
+    return flat, treespec, pytree.tree_unflatten(list(range(len(flat))), treespec)
 
 
 def _refuse_if_uneven(skeleton: Any, i: int, a: DTensor) -> None:
@@ -61,12 +71,9 @@ def describe(leaf: Any) -> tuple:
     ("V", value) otherwise. Sizes Dynamo made symbolic are read as their example values."""
     if isinstance(leaf, DTensor):
         local = traced_local(leaf)
-        return ("D", _hints(local.shape), _hints(local.stride()), leaf.dtype, leaf.requires_grad,
-                tuple(leaf.placements), leaf.device_mesh)
+        return ("D", tuple(map(optimization_hint, local.shape)), tuple(map(optimization_hint, local.stride())),
+                leaf.dtype, leaf.requires_grad, tuple(leaf.placements), leaf.device_mesh)
     if isinstance(leaf, torch.Tensor):
-        return ("T", _hints(leaf.shape), _hints(leaf.stride()), leaf.dtype, leaf.requires_grad)
+        return ("T", tuple(map(optimization_hint, leaf.shape)), tuple(map(optimization_hint, leaf.stride())),
+                leaf.dtype, leaf.requires_grad)
     return ("V", size_hint(leaf))
-
-
-def _hints(sizes: Any) -> tuple:
-    return tuple(size_hint(s) for s in sizes)
