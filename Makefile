@@ -54,6 +54,7 @@ fuzz: $(VENV)/.installed-test
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_eager.py
+	$(PY) benchmarks/bench_compile.py
 
 clean:
 	rm -rf $(VENV) .venv-torch-* build src/*.egg-info .pytest_cache

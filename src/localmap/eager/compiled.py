@@ -1,62 +1,79 @@
-"""The eager region under ``torch.compile``: the same checks at trace time, DTensor's public conversions.
+"""The region under ``torch.compile``: what Dynamo traces, with every check run once at trace time.
 
-Dynamo traces this function instead of the batched autograd nodes (it knows ``to_local``/``from_local``, not
-localmap's C-level shortcuts), and skips the caches (their dictionaries would become guards).
+Dynamo traces this function instead of the eager path (it knows DTensor's ``to_local``/``from_local``, not
+localmap's batched autograd nodes, and the caches' dictionaries would become guards). Everything that decides
+or may raise runs in ``eager.compile_time`` at trace time on the arguments' metadata: the plan and leaf checks,
+the placement check and the gradient placements it infers, the output checks. What Dynamo records is only the
+conversions, with those placements as constants: a compiled call costs what PyTorch's local_map costs.
+Recompiles follow Dynamo's own guards (input sizes, strides, placements, the region object).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch.distributed.tensor import DTensor
 
-from localmap.compat import pytree
-from localmap.context import in_region
-from localmap.eager.plans import InputPlan, check_input_leaf, check_non_dtensor_leaves
-from localmap.errors import fail
+from localmap.compat import optimization_hint, pytree, size_hint, traced_local
+from localmap.context import pop_region_mesh, push_region_mesh
+from localmap.eager.compile_time import plan_inputs, plan_outputs, plan_plain_call, refuse_uneven
 from localmap.placements.shapes import is_uneven
-from localmap.placements.specs import check_output_leaf, leaf_path, resolve_input_specs, resolve_output_specs
 
 
 def call_compiling(region: Any, args: tuple, kwargs: dict) -> Any:
-    """Run `region` (a RegionCallable) on DTensor arguments while Dynamo traces."""
-    flat, treespec = pytree.tree_flatten(args)
+    """Run `region` (a RegionCallable) while Dynamo traces."""
+    flat, treespec, skeleton = _structure(args)
     dtensor_idx = [i for i, a in enumerate(flat) if isinstance(a, DTensor)]
     if not dtensor_idx:
+        plan_plain_call(region, skeleton, tuple(describe(a) for a in flat))
         return region.func(*args, **kwargs)
-    mesh = region.device_mesh if region.device_mesh is not None else common_mesh(args, flat, dtensor_idx)
-    plan = InputPlan(mesh, None, None)
-    if region.in_placements is not None:
-        plan.specs = resolve_input_specs(region.in_placements, args, len(flat))
-    if region.in_grad_placements is not None:
-        plan.grad_specs = resolve_input_specs(region.in_grad_placements, args, len(flat), "in_grad_placements")
-    check_non_dtensor_leaves(plan, args, flat)
+    mesh = region.device_mesh if region.device_mesh is not None else flat[dtensor_idx[0]].device_mesh
+    for i in dtensor_idx:  # (before describing them: uneven shards' local sizes are per rank)
+        _refuse_if_uneven(skeleton, i, flat[i])
+    leaves = tuple(describe(a) for a in flat)
     locals_ = list(flat)
-    for i in dtensor_idx:
-        a, gp = check_input_leaf(plan, args, flat, i, mesh, region.redistribute_inputs)
-        if is_uneven(a.shape, a.placements, mesh):
-            raise fail(leaf_path("args", args, i), "is unevenly sharded, which local_map does not support "
-                       "under torch.compile", given=tuple(a.shape),
-                       fix="pad the sharded dim to a multiple of the mesh size, or run this region eagerly")
-        locals_[i] = a.to_local(grad_placements=gp)
-    with in_region(mesh):  # for localmap.collectives inside the body
-        out = region.func(*pytree.tree_unflatten(locals_, treespec), **kwargs)
-    flat_out, out_tree = pytree.tree_flatten(out)
-    specs = resolve_output_specs(region.out_placements, out, len(flat_out))
-    results = []
-    for i, (t, spec) in enumerate(zip(flat_out, specs, strict=True)):
-        spec = check_output_leaf(out, i, t, spec, mesh)
-        results.append(DTensor.from_local(t, mesh, spec, run_check=False) if spec is not None else t)
-    return pytree.tree_unflatten(results, out_tree)
+    for i, target, grads in plan_inputs(region, mesh, skeleton, leaves, {k: describe(v) for k, v in kwargs.items()}):
+        a = flat[i]
+        if target is not None:
+            a = a.redistribute(mesh, target)
+            _refuse_if_uneven(skeleton, i, a)
+        locals_[i] = a.to_local(grad_placements=grads)
+    push_region_mesh(mesh)  # for localmap.collectives inside the body
+    try:
+        out = region.func(*(locals_ if treespec is None else pytree.tree_unflatten(locals_, treespec)), **kwargs)
+    finally:
+        pop_region_mesh()
+    flat_out, out_tree, out_skeleton = _structure(out) if not isinstance(out, torch.Tensor) else ((out,), None, 0)
+    specs = plan_outputs(region, mesh, out_skeleton, tuple(describe(t) for t in flat_out), torch.is_grad_enabled())
+    results = [t if spec is None else DTensor.from_local(t, mesh, spec, run_check=False)
+               for t, spec in zip(flat_out, specs, strict=True)]
+    return results[0] if out_tree is None else pytree.tree_unflatten(results, out_tree)
 
 
-def common_mesh(args: tuple, flat: Any, dtensor_idx: Any) -> Any:
-    """The mesh of the DTensor inputs, which must all agree when no device_mesh is given."""
-    mesh = flat[dtensor_idx[0]].device_mesh
-    for i in dtensor_idx[1:]:
-        other = flat[i].device_mesh
-        if other is not mesh and other != mesh:
-            raise fail(leaf_path("args", args, i), "is a DTensor on a different mesh than "
-                       f"{leaf_path('args', args, dtensor_idx[0])}", expected=mesh, given=other,
-                       fix="redistribute the inputs onto one mesh, or pass device_mesh= explicitly")
-    return mesh
+def _structure(tree: Any) -> tuple[Any, Any, Any]:
+    """(flat leaves, treespec, skeleton: the structure with each leaf's index in its place, which Dynamo can
+    pass as a constant). Positional tensors only: no pytree (Dynamo traces every call of it)."""
+    if type(tree) is tuple and all(isinstance(a, torch.Tensor) for a in tree):
+        return tree, None, tuple(range(len(tree)))
+    flat, treespec = pytree.tree_flatten(tree)
+    return flat, treespec, pytree.tree_unflatten(list(range(len(flat))), treespec)
+
+
+def _refuse_if_uneven(skeleton: Any, i: int, a: DTensor) -> None:
+    if is_uneven(a.shape, a.placements, a.device_mesh):  # a guard on symbolic sizes, a constant otherwise
+        refuse_uneven(skeleton, i, tuple(size_hint(s) for s in a.shape))
+
+
+def describe(leaf: Any) -> tuple:
+    """A leaf as hashable metadata for the trace-time checks: ("D", local size, local stride, dtype,
+    requires_grad, placements, mesh) for a DTensor, ("T", size, stride, dtype, requires_grad) for a tensor,
+    ("V", value) otherwise. Sizes Dynamo made symbolic are read as their example values."""
+    if isinstance(leaf, DTensor):
+        local = traced_local(leaf)
+        return ("D", tuple(map(optimization_hint, local.shape)), tuple(map(optimization_hint, local.stride())),
+                leaf.dtype, leaf.requires_grad, tuple(leaf.placements), leaf.device_mesh)
+    if isinstance(leaf, torch.Tensor):
+        return ("T", tuple(map(optimization_hint, leaf.shape)), tuple(map(optimization_hint, leaf.stride())),
+                leaf.dtype, leaf.requires_grad)
+    return ("V", size_hint(leaf))

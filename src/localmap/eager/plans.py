@@ -11,10 +11,12 @@ from typing import Any, Sequence
 
 import torch
 from torch.distributed.tensor import DeviceMesh, DTensor
-from torch.distributed.tensor.placement_types import Placement, Shard
+from torch.distributed.tensor.placement_types import Placement, Replicate, Shard
 
-from localmap.compat import DTensorSpec, global_shape_and_stride, make_spec
-from localmap.eager.uneven import gather_global_shapes, plain_stride
+from localmap.check.verdict import Verdict
+from localmap.check.function import check_function
+from localmap.compat import DTensorSpec, global_shape_and_stride, local_tensor_of, make_spec, pytree
+from localmap.eager.uneven import gather_global_shapes, plain_stride, uneven_mesh_dims
 from localmap.errors import fail
 from localmap.placements.algebra import grad_default
 from localmap.placements.shapes import dense_stride
@@ -92,6 +94,15 @@ def check_input_leaf(plan: InputPlan, args: tuple, flat: Sequence[Any], i: int, 
     """The slow path for one DTensor input: its mesh, its placements against the plan (redistributing when
     asked) and its gradient placements. Returns the DTensor to unwrap and its gradient placements."""
     a = flat[i]
+    spec, grad = input_leaf_target(plan, args, flat, i, mesh, redistribute)
+    return (a if a.placements == spec else a.redistribute(mesh, spec)), grad
+
+
+def input_leaf_target(plan: InputPlan, args: tuple, flat: Sequence[Any], i: int, mesh: DeviceMesh,
+                      redistribute: bool) -> tuple[tuple[Placement, ...], tuple[Placement, ...]]:
+    """Check one DTensor input against the plan: (the placements it is to be brought to, its gradient
+    placements). Raises what the eager path and the compiled path both raise."""
+    a = flat[i]
     if a.device_mesh is not mesh and a.device_mesh != mesh:
         raise fail(leaf_path("args", args, i), "is a DTensor on a different mesh than the region's",
                    expected=mesh, given=a.device_mesh,
@@ -104,21 +115,59 @@ def check_input_leaf(plan: InputPlan, args: tuple, flat: Sequence[Any], i: int, 
     if a.placements != spec:
         path = leaf_path("args", args, i)
         spec = normalize_shard_dims(spec, a.ndim, path, "in_placements", mesh)
-        if a.placements != spec:
-            if not redistribute:
-                dim = next(m for m, (p, q) in enumerate(zip(a.placements, spec, strict=True)) if p != q)
-                raise fail(path, "has placements that differ from in_placements", mesh=mesh, mesh_dim=dim,
-                           expected=placements_str(spec), given=placements_str(a.placements),
-                           fix="pass redistribute_inputs=True, or call .redistribute(...) first")
-            a = a.redistribute(mesh, spec)
+        if a.placements != spec and not redistribute:
+            dim = next(m for m, (p, q) in enumerate(zip(a.placements, spec, strict=True)) if p != q)
+            raise fail(path, "has placements that differ from in_placements", mesh=mesh, mesh_dim=dim,
+                       expected=placements_str(spec), given=placements_str(a.placements),
+                       fix="pass redistribute_inputs=True, or call .redistribute(...) first")
     if plan.grad_specs is None:
-        return a, grad_default(spec)
+        return tuple(spec), grad_default(spec)
     grad = plan.grad_specs[i]
     if grad is None:
         raise fail(leaf_path("args", args, i), "is a DTensor but its in_grad_placements spec is None",
                    expected="a list of placements", given=None,
                    fix=f"give its gradient placements, e.g. {placements_str(grad_default(spec))}")
-    return a, normalize_shard_dims(grad, a.ndim, leaf_path("args", args, i), "in_grad_placements", mesh)
+    return tuple(spec), normalize_shard_dims(grad, a.ndim, leaf_path("args", args, i), "in_grad_placements", mesh)
+
+
+def common_mesh(args: tuple, flat: Any, dtensor_idx: Any) -> Any:
+    """The mesh of the DTensor inputs, which must all agree when no device_mesh is given."""
+    mesh = flat[dtensor_idx[0]].device_mesh
+    for i in dtensor_idx[1:]:
+        other = flat[i].device_mesh
+        if other is not mesh and other != mesh:
+            raise fail(leaf_path("args", args, i), "is a DTensor on a different mesh than "
+                       f"{leaf_path('args', args, dtensor_idx[0])}", expected=mesh, given=other,
+                       fix="redistribute the inputs onto one mesh, or pass device_mesh= explicitly")
+    return mesh
+
+
+def check_kwargs(kwargs: dict) -> None:
+    """DTensors are positional only (specs are per positional argument)."""
+    for path, leaf in pytree.tree_flatten_with_path(kwargs)[0]:
+        if isinstance(leaf, DTensor):
+            raise fail("kwargs" + pytree.keystr(path), "is a DTensor passed by keyword",
+                       expected="DTensors as positional arguments (specs are per positional argument)",
+                       given="DTensor", fix="pass it positionally with a spec in in_placements")
+
+
+def check_body(func: Any, out_placements: Any, plan: InputPlan, flat: Sequence[Any], treespec: Any,
+               checked: list, mesh: DeviceMesh, kwargs: dict) -> Verdict:
+    """The placement check of `func` on these inputs' local metadata (`checked`: (leaf index, DTensor to
+    unwrap, gradient placements, its DTensorSpec) per DTensor input)."""
+    args = tuple(flat) if treespec is None else pytree.tree_unflatten(list(flat), treespec)
+    check_grad_ranges(plan, args, flat, mesh)
+    leaves = list(flat)
+    leaf_specs: list[Any] = [None] * len(leaves)
+    for i, a in enumerate(leaves):
+        if isinstance(a, torch.Tensor) and not isinstance(a, DTensor):
+            leaf_specs[i] = (plan.specs[i] if plan.specs is not None and plan.specs[i] is not None
+                             else tuple(Replicate() for _ in range(mesh.ndim)))
+    for i, a, _, _ in checked:
+        leaves[i], leaf_specs[i] = local_tensor_of(a), tuple(a.placements)
+    return check_function(func, leaves, leaf_specs, out_placements, plan.grad_specs, mesh,
+                          treespec if treespec is not None else pytree.tree_flatten(tuple(flat))[1],
+                          kwargs, uneven_mesh_dims([c[1] for c in checked]))
 
 
 def make_output_plan(out_placements: Any, out: Any, flat_out: Sequence[Any], mesh: DeviceMesh) -> OutputPlan:

@@ -24,19 +24,19 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch.distributed.tensor import DeviceMesh, DTensor
-from torch.distributed.tensor.placement_types import Placement, Replicate
+from torch.distributed.tensor.placement_types import Placement
 
 from localmap.check.verdict import CHECK_MODES, enforce
-from localmap.check.function import check_function, value_key
+from localmap.check.function import value_key
 from localmap.compat import local_tensor_of, make_dtensor, pytree, spec_of, wait_local
 from localmap.context import pop_region_mesh, push_region_mesh, recorder
 from localmap.eager.autograd import from_local_shards, to_local_shards
-from localmap.eager.compiled import call_compiling, common_mesh
+from localmap.eager.compiled import call_compiling
 from localmap.eager.plans import (
-    InputPlan, OutputPlan, check_grad_ranges, check_input_leaf, check_non_dtensor_leaves, make_input_plan,
-    make_output_plan, output_dtensor_specs,
+    InputPlan, OutputPlan, check_body, check_input_leaf, check_kwargs, check_non_dtensor_leaves, common_mesh,
+    make_input_plan, make_output_plan, output_dtensor_specs,
 )
-from localmap.eager.uneven import is_uneven_spec, uneven_mesh_dims
+from localmap.eager.uneven import is_uneven_spec
 from localmap.errors import body_error, fail
 from localmap.placements.algebra import extreme_grad_error, grad_default, has_extreme
 from localmap.placements.specs import leaf_path, resolve_input_specs, validate_spec_argument
@@ -90,10 +90,10 @@ class RegionCallable:
     # -- dispatch -----------------------------------------------------------------------------------------
 
     def __call__(self, args: tuple, kwargs: dict) -> Any:
-        if kwargs:
-            _check_kwargs(kwargs)
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():  # before anything Dynamo would have to trace
             return call_compiling(self, args, kwargs)
+        if kwargs:
+            check_kwargs(kwargs)
         treespec = None
         flat: Sequence[Any] = args
         for a in args:
@@ -250,19 +250,7 @@ class RegionCallable:
     def _check_body(self, plan: InputPlan, flat: Sequence[Any], treespec: Any, checked: list, mesh: DeviceMesh,
                     kwargs: dict) -> Any:
         """Trace and check the body on these inputs' local metadata (a verdict cache miss)."""
-        args = tuple(flat) if treespec is None else pytree.tree_unflatten(list(flat), treespec)
-        check_grad_ranges(plan, args, flat, mesh)
-        leaves = list(flat)
-        leaf_specs: list[Any] = [None] * len(leaves)
-        for i, a in enumerate(leaves):
-            if isinstance(a, torch.Tensor) and not isinstance(a, DTensor):
-                leaf_specs[i] = (plan.specs[i] if plan.specs is not None and plan.specs[i] is not None
-                                 else tuple(Replicate() for _ in range(mesh.ndim)))
-        for i, a, _, _ in checked:
-            leaves[i], leaf_specs[i] = local_tensor_of(a), tuple(a.placements)
-        return check_function(self.func, leaves, leaf_specs, self.out_placements, plan.grad_specs, mesh,
-                              treespec if treespec is not None else pytree.tree_flatten(tuple(flat))[1],
-                              kwargs, uneven_mesh_dims([c[1] for c in checked]))
+        return check_body(self.func, self.out_placements, plan, flat, treespec, checked, mesh, kwargs)
 
 
 def _value_key(flat: Sequence[Any], kwargs: dict) -> tuple:
@@ -270,14 +258,6 @@ def _value_key(flat: Sequence[Any], kwargs: dict) -> tuple:
     flag or a scale that changes what the body computes is checked again."""
     leaves = tuple(value_key(a) for a in flat if not isinstance(a, DTensor))
     return leaves, tuple((k, value_key(v)) for k, v in sorted(kwargs.items()))
-
-
-def _check_kwargs(kwargs: dict) -> None:
-    for path, leaf in pytree.tree_flatten_with_path(kwargs)[0]:
-        if isinstance(leaf, DTensor):
-            raise fail("kwargs" + pytree.keystr(path), "is a DTensor passed by keyword",
-                       expected="DTensors as positional arguments (specs are per positional argument)",
-                       given="DTensor", fix="pass it positionally with a spec in in_placements")
 
 
 def local_map(

@@ -1,0 +1,130 @@
+"""A region's checks under ``torch.compile``, run once while Dynamo traces, on stand-ins of its arguments.
+
+``eager.compiled`` (the code Dynamo traces) describes each argument leaf by hashable metadata (local sizes and
+strides, dtype, whether it requires grad, placements and mesh; other leaves by value) and calls the functions
+below, which Dynamo runs for real at trace time (``compat.trace_time``): their results enter the graph as
+constants, their errors reach the caller as the errors eager raises. Each rebuilds the arguments as stand-ins
+(meta tensors; DTensors over meta local tensors with the same specs) and runs the eager path's own plan, leaf
+checks and placement check on them, so both paths raise and infer the same.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.placement_types import Placement
+
+from localmap.check.verdict import enforce
+from localmap.compat import global_shape_and_stride, make_dtensor, make_spec, pytree, spec_of, trace_time
+from localmap.eager.plans import (
+    check_body, check_kwargs, check_non_dtensor_leaves, common_mesh, input_leaf_target, make_input_plan,
+    make_output_plan,
+)
+from localmap.errors import fail
+from localmap.placements.algebra import extreme_grad_error, has_extreme
+from localmap.placements.shapes import dense_stride, local_shape
+from localmap.placements.specs import check_output_leaf, leaf_path, resolve_input_specs
+from localmap.traced.operator import is_deferring
+
+Placements = tuple[Placement, ...]
+
+
+@trace_time
+def plan_inputs(region: Any, mesh: Any, skeleton: Any, leaves: tuple, kwargs: dict) -> tuple:
+    """The eager path's input checks and placement check for a call with these argument leaves: per DTensor
+    leaf, (index, the placements to redistribute it to or None, its gradient placements: given, inferred by the
+    check, or the default)."""
+    args, flat, treespec = _stand_ins(skeleton, leaves)
+    kwargs = {k: _stand_in(v) for k, v in kwargs.items()}
+    check_kwargs(kwargs)
+    dtensor_idx = [i for i, a in enumerate(flat) if isinstance(a, DTensor)]
+    if region.device_mesh is None:
+        common_mesh(args, flat, dtensor_idx)
+    plan = make_input_plan(region.in_placements, region.in_grad_placements, mesh, args, flat)
+    check_non_dtensor_leaves(plan, args, flat)
+    checked = []
+    for i in dtensor_idx:
+        target, grads = input_leaf_target(plan, args, flat, i, mesh, region.redistribute_inputs)
+        a = flat[i] if flat[i].placements == target else _redistributed(flat[i], target)
+        checked.append((i, a, grads, spec_of(a)))
+    inferred = None
+    if region.check is not False:  # the same verdict eager reaches (check.function caches it across paths)
+        verdict = check_body(region.func, region.out_placements, plan, flat, treespec, checked, mesh, kwargs)
+        enforce(verdict, region.check)
+        if region.in_grad_placements is None:
+            inferred = verdict.grad_placements
+    return tuple((i, None if a is flat[i] else tuple(a.placements),
+                  tuple((inferred[i] if inferred is not None else None) or grads)) for i, a, grads, _ in checked)
+
+
+@trace_time
+def plan_outputs(region: Any, mesh: Any, skeleton: Any, leaves: tuple, grad_enabled: bool) -> tuple:
+    """The eager path's output checks: per output leaf, its placements (None for non-tensors)."""
+    out, flat_out, _ = _stand_ins(skeleton, leaves)
+    plan = make_output_plan(region.out_placements, out, flat_out, mesh)
+    specs = [check_output_leaf(out, i, t, plan.specs[i], mesh) for i, t in enumerate(flat_out)]
+    for i, (t, p) in enumerate(zip(flat_out, specs, strict=True)):
+        if p is not None and grad_enabled and t.requires_grad and has_extreme(p):
+            raise extreme_grad_error(leaf_path("outputs", out, i), p, mesh)
+    return tuple(specs)
+
+
+@trace_time
+def refuse_uneven(skeleton: Any, i: int, shape: tuple) -> None:
+    """Argument leaf `i` is unevenly sharded, which the compiled path does not support (eager does)."""
+    raise fail(leaf_path("args", skeleton, i), "is unevenly sharded, which local_map does not support "
+               "under torch.compile", given=shape,
+               fix="pad the sharded dim to a multiple of the mesh size, or run this region eagerly")
+
+
+@trace_time
+def plan_plain_call(region: Any, skeleton: Any, leaves: tuple) -> bool:
+    """A call without DTensor arguments: the spec count checked as eagerly. Inside ``hop.defer_inlining()``
+    a region node was expected but Dynamo inlines the body (no node, no placement check): that warns."""
+    args, flat, _ = _stand_ins(skeleton, leaves)
+    if region.in_placements is not None:
+        resolve_input_specs(region.in_placements, args, len(flat))
+    if is_deferring():
+        name = getattr(region.func, "__name__", repr(region.func))
+        warnings.warn(f"local_map: region {name!r} is called on plain tensors under torch.compile inside "
+                      "defer_inlining(): Dynamo inlines its body, so the program has no region node and the "
+                      "placement check does not run. Capture with localmap.capture, or call it on DTensors.",
+                      stacklevel=2)
+    return True
+
+
+# ---- stand-ins --------------------------------------------------------------------------------------------------
+
+def _stand_ins(skeleton: Any, leaves: tuple) -> tuple[Any, list, Any]:
+    """(the arguments rebuilt with stand-in leaves, the flat leaves, their treespec) from `skeleton` (the
+    arguments' structure with each leaf's index in its place)."""
+    indices, treespec = pytree.tree_flatten(skeleton)
+    flat = [_stand_in(leaves[k]) for k in indices]
+    return pytree.tree_unflatten(flat, treespec), flat, treespec
+
+
+def _stand_in(info: Any) -> Any:
+    """A meta tensor (or a DTensor over one) with the described metadata; a described value as itself."""
+    if info[0] == "V":
+        return info[1]
+    local = torch.empty_strided(info[1], info[2], dtype=info[3], device="meta")
+    if info[4]:
+        local.requires_grad_(True)
+    if info[0] == "T":
+        return local
+    placements, mesh = info[5], info[6]
+    shape, stride = global_shape_and_stride(local, mesh, placements)
+    return make_dtensor(local.detach(), make_spec(mesh, placements, shape, stride, info[3]),
+                        requires_grad=info[4])
+
+
+def _redistributed(a: DTensor, target: Placements) -> DTensor:
+    """The stand-in `a` brought to `target` placements (even shards: any coordinate's local shape)."""
+    spec = spec_of(a)
+    shape = local_shape(spec.shape, target, spec.mesh.shape, (0,) * spec.mesh.ndim)
+    local = torch.empty_strided(shape, dense_stride(shape, spec.stride), dtype=a.dtype, device="meta")
+    return make_dtensor(local, make_spec(spec.mesh, target, spec.shape, spec.stride, a.dtype),
+                        requires_grad=a.requires_grad)
