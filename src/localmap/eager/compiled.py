@@ -16,14 +16,15 @@ from localmap.eager.plans import InputPlan, check_input_leaf, check_non_dtensor_
 from localmap.errors import fail
 from localmap.placements.shapes import is_uneven
 from localmap.placements.specs import check_output_leaf, leaf_path, resolve_input_specs, resolve_output_specs
+from localmap.traced.dynamo_capture import call_plain_compiling
 
 
 def call_compiling(region: Any, args: tuple, kwargs: dict) -> Any:
     """Run `region` (a RegionCallable) on DTensor arguments while Dynamo traces."""
     flat, treespec = pytree.tree_flatten(args)
     dtensor_idx = [i for i, a in enumerate(flat) if isinstance(a, DTensor)]
-    if not dtensor_idx:
-        return region.func(*args, **kwargs)
+    if not dtensor_idx:  # plain tensors: a region node in the planner's capture, else inlined (never silently)
+        return call_plain_compiling(region, args, kwargs)
     mesh = region.device_mesh if region.device_mesh is not None else common_mesh(args, flat, dtensor_idx)
     plan = InputPlan(mesh, None, None)
     if region.in_placements is not None:
