@@ -8,6 +8,8 @@ and fails on a private ``torch`` name used outside it). One module per topic:
 - ``simulation``: LocalTensorMode and the fake process group (the simulated mesh);
 - ``collectives``: the functional collectives and their graph ops;
 - ``tracing``: the operator machinery, fake modes, make_fx isolation, partitioners, checkpointing, flop formulas;
+- ``dynamo``: Dynamo and the planner's capture pipeline (PyTorch's local_map operator under Dynamo, its wrapping
+  and deferral switches, trace-time calls);
 - ``versions``: the running release and every behaviour that differs by release.
 
 Names are re-exported here, so callers write ``compat.make_spec(...)``.
@@ -18,6 +20,7 @@ from torch.utils import _pytree as pytree
 from localmap.compat.collectives import (
     FUNCTIONAL_OPS, AsyncCollectiveTensor, all_gather_stack, group_size, is_functional_collective, wait, wait_local,
 )
+from localmap.compat.dynamo import at_trace_time
 from localmap.compat.dtensor import (
     DTensorSpec, TensorMeta, global_shape_and_stride, grad_placements_default, view_rule_hangs, local_tensor_of,
     make_dtensor, make_spec, propagate_sharding, quiet_fake_tensor_errors, redistribute_local, spec_of,
@@ -47,5 +50,5 @@ __all__ = [
     "has_free_unbacked_symbols", "has_random_ops", "ignore_fresh_unbacked", "in_backward", "is_data_dependent_error", "is_fake", "is_random_op", "isolated_tracing", "joint_partition", "make_fx",
     "new_fake_mode", "op_schema", "own_node_meta", "partitioner", "plain_signature", "register_cpu_attention_flops",
     "register_trace_anchor", "sac_active", "sac_modes", "storage_key", "trace_lock", "track_tensor_tree",
-    "without_saved_tensor_hooks", "TORCH_AT_LEAST_2_14", "TORCH_RELEASE",
+    "without_saved_tensor_hooks", "TORCH_AT_LEAST_2_14", "TORCH_RELEASE", "at_trace_time",
 ]

@@ -74,7 +74,7 @@ class CapturePlan:
     out_specs: tuple  # one placement tuple per tensor output leaf
     out_constants: tuple  # the output leaves, None where a tensor goes
     out_is_tensor: tuple  # per output leaf
-    out_tree: Any
+    out_tree: Any  # the output's structure as plain constants (_template)
     key: int  # this plan's entry in _PLANS (the localmap operator's opaque call finds its body there)
 
 
@@ -107,7 +107,34 @@ def call_captured(region: Any, args: tuple, kwargs: dict) -> Any:
         results = iter(compat_dynamo.call_torch_local_map(
             _flat_body(region, args, kwargs, plan), plan.out_specs, plan.in_specs, plan.mesh, *tensors))
     flat_out = [next(results) if is_tensor else c for is_tensor, c in zip(plan.out_is_tensor, plan.out_constants)]
-    return pytree.tree_unflatten(flat_out, plan.out_tree)
+    return _rebuild(plan.out_tree, flat_out)
+
+
+def _rebuild(template: Any, leaves: list) -> Any:
+    """The output from its leaves and its structure as plain constants (see _template): Dynamo cannot walk a
+    TreeSpec made at trace time."""
+    if isinstance(template, int):
+        return leaves[template]
+    kind, context, children = template
+    items = [_rebuild(c, leaves) for c in children]
+    if kind == "tuple":
+        return tuple(items)
+    if kind == "list":
+        return items
+    return dict(zip(context, items))
+
+
+def _template(spec: Any, counter: Iterator[int]) -> Any:
+    """A TreeSpec of tuples, lists and dicts as plain constants: a leaf's index, else (kind, keys, children)."""
+    if spec.is_leaf():
+        return next(counter)
+    kinds = {tuple: "tuple", list: "list", dict: "dict"}
+    if spec.type not in kinds:
+        raise fail("outputs", "are a structure a region captured for a planner cannot return",
+                   expected="tensors and non-tensors in tuples, lists and dicts", given=spec.type.__name__,
+                   fix="return a tuple (or list, or dict) of the values")
+    context = tuple(spec.context) if spec.type is dict else None
+    return kinds[spec.type], context, tuple(_template(c, counter) for c in spec.children_specs)
 
 
 def _flat_body(region: Any, args: tuple, kwargs: dict, plan: CapturePlan) -> Any:
@@ -155,7 +182,8 @@ def _plan(region: Any, metas: tuple, kwargs: dict) -> CapturePlan:
         operator, region_kwargs["device_mesh"], tuple(region_kwargs["in_placements"]),
         tuple(region_kwargs["out_placements"]),
         tuple(None if isinstance(o, torch.Tensor) else o for o in traced.flat_out),
-        tuple(isinstance(o, torch.Tensor) for o in traced.flat_out), traced.out_tree, key)
+        tuple(isinstance(o, torch.Tensor) for o in traced.flat_out), _template(traced.out_tree, itertools.count()),
+        key)
 
 
 def _warn_uncarried_grads(region: Any, traced: TracedRegion, region_kwargs: dict) -> None:
