@@ -39,7 +39,7 @@ def default_mesh() -> DeviceMesh | None:
     return entries[-1] if entries else None
 
 
-STACKS = ("meshes", "capture", "reference", "region_meshes", "partitioners")  # what a thread's context holds
+STACKS = ("meshes", "capture", "reference", "region_meshes", "partitioners", "region_operators")  # what a thread's context holds
 
 
 def stack(name: str) -> list:

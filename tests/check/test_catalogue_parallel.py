@@ -220,10 +220,6 @@ def _undetached_ref(x):
 
 IDS, LABELS = ("int", 16, (2, 5)), ("int", 16, (4,))
 
-# A heads split of a sharded feature dim at size 2 per rank: DTensor's view rule, asked in the global view,
-# puts the shard on the head dim or on neither; the check gives "unproven" for both programs below.
-_HEADS = "unproven: the view's global sharding is not derived for a 2-wide head split"
-
 RIGHT = [
     # tensor parallel
     Prog("closed-over column weight (to_local)", lambda ws: lambda x: x @ local(ws[0]), [(4, 6)], [(R,)], (S1,),
@@ -237,7 +233,7 @@ RIGHT = [
     Prog("row-parallel then all_reduce", lambda h, w: C.all_reduce(h @ w, "tp"), [(4, 8), (8, 4)], [(S1,), (S0,)],
          (R,), "ok", ref=lambda h, w: h @ w),
     Prog("heads reshape, local size divisible", lambda x: x.reshape(x.shape[0], x.shape[1], -1, 2) * 1,
-         [(2, 3, 8)], [(S2,)], (S2,), "ok", xfail=_HEADS),
+         [(2, 3, 8)], [(S2,)], (S2,), "ok"),
     Prog("SDPA on transposed (B, L, N, H) heads, GQA", sdpa_transposed_gqa, [(2, 6, 8, 4), (2, 6, 4, 4),
          (2, 6, 4, 4)], [(S2,)] * 3, (S2,), "ok"),
     Prog("split_with_sizes then more ops", split_then_ops, [(8, 6)], [(S0,)], (S0,), "ok"),
@@ -266,8 +262,7 @@ RIGHT = [
          (S0,), "unchecked", right=True, grads=[(S0,), (P,)]),
     # sequence parallel
     Prog("all_gather the sequence, column-parallel matmul", lambda x, w: C.all_gather(x, "tp", dim=1) @ w,
-         [(2, 8, 4), (4, 8)], [(S1,), (S1,)], (S2,), "ok", ref=lambda x, w: x @ w,
-         xfail="unproven: an all_gather along dim 1 (chunks concatenated after it) is not typed as gathered"),
+         [(2, 8, 4), (4, 8)], [(S1,), (S1,)], (S2,), "ok", ref=lambda x, w: x @ w),
     Prog("row-parallel matmul, reduce_scatter over the sequence",
          lambda h, w: C.reduce_scatter(h @ w, "tp", dim=1), [(2, 8, 8), (8, 4)], [(S2,), (S0,)], (S1,), "ok",
          xfail="unproven: reduce_scatter along dim 1 (chunks concatenated first) is typed Varying",
@@ -312,7 +307,7 @@ WRONG = [
          xfail="order-dependent: alone, the one-device comparison fails (grad_output [2, 3, 4, 2] vs output "
                "[2, 3, 1, 8]); after the other programs it passes. Not understood yet"),
     Prog("heads reshape claimed on the head-dim", lambda x: x.reshape(x.shape[0], x.shape[1], -1, 2) * 1,
-         [(2, 3, 8)], [(S2,)], (S3,), "refused", "claimed Shard(dim=3)", xfail=_HEADS),
+         [(2, 3, 8)], [(S2,)], (S3,), "refused", "claimed Shard(dim=3)"),
     Prog("split_with_sizes then ops, claimed Replicate", split_then_ops, [(8, 6)], [(S0,)], (R,), "refused",
          "claimed Replicate"),
     Prog("topk values claimed Replicate", lambda x: x.topk(2, dim=1).values * 2, [(8, 6)], [(S0,)], (R,),
@@ -348,8 +343,7 @@ WRONG = [
     Prog("all_gather result claimed Shard", lambda x: C.all_gather(x, "tp", dim=1) * 2, [(2, 8, 4)], [(S1,)],
          (S1,), "refused", "claimed Shard(dim=1)", ref=lambda x: x * 2),
     Prog("reduce_scatter result claimed Replicate", lambda h, w: C.reduce_scatter(h @ w, "tp", dim=1),
-         [(2, 8, 8), (8, 4)], [(S2,), (S0,)], (R,), "refused", "claimed Replicate", ref=lambda h, w: h @ w,
-         xfail="not refused: a reduce_scatter along dim 1 is typed Varying, so the Replicate claim is unproven"),
+         [(2, 8, 8), (8, 4)], [(S2,), (S0,)], (R,), "refused", "claimed Replicate", ref=lambda h, w: h @ w),
     Prog("rms norm over a sharded hidden dim", rms, [(2, 4, 8), (8,)], [(S2,), (S0,)], (S2,), "refused",
          "Partial"),
     # context parallel

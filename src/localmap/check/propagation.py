@@ -105,14 +105,30 @@ def _refuse_partial(node: fx.Node, column: list, m: int) -> None:
 _VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
 
 
+def _kept_placements(sharding: Any, given: list) -> bool:
+    """Whether DTensor's decision takes the inputs as they are (a redistribution it asks for may change only
+    their metadata, not their placements)."""
+    if not sharding.needs_redistribute or sharding.redistribute_schema is None:
+        return True
+    wanted = [s for s in pytree.tree_leaves(sharding.redistribute_schema.args_schema)
+              if isinstance(s, compat.DTensorSpec)]
+    return all(g.placements == w.placements for g, w in zip(given, wanted))
+
+
+def _static(node: fx.Node) -> bool:
+    """Whether a view's input and output sizes are plain ints (symbolic sizes are asked about locally)."""
+    vals = [node.meta.get("val"), node.args[0].meta.get("val")]
+    return all(isinstance(v, torch.Tensor) and all(isinstance(s, int) for s in v.shape) for v in vals)
+
+
 def _ask_view_globally(node: fx.Node, mesh: Any, types: dict) -> tuple[Any, list] | None:
     """A view written with local sizes, asked about in the global view: each sharded mesh dim's shard lands on
     some output dim; the output dims that DTensor's view rule itself maps the shards to, given global sizes,
     are the answer (so a heads split of a sharded feature dim keeps its shard exact). None when no choice
     is consistent: the view only fits the local shape."""
     src, t = node.args[0], types.get(node.args[0])
-    out_val = node.meta.get("val")
-    if t is None or not isinstance(out_val, torch.Tensor) or not all(isinstance(s, int) for s in out_val.shape):
+    out_val = node.meta["val"]
+    if t is None:
         return None
     in_spec = _as_spec(src.meta["val"], t, mesh)
     sharded = [(m, p) for m, p in enumerate(t) if isinstance(p, Shard)]
@@ -128,7 +144,7 @@ def _ask_view_globally(node: fx.Node, mesh: Any, types: dict) -> tuple[Any, list
         except Exception:
             continue
         out = sharding.output_spec
-        if not sharding.needs_redistribute and all(
+        if _kept_placements(sharding, [in_spec]) and all(
                 out.placements[m] == Shard(j) for (m, _), j in zip(sharded, choice)):
             return sharding, [in_spec]
     node.meta[UNKNOWN_WHY] = f"{op_name(node)} gives a shape that only fits the local shard (no global view)"
@@ -145,7 +161,7 @@ def _ask_dtensor(node: fx.Node, mesh: Any, types: dict) -> tuple[Any, list] | No
         return None  # data-dependent sizes (tokens routed by an all_to_all): DTensor's strategies need real ones
     if compat.view_rule_hangs(node.target, [v.shape for v in vals if isinstance(v, torch.Tensor)]):
         return None
-    if node.target in _VIEWS:
+    if node.target in _VIEWS and _static(node):
         return _ask_view_globally(node, mesh, types)
 
     def as_schema(a: Any) -> Any:

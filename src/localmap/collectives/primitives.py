@@ -24,7 +24,7 @@ everywhere but sends n times the bytes of a point-to-point exchange.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
@@ -33,15 +33,45 @@ from torch.distributed.tensor.placement_types import Partial, Replicate, Shard
 from localmap import compat
 from localmap.collectives.registry import Collective, on_its_mesh_dim, register, same_as_input
 from localmap.compat import collectives as compat_funcol
-from localmap.context import region_mesh
+from localmap.context import enclosing_region_mesh, region_mesh
 from localmap.errors import fail
 from localmap.placements.types import PER_RANK_COPY, VARYING
 
 _OPS = ("sum", "avg", "max", "min")
 
 
-def _group(mesh_dim: int | str, mesh: DeviceMesh | None) -> tuple[DeviceMesh, int]:
-    """The mesh and the index of `mesh_dim` in it; (mesh, index) is also the functional collectives' group."""
+class _Group(NamedTuple):
+    """A mesh dim's process group as the collectives use it: plain values, so Dynamo takes them as constants."""
+
+    name: str  # the process group's name (what the functional collectives take)
+    size: int
+    index: int  # the mesh dim's index
+    device_type: str
+
+
+def _group(mesh_dim: int | str, mesh: DeviceMesh | None) -> _Group:
+    """The process group of `mesh_dim` of `mesh`, else of the running region's mesh. While Dynamo traces, it is
+    resolved at trace time (the region's capture sets the region's mesh there)."""
+    if torch.compiler.is_compiling() and _region_open_at_trace_time():
+        if mesh is not None:  # Dynamo cannot read a mesh object's process groups inside a captured body
+            raise fail("mesh", "is given to a collective inside a region body that Dynamo captures; there the "
+                       "collective runs on the region's mesh", given="mesh=...",
+                       fix="drop mesh= (the region's device_mesh is used)")
+        return _Group(*_group_at_trace_time(mesh_dim))
+    return _resolve_group(mesh_dim, mesh)
+
+
+@compat.at_trace_time
+def _region_open_at_trace_time() -> bool:
+    return enclosing_region_mesh() is not None
+
+
+@compat.at_trace_time
+def _group_at_trace_time(mesh_dim: int | str) -> tuple:
+    return tuple(_resolve_group(mesh_dim, None))
+
+
+def _resolve_group(mesh_dim: int | str, mesh: DeviceMesh | None) -> _Group:
     mesh = mesh if mesh is not None else region_mesh()
     if mesh is None:
         raise fail("mesh", "a collective needs a mesh: none is given and no region is running",
@@ -57,11 +87,7 @@ def _group(mesh_dim: int | str, mesh: DeviceMesh | None) -> tuple[DeviceMesh, in
         if not 0 <= index < mesh.ndim:
             raise fail("mesh_dim", f"is out of range for a {mesh.ndim}-d mesh", given=mesh_dim,
                        fix=f"use 0 .. {mesh.ndim - 1}")
-    return mesh, index
-
-
-def _name(mesh: DeviceMesh, index: int) -> str:
-    return mesh.get_group(index).group_name
+    return _Group(mesh.get_group(index).group_name, mesh.size(index), index, mesh.device_type)
 
 
 # Every functional collective returns an unwaited result; its wait is a local op of the input's type.
@@ -116,9 +142,9 @@ def all_reduce(x: torch.Tensor, mesh_dim: int | str, op: str = "sum", *, mesh: D
     communication; where the result meets per-rank data, pass it through `pvary` (the checker says where)."""
     if op not in _OPS:
         raise fail("op", "is not a reduction all_reduce knows", expected=_OPS, given=op, fix="use sum/avg/max/min")
-    mesh, index = _group(mesh_dim, mesh)
-    n = mesh.size(index)
-    result = compat_funcol.all_reduce(x.detach(), "sum" if op == "avg" else op, _name(mesh, index))
+    group = _group(mesh_dim, mesh)
+    n = group.size
+    result = compat_funcol.all_reduce(x.detach(), "sum" if op == "avg" else op, group.name)
     if op == "avg":
         result = result / n
     return _reduced_op(x, result, op, n)
@@ -154,8 +180,7 @@ register(torch.ops.localmap.pvary.default,
 def pvary(x: torch.Tensor, mesh_dim: int | str, *, mesh: DeviceMesh | None = None) -> torch.Tensor:
     """Identity forward, all_reduce backward: a replicated value that enters per-rank computation, so its
     gradient (a different share on each rank) is summed. The converse of `all_reduce`."""
-    mesh, index = _group(mesh_dim, mesh)
-    return _pvary_op(x, _name(mesh, index))
+    return _pvary_op(x, _group(mesh_dim, mesh).name)
 
 
 # ---- all_gather / reduce_scatter / all_to_all: per-rank results whose gradients are per rank (JAX's typing of
@@ -170,7 +195,7 @@ def all_gather(x: torch.Tensor, mesh_dim: int | str, dim: int = 0, *, mesh: Devi
     """Concatenate every rank's `x` along `dim`, in rank order. Backward reduce-scatters: the result is meant to
     meet per-rank data (gathered keys and values, say), so each rank's gradient is a share to be summed."""
     group = _group(mesh_dim, mesh)
-    return compat_funcol.all_gather(x.contiguous(), dim % max(x.dim(), 1), group)
+    return compat_funcol.all_gather(x.contiguous(), dim % max(x.dim(), 1), group.name)
 
 
 def _reduce_scatter_type(node: Any, in_types: list, mesh: Any) -> Any:
@@ -192,13 +217,13 @@ def reduce_scatter(x: torch.Tensor, mesh_dim: int | str, dim: int = 0, op: str =
     if op not in ("sum", "avg"):
         raise fail("op", "is not a reduction reduce_scatter supports", expected=("sum", "avg"), given=op,
                    fix="use sum or avg")
-    mesh, index = group = _group(mesh_dim, mesh)
-    n = mesh.size(index)
+    group = _group(mesh_dim, mesh)
+    n = group.size
     if x.shape[dim] % n:
         raise fail("x", f"dim {dim} of size {x.shape[dim]} does not split evenly over {n} ranks",
-                   mesh=mesh, mesh_dim=index, fix="pad that dim to a multiple of the mesh dim's size")
+                   mesh=mesh, mesh_dim=group.index, fix="pad that dim to a multiple of the mesh dim's size")
     x = x / n if op == "avg" else x
-    return compat_funcol.reduce_scatter(x.contiguous(), "sum", dim % x.dim(), group)
+    return compat_funcol.reduce_scatter(x.contiguous(), "sum", dim % x.dim(), group.name)
 
 
 register(compat.FUNCTIONAL_OPS.all_to_all_single.default,
@@ -213,7 +238,7 @@ def all_to_all_single(x: torch.Tensor, mesh_dim: int | str, output_split_sizes: 
     group = _group(mesh_dim, mesh)
     out = None if output_split_sizes is None else list(output_split_sizes)
     inp = None if input_split_sizes is None else list(input_split_sizes)
-    return compat_funcol.all_to_all_single(x.contiguous(), out, inp, group)
+    return compat_funcol.all_to_all_single(x.contiguous(), out, inp, group.name)
 
 
 # ---- composed of the above ---------------------------------------------------------------------------------------
@@ -222,11 +247,11 @@ def all_to_all(x: torch.Tensor, mesh_dim: int | str, split_dim: int, concat_dim:
                mesh: DeviceMesh | None = None) -> torch.Tensor:
     """Split `x` into n chunks along `split_dim`, send chunk j to rank j, concatenate what arrives along
     `concat_dim` (rank order)."""
-    mesh, index = _group(mesh_dim, mesh)
-    n = mesh.size(index)
+    group = _group(mesh_dim, mesh)
+    n = group.size
     if x.shape[split_dim] % n:
         raise fail("x", f"split dim {split_dim} of size {x.shape[split_dim]} does not split over {n} ranks",
-                   mesh=mesh, mesh_dim=index, fix="pad the split dim to a multiple of the mesh dim's size")
+                   mesh=mesh, mesh_dim=group.index, fix="pad the split dim to a multiple of the mesh dim's size")
     chunks = torch.cat(torch.chunk(x, n, dim=split_dim), dim=0) if split_dim != 0 else x
     received = all_to_all_single(chunks, mesh_dim, mesh=mesh)
     return torch.cat(torch.chunk(received, n, dim=0), dim=concat_dim)
@@ -234,26 +259,23 @@ def all_to_all(x: torch.Tensor, mesh_dim: int | str, split_dim: int, concat_dim:
 
 def axis_size(mesh_dim: int | str, *, mesh: DeviceMesh | None = None) -> int:
     """The number of ranks along `mesh_dim`."""
-    mesh, index = _group(mesh_dim, mesh)
-    return mesh.size(index)
+    return _group(mesh_dim, mesh).size
 
 
 def axis_index(mesh_dim: int | str, *, mesh: DeviceMesh | None = None, device: Any = None) -> torch.Tensor:
     """This rank's coordinate along `mesh_dim`, as a 0-dim int64 tensor (made by an all_to_all of
     ``arange(n)``, so it is per rank in traced graphs and on the simulated mesh alike)."""
-    mesh, index = group = _group(mesh_dim, mesh)
-    n = mesh.size(index)
-    dev = device if device is not None else torch.device(mesh.device_type)
-    ids = torch.arange(n, dtype=torch.int64, device=dev)
-    return compat_funcol.all_to_all_single(ids, None, None, group)[0]
+    group = _group(mesh_dim, mesh)
+    dev = device if device is not None else torch.device(group.device_type)
+    ids = torch.arange(group.size, dtype=torch.int64, device=dev)
+    return compat_funcol.all_to_all_single(ids, None, None, group.name)[0]
 
 
 def ppermute(x: torch.Tensor, mesh_dim: int | str, perm: Sequence[tuple[int, int]], *,
              mesh: DeviceMesh | None = None) -> torch.Tensor:
     """Send `x` from rank src to rank dst for each (src, dst) in `perm` (as JAX's ppermute); a rank that
     receives nothing gets zeros."""
-    mesh, index = _group(mesh_dim, mesh)
-    n = mesh.size(index)
+    n = _group(mesh_dim, mesh).size
     sources = [-1] * n
     for src, dst in perm:
         if not (0 <= src < n and 0 <= dst < n) or sources[dst] != -1:

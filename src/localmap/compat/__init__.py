@@ -9,6 +9,8 @@ and fails on a private ``torch`` name used outside it). One module per topic:
 - ``collectives``: the functional collectives and their graph ops;
 - ``compiling``: localmap's own checks run at Dynamo trace time (torch.compile), their errors unwrapped;
 - ``tracing``: the operator machinery, fake modes, make_fx isolation, partitioners, checkpointing, flop formulas;
+- ``dynamo``: Dynamo and the planner's capture pipeline (PyTorch's local_map operator under Dynamo, its wrapping
+  and deferral switches, trace-time calls);
 - ``versions``: the running release and every behaviour that differs by release.
 
 Names are re-exported here, so callers write ``compat.make_spec(...)``.
@@ -20,6 +22,7 @@ from localmap.compat.collectives import (
     FUNCTIONAL_OPS, AsyncCollectiveTensor, all_gather_stack, group_size, is_functional_collective, wait, wait_local,
 )
 from localmap.compat.compiling import optimization_hint, size_hint, surfacing, trace_time, traced_local
+from localmap.compat.dynamo import at_trace_time
 from localmap.compat.dtensor import (
     DTensorSpec, TensorMeta, global_shape_and_stride, grad_placements_default, is_strided_shard, view_rule_hangs,
     local_tensor_of, make_dtensor, make_spec, propagate_sharding, quiet_fake_tensor_errors, redistribute_local, spec_of,
@@ -51,5 +54,5 @@ __all__ = [
     "new_fake_mode", "op_schema", "own_node_meta", "partitioner", "plain_signature", "register_cpu_attention_flops",
     "register_trace_anchor", "sac_active", "sac_modes", "storage_key", "trace_lock", "track_tensor_tree",
     "without_saved_tensor_hooks", "TORCH_AT_LEAST_2_14", "TORCH_RELEASE", "optimization_hint", "size_hint", "surfacing", "trace_time",
-    "traced_local",
+    "traced_local", "at_trace_time",
 ]

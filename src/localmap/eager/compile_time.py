@@ -10,7 +10,6 @@ checks and placement check on them, so both paths raise and infer the same.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
@@ -27,7 +26,6 @@ from localmap.errors import fail
 from localmap.placements.algebra import extreme_grad_error, has_extreme
 from localmap.placements.shapes import dense_stride, local_shape
 from localmap.placements.specs import check_output_leaf, leaf_path, resolve_input_specs
-from localmap.traced.operator import is_deferring
 
 Placements = tuple[Placement, ...]
 
@@ -82,17 +80,11 @@ def refuse_uneven(skeleton: Any, i: int, shape: tuple) -> None:
 
 @trace_time
 def plan_plain_call(region: Any, skeleton: Any, leaves: tuple) -> bool:
-    """A call without DTensor arguments: the spec count checked as eagerly. Inside ``hop.defer_inlining()``
-    a region node was expected but Dynamo inlines the body (no node, no placement check): that warns."""
+    """A call without DTensor arguments: the spec count checked as eagerly (where a region node was expected,
+    ``traced.dynamo_capture`` warns that the body is inlined)."""
     args, flat, _ = _stand_ins(skeleton, leaves)
     if region.in_placements is not None:
         resolve_input_specs(region.in_placements, args, len(flat))
-    if is_deferring():
-        name = getattr(region.func, "__name__", repr(region.func))
-        warnings.warn(f"local_map: region {name!r} is called on plain tensors under torch.compile inside "
-                      "defer_inlining(): Dynamo inlines its body, so the program has no region node and the "
-                      "placement check does not run. Capture with localmap.capture, or call it on DTensors.",
-                      stacklevel=2)
     return True
 
 

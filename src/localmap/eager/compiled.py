@@ -19,15 +19,17 @@ from localmap.compat import optimization_hint, pytree, size_hint, traced_local
 from localmap.context import pop_region_mesh, push_region_mesh
 from localmap.eager.compile_time import plan_inputs, plan_outputs, plan_plain_call, refuse_uneven
 from localmap.placements.shapes import is_uneven
+from localmap.traced.dynamo_capture import call_plain_compiling, wrapping_now
 
 
 def call_compiling(region: Any, args: tuple, kwargs: dict) -> Any:
     """Run `region` (a RegionCallable) while Dynamo traces."""
     flat, treespec, skeleton = _structure(args)
     dtensor_idx = [i for i, a in enumerate(flat) if isinstance(a, DTensor)]
-    if not dtensor_idx:
-        plan_plain_call(region, skeleton, tuple(describe(a) for a in flat))
-        return region.func(*args, **kwargs)
+    if not dtensor_idx:  # plain tensors: a region node in the planner's capture, else inlined (never silently)
+        if not wrapping_now():
+            plan_plain_call(region, skeleton, tuple(describe(a) for a in flat))  # the spec count, as eagerly
+        return call_plain_compiling(region, args, kwargs)
     mesh = region.device_mesh if region.device_mesh is not None else flat[dtensor_idx[0]].device_mesh
     for i in dtensor_idx:  # (before describing them: uneven shards' local sizes are per rank)
         _refuse_if_uneven(skeleton, i, flat[i])

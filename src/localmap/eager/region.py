@@ -11,7 +11,10 @@ A call dispatches by what it is given and where it runs:
 * DTensor arguments under ``torch.compile``: ``localmap.eager.compiled``;
 * plain tensors under ``hop.defer_inlining()`` (capture): a region node (``localmap.traced.frontend``);
 * plain tensors while ``verify`` records a reference: inlined and recorded;
-* plain tensors otherwise: the function itself.
+* plain tensors under Dynamo with PyTorch's local_map wrapping on (a planner's capture): a region node
+  (``localmap.traced.dynamo_capture``);
+* plain tensors otherwise: the function itself (with a warning inside PyTorch's ``defer_inlining`` or
+  ``torch.export``, where a region node was expected).
 
 PyTorch's local_map spends one autograd node per input and per output and recomputes every output's global
 metadata on each call; batching both directions and caching output specs is where the eager overhead goes.
@@ -40,6 +43,7 @@ from localmap.eager.uneven import is_uneven_spec
 from localmap.errors import body_error, fail
 from localmap.placements.algebra import extreme_grad_error, grad_default, has_extreme
 from localmap.placements.specs import leaf_path, resolve_input_specs, validate_spec_argument
+from localmap.traced.dynamo_capture import inlining_expected_why, warn_inlined
 from localmap.traced.frontend import call_reference, call_traced
 from localmap.traced.operator import is_deferring
 
@@ -114,6 +118,9 @@ class RegionCallable:
             return call_reference(self, args, kwargs, references)
         if self.in_placements is not None:  # still catch a wrong spec count
             resolve_input_specs(self.in_placements, args, len(flat))
+        why = inlining_expected_why()  # PyTorch's deferral, torch.export: a region node was expected
+        if why is not None:
+            warn_inlined(self, why)
         return self.func(*args, **kwargs)
 
     # -- the eager path -----------------------------------------------------------------------------------

@@ -8,11 +8,17 @@
 - ``distribute(t, mesh, placements)``: a DTensor of a global tensor, including Partial placements (split into
   unequal pieces that reduce to the value, so a mistaken reduction shows).
 - ``full(x)``: the global value of a DTensor (or a simulated tensor) as one plain tensor.
+- ``planner_capture(model, *args)``: a planner's capture (meta-pytorch/autoparallel's pipeline, without
+  autoparallel): Dynamo export with PyTorch's local_map wrapping on, then the joint forward+backward export with
+  PyTorch's operator deferred; returns (Dynamo's graph, the joint graph). ``region_nodes(joint)``: its region
+  nodes, forward then backward.
 - ``on_one_device()``: inside a simulated mesh, run plain single-device code (a reference computation, or
   making global inputs: under the simulation ``torch.randn`` draws different values on each rank).
 """
 
 from localmap.testing.gloo import GlooError, run_gloo
+from localmap.testing.planner import planner_capture, region_nodes
 from localmap.testing.simulation import distribute, fake_mesh, full, on_one_device, simulated_mesh
 
-__all__ = ["simulated_mesh", "fake_mesh", "run_gloo", "distribute", "full", "on_one_device", "GlooError"]
+__all__ = ["simulated_mesh", "fake_mesh", "run_gloo", "distribute", "full", "on_one_device", "GlooError", "planner_capture",
+           "region_nodes"]

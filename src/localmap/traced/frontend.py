@@ -8,6 +8,7 @@ called on the global arguments. Tensor and SymInt arguments become operator inpu
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -62,8 +63,22 @@ def _uneven(a: torch.Tensor, placements: Any, mesh: Any) -> bool:
     return is_uneven(a.shape, placements, mesh)
 
 
-def call_traced(region: Any, args: tuple, kwargs: dict) -> Any:
-    """Trace the region's function into a body and call the operator on the global arguments."""
+@dataclasses.dataclass
+class TracedRegion:
+    """A region call traced into a body: what the operator is called with, and how its results are put back."""
+
+    body: Any  # the body GraphModule, placements in meta["local_map_kwargs"]
+    hop_args: list  # the operator's arguments: the tensor (and SymInt) leaves of the call, in order
+    leaf_paths: list[str]  # each operator argument's path in the call ("args[0]", "args[1]['w']", ...)
+    flat_out: list  # the body's output leaves as traced (non-tensor leaves are the values to return)
+    out_tree: Any  # the output's pytree structure
+    verdict: Any  # the placement check's verdict (None when check=False)
+    inferred: bool  # whether in_grad_placements were inferred by the check (not given)
+
+
+def trace_region(region: Any, args: tuple, kwargs: dict) -> TracedRegion:
+    """Trace the region's function into a body on this rank's local fakes, run the check, record the placements
+    (inferred gradient placements as in_grad_placements) on the body."""
     mesh = _traced_mesh(region)
     flat, treespec = pytree.tree_flatten(args)
     specs = _leaf_specs(region.in_placements, "in_placements", args, flat, mesh)
@@ -74,7 +89,7 @@ def call_traced(region: Any, args: tuple, kwargs: dict) -> Any:
     hop_args = [flat[i] for i in inputs]
     local = _local_fakes(hop_args, [specs[i] for i in inputs], mesh)
     body, out = _trace_region_body(region, args, kwargs, inputs, local, mesh)
-    verdict = None
+    verdict, inferred = None, False
     if region.check is not False:
         check_leaves = list(flat)
         for i, v in zip(inputs, local, strict=True):
@@ -83,7 +98,7 @@ def call_traced(region: Any, args: tuple, kwargs: dict) -> Any:
                                  kwargs)
         enforce(verdict, region.check)
         if grads is None and verdict.grad_placements is not None:  # inferred from the body
-            grads = list(verdict.grad_placements)
+            grads, inferred = list(verdict.grad_placements), True
     flat_out, out_tree = pytree.tree_flatten(out)
     out_specs = resolve_output_specs(region.out_placements, out, len(flat_out))
     tensor_specs = [p for p in (check_output_leaf(out, i, o, s, mesh)
@@ -96,9 +111,16 @@ def call_traced(region: Any, args: tuple, kwargs: dict) -> Any:
     })
     body.meta[SOURCE] = {"name": getattr(region.func, "__name__", "region"), "source": caller_site(),
                          "verdict": "unchecked" if verdict is None else verdict.summary()}
-    results = iter(local_map_hop(body, *hop_args))
+    return TracedRegion(body, hop_args, [leaf_path("args", args, i) for i in inputs], flat_out, out_tree, verdict,
+                        inferred)
+
+
+def call_traced(region: Any, args: tuple, kwargs: dict) -> Any:
+    """Trace the region's function into a body and call the operator on the global arguments."""
+    traced = trace_region(region, args, kwargs)
+    results = iter(local_map_hop(traced.body, *traced.hop_args))
     return pytree.tree_unflatten(
-        [next(results) if isinstance(o, torch.Tensor) else o for o in flat_out], out_tree)
+        [next(results) if isinstance(o, torch.Tensor) else o for o in traced.flat_out], traced.out_tree)
 
 
 def _traced_mesh(region: Any) -> Any:

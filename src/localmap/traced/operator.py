@@ -122,9 +122,10 @@ def _functionalize(ctx: Any, body: fx.GraphModule, *args: Any) -> tuple:
 
 @local_map_hop.py_impl(FakeTensorMode)
 def _fake(mode: FakeTensorMode, body: fx.GraphModule, *args: Any) -> tuple:
-    """Run the graph on fake tensors; under defer_inlining, in local shapes (see module docstring)."""
+    """Run the graph on fake tensors; under defer_inlining, in local shapes (see module docstring). A region's
+    forward and backward graphs are local-shaped wherever they run (a backward traced after the deferral ended)."""
     with mode:
-        if not is_deferring():
+        if not is_deferring() and role_of(body)["role"] == "body":
             return run_graph(body, args)
         return _run_local(body, args, mode)
 

@@ -1,0 +1,80 @@
+"""Dynamo and the planner's capture pipeline: PyTorch's local_map operator as Dynamo knows it, its deferral and
+wrapping switches, trace-time calls, and the capture pipeline itself (Dynamo export, then the joint export).
+
+The pipeline is meta-pytorch/autoparallel's: ``_dynamo_graph_capture_for_export`` with local_map wrapping on
+(``LocalMapWrappedHigherOrderVariable.enable()``), then ``aot_export_joint_with_descriptors`` under
+``torch._higher_order_ops.local_map.defer_inlining()``. Dynamo makes a region node only for calls of PyTorch's
+own ``_local_map_wrapped`` (an identity check), so localmap hands its regions to that function there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator
+
+import torch
+
+from localmap.compat.versions import TORCH_AT_LEAST_2_14
+
+
+def local_map_wrapping() -> bool:
+    """Whether Dynamo turns calls of PyTorch's ``_local_map_wrapped`` into region nodes (the planner's capture)."""
+    from torch._dynamo.variables.higher_order_ops import LocalMapWrappedHigherOrderVariable
+
+    return bool(LocalMapWrappedHigherOrderVariable._enabled)
+
+
+def torch_deferring() -> bool:
+    """Whether PyTorch's local_map operator is deferred (``torch._higher_order_ops.local_map.defer_inlining``)."""
+    from torch._higher_order_ops import local_map as torch_local_map
+
+    return bool(torch_local_map._DEFER_INLINING)
+
+
+def call_torch_local_map(fn: Callable, out_placements: tuple, in_placements: tuple, mesh: Any, *args: Any) -> Any:
+    """PyTorch's ``_local_map_wrapped`` on flat arguments (one placement tuple per argument, no gradient
+    placements: PyTorch's operator refuses them); under wrapping, Dynamo makes it one region node."""
+    from torch.distributed.tensor.experimental._func_map import _local_map_wrapped
+
+    if TORCH_AT_LEAST_2_14:  # 2.14 added enable_spmd_types after redistribute_inputs
+        return _local_map_wrapped(fn, out_placements, in_placements, None, mesh, False, False, *args)
+    return _local_map_wrapped(fn, out_placements, in_placements, None, mesh, False, *args)
+
+
+def at_trace_time(fn: Callable) -> Callable:
+    """`fn` run by Dynamo while it traces (on real Python values: objects, constants, no tensors), its result a
+    constant of the trace; called normally outside Dynamo."""
+    return torch._dynamo.assume_constant_result(fn)
+
+
+def opaque_to_dynamo(fn: Callable) -> Callable:
+    """`fn` recorded by Dynamo as one call, traced later by the joint export (make_fx) instead."""
+    return torch._dynamo.nonstrict_trace(fn)
+
+
+def torch_region_target_names() -> tuple[str, ...]:
+    """What ``str(node.target)`` of PyTorch's region nodes contains in a joint graph (2.13: a closure named
+    call_local_map; 2.14: the operator local_map_hop)."""
+    return ("call_local_map", "local_map_hop")
+
+
+@contextlib.contextmanager
+def planner_capture_context() -> Iterator[None]:
+    """Local_map wrapping on (Dynamo) and PyTorch's operator deferred, as the planner captures."""
+    from torch._dynamo.variables.higher_order_ops import LocalMapWrappedHigherOrderVariable
+    from torch._higher_order_ops import local_map as torch_local_map
+
+    with LocalMapWrappedHigherOrderVariable.enable(), torch_local_map.defer_inlining():
+        yield
+
+
+def planner_capture(model: torch.nn.Module, args: tuple) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
+    """The planner's capture of `model` on (fake) `args`: (Dynamo's graph, the joint forward+backward graph)."""
+    from torch._dynamo.functional_export import _dynamo_graph_capture_for_export
+    from torch._functorch.aot_autograd import aot_export_joint_with_descriptors
+
+    with planner_capture_context():
+        dynamo_gm = _dynamo_graph_capture_for_export(model)(*args)
+        with contextlib.ExitStack() as stack:
+            joint = aot_export_joint_with_descriptors(stack, dynamo_gm, args)
+            return dynamo_gm, joint.graph_module

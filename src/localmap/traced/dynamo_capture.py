@@ -1,0 +1,290 @@
+"""Regions under Dynamo capture for a planner: each region call one region node, never a silent inline.
+
+A planner (meta-pytorch/autoparallel) captures a model with Dynamo with PyTorch's local_map wrapping on, then
+exports the joint graph with PyTorch's operator deferred, and plans every region node as one op with fixed
+placements. Dynamo makes a region node only for PyTorch's own ``_local_map_wrapped``; when Dynamo traces a
+localmap region on plain tensors with wrapping on, ``call_captured`` therefore:
+
+1. at trace time (``compat.at_trace_time``: real Python while Dynamo traces), traces the body on this rank's
+   local fakes and runs the placement check (``traced.frontend.trace_region``: the same specs, errors and
+   inferred gradient placements as every other path), and keeps the result as a ``CapturePlan``;
+2. calls PyTorch's ``_local_map_wrapped`` on the tensor leaves with flat placements (the default, "torch": the
+   planner's region nodes are PyTorch's, identical to PyTorch's local_map), or, under
+   ``region_operator("localmap")``, records one opaque call that the joint export traces into localmap's own
+   operator (``localmap.hop``), whose backward node carries the inferred gradient placements.
+
+PyTorch's operator carries no gradient placements, so where the check infers one that differs from the input's
+own (a Replicate weight meeting sharded data: Partial), the capture warns, naming the input.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import warnings
+from typing import Any, Iterator
+
+import torch
+
+from localmap import compat
+from localmap.compat import dynamo as compat_dynamo
+from localmap.compat import pytree
+from localmap.context import pop_region_mesh, push_region_mesh, stack
+from localmap.errors import fail
+from localmap.placements.algebra import grad_default
+from localmap.placements.specs import placements_str
+from localmap.sites import caller_site
+from localmap.traced.frontend import TracedRegion, trace_region
+from localmap.traced.operator import defer_inlining, is_deferring, local_map_hop
+
+OPERATORS = ("torch", "localmap")
+_TENSOR = "localmap.tensor"  # marks a tensor's metadata in the arguments handed to trace time
+
+
+@contextlib.contextmanager
+def region_operator(operator: str) -> Iterator[None]:
+    """Which operator localmap regions become under Dynamo capture with local_map wrapping on: "torch" (the
+    default: PyTorch's local_map operator, what planners read today) or "localmap" (localmap's own operator:
+    gradient placements kept on the backward node). Nestable, per thread, read while Dynamo traces."""
+    if operator not in OPERATORS:
+        raise fail("region_operator", "is not an operator regions can become", expected=OPERATORS,
+                   given=repr(operator), fix="use 'torch' (PyTorch's local_map_hop) or 'localmap' (localmap.hop)")
+    entries = stack("region_operators")
+    entries.append(operator)
+    try:
+        yield
+    finally:
+        entries.pop()
+
+
+def current_operator() -> str:
+    entries = stack("region_operators")
+    return entries[-1] if entries else "torch"
+
+
+@dataclasses.dataclass
+class CapturePlan:
+    """What trace time decided for one region call: placements of the tensor leaves, the output's structure,
+    and (for the localmap operator) the traced body."""
+
+    operator: str
+    mesh: Any
+    in_specs: tuple  # one placement tuple per tensor argument leaf
+    out_specs: tuple  # one placement tuple per tensor output leaf
+    out_constants: tuple  # the output leaves, None where a tensor goes
+    out_is_tensor: tuple  # per output leaf
+    out_tree: Any  # the output's structure as plain constants (_template)
+    key: int  # this plan's entry in _PLANS (the localmap operator's opaque call finds its body there)
+
+
+# Trace-time state by plan key (a plan reaches later trace-time calls and the joint export as its key only):
+# each region's traced body and mesh. Bounded: the oldest entries go first.
+_PLANS: dict[int, TracedRegion] = {}
+PLAN_LIMIT = 4096
+_plan_ids = itertools.count()
+
+
+def in_wrapping_capture() -> bool:
+    """Whether Dynamo is tracing with PyTorch's local_map wrapping on (the planner's capture)."""
+    return torch.compiler.is_compiling() and _wrapping_now()
+
+
+@compat_dynamo.at_trace_time
+def _wrapping_now() -> bool:
+    return compat_dynamo.local_map_wrapping()
+
+
+def call_captured(region: Any, args: tuple, kwargs: dict) -> Any:
+    """A region call on plain tensors while Dynamo traces with local_map wrapping: one region node."""
+    _check_no_tensor_kwargs(kwargs)
+    plan = _plan(region, _metas(args), _metas(kwargs))
+    leaves = pytree.tree_leaves(args)
+    tensors = [a for a in leaves if isinstance(a, torch.Tensor)]
+    if plan.operator == "localmap":
+        results = iter(_localmap_region_node(plan.key + 0, *tensors))  # + 0: a fresh constant, no source
+    else:
+        results = iter(compat_dynamo.call_torch_local_map(
+            _flat_body(region, args, kwargs, plan), plan.out_specs, plan.in_specs, plan.mesh, *tensors))
+    flat_out = [next(results) if is_tensor else c for is_tensor, c in zip(plan.out_is_tensor, plan.out_constants)]
+    return _rebuild(plan.out_tree, flat_out)
+
+
+def _rebuild(template: Any, leaves: list) -> Any:
+    """The output from its leaves and its structure as plain constants (see _template): Dynamo cannot walk a
+    TreeSpec made at trace time."""
+    if isinstance(template, int):
+        return leaves[template]
+    kind, context, children = template
+    items = [_rebuild(c, leaves) for c in children]
+    if kind == "tuple":
+        return tuple(items)
+    if kind == "list":
+        return items
+    return dict(zip(context, items))
+
+
+def _template(spec: Any, counter: Iterator[int]) -> Any:
+    """A TreeSpec of tuples, lists and dicts as plain constants: a leaf's index, else (kind, keys, children)."""
+    if spec.is_leaf():
+        return next(counter)
+    kinds = {tuple: "tuple", list: "list", dict: "dict"}
+    if spec.type not in kinds:
+        raise fail("outputs", "are a structure a region captured for a planner cannot return",
+                   expected="tensors and non-tensors in tuples, lists and dicts", given=spec.type.__name__,
+                   fix="return a tuple (or list, or dict) of the values")
+    context = tuple(spec.context) if spec.type is dict else None
+    return kinds[spec.type], context, tuple(_template(c, counter) for c in spec.children_specs)
+
+
+def _flat_body(region: Any, args: tuple, kwargs: dict, plan: CapturePlan) -> Any:
+    """The region's function on flat local tensors, returning its tensor outputs as a tuple (what PyTorch's
+    wrapped local_map traces: one placement per argument and per output)."""
+    def body(*local_tensors: Any) -> tuple:
+        local = iter(local_tensors)
+        local_args = pytree.tree_map_only(torch.Tensor, lambda _: next(local), args)
+        _enter_body(plan.key)  # the region's mesh for localmap.collectives, at trace time
+        out = region.func(*local_args, **kwargs)
+        _exit_body(plan.key)
+        return tuple(o for o in pytree.tree_leaves(out) if isinstance(o, torch.Tensor))
+
+    return body
+
+
+@compat_dynamo.at_trace_time
+def _enter_body(key: int) -> bool:
+    push_region_mesh(_PLANS[key].body.meta["local_map_kwargs"]["device_mesh"])
+    return True
+
+
+@compat_dynamo.at_trace_time
+def _exit_body(key: int) -> bool:
+    pop_region_mesh()
+    return True
+
+
+@compat_dynamo.at_trace_time
+def _plan(region: Any, metas: tuple, kwargs: dict) -> CapturePlan:
+    """Trace time: the body traced and checked on fakes of the arguments' metadata; the plan of its node."""
+    fake_mode = compat.detect_fake_mode([]) or compat.new_fake_mode()
+    with fake_mode:
+        args = _fakes(metas)
+    traced = trace_region(region, args, kwargs)
+    operator = current_operator()
+    region_kwargs = traced.body.meta["local_map_kwargs"]
+    if operator == "torch":
+        _warn_uncarried_grads(region, traced, region_kwargs)
+    key = next(_plan_ids)
+    while len(_PLANS) >= PLAN_LIMIT:
+        del _PLANS[next(iter(_PLANS))]
+    _PLANS[key] = traced
+    return CapturePlan(
+        operator, region_kwargs["device_mesh"], tuple(region_kwargs["in_placements"]),
+        tuple(region_kwargs["out_placements"]),
+        tuple(None if isinstance(o, torch.Tensor) else o for o in traced.flat_out),
+        tuple(isinstance(o, torch.Tensor) for o in traced.flat_out), _template(traced.out_tree, itertools.count()),
+        key)
+
+
+def _warn_uncarried_grads(region: Any, traced: TracedRegion, region_kwargs: dict) -> None:
+    """Warn where the check inferred a gradient placement PyTorch's operator cannot carry (it has no
+    in_grad_placements): the planner will take the input's own placement, read Partial as Replicate."""
+    grads = region_kwargs.get("in_grad_placements")
+    if grads is None:
+        return
+    for path, a, spec, grad in zip(traced.leaf_paths, traced.hop_args, region_kwargs["in_placements"], grads,
+                                   strict=True):
+        if isinstance(a, torch.Tensor) and a.requires_grad and grad is not None and \
+                tuple(grad) != grad_default(tuple(spec)):
+            how = "inferred from the body" if traced.inferred else "given in in_grad_placements"
+            warnings.warn(
+                f"local_map region {getattr(region.func, '__name__', 'region')!r} ({caller_site()}): {path} has "
+                f"placements {placements_str(spec)} but its gradient is {placements_str(grad)} ({how}); PyTorch's "
+                f"local_map operator, which this capture records, carries no gradient placements, so a planner "
+                f"reading it takes {placements_str(grad_default(tuple(spec)))}. Capture inside "
+                f"localmap.hop.region_operator('localmap') to keep the gradient placements on the backward node.",
+                stacklevel=2)
+
+
+def _metas(value: Any) -> Any:
+    """The arguments with each tensor replaced by its metadata (plain constants Dynamo hands to trace time)."""
+    if isinstance(value, torch.Tensor):
+        return (_TENSOR, tuple(value.shape), tuple(value.stride()), value.dtype, value.device, value.requires_grad)
+    if isinstance(value, (tuple, list)):
+        items = [_metas(v) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+    if isinstance(value, dict):
+        return {k: _metas(v) for k, v in value.items()}
+    return value
+
+
+def _fakes(value: Any) -> Any:
+    """The inverse of _metas, on fresh fakes (inside a fake mode)."""
+    if isinstance(value, tuple) and len(value) == 6 and value[0] == _TENSOR:
+        _, shape, stride, dtype, device, requires_grad = value
+        return torch.empty_strided(shape, stride, dtype=dtype, device=device).requires_grad_(requires_grad)
+    if isinstance(value, (tuple, list)):
+        items = [_fakes(v) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+    if isinstance(value, dict):
+        return {k: _fakes(v) for k, v in value.items()}
+    return value
+
+
+def _check_no_tensor_kwargs(kwargs: dict) -> None:
+    for path, leaf in pytree.tree_flatten_with_path(kwargs)[0]:
+        if isinstance(leaf, torch.Tensor):
+            raise fail("kwargs" + pytree.keystr(path), "is a tensor passed by keyword to a region captured for a "
+                       "planner", expected="tensors as positional arguments (each with a spec in in_placements)",
+                       given="Tensor", fix="pass it positionally")
+
+
+@compat_dynamo.opaque_to_dynamo
+def _localmap_region_node(key: int, *tensors: torch.Tensor) -> tuple:
+    """Traced by the joint export (not by Dynamo): localmap's operator on the body traced at capture time."""
+    traced = _PLANS[key]
+    if is_deferring():
+        return local_map_hop(traced.body, *tensors)
+    with defer_inlining():
+        return local_map_hop(traced.body, *tensors)
+
+
+def wrapping_now() -> bool:
+    """Whether Dynamo is capturing for a planner (PyTorch's local_map wrapping on): plain calls become nodes."""
+    return _wrapping_now()
+
+
+def call_plain_compiling(region: Any, args: tuple, kwargs: dict) -> Any:
+    """A region on plain tensors while Dynamo traces: a region node in the planner's capture (local_map wrapping
+    on), else the function inlined, with a warning where a region node was expected."""
+    if _wrapping_now():
+        return call_captured(region, args, kwargs)
+    _warn_if_expected(region)
+    return region.func(*args, **kwargs)
+
+
+def inlining_expected_why() -> str | None:
+    """Why a region called on plain tensors here should have become a region node (None: inlining is right)."""
+    if is_deferring():
+        return "inside localmap.hop.defer_inlining()"
+    if compat_dynamo.torch_deferring():
+        return "inside PyTorch's local_map defer_inlining()"
+    if torch.compiler.is_exporting():
+        return "while torch.export traces the program"
+    return None
+
+
+def warn_inlined(region: Any, why: str) -> None:
+    warnings.warn(
+        f"local_map region {getattr(region.func, '__name__', 'region')!r} ({caller_site()}) is called on plain "
+        f"tensors {why} and is inlined: no region node is recorded, so its placements are lost to any planner. "
+        f"Capture with Dynamo and PyTorch's local_map wrapping on (localmap.testing.planner_capture) for region "
+        f"nodes, or localmap.capture for localmap's own program.", stacklevel=2)
+
+
+@compat_dynamo.at_trace_time
+def _warn_if_expected(region: Any) -> bool:
+    why = inlining_expected_why()
+    if why is not None:
+        warn_inlined(region, why)
+    return True
