@@ -7,9 +7,10 @@ A body the tracer cannot follow still runs: it is reported unchecked (with a war
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ContextManager, Protocol, Sequence
 
 import torch
 import torch.fx as fx
@@ -24,6 +25,15 @@ from localmap.errors import LocalMapError
 from localmap.placements.specs import leaf_path, resolve_output_specs
 
 _DECOMPOSE: dict | None = None
+
+
+class Lifted(Protocol):
+    """Tensors a body closes over, checked as inputs (traced.closure): their names, and a context in which the
+    body reads the given local values for them."""
+
+    paths: Sequence[str]
+
+    def bind(self, values: Sequence[Any]) -> ContextManager[None]: ...
 
 
 def _decompositions() -> dict:
@@ -62,15 +72,16 @@ def value_key(value: Any) -> Any:
 
 def check_function(fn: Callable, local_args: Sequence[Any], leaf_specs: Sequence[Any], out_placements: Any,
                    given_grads: Sequence[Any] | None, mesh: Any, treespec: Any, kwargs: dict,
-                   uneven: frozenset = frozenset()) -> Verdict:
-    """Trace `fn` on fake copies of `local_args` (flat leaves) and check it; cached."""
+                   uneven: frozenset = frozenset(), lifted: Lifted | None = None) -> Verdict:
+    """Trace `fn` on fake copies of `local_args` (flat leaves) and check it; cached. With `lifted`, the leaves
+    past the treespec's are tensors the body closes over: `lifted.bind(values)` makes the body read them."""
     global _checked
     key = None
     fn_key, fn_objects = function_identity(fn)
     try:
         key = (fn_key, tuple(value_key(a) for a in local_args), repr(leaf_specs), repr(out_placements),
                repr(given_grads), id(mesh), treespec, tuple((k, value_key(v)) for k, v in sorted(kwargs.items())),
-               uneven)
+               uneven, tuple(lifted.paths) if lifted is not None else ())
         hash(key)
     except TypeError:
         key = None
@@ -82,7 +93,7 @@ def check_function(fn: Callable, local_args: Sequence[Any], leaf_specs: Sequence
             return hit[1]
     inputs = [i for i, a in enumerate(local_args) if isinstance(a, torch.Tensor)]
     try:
-        gm, out = _trace(fn, local_args, inputs, mesh, treespec, kwargs)
+        gm, out = _trace(fn, local_args, inputs, mesh, treespec, kwargs, lifted)
     except LocalMapError:
         raise
     except Exception as e:  # a body the tracer cannot follow still runs; it just is not checked
@@ -90,7 +101,7 @@ def check_function(fn: Callable, local_args: Sequence[Any], leaf_specs: Sequence
         verdict = Verdict(grad_placements=None, unchecked=reason, function=getattr(fn, "__name__", str(fn)))
     else:
         verdict = _check_traced(gm, out, local_args, inputs, leaf_specs, out_placements, given_grads, mesh,
-                                treespec, uneven)
+                                treespec, uneven, lifted.paths if lifted is not None else ())
         _checked += 1
     if key is not None:
         with _lock:
@@ -126,16 +137,17 @@ def function_identity(fn: Callable) -> tuple[Any, tuple]:
 
 
 def _trace(fn: Callable, local_args: Sequence[Any], inputs: list[int], mesh: Any, treespec: Any,
-           kwargs: dict) -> tuple[fx.GraphModule, Any]:
+           kwargs: dict, lifted: Lifted | None) -> tuple[fx.GraphModule, Any]:
     """The body traced on fresh fakes of the tensor leaves (decomposed, stack traces kept), and its output."""
     leaves = list(local_args)
     traced: dict[str, Any] = {}
+    n = treespec.num_leaves
 
     def body(*tensors: Any) -> tuple:
         for i, t in zip(inputs, tensors, strict=True):
             leaves[i] = t
-        with in_region(mesh):
-            out = fn(*pytree.tree_unflatten(leaves, treespec), **kwargs)
+        with in_region(mesh), (lifted.bind(leaves[n:]) if lifted is not None else contextlib.nullcontext()):
+            out = fn(*pytree.tree_unflatten(leaves[:n], treespec), **kwargs)
         traced["out"] = out
         return tuple(o for o in pytree.tree_leaves(out) if isinstance(o, torch.Tensor))
 
@@ -154,10 +166,11 @@ def _trace(fn: Callable, local_args: Sequence[Any], inputs: list[int], mesh: Any
 
 def _check_traced(gm: fx.GraphModule, out: Any, local_args: Sequence[Any], inputs: list[int],
                   leaf_specs: Sequence[Any], out_placements: Any, given_grads: Sequence[Any] | None, mesh: Any,
-                  treespec: Any, uneven: frozenset) -> Verdict:
+                  treespec: Any, uneven: frozenset, lifted_paths: Sequence[str]) -> Verdict:
     """The traced body's verdict; gradient placements per leaf (None for non-tensors)."""
-    tree = pytree.tree_unflatten(list(local_args), treespec)
-    in_paths = [leaf_path("args", tree, i) for i in inputs]
+    n = treespec.num_leaves
+    tree = pytree.tree_unflatten(list(local_args[:n]), treespec)
+    in_paths = [leaf_path("args", tree, i) if i < n else lifted_paths[i - n] for i in inputs]
     check_no_input_mutation(gm, in_paths)  # before the body runs for real: its inputs are the caller's shards
     flat_out = pytree.tree_leaves(out)
     specs = resolve_output_specs(out_placements, out, len(flat_out))

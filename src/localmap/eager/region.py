@@ -40,6 +40,7 @@ from localmap.eager.uneven import is_uneven_spec, uneven_mesh_dims
 from localmap.errors import body_error, fail
 from localmap.placements.algebra import extreme_grad_error, grad_default, has_extreme
 from localmap.placements.specs import leaf_path, resolve_input_specs, validate_spec_argument
+from localmap.traced.closure import Lifted, closed_over, region_placements
 from localmap.traced.frontend import call_reference, call_traced
 from localmap.traced.operator import is_deferring
 
@@ -259,9 +260,14 @@ class RegionCallable:
                                  else tuple(Replicate() for _ in range(mesh.ndim)))
         for i, a, _, _ in checked:
             leaves[i], leaf_specs[i] = local_tensor_of(a), tuple(a.placements)
-        return check_function(self.func, leaves, leaf_specs, self.out_placements, plan.grad_specs, mesh,
+        # DTensors the body reads from its module (self.w1.to_local()) are checked as inputs too.
+        closed = closed_over(self.func, dtensors=True)
+        leaves += [local_tensor_of(c.value) for c in closed]
+        leaf_specs += [region_placements(c.info, mesh) for c in closed]
+        grads = None if plan.grad_specs is None else [*plan.grad_specs, *(None for _ in closed)]
+        return check_function(self.func, leaves, leaf_specs, self.out_placements, grads, mesh,
                               treespec if treespec is not None else pytree.tree_flatten(tuple(flat))[1],
-                              kwargs, uneven_mesh_dims([c[1] for c in checked]))
+                              kwargs, uneven_mesh_dims([c[1] for c in checked]), Lifted(closed) if closed else None)
 
 
 def _value_key(flat: Sequence[Any], kwargs: dict) -> tuple:
