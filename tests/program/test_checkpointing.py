@@ -4,16 +4,16 @@ one device, and nothing of the checkpoint's trace state leaks out of capture."""
 
 from __future__ import annotations
 
-import functools
 
 import pytest
 import torch
 import torch.fx.traceback as fx_traceback
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import CheckpointPolicy
 
 import localmap
 from localmap.hop import local_map_hop
 from localmap.models import LlamaBlock
+from helpers import Checkpointed
 
 
 def _save_regions_and_matmuls(ctx, op, *args, **kwargs):
@@ -26,19 +26,9 @@ def _recompute_everything(ctx, op, *args, **kwargs):
     return CheckpointPolicy.PREFER_RECOMPUTE
 
 
-class _Checkpointed(torch.nn.Module):
+def _Checkpointed(mesh, policy):
     """Two Llama blocks (attention and MLP regions each), every block checkpointed with `policy`."""
-
-    def __init__(self, mesh, policy):
-        super().__init__()
-        self.blocks = torch.nn.ModuleList([LlamaBlock(16, 4, 32, mesh) for _ in range(2)])
-        self.policy = policy
-
-    def forward(self, x):
-        context = functools.partial(create_selective_checkpoint_contexts, self.policy)
-        for block in self.blocks:
-            x = checkpoint(block, x, use_reentrant=False, context_fn=context)
-        return x.pow(2).mean()
+    return Checkpointed([LlamaBlock(16, 4, 32, mesh) for _ in range(2)], policy)
 
 
 def _region_roles(gm):

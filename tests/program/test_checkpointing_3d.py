@@ -5,21 +5,20 @@ and run and verify match one device."""
 
 from __future__ import annotations
 
-import functools
 import math
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import CheckpointPolicy
 
 import localmap
 from localmap import local_map
 from localmap.hop import local_map_hop
 from localmap.models import rms_norm
 from localmap.testing import fake_mesh
-from helpers import P, R, S0, S1, rel_diff
+from helpers import P, R, S0, S1, Checkpointed, rel_diff
 
 S2 = localmap.Shard(2)
 def save_attention_and_matmuls(ctx, op, *args, **kwargs):
@@ -69,17 +68,8 @@ class Block(nn.Module):
         return x + self.mlp(rms_norm(x, self.norm2), self.w_gate, self.w_up, self.w_down)
 
 
-class Model(nn.Module):
-    def __init__(self, mesh, policy, layers: int = 2) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(Block(16, 4, 32, mesh) for _ in range(layers))
-        self.policy = policy
-
-    def forward(self, x):
-        context = functools.partial(create_selective_checkpoint_contexts, self.policy)
-        for block in self.blocks:
-            x = checkpoint(block, x, use_reentrant=False, context_fn=context)
-        return x.pow(2).mean()
+def Model(mesh, policy, layers: int = 2):
+    return Checkpointed([Block(16, 4, 32, mesh) for _ in range(layers)], policy)
 
 
 @pytest.fixture(scope="module")

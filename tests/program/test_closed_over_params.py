@@ -15,7 +15,7 @@ from localmap import LocalMapError, VerificationError
 from localmap.hop import local_map_hop
 from localmap.models import GroupedExperts
 from localmap.testing import distribute, fake_mesh, full, on_one_device, run_gloo, simulated_mesh
-from helpers import P, R, S0, S1, rel_diff
+from helpers import R, S0, S1, rel_diff
 
 S2 = localmap.Shard(2)
 
