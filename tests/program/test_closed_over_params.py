@@ -68,6 +68,9 @@ def test_capture_makes_closed_over_weights_region_inputs():
     # global-shaped weight gradients (x needs none)
     assert [g if g is None else tuple(g.shape) for g in bw.meta["val"]] == [None, (4, 8, 16), (4, 16, 8), (4, 8, 16)]
     assert '"closed_over": ["moe.w1", "moe.w2", "moe.w3"]' in prog.to_json(indent=None)
+    report = prog.report()  # the report (and the CLI's table: demo, inspect) names them among the inputs
+    assert "2x6x8 moe.w1=2x8x8 moe.w2=2x8x8 moe.w3=2x8x8" in report
+    assert "DTensor parameters read inside regions" in report and "moe.w2 (S(0),S(1))" in report
 
 
 @pytest.mark.parametrize("shape,names", [((2,), ("ep",)), ((2, 2), ("ep", "tp"))])
