@@ -94,3 +94,22 @@ def expect_error(fn: Callable[[], Any], path: str, contains: tuple[str, ...] = (
         assert fragment in msg, f"{fragment!r} not in:\n{msg}"
     assert any(line.startswith("  fix:") for line in lines[1:]), f"no fix line in:\n{msg}"
     return err
+
+
+class Checkpointed(torch.nn.Module):
+    """Blocks run in turn, each under selective activation checkpointing with `policy`; loss mean(x ** 2)."""
+
+    def __init__(self, blocks: Sequence[torch.nn.Module], policy: Callable) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(blocks)
+        self.policy = policy
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import functools
+
+        from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+
+        context = functools.partial(create_selective_checkpoint_contexts, self.policy)
+        for block in self.blocks:
+            x = checkpoint(block, x, use_reentrant=False, context_fn=context)
+        return x.pow(2).mean()

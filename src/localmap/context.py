@@ -6,6 +6,8 @@
   captured program can name each region's call site and graphs.
 - a *reference recorder* (set by ``verify``): regions running inlined on one device record their outputs and
   their inputs' gradients, to compare region by region with the captured program's ``run``.
+- *program parameters* (set by ``capture`` and verify's reference): the plain global tensors standing in for a
+  module's DTensor parameters and buffers, so a body that closes over one gets it as a region input.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ def default_mesh() -> DeviceMesh | None:
     return entries[-1] if entries else None
 
 
-STACKS = ("meshes", "capture", "reference", "region_meshes", "partitioners", "region_operators")  # what a thread's context holds
+# What a thread's context holds ("program_params": stand-ins for a captured module's DTensors, traced.closure).
+STACKS = ("meshes", "capture", "reference", "region_meshes", "partitioners", "region_operators", "program_params")
 
 
 def stack(name: str) -> list:

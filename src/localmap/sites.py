@@ -66,3 +66,12 @@ def caller_site() -> str:
             return site(os.path.abspath(frame.f_code.co_filename), frame.f_lineno)
         frame = frame.f_back
     return "<unknown>"
+
+
+def user_stacklevel() -> int:
+    """``warnings.warn``'s stacklevel (from the caller of this function) that points at the innermost frame
+    outside library code, so a warning names the user's line whichever path led to it."""
+    frame, level = inspect.currentframe(), 0
+    while frame is not None and is_library(frame.f_code.co_filename):
+        frame, level = frame.f_back, level + 1
+    return max(level, 1)

@@ -7,9 +7,10 @@ A body the tracer cannot follow still runs: it is reported unchecked (with a war
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ContextManager, Protocol, Sequence
 
 import torch
 import torch.fx as fx
@@ -26,6 +27,15 @@ from localmap.errors import LocalMapError
 from localmap.placements.specs import leaf_path, resolve_output_specs
 
 _DECOMPOSE: dict | None = None
+
+
+class Lifted(Protocol):
+    """Tensors a body closes over, checked as inputs (traced.closure): their names, and a context in which the
+    body reads the given local values for them."""
+
+    paths: Sequence[str]
+
+    def bind(self, values: Sequence[Any]) -> ContextManager[None]: ...
 
 
 def _decompositions() -> dict:
@@ -64,15 +74,16 @@ def value_key(value: Any) -> Any:
 
 def check_function(fn: Callable, local_args: Sequence[Any], leaf_specs: Sequence[Any], out_placements: Any,
                    given_grads: Sequence[Any] | None, mesh: Any, treespec: Any, kwargs: dict,
-                   uneven: frozenset = frozenset()) -> Verdict:
-    """Trace `fn` on fake copies of `local_args` (flat leaves) and check it; cached."""
+                   uneven: frozenset = frozenset(), lifted: Lifted | None = None) -> Verdict:
+    """Trace `fn` on fake copies of `local_args` (flat leaves) and check it; cached. With `lifted`, the leaves
+    past the treespec's are tensors the body closes over: `lifted.bind(values)` makes the body read them."""
     global _checked
     key = None
     fn_key, fn_objects = function_identity(fn)
     try:
         key = (fn_key, tuple(value_key(a) for a in local_args), repr(leaf_specs), repr(out_placements),
                repr(given_grads), id(mesh), treespec, tuple((k, value_key(v)) for k, v in sorted(kwargs.items())),
-               uneven)
+               uneven, tuple(lifted.paths) if lifted is not None else ())
         hash(key)
     except TypeError:
         key = None
@@ -84,9 +95,9 @@ def check_function(fn: Callable, local_args: Sequence[Any], leaf_specs: Sequence
             return hit[1]
     inputs = [i for i, a in enumerate(local_args) if isinstance(a, torch.Tensor)]
     try:
-        gm, out, closed = _trace(fn, local_args, inputs, mesh, treespec, kwargs)
+        gm, out, closed = _trace(fn, local_args, inputs, mesh, treespec, kwargs, lifted)
         verdict = _check_traced(gm, out, closed, local_args, inputs, leaf_specs, out_placements, given_grads, mesh,
-                                treespec, uneven)
+                                treespec, uneven, lifted.paths if lifted is not None else ())
     except LocalMapError:
         raise  # the body's own errors, and input mutation
     except Exception as e:  # a body the tracer cannot follow, or a failure of the checker: the program runs
@@ -109,8 +120,9 @@ def _guessed_grads(local_args: Sequence[Any], leaf_specs: Sequence[Any], given_g
     that are Replicate on some mesh dim (Partial if they meet sharded data), when none were given."""
     if given_grads is not None:
         return []
-    tree = pytree.tree_unflatten(list(local_args), treespec)
-    return [leaf_path("args", tree, i) for i, (a, spec) in enumerate(zip(local_args, leaf_specs))
+    n = treespec.num_leaves
+    tree = pytree.tree_unflatten(list(local_args[:n]), treespec)
+    return [leaf_path("args", tree, i) for i, (a, spec) in enumerate(zip(local_args[:n], leaf_specs))
             if isinstance(a, torch.Tensor) and a.is_floating_point() and spec is not None
             and any(isinstance(p, Replicate) for p in spec)]
 
@@ -141,19 +153,22 @@ def function_identity(fn: Callable) -> tuple[Any, tuple]:
 
 
 def _trace(fn: Callable, local_args: Sequence[Any], inputs: list[int], mesh: Any, treespec: Any,
-           kwargs: dict) -> tuple[fx.GraphModule, Any, list]:
+           kwargs: dict, lifted: Lifted | None) -> tuple[fx.GraphModule, Any, list]:
     """The body traced on fresh fakes of the tensor leaves (decomposed, stack traces kept), its output, and the
-    closed-over DTensors (name, DTensor, grad_placements its to_local calls declared) traced as extra inputs."""
+    closed-over DTensors (name, DTensor, grad_placements its to_local calls declared) traced as extra inputs.
+    With `lifted` (the traced path), the leaves past the treespec's are tensors the body closes over."""
     leaves = list(local_args)
     traced: dict[str, Any] = {}
+    n = treespec.num_leaves
     closed = [(name, d, []) for name, d in closed_over_dtensors(fn)]
 
     def body(*tensors: Any) -> tuple:
         for i, t in zip(inputs, tensors, strict=False):
             leaves[i] = t
         table = {id(d): (t, declared) for (_, d, declared), t in zip(closed, tensors[len(inputs):], strict=True)}
-        with in_region(mesh), compat.to_local_substituted(table):
-            out = fn(*pytree.tree_unflatten(leaves, treespec), **kwargs)
+        bound = lifted.bind(leaves[n:]) if lifted is not None else contextlib.nullcontext()
+        with in_region(mesh), compat.to_local_substituted(table), bound:
+            out = fn(*pytree.tree_unflatten(leaves[:n], treespec), **kwargs)
         traced["out"] = out
         return tuple(o for o in pytree.tree_leaves(out) if isinstance(o, torch.Tensor))
 
@@ -163,7 +178,7 @@ def _trace(fn: Callable, local_args: Sequence[Any], inputs: list[int], mesh: Any
     with compat.isolated_tracing():
         with fake_mode:
             fakes = [torch.empty_strided(tuple(int(s) for s in _plain(a).shape), _plain(a).stride(),
-                                         dtype=a.dtype, device="meta" if a.is_meta else "cpu") for a in tensors]
+                                         dtype=a.dtype, device="cpu") for a in tensors]
         with compat.ignore_fresh_unbacked(fake_mode):
             gm = compat.make_fx(body, decomposition_table=_decompositions(), tracing_mode="fake",
                          record_stack_traces=True)(*fakes)
@@ -172,10 +187,11 @@ def _trace(fn: Callable, local_args: Sequence[Any], inputs: list[int], mesh: Any
 
 def _check_traced(gm: fx.GraphModule, out: Any, closed: list, local_args: Sequence[Any], inputs: list[int],
                   leaf_specs: Sequence[Any], out_placements: Any, given_grads: Sequence[Any] | None, mesh: Any,
-                  treespec: Any, uneven: frozenset) -> Verdict:
+                  treespec: Any, uneven: frozenset, lifted_paths: Sequence[str]) -> Verdict:
     """The traced body's verdict; gradient placements per leaf (None for non-tensors)."""
-    tree = pytree.tree_unflatten(list(local_args), treespec)
-    in_paths = [leaf_path("args", tree, i) for i in inputs]
+    n = treespec.num_leaves
+    tree = pytree.tree_unflatten(list(local_args[:n]), treespec)
+    in_paths = [leaf_path("args", tree, i) if i < n else lifted_paths[i - n] for i in inputs]
     check_no_input_mutation(gm, in_paths)  # before the body runs for real: its inputs are the caller's shards
     flat_out = pytree.tree_leaves(out)
     specs = resolve_output_specs(out_placements, out, len(flat_out))

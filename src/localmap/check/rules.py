@@ -109,6 +109,8 @@ def _view(node: fx.Node, in_types: list, mesh: Any) -> Any:
 
 
 def _keeping_partial(node: fx.Node, in_types: list, mesh: Any, ops: tuple) -> Any:
+    if not in_types:  # a view of a constant (no typed input): as any op on constants
+        return default_types(node, in_types, mesh, {})
     t = in_types[0]
     keep = {m for m, p in enumerate(t) if isinstance(p, Partial) and p.reduce_op in ops}
     if not keep:

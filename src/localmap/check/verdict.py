@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from localmap.errors import LocalMapError, fail
+from localmap.sites import user_stacklevel
 
 CHECK_MODES = (True, False, "warn", "strict", "allow_unproven")
 
@@ -125,4 +126,4 @@ def _warn_once(verdict: Verdict, messages: list[str]) -> None:
         return
     verdict.warned = True
     for message in messages:
-        warnings.warn(message, stacklevel=5)
+        warnings.warn(message, stacklevel=user_stacklevel())

@@ -103,7 +103,7 @@ def verdict_counts(verdicts: list[str]) -> str:
 
 def region_table(prog: Any, title: str = "captured program: one row per region call") -> Table:
     """The captured program's regions (placements, local shapes, per-rank costs, check verdict) and totals."""
-    from localmap.program.draw import short_number, short_placements
+    from localmap.program.draw import closed_over_note, local_inputs, short_number, short_placements
 
     table = Table(title=title, title_justify="left", show_footer=True)
     totals = prog.totals()
@@ -121,10 +121,13 @@ def region_table(prog: Any, title: str = "captured program: one row per region c
         table.add_row(
             r.name, _short_source(r.source),
             " ".join(short_placements(p) for p in r.in_placements) + " -> " + " ".join(short_placements(p) for p in r.out_placements),
-            " ".join("x".join(map(str, s)) if s else "-" for s in r.local_in_shapes),
+            local_inputs(r),
             short_number(r.flops["forward"]), short_number(r.flops["backward"]), short_number(r.activation_bytes), short_number(r.comm_bytes),
             f"[{verdict_style(r.verdict)}]{_escape(short_verdict(r.verdict))}[/]",
         )
+    note = closed_over_note(prog)
+    if note:
+        table.caption, table.caption_justify = _escape(note), "left"
     return table
 
 

@@ -268,3 +268,12 @@ def check_decompositions() -> dict:
     aten = torch.ops.aten
     return get_decompositions([aten._softmax, aten._log_softmax, aten.native_layer_norm, aten._fused_rms_norm,
                                aten.rms_norm])
+
+
+def reparametrized(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> Any:
+    """A context in which `module` holds `tensors` as its parameters and buffers (by qualified name), tied
+    weights kept tied: torch.func.functional_call's swap, held open for as long as the caller needs it (a
+    checkpoint's recomputation reads the module again during the backward)."""
+    from torch.nn.utils.stateless import _reparametrize_module
+
+    return _reparametrize_module(module, tensors, tie_weights=True)

@@ -1,5 +1,5 @@
 """Models written with localmap regions, shared by the demo, tests and benchmarks."""
 
-from localmap.models.llama import Llama, LlamaBlock, MoEBlock, project_heads, rms_norm
+from localmap.models.llama import GroupedExperts, Llama, LlamaBlock, MoEBlock, project_heads, rms_norm
 
-__all__ = ["Llama", "LlamaBlock", "MoEBlock", "project_heads", "rms_norm"]
+__all__ = ["GroupedExperts", "Llama", "LlamaBlock", "MoEBlock", "project_heads", "rms_norm"]

@@ -4,6 +4,7 @@
   region (column- then row-parallel over 'tp', tokens over 'dp'), residuals.
 - ``MoEBlock``: a router and experts sharded over 'ep'; each rank runs its experts on the tokens routed to them
   in a region whose output is a partial sum over 'ep'.
+- ``GroupedExperts``: torchtitan's grouped experts, whose region reads its DTensor weights from the module.
 - ``Llama``: embedding, N blocks, norm, head; a scalar loss. ``Llama.seven_b(mesh)`` has the shapes of a
   7B-parameter Llama (32 layers, d=4096, 32 heads, hidden 11008, vocab 32000).
 All take global-shaped plain tensors; regions use the mesh given (or localmap.use_mesh's).
@@ -12,12 +13,13 @@ All take global-shaped plain tensors; regions use the mesh given (or localmap.us
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Partial, Replicate, Shard
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
 from localmap import local_map
 
@@ -139,3 +141,39 @@ class Llama(nn.Module):
     def seven_b(mesh: DeviceMesh | None = None) -> "Llama":
         """The shapes of a 7B-parameter Llama; build it under torch.device('meta') to allocate nothing."""
         return Llama(vocab=32000, dim=4096, heads=32, hidden=11008, layers=32, mesh=mesh)
+
+
+class GroupedExperts(nn.Module):
+    """torchtitan's grouped experts: x [experts, tokens per expert, dim] -> same, a SwiGLU MLP per expert with
+    w1, w3 [experts, dim, hidden] and w2 [experts, hidden, dim]. As in torchtitan the region's body reads the
+    weights from the module (``self.w1.to_local()``), not as arguments: shard them as DTensors (``shard``),
+    experts over 'ep' and, on a mesh with 'tp', the hidden dim over 'tp' (the output is then a partial sum)."""
+
+    def __init__(self, dim: int, hidden: int, experts: int, mesh: DeviceMesh) -> None:
+        super().__init__()
+        self.w1 = _param(experts, dim, hidden, scale=1 / math.sqrt(dim))
+        self.w2 = _param(experts, hidden, dim, scale=1 / math.sqrt(hidden))
+        self.w3 = _param(experts, dim, hidden, scale=1 / math.sqrt(dim))
+        self.mesh = mesh
+        tp = "tp" in (mesh.mesh_dim_names or ())
+        self.experts = local_map(self._grouped_mm, out_placements=[S0, P] if tp else [S0],
+                                 in_placements=([S0, R] if tp else [S0],), device_mesh=mesh)
+
+    def placements(self, name: str) -> list:
+        """How weight `name` is laid out: experts over 'ep', the hidden dim over 'tp' (if the mesh has it)."""
+        hidden_dim = {"w1": 2, "w3": 2, "w2": 1}[name]
+        return [S0, Shard(hidden_dim)] if "tp" in (self.mesh.mesh_dim_names or ()) else [S0]
+
+    def shard(self, distribute: Any) -> "GroupedExperts":
+        """Make the weights DTensors with `distribute(tensor, mesh, placements)` (e.g. localmap.testing's)."""
+        for name in ("w1", "w2", "w3"):
+            w = getattr(self, name)
+            setattr(self, name, nn.Parameter(distribute(w.detach(), self.mesh, self.placements(name))))
+        return self
+
+    def _grouped_mm(self, x: torch.Tensor) -> torch.Tensor:
+        w1, w2, w3 = (w.to_local() if isinstance(w, DTensor) else w for w in (self.w1, self.w2, self.w3))
+        return torch.bmm(F.silu(torch.bmm(x, w1)) * torch.bmm(x, w3), w2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.experts(x)

@@ -9,14 +9,16 @@ backward node by the activations it consumes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.fx as fx
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
 
 from localmap import compat as _compat
 from localmap.program import cost as _cost
@@ -25,6 +27,7 @@ from localmap.context import recording
 from localmap.errors import LocalMapError, fail, wrapped_error
 from localmap.sites import traceback_site
 from localmap.traced.build import clean_checkpoint_tags, tag_phase
+from localmap.traced.closure import ParamInfo, program_params
 from localmap.traced.meta import ROLE, SOURCE, kwargs_of, role_of
 from localmap.traced.operator import defer_inlining, local_map_hop
 
@@ -54,6 +57,7 @@ class Region:
     forward_node: str = ""
     backward_node: str | None = None
     verdict: str = "unchecked"  # the placement check's verdict: "ok", the first problem, or "unchecked"
+    closed_over: list = field(default_factory=list)  # DTensor parameters the body reads: its last inputs
 
     def to_dict(self) -> dict:
         def pl(specs: Any) -> Any:
@@ -68,7 +72,7 @@ class Region:
             "global_out_shapes": self.global_out_shapes, "local_out_shapes": self.local_out_shapes,
             "flops": self.flops, "activation_bytes": self.activation_bytes, "comm_bytes": self.comm_bytes,
             "comm_detail": self.comm_detail, "forward_node": self.forward_node, "backward_node": self.backward_node,
-            "verdict": self.verdict,
+            "verdict": self.verdict, "closed_over": self.closed_over,
         }
 
 
@@ -76,13 +80,17 @@ class CapturedProgram:
     """A captured training step (or forward): graphs in global shapes, regions, costs; runnable on one device."""
 
     def __init__(self, forward: fx.GraphModule, backward: fx.GraphModule | None, joint: fx.GraphModule | None,
-                 regions: list[Region], input_names: list[str], module: torch.nn.Module | None) -> None:
+                 regions: list[Region], input_names: list[str], module: torch.nn.Module | None,
+                 dtensor_params: dict[str, ParamInfo] | None = None) -> None:
         self.forward = forward
         self.backward = backward
         self.joint = joint
         self.regions = regions
         self.input_names = input_names
         self.module = module  # the captured nn.Module (its parameters and buffers are the first inputs), or None
+        # The module's DTensor parameters and buffers by input name: inputs in global shape, sharded by these
+        # placements wherever a region reads them (run gives each rank its shard).
+        self.dtensor_params = dict(dtensor_params or {})
 
     def totals(self) -> dict:
         return {
@@ -94,8 +102,10 @@ class CapturedProgram:
         }
 
     def to_json(self, indent: int | None = 2) -> str:
+        params = {n: {"mesh": list(p.mesh.shape), "placements": [repr(x) for x in p.placements]}
+                  for n, p in self.dtensor_params.items()}
         return json.dumps({"regions": [r.to_dict() for r in self.regions], "totals": self.totals(),
-                           "inputs": self.input_names}, indent=indent)
+                           "inputs": self.input_names, "dtensor_params": params}, indent=indent)
 
     def report(self) -> str:
         from localmap.program.draw import report
@@ -137,21 +147,32 @@ def capture(fn: Callable | torch.nn.Module, *args: Any, backward: bool = True, *
 
     fake_mode = _compat.new_fake_mode()
     primals = [_to_fake(t, fake_mode) for t in (*state.values(), *leaves)]
+    # DTensor parameters and buffers are inputs in global shape; a region body reading one gets its shard.
+    params = {n: ParamInfo(n, t.device_mesh, tuple(t.placements)) for n, t in state.items() if isinstance(t, DTensor)}
+    stand_ins: dict[int, tuple] = {}
 
-    def call(inputs: list) -> Any:
+    @contextlib.contextmanager
+    def call(inputs: list) -> Iterator[Any]:
+        """fn's output on the traced inputs; a module holds them as its parameters and buffers until the trace
+        is done (a checkpoint recomputes the forward during the backward: it must read them, not constants)."""
         a, k = pytree.tree_unflatten(list(inputs[len(names):]), treespec)
         if module is None:
-            return fn(*a, **k)
-        return torch.func.functional_call(module, dict(zip(names, inputs[:len(names)])), a, k)
+            yield fn(*a, **k)
+            return
+        swapped = dict(zip(names, inputs[:len(names)]))
+        stand_ins.update({id(swapped[n]): (swapped[n], info) for n, info in params.items()})
+        with _compat.reparametrized(module, swapped):
+            yield module(*a, **k)
 
     try:
-        forward, backward_gm, joint, records = _trace(call, primals, backward, fake_mode)
+        with program_params(stand_ins):
+            forward, backward_gm, joint, records = _trace(call, primals, backward, fake_mode)
     except LocalMapError:
         raise
     except Exception as e:
         raise _trace_error(fn, e) from e
     regions = _regions(forward, backward_gm, records)
-    return CapturedProgram(forward, backward_gm, joint, regions, input_names, module)
+    return CapturedProgram(forward, backward_gm, joint, regions, input_names, module, params)
 
 
 def _trace_error(fn: Any, e: Exception) -> LocalMapError:
@@ -179,37 +200,50 @@ def _trace(call: Callable, primals: list, backward: bool, fake_mode: Any) -> tup
             clean_checkpoint_tags(joint, 1)  # selective checkpoints in the program: tags the partitioner reads
             forward, backward_gm = _compat.joint_partition(joint, [primals, [seed]], 1)
         else:
+            def forward_only(inputs: list) -> Any:
+                with call(inputs) as out:
+                    return out
+
             with torch.no_grad():
-                forward = _compat.make_fx(lambda inputs: call(inputs), tracing_mode="fake")(primals)
+                forward = _compat.make_fx(forward_only, tracing_mode="fake")(primals)
             joint, backward_gm = None, None
     return forward, backward_gm, joint, records
 
 
 def _joint(call: Callable) -> Callable:
     def joint(primals: list, tangents: list) -> tuple:
-        loss = call(primals)
-        tag_phase(_compat.current_trace_graph())  # what exists now is the forward
-        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-            raise fail("capture", "with backward=True the function must return a scalar loss",
-                       expected="a 0-d tensor", given=shape,
-                       fix="return a scalar (e.g. .sum() or .mean()), or pass backward=False")
-        want = [i for i, p in enumerate(primals) if isinstance(p, torch.Tensor) and p.requires_grad]
-        grads: list[Any] = [None] * len(primals)
-        if want and loss.requires_grad:
-            found = torch.autograd.grad(loss, [primals[i] for i in want], [tangents[0].to(loss.dtype)],
-                                        allow_unused=True)
-            for i, g in zip(want, found, strict=True):
-                grads[i] = g
-        tag_phase(_compat.current_trace_graph())  # and what autograd added is the backward
-        return (loss, *grads)
+        with call(primals) as loss:
+            return _loss_and_grads(loss, primals, tangents)
 
     return joint
+
+
+def _loss_and_grads(loss: Any, primals: list, tangents: list) -> tuple:
+    """The joint's outputs: the loss and the gradient of every primal that requires grad (None elsewhere)."""
+    tag_phase(_compat.current_trace_graph())  # what exists now is the forward
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise fail("capture", "with backward=True the function must return a scalar loss",
+                   expected="a 0-d tensor", given=shape,
+                   fix="return a scalar (e.g. .sum() or .mean()), or pass backward=False")
+    want = [i for i, p in enumerate(primals) if isinstance(p, torch.Tensor) and p.requires_grad]
+    grads: list[Any] = [None] * len(primals)
+    if want and loss.requires_grad:
+        found = torch.autograd.grad(loss, [primals[i] for i in want], [tangents[0].to(loss.dtype)],
+                                    allow_unused=True)
+        for i, g in zip(want, found, strict=True):
+            grads[i] = g
+    tag_phase(_compat.current_trace_graph())  # and what autograd added is the backward
+    return (loss, *grads)
 
 
 def _to_fake(value: Any, fake_mode: Any) -> Any:
     if not isinstance(value, torch.Tensor):
         return value
+    if isinstance(value, DTensor):  # a plain fake of its global shape (its shards are the regions' business)
+        with fake_mode:
+            fake = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=value.device)
+        return fake.requires_grad_(value.requires_grad)
     fake = fake_mode.from_tensor(value.detach())
     return fake.requires_grad_(value.requires_grad) if value.is_floating_point() or value.is_complex() else fake
 
@@ -264,7 +298,7 @@ def _regions(forward: fx.GraphModule, backward: fx.GraphModule | None, records: 
             flops={"forward": _cost.graph_flops(fw_gm), "backward": _cost.graph_flops(bw_gm)},
             activation_bytes=_cost.activation_bytes(fw_gm, n_out) if graphs is not None else 0,
             comm_bytes=0.0, forward_node=node.name, backward_node=bw_node.name if bw_node is not None else None,
-            verdict=info.get("verdict", "unchecked"),
+            verdict=info.get("verdict", "unchecked"), closed_over=list(info.get("closed_over", [])),
         )
         inputs = _input_comm(node, region, producers)
         inside = _cost.collective_bytes(fw_gm) + _cost.collective_bytes(bw_gm)

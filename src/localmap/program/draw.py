@@ -28,6 +28,22 @@ def short_number(x: float) -> str:
     return f"{x:.0f}"
 
 
+def local_inputs(region: Any) -> str:
+    """A region's local input shapes; the DTensor parameters its body reads (its last inputs) by name."""
+    shapes = ["x".join(map(str, s)) if s else "-" for s in region.local_in_shapes]
+    first = len(shapes) - len(region.closed_over)
+    return " ".join(shapes[:first] + [f"{name}={s}" for name, s in zip(region.closed_over, shapes[first:])])
+
+
+def closed_over_note(prog: Any) -> str:
+    """One line naming the module's DTensor parameters regions read (program inputs, sharded per region)."""
+    read = {n for r in prog.regions for n in r.closed_over}
+    if not read:
+        return ""
+    return "DTensor parameters read inside regions (program inputs, each rank gets its shard): " + ", ".join(
+        f"{n} {short_placements(p.placements)}" for n, p in prog.dtensor_params.items() if n in read)
+
+
 def report(prog: Any) -> str:
     """A table of regions (placements, local shapes, per-rank FLOPs, saved bytes, communication) and totals."""
     rows = [("region", "source", "in -> out placements", "local in shapes", "fwd flops", "bwd flops",
@@ -36,7 +52,7 @@ def report(prog: Any) -> str:
         rows.append((
             r.name, r.source,
             " ".join(short_placements(p) for p in r.in_placements) + " -> " + " ".join(short_placements(p) for p in r.out_placements),
-            " ".join("x".join(map(str, s)) if s else "-" for s in r.local_in_shapes),
+            local_inputs(r),
             short_number(r.flops["forward"]), short_number(r.flops["backward"]), short_number(r.activation_bytes), short_number(r.comm_bytes),
             r.verdict if len(r.verdict) < 60 else r.verdict[:57] + "...",
         ))
@@ -47,7 +63,8 @@ def report(prog: Any) -> str:
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    note = closed_over_note(prog)
+    return "\n".join(lines + ([note] if note else []))
 
 
 def _esc(s: str) -> str:

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 import torch
 import torch.fx as fx
+from torch.distributed.tensor import DTensor
 
 from localmap import compat as _compat
 from localmap.compat import pytree
@@ -22,7 +23,7 @@ from localmap.collectives.registry import communicates
 from localmap.errors import LocalMapError, fail, wrapped_error
 from localmap.traced.graphs import run_graph
 from localmap.traced.meta import kwargs_of, role_of
-from localmap.program.split import coordinates, join, split
+from localmap.program.split import coordinates, global_value, join, split
 from localmap.traced.operator import local_map_hop
 
 
@@ -155,7 +156,8 @@ def _real_inputs(prog: Any, args: tuple, kwargs: dict) -> list:
             if t.is_meta:
                 raise fail(name, "is a meta tensor; run needs real values", given="meta",
                            fix="materialize the module (e.g. to_empty + init) before run")
-            state.append(t.detach())
+            # A DTensor parameter is a program input in global shape: regions give each rank its shard.
+            state.append(global_value(t.detach()) if isinstance(t, DTensor) else t.detach())
     return [*state, *(t.detach() if isinstance(t, torch.Tensor) else t for t in leaves)]
 
 

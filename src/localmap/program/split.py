@@ -12,6 +12,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.distributed.tensor.placement_types import Partial, Placement, Shard
 
+from localmap import compat as _compat
 from localmap.errors import fail
 from localmap.placements.shapes import chunk_sizes
 
@@ -79,3 +80,22 @@ def _join_dim(parts: list, p: Placement, m: int, note: Callable[[str], None]) ->
     return first
 
 
+
+
+def global_value(d: Any) -> torch.Tensor:
+    """A DTensor's global value as one plain tensor: on the simulated mesh put together from every rank's local
+    tensor by its placements (DTensor's own redistribution fails there for a dim sharded on several mesh dims
+    with empty shards; a Replicate value must agree on every rank), else DTensor's full_tensor()."""
+    local = _compat.local_tensor_of(d)
+    if not _compat.is_simulated(local):
+        return _compat.reconcile(d.full_tensor())
+    problems: list[str] = []
+    per_rank = _compat.simulated_local(local)
+    ranks = d.device_mesh.mesh
+    with _compat.outside_simulation():
+        values = {c: per_rank[int(ranks[c])].detach().clone() for c in coordinates(tuple(ranks.shape))}
+        out = join(values, d.placements, tuple(ranks.shape), problems.append)
+    if problems:
+        raise fail("a DTensor's global value", "has Replicate ranks that hold different values", given=problems[0],
+                   fix="make every rank hold the same value on its Replicate mesh dims")
+    return out

@@ -6,17 +6,21 @@ difference is traced to the first region whose output (forward) or input gradien
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+from torch.distributed.tensor import DTensor
 
-from localmap.compat import outside_simulation, pytree
+from localmap.compat import outside_simulation, pytree, reparametrized
 from localmap.context import recording
 from localmap.errors import LocalMapError
 from localmap.program.capture import capture
 from localmap.program.run import RunResult
+from localmap.program.split import global_value
+from localmap.traced.closure import ParamInfo, program_params
 
 
 RTOL = 1e-4  # verify's default: a difference up to RTOL x the tensor's largest magnitude ...
@@ -49,22 +53,40 @@ class VerifyReport:
 
 
 def _reference(fn: Any, args: tuple, kwargs: dict) -> tuple[Any, dict, list]:
-    """Loss, gradients by input name, and region records of `fn` on one device with regions inlined."""
+    """Loss, gradients by input name, and region records of `fn` on one device with regions inlined. A DTensor
+    parameter or buffer is its full tensor there (a body reading it gets the full tensor as its local one)."""
     module = fn if isinstance(fn, torch.nn.Module) else None
-    state = {k: v.detach().clone().requires_grad_(v.requires_grad)
+    state = {k: _one_device(v).requires_grad_(v.requires_grad)
              for k, v in (module.named_parameters() if module is not None else [])}
-    buffers = dict(module.named_buffers()) if module is not None else {}
+    buffers = {k: _one_device(v) if isinstance(v, DTensor) else v
+               for k, v in (module.named_buffers() if module is not None else [])}
+    stand_ins = {id(t): (t, ParamInfo(n, v.device_mesh, tuple(v.placements)))
+                 for n, v, t in _dtensor_state(module, {**state, **buffers})}
     leaves, spec = pytree.tree_flatten((args, kwargs))
     leaves = [t.detach().clone().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t
               for t in leaves]
     a, k = pytree.tree_unflatten(leaves, spec)
-    with outside_simulation(), recording("reference") as records:
-        loss = torch.func.functional_call(module, {**state, **buffers}, a, k) if module is not None else fn(*a, **k)
+    # The module holds the copies through the backward too: a checkpoint recomputes its forward there.
+    held = reparametrized(module, {**state, **buffers}) if module is not None else contextlib.nullcontext()
+    with outside_simulation(), recording("reference") as records, program_params(stand_ins), held:
+        loss = fn(*a, **k)
         want = {n: t for n, t in state.items() if t.requires_grad}
         want.update({_arg_name(args, kwargs, i): t for i, t in enumerate(leaves)
                      if isinstance(t, torch.Tensor) and t.requires_grad})
         grads = torch.autograd.grad(loss, list(want.values()), allow_unused=True) if want else []
     return loss.detach(), {n: g for n, g in zip(want, grads, strict=True) if g is not None}, records
+
+
+def _one_device(t: torch.Tensor) -> torch.Tensor:
+    return global_value(t.detach()) if isinstance(t, DTensor) else t.detach().clone()
+
+
+def _dtensor_state(module: torch.nn.Module | None, swapped: dict) -> list[tuple[str, DTensor, torch.Tensor]]:
+    """(name, the module's DTensor, its one-device stand-in) for each DTensor parameter and buffer."""
+    if module is None:
+        return []
+    own = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+    return [(n, v, swapped[n]) for n, v in own.items() if isinstance(v, DTensor)]
 
 
 def _arg_name(args: tuple, kwargs: dict, index: int) -> str:

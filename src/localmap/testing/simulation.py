@@ -13,6 +13,7 @@ from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, dis
 
 from localmap import compat as _compat
 from localmap.compat import local_tensor_of
+from localmap.errors import LocalMapError
 
 
 
@@ -110,22 +111,12 @@ def full(x: torch.Tensor) -> torch.Tensor:
     concatenated in mesh order, Partial: reduced, Replicate: every rank must agree), without DTensor's own
     redistribution, which fails in the simulation for a dim sharded on several mesh dims with empty shards."""
     if isinstance(x, DTensor):
-        if _compat.is_simulated(local_tensor_of(x)):
-            return _assemble(x)
-        x = x.full_tensor()
+        from localmap.program.split import global_value
+
+        try:
+            x = global_value(x)
+        except LocalMapError as e:
+            raise AssertionError(f"full: a Replicate value must be the same on every rank: {e}") from e
     x = _compat.reconcile(x)
     with on_one_device():
         return x.detach().clone()
-
-
-def _assemble(x: DTensor) -> torch.Tensor:
-    from localmap.program.split import join
-
-    problems: list[str] = []
-    locals_ = _compat.simulated_local(local_tensor_of(x))
-    with on_one_device():
-        values = {coord: locals_[rank].detach().clone() for rank, coord in _mesh_coordinates(x.device_mesh).items()}
-        out = join(values, x.placements, tuple(x.device_mesh.shape), problems.append)
-    if problems:
-        raise AssertionError(f"full: a Replicate value must be the same on every rank: {problems[0]}")
-    return out

@@ -16,10 +16,14 @@ import torch
 from localmap import compat as _compat
 from localmap.check.verdict import enforce
 from localmap.check.function import check_function
-from localmap.context import default_mesh, enclosing_region_mesh, in_region
+from localmap.context import default_mesh, enclosing_region_mesh, in_region, recorder
 from localmap.sites import caller_site
 from localmap.compat import pytree
 from localmap.errors import LocalMapError, body_error, fail
+from localmap.placements.algebra import grad_default
+from localmap.traced.closure import (
+    Lifted, as_full_dtensor, closed_over, rebound, region_placements, unregistered_dtensors,
+)
 from localmap.traced.graphs import mesh_coordinate, trace_body
 from localmap.traced.meta import SOURCE, set_region_meta
 from localmap.traced.operator import local_map_hop
@@ -68,8 +72,8 @@ class TracedRegion:
     """A region call traced into a body: what the operator is called with, and how its results are put back."""
 
     body: Any  # the body GraphModule, placements in meta["local_map_kwargs"]
-    hop_args: list  # the operator's arguments: the tensor (and SymInt) leaves of the call, in order
-    leaf_paths: list[str]  # each operator argument's path in the call ("args[0]", "args[1]['w']", ...)
+    hop_args: list  # the operator's arguments: the call's tensor (and SymInt) leaves, then closed-over stand-ins
+    leaf_paths: list[str]  # each operator argument's path ("args[0]", "args[1]['w']", ..., "self.w1")
     flat_out: list  # the body's output leaves as traced (non-tensor leaves are the values to return)
     out_tree: Any  # the output's pytree structure
     verdict: Any  # the placement check's verdict (None when check=False)
@@ -77,42 +81,47 @@ class TracedRegion:
 
 
 def trace_region(region: Any, args: tuple, kwargs: dict) -> TracedRegion:
-    """Trace the region's function into a body on this rank's local fakes, run the check, record the placements
-    (inferred gradient placements as in_grad_placements) on the body."""
+    """Trace the region's function into a body on this rank's local fakes (the DTensor parameters it closes over
+    as extra inputs: traced.closure), run the check, record the placements (inferred gradient placements as
+    in_grad_placements) on the body."""
     mesh = _traced_mesh(region)
     flat, treespec = pytree.tree_flatten(args)
     specs = _leaf_specs(region.in_placements, "in_placements", args, flat, mesh)
     grads = None
     if region.in_grad_placements is not None:
         grads = _leaf_specs(region.in_grad_placements, "in_grad_placements", args, flat, mesh)
+    lifted = _lifted(region.func, mesh)
+    lifted_specs = [region_placements(c.info, mesh) for c in lifted.closed]
     inputs = [i for i, a in enumerate(flat) if isinstance(a, (torch.Tensor, torch.SymInt))]
-    hop_args = [flat[i] for i in inputs]
-    local = _local_fakes(hop_args, [specs[i] for i in inputs], mesh)
-    body, out = _trace_region_body(region, args, kwargs, inputs, local, mesh)
-    verdict, inferred = None, False
+    hop_args = [flat[i] for i in inputs] + [c.value for c in lifted.closed]
+    hop_specs = [specs[i] for i in inputs] + lifted_specs
+    local = _local_fakes(hop_args, hop_specs, mesh)
+    body, out = _trace_region_body(region, args, kwargs, inputs, local, mesh, lifted)
+    verdict = None
     if region.check is not False:
-        check_leaves = list(flat)
-        for i, v in zip(inputs, local, strict=True):
+        check_leaves = list(flat) + local[len(inputs):]
+        for i, v in zip(inputs, local, strict=False):
             check_leaves[i] = v
-        verdict = check_function(region.func, check_leaves, specs, region.out_placements, grads, mesh, treespec,
-                                 kwargs)
+        verdict = check_function(region.func, check_leaves, specs + lifted_specs, region.out_placements,
+                                 None if grads is None else grads + [None] * len(lifted_specs), mesh, treespec,
+                                 kwargs, lifted=lifted if lifted.closed else None)
         enforce(verdict, region.check)
-        if grads is None and verdict.grad_placements is not None:  # inferred from the body
-            grads, inferred = list(verdict.grad_placements), True
     flat_out, out_tree = pytree.tree_flatten(out)
     out_specs = resolve_output_specs(region.out_placements, out, len(flat_out))
     tensor_specs = [p for p in (check_output_leaf(out, i, o, s, mesh)
                                 for i, (o, s) in enumerate(zip(flat_out, out_specs, strict=True))) if p is not None]
     set_region_meta(body, {
-        "in_placements": tuple(specs[i] for i in inputs),
+        "in_placements": tuple(hop_specs),
         "out_placements": tuple(tensor_specs),
-        "in_grad_placements": None if grads is None else tuple(grads[i] for i in inputs),
+        "in_grad_placements": _in_grads(grads, verdict, inputs, len(flat), lifted_specs),
         "device_mesh": mesh,
     })
     body.meta[SOURCE] = {"name": getattr(region.func, "__name__", "region"), "source": caller_site(),
-                         "verdict": "unchecked" if verdict is None else verdict.summary()}
-    return TracedRegion(body, hop_args, [leaf_path("args", args, i) for i in inputs], flat_out, out_tree, verdict,
-                        inferred)
+                         "verdict": "unchecked" if verdict is None else verdict.summary(),
+                         "closed_over": list(lifted.paths)}
+    inferred = grads is None and verdict is not None and verdict.grad_placements is not None
+    return TracedRegion(body, hop_args, [leaf_path("args", args, i) for i in inputs] + list(lifted.paths),
+                        flat_out, out_tree, verdict, inferred)
 
 
 def call_traced(region: Any, args: tuple, kwargs: dict) -> Any:
@@ -121,6 +130,32 @@ def call_traced(region: Any, args: tuple, kwargs: dict) -> Any:
     results = iter(local_map_hop(traced.body, *traced.hop_args))
     return pytree.tree_unflatten(
         [next(results) if isinstance(o, torch.Tensor) else o for o in traced.flat_out], traced.out_tree)
+
+
+def _lifted(func: Any, mesh: Any) -> Lifted:
+    """The stand-ins `func` closes over; a DTensor it closes over that stands for nothing cannot be captured."""
+    closed = closed_over(func)
+    if recorder("capture") is not None:
+        known = {c.path for c in closed}
+        stray = [p for p in unregistered_dtensors(func) if p not in known]
+        if stray:
+            raise fail(stray[0], "is a DTensor the region's body reads that is no input of the captured program",
+                       given=f"{len(stray)} such DTensor(s): {', '.join(stray[:3])}",
+                       fix="capture the nn.Module that holds it (its DTensor parameters and buffers become "
+                           "inputs), or pass it to the region as an argument")
+    return Lifted(closed)
+
+
+def _in_grads(grads: list | None, verdict: Any, inputs: list[int], n_flat: int, lifted_specs: list) -> tuple | None:
+    """Gradient placements per operator input: given (arguments), else inferred by the check, else None (the
+    default for all); a closed-over tensor's are inferred, else the default."""
+    inferred = verdict.grad_placements if verdict is not None else None
+    if grads is None and inferred is None:
+        return None
+    own = [(grads if grads is not None else inferred)[i] for i in inputs]
+    rest = [(inferred[n_flat + k] if inferred is not None else None) or grad_default(tuple(p))
+            for k, p in enumerate(lifted_specs)]
+    return tuple(own + rest)
 
 
 def _traced_mesh(region: Any) -> Any:
@@ -155,22 +190,23 @@ def _local_fakes(values: list, placements: list, mesh: Any) -> list:
 
 
 def _trace_region_body(region: Any, args: tuple, kwargs: dict, inputs: list[int], local: list,
-                       mesh: Any) -> tuple[Any, Any]:
-    """The region's function traced into a body graph on the local fakes, and its (traced) output."""
+                       mesh: Any, lifted: Lifted) -> tuple[Any, Any]:
+    """The region's function traced into a body graph on the local fakes (the arguments', then the closed-over
+    tensors'), and its (traced) output."""
     flat, treespec = pytree.tree_flatten(args)
     traced: dict[str, Any] = {}
 
     def body_fn(*local_inputs: Any) -> tuple:
         leaves = list(flat)
-        for i, v in zip(inputs, local_inputs, strict=True):
+        for i, v in zip(inputs, local_inputs, strict=False):
             leaves[i] = v
-        with in_region(mesh):
+        with in_region(mesh), lifted.bind(local_inputs[len(inputs):]):
             out = region.func(*pytree.tree_unflatten(leaves, treespec), **kwargs)
         traced["out"] = out
         return tuple(o for o in pytree.tree_leaves(out) if isinstance(o, torch.Tensor))
 
     try:
-        body = trace_body(body_fn, local, [leaf_path("args", args, i) for i in inputs])
+        body = trace_body(body_fn, local, [leaf_path("args", args, i) for i in inputs] + list(lifted.paths))
     except LocalMapError:
         raise
     except Exception as e:  # a PyTorch error inside the body: name the region and the line
@@ -188,17 +224,27 @@ def _local_meta(value: Any, placements: Any, mesh: Any, coordinate: list[int]) -
 
 def call_reference(region: Any, args: tuple, kwargs: dict, records: list) -> Any:
     """Run the region inlined on one device (its function on the global tensors) and record its outputs and,
-    when backward runs, the gradients of its tensor inputs: the reference that verify compares with."""
+    when backward runs, the gradients of its tensor inputs (the arguments, then the closed-over DTensor
+    parameters, which the body reads as their full tensors): the reference that verify compares with."""
     flat, treespec = pytree.tree_flatten(args)
     record: dict[str, Any] = {"name": getattr(region.func, "__name__", "region"), "source": caller_site(),
                               "input_grads": {}}
-    leaves = list(flat)
-    for i, a in enumerate(flat):
-        if isinstance(a, torch.Tensor) and a.requires_grad:
-            leaves[i] = a.view_as(a)
-            leaves[i].register_hook(lambda g, i=i: record["input_grads"].__setitem__(i, g.detach().clone()))
-    out = region.func(*pytree.tree_unflatten(leaves, treespec), **kwargs)
+    closed = closed_over(region.func)
+    leaves = [_recorded(a, i, record) for i, a in enumerate(flat)]
+    fulls = [as_full_dtensor(_recorded(c.value, len(flat) + k, record), c.info) for k, c in enumerate(closed)]
+    with rebound(closed, fulls):
+        out = region.func(*pytree.tree_unflatten(leaves, treespec), **kwargs)
     record["outputs"] = [o.detach().clone() for o in pytree.tree_leaves(out) if isinstance(o, torch.Tensor)]
-    record["tensor_inputs"] = [i for i, a in enumerate(flat) if isinstance(a, (torch.Tensor, torch.SymInt))]
+    record["tensor_inputs"] = [i for i, a in enumerate(flat) if isinstance(a, (torch.Tensor, torch.SymInt))] + [
+        len(flat) + k for k in range(len(closed))]
     records.append(record)
     return out
+
+
+def _recorded(a: Any, i: int, record: dict) -> Any:
+    """`a` as the body's input number `i`, its gradient recorded when backward reaches it."""
+    if not isinstance(a, torch.Tensor) or not a.requires_grad:
+        return a
+    view = a.view_as(a)
+    view.register_hook(lambda g: record["input_grads"].__setitem__(i, g.detach().clone()))
+    return view

@@ -1,0 +1,209 @@
+"""Tensors a region's body closes over: DTensor parameters and buffers it reads from modules, not arguments.
+
+torchtitan's MoE body reads its expert weights as ``self.w1.to_local()``. Such a tensor is an input of the region
+like an argument, with the DTensor's placements: the traced path gives the region node an extra input for it,
+the check types it, and verify's reference gives the body the full tensor.
+
+A body reaches them through the module a method is bound to, modules and tensors in its closure cells, and a
+partial's function and arguments (every submodule of those modules included). While ``capture`` traces a
+module (or verify's reference runs it), the module's DTensor parameters and buffers are *stand-ins*: plain
+global tensors registered with ``program_params`` (their name, mesh and placements); a body that reads one sees
+a DTensor again (``rebound``), whose local tensor is the region's input.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate
+
+from localmap import context
+from localmap.compat import make_dtensor, make_spec
+from localmap.errors import fail
+from localmap.placements.specs import placements_str
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    """What a stand-in stands for: a DTensor parameter or buffer's name, mesh and placements."""
+
+    name: str
+    mesh: DeviceMesh
+    placements: tuple
+
+
+@dataclass
+class Closed:
+    """One tensor a body closes over, and everywhere the body reads it."""
+
+    value: torch.Tensor  # what the body finds now: a stand-in (capture, reference) or a DTensor (eagerly)
+    info: ParamInfo
+    sites: list = field(default_factory=list)  # (module, attribute name) or (closure cell, None)
+
+    @property
+    def path(self) -> str:
+        return self.info.name
+
+
+@contextlib.contextmanager
+def program_params(table: dict[int, tuple[torch.Tensor, ParamInfo]]) -> Iterator[dict]:
+    """Register stand-ins (by id; the table keeps them alive) while a program is traced or its reference runs.
+    The table may be filled after entering (capture learns its stand-ins inside the trace)."""
+    entries = context.stack("program_params")
+    entries.append(table)
+    try:
+        yield table
+    finally:
+        entries.pop()
+
+
+def stand_in(value: Any) -> ParamInfo | None:
+    """What `value` stands for, when it is a registered stand-in on this thread."""
+    for table in reversed(context.stack("program_params")):
+        hit = table.get(id(value))
+        if hit is not None and hit[0] is value:
+            return hit[1]
+    return None
+
+
+def closed_over(func: Callable, dtensors: bool = False) -> list[Closed]:
+    """The stand-ins `func` closes over (and, with `dtensors`, the DTensors too: the eager check), once each,
+    in the order first reached."""
+    found: dict[int, Closed] = {}
+    for owner, attr, value, path in _reachable(func):
+        info = stand_in(value)
+        if info is None and dtensors and isinstance(value, DTensor):
+            info = ParamInfo(path, value.device_mesh, tuple(value.placements))
+        if info is None:
+            continue
+        found.setdefault(id(value), Closed(value, info)).sites.append((owner, attr))
+    return list(found.values())
+
+
+def unregistered_dtensors(func: Callable) -> list[str]:
+    """Paths of DTensors `func` closes over that are no program input (capture cannot give them values)."""
+    return [path for _, _, value, path in _reachable(func) if isinstance(value, DTensor)]
+
+
+def _reachable(func: Any) -> Iterator[tuple[Any, str | None, torch.Tensor, str]]:
+    """(owner, attribute, tensor, path) for every tensor reachable from func without arguments."""
+    modules: list[tuple[torch.nn.Module, str]] = []
+    for root, prefix in _roots(func):
+        if isinstance(root, torch.nn.Module):
+            modules.append((root, prefix))
+        elif isinstance(root, tuple):  # (cell, name): a tensor in a closure cell
+            yield root[0], None, root[0].cell_contents, root[1]
+    seen: set[int] = set()
+    for root, prefix in modules:
+        for name, mod in root.named_modules(remove_duplicate=False):
+            if id(mod) in seen:
+                continue
+            seen.add(id(mod))
+            here = f"{prefix}.{name}" if name else prefix
+            for attr, t in (*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)):
+                yield mod, attr, t, f"{here}.{attr}"
+
+
+def _roots(func: Any, prefix: str = "") -> Iterator[tuple[Any, str]]:
+    if isinstance(func, functools.partial):
+        yield from _roots(func.func, prefix)
+        for k, a in [*enumerate(func.args), *func.keywords.items()]:
+            if isinstance(a, torch.nn.Module):
+                yield a, f"{prefix}partial[{k!r}]"
+        return
+    if isinstance(func, torch.nn.Module):
+        yield func, prefix + type(func).__name__
+        return
+    bound = getattr(func, "__self__", None)
+    if isinstance(bound, torch.nn.Module):
+        yield bound, prefix + "self"
+    code = getattr(func, "__code__", None)
+    for name, cell in zip(code.co_freevars if code is not None else (), getattr(func, "__closure__", None) or ()):
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if isinstance(value, torch.nn.Module):
+            yield value, prefix + name
+        elif isinstance(value, torch.Tensor):
+            yield (cell, prefix + name), ""
+
+
+@contextlib.contextmanager
+def rebound(closed: Sequence[Closed], values: Sequence[Any]) -> Iterator[None]:
+    """While the body runs, every site of each closed-over tensor reads the matching value. A module attribute
+    is shadowed through the instance dict (read before nn.Module's parameter lookup), a cell is rewritten."""
+    undo: list[Callable[[], None]] = []
+    try:
+        for c, v in zip(closed, values, strict=True):
+            for owner, attr in c.sites:
+                undo.append(_rebind(owner, attr, v))
+        yield
+    finally:
+        for restore in reversed(undo):
+            restore()
+
+
+def _rebind(owner: Any, attr: str | None, value: Any) -> Callable[[], None]:
+    if attr is None:
+        old = owner.cell_contents
+        owner.cell_contents = value
+        return lambda: setattr(owner, "cell_contents", old)
+    slots = vars(owner)
+    missing = object()
+    old = slots.get(attr, missing)
+    slots[attr] = value
+
+    def restore() -> None:
+        if old is missing:
+            slots.pop(attr, None)
+        else:
+            slots[attr] = old
+
+    return restore
+
+
+def as_dtensor(local: torch.Tensor, info: ParamInfo, shape: Sequence[Any], stride: Sequence[Any]) -> DTensor:
+    """The DTensor a body reads for a closed-over tensor while it is traced: `local` is its local tensor (a
+    region input). Wrapped directly: from_local asks the mesh for this rank's coordinate, which a simulated mesh
+    computes from tensor values a trace cannot read."""
+    spec = make_spec(info.mesh, tuple(info.placements), shape, stride, local.dtype)
+    return make_dtensor(local, spec, requires_grad=False)
+
+
+def as_full_dtensor(full: torch.Tensor, info: ParamInfo) -> DTensor:
+    """On one device (verify's reference) the body's ``.to_local()`` is the full tensor: replicated."""
+    return DTensor.from_local(full, info.mesh, tuple(Replicate() for _ in range(info.mesh.ndim)), run_check=False)
+
+
+def region_placements(info: ParamInfo, mesh: DeviceMesh) -> tuple:
+    """The closed-over tensor's placements on the region's mesh: its own mesh's, or, on a sub-mesh (dims by
+    name), its placements on those dims and Replicate on the others."""
+    if info.mesh is mesh or info.mesh == mesh:
+        return tuple(info.placements)
+    names, own = mesh.mesh_dim_names or (), info.mesh.mesh_dim_names or ()
+    if own and set(own) <= set(names):
+        by_name = dict(zip(own, info.placements))
+        return tuple(by_name.get(n, Replicate()) for n in names)
+    raise fail(info.name, "is a DTensor a region's body reads on a mesh the region's mesh does not contain",
+               expected=f"the region's mesh {tuple(mesh.shape)} {names} or a sub-mesh of it by dim names",
+               given=f"mesh {tuple(info.mesh.shape)} {own} with {placements_str(info.placements)}",
+               fix="put the parameter on the region's mesh (or a named sub-mesh), or pass it as an argument")
+
+
+class Lifted:
+    """Closed-over tensors as extra region inputs: names for messages, and `bind(locals)`, in which the body
+    reads a DTensor over each given local tensor (the check's and the body trace's fakes)."""
+
+    def __init__(self, closed: Sequence[Closed]) -> None:
+        self.closed = list(closed)
+        self.paths = [c.path for c in self.closed]
+
+    def bind(self, values: Sequence[Any]) -> contextlib.AbstractContextManager[None]:
+        return rebound(self.closed, [as_dtensor(v, c.info, c.value.shape, c.value.stride())
+                                     for v, c in zip(values, self.closed, strict=True)])

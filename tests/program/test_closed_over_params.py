@@ -1,0 +1,153 @@
+"""DTensor parameters a region's body reads from its module (torchtitan's ``self.w1.to_local()``) are inputs of
+the captured program, like arguments: the region node takes them with their placements, run gives each rank its
+shard, verify's one-device reference reads the full tensors and compares their gradients, on a fake, a simulated
+and a real (gloo) mesh."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.distributed.tensor import DTensor
+
+import localmap
+from localmap import LocalMapError, VerificationError
+from localmap.hop import local_map_hop
+from localmap.models import GroupedExperts
+from localmap.testing import distribute, fake_mesh, full, on_one_device, run_gloo, simulated_mesh
+from helpers import R, S0, S1, rel_diff
+
+S2 = localmap.Shard(2)
+
+
+class _Loss(nn.Module):
+    def __init__(self, experts: nn.Module) -> None:
+        super().__init__()
+        self.moe = experts
+
+    def forward(self, x):
+        return self.moe(x).pow(2).mean()
+
+
+def _model(mesh, experts=4, seed=0):
+    with on_one_device():
+        torch.manual_seed(seed)
+        model = _Loss(GroupedExperts(8, 16, experts, mesh))
+        x = torch.randn(experts, 6, 8)
+    model.moe.shard(distribute)
+    return model, x
+
+
+def _one_device(model, x):
+    """The loss and weight gradients on one device, written out (the full weights, plain code)."""
+    with on_one_device():
+        w1, w2, w3 = (full(getattr(model.moe, n)).requires_grad_() for n in ("w1", "w2", "w3"))
+        y = torch.bmm(torch.nn.functional.silu(torch.bmm(x, w1)) * torch.bmm(x, w3), w2)
+        loss = y.pow(2).mean()
+        return loss.detach(), dict(zip(("moe.w1", "moe.w2", "moe.w3"), torch.autograd.grad(loss, [w1, w2, w3])))
+
+
+def test_capture_makes_closed_over_weights_region_inputs():
+    with fake_mesh((2, 2), ("ep", "tp")) as mesh:
+        model, x = _model(mesh)
+        assert isinstance(model.moe.w1, DTensor)
+        prog = localmap.capture(model, x)
+    (region,) = prog.regions
+    assert region.closed_over == ["moe.w1", "moe.w2", "moe.w3"]
+    assert region.in_placements == ((S0, R), (S0, S2), (S0, S1), (S0, S2))
+    assert region.global_in_shapes[1:] == [[4, 8, 16], [4, 16, 8], [4, 8, 16]]
+    assert region.local_in_shapes[1:] == [[2, 8, 8], [2, 8, 8], [2, 8, 8]]  # this rank's shards
+    assert region.in_grad_placements[1:] == ((S0, S2), (S0, S1), (S0, S2))
+    (node,) = [n for n in prog.forward.graph.nodes if n.target is local_map_hop]
+    placeholders = {p.name: i for i, p in enumerate(prog.forward.graph.find_nodes(op="placeholder"))}
+    assert [prog.input_names[placeholders[a.name]] for a in node.args[1:]] == ["args[0]", "moe.w1", "moe.w2",
+                                                                                 "moe.w3"]
+    assert {n: p.placements for n, p in prog.dtensor_params.items()} == {
+        "moe.w1": (S0, S2), "moe.w2": (S0, S1), "moe.w3": (S0, S2)}
+    (bw,) = [n for n in prog.backward.graph.nodes if n.target is local_map_hop]
+    # global-shaped weight gradients (x needs none)
+    assert [g if g is None else tuple(g.shape) for g in bw.meta["val"]] == [None, (4, 8, 16), (4, 16, 8), (4, 8, 16)]
+    assert '"closed_over": ["moe.w1", "moe.w2", "moe.w3"]' in prog.to_json(indent=None)
+    report = prog.report()  # the report (and the CLI's table: demo, inspect) names them among the inputs
+    assert "2x6x8 moe.w1=2x8x8 moe.w2=2x8x8 moe.w3=2x8x8" in report
+    assert "DTensor parameters read inside regions" in report and "moe.w2 (S(0),S(1))" in report
+
+
+@pytest.mark.parametrize("shape,names", [((2,), ("ep",)), ((2, 2), ("ep", "tp"))])
+def test_run_and_verify_on_a_simulated_mesh(shape, names):
+    with simulated_mesh(shape, names) as mesh:
+        model, x = _model(mesh)
+        prog = localmap.capture(model, x)
+        result = prog.run(x)
+        report = localmap.verify(model, x)
+        eager = full(model(distribute(x, mesh, [S0] + [R] * (len(shape) - 1))))
+        ref_loss, ref_grads = _one_device(model, x)
+    assert rel_diff(result.loss, ref_loss) < 1e-5 and rel_diff(eager, ref_loss) < 1e-5
+    assert set(result.grads) == set(ref_grads)
+    for name, g in ref_grads.items():
+        assert rel_diff(result.grads[name], g) < 1e-5, name
+    assert report.regions_checked == 1 and set(report.grad_diffs) == set(ref_grads)
+    assert report.region_diffs["_grouped_mm.0"][1] < 1e-5  # outputs and every input's gradient, weights too
+
+
+def test_verify_still_catches_a_wrong_claim():
+    with simulated_mesh((2, 2), ("ep", "tp")) as mesh:
+        model, x = _model(mesh)
+        experts = model.moe
+        # The output is a partial sum over tp; claiming Replicate (unchecked) keeps one rank's share.
+        experts.experts = localmap.local_map(experts._grouped_mm, out_placements=[S0, R], in_placements=([S0, R],),
+                                             device_mesh=mesh, check=False)
+        with pytest.raises(VerificationError, match=r"region _grouped_mm\.0 .*output 0"):
+            localmap.verify(model, x)
+
+
+def test_the_eager_check_types_closed_over_weights():
+    with simulated_mesh((2, 2), ("ep", "tp")) as mesh:
+        model, x = _model(mesh)
+        model(distribute(x, mesh, [S0, R]))
+        (verdict,) = model.moe.experts.region.verdicts()
+    # The weights are typed by their placements (check.closure); their gradients follow what their to_local()
+    # declares (the default: their own placements), which the check found consistent with the body.
+    assert verdict.status == "ok" and verdict.grad_placements is not None, verdict
+    assert len(verdict.grad_placements) == 1  # the argument's; the weights are no arguments
+
+
+def test_a_closed_over_dtensor_that_is_no_program_input_is_named():
+    with fake_mesh((2,), ("ep",)) as mesh:
+        model, x = _model(mesh)
+        with pytest.raises(LocalMapError, match=r"self\.w1: is a DTensor the region's body reads that is no input"):
+            localmap.capture(lambda t: model(t), x)  # a function, not the module: its weights are no inputs
+
+
+def test_weights_on_a_sub_mesh_are_replicated_on_the_other_dims():
+    with simulated_mesh((2, 2), ("dp", "ep")) as mesh:
+        with on_one_device():
+            torch.manual_seed(0)
+            experts = GroupedExperts(8, 16, 4, mesh["ep"])
+            x = torch.randn(4, 6, 8)
+        experts.shard(distribute)
+        # The region runs on the 2-D mesh: tokens over dp, experts over ep; the weights live on 'ep' alone.
+        experts.experts = localmap.local_map(experts._grouped_mm, out_placements=[S1, S0],
+                                             in_placements=([S1, S0],), device_mesh=mesh)
+        model = _Loss(experts)
+        prog = localmap.capture(model, x)
+        localmap.verify(model, x)
+    assert prog.regions[0].in_placements[1:] == ((R, S0), (R, S0), (R, S0))
+
+
+def _verify_on_gloo(mesh):
+    """On every rank: capture, run and verify the experts with closed-over DTensor weights on a real mesh."""
+    model, x = _model(mesh)
+    report = localmap.verify(model, x)
+    ref_loss, ref_grads = _one_device(model, x)
+    result = localmap.capture(model, x).run(x)
+    return {"loss": rel_diff(result.loss, ref_loss), "regions": report.regions_checked,
+            "grads": max(rel_diff(result.grads[n], g) for n, g in ref_grads.items()),
+            "local": tuple(model.moe.w1.to_local().shape)}
+
+
+@pytest.mark.slow
+def test_closed_over_weights_on_real_processes():
+    results = run_gloo(_verify_on_gloo, 2, (2,), ("ep",), timeout=120)
+    for r in results:
+        assert r["loss"] < 1e-5 and r["grads"] < 1e-5 and r["regions"] == 1 and r["local"] == (2, 8, 16)
