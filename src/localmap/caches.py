@@ -4,6 +4,7 @@ who want a cold start). Each region's own caches are ``fn.region.cache_info()``.
 from __future__ import annotations
 
 from localmap.check import function as check_function
+from localmap.eager import autograd
 from localmap.traced import build
 
 
@@ -15,6 +16,7 @@ def cache_info() -> dict[str, int]:
 
 
 def clear_caches() -> None:
-    """Forget built regions and check verdicts (the counters keep counting)."""
+    """Forget built regions, check verdicts and remembered gradient specs (the counters keep counting)."""
     build.clear_cache()
     check_function.clear_cache()
+    autograd.clear_cache()

@@ -237,3 +237,30 @@ def test_decorated_method_binds_self(sim_mesh_4):
             return a * self.factor
 
     assert max_diff(full(Scale().apply(distribute(x, sim_mesh_4, [S0]))), x * 3) < 1e-6
+
+
+def test_partial_weight_gradient_spec_is_remembered_and_right(sim_mesh_4, monkeypatch):
+    """A Replicate weight's Partial gradient (inferred, then given): its spec is built once per weight and
+    reused on later steps, and every step's gradient equals one device's; clear_caches forgets it."""
+    import localmap.eager.autograd as autograd
+
+    built = []
+    make_spec = autograd.make_spec
+    monkeypatch.setattr(autograd, "make_spec", lambda *a: built.append(a[1]) or make_spec(*a))
+    x, w = randn(8, 4), randn(4, 3)
+    with on_one_device():
+        ref = w.clone().requires_grad_()
+        (x @ ref).sum().backward()
+    dw = distribute(w, sim_mesh_4, [R], requires_grad=True)
+    for region in (local_map(lambda a, b: a @ b, [S0], ([S0], [R])),
+                   local_map(lambda a, b: a @ b, [S0], ([S0], [R]), ([S0], [P]))):
+        localmap.clear_caches()
+        counts = []
+        for step in range(3):
+            if step == 2:
+                localmap.clear_caches()
+            dw.grad = None
+            region(distribute(x, sim_mesh_4, [S0]), dw).sum().backward()
+            assert dw.grad.placements == (P,) and max_diff(full(dw.grad), ref.grad) <= 1e-5
+            counts.append(built.count((P,)))
+        assert counts[1] == counts[0] >= 1 and counts[2] == counts[1] + 1

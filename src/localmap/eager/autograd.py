@@ -28,15 +28,40 @@ def _input_grad(g: torch.Tensor, spec: DTensorSpec, grad_placements: tuple[Place
         scale = avg_grad_scale(spec.placements, grad_placements, spec.mesh)
         g = g * scale if scale != 1 else g
     if g.stride() == local_stride:
+        if not g.requires_grad:  # the usual case: the input's own spec, or a remembered one for the placements
+            spec_out = spec if grad_placements == spec.placements else _grad_spec(spec, grad_placements)
+            return make_dtensor(g, spec_out, requires_grad=False)
         stride = spec.stride
-        if grad_placements == spec.placements and not g.requires_grad:
-            return make_dtensor(g, spec, requires_grad=False)
     else:
         stride = dense_stride(spec.shape, plain_stride(g))
     if g.requires_grad:  # backward with create_graph=True: the wrapping must stay differentiable
         return DTensor.from_local(g, spec.mesh, grad_placements, run_check=False, shape=spec.shape, stride=stride)
     grad_spec = make_spec(spec.mesh, grad_placements, spec.shape, stride, spec.tensor_meta.dtype)
     return make_dtensor(g, grad_spec, requires_grad=False)
+
+
+GRAD_SPEC_CACHE_LIMIT = 1024  # gradient specs remembered (cleared when full)
+_grad_specs: dict[tuple, tuple[DTensorSpec, DTensorSpec]] = {}
+
+
+def _grad_spec(spec: DTensorSpec, grad_placements: tuple[Placement, ...]) -> DTensorSpec:
+    """The gradient's spec: the input's global metadata with its gradient placements (a Partial gradient of a
+    Replicate weight). Remembered per input spec object (a parameter's spec stays the same from step to step),
+    since building one costs about as much as the rest of the backward's wrapping. The entry holds the input
+    spec, so its id is not reused while the entry stands."""
+    key = (id(spec), grad_placements)
+    hit = _grad_specs.get(key)
+    if hit is not None and hit[0] is spec:
+        return hit[1]
+    grad_spec = make_spec(spec.mesh, grad_placements, spec.shape, spec.stride, spec.tensor_meta.dtype)
+    if len(_grad_specs) >= GRAD_SPEC_CACHE_LIMIT:
+        _grad_specs.clear()
+    _grad_specs[key] = (spec, grad_spec)
+    return grad_spec
+
+
+def clear_cache() -> None:
+    _grad_specs.clear()
 
 
 class ToLocalShards(torch.autograd.Function):
