@@ -105,3 +105,18 @@ def test_a_keyword_flag_that_changes_the_body_is_checked_again(sim_mesh_4):
     assert g(x, 2).placements == (S0,)
     with pytest.raises(PlacementError, match="partial sum"):
         g(x, 5)
+
+
+def test_a_rebuilt_wrapper_shares_its_region(sim_mesh_4):
+    """The same function (code and closure objects) with the same specs and mesh shares one RegionCallable, so
+    plans and verdicts are warm from the second build; other specs or other closed-over objects do not."""
+    x = distribute(randn(8, 4), sim_mesh_4, [S0])
+    first = local_map(_scaled(2.0), [S0], ([S0],), None, sim_mesh_4)
+    again = local_map(_scaled(2.0), [S0], ([S0],), None, sim_mesh_4)
+    assert again.region is first.region
+    assert local_map(_scaled(3.0), [S0], ([S0],), None, sim_mesh_4).region is not first.region
+    assert local_map(_scaled(2.0), [R], ([R],), None, sim_mesh_4).region is not first.region
+    assert local_map(_scaled(2.0), [S0], ([S0],), None, sim_mesh_4, check=False).region is not first.region
+    first(x)
+    assert again.region.cache_info()["input_plans"] == 1
+    assert max_diff(full(again(x)), full(x) * 2) < 1e-6

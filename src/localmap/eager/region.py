@@ -30,7 +30,7 @@ from torch.distributed.tensor import DeviceMesh, DTensor
 from torch.distributed.tensor.placement_types import Placement
 
 from localmap.check.verdict import CHECK_MODES, enforce
-from localmap.check.function import value_key
+from localmap.check.function import function_identity, value_key
 from localmap.compat import local_tensor_of, make_dtensor, pytree, spec_of, wait_local
 from localmap.context import pop_region_mesh, push_region_mesh, recorder
 from localmap.eager.autograd import from_local_shards, to_local_shards
@@ -300,8 +300,8 @@ def local_map(
                        given=f"spmd_types=True, check={check!r}",
                        fix="drop check= (spmd_types=True means check='strict'), or drop spmd_types")
         check = "strict"
-    region = RegionCallable(func, out_placements, in_placements, in_grad_placements, device_mesh,
-                            redistribute_inputs, check)
+    region = shared_region(func, out_placements, in_placements, in_grad_placements, device_mesh,
+                           redistribute_inputs, check)
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -309,3 +309,46 @@ def local_map(
 
     wrapper.region = region  # type: ignore[attr-defined]
     return wrapper
+
+
+# NOTE: shared regions. torchtitan builds `local_map(fn, ...)` inside every forward. A wrapper built again for the
+# same function (by identity: code, closure objects, defaults, bound object) with the same specs, mesh and options
+# shares the first one's RegionCallable, so its plans, verdicts and output specs are warm from the second step on.
+_regions: dict[Any, tuple[tuple, RegionCallable]] = {}
+REGION_CACHE_LIMIT = 256  # shared regions remembered (cleared when full)
+
+
+def shared_region(func: Callable, out_placements: Any, in_placements: Any, in_grad_placements: Any,
+                  device_mesh: DeviceMesh | None, redistribute_inputs: bool, check: Any) -> RegionCallable:
+    """The RegionCallable for these arguments: an earlier wrapper's when it had the same ones, else a new one."""
+    try:
+        fn_key, objects = function_identity(func)
+        key = (fn_key, _frozen(out_placements), _frozen(in_placements), _frozen(in_grad_placements),
+               id(device_mesh), redistribute_inputs, check)
+        hash(key)
+    except TypeError:  # an unhashable spec or closure: a region of its own
+        return RegionCallable(func, out_placements, in_placements, in_grad_placements, device_mesh,
+                              redistribute_inputs, check)
+    hit = _regions.get(key)
+    if hit is not None and len(hit[0]) == len(objects) + 1 and all(
+            a is b for a, b in zip(hit[0], (*objects, device_mesh))):
+        return hit[1]
+    region = RegionCallable(func, out_placements, in_placements, in_grad_placements, device_mesh,
+                            redistribute_inputs, check)
+    if len(_regions) >= REGION_CACHE_LIMIT:
+        _regions.clear()
+    _regions[key] = ((*objects, device_mesh), region)
+    return region
+
+
+def clear_shared_regions() -> None:
+    _regions.clear()
+
+
+def _frozen(spec: Any) -> Any:
+    """A spec as a hashable key (lists and dicts as tuples; placements are hashable values)."""
+    if isinstance(spec, (list, tuple)):
+        return (type(spec).__name__, *map(_frozen, spec))
+    if isinstance(spec, dict):
+        return ("dict", *((k, _frozen(v)) for k, v in sorted(spec.items(), key=lambda kv: repr(kv[0]))))
+    return spec

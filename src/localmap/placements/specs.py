@@ -177,8 +177,13 @@ def normalize_shard_dims(spec: tuple[Placement, ...], ndim: int, path: str, name
     return tuple(fixed)
 
 
+_PLAIN_LEAVES = (torch.Tensor, int, float, bool, str, type(None))  # pytree leaves (a DTensor is a tensor)
+
+
 def leaf_path(root_name: str, tree: Any, index: int) -> str:
-    """Path of the index-th flattened leaf of `tree`, like ``args[1]['w']`` (computed only for errors)."""
+    """Path of the index-th flattened leaf of `tree`, like ``args[1]['w']``."""
+    if type(tree) is tuple and all(isinstance(a, _PLAIN_LEAVES) for a in tree):  # fast path: flat arguments
+        return f"{root_name}[{index}]"
     leaves = pytree.tree_flatten_with_path(tree)[0]
     return root_name + pytree.keystr(leaves[index][0])
 
