@@ -265,7 +265,6 @@ RIGHT = [
          [(2, 8, 4), (4, 8)], [(S1,), (S1,)], (S2,), "ok", ref=lambda x, w: x @ w),
     Prog("row-parallel matmul, reduce_scatter over the sequence",
          lambda h, w: C.reduce_scatter(h @ w, "tp", dim=1), [(2, 8, 8), (8, 4)], [(S2,), (S0,)], (S1,), "ok",
-         xfail="unproven: reduce_scatter along dim 1 (chunks concatenated first) is typed Varying",
          ref=lambda h, w: h @ w),
     Prog("rms norm on a sequence shard", rms, [(2, 8, 4), (4,)], [(S1,), (R,)], (S1,), "ok"),
     # context parallel
@@ -350,7 +349,9 @@ WRONG = [
     Prog("context-parallel attention, blocks normalised separately", cp_attention_local_softmax,
          [(2, 4, 4), (2, 8, 4), (2, 8, 4)], [(R,), (S1,), (S1,)], (R,), "refused", "claimed Replicate", ref=attention,
          mesh="cp",
-         xfail="not refused: the Replicate claim rests on a per-rank max (Varying) and is unproven"),
+         xfail="called ok: all_reduce makes the value the same on every rank, so the Replicate claim holds; "
+               "normalising the blocks separately is a math error no placement type sees (localmap.verify "
+               "finds it). Refusing it would also refuse the right log-sum-exp merge"),
     Prog("autoparallel's CP attention: q, k, v sharded on the sequence", lambda q, k, v:
          F.scaled_dot_product_attention(q, k, v), [(1, 2, 8, 4)] * 3, [(S2,)] * 3, (S2,), "unproven", mesh="cp"),
     Prog("attention over a key shard claimed as a sequence shard", attention, [(2, 8, 4), (2, 8, 4), (2, 8, 4)],

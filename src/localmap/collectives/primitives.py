@@ -24,6 +24,7 @@ everywhere but sends n times the bytes of a point-to-point exchange.
 
 from __future__ import annotations
 
+import operator
 from typing import Any, NamedTuple, Sequence
 
 import torch
@@ -199,11 +200,30 @@ def all_gather(x: torch.Tensor, mesh_dim: int | str, dim: int = 0, *, mesh: Devi
 
 
 def _reduce_scatter_type(node: Any, in_types: list, mesh: Any) -> Any:
-    """A partial sum reduce-scattered along dim 0 is this rank's shard of dim 0. Along another dim the input
-    was rearranged (chunks concatenated) first, so the result's structure is not derived (Varying)."""
-    rearranged = getattr(node.args[0], "target", None) is torch.ops.aten.cat.default
-    return on_its_mesh_dim(lambda p: Shard(0) if isinstance(p, Partial) and p.reduce_op in ("sum", "avg")
-                           and not rearranged else VARYING)(node, in_types, mesh)
+    """A partial sum reduce-scattered is this rank's shard of the scattered dim. The functional collective
+    scatters dim 0; for another dim it first cuts the input into chunks along it and concatenates them on dim 0,
+    which is read back from the graph (``_scattered_dim``); an input of another making gives Varying."""
+    dim = _scattered_dim(node.args[0])
+    return on_its_mesh_dim(lambda p: Shard(dim) if isinstance(p, Partial) and p.reduce_op in ("sum", "avg")
+                           and dim is not None else VARYING)(node, in_types, mesh)
+
+
+def _scattered_dim(arg: Any) -> int | None:
+    """The dim a reduce_scatter's input was cut along: 0, or the chunked dim of a cat-of-chunks on dim 0."""
+    aten = torch.ops.aten
+    if getattr(arg, "target", None) is not aten.cat.default:
+        return 0
+    pieces, cat_dim = arg.args[0], (arg.args[1] if len(arg.args) > 1 else 0)
+    if cat_dim != 0 or not pieces:
+        return None
+    sources = {p.args[0] if p.target is operator.getitem else None for p in pieces}
+    if len(sources) != 1 or None in sources:
+        return None
+    (split,) = sources
+    if split.target not in (aten.split.Tensor, aten.split_with_sizes.default):
+        return None
+    dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
+    return dim % split.args[0].meta["val"].ndim
 
 
 register(compat.FUNCTIONAL_OPS.reduce_scatter_tensor.default,
