@@ -116,3 +116,4 @@ def test_run_and_verify_match_one_device(captured):
             assert rel_diff(got.grads[name], g) < 1e-4, name
     report = localmap.verify(model, x)  # the model's own policy: recompute everything
     assert report.regions_checked == 4 and not report.disagreements
+

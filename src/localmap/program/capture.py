@@ -145,6 +145,7 @@ def capture(fn: Callable | torch.nn.Module, *args: Any, backward: bool = True, *
     leaves, treespec = pytree.tree_flatten((args, kwargs))
     input_names = [*names, *(_leaf_name(args, kwargs, i) for i in range(len(leaves)))]
 
+    _refuse_per_rank_values(input_names, [*state.values(), *leaves])
     fake_mode = _compat.new_fake_mode()
     primals = [_to_fake(t, fake_mode) for t in (*state.values(), *leaves)]
     # DTensor parameters and buffers are inputs in global shape; a region body reading one gets its shard.
@@ -173,6 +174,18 @@ def capture(fn: Callable | torch.nn.Module, *args: Any, backward: bool = True, *
         raise _trace_error(fn, e) from e
     regions = _regions(forward, backward_gm, records)
     return CapturedProgram(forward, backward_gm, joint, regions, input_names, module, params)
+
+
+def _refuse_per_rank_values(names: list[str], values: list) -> None:
+    """A program is captured on global tensors. A tensor made while a simulated mesh is active holds one value
+    per rank (a module built inside `simulated_mesh` draws its weights per rank): it would be traced as a
+    constant, so it is refused, named."""
+    for name, value in zip(names, values):
+        if isinstance(value, torch.Tensor) and not isinstance(value, DTensor) and _compat.is_simulated(value):
+            raise fail(name, "is a per-rank (simulated) tensor, not a global one: it was made while a simulated "
+                       "mesh was active", given=type(value).__name__,
+                       fix="build the module and its inputs inside localmap.testing.on_one_device() (plain "
+                           "global tensors), then capture")
 
 
 def _trace_error(fn: Any, e: Exception) -> LocalMapError:
