@@ -302,9 +302,8 @@ WRONG = [
          "claimed Replicate", weights=[((16, 8), (S0,))]),
     Prog("swiglu claimed Replicate", lambda x, a, b: F.silu(x @ a) * (x @ b), [(4, 6), (6, 8), (6, 8)],
          [(R,), (S1,), (S1,)], (R,), "refused", "claimed Replicate"),
-    Prog("heads reshape, local size not divisible", heads_reshape, [(2, 3, 12)], [(S2,)], (S3,), "unproven",
-         xfail="order-dependent: alone, the one-device comparison fails (grad_output [2, 3, 4, 2] vs output "
-               "[2, 3, 1, 8]); after the other programs it passes. Not understood yet"),
+    Prog("heads reshape, local size not divisible", heads_reshape, [(2, 3, 12)], [(S2,)], (S3,), "refused",
+         "is a shard of dim 2"),
     Prog("heads reshape claimed on the head-dim", lambda x: x.reshape(x.shape[0], x.shape[1], -1, 2) * 1,
          [(2, 3, 8)], [(S2,)], (S3,), "refused", "claimed Shard(dim=3)"),
     Prog("split_with_sizes then ops, claimed Replicate", split_then_ops, [(8, 6)], [(S0,)], (R,), "refused",
@@ -375,7 +374,7 @@ PROGS = RIGHT + WRONG
 
 
 def _params(verdict: str) -> list:
-    return [pytest.param(p, id=p.name, marks=[pytest.mark.xfail(strict=not p.xfail.startswith("order-dependent"), reason=p.xfail)] if p.xfail else [])
+    return [pytest.param(p, id=p.name, marks=[pytest.mark.xfail(strict=True, reason=p.xfail)] if p.xfail else [])
             for p in PROGS if p.verdict == verdict]
 
 

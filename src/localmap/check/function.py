@@ -80,6 +80,7 @@ def check_function(fn: Callable, local_args: Sequence[Any], leaf_specs: Sequence
     global _checked
     key = None
     fn_key, fn_objects = function_identity(fn)
+    fn_objects = (*fn_objects, mesh)  # held by the entry and compared by identity: an id is reused after GC
     try:
         key = (fn_key, tuple(value_key(a) for a in local_args), repr(leaf_specs), repr(out_placements),
                repr(given_grads), id(mesh), treespec, tuple((k, value_key(v)) for k, v in sorted(kwargs.items())),
