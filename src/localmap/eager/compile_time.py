@@ -10,6 +10,7 @@ checks and placement check on them, so both paths raise and infer the same.
 
 from __future__ import annotations
 
+import types
 from typing import Any
 
 import torch
@@ -31,10 +32,11 @@ Placements = tuple[Placement, ...]
 
 
 @trace_time
-def plan_inputs(region: Any, mesh: Any, skeleton: Any, leaves: tuple, kwargs: dict) -> tuple:
+def plan_inputs(config: tuple, bound_to: Any, mesh: Any, skeleton: Any, leaves: tuple, kwargs: dict) -> tuple:
     """The eager path's input checks and placement check for a call with these argument leaves: per DTensor
     leaf, (index, the placements to redistribute it to or None, its gradient placements: given, inferred by the
-    check, or the default)."""
+    check, or the default). `config`, `bound_to`: eager.compiled.definition of the region."""
+    region = _Region(bound_to, *config)
     args, flat, treespec = _stand_ins(skeleton, leaves)
     kwargs = {k: _stand_in(v) for k, v in kwargs.items()}
     check_kwargs(kwargs)
@@ -59,8 +61,9 @@ def plan_inputs(region: Any, mesh: Any, skeleton: Any, leaves: tuple, kwargs: di
 
 
 @trace_time
-def plan_outputs(region: Any, mesh: Any, skeleton: Any, leaves: tuple, grad_enabled: bool) -> tuple:
+def plan_outputs(config: tuple, bound_to: Any, mesh: Any, skeleton: Any, leaves: tuple, grad_enabled: bool) -> tuple:
     """The eager path's output checks: per output leaf, its placements (None for non-tensors)."""
+    region = _Region(bound_to, *config)
     out, flat_out, _ = _stand_ins(skeleton, leaves)
     plan = make_output_plan(region.out_placements, out, flat_out, mesh)
     specs = [check_output_leaf(out, i, t, plan.specs[i], mesh) for i, t in enumerate(flat_out)]
@@ -79,13 +82,25 @@ def refuse_uneven(skeleton: Any, i: int, shape: tuple) -> None:
 
 
 @trace_time
-def plan_plain_call(region: Any, skeleton: Any, leaves: tuple) -> bool:
+def plan_plain_call(config: tuple, bound_to: Any, skeleton: Any, leaves: tuple) -> bool:
     """A call without DTensor arguments: the spec count checked as eagerly (where a region node was expected,
     ``traced.dynamo_capture`` warns that the body is inlined)."""
+    region = _Region(bound_to, *config)
     args, flat, _ = _stand_ins(skeleton, leaves)
     if region.in_placements is not None:
         resolve_input_specs(region.in_placements, args, len(flat))
     return True
+
+
+class _Region:
+    """A region's definition rebuilt at trace time, with the attribute names of a RegionCallable."""
+
+    def __init__(self, bound_to: Any, func: Any, out_placements: Any, in_placements: Any, in_grad_placements: Any,
+                 device_mesh: Any, redistribute_inputs: bool, check: Any) -> None:
+        self.func = func if bound_to is None else types.MethodType(func, bound_to)
+        self.out_placements, self.in_placements, self.in_grad_placements = out_placements, in_placements, \
+            in_grad_placements
+        self.device_mesh, self.redistribute_inputs, self.check = device_mesh, redistribute_inputs, check
 
 
 # ---- stand-ins --------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ Recompiles follow Dynamo's own guards (input sizes, strides, placements, the reg
 
 from __future__ import annotations
 
+import types
 from typing import Any
 
 import torch
@@ -26,16 +27,17 @@ def call_compiling(region: Any, args: tuple, kwargs: dict) -> Any:
     """Run `region` (a RegionCallable) while Dynamo traces."""
     flat, treespec, skeleton = _structure(args)
     dtensor_idx = [i for i, a in enumerate(flat) if isinstance(a, DTensor)]
+    config, bound_to = definition(region)
     if not dtensor_idx:  # plain tensors: a region node in the planner's capture, else inlined (never silently)
         if not wrapping_now():
-            plan_plain_call(region, skeleton, tuple(describe(a) for a in flat))  # the spec count, as eagerly
+            plan_plain_call(config, bound_to, skeleton, tuple(describe(a) for a in flat))  # the spec count
         return call_plain_compiling(region, args, kwargs)
     mesh = region.device_mesh if region.device_mesh is not None else flat[dtensor_idx[0]].device_mesh
     for i in dtensor_idx:  # (before describing them: uneven shards' local sizes are per rank)
         _refuse_if_uneven(skeleton, i, flat[i])
     leaves = tuple(describe(a) for a in flat)
     locals_ = list(flat)
-    for i, target, grads in plan_inputs(region, mesh, skeleton, leaves, {k: describe(v) for k, v in kwargs.items()}):
+    for i, target, grads in plan_inputs(config, bound_to, mesh, skeleton, leaves, {k: describe(v) for k, v in kwargs.items()}):
         a = flat[i]
         if target is not None:
             a = a.redistribute(mesh, target)
@@ -47,10 +49,22 @@ def call_compiling(region: Any, args: tuple, kwargs: dict) -> Any:
     finally:
         pop_region_mesh()
     flat_out, out_tree, out_skeleton = _structure(out) if not isinstance(out, torch.Tensor) else ((out,), None, 0)
-    specs = plan_outputs(region, mesh, out_skeleton, tuple(describe(t) for t in flat_out), torch.is_grad_enabled())
+    specs = plan_outputs(config, bound_to, mesh, out_skeleton, tuple(describe(t) for t in flat_out), torch.is_grad_enabled())
     results = [t if spec is None else DTensor.from_local(t, mesh, spec, run_check=False)
                for t, spec in zip(flat_out, specs, strict=True)]
     return results[0] if out_tree is None else pytree.tree_unflatten(results, out_tree)
+
+
+def definition(region: Any) -> tuple[tuple, Any]:
+    """What defines `region` (a RegionCallable), as values Dynamo can hand to trace-time code even when the
+    region is made inside the compiled function (torchtitan builds one per forward; such an object is not
+    real while Dynamo traces): (its function, specs and options; the object a bound method is bound to, passed
+    on its own because Dynamo converts an object only as a whole argument)."""
+    func = region.func
+    bound = type(func) is types.MethodType
+    return (func.__func__ if bound else func, region.out_placements, region.in_placements,
+            region.in_grad_placements, region.device_mesh, region.redistribute_inputs, region.check), \
+        (func.__self__ if bound else None)
 
 
 def _structure(tree: Any) -> tuple[Any, Any, Any]:

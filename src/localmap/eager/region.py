@@ -320,21 +320,23 @@ REGION_CACHE_LIMIT = 256  # shared regions remembered (cleared when full)
 
 def shared_region(func: Callable, out_placements: Any, in_placements: Any, in_grad_placements: Any,
                   device_mesh: DeviceMesh | None, redistribute_inputs: bool, check: Any) -> RegionCallable:
-    """The RegionCallable for these arguments: an earlier wrapper's when it had the same ones, else a new one."""
+    """The RegionCallable for these arguments: an earlier wrapper's when it had the same ones, else a new one
+    (always new while Dynamo traces: a region made inside a compiled function is Dynamo's to trace)."""
+    args = (func, out_placements, in_placements, in_grad_placements, device_mesh, redistribute_inputs, check)
+    if torch.compiler.is_compiling():
+        return RegionCallable(*args)
     try:
         fn_key, objects = function_identity(func)
         key = (fn_key, _frozen(out_placements), _frozen(in_placements), _frozen(in_grad_placements),
                id(device_mesh), redistribute_inputs, check)
         hash(key)
     except TypeError:  # an unhashable spec or closure: a region of its own
-        return RegionCallable(func, out_placements, in_placements, in_grad_placements, device_mesh,
-                              redistribute_inputs, check)
+        return RegionCallable(*args)
     hit = _regions.get(key)
     if hit is not None and len(hit[0]) == len(objects) + 1 and all(
             a is b for a, b in zip(hit[0], (*objects, device_mesh))):
         return hit[1]
-    region = RegionCallable(func, out_placements, in_placements, in_grad_placements, device_mesh,
-                            redistribute_inputs, check)
+    region = RegionCallable(*args)
     if len(_regions) >= REGION_CACHE_LIMIT:
         _regions.clear()
     _regions[key] = ((*objects, device_mesh), region)
