@@ -52,9 +52,10 @@ FUZZ_EXAMPLES ?= 2000
 fuzz: $(VENV)/.installed-test
 	LOCALMAP_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -s -p no:logging --timeout=3600 tests/check/test_properties.py
 
-bench: $(VENV)/.installed
+bench: $(VENV)/.installed-test
 	$(PY) benchmarks/bench_eager.py
 	$(PY) benchmarks/bench_compile.py
+	$(PY) benchmarks/bench_check.py
 
 clean:
 	rm -rf $(VENV) .venv-torch-* build src/*.egg-info .pytest_cache
