@@ -263,6 +263,11 @@ class RegionGraphsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *grads: Any) -> tuple:  # type: ignore[override]
+        if torch.is_grad_enabled():  # create_graph=True: the backward graph would have to be differentiable
+            raise fail("create_graph", "asks for a differentiable backward of a region in a traced program "
+                       "(double backward, e.g. a gradient penalty), which traced regions do not support yet",
+                       fix="run that step eagerly on DTensors (double backward through eager regions matches one "
+                           "device), or compute the gradient penalty outside the region")
         graphs: RegionGraphs = ctx.graphs
         tensors, symbols = iter(ctx.saved_tensors), iter(ctx.symbols)
         saved = [next(tensors) if is_tensor else next(symbols) for is_tensor in ctx.layout]
