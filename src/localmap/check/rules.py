@@ -1,10 +1,11 @@
 """The placement rules as data: each op's output type from its inputs' types, one rule per row.
 
-Types are those of ``localmap.placements.types`` (Replicate, Shard(d), Partial(op) or VARYING per mesh dim). An
-op's rule is, in order: its row in ``RULES`` (ops whose meaning DTensor does not say: copies, statistics over
-sharded dims, linear reductions and views of Partial values); random numbers (every op ATen tags as random:
-Varying, drawn per rank); the collective's own rule (``localmap.collectives.registry``); else DTensor's
-sharding propagation (``localmap.check.propagation``).
+Types are those of ``localmap.placements.types`` (Replicate, Shard(d), Partial(op), PER_RANK_COPY or VARYING per
+mesh dim). An op's rule is, in order: its row in ``RULES`` (ops whose meaning DTensor does not say: copies,
+statistics over sharded dims, linear reductions and views of Partial values, attention kernels); random numbers
+(every op ATen tags as random: a shard's piece of a global draw when shaped like one, else Varying); the
+collective's own rule (``localmap.collectives.registry``); else DTensor's sharding propagation
+(``localmap.check.propagation``).
 ``register_rule(op, rule)`` adds or replaces a row.
 """
 
