@@ -19,37 +19,42 @@ _MAX_DEPTH = 2  # containers walked into (a list of experts' weights, a dict of 
 def closed_over_dtensors(fn: Callable) -> list[tuple[str, DTensor]]:
     """(name as the body reads it, DTensor) for each DTensor `fn` can reach without being passed it."""
     found: dict[int, tuple[str, DTensor]] = {}
-    for name, obj in _reachable(fn):
+    for name, obj, _ in reachable(fn):
         _collect(name, obj, found, _MAX_DEPTH)
     return list(found.values())
 
 
-def _reachable(fn: Any) -> Iterator[tuple[str, Any]]:
+def reachable(fn: Any, *, through_globals: bool = True) -> Iterator[tuple[str, Any, Any]]:
+    """(path, object, closure cell or None) for what `fn` can read without arguments: a partial's function and
+    arguments, the object a method is bound to (or `fn` itself when a module), closure cells, defaults and
+    (with `through_globals`) the module globals its code names. One walk for the check and for capture
+    (``traced.closure``), which rebinds cells."""
     if isinstance(fn, functools.partial):
-        yield from _reachable(fn.func)
-        yield from ((f"partial arg {k}", a) for k, a in enumerate(fn.args))
-        yield from fn.keywords.items()
+        yield from reachable(fn.func, through_globals=through_globals)
+        yield from ((f"partial[{k!r}]", a, None) for k, a in [*enumerate(fn.args), *fn.keywords.items()])
         return
     bound_to = getattr(fn, "__self__", None)
     if bound_to is not None and hasattr(fn, "__func__"):
-        yield "self", bound_to
+        yield "self", bound_to, None
         fn = fn.__func__
     if isinstance(fn, torch.nn.Module):
-        yield "self", fn
+        yield type(fn).__name__, fn, None
         return
     code = getattr(fn, "__code__", None)
     if code is None:
         return
     for name, cell in zip(code.co_freevars, fn.__closure__ or ()):
         try:
-            yield name, cell.cell_contents
+            yield name, cell.cell_contents, cell
         except ValueError:  # an empty cell
             continue
-    yield from ((f"default {k}", d) for k, d in enumerate(fn.__defaults__ or ()))
-    yield from (fn.__kwdefaults__ or {}).items()
+    if not through_globals:
+        return
+    yield from ((f"default {k}", d, None) for k, d in enumerate(fn.__defaults__ or ()))
+    yield from ((k, v, None) for k, v in (fn.__kwdefaults__ or {}).items())
     for name in _global_names(code):
         if name in fn.__globals__:
-            yield name, fn.__globals__[name]
+            yield name, fn.__globals__[name], None
 
 
 def _global_names(code: Any) -> set[str]:

@@ -14,7 +14,6 @@ a DTensor again (``rebound``), whose local tensor is the region's input.
 from __future__ import annotations
 
 import contextlib
-import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
@@ -23,6 +22,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate
 
 from localmap import context
+from localmap.check.closure import reachable
 from localmap.compat import make_dtensor, make_spec
 from localmap.errors import fail
 from localmap.placements.specs import placements_str
@@ -109,29 +109,14 @@ def _reachable(func: Any) -> Iterator[tuple[Any, str | None, torch.Tensor, str]]
                 yield mod, attr, t, f"{here}.{attr}"
 
 
-def _roots(func: Any, prefix: str = "") -> Iterator[tuple[Any, str]]:
-    if isinstance(func, functools.partial):
-        yield from _roots(func.func, prefix)
-        for k, a in [*enumerate(func.args), *func.keywords.items()]:
-            if isinstance(a, torch.nn.Module):
-                yield a, f"{prefix}partial[{k!r}]"
-        return
-    if isinstance(func, torch.nn.Module):
-        yield func, prefix + type(func).__name__
-        return
-    bound = getattr(func, "__self__", None)
-    if isinstance(bound, torch.nn.Module):
-        yield bound, prefix + "self"
-    code = getattr(func, "__code__", None)
-    for name, cell in zip(code.co_freevars if code is not None else (), getattr(func, "__closure__", None) or ()):
-        try:
-            value = cell.cell_contents
-        except ValueError:  # an empty cell
-            continue
+def _roots(func: Any) -> Iterator[tuple[Any, str]]:
+    """The modules `func` reaches without arguments, and its closure cells holding a tensor as ((cell, name), "")
+    (``check.closure.reachable``; module globals and defaults are not program inputs)."""
+    for path, value, cell in reachable(func, through_globals=False):
         if isinstance(value, torch.nn.Module):
-            yield value, prefix + name
-        elif isinstance(value, torch.Tensor):
-            yield (cell, prefix + name), ""
+            yield value, path
+        elif cell is not None and isinstance(value, torch.Tensor):
+            yield (cell, path), ""
 
 
 @contextlib.contextmanager
