@@ -23,7 +23,7 @@ import contextlib
 import dataclasses
 import itertools
 import warnings
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -208,26 +208,28 @@ def _warn_uncarried_grads(region: Any, traced: TracedRegion, region_kwargs: dict
 
 def _metas(value: Any) -> Any:
     """The arguments with each tensor replaced by its metadata (plain constants Dynamo hands to trace time)."""
-    if isinstance(value, torch.Tensor):
-        return (_TENSOR, tuple(value.shape), tuple(value.stride()), value.dtype, value.device, value.requires_grad)
-    if isinstance(value, (tuple, list)):
-        items = [_metas(v) for v in value]
-        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
-    if isinstance(value, dict):
-        return {k: _metas(v) for k, v in value.items()}
-    return value
+    return _map_structure(value, lambda v: isinstance(v, torch.Tensor), lambda t: (
+        _TENSOR, tuple(t.shape), tuple(t.stride()), t.dtype, t.device, t.requires_grad))
 
 
 def _fakes(value: Any) -> Any:
     """The inverse of _metas, on fresh fakes (inside a fake mode)."""
-    if isinstance(value, tuple) and len(value) == 6 and value[0] == _TENSOR:
-        _, shape, stride, dtype, device, requires_grad = value
+    def fake(meta: tuple) -> torch.Tensor:
+        _, shape, stride, dtype, device, requires_grad = meta
         return torch.empty_strided(shape, stride, dtype=dtype, device=device).requires_grad_(requires_grad)
+
+    return _map_structure(value, lambda v: isinstance(v, tuple) and len(v) == 6 and v[0] == _TENSOR, fake)
+
+
+def _map_structure(value: Any, is_leaf: Callable[[Any], bool], leaf: Callable[[Any], Any]) -> Any:
+    """`value` rebuilt (tuples, named tuples, lists, dicts) with `leaf` applied where `is_leaf`."""
+    if is_leaf(value):
+        return leaf(value)
     if isinstance(value, (tuple, list)):
-        items = [_fakes(v) for v in value]
+        items = [_map_structure(v, is_leaf, leaf) for v in value]
         return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
     if isinstance(value, dict):
-        return {k: _fakes(v) for k, v in value.items()}
+        return {k: _map_structure(v, is_leaf, leaf) for k, v in value.items()}
     return value
 
 
