@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Iterator
+from typing import Any, Iterator
 
 from torch.distributed.device_mesh import DeviceMesh
 
@@ -28,17 +28,12 @@ def use_mesh(mesh: DeviceMesh) -> Iterator[DeviceMesh]:
         from localmap.errors import fail
 
         raise fail("use_mesh", "needs a DeviceMesh", given=type(mesh).__name__, fix="pass init_device_mesh(...)")
-    entries = stack("meshes")
-    entries.append(mesh)
-    try:
+    with pushed("meshes", mesh):
         yield mesh
-    finally:
-        entries.pop()
 
 
 def default_mesh() -> DeviceMesh | None:
-    entries = stack("meshes")
-    return entries[-1] if entries else None
+    return innermost("meshes")
 
 
 # What a thread's context holds ("program_params": stand-ins for a captured module's DTensors, traced.closure).
@@ -54,6 +49,23 @@ def stack(name: str) -> list:
     return found
 
 
+@contextlib.contextmanager
+def pushed(name: str, value: Any) -> Iterator[Any]:
+    """`value` on this thread's stack `name` for the block (popped on exit, also on error)."""
+    entries = stack(name)
+    entries.append(value)
+    try:
+        yield value
+    finally:
+        entries.pop()
+
+
+def innermost(name: str, default: Any = None) -> Any:
+    """The top of this thread's stack `name`, else `default`."""
+    entries = stack(name)
+    return entries[-1] if entries else default
+
+
 def thread_state() -> dict[str, int]:
     """Depth of each of this thread's context stacks: default meshes (use_mesh), capture and reference
     recorders, running region bodies, defer_inlining. All 0 outside localmap's calls; tests check that
@@ -64,18 +76,12 @@ def thread_state() -> dict[str, int]:
 @contextlib.contextmanager
 def recording(kind: str) -> Iterator[list]:
     """Collect region records of `kind` ("capture" or "reference") made on this thread inside the block."""
-    records: list = []
-    entries = stack(kind)
-    entries.append(records)
-    try:
+    with pushed(kind, []) as records:
         yield records
-    finally:
-        entries.pop()
 
 
 def recorder(kind: str) -> list | None:
-    entries = stack(kind)
-    return entries[-1] if entries else None
+    return innermost(kind)
 
 
 # The mesh of the region whose body is running (or being traced), for localmap.collectives.
@@ -89,8 +95,7 @@ def pop_region_mesh() -> None:
 
 def enclosing_region_mesh() -> DeviceMesh | None:
     """The mesh of the region whose body is being run or traced on this thread (None outside bodies)."""
-    entries = stack("region_meshes")
-    return entries[-1] if entries else None
+    return innermost("region_meshes")
 
 
 def region_mesh() -> DeviceMesh | None:
@@ -100,8 +105,5 @@ def region_mesh() -> DeviceMesh | None:
 
 @contextlib.contextmanager
 def in_region(mesh: DeviceMesh) -> Iterator[None]:
-    push_region_mesh(mesh)
-    try:
+    with pushed("region_meshes", mesh):
         yield
-    finally:
-        pop_region_mesh()

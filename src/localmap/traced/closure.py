@@ -54,12 +54,8 @@ class Closed:
 def program_params(table: dict[int, tuple[torch.Tensor, ParamInfo]]) -> Iterator[dict]:
     """Register stand-ins (by id; the table keeps them alive) while a program is traced or its reference runs.
     The table may be filled after entering (capture learns its stand-ins inside the trace)."""
-    entries = context.stack("program_params")
-    entries.append(table)
-    try:
+    with context.pushed("program_params", table):
         yield table
-    finally:
-        entries.pop()
 
 
 def stand_in(value: Any) -> ParamInfo | None:

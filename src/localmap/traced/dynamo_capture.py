@@ -30,7 +30,7 @@ import torch
 from localmap import compat
 from localmap.compat import dynamo as compat_dynamo
 from localmap.compat import pytree
-from localmap.context import pop_region_mesh, push_region_mesh, stack
+from localmap.context import innermost, pop_region_mesh, push_region_mesh, pushed
 from localmap.errors import fail
 from localmap.placements.algebra import grad_default
 from localmap.placements.specs import placements_str
@@ -50,17 +50,12 @@ def region_operator(operator: str) -> Iterator[None]:
     if operator not in OPERATORS:
         raise fail("region_operator", "is not an operator regions can become", expected=OPERATORS,
                    given=repr(operator), fix="use 'torch' (PyTorch's local_map_hop) or 'localmap' (localmap.hop)")
-    entries = stack("region_operators")
-    entries.append(operator)
-    try:
+    with pushed("region_operators", operator):
         yield
-    finally:
-        entries.pop()
 
 
 def current_operator() -> str:
-    entries = stack("region_operators")
-    return entries[-1] if entries else "torch"
+    return innermost("region_operators", "torch")
 
 
 @dataclasses.dataclass

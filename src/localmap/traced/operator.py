@@ -48,8 +48,7 @@ def is_deferring() -> bool:
 
 
 def current_partitioner() -> str:
-    stack = context.stack("partitioners")
-    return stack[-1] if stack else "min_cut"
+    return context.innermost("partitioners", "min_cut")
 
 
 @contextlib.contextmanager
@@ -63,12 +62,8 @@ def defer_inlining(partitioner: str = "min_cut") -> Iterator[None]:
     if partitioner not in PARTITIONERS:
         raise fail("defer_inlining", "partitioner is not one PyTorch has", expected=PARTITIONERS,
                    given=repr(partitioner), fix="use 'min_cut' (recomputes cheap ops) or 'default' (saves them)")
-    stack = context.stack("partitioners")
-    stack.append(partitioner)
-    try:
+    with context.pushed("partitioners", partitioner):
         yield
-    finally:
-        stack.pop()
 
 
 # ---- the operator -----------------------------------------------------------------------------------------------
