@@ -7,7 +7,6 @@ closed over is a constant, the same on every rank.
 from __future__ import annotations
 
 import functools
-import itertools
 from typing import Any, Callable, Iterator
 
 import torch
@@ -66,11 +65,31 @@ def _global_names(code: Any) -> set[str]:
     return names
 
 
+def own_tensors(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """A module's own tensors (not its submodules'): parameters, buffers, and tensors held as plain attributes
+    (``self.w = distribute_tensor(...)``: a body reads a DTensor there like a parameter)."""
+    yield from module.named_parameters(recurse=False)
+    yield from module.named_buffers(recurse=False)
+    for attr, value in vars(module).items():
+        if isinstance(value, torch.Tensor):
+            yield attr, value
+
+
+def module_tensors(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """own_tensors of `module` and its submodules, by qualified name (each tensor once, in named_modules order)."""
+    seen: set[int] = set()
+    for prefix, mod in module.named_modules():
+        for attr, t in own_tensors(mod):
+            if id(t) not in seen:
+                seen.add(id(t))
+                yield (f"{prefix}.{attr}" if prefix else attr), t
+
+
 def _collect(name: str, obj: Any, found: dict, depth: int) -> None:
     if isinstance(obj, DTensor):
         found.setdefault(id(obj), (name, obj))
     elif isinstance(obj, torch.nn.Module):
-        for n, t in itertools.chain(obj.named_parameters(), obj.named_buffers()):
+        for n, t in module_tensors(obj):
             if isinstance(t, DTensor):
                 found.setdefault(id(t), (f"{name}.{n}", t))
     elif depth and isinstance(obj, (list, tuple)):

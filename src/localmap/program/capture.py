@@ -27,7 +27,7 @@ from localmap.context import recording
 from localmap.errors import LocalMapError, fail, wrapped_error
 from localmap.sites import traceback_site
 from localmap.traced.build import clean_checkpoint_tags, tag_phase
-from localmap.traced.closure import ParamInfo, program_params
+from localmap.traced.closure import ParamInfo, module_state, program_params
 from localmap.traced.meta import ROLE, SOURCE, kwargs_of, role_of
 from localmap.traced.operator import defer_inlining, local_map_hop
 
@@ -138,9 +138,7 @@ def capture(fn: Callable | torch.nn.Module, *args: Any, backward: bool = True, *
     """Capture `fn(*args, **kwargs)` (a callable or nn.Module on plain global-shaped tensors, regions made with
     localmap.local_map) as forward and backward graphs. With backward=True, `fn` returns a scalar loss."""
     module = fn if isinstance(fn, torch.nn.Module) else None
-    state = dict(module.named_parameters()) if module is not None else {}
-    if module is not None:
-        state.update(dict(module.named_buffers()))
+    state = module_state(module) if module is not None else {}
     names = list(state)
     leaves, treespec = pytree.tree_flatten((args, kwargs))
     input_names = [*names, *(_leaf_name(args, kwargs, i) for i in range(len(leaves)))]

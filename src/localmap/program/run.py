@@ -21,6 +21,7 @@ from localmap import compat as _compat
 from localmap.compat import pytree
 from localmap.collectives.registry import communicates
 from localmap.errors import LocalMapError, fail, wrapped_error
+from localmap.traced.closure import module_state
 from localmap.traced.graphs import run_graph
 from localmap.traced.meta import kwargs_of, role_of
 from localmap.program.split import coordinates, global_value, join, split
@@ -152,7 +153,7 @@ def _real_inputs(prog: Any, args: tuple, kwargs: dict) -> list:
     leaves = pytree.tree_leaves((args, kwargs))
     state = []
     if prog.module is not None:
-        for name, t in (*prog.module.named_parameters(), *prog.module.named_buffers()):
+        for name, t in module_state(prog.module).items():
             if t.is_meta:
                 raise fail(name, "is a meta tensor; run needs real values", given="meta",
                            fix="materialize the module (e.g. to_empty + init) before run")

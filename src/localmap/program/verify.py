@@ -20,7 +20,7 @@ from localmap.errors import LocalMapError
 from localmap.program.capture import capture
 from localmap.program.run import RunResult
 from localmap.program.split import global_value
-from localmap.traced.closure import ParamInfo, program_params
+from localmap.traced.closure import ParamInfo, module_state, program_params
 
 
 RTOL = 1e-4  # verify's default: a difference up to RTOL x the tensor's largest magnitude ...
@@ -56,18 +56,19 @@ def _reference(fn: Any, args: tuple, kwargs: dict) -> tuple[Any, dict, list]:
     """Loss, gradients by input name, and region records of `fn` on one device with regions inlined. A DTensor
     parameter or buffer is its full tensor there (a body reading it gets the full tensor as its local one)."""
     module = fn if isinstance(fn, torch.nn.Module) else None
-    state = {k: _one_device(v).requires_grad_(v.requires_grad)
-             for k, v in (module.named_parameters() if module is not None else [])}
-    buffers = {k: _one_device(v) if isinstance(v, DTensor) else v
-               for k, v in (module.named_buffers() if module is not None else [])}
+    own = module_state(module) if module is not None else {}
+    buffers = {k for k, _ in module.named_buffers()} if module is not None else set()
+    # Parameters and DTensors held as attributes: one-device copies; plain buffers: themselves.
+    state = {k: v if k in buffers and not isinstance(v, DTensor) else _one_device(v).requires_grad_(v.requires_grad)
+             for k, v in own.items()}
     stand_ins = {id(t): (t, ParamInfo(n, v.device_mesh, tuple(v.placements)))
-                 for n, v, t in _dtensor_state(module, {**state, **buffers})}
+                 for n, v, t in _dtensor_state(module, state)}
     leaves, spec = pytree.tree_flatten((args, kwargs))
     leaves = [t.detach().clone().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t
               for t in leaves]
     a, k = pytree.tree_unflatten(leaves, spec)
     # The module holds the copies through the backward too: a checkpoint recomputes its forward there.
-    held = reparametrized(module, {**state, **buffers}) if module is not None else contextlib.nullcontext()
+    held = reparametrized(module, state) if module is not None else contextlib.nullcontext()
     with outside_simulation(), recording("reference") as records, program_params(stand_ins), held:
         loss = fn(*a, **k)
         want = {n: t for n, t in state.items() if t.requires_grad}
@@ -82,11 +83,10 @@ def _one_device(t: torch.Tensor) -> torch.Tensor:
 
 
 def _dtensor_state(module: torch.nn.Module | None, swapped: dict) -> list[tuple[str, DTensor, torch.Tensor]]:
-    """(name, the module's DTensor, its one-device stand-in) for each DTensor parameter and buffer."""
+    """(name, the module's DTensor, its one-device stand-in) for each DTensor of its state (module_state)."""
     if module is None:
         return []
-    own = {**dict(module.named_parameters()), **dict(module.named_buffers())}
-    return [(n, v, swapped[n]) for n, v in own.items() if isinstance(v, DTensor)]
+    return [(n, v, swapped[n]) for n, v in module_state(module).items() if isinstance(v, DTensor)]
 
 
 def _arg_name(args: tuple, kwargs: dict, index: int) -> str:

@@ -22,7 +22,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate
 
 from localmap import context
-from localmap.check.closure import reachable
+from localmap.check.closure import module_tensors, own_tensors, reachable
 from localmap.compat import make_dtensor, make_spec
 from localmap.errors import fail
 from localmap.placements.specs import placements_str
@@ -56,6 +56,16 @@ def program_params(table: dict[int, tuple[torch.Tensor, ParamInfo]]) -> Iterator
     The table may be filled after entering (capture learns its stand-ins inside the trace)."""
     with context.pushed("program_params", table):
         yield table
+
+
+def module_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What a captured module's program takes before its arguments, by qualified name: its parameters, its
+    buffers, and the DTensors it holds as plain attributes (a body reads them like parameters: each rank must
+    get its own shard, not one rank's shard frozen into the graph). One order for capture, run and verify."""
+    state = dict(module.named_parameters())
+    state.update(module.named_buffers())
+    state.update((n, t) for n, t in module_tensors(module) if n not in state and isinstance(t, DTensor))
+    return state
 
 
 def stand_in(value: Any) -> ParamInfo | None:
@@ -101,7 +111,7 @@ def _reachable(func: Any) -> Iterator[tuple[Any, str | None, torch.Tensor, str]]
                 continue
             seen.add(id(mod))
             here = f"{prefix}.{name}" if name else prefix
-            for attr, t in (*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)):
+            for attr, t in own_tensors(mod):
                 yield mod, attr, t, f"{here}.{attr}"
 
 

@@ -18,7 +18,7 @@ from localmap.check.verdict import enforce
 from localmap.check.function import check_function
 from localmap.context import default_mesh, enclosing_region_mesh, in_region, recorder
 from localmap.sites import caller_site
-from localmap.compat import pytree
+from localmap.compat import pytree, to_local_substituted
 from localmap.errors import LocalMapError, body_error, fail
 from localmap.placements.algebra import grad_default
 from localmap.traced.closure import (
@@ -231,8 +231,12 @@ def call_reference(region: Any, args: tuple, kwargs: dict, records: list) -> Any
                               "input_grads": {}}
     closed = closed_over(region.func)
     leaves = [_recorded(a, i, record) for i, a in enumerate(flat)]
-    fulls = [as_full_dtensor(_recorded(c.value, len(flat) + k, record), c.info) for k, c in enumerate(closed)]
-    with rebound(closed, fulls):
+    full_locals = [_recorded(c.value, len(flat) + k, record) for k, c in enumerate(closed)]
+    fulls = [as_full_dtensor(t, c.info) for t, c in zip(full_locals, closed)]
+    # On one device a closed-over DTensor's local tensor is the full one and so is its gradient: its to_local()
+    # returns the full tensor itself, whatever grad_placements the body declares for the sharded run.
+    table = {id(d): (t, []) for d, t in zip(fulls, full_locals)}
+    with rebound(closed, fulls), to_local_substituted(table):
         out = region.func(*pytree.tree_unflatten(leaves, treespec), **kwargs)
     record["outputs"] = [o.detach().clone() for o in pytree.tree_leaves(out) if isinstance(o, torch.Tensor)]
     record["tensor_inputs"] = [i for i, a in enumerate(flat) if isinstance(a, (torch.Tensor, torch.SymInt))] + [
