@@ -113,3 +113,14 @@ class Checkpointed(torch.nn.Module):
         for block in self.blocks:
             x = checkpoint(block, x, use_reentrant=False, context_fn=context)
         return x.pow(2).mean()
+
+
+@torch.library.custom_op("localmap_test::doubled", mutates_args=())
+def doubled(x: torch.Tensor) -> torch.Tensor:
+    """2 * x as a custom op with no fake implementation: no trace of a body calling it can be made (on fakes or
+    on values), while it runs on real and simulated tensors: the check's "unchecked" case."""
+    return x * 2
+
+
+doubled.register_autograd(lambda ctx, grad: grad * 2)
+

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from localmap.caches import register_cache
 from localmap.sites import site, traceback_site
 
 
@@ -93,7 +94,7 @@ class BodyError(LocalMapError):
         return str(self.args[0]) if self.args else ""
 
 
-_body_error_types: dict[type, type] = {}
+_body_error_types: dict[type, type] = register_cache("body_error_types", {}, limit=None, eviction="unbounded")
 
 
 def _body_error_type(original: type) -> type:

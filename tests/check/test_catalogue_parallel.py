@@ -6,7 +6,8 @@ Verdicts: ``ok`` (no error, no warning; values and gradients equal one device's)
 saying `says`; with the check off the region computes a wrong value or gradient), ``unproven`` (the claim rests
 on a value the check cannot type: by default the region runs with one warning starting ``local_map:`` that says
 ``unproven``, ``check="strict"`` raises; the numbers are what `right` says), ``unchecked`` (the body cannot be
-traced: it runs with a ``local_map:`` warning, strict raises; numbers as `right` says).
+traced, on fakes or on the call's values: with its gradient placements given it runs with a ``local_map:``
+warning, strict raises; numbers as `right` says). A body that branches on values is checked on the branch taken.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import P, R, S0, S1, grad_for_output, rel_diff
+from helpers import P, R, S0, S1, doubled, grad_for_output, rel_diff
 from localmap import LocalMapError, Partial, PlacementError, Shard, local_map
 from localmap import collectives as C
 from localmap.testing import distribute, full, on_one_device, simulated_mesh
@@ -184,10 +185,14 @@ def mixed_use(x, w):
     return C.all_gather(x @ w, "tp", dim=1) + x
 
 
-def untraceable(x, w):
-    if x.new_ones(()).item() > 0:  # reads a tensor into Python
+def branch_on_values(x, w):
+    if x.new_ones(()).item() > 0:  # reads a tensor into Python: checked on the call's values
         return x @ w
     return x
+
+
+def untraceable(x, w):
+    return doubled(x) @ w  # a custom op with no fake implementation: no trace can follow it
 
 
 def maybe_total(a, total=False):
@@ -258,8 +263,12 @@ RIGHT = [
     Prog("mixed use of a replicated input (refused)", mixed_use, [(4, 8), (8, 8)],
          [(R,), (S1,)], (R,), "refused", "typed per rank",
          ref=lambda x, w: x @ w + x),
+    Prog("branch on values with its gradient placements given", branch_on_values, [(8, 6), (6, 4)],
+         [(S0,), (R,)], (S0,), "ok", grads=[(S0,), (P,)]),
+    Prog("branch on values, weight gradient inferred on the branch taken", branch_on_values, [(8, 6), (6, 4)],
+         [(S0,), (R,)], (S0,), "ok"),
     Prog("untraceable body with its gradient placements given", untraceable, [(8, 6), (6, 4)], [(S0,), (R,)],
-         (S0,), "unchecked", right=True, grads=[(S0,), (P,)]),
+         (S0,), "unchecked", right=True, grads=[(S0,), (P,)], ref=lambda x, w: x * 2 @ w),
     # sequence parallel
     Prog("all_gather the sequence, column-parallel matmul", lambda x, w: C.all_gather(x, "tp", dim=1) @ w,
          [(2, 8, 4), (4, 8)], [(S1,), (S1,)], (S2,), "ok", ref=lambda x, w: x @ w),
@@ -331,8 +340,6 @@ WRONG = [
     Prog("cumsum over the sharded dim", lambda x: x.cumsum(1), [(4, 8)], [(S1,)], (S1,), "unproven"),
     Prog("keyword flag on: partial sum claimed Shard", maybe_total, [(8, 4)], [(S0,)], (S0,), "refused",
          "partial sum", kwargs={"total": True}),
-    Prog("untraceable body, weight gradient left to the default", untraceable, [(8, 6), (6, 4)], [(S0,), (R,)],
-         (S0,), "unchecked", right=False),
     # sequence parallel
     Prog("reshape(-1, d) of a sequence shard claimed Shard(0)", lambda x: x.reshape(-1, x.shape[-1]) * 1,
          [(2, 8, 4)], [(S1,)], (S0,), "unproven"),

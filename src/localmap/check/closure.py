@@ -56,6 +56,22 @@ def reachable(fn: Any, *, through_globals: bool = True) -> Iterator[tuple[str, A
             yield name, fn.__globals__[name], None
 
 
+def code_owner(fn: Any) -> Any:
+    """The plain function whose code runs when `fn` is called (through partials, a bound method, a module's
+    forward)."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    if isinstance(fn, torch.nn.Module):
+        fn = type(fn).forward
+    return getattr(fn, "__func__", fn)
+
+
+def code_names(fn: Any) -> set[str]:
+    """Names `fn`'s code reads as globals or attributes (functions defined inside it included)."""
+    code = getattr(code_owner(fn), "__code__", None)
+    return _global_names(code) if code is not None else set()
+
+
 def _global_names(code: Any) -> set[str]:
     """Names the code (and the functions and lambdas defined in it) may read from its globals."""
     names = set(code.co_names)

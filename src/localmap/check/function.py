@@ -16,17 +16,19 @@ import torch
 import torch.fx as fx
 from torch.distributed.tensor.placement_types import Replicate, Shard
 
+from localmap.caches import register_cache, register_counter
 from localmap import compat
 from localmap.check.checker import check_graph
 from localmap.check.closure import closed_over_dtensors
+from localmap.check.state import state_key, value_key
 from localmap.check.verdict import Verdict, unchecked_verdict
 from localmap.check.mutation import check_no_input_mutation
 from localmap.compat import pytree
 from localmap.context import in_region
-from localmap.errors import LocalMapError
+from localmap.errors import LocalMapError, fail
 from localmap.placements.specs import leaf_path, resolve_output_specs
 
-_DECOMPOSE: dict | None = None
+_decompositions_built: dict[str, dict] = register_cache("decompositions", {}, limit=1, eviction="keep first")
 
 
 class Lifted(Protocol):
@@ -39,37 +41,18 @@ class Lifted(Protocol):
 
 
 def _decompositions() -> dict:
-    global _DECOMPOSE
-    if _DECOMPOSE is None:
-        _DECOMPOSE = compat.check_decompositions()
-    return _DECOMPOSE
+    table = _decompositions_built.get("check")
+    if table is None:
+        table = _decompositions_built["check"] = compat.check_decompositions()
+    return table
 
 
-_cache: dict[Any, tuple[Any, Verdict]] = {}
 _lock = threading.Lock()
 VERDICT_CACHE_LIMIT = 1024  # verdicts remembered (cleared when full)
+_cache: dict[Any, tuple[Any, Verdict]] = register_cache("verdicts", {}, limit=VERDICT_CACHE_LIMIT,
+                                                        eviction="clear when full", lock=_lock)
 _checked = 0  # bodies actually traced and checked (not served from the cache)
-
-
-def cache_info() -> dict[str, int]:
-    """Bodies traced and checked since the process started, and verdicts cached now."""
-    with _lock:
-        return {"bodies_checked": _checked, "verdicts_cached": len(_cache)}
-
-
-def clear_cache() -> None:
-    with _lock:
-        _cache.clear()
-
-
-def value_key(value: Any) -> Any:
-    """A value as a cache key of what decides a verdict: a tensor by its local shape and dtype, a plain value by
-    value (with its type: True and 1 differ), any other object by identity."""
-    if isinstance(value, torch.Tensor):
-        return ("T", tuple(int(s) for s in _plain(value).shape), value.dtype)
-    if isinstance(value, (int, float, bool, str, type(None))):
-        return ("V", type(value).__name__, value)
-    return ("O", id(value))
+register_counter("bodies_checked", lambda: _checked)
 
 
 def check_function(fn: Callable, local_args: Sequence[Any], leaf_specs: Sequence[Any], out_placements: Any,
@@ -77,14 +60,13 @@ def check_function(fn: Callable, local_args: Sequence[Any], leaf_specs: Sequence
                    uneven: frozenset = frozenset(), lifted: Lifted | None = None) -> Verdict:
     """Trace `fn` on fake copies of `local_args` (flat leaves) and check it; cached. With `lifted`, the leaves
     past the treespec's are tensors the body closes over: `lifted.bind(values)` makes the body read them."""
-    global _checked
     key = None
     fn_key, fn_objects = function_identity(fn)
     fn_objects = (*fn_objects, mesh)  # held by the entry and compared by identity: an id is reused after GC
     try:
         key = (fn_key, tuple(value_key(a) for a in local_args), repr(leaf_specs), repr(out_placements),
                repr(given_grads), id(mesh), treespec, tuple((k, value_key(v)) for k, v in sorted(kwargs.items())),
-               uneven, tuple(lifted.paths) if lifted is not None else ())
+               uneven, tuple(lifted.paths) if lifted is not None else (), state_key(fn))
         hash(key)
     except TypeError:
         key = None
@@ -93,7 +75,26 @@ def check_function(fn: Callable, local_args: Sequence[Any], leaf_specs: Sequence
             hit = _cache.get(key)
         if hit is not None and len(hit[0]) == len(fn_objects) and all(
                 a is b for a, b in zip(hit[0], fn_objects)):
-            return hit[1]
+            if not hit[1].per_call:
+                return hit[1]
+            # a body whose branch depends on values: known, so checked on this call's values at once
+            return _check_on_values(fn, local_args, leaf_specs, out_placements, given_grads, mesh, treespec, kwargs,
+                                    uneven)
+    verdict = _check_fresh(fn, local_args, leaf_specs, out_placements, given_grads, mesh, treespec, kwargs, uneven,
+                           lifted)
+    if key is not None:
+        with _lock:
+            if len(_cache) >= VERDICT_CACHE_LIMIT:
+                _cache.clear()
+            _cache[key] = (fn_objects, verdict)
+    return verdict
+
+
+def _check_fresh(fn: Callable, local_args: Sequence[Any], leaf_specs: Sequence[Any], out_placements: Any,
+                 given_grads: Sequence[Any] | None, mesh: Any, treespec: Any, kwargs: dict, uneven: frozenset,
+                 lifted: Lifted | None) -> Verdict:
+    """The body traced on fakes; where a value decides a branch, on this call's real values instead."""
+    global _checked
     inputs = [i for i, a in enumerate(local_args) if isinstance(a, torch.Tensor)]
     try:
         gm, out, closed = _trace(fn, local_args, inputs, mesh, treespec, kwargs, lifted)
@@ -102,17 +103,66 @@ def check_function(fn: Callable, local_args: Sequence[Any], leaf_specs: Sequence
     except LocalMapError:
         raise  # the body's own errors, and input mutation
     except Exception as e:  # a body the tracer cannot follow, or a failure of the checker: the program runs
-        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
-        verdict = unchecked_verdict(fn, reason, _guessed_grads(local_args, leaf_specs, given_grads, treespec))
-    else:
-        _checked += 1
-        verdict.function = getattr(fn, "__name__", type(fn).__name__)
-    if key is not None:
-        with _lock:
-            if len(_cache) >= VERDICT_CACHE_LIMIT:
-                _cache.clear()
-            _cache[key] = (fn_objects, verdict)
+        if lifted is None and compat.is_data_dependent_error(e) and _has_real_values(local_args):
+            return _check_on_values(fn, local_args, leaf_specs, out_placements, given_grads, mesh, treespec,
+                                    kwargs, uneven)
+        return _unchecked(fn, e, local_args, leaf_specs, given_grads, treespec)
+    _checked += 1
+    verdict.function = getattr(fn, "__name__", type(fn).__name__)
     return verdict
+
+
+def _check_on_values(fn: Callable, local_args: Sequence[Any], leaf_specs: Sequence[Any], out_placements: Any,
+                     given_grads: Sequence[Any] | None, mesh: Any, treespec: Any, kwargs: dict,
+                     uneven: frozenset) -> Verdict:
+    """A body whose Python branches on tensor values, checked on this call's values (the branch each rank takes:
+    every simulated rank's, or this process's). The verdict holds for this call only (``per_call``); ranks that
+    take branches with different verdicts are refused."""
+    global _checked
+    inputs = [i for i, a in enumerate(local_args) if isinstance(a, torch.Tensor)]
+    name = getattr(fn, "__name__", type(fn).__name__)
+    verdicts: dict[Any, Verdict] = {}
+    try:
+        for rank in _ranks(local_args, closed_over_dtensors(fn)):
+            gm, out, closed = _trace(fn, local_args, inputs, mesh, treespec, kwargs, None, real=True, rank=rank)
+            verdicts[rank] = _check_traced(gm, out, closed, local_args, inputs, leaf_specs, out_placements,
+                                           given_grads, mesh, treespec, uneven, ())
+    except LocalMapError:
+        raise
+    except Exception as e:  # not even the branch taken can be traced
+        return _unchecked(fn, e, local_args, leaf_specs, given_grads, treespec)
+    _checked += 1
+    found = {(v.summary(), repr(v.grad_placements)): r for r, v in verdicts.items()}
+    if len(found) > 1:
+        raise fail(f"region {name!r}", "branches on tensor values, and its ranks take branches the check judges "
+                   "differently", given="; ".join(f"rank {r}: {k[0]}, gradient placements {k[1]}"
+                                                 for k, r in found.items()),
+                   fix="make the branch the same on every rank (decide it from a replicated value), or split the "
+                       "region so each branch is its own region")
+    verdict = next(iter(verdicts.values()))
+    verdict.function = name
+    verdict.per_call = True
+    return verdict
+
+
+def _unchecked(fn: Callable, e: Exception, local_args: Sequence[Any], leaf_specs: Sequence[Any],
+               given_grads: Sequence[Any] | None, treespec: Any) -> Verdict:
+    reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+    return unchecked_verdict(fn, reason, _guessed_grads(local_args, leaf_specs, given_grads, treespec))
+
+
+def _has_real_values(local_args: Sequence[Any]) -> bool:
+    """Whether the call's tensors hold values (not fakes or meta tensors: the traced and compiled paths)."""
+    tensors = [a for a in local_args if isinstance(a, torch.Tensor)]
+    return compat.detect_fake_mode(tensors) is None and not any(_plain(t).is_meta for t in tensors)
+
+
+def _ranks(local_args: Sequence[Any], closed: list) -> list[int | None]:
+    """The simulated ranks whose values the body is checked on, or [None]: this process's values."""
+    for t in (*local_args, *(compat.local_tensor_of(d) for _, d in closed)):
+        if isinstance(t, torch.Tensor) and compat.is_simulated(t):
+            return sorted(compat.simulated_local(t))
+    return [None]
 
 
 def _guessed_grads(local_args: Sequence[Any], leaf_specs: Sequence[Any], given_grads: Sequence[Any] | None,
@@ -154,10 +204,13 @@ def function_identity(fn: Callable) -> tuple[Any, tuple]:
 
 
 def _trace(fn: Callable, local_args: Sequence[Any], inputs: list[int], mesh: Any, treespec: Any,
-           kwargs: dict, lifted: Lifted | None) -> tuple[fx.GraphModule, Any, list]:
+           kwargs: dict, lifted: Lifted | None, real: bool = False,
+           rank: int | None = None) -> tuple[fx.GraphModule, Any, list]:
     """The body traced on fresh fakes of the tensor leaves (decomposed, stack traces kept), its output, and the
     closed-over DTensors (name, DTensor, grad_placements its to_local calls declared) traced as extra inputs.
-    With `lifted` (the traced path), the leaves past the treespec's are tensors the body closes over."""
+    With `lifted` (the traced path), the leaves past the treespec's are tensors the body closes over. With
+    `real`, on the tensors' real values instead (a simulated tensor's at `rank`): Python branches on values
+    take the branch this call takes."""
     leaves = list(local_args)
     traced: dict[str, Any] = {}
     n = treespec.num_leaves
@@ -174,7 +227,17 @@ def _trace(fn: Callable, local_args: Sequence[Any], inputs: list[int], mesh: Any
         return tuple(o for o in pytree.tree_leaves(out) if isinstance(o, torch.Tensor))
 
     compat.register_trace_anchor(fn)
-    tensors = [local_args[i] for i in inputs] + [_plain(compat.local_tensor_of(d)) for _, d, _ in closed]
+    tensors = [local_args[i] for i in inputs] + [compat.local_tensor_of(d) for _, d, _ in closed]
+    if real:
+        values = [_plain(t, rank).detach() for t in tensors]
+        with compat.isolated_tracing():
+            gm = compat.make_fx_on_values(body, decomposition_table=_decompositions(),
+                                          record_stack_traces=True)(*values)
+        # What only decided the branch (x.sum() > 0, read into Python) reaches no output: the check types the
+        # branch taken, not the per-rank decision.
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+        return gm, traced["out"], closed
     fake_mode = compat.detect_fake_mode(tensors) or compat.new_fake_mode()
     with compat.isolated_tracing():
         with fake_mode:
@@ -230,6 +293,9 @@ def _normalized(claim: Any, ndim: int, mesh_ndim: int) -> Any:
     return tuple(out)
 
 
-def _plain(t: torch.Tensor) -> torch.Tensor:
-    """Rank 0's tensor of a simulated (LocalTensor) value; the tensor itself otherwise."""
-    return compat.simulated_local(t)[0] if compat.is_simulated(t) else t
+def _plain(t: torch.Tensor, rank: int | None = None) -> torch.Tensor:
+    """A simulated (LocalTensor) value's tensor at `rank` (rank 0 by default); the tensor itself otherwise."""
+    if not compat.is_simulated(t):
+        return t
+    per_rank = compat.simulated_local(t)
+    return per_rank[rank] if rank is not None else per_rank[min(per_rank)]

@@ -19,6 +19,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from localmap.errors import LocalMapError, fail
 from localmap.sites import user_stacklevel
 
@@ -46,6 +48,7 @@ class Verdict:
     guessed: list[str] = field(default_factory=list)  # unchecked: inputs whose gradient placements are a guess
     function: str = "region"  # the checked function's name, for messages
     warned: bool = field(default=False, compare=False)  # warnings of this verdict were shown (once each)
+    per_call: bool = False  # checked on one call's values (the body branches on them): reuse for no other call
 
     @property
     def ok(self) -> bool:
@@ -80,10 +83,12 @@ def unchecked_verdict(fn: Any, reason: str, guessed: list[str]) -> Verdict:
                    function=getattr(fn, "__name__", str(fn)))
 
 
-def enforce(verdict: Verdict, mode: Any) -> None:
+def enforce(verdict: Verdict, mode: Any, *, refuse_guess: bool = True) -> None:
     """Act on a verdict by the region's check mode (see CHECK_MODES): a proven contradiction raises (warns in
     "warn"); unproven and unchecked warn once per verdict, and raise in "strict"; "allow_unproven" accepts an
-    unproven claim silently. False does nothing."""
+    unproven claim silently; an unchecked body whose gradient placements would be a guess is refused
+    (``refuse_guessed``; with `refuse_guess` False the caller refuses it after running the body, so that the
+    body's own error comes first). False does nothing."""
     status = verdict.status
     if mode is False or status == "ok":
         return
@@ -97,13 +102,33 @@ def enforce(verdict: Verdict, mode: Any) -> None:
                        "(spmd_types=True) requires", given=verdict.unchecked,
                        fix="make the body traceable (no Python control flow on tensor values), or pass "
                            "check=True to run it unchecked with a warning")
-        _warn_once(verdict, [_unchecked_message(verdict)])
+        if not guess_refused(verdict, mode):
+            _warn_once(verdict, [_unchecked_message(verdict)])
+        elif refuse_guess:
+            refuse_guessed(verdict, mode)
     elif mode == "strict":
         raise fail(f"region {verdict.function!r}", f"claims what the check cannot prove: {verdict.unproven[0]}",
                    fix=_SETTLE, error=UnprovenError)
     elif mode != "allow_unproven":
         _warn_once(verdict, [f"local_map: region {verdict.function!r}: {line}. {_SETTLE}"
                              for line in verdict.unproven[:1]])
+
+
+def guess_refused(verdict: Verdict, mode: Any) -> bool:
+    """Whether an unchecked verdict is refused: some input's gradient placements would be a guess, gradients
+    are recorded, and the mode refuses ("warn" only warns, False skips the check)."""
+    return bool(verdict.guessed) and mode not in (False, "warn") and torch.is_grad_enabled()
+
+
+def refuse_guessed(verdict: Verdict, mode: Any) -> None:
+    """Raise for an unchecked verdict whose gradient placements would be a guess (guess_refused)."""
+    if guess_refused(verdict, mode):
+        raise fail(f"region {verdict.function!r}", "could not be checked, so the gradient placements of "
+                   f"{', '.join(verdict.guessed)} would be a guess (Replicate, wrong where such an input meets "
+                   "sharded data)", given=verdict.unchecked,
+                   fix="state them: local_map(..., in_grad_placements=...) with Partial() where a Replicate "
+                       "input meets sharded data and its own placements where it does not; or make the body "
+                       "traceable; check=False runs it unchecked with the guess")
 
 
 _SETTLE = ("To settle it: run localmap.verify on a step that uses the region (it compares with one device), "

@@ -21,7 +21,9 @@ from torch.utils import _pytree as pytree
 from localmap.compat.collectives import (
     FUNCTIONAL_OPS, AsyncCollectiveTensor, all_gather_stack, group_size, is_functional_collective, wait, wait_local,
 )
-from localmap.compat.compiling import optimization_hint, size_hint, surfacing, trace_time, traced_local
+from localmap.compat.compiling import (
+    optimization_hint, size_hint, surfacing, surfacing_types, trace_time, traced_local,
+)
 from localmap.compat.dynamo import at_trace_time
 from localmap.compat.dtensor import (
     DTensorSpec, TensorMeta, global_shape_and_stride, grad_placements_default, is_strided_shard, view_rule_hangs,
@@ -35,7 +37,7 @@ from localmap.compat.simulation import (
 from localmap.compat.tracing import (
     DispatchKey, FakeTensorMode, HigherOrderOperator, OpOverload, ProxyTorchDispatchMode, below_autograd,
     check_decompositions, copy_forward_meta_to_backward, current_trace_graph, detect_fake_mode, fast_apply,
-    call_argument, draws_random, has_free_unbacked_symbols, has_random_ops, ignore_fresh_unbacked, in_backward, is_data_dependent_error, is_fake, is_random_op, isolated_tracing, joint_partition, make_fx, new_fake_mode,
+    call_argument, draws_random, has_free_unbacked_symbols, has_random_ops, ignore_fresh_unbacked, in_backward, is_data_dependent_error, is_fake, is_random_op, isolated_tracing, joint_partition, make_fx, make_fx_on_values, new_fake_mode,
     op_schema, own_node_meta, partitioner, plain_signature, register_cpu_attention_flops, register_trace_anchor,
     reparametrized, sac_active,
     sac_modes, storage_key, trace_lock, track_tensor_tree, without_saved_tensor_hooks,
@@ -51,9 +53,9 @@ __all__ = [
     "simulated_value", "simulation_active", "simulation_mode_type", "simulation_set_aside", "value_on_rank", "DispatchKey", "FakeTensorMode", "HigherOrderOperator",
     "OpOverload", "ProxyTorchDispatchMode", "below_autograd", "check_decompositions",
     "copy_forward_meta_to_backward", "current_trace_graph", "detect_fake_mode", "fast_apply",
-    "call_argument", "draws_random", "has_free_unbacked_symbols", "has_random_ops", "ignore_fresh_unbacked", "in_backward", "is_data_dependent_error", "is_fake", "is_random_op", "isolated_tracing", "joint_partition", "make_fx",
+    "call_argument", "draws_random", "has_free_unbacked_symbols", "has_random_ops", "ignore_fresh_unbacked", "in_backward", "is_data_dependent_error", "is_fake", "is_random_op", "isolated_tracing", "joint_partition", "make_fx", "make_fx_on_values",
     "new_fake_mode", "op_schema", "own_node_meta", "partitioner", "plain_signature", "register_cpu_attention_flops",
     "register_trace_anchor", "reparametrized", "sac_active", "sac_modes", "storage_key", "trace_lock", "track_tensor_tree",
-    "without_saved_tensor_hooks", "TORCH_AT_LEAST_2_14", "TORCH_RELEASE", "optimization_hint", "size_hint", "surfacing", "trace_time",
+    "without_saved_tensor_hooks", "TORCH_AT_LEAST_2_14", "TORCH_RELEASE", "optimization_hint", "size_hint", "surfacing", "surfacing_types", "trace_time",
     "traced_local", "at_trace_time",
 ]

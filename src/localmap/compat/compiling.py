@@ -29,7 +29,12 @@ import torch
 # (no wrapper) in code Dynamo traces, which has a rule for it.
 from torch.fx.experimental.symbolic_shapes import optimization_hint
 
-_SURFACING: dict[type, type] = {}
+_SURFACING: dict[type, type] = {}  # exception class -> its surfacing class (one per class: unbounded)
+
+
+def surfacing_types() -> dict[type, type]:
+    """The memo of surfacing classes (registered with localmap's caches by the compiled path)."""
+    return _SURFACING
 
 
 def trace_time(fn: Callable) -> Callable:

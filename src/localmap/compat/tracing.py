@@ -45,6 +45,12 @@ def make_fx(fn: Any, **kwargs: Any) -> Any:
     return torch_make_fx(fn, **kwargs)
 
 
+def make_fx_on_values(fn: Any, **kwargs: Any) -> Any:
+    """make_fx on real tensors that lets a value decide Python control flow (``if x.sum() > 0``): the branch
+    this call's values take is traced, its scalars burned in (the graph holds for these values only)."""
+    return make_fx(fn, tracing_mode="real", _error_on_data_dependent_ops=False, **kwargs)
+
+
 def is_data_dependent_error(e: BaseException) -> bool:
     """Whether a trace stopped because a value decided control flow or a size (``if x.sum() > 0``, ``.item()``,
     ``nonzero``): the errors fake tensors raise for that."""

@@ -14,6 +14,7 @@ import torch
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.placement_types import Placement
 
+from localmap.caches import register_cache
 from localmap import compat
 from localmap.compat import DTensorSpec, local_tensor_of, make_dtensor, make_spec, spec_of, wait_local
 from localmap.placements.algebra import avg_grad_scale, avg_ranks, grad_default, has_avg
@@ -41,7 +42,8 @@ def _input_grad(g: torch.Tensor, spec: DTensorSpec, grad_placements: tuple[Place
 
 
 GRAD_SPEC_CACHE_LIMIT = 1024  # gradient specs remembered (cleared when full)
-_grad_specs: dict[tuple, tuple[DTensorSpec, DTensorSpec]] = {}
+_grad_specs: dict[tuple, tuple[DTensorSpec, DTensorSpec]] = register_cache(
+    "grad_specs", {}, limit=GRAD_SPEC_CACHE_LIMIT, eviction="clear when full")
 
 
 def _grad_spec(spec: DTensorSpec, grad_placements: tuple[Placement, ...]) -> DTensorSpec:
@@ -58,10 +60,6 @@ def _grad_spec(spec: DTensorSpec, grad_placements: tuple[Placement, ...]) -> DTe
         _grad_specs.clear()
     _grad_specs[key] = (spec, grad_spec)
     return grad_spec
-
-
-def clear_cache() -> None:
-    _grad_specs.clear()
 
 
 class ToLocalShards(torch.autograd.Function):

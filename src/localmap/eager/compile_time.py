@@ -17,8 +17,11 @@ import torch
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.placement_types import Placement
 
+from localmap.caches import register_cache
 from localmap.check.verdict import enforce
-from localmap.compat import global_shape_and_stride, make_dtensor, make_spec, pytree, spec_of, trace_time
+from localmap.compat import (
+    global_shape_and_stride, make_dtensor, make_spec, pytree, spec_of, surfacing_types, trace_time,
+)
 from localmap.eager.plans import (
     check_body, check_kwargs, check_non_dtensor_leaves, common_mesh, input_leaf_target, make_input_plan,
     make_output_plan,
@@ -29,6 +32,7 @@ from localmap.placements.shapes import dense_stride, local_shape
 from localmap.placements.specs import check_output_leaf, leaf_path, resolve_input_specs
 
 Placements = tuple[Placement, ...]
+register_cache("surfacing_types", surfacing_types(), limit=None, eviction="unbounded")  # errors met at trace time
 
 
 @trace_time

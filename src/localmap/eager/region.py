@@ -29,8 +29,10 @@ import torch
 from torch.distributed.tensor import DeviceMesh, DTensor
 from torch.distributed.tensor.placement_types import Placement
 
-from localmap.check.verdict import CHECK_MODES, enforce
-from localmap.check.function import function_identity, value_key
+from localmap.caches import instances, register_cache
+from localmap.check.verdict import CHECK_MODES, enforce, refuse_guessed
+from localmap.check.function import function_identity
+from localmap.check.state import BodyState, body_state, value_key
 from localmap.compat import local_tensor_of, make_dtensor, pytree, spec_of, wait_local
 from localmap.context import pop_region_mesh, push_region_mesh, recorder
 from localmap.eager.autograd import from_local_shards, to_local_shards
@@ -49,6 +51,9 @@ from localmap.traced.operator import is_deferring
 
 PLAN_CACHE_LIMIT = 64  # argument (or output) structures remembered per region
 VERDICT_CACHE_LIMIT = 256  # input metadata whose check verdict is remembered per region
+# Every live region's plans, verdicts and output specs, as one registered cache (limits per region).
+_live_regions = instances("region_plans", PLAN_CACHE_LIMIT, "keep first",
+                          size=lambda r: sum(r.cache_info().values()), clear=lambda r: r.clear_cache())
 
 
 class RegionCallable:
@@ -78,8 +83,18 @@ class RegionCallable:
         self.redistribute_inputs = redistribute_inputs
         self.check = check
         self._verdicts: dict[Any, tuple] = {}
+        self._state: BodyState | None = None  # what the body reads besides its arguments (found on a miss)
         self._input_plans: dict[Any, InputPlan] = {}
         self._output_plans: dict[Any, OutputPlan] = {}
+        if not torch.compiler.is_compiling():  # a region made inside a compiled function is Dynamo's
+            _live_regions.add(self)
+
+    def clear_cache(self) -> None:
+        """Forget this region's plans, verdicts and output specs (``localmap.clear_caches()`` calls it)."""
+        self._verdicts.clear()
+        self._input_plans.clear()
+        self._output_plans.clear()
+        self._state = None
 
     def cache_info(self) -> dict[str, int]:
         """How many argument structures, output structures and checked input metadata this region remembers."""
@@ -142,6 +157,8 @@ class RegionCallable:
             raise body_error(self.func, e) from e
         finally:
             pop_region_mesh()
+        if inferred is None and self.in_grad_placements is None and self.check is not False:
+            refuse_guessed(plan.verdict[1], self.check)  # unchecked: no gradient placement may be a guess
         return self._from_locals(out, mesh, uneven)
 
     def _input_plan(self, key: Any, mesh: DeviceMesh, args: tuple, flat: Sequence[Any]) -> InputPlan:
@@ -230,10 +247,12 @@ class RegionCallable:
                  kwargs: dict) -> tuple | None:
         """The body's placement check for these inputs (cached: steady-state calls pay one lookup); returns
         the inferred gradient placements per leaf when in_grad_placements is None."""
-        # What else decides the body: its non-tensor arguments and keyword arguments (none on the fast path).
+        # What else decides the body: its non-tensor arguments and keyword arguments (none on the fast path),
+        # and the state it reads (module training flags, attributes, globals; none for a plain function).
         values = _value_key(flat, kwargs) if treespec is not None or kwargs else None
-        hit = plan.verdict  # steady state: the same DTensor specs (and values) as last time on this plan
-        if hit is not None and len(hit[0]) == len(checked) and hit[2] == values:
+        state = self._state.key() if self._state is not None else None
+        hit = plan.verdict  # steady state: the same DTensor specs, values and state as last time on this plan
+        if hit is not None and len(hit[0]) == len(checked) and hit[2] == values and hit[3] == state:
             for s, c in zip(hit[0], checked):
                 if s is not c[3]:
                     hit = None
@@ -241,17 +260,19 @@ class RegionCallable:
         else:
             hit = None
         if hit is None:
-            key = (id(plan), tuple(id(c[3]) for c in checked), values)
+            self._state = body_state(self.func)  # found again: modules may have been added since
+            state = self._state.key() if self._state is not None else None
+            key = (id(plan), tuple(id(c[3]) for c in checked), values, state)
             hit = self._verdicts.get(key)
             if hit is None or any(s is not c[3] for s, c in zip(hit[0], checked)):
                 hit = (tuple(c[3] for c in checked), self._check_body(plan, flat, treespec, checked, mesh, kwargs),
-                       values)
-                if len(self._verdicts) < VERDICT_CACHE_LIMIT:
+                       values, state)
+                if len(self._verdicts) < VERDICT_CACHE_LIMIT and not hit[1].per_call:
                     self._verdicts[key] = hit
-        plan.verdict = hit
+        plan.verdict = hit if not hit[1].per_call else None  # a verdict of this call's values: checked again
         verdict = hit[1]
         if not verdict.settled:
-            enforce(verdict, self.check)
+            enforce(verdict, self.check, refuse_guess=False)  # after the body: its own error comes first
         return verdict.grad_placements if self.in_grad_placements is None else None  # None when unchecked
 
     def _check_body(self, plan: InputPlan, flat: Sequence[Any], treespec: Any, checked: list, mesh: DeviceMesh,
@@ -314,8 +335,9 @@ def local_map(
 # NOTE: shared regions. torchtitan builds `local_map(fn, ...)` inside every forward. A wrapper built again for the
 # same function (by identity: code, closure objects, defaults, bound object) with the same specs, mesh and options
 # shares the first one's RegionCallable, so its plans, verdicts and output specs are warm from the second step on.
-_regions: dict[Any, tuple[tuple, RegionCallable]] = {}
 REGION_CACHE_LIMIT = 256  # shared regions remembered (cleared when full)
+_regions: dict[Any, tuple[tuple, RegionCallable]] = register_cache("shared_regions", {}, limit=REGION_CACHE_LIMIT,
+                                                                   eviction="clear when full")
 
 
 def shared_region(func: Callable, out_placements: Any, in_placements: Any, in_grad_placements: Any,
@@ -341,10 +363,6 @@ def shared_region(func: Callable, out_placements: Any, in_placements: Any, in_gr
         _regions.clear()
     _regions[key] = ((*objects, device_mesh), region)
     return region
-
-
-def clear_shared_regions() -> None:
-    _regions.clear()
 
 
 def _frozen(spec: Any) -> Any:

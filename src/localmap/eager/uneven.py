@@ -18,13 +18,15 @@ import torch
 from torch.distributed.tensor import DeviceMesh, DTensor
 from torch.distributed.tensor.placement_types import Placement
 
+from localmap.caches import register_cache
 from localmap import compat
 from localmap.errors import CollectiveError, fail
 from localmap.placements.shapes import chunk_sizes, is_uneven, shard_dims
 from localmap.placements.specs import placements_str
 
 SPEC_MEMO_LIMIT = 4096  # DTensor specs whose evenness is remembered (cleared when full)
-_uneven_by_spec: dict[int, tuple[Any, bool]] = {}
+_uneven_by_spec: dict[int, tuple[Any, bool]] = register_cache("uneven_specs", {}, limit=SPEC_MEMO_LIMIT,
+                                                               eviction="clear when full")
 
 
 def is_uneven_spec(spec: Any) -> bool:

@@ -19,15 +19,19 @@ from typing import Sequence
 from torch.distributed.tensor import DeviceMesh
 from torch.distributed.tensor.placement_types import Partial, Placement, Replicate
 
+from localmap.caches import register_cache
 from localmap import compat
 from localmap.errors import LocalMapError, fail
 from localmap.placements.specs import placements_str
 
 CACHE_LIMIT = 1024  # distinct placement tuples remembered by the memoized rules below (a model has few)
 
-_grad_defaults: dict[tuple[Placement, ...], tuple[Placement, ...]] = {}
-_avg_flags: dict[tuple[Placement, ...], bool] = {}
-_extreme_flags: dict[tuple[Placement, ...], bool] = {}
+_grad_defaults: dict[tuple[Placement, ...], tuple[Placement, ...]] = register_cache(
+    "grad_defaults", {}, limit=CACHE_LIMIT, eviction="keep first")
+_avg_flags: dict[tuple[Placement, ...], bool] = register_cache("avg_flags", {}, limit=CACHE_LIMIT,
+                                                               eviction="keep first")
+_extreme_flags: dict[tuple[Placement, ...], bool] = register_cache("extreme_flags", {}, limit=CACHE_LIMIT,
+                                                                   eviction="keep first")
 
 
 def grad_default(placements: tuple[Placement, ...]) -> tuple[Placement, ...]:

@@ -26,6 +26,7 @@ import torch
 import torch.fx as fx
 from torch.distributed.tensor.placement_types import Partial, Placement, Shard
 
+from localmap.caches import register_cache
 from localmap import compat
 from localmap.collectives.registry import collective
 from localmap.placements.shapes import local_shape
@@ -92,7 +93,8 @@ def collective_bytes(gm: fx.GraphModule | None) -> float:
     return total
 
 
-_flops_cache: "weakref.WeakKeyDictionary[fx.GraphModule, int]" = weakref.WeakKeyDictionary()
+_flops_cache: "weakref.WeakKeyDictionary[fx.GraphModule, int]" = register_cache(
+    "flops", weakref.WeakKeyDictionary(), limit=None, eviction="weak keys")
 compat.register_cpu_attention_flops()
 
 

@@ -22,6 +22,7 @@ import torch
 import torch.fx as fx
 import torch.fx.traceback as fx_traceback
 
+from localmap.caches import register_cache, register_counter
 from localmap import compat as _compat
 from localmap.errors import fail
 from localmap.placements.algebra import avg_grad_scale, avg_ranks, extreme_grad_error, grad_default, has_extreme
@@ -45,21 +46,12 @@ class RegionGraphs:
 
 # ---- building forward and backward ------------------------------------------------------------------------------
 
-_cache: dict[Any, RegionGraphs] = {}
 _cache_lock = threading.Lock()
 REGION_CACHE_LIMIT = 512  # built regions remembered (cleared when full)
+_cache: dict[Any, RegionGraphs] = register_cache("regions", {}, limit=REGION_CACHE_LIMIT,
+                                                 eviction="clear when full", lock=_cache_lock)
 _built = 0  # regions actually built (not served from the cache)
-
-
-def cache_info() -> dict[str, int]:
-    """Regions built since the process started, and regions cached now."""
-    with _cache_lock:
-        return {"regions_built": _built, "regions_cached": len(_cache)}
-
-
-def clear_cache() -> None:
-    with _cache_lock:
-        _cache.clear()
+register_counter("regions_built", lambda: _built)
 
 
 def _meta_key(value: Any) -> Any:

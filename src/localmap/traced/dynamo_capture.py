@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from localmap.caches import register_cache
 from localmap import compat
 from localmap.compat import dynamo as compat_dynamo
 from localmap.compat import pytree
@@ -75,8 +76,8 @@ class CapturePlan:
 
 # Trace-time state by plan key (a plan reaches later trace-time calls and the joint export as its key only):
 # each region's traced body and mesh. Bounded: the oldest entries go first.
-_PLANS: dict[int, TracedRegion] = {}
 PLAN_LIMIT = 4096
+_PLANS: dict[int, TracedRegion] = register_cache("capture_plans", {}, limit=PLAN_LIMIT, eviction="oldest first")
 _plan_ids = itertools.count()
 
 

@@ -23,6 +23,7 @@ from typing import Any, Iterator
 
 import torch
 import torch.fx as fx
+from localmap.caches import register_cache
 from localmap import compat as _compat
 from localmap.compat import (
     DispatchKey, FakeTensorMode, HigherOrderOperator, ProxyTorchDispatchMode, pytree, track_tensor_tree,
@@ -191,7 +192,8 @@ def _run_local(gm: fx.GraphModule, args: tuple, mode: FakeTensorMode) -> tuple:
 
 # Output metadata of region graphs per input metadata: a model of many identical layers runs each graph on
 # fake tensors once, then makes fresh fakes of the remembered shapes. Only concrete (non-symbolic) shapes.
-_fake_outputs: "weakref.WeakKeyDictionary[fx.GraphModule, dict]" = weakref.WeakKeyDictionary()
+_fake_outputs: "weakref.WeakKeyDictionary[fx.GraphModule, dict]" = register_cache(
+    "fake_outputs", weakref.WeakKeyDictionary(), limit=None, eviction="weak keys")
 
 
 def _meta_key(values: Any) -> Any:
