@@ -1,5 +1,5 @@
 """The eager path's two autograd nodes: all DTensor inputs to local tensors in one node, all local outputs to
-DTensors in one node.
+DTensors in one node; and the compiled path's Partial('avg') gradient scaling (``ScaledGradient``).
 
 PyTorch's local_map spends one node per input (``to_local``) and per output (``from_local``); batching them is
 most of localmap's eager speed-up. ``to_local_shards``/``from_local_shards`` call the nodes without the Python
@@ -117,6 +117,25 @@ def _output_grad(g: DTensor, spec: DTensorSpec) -> torch.Tensor:
     else:
         local = wait_local(local_tensor_of(g))
     return local / avg_ranks(spec.placements, spec.mesh) if has_avg(spec.placements) else local
+
+
+class ScaledGradient(torch.autograd.Function):
+    """The identity, whose backward multiplies the gradient by `times` and divides it by `divided_by`: the
+    compiled path's Partial('avg') scaling (``placements.algebra``), where DTensor's own conversions carry the
+    gradient and do not scale it. Differentiable (a gradient penalty)."""
+
+    @staticmethod
+    def forward(ctx: Any, t: torch.Tensor, times: int, divided_by: int) -> torch.Tensor:  # type: ignore[override]
+        ctx.times, ctx.divided_by = times, divided_by
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor | None) -> tuple:  # type: ignore[override]
+        if g is not None and ctx.times != 1:
+            g = g * ctx.times
+        if g is not None and ctx.divided_by != 1:
+            g = g / ctx.divided_by
+        return g, None, None
 
 
 to_local_shards = compat.fast_apply(ToLocalShards)

@@ -27,7 +27,7 @@ from localmap.eager.plans import (
     make_output_plan,
 )
 from localmap.errors import fail
-from localmap.placements.algebra import extreme_grad_error, has_extreme
+from localmap.placements.algebra import avg_grad_scale, avg_ranks, extreme_grad_error, has_extreme
 from localmap.placements.shapes import dense_stride, local_shape
 from localmap.placements.specs import check_output_leaf, leaf_path, resolve_input_specs
 
@@ -39,7 +39,8 @@ register_cache("surfacing_types", surfacing_types(), limit=None, eviction="unbou
 def plan_inputs(config: tuple, bound_to: Any, mesh: Any, skeleton: Any, leaves: tuple, kwargs: dict) -> tuple:
     """The eager path's input checks and placement check for a call with these argument leaves: per DTensor
     leaf, (index, the placements to redistribute it to or None, its gradient placements: given, inferred by the
-    check, or the default). `config`, `bound_to`: eager.compiled.definition of the region."""
+    check, or the default; the factor on its local gradient, placements.algebra.avg_grad_scale).
+    `config`, `bound_to`: eager.compiled.definition of the region."""
     region = _Region(bound_to, *config)
     args, flat, treespec = _stand_ins(skeleton, leaves)
     kwargs = {k: _stand_in(v) for k, v in kwargs.items()}
@@ -60,13 +61,18 @@ def plan_inputs(config: tuple, bound_to: Any, mesh: Any, skeleton: Any, leaves: 
         enforce(verdict, region.check)
         if region.in_grad_placements is None:
             inferred = verdict.grad_placements
-    return tuple((i, None if a is flat[i] else tuple(a.placements),
-                  tuple((inferred[i] if inferred is not None else None) or grads)) for i, a, grads, _ in checked)
+    planned = []
+    for i, a, grads, _ in checked:
+        grads = tuple((inferred[i] if inferred is not None else None) or grads)
+        planned.append((i, None if a is flat[i] else tuple(a.placements), grads,
+                        avg_grad_scale(a.placements, grads, mesh)))
+    return tuple(planned)
 
 
 @trace_time
 def plan_outputs(config: tuple, bound_to: Any, mesh: Any, skeleton: Any, leaves: tuple, grad_enabled: bool) -> tuple:
-    """The eager path's output checks: per output leaf, its placements (None for non-tensors)."""
+    """The eager path's output checks: per output leaf, (its placements, None for non-tensors; the divisor
+    of its local gradient, placements.algebra.avg_ranks)."""
     region = _Region(bound_to, *config)
     out, flat_out, _ = _stand_ins(skeleton, leaves)
     plan = make_output_plan(region.out_placements, out, flat_out, mesh)
@@ -74,7 +80,7 @@ def plan_outputs(config: tuple, bound_to: Any, mesh: Any, skeleton: Any, leaves:
     for i, (t, p) in enumerate(zip(flat_out, specs, strict=True)):
         if p is not None and grad_enabled and t.requires_grad and has_extreme(p):
             raise extreme_grad_error(leaf_path("outputs", out, i), p, mesh)
-    return tuple(specs)
+    return tuple((p, 1 if p is None else avg_ranks(p, mesh)) for p in specs)
 
 
 @trace_time

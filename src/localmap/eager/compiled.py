@@ -18,6 +18,7 @@ from torch.distributed.tensor import DTensor
 
 from localmap.compat import optimization_hint, pytree, size_hint, traced_local
 from localmap.context import pop_region_mesh, push_region_mesh
+from localmap.eager.autograd import ScaledGradient
 from localmap.eager.compile_time import plan_inputs, plan_outputs, plan_plain_call, refuse_uneven
 from localmap.placements.shapes import is_uneven
 from localmap.traced.dynamo_capture import call_plain_compiling, wrapping_now
@@ -37,22 +38,33 @@ def call_compiling(region: Any, args: tuple, kwargs: dict) -> Any:
         _refuse_if_uneven(skeleton, i, flat[i])
     leaves = tuple(describe(a) for a in flat)
     locals_ = list(flat)
-    for i, target, grads in plan_inputs(config, bound_to, mesh, skeleton, leaves, {k: describe(v) for k, v in kwargs.items()}):
+    planned = plan_inputs(config, bound_to, mesh, skeleton, leaves, {k: describe(v) for k, v in kwargs.items()})
+    for i, target, grads, grad_scale in planned:
         a = flat[i]
         if target is not None:
             a = a.redistribute(mesh, target)
             _refuse_if_uneven(skeleton, i, a)
-        locals_[i] = a.to_local(grad_placements=grads)
+        locals_[i] = _scaled(a.to_local(grad_placements=grads), grad_scale, 1)
     push_region_mesh(mesh)  # for localmap.collectives inside the body
     try:
         out = region.func(*(locals_ if treespec is None else pytree.tree_unflatten(locals_, treespec)), **kwargs)
     finally:
         pop_region_mesh()
     flat_out, out_tree, out_skeleton = _structure(out) if not isinstance(out, torch.Tensor) else ((out,), None, 0)
-    specs = plan_outputs(config, bound_to, mesh, out_skeleton, tuple(describe(t) for t in flat_out), torch.is_grad_enabled())
-    results = [t if spec is None else DTensor.from_local(t, mesh, spec, run_check=False)
-               for t, spec in zip(flat_out, specs, strict=True)]
-    return results[0] if out_tree is None else pytree.tree_unflatten(results, out_tree)
+    planned = plan_outputs(config, bound_to, mesh, out_skeleton, tuple(describe(t) for t in flat_out),
+                           torch.is_grad_enabled())
+    results = [t if spec is None else DTensor.from_local(_scaled(t, 1, avg), mesh, spec, run_check=False)
+               for t, (spec, avg) in zip(flat_out, planned, strict=True)]
+    if out_tree is not None:
+        return pytree.tree_unflatten(results, out_tree)
+    return results[0] if isinstance(out, torch.Tensor) else tuple(results)  # (a flat tuple: no treespec)
+
+
+def _scaled(t: torch.Tensor, times: int, divided_by: int) -> torch.Tensor:
+    """`t`, its gradient scaled for Partial('avg') as eagerly (DTensor's to_local/from_local do not scale)."""
+    if (times == 1 and divided_by == 1) or not (t.requires_grad and torch.is_grad_enabled()):
+        return t
+    return ScaledGradient.apply(t, times, divided_by)
 
 
 def definition(region: Any) -> tuple[tuple, Any]:

@@ -324,10 +324,12 @@ def local_map(
     region = shared_region(func, out_placements, in_placements, in_grad_placements, device_mesh,
                            redistribute_inputs, check)
 
-    @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         return region(args, kwargs)
 
+    # Dynamo cannot iterate the attribute dict of a function it keeps in the graph (torch.nn.functional's,
+    # "missing tp_iter"): while it traces, the wrapper takes the name and docstring only.
+    functools.update_wrapper(wrapper, func, updated=() if torch.compiler.is_compiling() else ("__dict__",))
     wrapper.region = region  # type: ignore[attr-defined]
     return wrapper
 

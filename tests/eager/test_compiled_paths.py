@@ -1,0 +1,229 @@
+"""torch.compile regressions of issue 19, each compared with eager and with one device on a simulated mesh
+(aot_eager): Partial('avg') gradient scaling, regions returning several tensors (tuple, list, dict, nested;
+torchtitan's FusedQKVLinear._split and ChunkedLossWrapper._chunk), regions made from torch.nn.functional
+functions inside the compiled function, and PyTorch's simulator failing on some 2-D programs (docs/compile.md).
+Real gloo processes with inductor: tests/distributed/test_compile.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor, Shard
+
+from helpers import R, S0, S1, max_diff, randn
+from localmap import Partial, clear_caches, local_map
+from localmap.testing import distribute, full, on_one_device
+
+AVG = Partial("avg")
+S2 = Shard(2)
+
+
+def _run(fn, mesh, leaves, placements, backend):
+    """fn on DTensors of `leaves` (eagerly, or compiled with `backend`): the scalar it returns, each leaf's
+    gradient, the gradients' placements, all global."""
+    if backend != "eager":
+        torch.compiler.reset()
+        fn = torch.compile(fn, backend=backend, fullgraph=True)
+    clear_caches()
+    ds = [distribute(t, mesh, p, requires_grad=True) for t, p in zip(leaves, placements)]
+    loss = fn(*ds)
+    loss.backward()
+    return [full(loss)] + [full(d.grad) for d in ds], [tuple(d.grad.placements) for d in ds]
+
+
+def _one_device(fn, leaves):
+    """fn on the global tensors: its value and the leaves' gradients."""
+    with on_one_device():
+        ts = [t.clone().requires_grad_() for t in leaves]
+        loss = fn(*ts)
+        loss.backward()
+        return [loss.detach()] + [t.grad for t in ts]
+
+
+def _assert_all_close(got, want, atol=1e-4):
+    assert len(got) == len(want)
+    for k, (a, b) in enumerate(zip(got, want)):
+        assert max_diff(a, b) <= atol, (k, max_diff(a, b))
+
+
+# ---- 1. Partial('avg') gradients ------------------------------------------------------------------------------
+
+_AVG_CASES = {
+    # a Partial('avg') output: each rank's local value gets 1/n of the output's gradient
+    "output Partial('avg')": (lambda a, b: (a @ b).mean(0), [AVG], ([S0], [R]), [[S0], [R]], lambda a, b: (a @ b).mean(0)),
+    # a Partial('avg') input whose gradient is Replicate: n times the local gradient
+    "input Partial('avg')": (lambda a, b: a @ b, [AVG], ([R], [AVG]), [[R], [AVG]], lambda a, b: a @ b),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_AVG_CASES))
+def test_partial_avg_gradients_as_eagerly(sim_mesh_4, case):
+    """Compiled, DTensor's own to_local/from_local carry the gradient without the Partial('avg') scaling the
+    eager path applies (placements.algebra): the gradients were n times too large (n/n for the input case's
+    weight, n for its other input). Now the same as eager and one device."""
+    body, out, ins, placements, reference = _AVG_CASES[case]
+    mesh = sim_mesh_4
+    region = local_map(body, out, ins)
+    leaves = [randn(8, 3), randn(3, 2)]
+
+    def step(x, w):
+        return (region(x, w).redistribute(mesh, [R]) ** 2).sum()
+
+    eager, eager_pl = _run(step, mesh, leaves, placements, "eager")
+    got, got_pl = _run(step, mesh, leaves, placements, "aot_eager")
+    assert got_pl == eager_pl
+    _assert_all_close(got, eager, 1e-5)
+    _assert_all_close(got, _one_device(lambda x, w: (reference(x, w) ** 2).sum(), leaves))
+
+
+# ---- 9. several outputs -------------------------------------------------------------------------------------
+
+_STRUCTURES = {
+    "tensor": (lambda a: a * 2, [S0]),
+    "tuple": (lambda a: (a * 2, a + 1, a.sin()), ([S0], [S0], [S0])),
+    "list": (lambda a: [a * 2, a.cos()], [[S0], [S0]]),
+    "dict": (lambda a: {"y": a * 2, "z": a.sin()}, {"y": [S0], "z": [S0]}),
+    "nested": (lambda a: (a * 2, {"z": [a + 1, a.sin()]}), ([S0], {"z": [[S0], [S0]]})),
+}
+
+
+def _weighted_sum(out):
+    """A scalar from every tensor of an output structure, each weighted differently (a leaf lost or swapped
+    changes it)."""
+    leaves = [out] if isinstance(out, torch.Tensor) else torch.utils._pytree.tree_leaves(out)
+    total = 0
+    for k, t in enumerate(leaves):
+        t = t.redistribute(t.device_mesh, [R]) if isinstance(t, DTensor) else t
+        total = total + ((t ** 2) * (k + 1)).sum()
+    return total
+
+
+def _skeleton(out):
+    """The output structure with each leaf's kind in its place (a DTensor and a tensor are both tensors)."""
+    return torch.utils._pytree.tree_map(lambda t: "tensor" if isinstance(t, torch.Tensor) else repr(t), out)
+
+
+@pytest.mark.parametrize("check", [True, False])
+@pytest.mark.parametrize("fullgraph", [True, False])
+@pytest.mark.parametrize("structure", list(_STRUCTURES))
+def test_outputs_keep_their_structure(sim_mesh_4, structure, fullgraph, check):
+    """A region returning a flat tuple of tensors returned only the first under torch.compile (no treespec for
+    a flat tuple): every structure now comes back as eagerly, with the same values and gradients."""
+    body, out = _STRUCTURES[structure]
+    region = local_map(body, out, ([S0],), check=check)
+    x = randn(8, 3)
+    with on_one_device():
+        want = body(x)
+
+    results = {}
+    for mode in ("eager", "compiled"):
+        clear_caches()
+        fn = region if mode == "eager" else torch.compile(region, backend="aot_eager", fullgraph=fullgraph)
+        torch.compiler.reset()
+        dx = distribute(x, sim_mesh_4, [S0], requires_grad=True)
+        got = fn(dx)
+        _weighted_sum(got).backward()
+        results[mode] = (_skeleton(got), [full(t) for t in torch.utils._pytree.tree_leaves(got)], full(dx.grad))
+    reference = _one_device(lambda a: _weighted_sum(body(a)), [x])
+    assert results["compiled"][0] == results["eager"][0] == _skeleton(want)
+    _assert_all_close(results["compiled"][1], torch.utils._pytree.tree_leaves(want), 1e-5)
+    _assert_all_close([results["compiled"][2]], [results["eager"][2]], 1e-5)
+    _assert_all_close([results["compiled"][2]], reference[1:])
+
+
+def _split_qkv(t, hpk, hd):
+    """torchtitan's FusedQKVLinear._split (its split of the fused projection; a tuple of three)."""
+    b, s = t.shape[0], t.shape[1]
+    xq, xk, xv = torch.split(t, [hpk, 1, 1], dim=-2)
+    return xq.reshape(b, s, -1, hd).contiguous(), xk.reshape(b, s, -1, hd).contiguous(), \
+        xv.reshape(b, s, -1, hd).contiguous()
+
+
+def test_fused_qkv_split_compiled(sim_mesh_4):
+    """torchtitan's FusedQKVLinear: `xq, xk, xv = local_map(_split, ...)(qkv)` with the kv heads sharded. With
+    a batch of 3 the unpacking of the first output alone went through silently with wrong values."""
+    mesh = sim_mesh_4
+    hpk, hd = 2, 2
+    qkv = randn(3, 2, 4, hpk + 2, hd)  # [batch, seq, kv heads, heads per kv + 2, head dim]
+    p = (S2,)
+
+    def attention_inputs(qkv):
+        split = local_map(lambda t: _split_qkv(t, hpk, hd), out_placements=(p,) * 3, in_placements=(p,),
+                          in_grad_placements=(p,), device_mesh=qkv.device_mesh)
+        xq, xk, xv = split(qkv)
+        return sum(((t.redistribute(mesh, [R]) ** 2) * (k + 1)).sum() for k, t in enumerate((xq, xk, xv)))
+
+    eager, _ = _run(attention_inputs, mesh, [qkv], [p], "eager")
+    got, _ = _run(attention_inputs, mesh, [qkv], [p], "aot_eager")
+    _assert_all_close(got, eager, 1e-5)
+    _assert_all_close(got, _one_device(
+        lambda t: sum(((u ** 2) * (k + 1)).sum() for k, u in enumerate(_split_qkv(t, hpk, hd))), [qkv]))
+
+
+def test_chunked_loss_chunks_compiled(sim_mesh_4):
+    """torchtitan's ChunkedLossWrapper._chunk: the local sequence shard split into equal chunks by a region
+    returning a tuple; each chunk's loss, summed. Each chunk is the same chunk of every rank's shard, so its
+    global value is those rows of every shard."""
+    mesh, chunks = sim_mesh_4, 2
+    h, w = randn(2, 16, 3), randn(3, 5)
+
+    def chunk_local(t):
+        size = t.shape[1] // chunks
+        return tuple(c.contiguous() for c in torch.split(t, [size] * chunks, dim=1))
+
+    def step(h, w):
+        p = h.placements
+        pieces = local_map(chunk_local, out_placements=(p,) * chunks, in_placements=(p,),
+                           device_mesh=h.device_mesh)(h)
+        return sum(((c @ w) ** 2).sum() * (k + 1) for k, c in enumerate(pieces)), [c.detach() for c in pieces]
+
+    results = {}
+    for mode in ("eager", "aot_eager"):
+        fn = step if mode == "eager" else torch.compile(step, backend="aot_eager", fullgraph=True)
+        torch.compiler.reset()
+        clear_caches()
+        dh, dw = distribute(h, mesh, [S1], requires_grad=True), distribute(w, mesh, [R], requires_grad=True)
+        loss, pieces = fn(dh, dw)
+        loss.backward()
+        results[mode] = [full(loss), full(dh.grad), full(dw.grad)] + [full(c) for c in pieces]
+    with on_one_device():  # chunk k of the global value: rows k of each rank's 4 rows, in 2-row chunks
+        want_pieces = [h.view(2, 4, chunks, 2, 3)[:, :, k].reshape(2, 8, 3) for k in range(chunks)]
+        mask = torch.tensor([(row % 4) // 2 + 1.0 for row in range(16)]).view(1, 16, 1)
+    reference = _one_device(lambda a, b: (((a @ b) ** 2) * mask).sum(), [h, w])
+    assert len(results["aot_eager"]) == 3 + chunks
+    _assert_all_close(results["aot_eager"], results["eager"], 1e-5)
+    _assert_all_close(results["aot_eager"], reference + want_pieces)
+
+
+# ---- 10. regions made from torch.nn.functional inside the compiled function --------------------------------
+
+# interpolate with Dynamo only: AOT autograd's functionalization of its _unsafe_index on the simulator's
+# LocalTensor fails with PyTorch's own local_map too (docs/compile.md); gloo runs it with inductor.
+_FUNCTIONAL = {
+    "silu": (lambda x: local_map(F.silu, [S0], ([S0],))(x), lambda x: F.silu(x), "aot_eager"),
+    "interpolate": (lambda x: local_map(F.interpolate, [S0], ([S0],))(x, scale_factor=2, mode="nearest"),
+                    lambda x: F.interpolate(x, scale_factor=2, mode="nearest"), "eager"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_FUNCTIONAL))
+def test_functional_region_made_while_compiling(sim_mesh_4, name):
+    """`local_map(F.silu, ...)` made inside the compiled function failed in Dynamo at the functools.wraps of
+    region construction ("missing tp_iter": Dynamo cannot iterate a torch function's attribute dict)."""
+    region_call, reference, backend = _FUNCTIONAL[name]
+    mesh = sim_mesh_4
+
+    def step(x):
+        return (region_call(x).redistribute(mesh, [R]) ** 2).sum()
+
+    x = randn(8, 2, 3)
+    eager, _ = _run(step, mesh, [x], [[S0]], "eager")
+    got, _ = _run(step, mesh, [x], [[S0]], backend)
+    _assert_all_close(got, eager, 1e-5)
+    _assert_all_close(got, _one_device(lambda t: (reference(t) ** 2).sum(), [x]))
+
+
+def test_functional_wrapper_keeps_its_metadata_eagerly():
+    wrapped = local_map(F.silu, [S0], ([S0],))
+    assert wrapped.__name__ == "silu" and wrapped.__wrapped__ is F.silu
