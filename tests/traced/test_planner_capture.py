@@ -259,3 +259,22 @@ def test_plain_call_outside_any_capture_is_quiet(fake_mesh_4):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert torch.equal(region(*args), mlp(*args))
+
+
+def test_specs_shorter_than_the_mesh_in_a_planner_capture(fake_mesh_2x2):
+    """[Shard(0)] on a 2-d mesh: the region node holds (Shard(0), Replicate()), as with the full spec."""
+    def model_with(in_placements, out_placements):
+        model = RowParallel(fake_mesh_2x2)
+        model.region = localmap.local_map(mlp, out_placements=out_placements, in_placements=in_placements,
+                                          device_mesh=fake_mesh_2x2)
+        model.w1, model.w2 = nn.Parameter(torch.randn(16, 32)), nn.Parameter(torch.randn(32, 16))
+        model.forward = lambda x: model.region(x, model.w1, model.w2).sum()
+        return model
+
+    x = torch.randn(8, 16)
+    short = _summary(_capture(model_with((S0, R, R), (S0,)), x)[1])
+    full = _summary(_capture(model_with(((Shard(0), Replicate()),) + ((Replicate(), Replicate()),) * 2,
+                                        ((Shard(0), Replicate()),)), x)[1])
+    assert short == full
+    assert short[0][:2] == (((Shard(0), Replicate()), (Replicate(), Replicate()), (Replicate(), Replicate())),
+                            ((Shard(0), Replicate()),))

@@ -21,7 +21,7 @@ from localmap.errors import fail
 from localmap.placements.algebra import grad_default
 from localmap.placements.shapes import dense_stride
 from localmap.placements.specs import (
-    LeafSpec, check_non_tensor_leaf, check_output_leaf, check_spec_for_mesh, leaf_path, normalize_shard_dims,
+    LeafSpec, check_non_tensor_leaf, check_output_leaf, fit_spec_to_mesh, leaf_path, normalize_shard_dims,
     placements_str, resolve_input_specs, resolve_output_specs,
 )
 
@@ -61,16 +61,19 @@ def make_input_plan(in_placements: Any, in_grad_placements: Any, mesh: DeviceMes
     """Resolve and check the input specs for this argument structure (a new structure or mesh)."""
     specs = grad_specs = None
     if in_placements is not None:
-        specs = resolve_input_specs(in_placements, args, len(flat))
+        specs = _fitted(resolve_input_specs(in_placements, args, len(flat)), mesh, args, "in_placements")
     if in_grad_placements is not None:
-        grad_specs = resolve_input_specs(in_grad_placements, args, len(flat), "in_grad_placements")
-    for name, resolved in (("in_placements", specs), ("in_grad_placements", grad_specs)):
-        for i, s in enumerate(resolved or ()):
-            if s is not None:
-                check_spec_for_mesh(s, mesh, leaf_path("args", args, i), name)
+        grad_specs = _fitted(resolve_input_specs(in_grad_placements, args, len(flat), "in_grad_placements"),
+                             mesh, args, "in_grad_placements")
     plan = InputPlan(mesh, specs, grad_specs)
     check_grad_ranges(plan, args, flat, mesh)
     return plan
+
+
+def _fitted(specs: tuple[LeafSpec, ...], mesh: DeviceMesh, args: tuple, name: str) -> tuple[LeafSpec, ...]:
+    """Each leaf spec with one placement per mesh dim (trailing mesh dims Replicate)."""
+    return tuple(None if s is None else fit_spec_to_mesh(s, mesh, leaf_path("args", args, i), name)
+                 for i, s in enumerate(specs))
 
 
 def check_grad_ranges(plan: InputPlan, args: tuple, flat: Sequence[Any], mesh: DeviceMesh) -> None:
@@ -172,10 +175,8 @@ def check_body(func: Any, out_placements: Any, plan: InputPlan, flat: Sequence[A
 
 def make_output_plan(out_placements: Any, out: Any, flat_out: Sequence[Any], mesh: DeviceMesh) -> OutputPlan:
     """Resolve and check the output specs for this output structure (a new structure or mesh)."""
-    specs = resolve_output_specs(out_placements, out, len(flat_out))
-    for i, spec in enumerate(specs):
-        if spec is not None:
-            check_spec_for_mesh(spec, mesh, leaf_path("outputs", out, i), "out_placements")
+    specs = tuple(None if spec is None else fit_spec_to_mesh(spec, mesh, leaf_path("outputs", out, i), "out_placements")
+                  for i, spec in enumerate(resolve_output_specs(out_placements, out, len(flat_out))))
     return OutputPlan(mesh, specs)
 
 
