@@ -61,6 +61,8 @@ def _capture(model, *args, operator="torch"):
 def _region_graph(joint, node):
     """The graph a region node runs: a submodule (localmap's operator, PyTorch 2.14's) or the graph PyTorch
     2.13's call_local_map closure holds."""
+    if hasattr(node.target, "region_graph"):  # localmap's operator in a planner's capture
+        return node.target.region_graph
     if node.args and isinstance(node.args[0], torch.fx.Node) and node.args[0].op == "get_attr":
         return getattr(joint, node.args[0].target)
     cells = [c.cell_contents for c in node.target.__closure__ or ()]
@@ -198,26 +200,28 @@ def test_uncarried_gradient_placement_warns_naming_the_input(fake_mesh_4):
     carry; the capture says so for each weight (not for the data, whose gradient is its own placement)."""
     with pytest.warns(UserWarning, match=r"args\[1\] has placements \(Replicate\(\),\) but its gradient is "
                                          r"\(Partial\(sum\),\)") as record:
-        planner_capture(Block(localmap.local_map, fake_mesh_4), torch.randn(4, 8, 16))
+        with region_operator("torch"):
+            planner_capture(Block(localmap.local_map, fake_mesh_4), torch.randn(4, 8, 16))
     paths = sorted(str(w.message).split(": ")[1].split(" ")[0] for w in record
                    if "carries no gradient placements" in str(w.message))
     assert paths == ["args[1]", "args[2]"]
 
 
 def test_localmap_operator_keeps_gradient_placements(fake_mesh_4):
-    """region_operator('localmap'): localmap's operator; the forward node's in_grad_placements and the backward
-    node's out_placements hold the inferred Partial gradients of the weights; no warning."""
+    """localmap's operator (the default): region nodes in the form a planner reads (targets named
+    call_local_map / call_local_map_backward, in_grad_placements None); the backward node's out_placements
+    hold the inferred Partial gradients of the weights; the forward graph keeps them too; no warning."""
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        with region_operator("localmap"):
-            joint = planner_capture(Block(localmap.local_map, fake_mesh_4), torch.randn(4, 8, 16))[1]
+        joint = planner_capture(Block(localmap.local_map, fake_mesh_4), torch.randn(4, 8, 16))[1]
     nodes = region_nodes(joint)
-    assert [n.target for n in nodes] == [local_map_hop] * 4
+    assert [n.target.__name__ for n in nodes] == ["call_local_map"] * 2 + ["call_local_map_backward"] * 2
     roles = [n.meta["localmap"]["role"] for n in nodes]
     assert roles == ["forward", "forward", "backward", "backward"]
     mlp_forward, mlp_backward = nodes[1], nodes[2]  # backward nodes run in reverse order
     partial = (Partial(),)
-    assert mlp_forward.meta["local_map_kwargs"]["in_grad_placements"] == (S0, partial, partial)
+    assert all(n.meta["local_map_kwargs"]["in_grad_placements"] is None for n in nodes)
+    assert mlp_forward.target.region_graph.meta["local_map_kwargs"]["in_grad_placements"] == (S0, partial, partial)
     assert mlp_backward.meta["local_map_kwargs"]["out_placements"] == (S0, partial, partial)
     assert mlp_backward.meta["local_map_kwargs"]["in_placements"] == (S0,)
 

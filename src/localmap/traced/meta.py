@@ -72,3 +72,10 @@ def grad_placements(kwargs: dict) -> tuple:
     if given is not None:
         return tuple(None if p is None else tuple(p) for p in given)
     return tuple(None if p is None else grad_default(tuple(p)) for p in kwargs["in_placements"])
+
+
+def planner_kwargs(kwargs: dict) -> dict:
+    """A region node's placements as a planner reads them (meta-pytorch/autoparallel requires
+    ``in_grad_placements`` None on every region node): the gradient placements are where it reads them, the
+    backward node's ``out_placements``; the forward graph's own meta keeps its in_grad_placements."""
+    return {**kwargs, "in_grad_placements": None}
