@@ -21,6 +21,7 @@ from localmap.check.checker import PlacementError
 from localmap.compat import dynamo as compat_dynamo
 from localmap.hop import defer_inlining, local_map_hop, region_operator
 from localmap.testing import planner_capture, region_nodes
+from localmap.traced.operator import region_graph_of
 
 S0, R = (Shard(0),), (Replicate(),)
 
@@ -61,8 +62,8 @@ def _capture(model, *args, operator="torch"):
 def _region_graph(joint, node):
     """The graph a region node runs: a submodule (localmap's operator, PyTorch 2.14's) or the graph PyTorch
     2.13's call_local_map closure holds."""
-    if hasattr(node.target, "region_graph"):  # localmap's operator in a planner's capture
-        return node.target.region_graph
+    if region_graph_of(node.target) is not None:  # localmap's operator in a planner's capture
+        return region_graph_of(node.target)
     if node.args and isinstance(node.args[0], torch.fx.Node) and node.args[0].op == "get_attr":
         return getattr(joint, node.args[0].target)
     cells = [c.cell_contents for c in node.target.__closure__ or ()]
@@ -221,7 +222,7 @@ def test_localmap_operator_keeps_gradient_placements(fake_mesh_4):
     mlp_forward, mlp_backward = nodes[1], nodes[2]  # backward nodes run in reverse order
     partial = (Partial(),)
     assert all(n.meta["local_map_kwargs"]["in_grad_placements"] is None for n in nodes)
-    assert mlp_forward.target.region_graph.meta["local_map_kwargs"]["in_grad_placements"] == (S0, partial, partial)
+    assert region_graph_of(mlp_forward.target).meta["local_map_kwargs"]["in_grad_placements"] == (S0, partial, partial)
     assert mlp_backward.meta["local_map_kwargs"]["out_placements"] == (S0, partial, partial)
     assert mlp_backward.meta["local_map_kwargs"]["in_placements"] == (S0,)
 

@@ -160,8 +160,16 @@ def planner_node_target(graph: fx.GraphModule) -> Any:
 
     if role_of(graph)["role"] == "backward":
         call_local_map.__name__ = call_local_map.__qualname__ = "call_local_map_backward"
-    call_local_map.region_graph = graph  # type: ignore[attr-defined]  # the graph, for readers of the node
+    setattr(call_local_map, _REGION_GRAPH, graph)  # the graph, for readers of the node (region_graph_of)
     return call_local_map
+
+
+_REGION_GRAPH = "region_graph"
+
+
+def region_graph_of(target: Any) -> fx.GraphModule | None:
+    """The region graph a planner-form node's target runs (planner_node_target), else None."""
+    return getattr(target, _REGION_GRAPH, None)
 
 
 @local_map_hop.py_impl(_compat.simulation_mode_type())
