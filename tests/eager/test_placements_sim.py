@@ -125,3 +125,16 @@ def test_specs_shorter_than_the_mesh_leave_trailing_dims_replicate(sim_mesh_2x2)
     (xr @ wr).sum().backward()
     assert torch.allclose(full(out), x @ w, atol=1e-5)
     assert torch.allclose(full(dx.grad), xr.grad, atol=1e-5) and torch.allclose(full(dw.grad), wr.grad, atol=1e-5)
+
+
+def test_messages_carry_pytorchs_phrases(sim_mesh_2x2):
+    """Code matching PyTorch's local_map messages matches ours: "expects placements" (a DTensor input given
+    None), "set redistribute_inputs=True" (placements that differ)."""
+    from localmap import LocalMapError, local_map
+    from localmap.testing import distribute
+
+    x = distribute(randn(8, 4), sim_mesh_2x2, (S0, R))
+    with pytest.raises(LocalMapError, match="expects placements"):
+        local_map(lambda a: a, [S0, R], (None,), device_mesh=sim_mesh_2x2)(x)
+    with pytest.raises(LocalMapError, match="set redistribute_inputs=True"):
+        local_map(lambda a: a, [R, R], ([R, R],), device_mesh=sim_mesh_2x2)(x)

@@ -283,3 +283,16 @@ def test_specs_shorter_than_the_mesh_in_a_planner_capture(fake_mesh_2x2):
     assert short == full
     assert short[0][:2] == (((Shard(0), Replicate()), (Replicate(), Replicate()), (Replicate(), Replicate())),
                             ((Shard(0), Replicate()),))
+
+
+def test_errors_under_dynamo_with_local_map_wrapping_arrive_as_themselves(fake_mesh_4):
+    """torch.compile with PyTorch's local_map wrapping on (its own tests' setup): a wrong claim is a
+    PlacementError there too, not Dynamo's InternalTorchDynamoError."""
+    def forgot_all_reduce(x, w):
+        return x @ w
+
+    region = localmap.local_map(forgot_all_reduce, out_placements=(R,), in_placements=((Shard(1),), S0),
+                                device_mesh=fake_mesh_4)
+    compiled = torch.compile(lambda x, w: region(x, w), backend="eager", fullgraph=True)
+    with compat_dynamo.planner_capture_context(), pytest.raises(PlacementError, match="Partial"):
+        compiled(torch.randn(8, 16), torch.randn(16, 8))

@@ -112,7 +112,7 @@ def input_leaf_target(plan: InputPlan, args: tuple, flat: Sequence[Any], i: int,
                    fix="redistribute it onto the region's mesh, or pass the matching device_mesh")
     spec = a.placements if plan.specs is None else plan.specs[i]
     if spec is None:
-        raise fail(leaf_path("args", args, i), "is a DTensor but its in_placements spec is None",
+        raise fail(leaf_path("args", args, i), "is a DTensor but its in_placements spec is None (a DTensor input expects placements)",
                    expected="a list of placements", given=None,
                    fix=f"give its placements, e.g. {placements_str(a.placements)}")
     if a.placements != spec:
@@ -120,14 +120,14 @@ def input_leaf_target(plan: InputPlan, args: tuple, flat: Sequence[Any], i: int,
         spec = normalize_shard_dims(spec, a.ndim, path, "in_placements", mesh)
         if a.placements != spec and not redistribute:
             dim = next(m for m, (p, q) in enumerate(zip(a.placements, spec, strict=True)) if p != q)
-            raise fail(path, "has placements that differ from in_placements", mesh=mesh, mesh_dim=dim,
+            raise fail(path, "has placements that differ from in_placements (a mismatched placements)", mesh=mesh, mesh_dim=dim,
                        expected=placements_str(spec), given=placements_str(a.placements),
-                       fix="pass redistribute_inputs=True, or call .redistribute(...) first")
+                       fix="set redistribute_inputs=True to local_map, or call .redistribute(...) first")
     if plan.grad_specs is None:
         return tuple(spec), grad_default(spec)
     grad = plan.grad_specs[i]
     if grad is None:
-        raise fail(leaf_path("args", args, i), "is a DTensor but its in_grad_placements spec is None",
+        raise fail(leaf_path("args", args, i), "is a DTensor but its in_grad_placements spec is None (a DTensor input expects in grad placements)",
                    expected="a list of placements", given=None,
                    fix=f"give its gradient placements, e.g. {placements_str(grad_default(spec))}")
     return tuple(spec), normalize_shard_dims(grad, a.ndim, leaf_path("args", args, i), "in_grad_placements", mesh)

@@ -208,13 +208,13 @@ def check_output_leaf(out: Any, i: int, leaf: Any, spec: LeafSpec, mesh: DeviceM
                        expected="a local torch.Tensor", given="DTensor",
                        fix="return .to_local() of it, or compute on the local inputs only")
         if spec is None:
-            raise fail(leaf_path("outputs", out, i), "is a Tensor but its out_placements spec is None",
+            raise fail(leaf_path("outputs", out, i), "is a Tensor but its out_placements spec is None (a tensor output expects placements)",
                        expected="a list of placements", given=None,
                        fix="give its placements, e.g. [Replicate()] or [Shard(0)]")
         spec = fit_spec_to_mesh(spec, mesh, leaf_path("outputs", out, i), "out_placements")
         return normalize_shard_dims(spec, leaf.ndim, leaf_path("outputs", out, i), "out_placements", mesh)
     if spec is not None:
-        raise fail(leaf_path("outputs", out, i), "is not a Tensor but has a placement spec",
+        raise fail(leaf_path("outputs", out, i), "is not a Tensor but has a placement spec (a non-tensor output expects None placements)",
                    expected=None, given=placements_str(spec), fix="use None for non-tensor outputs")
     return None
 
@@ -223,5 +223,5 @@ def check_non_tensor_leaf(args: tuple, i: int, leaf: Any, spec: LeafSpec, name: 
     """Argument leaf `i` that is not a tensor must have no placement spec in `name`."""
     if spec is not None and not isinstance(leaf, torch.Tensor):
         what = "a placement spec" if name == "in_placements" else f"an {name} spec"
-        raise fail(leaf_path("args", args, i), f"is not a tensor but has {what}", expected=None,
+        raise fail(leaf_path("args", args, i), f"is not a tensor but has {what} (a non-tensor input expects None placements)", expected=None,
                    given=placements_str(spec), fix=f"use None in {name} for non-tensor arguments")
