@@ -177,3 +177,15 @@ def test_captured_joint_graph_reruns_under_the_planners_deferral(fake_mesh_4):
     expected = [n.meta["val"] for n in joint.graph.find_nodes(op="output")[0].args[0] if n is not None]
     got = [o for o in pytree.tree_leaves(outs) if o is not None]
     assert [tuple(o.shape) for o in got] == [tuple(e.shape) for e in expected]
+
+
+def test_region_nodes_carry_their_costs(fake_mesh_4):
+    """node.meta["localmap_cost"]: the #515 region on a rank's 8 of 32 rows: forward 2*8*16*16 FLOPs, saves
+    x's shard (8*16 floats); backward (w's gradient only: x needs none) 2*16*8*16; no collective in either.
+    The tensor-parallel MLP's forward sends its all_reduce: 2*(4-1)/4 of an 8x16 float output."""
+    forward, backward = region_nodes(_capture(Issue515(fake_mesh_4), torch.randn(32, 16)))
+    assert dict(forward.meta["localmap_cost"]) == {"flops": 2 * 8 * 16 * 16, "saved_bytes": 8 * 16 * 4,
+                                                   "comm_bytes": 0.0}
+    assert dict(backward.meta["localmap_cost"]) == {"flops": 2 * 16 * 8 * 16, "saved_bytes": 0, "comm_bytes": 0.0}
+    forward = region_nodes(_capture(TensorParallelMLP(fake_mesh_4), torch.randn(8, 16, requires_grad=True)))[0]
+    assert forward.meta["localmap_cost"]["comm_bytes"] == 2 * 3 / 4 * 8 * 16 * 4

@@ -35,7 +35,9 @@ from localmap.errors import fail
 from localmap.placements.shapes import dense_stride
 from localmap.traced.build import RegionGraphs, build_region
 from localmap.traced.graphs import run_graph, to_global_fake, to_local_fake
-from localmap.traced.meta import KWARGS, ROLE, kwargs_of, planner_kwargs, region_kwargs, role_of
+from localmap.traced.meta import (
+    COST, KWARGS, ROLE, RegionCost, kwargs_of, planner_kwargs, region_kwargs, role_of,
+)
 
 
 # ---- defer_inlining: per thread, nestable -------------------------------------------------------------------
@@ -137,6 +139,7 @@ def _proxy(mode: ProxyTorchDispatchMode, body: fx.GraphModule, *args: Any) -> tu
     if compat_dynamo.torch_deferring():
         out_proxy = tracer.create_proxy("call_function", planner_node_target(body), proxy_args, {})
         out_proxy.node.meta[KWARGS] = planner_kwargs(kwargs_of(body))
+        out_proxy.node.meta[COST] = RegionCost(body)
     else:
         body_proxy = tracer.create_proxy("get_attr", _install(tracer.root, body), (), {})
         out_proxy = tracer.create_proxy("call_function", local_map_hop, (body_proxy, *proxy_args), {})
