@@ -94,11 +94,12 @@ EAGER: dict[str, tuple] = {
     "in_grad_placements wrong count": (
         lambda m: local_map(lambda a, b: a + b, RR, (RR, RR), (RR,))(x4(m), x4(m)),
         "in_grad_placements", ("1 entries", "2 positional")),
-    "in_grad_placements too short for the mesh": (
-        lambda m: local_map(lambda a: a, RR, (RR,), ([R],))(x4(m)),
-        "in_grad_placements for args[0]", ("1 placements for a 2-d mesh",)),
+    "in_grad_placements too long for the mesh": (
+        lambda m: local_map(lambda a: a, RR, (RR,), ([R, R, R],))(x4(m)),
+        "in_grad_placements for args[0]", ("3 placements for a 2-d mesh",)),
     "in_placements too long for the mesh": (
-        lambda m: local_map(lambda a: a, RR, ([R, R, R],))(x4(m)), "args[0]", ("3 placements for a 2-d mesh",)),
+        lambda m: local_map(lambda a: a, RR, ([R, R, R],))(x4(m)), "args[0]",
+        ("3 placements for a 2-d mesh", "('dp', 'tp')")),
     "out spec too long for the mesh": (
         lambda m: local_map(lambda a: (a, a), (RR, [R, R, R]), (RR,))(x4(m)), "outputs[1]", ("3 placements",)),
     "fewer out specs than outputs": (
@@ -190,12 +191,6 @@ EAGER: dict[str, tuple] = {
     "wrong number of in specs": (
         lambda m: (lambda x: local_map(lambda a, b: a + b, RR, (RR,))(x, x))(x4(m)), "in_placements",
         ("1 entries", "2 positional arguments", "expected:", "given:")),
-    "spec shorter than the mesh (input)": (
-        lambda m: local_map(lambda a: a, RR, ([R],))(x4(m)), "args[0]",
-        ("1 placements for a 2-d mesh", "('dp', 'tp')")),
-    "spec shorter than the mesh (output)": (
-        lambda m: local_map(lambda a: a, [S0], (RR,))(x4(m)), "outputs",
-        ("out_placements", "1 placements for a 2-d mesh")),
     "Shard dim out of range (input)": (
         lambda m: local_map(lambda a: a, RR, ([R, S1],), redistribute_inputs=True)(distribute(randn(8), m, RR)),
         "args[0]", ("Shard(1) is out of range for a 1-d tensor", "mesh dim 1 ('tp')")),

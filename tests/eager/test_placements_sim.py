@@ -105,3 +105,36 @@ def test_nonlinear_elementwise(sim_mesh_2x2):
                  [(S0, S1), (S0, S1)])
     check_region(sim_mesh_2x2, body, [randn(8, 12), randn(12)], [(S0, R), (R, R)], (S0, R),
                  [(S0, R), (P, R)])
+
+
+def test_specs_shorter_than_the_mesh_leave_trailing_dims_replicate(sim_mesh_2x2):
+    """PyTorch's meaning: [Shard(0)] on a 2-d mesh is (Shard(0), Replicate()), for inputs, outputs and gradient
+    placements; values and gradients as on one device."""
+    from localmap import local_map
+    from localmap.testing import distribute, full
+
+    x, w = randn(8, 12), randn(12, 16)
+    region = local_map(matmul, [S0], ([S0], [R]), ([S0], [P]), sim_mesh_2x2)
+    dx, dw = distribute(x, sim_mesh_2x2, (S0, R), requires_grad=True), distribute(w, sim_mesh_2x2, (R, R),
+                                                                                   requires_grad=True)
+    out = region(dx, dw)
+    assert tuple(out.placements) == (S0, R)
+    out.sum().backward()
+    assert (tuple(dx.grad.placements), tuple(dw.grad.placements)) == ((S0, R), (P, R))
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    (xr @ wr).sum().backward()
+    assert torch.allclose(full(out), x @ w, atol=1e-5)
+    assert torch.allclose(full(dx.grad), xr.grad, atol=1e-5) and torch.allclose(full(dw.grad), wr.grad, atol=1e-5)
+
+
+def test_messages_carry_pytorchs_phrases(sim_mesh_2x2):
+    """Code matching PyTorch's local_map messages matches ours: "expects placements" (a DTensor input given
+    None), "set redistribute_inputs=True" (placements that differ)."""
+    from localmap import LocalMapError, local_map
+    from localmap.testing import distribute
+
+    x = distribute(randn(8, 4), sim_mesh_2x2, (S0, R))
+    with pytest.raises(LocalMapError, match="expects placements"):
+        local_map(lambda a: a, [S0, R], (None,), device_mesh=sim_mesh_2x2)(x)
+    with pytest.raises(LocalMapError, match="set redistribute_inputs=True"):
+        local_map(lambda a: a, [R, R], ([R, R],), device_mesh=sim_mesh_2x2)(x)

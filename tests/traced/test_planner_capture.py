@@ -21,6 +21,7 @@ from localmap.check.checker import PlacementError
 from localmap.compat import dynamo as compat_dynamo
 from localmap.hop import defer_inlining, local_map_hop, region_operator
 from localmap.testing import planner_capture, region_nodes
+from localmap.traced.operator import region_graph_of
 
 S0, R = (Shard(0),), (Replicate(),)
 
@@ -61,6 +62,8 @@ def _capture(model, *args, operator="torch"):
 def _region_graph(joint, node):
     """The graph a region node runs: a submodule (localmap's operator, PyTorch 2.14's) or the graph PyTorch
     2.13's call_local_map closure holds."""
+    if region_graph_of(node.target) is not None:  # localmap's operator in a planner's capture
+        return region_graph_of(node.target)
     if node.args and isinstance(node.args[0], torch.fx.Node) and node.args[0].op == "get_attr":
         return getattr(joint, node.args[0].target)
     cells = [c.cell_contents for c in node.target.__closure__ or ()]
@@ -198,26 +201,28 @@ def test_uncarried_gradient_placement_warns_naming_the_input(fake_mesh_4):
     carry; the capture says so for each weight (not for the data, whose gradient is its own placement)."""
     with pytest.warns(UserWarning, match=r"args\[1\] has placements \(Replicate\(\),\) but its gradient is "
                                          r"\(Partial\(sum\),\)") as record:
-        planner_capture(Block(localmap.local_map, fake_mesh_4), torch.randn(4, 8, 16))
+        with region_operator("torch"):
+            planner_capture(Block(localmap.local_map, fake_mesh_4), torch.randn(4, 8, 16))
     paths = sorted(str(w.message).split(": ")[1].split(" ")[0] for w in record
                    if "carries no gradient placements" in str(w.message))
     assert paths == ["args[1]", "args[2]"]
 
 
 def test_localmap_operator_keeps_gradient_placements(fake_mesh_4):
-    """region_operator('localmap'): localmap's operator; the forward node's in_grad_placements and the backward
-    node's out_placements hold the inferred Partial gradients of the weights; no warning."""
+    """localmap's operator (the default): region nodes in the form a planner reads (targets named
+    call_local_map / call_local_map_backward, in_grad_placements None); the backward node's out_placements
+    hold the inferred Partial gradients of the weights; the forward graph keeps them too; no warning."""
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        with region_operator("localmap"):
-            joint = planner_capture(Block(localmap.local_map, fake_mesh_4), torch.randn(4, 8, 16))[1]
+        joint = planner_capture(Block(localmap.local_map, fake_mesh_4), torch.randn(4, 8, 16))[1]
     nodes = region_nodes(joint)
-    assert [n.target for n in nodes] == [local_map_hop] * 4
+    assert [n.target.__name__ for n in nodes] == ["call_local_map"] * 2 + ["call_local_map_backward"] * 2
     roles = [n.meta["localmap"]["role"] for n in nodes]
     assert roles == ["forward", "forward", "backward", "backward"]
     mlp_forward, mlp_backward = nodes[1], nodes[2]  # backward nodes run in reverse order
     partial = (Partial(),)
-    assert mlp_forward.meta["local_map_kwargs"]["in_grad_placements"] == (S0, partial, partial)
+    assert all(n.meta["local_map_kwargs"]["in_grad_placements"] is None for n in nodes)
+    assert region_graph_of(mlp_forward.target).meta["local_map_kwargs"]["in_grad_placements"] == (S0, partial, partial)
     assert mlp_backward.meta["local_map_kwargs"]["out_placements"] == (S0, partial, partial)
     assert mlp_backward.meta["local_map_kwargs"]["in_placements"] == (S0,)
 
@@ -259,3 +264,35 @@ def test_plain_call_outside_any_capture_is_quiet(fake_mesh_4):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert torch.equal(region(*args), mlp(*args))
+
+
+def test_specs_shorter_than_the_mesh_in_a_planner_capture(fake_mesh_2x2):
+    """[Shard(0)] on a 2-d mesh: the region node holds (Shard(0), Replicate()), as with the full spec."""
+    def model_with(in_placements, out_placements):
+        model = RowParallel(fake_mesh_2x2)
+        model.region = localmap.local_map(mlp, out_placements=out_placements, in_placements=in_placements,
+                                          device_mesh=fake_mesh_2x2)
+        model.w1, model.w2 = nn.Parameter(torch.randn(16, 32)), nn.Parameter(torch.randn(32, 16))
+        model.forward = lambda x: model.region(x, model.w1, model.w2).sum()
+        return model
+
+    x = torch.randn(8, 16)
+    short = _summary(_capture(model_with((S0, R, R), (S0,)), x)[1])
+    full = _summary(_capture(model_with(((Shard(0), Replicate()),) + ((Replicate(), Replicate()),) * 2,
+                                        ((Shard(0), Replicate()),)), x)[1])
+    assert short == full
+    assert short[0][:2] == (((Shard(0), Replicate()), (Replicate(), Replicate()), (Replicate(), Replicate())),
+                            ((Shard(0), Replicate()),))
+
+
+def test_errors_under_dynamo_with_local_map_wrapping_arrive_as_themselves(fake_mesh_4):
+    """torch.compile with PyTorch's local_map wrapping on (its own tests' setup): a wrong claim is a
+    PlacementError there too, not Dynamo's InternalTorchDynamoError."""
+    def forgot_all_reduce(x, w):
+        return x @ w
+
+    region = localmap.local_map(forgot_all_reduce, out_placements=(R,), in_placements=((Shard(1),), S0),
+                                device_mesh=fake_mesh_4)
+    compiled = torch.compile(lambda x, w: region(x, w), backend="eager", fullgraph=True)
+    with compat_dynamo.planner_capture_context(), pytest.raises(PlacementError, match="Partial"):
+        compiled(torch.randn(8, 16), torch.randn(16, 8))

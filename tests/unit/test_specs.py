@@ -114,3 +114,12 @@ def test_normalize_shard_dims_out_of_range(fake_mesh_2x2):
                  "out_placements for outputs", ("Shard(-3) is out of range", "mesh dim 0 ('dp')"))
     expect_error(lambda: normalize_shard_dims((S0, R), 0, "args[1]", "in_placements", fake_mesh_2x2),
                  "in_placements for args[1]", ("for a 0-d tensor", "no Shard for a 0-d tensor"))
+
+
+def test_specs_shorter_than_the_mesh_are_padded_with_replicate(fake_mesh_2x2):
+    from localmap.placements.specs import fit_spec_to_mesh
+
+    assert fit_spec_to_mesh((S0,), fake_mesh_2x2, "args[0]", "in_placements") == (S0, R)
+    assert fit_spec_to_mesh((S0, S1), fake_mesh_2x2, "args[0]", "in_placements") == (S0, S1)
+    expect_error(lambda: fit_spec_to_mesh((S0, R, R), fake_mesh_2x2, "args[0]", "in_placements"),
+                 "in_placements for args[0]", ("3 placements for a 2-d mesh", "('dp', 'tp')"))

@@ -10,10 +10,12 @@ own ``_local_map_wrapped`` (an identity check), so localmap hands its regions to
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any, Callable, Iterator
 
 import torch
 
+from localmap.compat.compiling import surfacing
 from localmap.compat.versions import TORCH_AT_LEAST_2_14
 
 
@@ -43,8 +45,16 @@ def call_torch_local_map(fn: Callable, out_placements: tuple, in_placements: tup
 
 def at_trace_time(fn: Callable) -> Callable:
     """`fn` run by Dynamo while it traces (on real Python values: objects, constants, no tensors), its result a
-    constant of the trace; called normally outside Dynamo."""
-    return torch._dynamo.assume_constant_result(fn)
+    constant of the trace; called normally outside Dynamo. An exception it raises reaches the caller as itself
+    (``compiling.surfacing``), not wrapped in Dynamo's InternalTorchDynamoError."""
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            raise surfacing(e).with_traceback(e.__traceback__) from e.__cause__
+
+    return torch._dynamo.assume_constant_result(run)
 
 
 def opaque_to_dynamo(fn: Callable) -> Callable:

@@ -21,7 +21,7 @@ from localmap.errors import fail
 from localmap.placements.algebra import grad_default
 from localmap.placements.shapes import dense_stride
 from localmap.placements.specs import (
-    LeafSpec, check_non_tensor_leaf, check_output_leaf, check_spec_for_mesh, leaf_path, normalize_shard_dims,
+    LeafSpec, check_non_tensor_leaf, check_output_leaf, fit_spec_to_mesh, leaf_path, normalize_shard_dims,
     placements_str, resolve_input_specs, resolve_output_specs,
 )
 
@@ -61,16 +61,19 @@ def make_input_plan(in_placements: Any, in_grad_placements: Any, mesh: DeviceMes
     """Resolve and check the input specs for this argument structure (a new structure or mesh)."""
     specs = grad_specs = None
     if in_placements is not None:
-        specs = resolve_input_specs(in_placements, args, len(flat))
+        specs = _fitted(resolve_input_specs(in_placements, args, len(flat)), mesh, args, "in_placements")
     if in_grad_placements is not None:
-        grad_specs = resolve_input_specs(in_grad_placements, args, len(flat), "in_grad_placements")
-    for name, resolved in (("in_placements", specs), ("in_grad_placements", grad_specs)):
-        for i, s in enumerate(resolved or ()):
-            if s is not None:
-                check_spec_for_mesh(s, mesh, leaf_path("args", args, i), name)
+        grad_specs = _fitted(resolve_input_specs(in_grad_placements, args, len(flat), "in_grad_placements"),
+                             mesh, args, "in_grad_placements")
     plan = InputPlan(mesh, specs, grad_specs)
     check_grad_ranges(plan, args, flat, mesh)
     return plan
+
+
+def _fitted(specs: tuple[LeafSpec, ...], mesh: DeviceMesh, args: tuple, name: str) -> tuple[LeafSpec, ...]:
+    """Each leaf spec with one placement per mesh dim (trailing mesh dims Replicate)."""
+    return tuple(None if s is None else fit_spec_to_mesh(s, mesh, leaf_path("args", args, i), name)
+                 for i, s in enumerate(specs))
 
 
 def check_grad_ranges(plan: InputPlan, args: tuple, flat: Sequence[Any], mesh: DeviceMesh) -> None:
@@ -109,7 +112,7 @@ def input_leaf_target(plan: InputPlan, args: tuple, flat: Sequence[Any], i: int,
                    fix="redistribute it onto the region's mesh, or pass the matching device_mesh")
     spec = a.placements if plan.specs is None else plan.specs[i]
     if spec is None:
-        raise fail(leaf_path("args", args, i), "is a DTensor but its in_placements spec is None",
+        raise fail(leaf_path("args", args, i), "is a DTensor but its in_placements spec is None (a DTensor input expects placements)",
                    expected="a list of placements", given=None,
                    fix=f"give its placements, e.g. {placements_str(a.placements)}")
     if a.placements != spec:
@@ -117,14 +120,14 @@ def input_leaf_target(plan: InputPlan, args: tuple, flat: Sequence[Any], i: int,
         spec = normalize_shard_dims(spec, a.ndim, path, "in_placements", mesh)
         if a.placements != spec and not redistribute:
             dim = next(m for m, (p, q) in enumerate(zip(a.placements, spec, strict=True)) if p != q)
-            raise fail(path, "has placements that differ from in_placements", mesh=mesh, mesh_dim=dim,
+            raise fail(path, "has placements that differ from in_placements (a mismatched placements)", mesh=mesh, mesh_dim=dim,
                        expected=placements_str(spec), given=placements_str(a.placements),
-                       fix="pass redistribute_inputs=True, or call .redistribute(...) first")
+                       fix="set redistribute_inputs=True to local_map, or call .redistribute(...) first")
     if plan.grad_specs is None:
         return tuple(spec), grad_default(spec)
     grad = plan.grad_specs[i]
     if grad is None:
-        raise fail(leaf_path("args", args, i), "is a DTensor but its in_grad_placements spec is None",
+        raise fail(leaf_path("args", args, i), "is a DTensor but its in_grad_placements spec is None (a DTensor input expects in grad placements)",
                    expected="a list of placements", given=None,
                    fix=f"give its gradient placements, e.g. {placements_str(grad_default(spec))}")
     return tuple(spec), normalize_shard_dims(grad, a.ndim, leaf_path("args", args, i), "in_grad_placements", mesh)
@@ -172,10 +175,8 @@ def check_body(func: Any, out_placements: Any, plan: InputPlan, flat: Sequence[A
 
 def make_output_plan(out_placements: Any, out: Any, flat_out: Sequence[Any], mesh: DeviceMesh) -> OutputPlan:
     """Resolve and check the output specs for this output structure (a new structure or mesh)."""
-    specs = resolve_output_specs(out_placements, out, len(flat_out))
-    for i, spec in enumerate(specs):
-        if spec is not None:
-            check_spec_for_mesh(spec, mesh, leaf_path("outputs", out, i), "out_placements")
+    specs = tuple(None if spec is None else fit_spec_to_mesh(spec, mesh, leaf_path("outputs", out, i), "out_placements")
+                  for i, spec in enumerate(resolve_output_specs(out_placements, out, len(flat_out))))
     return OutputPlan(mesh, specs)
 
 

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import torch
 from torch.distributed.tensor import DeviceMesh, DTensor
-from torch.distributed.tensor.placement_types import Placement, Shard
+from torch.distributed.tensor.placement_types import Placement, Replicate, Shard
 
 from localmap.compat import pytree
 from localmap.errors import fail
@@ -149,14 +149,17 @@ def resolve_output_specs(out_placements: Any, out: Any, num_leaves: int) -> tupl
                fix="give one spec per output (None for non-tensor outputs), or one spec for all outputs")
 
 
-def check_spec_for_mesh(spec: tuple[Placement, ...], mesh: DeviceMesh, path: str, name: str) -> None:
-    """A leaf spec must have one placement per mesh dim."""
-    if len(spec) != mesh.ndim:
+def fit_spec_to_mesh(spec: tuple[Placement, ...], mesh: DeviceMesh, path: str, name: str) -> tuple[Placement, ...]:
+    """A leaf spec with one placement per mesh dim: a shorter spec leaves the trailing mesh dims Replicate
+    (PyTorch's meaning, as ``DTensor.from_local`` reads it); a longer one is refused."""
+    if len(spec) > mesh.ndim:
         names = f" {tuple(mesh.mesh_dim_names)}" if mesh.mesh_dim_names else ""
         raise fail(f"{name} for {path}", f"has {len(spec)} placements for a {mesh.ndim}-d mesh{names}",
-                   expected=f"{mesh.ndim} placements", given=spec,
-                   fix=f"give exactly one placement per mesh dim, e.g. {[repr(p) for p in (spec * mesh.ndim)[:mesh.ndim]]}"
-                   .replace("'", ""))
+                   expected=f"at most {mesh.ndim} placements (missing trailing mesh dims are Replicate)",
+                   given=spec, fix=f"give one placement per mesh dim, e.g. {list(spec[:mesh.ndim])}")
+    if len(spec) < mesh.ndim:
+        return tuple(spec) + (Replicate(),) * (mesh.ndim - len(spec))
+    return tuple(spec)
 
 
 def normalize_shard_dims(spec: tuple[Placement, ...], ndim: int, path: str, name: str,
@@ -205,13 +208,13 @@ def check_output_leaf(out: Any, i: int, leaf: Any, spec: LeafSpec, mesh: DeviceM
                        expected="a local torch.Tensor", given="DTensor",
                        fix="return .to_local() of it, or compute on the local inputs only")
         if spec is None:
-            raise fail(leaf_path("outputs", out, i), "is a Tensor but its out_placements spec is None",
+            raise fail(leaf_path("outputs", out, i), "is a Tensor but its out_placements spec is None (a tensor output expects placements)",
                        expected="a list of placements", given=None,
                        fix="give its placements, e.g. [Replicate()] or [Shard(0)]")
-        check_spec_for_mesh(spec, mesh, leaf_path("outputs", out, i), "out_placements")
+        spec = fit_spec_to_mesh(spec, mesh, leaf_path("outputs", out, i), "out_placements")
         return normalize_shard_dims(spec, leaf.ndim, leaf_path("outputs", out, i), "out_placements", mesh)
     if spec is not None:
-        raise fail(leaf_path("outputs", out, i), "is not a Tensor but has a placement spec",
+        raise fail(leaf_path("outputs", out, i), "is not a Tensor but has a placement spec (a non-tensor output expects None placements)",
                    expected=None, given=placements_str(spec), fix="use None for non-tensor outputs")
     return None
 
@@ -220,5 +223,5 @@ def check_non_tensor_leaf(args: tuple, i: int, leaf: Any, spec: LeafSpec, name: 
     """Argument leaf `i` that is not a tensor must have no placement spec in `name`."""
     if spec is not None and not isinstance(leaf, torch.Tensor):
         what = "a placement spec" if name == "in_placements" else f"an {name} spec"
-        raise fail(leaf_path("args", args, i), f"is not a tensor but has {what}", expected=None,
+        raise fail(leaf_path("args", args, i), f"is not a tensor but has {what} (a non-tensor input expects None placements)", expected=None,
                    given=placements_str(spec), fix=f"use None in {name} for non-tensor arguments")

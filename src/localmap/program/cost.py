@@ -30,6 +30,7 @@ from localmap.caches import register_cache
 from localmap import compat
 from localmap.collectives.registry import collective
 from localmap.placements.shapes import local_shape
+from localmap.traced.meta import register_cost_measure, role_of
 
 
 def _kind(p: Placement) -> str:
@@ -133,3 +134,13 @@ def activation_bytes(forward: fx.GraphModule | None, num_outputs: int) -> int:
             total += tensor_bytes(val.shape, val.dtype)
     return total
 
+
+
+def region_cost(graph: fx.GraphModule) -> dict:
+    """A region graph's costs per rank as a planner-form region node carries them (traced.meta.RegionCost)."""
+    role = role_of(graph)
+    saved = activation_bytes(graph, role["num_outputs"]) if role["role"] == "forward" else 0
+    return {"flops": graph_flops(graph), "saved_bytes": saved, "comm_bytes": collective_bytes(graph)}
+
+
+register_cost_measure(region_cost)

@@ -25,7 +25,7 @@ from localmap.traced.closure import module_state
 from localmap.traced.graphs import run_graph
 from localmap.traced.meta import kwargs_of, role_of
 from localmap.program.split import coordinates, global_value, join, split
-from localmap.traced.operator import local_map_hop
+from localmap.traced.operator import local_map_hop, region_graph_of
 
 
 @dataclass
@@ -62,6 +62,8 @@ class _MeshInterpreter(fx.Interpreter):
     def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
         if target is local_map_hop:
             return self._region(args[0], args[1:])
+        if region_graph_of(target) is not None:  # a region node in a planner's capture
+            return self._region(region_graph_of(target), args)
         per_rank = [a for a in (*args, *kwargs.values()) if isinstance(a, PerRank)]
         if per_rank:  # an op on a saved activation between regions (its size, say): once per rank
             def on(r: int, a: Any) -> Any:
@@ -180,3 +182,13 @@ def run_program(prog: Any, args: tuple, kwargs: dict) -> RunResult:
     result.loss = fw_out[0]
     result.grads = {name: g for name, g in zip(prog.input_names, grads) if g is not None}
     return result
+
+
+def run_joint(joint: fx.GraphModule, inputs: Sequence[Any]) -> tuple[list, RunResult]:
+    """A planner's joint graph (``localmap.testing.planner_capture``) run on one device as a planner that honours
+    each region node's placements runs it: region nodes per rank, split and joined by their placements (see the
+    module docstring). Returns the graph's outputs and the run's record (disagreements: Replicate outputs whose
+    ranks differ)."""
+    result = RunResult(loss=None, grads={})
+    with torch.no_grad(), _compat.outside_simulation():
+        return list(_MeshInterpreter(joint, {}, result).run(*inputs)), result

@@ -11,14 +11,15 @@
 - ``planner_capture(model, *args)``: a planner's capture (meta-pytorch/autoparallel's pipeline, without
   autoparallel): Dynamo export with PyTorch's local_map wrapping on, then the joint forward+backward export with
   PyTorch's operator deferred; returns (Dynamo's graph, the joint graph). ``region_nodes(joint)``: its region
-  nodes, forward then backward.
+  nodes, forward then backward. ``run_joint(joint, inputs)``: that joint graph run on one device as a planner
+  honouring each region node's placements runs it (region graphs per rank, split and joined by placements).
 - ``on_one_device()``: inside a simulated mesh, run plain single-device code (a reference computation, or
   making global inputs: under the simulation ``torch.randn`` draws different values on each rank).
 """
 
 from localmap.testing.gloo import GlooError, run_gloo
-from localmap.testing.planner import planner_capture, region_nodes
+from localmap.testing.planner import planner_capture, region_nodes, run_joint
 from localmap.testing.simulation import distribute, fake_mesh, full, on_one_device, simulated_mesh
 
 __all__ = ["simulated_mesh", "fake_mesh", "run_gloo", "distribute", "full", "on_one_device", "GlooError", "planner_capture",
-           "region_nodes"]
+           "region_nodes", "run_joint"]

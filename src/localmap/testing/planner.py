@@ -9,7 +9,10 @@ import torch
 import torch.fx as fx
 
 from localmap.compat import dynamo as compat_dynamo
+from localmap.program.run import run_joint
 from localmap.traced.meta import KWARGS
+
+__all__ = ["planner_capture", "region_nodes", "run_joint"]  # run_joint: localmap.program.run
 
 
 def planner_capture(model: torch.nn.Module, *args: Any) -> tuple[fx.GraphModule, fx.GraphModule]:

@@ -8,13 +8,13 @@ localmap region on plain tensors with wrapping on, ``call_captured`` therefore:
 1. at trace time (``compat.at_trace_time``: real Python while Dynamo traces), traces the body on this rank's
    local fakes and runs the placement check (``traced.frontend.trace_region``: the same specs, errors and
    inferred gradient placements as every other path), and keeps the result as a ``CapturePlan``;
-2. calls PyTorch's ``_local_map_wrapped`` on the tensor leaves with flat placements (the default, "torch": the
-   planner's region nodes are PyTorch's, identical to PyTorch's local_map), or, under
-   ``region_operator("localmap")``, records one opaque call that the joint export traces into localmap's own
-   operator (``localmap.hop``), whose backward node carries the inferred gradient placements.
-
-PyTorch's operator carries no gradient placements, so where the check infers one that differs from the input's
-own (a Replicate weight meeting sharded data: Partial), the capture warns, naming the input.
+2. records one opaque call that the joint export traces into localmap's own operator (``localmap.hop``; the
+   default, "localmap"), whose region nodes take the form planners find regions by on every PyTorch release
+   (``traced.operator.planner_node_target``: targets named ``call_local_map``, ``in_grad_placements`` None)
+   and whose backward node's ``out_placements`` are the gradient placements the body implies (a Replicate
+   weight meeting sharded data: Partial, so the planner reduces it); or, under ``region_operator("torch")``,
+   calls PyTorch's ``_local_map_wrapped`` on the tensor leaves with flat placements (PyTorch's own region
+   nodes, which carry no gradient placements: the capture warns, naming each input whose gradient differs).
 """
 
 from __future__ import annotations
@@ -45,18 +45,19 @@ _TENSOR = "localmap.tensor"  # marks a tensor's metadata in the arguments handed
 
 @contextlib.contextmanager
 def region_operator(operator: str) -> Iterator[None]:
-    """Which operator localmap regions become under Dynamo capture with local_map wrapping on: "torch" (the
-    default: PyTorch's local_map operator, what planners read today) or "localmap" (localmap's own operator:
-    gradient placements kept on the backward node). Nestable, per thread, read while Dynamo traces."""
+    """Which operator localmap regions become under Dynamo capture with local_map wrapping on: "localmap" (the
+    default: localmap's own operator in the planner's node form, gradient placements on the backward node) or
+    "torch" (PyTorch's local_map operator: no gradient placements; on torch 2.14 its nodes are no longer
+    named call_local_map). Nestable, per thread, read while Dynamo traces."""
     if operator not in OPERATORS:
         raise fail("region_operator", "is not an operator regions can become", expected=OPERATORS,
-                   given=repr(operator), fix="use 'torch' (PyTorch's local_map_hop) or 'localmap' (localmap.hop)")
+                   given=repr(operator), fix="use 'localmap' (localmap.hop, the default) or 'torch' (PyTorch's local_map_hop)")
     with pushed("region_operators", operator):
         yield
 
 
 def current_operator() -> str:
-    return innermost("region_operators", "torch")
+    return innermost("region_operators", "localmap")
 
 
 @dataclasses.dataclass

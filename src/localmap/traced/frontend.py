@@ -29,7 +29,7 @@ from localmap.traced.meta import SOURCE, set_region_meta
 from localmap.traced.operator import local_map_hop
 from localmap.placements.shapes import is_uneven, like_stride, local_shape
 from localmap.placements.specs import (
-    check_non_tensor_leaf, check_output_leaf, check_spec_for_mesh, leaf_path, normalize_shard_dims, placements_str,
+    check_non_tensor_leaf, check_output_leaf, fit_spec_to_mesh, leaf_path, normalize_shard_dims, placements_str,
     resolve_input_specs, resolve_output_specs,
 )
 
@@ -43,7 +43,7 @@ def _leaf_specs(spec_arg: Any, name: str, args: tuple, flat: list, mesh: Any) ->
                 raise fail(leaf_path("args", args, i), f"is a tensor but its {name} spec is None",
                            expected="a list of placements", given=None,
                            fix="give its placements, e.g. [Replicate()] or [Shard(0)]")
-            check_spec_for_mesh(s, mesh, leaf_path("args", args, i), name)
+            s = fit_spec_to_mesh(s, mesh, leaf_path("args", args, i), name)
             s = normalize_shard_dims(s, a.ndim, leaf_path("args", args, i), name, mesh)
             if name == "in_placements" and _uneven(a, s, mesh):
                 raise fail(leaf_path("args", args, i), "is unevenly sharded, which regions traced as graph nodes "

@@ -10,6 +10,9 @@ two rides in an attribute: ``torch.save`` of a GraphModule keeps attributes but 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any, Callable, Iterator
+
 import torch.fx as fx
 
 from localmap.errors import fail
@@ -18,6 +21,7 @@ from localmap.placements.algebra import grad_default
 KWARGS = "local_map_kwargs"  # GraphModule.meta key of a region's placements and mesh (as PyTorch's operator)
 ROLE = "localmap"  # GraphModule.meta key of localmap's own facts about a graph (role, activations, ...)
 SOURCE = "localmap_source"  # body.meta key: the region's function name and call site (file:line)
+COST = "localmap_cost"  # a planner-form region node's meta key: flops, saved_bytes, comm_bytes per rank
 
 
 _SAVED = "_localmap_meta"  # an attribute copy of the meta: GraphModule pickling keeps attributes, drops meta
@@ -72,3 +76,50 @@ def grad_placements(kwargs: dict) -> tuple:
     if given is not None:
         return tuple(None if p is None else tuple(p) for p in given)
     return tuple(None if p is None else grad_default(tuple(p)) for p in kwargs["in_placements"])
+
+
+def planner_kwargs(kwargs: dict) -> dict:
+    """A region node's placements as a planner reads them (meta-pytorch/autoparallel requires
+    ``in_grad_placements`` None on every region node): the gradient placements are where it reads them, the
+    backward node's ``out_placements``; the forward graph's own meta keeps its in_grad_placements."""
+    return {**kwargs, "in_grad_placements": None}
+
+
+# What a region graph costs, measured by program.cost (which registers itself here: traced does not import
+# program); read lazily, the first time a planner looks, so a capture pays nothing for it.
+_cost_measure: list[Callable[[fx.GraphModule], dict]] = []
+
+
+def register_cost_measure(measure: Callable[[fx.GraphModule], dict]) -> None:
+    _cost_measure[:] = [measure]
+
+
+class RegionCost(Mapping):
+    """``node.meta["localmap_cost"]`` of a region node: ``flops`` (one run of its graph on a rank's shards),
+    ``saved_bytes`` (activations a forward saves for its backward, per rank; 0 for a backward) and
+    ``comm_bytes`` (what a rank sends in the graph's collectives), measured on first access."""
+
+    def __init__(self, graph: fx.GraphModule) -> None:
+        self._graph, self._values = graph, None
+
+    def _measured(self) -> dict:
+        if self._values is None:
+            if not _cost_measure:
+                raise fail("localmap_cost", "has no measure registered", fix="import localmap (program.cost)")
+            self._values = _cost_measure[0](self._graph)
+        return self._values
+
+    def __getitem__(self, key: str) -> Any:
+        return self._measured()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._measured())
+
+    def __len__(self) -> int:
+        return len(self._measured())
+
+    def __deepcopy__(self, memo: dict) -> dict:  # a copied graph keeps the numbers, not the region graph
+        return dict(self._measured())
+
+    def __repr__(self) -> str:
+        return f"RegionCost({self._values if self._values is not None else 'not measured yet'})"

@@ -25,6 +25,7 @@ import torch
 import torch.fx as fx
 from localmap.caches import register_cache
 from localmap import compat as _compat
+from localmap.compat import dynamo as compat_dynamo
 from localmap.compat import (
     DispatchKey, FakeTensorMode, HigherOrderOperator, ProxyTorchDispatchMode, pytree, track_tensor_tree,
 )
@@ -35,7 +36,9 @@ from localmap.errors import fail
 from localmap.placements.shapes import dense_stride
 from localmap.traced.build import RegionGraphs, build_region
 from localmap.traced.graphs import run_graph, to_global_fake, to_local_fake
-from localmap.traced.meta import KWARGS, ROLE, kwargs_of, region_kwargs, role_of
+from localmap.traced.meta import (
+    COST, KWARGS, ROLE, RegionCost, kwargs_of, planner_kwargs, region_kwargs, role_of,
+)
 
 
 # ---- defer_inlining: per thread, nestable -------------------------------------------------------------------
@@ -128,15 +131,49 @@ def _fake(mode: FakeTensorMode, body: fx.GraphModule, *args: Any) -> tuple:
 
 @local_map_hop.py_impl(ProxyTorchDispatchMode)
 def _proxy(mode: ProxyTorchDispatchMode, body: fx.GraphModule, *args: Any) -> tuple:
-    """One call_function node targeting the operator; the graph becomes a submodule of the traced root."""
+    """One call_function node targeting the operator; the graph becomes a submodule of the traced root. Inside
+    PyTorch's local_map deferral (a planner's capture) the node takes the form planners read instead (see
+    planner_node_target)."""
     example = local_map_hop(body, *args)
     tracer = mode.tracer
-    body_proxy = tracer.create_proxy("get_attr", _install(tracer.root, body), (), {})
     proxy_args = pytree.tree_map(tracer.unwrap_proxy, args)
-    out_proxy = tracer.create_proxy("call_function", local_map_hop, (body_proxy, *proxy_args), {})
-    out_proxy.node.meta[KWARGS] = kwargs_of(body)
+    if compat_dynamo.torch_deferring():
+        out_proxy = tracer.create_proxy("call_function", planner_node_target(body), proxy_args, {})
+        out_proxy.node.meta[KWARGS] = planner_kwargs(kwargs_of(body))
+        out_proxy.node.meta[COST] = RegionCost(body)
+    else:
+        body_proxy = tracer.create_proxy("get_attr", _install(tracer.root, body), (), {})
+        out_proxy = tracer.create_proxy("call_function", local_map_hop, (body_proxy, *proxy_args), {})
+        out_proxy.node.meta[KWARGS] = kwargs_of(body)
     out_proxy.node.meta[ROLE] = role_of(body)
     return track_tensor_tree(example, out_proxy, constant=None, tracer=tracer)
+
+
+def planner_node_target(graph: fx.GraphModule) -> Any:
+    """The target of a region node in a planner's capture: a function over the region's graph named
+    ``call_local_map`` (``call_local_map_backward`` for a backward), the form meta-pytorch/autoparallel finds
+    regions by (``"call_local_map" in str(node.target)``) on every PyTorch release, with the tensors as its only
+    arguments (activations first). Called inside either deferral (the capture, a planner re-running the
+    captured graph) it is the operator on global tensors; outside them (a planner running its plan on each
+    rank's shards) the graph runs on the arguments as they are."""
+    def call_local_map(*args: Any) -> Any:
+        if is_deferring() or compat_dynamo.torch_deferring():
+            with defer_inlining():
+                return local_map_hop(graph, *args)
+        return run_graph(graph, args)
+
+    if role_of(graph)["role"] == "backward":
+        call_local_map.__name__ = call_local_map.__qualname__ = "call_local_map_backward"
+    setattr(call_local_map, _REGION_GRAPH, graph)  # the graph, for readers of the node (region_graph_of)
+    return call_local_map
+
+
+_REGION_GRAPH = "region_graph"
+
+
+def region_graph_of(target: Any) -> fx.GraphModule | None:
+    """The region graph a planner-form node's target runs (planner_node_target), else None."""
+    return getattr(target, _REGION_GRAPH, None)
 
 
 @local_map_hop.py_impl(_compat.simulation_mode_type())
