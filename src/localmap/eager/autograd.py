@@ -16,7 +16,7 @@ from torch.distributed.tensor.placement_types import Placement
 
 from localmap import compat
 from localmap.compat import DTensorSpec, local_tensor_of, make_dtensor, make_spec, spec_of, wait_local
-from localmap.placements.algebra import avg_grad_scale, avg_ranks, grad_default, has_avg
+from localmap.placements.algebra import avg_grad_scale, avg_ranks, grad_default, has_avg, summed_partials
 from localmap.eager.uneven import plain_stride
 from localmap.placements.shapes import dense_stride
 
@@ -111,14 +111,24 @@ def _output_grad(g: DTensor, spec: DTensorSpec) -> torch.Tensor:
     """The local gradient of an output from the DTensor gradient flowing into it."""
     target = grad_default(spec.placements)
     g_spec = spec_of(g)
-    if g_spec.placements != target:
+    if torch.is_grad_enabled():  # create_graph=True: keep the conversion differentiable
+        local = _differentiable_output_grad(g, spec, target)
+    elif g_spec.placements != target:
         target_spec = DTensorSpec(spec.mesh, target, tensor_meta=g_spec.tensor_meta)
         local = wait_local(compat.redistribute_local(local_tensor_of(g), g_spec, target_spec))
-    elif torch.is_grad_enabled():  # create_graph=True: keep the conversion differentiable
-        local = g.to_local()
     else:
         local = wait_local(local_tensor_of(g))
     return local / avg_ranks(spec.placements, spec.mesh) if has_avg(spec.placements) else local
+
+
+def _differentiable_output_grad(g: DTensor, spec: DTensorSpec, target: tuple[Placement, ...]) -> torch.Tensor:
+    """The local gradient under backward(create_graph=True), as DTensor ops so that a second backward runs
+    through it. That second backward is this conversion's transpose: per-rank local gradients back to a DTensor
+    held as the output was, so where the output is Partial the ranks' shares are summed (read as Replicate, one
+    rank's share would stand for the whole and the ranks would disagree)."""
+    if spec_of(g).placements != target:
+        g = g.redistribute(spec.mesh, target)
+    return g.to_local(grad_placements=summed_partials(spec.placements))
 
 
 to_local_shards = compat.fast_apply(ToLocalShards)
