@@ -8,6 +8,7 @@ import torch
 
 from helpers import R, S0, S1, max_diff, randn
 from localmap import Partial, local_map
+from localmap.collectives import all_reduce
 from localmap.testing import distribute, full, on_one_device
 
 
@@ -41,9 +42,15 @@ def _mean_of_products(a, c):
     return (a.unsqueeze(-1) * c).mean(1)
 
 
+def _reduced_matmul(a, c):
+    """Row-parallel then all_reduce: a Replicate output whose gradient meets per-rank data in the body."""
+    return all_reduce(a @ c, 0)
+
+
 # (name, x placements, w placements, output placements, body): row-parallel gives a partial sum or mean
 LAYOUTS = [
     ("row", [S1], [S0], [Partial()], _matmul),
+    ("row_all_reduce", [S1], [S0], [R], _reduced_matmul),
     ("row_avg", [S1], [S0], [Partial("avg")], _mean_of_products),
     ("batch", [S0], [R], [S0], _matmul),
     ("column", [R], [S1], [S1], _matmul),
@@ -65,7 +72,7 @@ def test_gradient_penalty_layouts_match_one_device(sim_mesh_4, name, x_pl, w_pl,
     x, w, b = randn(8, 8), randn(8, 4), randn(4)
     with on_one_device():
         ref = [t.clone().requires_grad_() for t in (x, w, b)]
-        ref_grads, ref_penalty = _penalized(*ref, body)
+        ref_grads, ref_penalty = _penalized(*ref, _matmul if body is _reduced_matmul else body)
         ref_penalty.backward()
     region = local_map(body, out_pl, (x_pl, w_pl), None, sim_mesh_4)
     dts = [distribute(x, sim_mesh_4, x_pl, requires_grad=True), distribute(w, sim_mesh_4, w_pl, requires_grad=True),

@@ -33,7 +33,7 @@ from localmap.check.verdict import CHECK_MODES, enforce
 from localmap.check.function import function_identity, value_key
 from localmap.compat import local_tensor_of, make_dtensor, pytree, spec_of, wait_local
 from localmap.context import pop_region_mesh, push_region_mesh, recorder
-from localmap.eager.autograd import from_local_shards, to_local_shards
+from localmap.eager.autograd import from_local_shards, output_grad_rules, to_local_shards
 from localmap.eager.compiled import call_compiling
 from localmap.eager.plans import (
     InputPlan, OutputPlan, check_body, check_input_leaf, check_kwargs, check_non_dtensor_leaves, common_mesh,
@@ -142,7 +142,7 @@ class RegionCallable:
             raise body_error(self.func, e) from e
         finally:
             pop_region_mesh()
-        return self._from_locals(out, mesh, uneven)
+        return self._from_locals(out, mesh, uneven, plan.verdict[1] if self.check is not False else None)
 
     def _input_plan(self, key: Any, mesh: DeviceMesh, args: tuple, flat: Sequence[Any]) -> InputPlan:
         plan = self._input_plans.get(key)
@@ -196,8 +196,9 @@ class RegionCallable:
                 locals_[i] = t
         return locals_
 
-    def _from_locals(self, out: Any, mesh: DeviceMesh, uneven: bool) -> Any:
-        """The function's local outputs as DTensors: those that need a gradient through one autograd node."""
+    def _from_locals(self, out: Any, mesh: DeviceMesh, uneven: bool, verdict: Any) -> Any:
+        """The function's local outputs as DTensors: those that need a gradient through one autograd node,
+        with the gradient rules the verdict (None: unchecked) gives them."""
         if isinstance(out, torch.Tensor):
             flat_out: Sequence[Any] = (out,)
             out_tree: Any = None
@@ -216,7 +217,8 @@ class RegionCallable:
             for i in grad_out:
                 if has_extreme(dspecs[i].placements):
                     raise extreme_grad_error(leaf_path("outputs", out, i), dspecs[i].placements, mesh)
-            wrapped = from_local_shards(tuple(dspecs[i] for i in grad_out), *(flat_out[i] for i in grad_out))
+            rules = None if verdict is None else output_grad_rules(verdict, flat_out, grad_out)
+            wrapped = from_local_shards(tuple(dspecs[i] for i in grad_out), rules, *(flat_out[i] for i in grad_out))
             for i, d in zip(grad_out, wrapped, strict=True):
                 results[i] = d
         for i, s in enumerate(dspecs):
