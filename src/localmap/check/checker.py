@@ -16,8 +16,9 @@ Verdicts are cached per (function, input metadata, placements), so steady-state 
 
 from __future__ import annotations
 
+import math
 import operator
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 import torch.fx as fx
@@ -71,6 +72,16 @@ def check_graph(gm: fx.GraphModule, in_types: Sequence[Any], out_claims: Sequenc
     return flow.verdict
 
 
+class _Reach(NamedTuple):
+    """Where a gradient arriving at a value goes, on one mesh dim."""
+
+    whole: bool  # to Replicate inputs through Replicate values only: the same on every rank
+    shares: bool  # into per-rank values (or through a collective into them): a share of a sum over the ranks
+
+
+_NOWHERE, _SHARES = _Reach(False, False), _Reach(False, True)
+
+
 class _TypeFlow:
     """Placement types flowing through a body graph, node by node, with what the messages and the gradient
     inference need: where each type was made, and which Replicate inputs reach each value unchanged."""
@@ -85,7 +96,14 @@ class _TypeFlow:
         self.meets: list[list[fx.Node | None]] = [[None] * self.ndim for _ in range(num_inputs)]
         self.whole_uses: list[dict[int, str]] = [{} for _ in range(self.ndim)]  # input -> Replicate output
         self.reported: set = set()  # (collective node, mesh dim) already reported as needing pvary
+        # per mesh dim: where a gradient arriving at the value goes (_Reach): to Replicate inputs unchanged,
+        # to per-rank values (as shares)
+        self.reach: dict[fx.Node, list[_Reach]] = {}
+        self.collective_uses: list[dict[int, fx.Node]] = [{} for _ in range(self.ndim)]  # input -> collective
+        # per mesh dim: the Replicate outputs a gradient reaches: (output index, Replicate inputs reaching it, path)
+        self.replicate_outputs: list[list[tuple[int, set, str]]] = [[] for _ in range(self.ndim)]
         self.carries_grad: set[fx.Node] = set()  # values a gradient can reach (not detached, not integer)
+        self.output_reach: list[list | None] = []  # per tensor output: its _Reach per mesh dim (None: no gradient)
 
     def seed(self, node: fx.Node, i: int, t: Any) -> None:
         if _differentiable(node):
@@ -94,6 +112,8 @@ class _TypeFlow:
         self.origin[node] = [node] * self.ndim
         self.lineage[node] = [({i} if t is not None and isinstance(t[m], Replicate) else set())
                               for m in range(self.ndim)]
+        self.reach[node] = [_Reach(t is not None and isinstance(t[m], Replicate),
+                                   t is not None and not isinstance(t[m], Replicate)) for m in range(self.ndim)]
 
     def constant(self, node: fx.Node, value: Any) -> None:
         """A plain tensor the body closes over or builds from Python values: the same on every rank, except a
@@ -110,6 +130,7 @@ class _TypeFlow:
             self.types[node] = tuple(Replicate() for _ in range(self.ndim))
         self.origin[node] = [node] * self.ndim
         self.lineage[node] = [set() for _ in range(self.ndim)]
+        self.reach[node] = [_NOWHERE] * self.ndim
 
     def visit(self, node: fx.Node) -> None:
         types = self.types
@@ -119,6 +140,7 @@ class _TypeFlow:
             types[node] = t[idx] if isinstance(t, list) and idx < len(t) else None
             self.origin[node] = self.origin.get(src, [node] * self.ndim)
             self.lineage[node] = self.lineage.get(src, [set() for _ in range(self.ndim)])
+            self.reach[node] = self.reach.get(src, [_NOWHERE] * self.ndim)
             if src in self.carries_grad:
                 self.carries_grad.add(node)
             return
@@ -134,7 +156,7 @@ class _TypeFlow:
             out = [out] * len(val)  # one type for every output of a multi-output op (its rule gave one)
         types[node] = out
         first = out[0] if isinstance(out, list) else out
-        self.origin[node], self.lineage[node] = [], []
+        self.origin[node], self.lineage[node], self.reach[node] = [], [], []
         for m in range(self.ndim):
             self._track(node, inputs, m, first[m] if first is not None else None)
 
@@ -160,6 +182,11 @@ class _TypeFlow:
         self.origin[node].append(self.origin[same[0]][m] if same else node)
         reaching = set().union(*(lineage[a][m] for a in inputs if isinstance(types[a][m], Replicate)))
         gradient = getattr(collective(node.target), "gradient", None)
+        self.reach[node].append(self._reach(node, inputs, m, here))
+        if gradient in ("summing", "unsummed"):  # a Replicate input's gradient through it is whole on every rank
+            for j in reaching:
+                if not isinstance(j, fx.Node):
+                    self.collective_uses[m].setdefault(j, node)
         if gradient == "summing":  # its backward sums the per-rank gradients itself
             lineage[node].append(set())
         elif isinstance(here, Replicate):
@@ -173,18 +200,30 @@ class _TypeFlow:
                     self.meets[j][m] = node
             lineage[node].append(set())
 
+    def _reach(self, node: fx.Node, inputs: list[fx.Node], m: int, here: Any) -> "_Reach":
+        """Where a gradient arriving at `node` goes on mesh dim m: a per-rank value's gradient is a share; a
+        Replicate value's goes wherever its inputs' gradients go."""
+        if node not in self.carries_grad:
+            return _NOWHERE
+        if not isinstance(here, Replicate):
+            return _SHARES
+        reach = [self.reach[a][m] for a in inputs if a in self.carries_grad and a in self.reach]
+        return _Reach(any(r.whole for r in reach), any(r.shares for r in reach))
+
     def compare_output(self, node: fx.Node, claim: Any, path: str) -> None:
         """An output's inferred type against its claimed placements, mesh dim by mesh dim: proven, wrong (a
         problem) or unproven (a line naming where the proof stopped)."""
         t = self.types.get(node)
         self.verdict.output_types.append(t)
+        self.output_reach.append(self.reach.get(node) if node in self.carries_grad else None)
         if t is None or claim is None:
             return
         for m, (c, got) in enumerate(zip(claim, t, strict=True)):
             if isinstance(got, Replicate) and node in self.carries_grad:
-                for j in self.lineage[node][m]:
-                    if not isinstance(j, fx.Node):
-                        self.whole_uses[m].setdefault(j, path)
+                inputs = {j for j in self.lineage[node][m] if not isinstance(j, fx.Node)}
+                for j in inputs:
+                    self.whole_uses[m].setdefault(j, path)
+                self.replicate_outputs[m].append((len(self.verdict.output_types) - 1, inputs, path))
             made = self.origin[node][m]
             outcome = _compare(c, got, self.mesh, m, made.meta.get(OPAQUE, False))
             if outcome is None:
@@ -213,11 +252,12 @@ def _infer_grads(flow: _TypeFlow, in_types: Sequence[Any], given_grads: Sequence
     (non-tensors, integer and bool tensors: no gradient reaches them) get none and no check."""
     grads = []
     for i, t in enumerate(in_types):
-        grads.append(None if t is None else tuple(
+        grads.append(None if t is None else [
             p if isinstance(p, Shard) else Replicate() if isinstance(p, Partial) else
-            (Partial() if flow.meets[i][m] is not None else Replicate()) for m, p in enumerate(t)))
-        if t is not None:
-            _refuse_mixed(flow, i, in_paths[i] if i < len(in_paths) else f"inputs[{i}]")
+            (Partial() if flow.meets[i][m] is not None else Replicate()) for m, p in enumerate(t)])
+    scaled = [_settle_mixed(flow, grads, m, in_paths) for m in range(flow.ndim)]
+    grads = [None if g is None else tuple(g) for g in grads]
+    _output_grads(flow, scaled)
     flow.verdict.grad_placements = tuple(grads)
     for i, (given, inferred) in enumerate(zip(given_grads or (), grads)):
         if given is None or inferred is None or tuple(given) == inferred:
@@ -237,20 +277,83 @@ def _infer_grads(flow: _TypeFlow, in_types: Sequence[Any], given_grads: Sequence
             error=PlacementError))
 
 
-def _refuse_mixed(flow: _TypeFlow, i: int, path: str) -> None:
-    """A Replicate input that meets per-rank data and also reaches a Replicate output unchanged: its local
-    gradient is a partial share plus a whole one, so neither Partial (sums the whole part n times) nor
-    Replicate (drops the other ranks' shares) is right. pvary at the meeting makes the share summed there."""
-    for m in range(flow.ndim):
-        met, output = flow.meets[i][m], flow.whole_uses[m].get(i)
-        if met is None or output is None:
-            continue
-        flow.verdict.problems.append(fail(
-            path, f"meets per-rank data (in {_op(met)} at {_source(met)}) and also reaches {output}, a Replicate "
-            "output, unchanged: its gradient is part partial sum, part whole, and no one placement is right",
-            mesh=flow.mesh, mesh_dim=m, fix=f"pass it through localmap.collectives.pvary(x, "
-            f"{_dim_name(flow.mesh, m).split(' ', 2)[-1].strip('()')}) where it meets the per-rank data: "
-            "its gradient is then summed there, and Replicate", error=PlacementError))
+# NOTE: mixed gradients. A Replicate input that meets per-rank data (a share of its gradient on each rank) and
+# also reaches a Replicate output (a whole gradient, the same on every rank) has a local gradient that is
+# share + whole: read as Partial the whole part is counted n times, read as Replicate the other ranks' shares
+# are dropped. JAX casts the input (pvary) where it meets per-rank data, so the share is summed there. localmap
+# gets the same sum without touching the body: the input's gradient is Partial, and the gradient entering each
+# such Replicate output is divided by n, so its whole part becomes n equal shares. That is exact when the
+# output's gradient goes only to Replicate inputs (which then all become Partial there, and so do the other
+# Replicate outputs they reach); anything else is refused with the pvary fix.
+def _settle_mixed(flow: _TypeFlow, grads: list, m: int, in_paths: Sequence[str]) -> set[int]:
+    """The Replicate outputs whose gradient is divided by the ranks of mesh dim m (their Replicate inputs'
+    gradients made Partial there), or a problem per input for which that is not exact."""
+    partial = {i for i, g in enumerate(grads) if g is not None and flow.meets[i][m] is not None
+               and (i in flow.whole_uses[m] or i in flow.collective_uses[m])}
+    scaled: set[int] = set()
+    grown = bool(partial)
+    while grown:
+        grown = False
+        for k, inputs, _ in flow.replicate_outputs[m]:
+            if k not in scaled and inputs & partial:
+                scaled.add(k)
+                grown = grown or not inputs <= partial
+                partial |= inputs
+    blocked = {k: path for k, _, path in flow.replicate_outputs[m]
+               if k in scaled and flow.output_reach[k][m].shares}
+    for i in sorted(partial):
+        grads[i][m] = Partial()
+        why = _why_inexact(flow, i, m, blocked)
+        if why is not None:
+            met = flow.meets[i][m]
+            met_at = f" (in {_op(met)} at {_source(met)})" if met is not None else ""
+            flow.verdict.problems.append(fail(
+                in_paths[i] if i < len(in_paths) else f"inputs[{i}]",
+                f"meets per-rank data{met_at} and its gradient is also whole through {why}: its gradient is part "
+                "partial sum, part whole, and no one placement is right", mesh=flow.mesh, mesh_dim=m,
+                fix=f"pass it through localmap.collectives.pvary(x, {_dim_label(flow.mesh, m)}) where it meets "
+                "the per-rank data: its gradient is then summed there, and Replicate", error=PlacementError))
+    return scaled
+
+
+def _why_inexact(flow: _TypeFlow, i: int, m: int, blocked: dict[int, str]) -> str | None:
+    """Why dividing the whole part of input i's gradient among the ranks would not be exact, or None."""
+    used = flow.collective_uses[m].get(i)
+    if used is not None:
+        return f"{_op(used)} at {_source(used)} (a collective whose backward gives every rank the whole)"
+    for k, inputs, _ in flow.replicate_outputs[m]:
+        if k in blocked and i in inputs:
+            return f"{blocked[k]}, a Replicate output whose gradient also reaches per-rank data"
+    return None
+
+
+def _output_grads(flow: _TypeFlow, scaled: list[set[int]]) -> None:
+    """Per tensor output: the factor on its incoming gradient (1/n for the mesh dims that divide it, see
+    _settle_mixed), and for a double backward the Replicate mesh dims where its gradient's own gradient is a
+    share on each rank (Partial: the gradient reaches per-rank data, or is divided), or why it is neither share
+    nor whole. Both stay None when every output takes the default (no factor; its placements, with Partial read
+    as Partial('sum'))."""
+    scales, second = [], []
+    for k, (t, reach) in enumerate(zip(flow.verdict.output_types, flow.output_reach)):
+        scales.append(1 / math.prod(flow.mesh.size(m) for m in range(flow.ndim) if k in scaled[m]))
+        summed: Any = set()
+        for m, p in enumerate(t if t is not None and reach is not None else ()):
+            if not isinstance(p, Replicate):
+                continue
+            if reach[m].whole and reach[m].shares and k not in scaled[m]:
+                summed = f"its gradient reaches both Replicate inputs and per-rank data on {_dim_name(flow.mesh, m)}"
+                break
+            if k in scaled[m] or reach[m] == _SHARES:
+                summed.add(m)
+        second.append(summed if isinstance(summed, str) else frozenset(summed) or None)
+    if any(s != 1 for s in scales):
+        flow.verdict.out_grad_scales = tuple(scales)
+    if any(s is not None for s in second):
+        flow.verdict.out_second_order = tuple(second)
+
+
+def _dim_label(mesh: Any, m: int) -> str:
+    return repr(mesh.mesh_dim_names[m]) if mesh.mesh_dim_names else str(m)
 
 
 _GRADIENT_CUTS = (torch.ops.aten.detach.default,)  # ops whose output no gradient flows back through

@@ -12,13 +12,14 @@ from typing import Any, Sequence
 
 import torch
 from torch.distributed.tensor import DTensor
-from torch.distributed.tensor.placement_types import Placement
+from torch.distributed.tensor.placement_types import Partial, Placement
 
 from localmap.caches import register_cache
 from localmap import compat
 from localmap.compat import DTensorSpec, local_tensor_of, make_dtensor, make_spec, spec_of, wait_local
-from localmap.placements.algebra import avg_grad_scale, avg_ranks, grad_default, has_avg
+from localmap.placements.algebra import avg_grad_scale, avg_ranks, grad_default, has_avg, summed_partials
 from localmap.eager.uneven import plain_stride
+from localmap.errors import fail
 from localmap.placements.shapes import dense_stride
 
 
@@ -91,32 +92,70 @@ class FromLocalShards(torch.autograd.Function):
     local output had (Partial read as Replicate) and returns its local tensor."""
 
     @staticmethod
-    def forward(ctx: Any, specs: Sequence[DTensorSpec], *locals_: torch.Tensor) -> tuple[DTensor, ...]:  # type: ignore[override]
+    def forward(ctx: Any, specs: Sequence[DTensorSpec], grad_rules: Sequence[Any] | None,  # type: ignore[override]
+                *locals_: torch.Tensor) -> tuple[DTensor, ...]:
         ctx.set_materialize_grads(False)
-        ctx.specs = specs
+        ctx.specs, ctx.grad_rules = specs, grad_rules
         return tuple(make_dtensor(t.view_as(t), s, requires_grad=t.requires_grad)
                      for t, s in zip(locals_, specs, strict=True))
 
     @staticmethod
     def backward(ctx: Any, *grads: Any) -> tuple:  # type: ignore[override]
-        out: list[Any] = [None]
-        for g, spec in zip(grads, ctx.specs, strict=True):
-            out.append(_output_grad(g, spec) if isinstance(g, DTensor) else g)
+        out: list[Any] = [None, None]
+        rules = ctx.grad_rules or (None,) * len(grads)
+        for g, spec, rule in zip(grads, ctx.specs, rules, strict=True):
+            out.append(_output_grad(g, spec, rule) if isinstance(g, DTensor) else g)
         return tuple(out)
 
 
-def _output_grad(g: DTensor, spec: DTensorSpec) -> torch.Tensor:
-    """The local gradient of an output from the DTensor gradient flowing into it."""
+def _output_grad(g: DTensor, spec: DTensorSpec, rule: tuple[float, Any] | None) -> torch.Tensor:
+    """The local gradient of an output from the DTensor gradient flowing into it. `rule`, from the placement
+    check (None: the default): the factor on it, and the second-order rule (``_differentiable_output_grad``)."""
     target = grad_default(spec.placements)
     g_spec = spec_of(g)
-    if g_spec.placements != target:
+    if torch.is_grad_enabled():  # create_graph=True: keep the conversion differentiable
+        local = _differentiable_output_grad(g, spec, target, None if rule is None else rule[1])
+    elif g_spec.placements != target:
         target_spec = DTensorSpec(spec.mesh, target, tensor_meta=g_spec.tensor_meta)
         local = wait_local(compat.redistribute_local(local_tensor_of(g), g_spec, target_spec))
-    elif torch.is_grad_enabled():  # create_graph=True: keep the conversion differentiable
-        local = g.to_local()
     else:
         local = wait_local(local_tensor_of(g))
-    return local / avg_ranks(spec.placements, spec.mesh) if has_avg(spec.placements) else local
+    if has_avg(spec.placements):
+        local = local / avg_ranks(spec.placements, spec.mesh)
+    return local if rule is None or rule[0] == 1 else local * rule[0]
+
+
+def _differentiable_output_grad(g: DTensor, spec: DTensorSpec, target: tuple[Placement, ...],
+                                summed_dims: Any) -> torch.Tensor:
+    """The local gradient under backward(create_graph=True), as DTensor ops so that a second backward runs
+    through it. That second backward is this conversion's transpose: per-rank local gradients back to a DTensor
+    held as the output was, so where the output is Partial the ranks' shares are summed (read as Replicate, one
+    rank's share would stand for the whole and the ranks would disagree); so are they on the Replicate mesh
+    dims the check found them shares on (`summed_dims`; a str: why no placement is right)."""
+    if isinstance(summed_dims, str):
+        raise fail("a region output's gradient", f"cannot be differentiated again: {summed_dims}",
+                   mesh=spec.mesh, fix="all_reduce inside the region only what meets per-rank data, or compute "
+                   "this gradient penalty outside the region")
+    if spec_of(g).placements != target:
+        g = g.redistribute(spec.mesh, target)
+    placements = summed_partials(spec.placements)
+    if summed_dims:
+        placements = tuple(Partial() if m in summed_dims else p for m, p in enumerate(placements))
+    return g.to_local(grad_placements=placements)
+
+
+def output_grad_rules(verdict: Any, flat_out: Sequence[Any], grad_out: Sequence[int]) -> tuple | None:
+    """Per output in `grad_out` (indices of `flat_out`): (factor on its gradient, its double-backward rule) from
+    the placement check's verdict (see check.checker._output_grads), or None when all take the default."""
+    scales, second = verdict.out_grad_scales, verdict.out_second_order
+    if scales is None and second is None:
+        return None
+    positions: dict[int, int] = {}  # flat index -> index among the tensor outputs (what the check numbers)
+    for i, o in enumerate(flat_out):
+        if isinstance(o, torch.Tensor):
+            positions[i] = len(positions)
+    return tuple((1 if scales is None else scales[positions[i]], None if second is None else second[positions[i]])
+                 for i in grad_out)
 
 
 class ScaledGradient(torch.autograd.Function):

@@ -18,7 +18,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.placement_types import Placement
 
 from localmap.caches import register_cache
-from localmap.check.verdict import enforce
+from localmap.check.verdict import enforce, refuse_divided_gradients
 from localmap.compat import (
     global_shape_and_stride, make_dtensor, make_spec, pytree, spec_of, surfacing_types, trace_time,
 )
@@ -59,6 +59,7 @@ def plan_inputs(config: tuple, bound_to: Any, mesh: Any, skeleton: Any, leaves: 
     if region.check is not False:  # the same verdict eager reaches (check.function caches it across paths)
         verdict = check_body(region.func, region.out_placements, plan, flat, treespec, checked, mesh, kwargs)
         enforce(verdict, region.check)
+        refuse_divided_gradients(verdict, 'torch.compile')
         if region.in_grad_placements is None:
             inferred = verdict.grad_placements
     planned = []

@@ -35,7 +35,7 @@ from localmap.check.function import function_identity
 from localmap.check.state import BodyState, body_state, value_key
 from localmap.compat import local_tensor_of, make_dtensor, pytree, spec_of, wait_local
 from localmap.context import pop_region_mesh, push_region_mesh, recorder
-from localmap.eager.autograd import from_local_shards, to_local_shards
+from localmap.eager.autograd import from_local_shards, output_grad_rules, to_local_shards
 from localmap.eager.compiled import call_compiling
 from localmap.eager.plans import (
     InputPlan, OutputPlan, check_body, check_input_leaf, check_kwargs, check_non_dtensor_leaves, common_mesh,
@@ -148,7 +148,8 @@ class RegionCallable:
             check_non_dtensor_leaves(plan, args, flat)
         checked, uneven = self._checked_inputs(plan, args, flat, dtensor_idx, mesh)
         # in_grad_placements=None: the gradient placements the body implies (from the cached check)
-        inferred = self._verdict(plan, flat, treespec, checked, mesh, kwargs) if self.check is not False else None
+        verdict = self._verdict(plan, flat, treespec, checked, mesh, kwargs) if self.check is not False else None
+        inferred = verdict.grad_placements if verdict is not None and self.in_grad_placements is None else None
         locals_ = self._to_locals(flat, checked, inferred)
         push_region_mesh(mesh)  # for localmap.collectives inside the body
         try:
@@ -158,8 +159,8 @@ class RegionCallable:
         finally:
             pop_region_mesh()
         if inferred is None and self.in_grad_placements is None and self.check is not False:
-            refuse_guessed(plan.verdict[1], self.check)  # unchecked: no gradient placement may be a guess
-        return self._from_locals(out, mesh, uneven)
+            refuse_guessed(verdict, self.check)  # unchecked: no gradient placement may be a guess
+        return self._from_locals(out, mesh, uneven, verdict)
 
     def _input_plan(self, key: Any, mesh: DeviceMesh, args: tuple, flat: Sequence[Any]) -> InputPlan:
         plan = self._input_plans.get(key)
@@ -213,8 +214,9 @@ class RegionCallable:
                 locals_[i] = t
         return locals_
 
-    def _from_locals(self, out: Any, mesh: DeviceMesh, uneven: bool) -> Any:
-        """The function's local outputs as DTensors: those that need a gradient through one autograd node."""
+    def _from_locals(self, out: Any, mesh: DeviceMesh, uneven: bool, verdict: Any) -> Any:
+        """The function's local outputs as DTensors: those that need a gradient through one autograd node,
+        with the gradient rules the verdict (None: unchecked) gives them."""
         if isinstance(out, torch.Tensor):
             flat_out: Sequence[Any] = (out,)
             out_tree: Any = None
@@ -233,7 +235,8 @@ class RegionCallable:
             for i in grad_out:
                 if has_extreme(dspecs[i].placements):
                     raise extreme_grad_error(leaf_path("outputs", out, i), dspecs[i].placements, mesh)
-            wrapped = from_local_shards(tuple(dspecs[i] for i in grad_out), *(flat_out[i] for i in grad_out))
+            rules = None if verdict is None else output_grad_rules(verdict, flat_out, grad_out)
+            wrapped = from_local_shards(tuple(dspecs[i] for i in grad_out), rules, *(flat_out[i] for i in grad_out))
             for i, d in zip(grad_out, wrapped, strict=True):
                 results[i] = d
         for i, s in enumerate(dspecs):
@@ -244,9 +247,9 @@ class RegionCallable:
     # -- the placement check ------------------------------------------------------------------------------
 
     def _verdict(self, plan: InputPlan, flat: Sequence[Any], treespec: Any, checked: list, mesh: DeviceMesh,
-                 kwargs: dict) -> tuple | None:
-        """The body's placement check for these inputs (cached: steady-state calls pay one lookup); returns
-        the inferred gradient placements per leaf when in_grad_placements is None."""
+                 kwargs: dict) -> Any:
+        """The body's placement check for these inputs (cached: steady-state calls pay one lookup), enforced by
+        the region's check mode; its verdict holds the inferred gradient placements (None when unchecked)."""
         # What else decides the body: its non-tensor arguments and keyword arguments (none on the fast path),
         # and the state it reads (module training flags, attributes, globals; none for a plain function).
         values = _value_key(flat, kwargs) if treespec is not None or kwargs else None
@@ -273,7 +276,7 @@ class RegionCallable:
         verdict = hit[1]
         if not verdict.settled:
             enforce(verdict, self.check, refuse_guess=False)  # after the body: its own error comes first
-        return verdict.grad_placements if self.in_grad_placements is None else None  # None when unchecked
+        return verdict
 
     def _check_body(self, plan: InputPlan, flat: Sequence[Any], treespec: Any, checked: list, mesh: DeviceMesh,
                     kwargs: dict) -> Any:

@@ -76,6 +76,14 @@ def avg_grad_scale(placements: Sequence[Placement] | None, grad_placements: Sequ
     return n
 
 
+def summed_partials(placements: tuple[Placement, ...]) -> tuple[Placement, ...]:
+    """`placements` with every Partial read as Partial('sum'): how per-rank pieces that are already scaled
+    (a Partial('avg') value's 1/n shares) add up to the whole."""
+    if not any(isinstance(p, Partial) and p.reduce_op != "sum" for p in placements):
+        return placements
+    return tuple(Partial() if isinstance(p, Partial) else p for p in placements)
+
+
 def is_extreme(p: Placement) -> bool:
     """Partial(max) or Partial(min)."""
     return isinstance(p, Partial) and p.reduce_op in ("max", "min")

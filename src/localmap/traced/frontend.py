@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from localmap import compat as _compat
-from localmap.check.verdict import enforce
+from localmap.check.verdict import enforce, refuse_divided_gradients
 from localmap.check.function import check_function
 from localmap.context import default_mesh, enclosing_region_mesh, in_region, recorder
 from localmap.sites import caller_site
@@ -106,6 +106,7 @@ def trace_region(region: Any, args: tuple, kwargs: dict) -> TracedRegion:
                                  None if grads is None else grads + [None] * len(lifted_specs), mesh, treespec,
                                  kwargs, lifted=lifted if lifted.closed else None)
         enforce(verdict, region.check)
+        refuse_divided_gradients(verdict, "a traced region (capture, verify, a planner's capture)")
     flat_out, out_tree = pytree.tree_flatten(out)
     out_specs = resolve_output_specs(region.out_placements, out, len(flat_out))
     tensor_specs = [p for p in (check_output_leaf(out, i, o, s, mesh)
