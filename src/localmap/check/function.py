@@ -107,6 +107,7 @@ def check_function(fn: Callable, local_args: Sequence[Any], leaf_specs: Sequence
     else:
         _checked += 1
         verdict.function = getattr(fn, "__name__", type(fn).__name__)
+        verdict.definition = definition_of(fn)
     if key is not None:
         with _lock:
             if len(_cache) >= VERDICT_CACHE_LIMIT:
@@ -126,6 +127,15 @@ def _guessed_grads(local_args: Sequence[Any], leaf_specs: Sequence[Any], given_g
     return [leaf_path("args", tree, i) for i, (a, spec) in enumerate(zip(local_args[:n], leaf_specs))
             if isinstance(a, torch.Tensor) and a.is_floating_point() and spec is not None
             and any(isinstance(p, Replicate) for p in spec)]
+
+
+def definition_of(fn: Callable) -> Any:
+    """Where a region's body is defined, for warnings once per definition: its code object (the same for every
+    wrapper rebuilt around it, whatever it closes over), or the callable's class."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    fn = getattr(fn, "__func__", fn)
+    return getattr(fn, "__code__", None) or type(fn)
 
 
 def function_identity(fn: Callable) -> tuple[Any, tuple]:

@@ -82,7 +82,7 @@ def _statistic(node: fx.Node, in_types: list, mesh: Any) -> Any:
     dims = node.args[1] if len(node.args) > 1 and node.args[1] is not None else node.kwargs.get("dim")
     dims = list(range(val.dim())) if dims is None else [d % max(val.dim(), 1) for d in dims]
     for m, p in enumerate(t):
-        if isinstance(p, Shard) and p.dim in dims:
+        if compat.sharded_dim(p) in dims:
             raise RuleError(f"{op_name(node)} reduces over dim {p.dim}, which is sharded: the local statistic is "
                             "not a piece of the global one",
                             "all_reduce sums of x and x*x (or all_gather the dim) before the statistic", m)
@@ -125,6 +125,38 @@ for _op in (aten.mean.dim, aten.mean.default, aten.sum.dim_IntList, aten.sum.def
     register_rule(_op, _linear_reduction)
 for _op in (aten.view.default, aten._unsafe_view.default, aten.reshape.default):
     register_rule(_op, _view)
+
+
+def _local_pieces(node: fx.Node, in_types: list, mesh: Any) -> Any:
+    """split / split_with_sizes / chunk / unbind / narrow / slice / select. Along an unsharded dim, as DTensor
+    propagates them. Along a sharded dim the sizes are local: each rank's piece comes out of its own shard (a
+    Shard(1) sequence cut into chunks gives every rank's chunk c, interleaved: not the one-device chunk c), so
+    the pieces differ across ranks (a Replicate claim is wrong) with no global meaning the check derives."""
+    t = in_types[0] if in_types else None
+    val = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
+    if t is None or not isinstance(val, torch.Tensor) or val.ndim == 0:
+        return default_types(node, in_types, mesh, {})
+    dim = compat.call_argument(node.target, node.args, node.kwargs, "dim", 0) % val.ndim
+    cut = {m for m, p in enumerate(t) if compat.sharded_dim(p) == dim}
+    if not cut:
+        return default_types(node, in_types, mesh, {node.args[0]: t})
+    out_val = node.meta.get("val")
+    if node.target in (aten.slice.Tensor, aten.narrow.default) and out_val.shape == val.shape:
+        return t  # the whole dim (x[:, :]): the value itself
+    whole = tuple(Replicate() if m in cut else p for m, p in enumerate(t))
+    out = default_types(node, [whole], mesh, {node.args[0]: whole})
+    node.meta[UNKNOWN_WHY] = (f"{op_name(node)} cuts dim {dim}, which is sharded, by local sizes: each rank's "
+                              "piece comes out of its own shard, not the one-device piece")
+
+    def varying(t_out: Any) -> Any:
+        return None if t_out is None else tuple(VARYING if m in cut else p for m, p in enumerate(t_out))
+
+    return [varying(o) for o in out] if isinstance(out, list) else varying(out)
+
+
+for _op in (aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int, aten.narrow.default,
+            aten.slice.Tensor, aten.select.int):
+    register_rule(_op, _local_pieces)
 
 
 def output_types(node: fx.Node, in_types: list, mesh: Any, types: dict) -> Any:

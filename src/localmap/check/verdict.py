@@ -46,6 +46,7 @@ class Verdict:
     guessed: list[str] = field(default_factory=list)  # unchecked: inputs whose gradient placements are a guess
     function: str = "region"  # the checked function's name, for messages
     warned: bool = field(default=False, compare=False)  # warnings of this verdict were shown (once each)
+    definition: Any = field(default=None, compare=False)  # the region's code: warnings once per definition
 
     @property
     def ok(self) -> bool:
@@ -121,9 +122,23 @@ def _unchecked_message(verdict: Verdict) -> str:
             f"unchecked.{guessed} Pass check=False to silence this.")
 
 
+_warned: set = set()  # (region definition, message) already shown: one warning per definition and reason
+_WARNED_LIMIT = 4096
+
+
 def _warn_once(verdict: Verdict, messages: list[str]) -> None:
+    """Each message once per verdict, and once per region definition: a body checked again for other input
+    shapes or dtypes (ChunkedLossWrapper chunks float states and int labels) stopping at the same op and line
+    warns once."""
     if verdict.warned:
         return
     verdict.warned = True
     for message in messages:
+        key = (verdict.definition, message) if verdict.definition is not None else None
+        if key in _warned:
+            continue
+        if key is not None:
+            if len(_warned) >= _WARNED_LIMIT:
+                _warned.clear()
+            _warned.add(key)
         warnings.warn(message, stacklevel=user_stacklevel())

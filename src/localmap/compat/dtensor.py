@@ -10,7 +10,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch.distributed.tensor import DeviceMesh, DTensor
 from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
-from torch.distributed.tensor.placement_types import Placement
+from torch.distributed.tensor.placement_types import Placement, Shard
 
 # A DTensor's spec and its local tensor, read in the eager hot path: attrgetters are C-level (no Python frame).
 spec_of = operator.attrgetter("_spec")
@@ -109,6 +109,14 @@ def quiet_fake_tensor_errors() -> Any:
 def is_strided_shard(p: Any) -> bool:
     """DTensor's interleaved shard (``_StridedShard``: a reshape merged a sharded dim with one before it)."""
     return isinstance(p, Placement) and type(p).__name__ == "_StridedShard"
+
+
+def sharded_dim(p: Any) -> int | None:
+    """The tensor dim a placement splits: a Shard's, or a strided shard's (not a Shard subclass in every torch
+    release); None for Replicate, Partial and localmap's markers."""
+    if isinstance(p, Shard) or is_strided_shard(p):
+        return p.dim
+    return None
 
 
 # NOTE: closed-over DTensors in a checked body. A body may call `self.w.to_local()` on a DTensor it closes over

@@ -1,0 +1,109 @@
+"""Proofs for the patterns real code uses (issue 20): pieces cut along unsharded dims, tokens flattened over a
+batch and a sharded sequence (a strided shard) summed into a loss, and warnings once per region definition
+and reason. Each right program is proven (no warning) and matches one device; each wrong one is refused."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import P, R, S0, S1, check_region, randn
+from localmap import PlacementError, local_map
+from localmap.testing import distribute
+
+
+def _proven(mesh, body, inputs, in_placements, out_placements):
+    """The region checks ok without a warning and matches one device in values and gradients."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_region(mesh, body, inputs, in_placements, out_placements)
+
+
+def _refused(mesh, body, inputs, in_placements, out_placements, says):
+    region = local_map(body, out_placements, in_placements, None, mesh)
+    with pytest.raises(PlacementError, match=says):
+        region(*[distribute(t, mesh, p) for t, p in zip(inputs, in_placements)])
+
+
+@pytest.mark.parametrize("cut", [
+    lambda a: a.split([1, 3], dim=1)[1] * 2,
+    lambda a: torch.cat([c.exp() for c in a.chunk(2, dim=1)], 1),
+    lambda a: torch.stack(list(a.unbind(1))[::-1], 1),
+    lambda a: a.narrow(1, 1, 2).sin(),
+    lambda a: a[:, 1:3] + 1,
+], ids=["split_with_sizes", "chunk", "unbind", "narrow", "slice"])
+def test_pieces_cut_along_an_unsharded_dim_keep_the_shard(sim_mesh_4, cut):
+    _proven(sim_mesh_4, cut, [randn(8, 4)], [[S0]], [S0])
+
+
+def test_pieces_cut_along_the_sharded_dim_claimed_replicate_are_refused(sim_mesh_4):
+    """Chunks of a Shard(0) input are cut out of each rank's own rows: they differ across ranks."""
+    _refused(sim_mesh_4, lambda a: a.split([1, 1], dim=0)[0] * 1, [randn(8, 4)], [[S0]], [R],
+             "differs across ranks but is claimed Replicate")
+
+
+def test_pieces_cut_along_the_sharded_dim_claimed_shard_are_unproven_naming_the_cut(sim_mesh_4):
+    """ChunkedLossWrapper's cut: each rank's chunk c is not a shard of the one-device chunk c."""
+    region = local_map(lambda a: a.split([1, 1], dim=0)[0] * 1, [S0], [[S0]], None, sim_mesh_4)
+    with pytest.warns(UserWarning, match="cuts dim 0, which is sharded, by local sizes"):
+        region(distribute(randn(8, 4), sim_mesh_4, [S0]))
+
+
+def _token_loss(h, labels):
+    """torchtitan's cross-entropy body: tokens flattened over batch and a (sharded) sequence, summed."""
+    return F.cross_entropy(h.flatten(0, 1).float(), labels.flatten(0, 1), reduction="sum")
+
+
+def test_tokens_flattened_over_a_sharded_sequence_and_summed_are_a_partial_sum(sim_mesh_4):
+    """flatten(0, 1) of [B, S/n, V] interleaves the sharded sequence (a strided shard); a sum over every token
+    is a partial sum whichever tokens each rank holds."""
+    labels = torch.randint(0, 10, (2, 8))
+    region = local_map(_token_loss, [P], ([S1], [S1]), None, sim_mesh_4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        h = distribute(randn(2, 8, 10), sim_mesh_4, [S1], requires_grad=True)
+        out = region(h, distribute(labels, sim_mesh_4, [S1]))
+    from helpers import max_diff
+    from localmap.testing import full, on_one_device
+    with on_one_device():
+        ref_h = full(h).detach().clone().requires_grad_()
+        ref = _token_loss(ref_h, labels)
+        ref.backward()
+    out.full_tensor().backward()
+    assert max_diff(full(out), ref) < 1e-4
+    assert max_diff(full(h.grad), ref_h.grad) < 1e-5
+
+
+def test_flattened_rows_summed_per_feature_are_proven(sim_mesh_4):
+    _proven(sim_mesh_4, lambda x: x.reshape(-1, x.shape[-1]).sum(0), [randn(2, 8, 4)], [[S1]], [P])
+
+
+def test_tokens_flattened_over_a_sharded_sequence_claimed_shard_are_refused(sim_mesh_4):
+    """The flattened rows are interleaved (batch 0's shard, then batch 1's): not a contiguous Shard(0)."""
+    _refused(sim_mesh_4, lambda x: x.flatten(0, 1) * 1, [randn(2, 8, 4)], [[S1]], [S0], "interleaved")
+
+
+def test_a_strided_shard_mixed_with_a_plain_shard_is_not_proven(sim_mesh_4):
+    """Rows of a strided shard and of a plain Shard(0) are different rows of the global tensor: adding them is
+    no shard of the one-device sum (claimed Replicate: refused)."""
+    _refused(sim_mesh_4, lambda x, y: (x.flatten(0, 1) + y).sum(), [randn(2, 8, 4), randn(16, 4)],
+             [[S1], [S0]], [R], "claimed Replicate")
+
+
+def _cut_first(a):
+    return a.split(a.shape[0] // 2, dim=0)[0] * 1
+
+
+def test_an_unproven_region_warns_once_per_definition_and_reason(sim_mesh_4):
+    """Checked again for other dtypes and shapes (ChunkedLossWrapper chunks float states and int labels), a
+    body that stops at the same op and line warns once."""
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for x in (randn(8, 4), randn(8, 4).double(), randn(16, 2)):
+            local_map(_cut_first, [S0], [[S0]], None, sim_mesh_4)(distribute(x, sim_mesh_4, [S0]))
+    said = [str(w.message) for w in seen if "unproven" in str(w.message)]
+    assert len(said) == 1, said
+    assert "aten.split" in said[0] and "test_check_proofs.py" in said[0]
