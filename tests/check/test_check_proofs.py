@@ -107,3 +107,76 @@ def test_an_unproven_region_warns_once_per_definition_and_reason(sim_mesh_4):
     said = [str(w.message) for w in seen if "unproven" in str(w.message)]
     assert len(said) == 1, said
     assert "aten.split" in said[0] and "test_check_proofs.py" in said[0]
+
+
+# ---- gathers and scatter-adds with whole indices (torchtitan's combine, cross-entropy's index_put_) ----------
+
+_ROWS = torch.tensor([3, 0, 3, 1, 2, 0, 1, 3])
+
+
+def _combine(expert_out):
+    """Expert outputs (partial sums over tp) scattered back to their tokens: torchtitan's combine."""
+    rows = _ROWS[:, None].expand_as(expert_out)
+    return torch.zeros(4, expert_out.shape[1]).scatter_add(0, rows, expert_out)
+
+
+@pytest.mark.parametrize("body", [
+    _combine,
+    lambda y: torch.zeros(4, y.shape[1]).index_add(0, _ROWS, y),
+    lambda y: torch.zeros(4, y.shape[1]).index_put_((_ROWS,), y, accumulate=True),
+    lambda y: y.gather(0, _ROWS[:4, None].expand(4, y.shape[1])),
+    lambda y: y[_ROWS] * 2,
+    lambda y: F.embedding(_ROWS, y),
+], ids=["scatter_add", "index_add", "index_put_accumulate", "gather", "index", "embedding"])
+def test_partial_sums_gathered_or_scattered_by_whole_indices_stay_partial(sim_mesh_4, body):
+    _proven(sim_mesh_4, body, [randn(8, 3)], [[P]], [P])
+
+
+def test_a_partial_sum_scattered_into_a_base_that_is_not_zero_is_refused(sim_mesh_4):
+    """ones + scatter(partial): each rank adds its own ones, so the sum over ranks counts them n times."""
+    _refused(sim_mesh_4, lambda y: torch.ones(4, 3).index_add(0, _ROWS, y), [randn(8, 3)], [[P]], [P],
+             "Partial")
+
+
+def test_a_partial_sum_gathered_by_per_rank_indices_is_refused(sim_mesh_4):
+    """Indices that differ per rank (sharded) pick other rows of each rank's partial sums: no partial sum of
+    the one-device gather."""
+    _refused(sim_mesh_4, lambda y, rows: y[rows], [randn(8, 3), _ROWS], [[P], [S0]], [P], "Partial")
+
+
+@torch.library.custom_op("localmap_test::scatter_rows", mutates_args=())
+def _scatter_rows(out: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    return out.scatter_add(0, index, src)
+
+
+@_scatter_rows.register_fake
+def _(out, index, src):
+    return torch.empty_like(out)
+
+
+_scatter_rows.register_autograd(lambda ctx, g: (g, None, g.gather(0, ctx.index)),
+                                setup_context=lambda ctx, inputs, output: setattr(ctx, "index", inputs[1]))
+
+
+def _custom_combine(expert_out):
+    index = _ROWS[:, None].expand_as(expert_out)
+    return torch.ops.localmap_test.scatter_rows(torch.zeros(4, expert_out.shape[1]), index, expert_out)
+
+
+def test_a_custom_op_is_settled_by_a_registered_rule(sim_mesh_4):
+    """A custom op without a rule (torchtitan's deterministic_scatter_add) is unproven; one registered line
+    (docs/check-rules.md) proves it."""
+    import localmap
+    from localmap.check.rules import RULES
+
+    op = torch.ops.localmap_test.scatter_rows.default
+    region = local_map(_custom_combine, [P], ([P],), None, sim_mesh_4)
+    with pytest.warns(UserWarning, match="unproven.*scatter_rows"):
+        region(distribute(randn(8, 3), sim_mesh_4, [P]))
+    localmap.register_rule(op, localmap.linear_in(values=("src",), indices=("index",), base="out"))
+    try:
+        localmap.clear_caches()
+        _proven(sim_mesh_4, _custom_combine, [randn(8, 3)], [[P]], [P])
+    finally:
+        RULES.pop(op)
+        localmap.clear_caches()

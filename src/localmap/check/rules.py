@@ -159,6 +159,73 @@ for _op in (aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int, a
     register_rule(_op, _local_pieces)
 
 
+# ---- gathers and scatter-adds with whole indices ----------------------------------------------------------------
+# Given indices that are the same on every rank, a gather, index or index_select is linear in its values, and a
+# scatter_add, index_add or accumulating index_put is linear in (base, values): the local op on partial sums is
+# a partial sum of the global op. The base must be a partial sum too, or zero (torchtitan's combine scatters
+# expert outputs into zeros_like(x)). DTensor's strategies take no Partial here; other mesh dims are theirs.
+
+_ZERO_MAKERS = {aten.zeros.default, aten.zeros_like.default, aten.new_zeros.default}
+_FILL_MAKERS = {aten.full.default: 1, aten.full_like.default: 1, aten.new_full.default: 2,
+                aten.fill.Scalar: 1, aten.fill_.Scalar: 1}
+
+
+def is_zero(node: Any) -> bool:
+    """Whether `node` is a tensor of zeros by construction (zeros, zeros_like, a fill with 0)."""
+    if not isinstance(node, fx.Node):
+        return False
+    if node.target in _ZERO_MAKERS:
+        return True
+    k = _FILL_MAKERS.get(node.target)
+    return k is not None and len(node.args) > k and isinstance(node.args[k], (int, float)) and node.args[k] == 0
+
+
+def linear_in(values: tuple[str, ...], indices: tuple[str, ...], base: str | None = None,
+              when: Callable[[fx.Node], bool] = lambda node: True) -> Rule:
+    """A rule for an op linear in its arguments named `values` (and `base`, which may instead be zero) given
+    arguments named `indices` that are whole (Replicate) on a mesh dim: a partial sum there gives a partial sum.
+    Otherwise, and where `when(node)` is false, DTensor's propagation decides."""
+
+    def rule(node: fx.Node, in_types: list, mesh: Any) -> Any:
+        inputs = list(node.all_input_nodes)
+        if len(inputs) != len(in_types) or not when(node):
+            return default_types(node, in_types, mesh, dict(zip(inputs, in_types)))
+        typed = dict(zip(inputs, in_types))
+
+        def arg_nodes(names: tuple) -> list:
+            got = [compat.call_argument(node.target, node.args, node.kwargs, n) for n in names]
+            return [a for g in got for a in (g if isinstance(g, (list, tuple)) else [g]) if a in typed]
+
+        vals, idx = arg_nodes(values), arg_nodes(indices)
+        base_node = arg_nodes((base,))[0] if base else None
+        partial = {}
+        for m in range(mesh.ndim):
+            column = {typed[v][m] for v in vals}
+            if len(column) != 1 or not isinstance(p := next(iter(column)), Partial) or p.reduce_op not in (
+                    "sum", "avg") or not all(isinstance(typed[i][m], Replicate) or typed[i][m] is PER_RANK_COPY
+                                             for i in idx):
+                continue
+            if base_node is None or typed[base_node][m] == p or is_zero(base_node):
+                partial[m] = p
+        plain = [tuple(Replicate() if m in partial else q for m, q in enumerate(t)) for t in in_types]
+        out = default_types(node, plain, mesh, dict(zip(inputs, plain)))
+        return tuple(partial.get(m, q) for m, q in enumerate(out))
+
+    return rule
+
+
+register_rule(aten.gather.default, linear_in(("self",), ("index",)))
+register_rule(aten.index_select.default, linear_in(("self",), ("index",)))
+register_rule(aten.index.Tensor, linear_in(("self",), ("indices",)))
+register_rule(aten.embedding.default, linear_in(("weight",), ("indices",)))
+register_rule(aten.scatter_add.default, linear_in(("src",), ("index",), base="self"))
+register_rule(aten.index_add.default, linear_in(("source",), ("index",), base="self"))
+for _op in (aten.index_put.default, aten.index_put_.default):
+    register_rule(_op, linear_in(("values",), ("indices",), base="self",
+                                 when=lambda node: bool(compat.call_argument(node.target, node.args, node.kwargs,
+                                                                             "accumulate"))))
+
+
 def output_types(node: fx.Node, in_types: list, mesh: Any, types: dict) -> Any:
     """Type(s) of a node's output(s): its rule, else DTensor propagation (Varying inputs kept Varying), else
     the conservative default."""
