@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from helpers import P, R, S0, S1, check_region, randn
 from localmap import PlacementError, local_map
 from localmap.testing import distribute
+from torch.distributed.tensor import Shard
 
 
 def _proven(mesh, body, inputs, in_placements, out_placements):
@@ -180,3 +181,37 @@ def test_a_custom_op_is_settled_by_a_registered_rule(sim_mesh_4):
     finally:
         RULES.pop(op)
         localmap.clear_caches()
+
+
+# ---- cat and resizing over sharded dims -----------------------------------------------------------------------
+
+def test_cat_of_equal_shards_along_their_dim_is_interleaved_and_summed_is_partial(sim_mesh_4):
+    """cat([a, b], 1) of Shard(1) pieces: rank r holds piece r of a and of b (a strided shard); summed over
+    the dim it is a partial sum of the one-device sum."""
+    _proven(sim_mesh_4, lambda a, b: torch.cat([a, b.exp()], 1).sum(1), [randn(3, 8), randn(3, 8)],
+            [[S1], [S1]], [P])
+
+
+def test_a_rope_table_cat_over_a_sharded_dim_claimed_shard_is_refused(sim_mesh_4):
+    """torchtitan's rope cache: cat([cos, sin], -1) of a table sharded along that dim is no Shard(-1)."""
+    _refused(sim_mesh_4, lambda f: torch.cat([f.cos(), f.sin()], -1), [randn(6, 8)], [[S1]], [S1],
+             "interleaved")
+
+
+def test_cat_along_an_unsharded_dim_keeps_the_shard(sim_mesh_4):
+    _proven(sim_mesh_4, lambda a, b: torch.cat([a, b], 1), [randn(8, 3), randn(8, 2)], [[S0], [S0]], [S0])
+
+
+def test_bilinear_resize_of_a_height_sharded_image_is_refused(sim_mesh_4):
+    body = lambda x: F.interpolate(x, scale_factor=2, mode="bilinear")  # noqa: E731
+    _refused(sim_mesh_4, body, [randn(1, 2, 8, 4)], [[Shard(2)]], [Shard(2)], "interpolates along dim 2")
+
+
+def test_nearest_resize_by_a_whole_factor_of_a_sharded_image_keeps_the_shard(sim_mesh_4):
+    _proven(sim_mesh_4, lambda x: F.interpolate(x, scale_factor=2, mode="nearest"), [randn(1, 2, 8, 4)],
+            [[Shard(2)]], [Shard(2)])
+
+
+def test_bilinear_resize_of_a_channel_sharded_image_keeps_the_shard(sim_mesh_4):
+    _proven(sim_mesh_4, lambda x: F.interpolate(x, scale_factor=2, mode="bilinear"), [randn(1, 4, 4, 4)],
+            [[S1]], [S1])

@@ -60,6 +60,7 @@ def cache_info() -> dict[str, int]:
 def clear_cache() -> None:
     with _lock:
         _cache.clear()
+    compat.clear_propagation_cache()
 
 
 def value_key(value: Any) -> Any:

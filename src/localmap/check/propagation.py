@@ -156,8 +156,7 @@ def _view_landing(node: fx.Node, in_spec: Any, out_val: torch.Tensor, mesh: Any,
     if math.prod(sizes) != math.prod(in_spec.shape):
         return None
     try:
-        with compat.quiet_fake_tensor_errors():
-            sharding = compat.propagate_sharding(node.target, (in_spec, sizes), {})
+        sharding = compat.propagate_sharding(node.target, (in_spec, sizes), {})
     except Exception:
         return None
     out = sharding.output_spec
@@ -190,8 +189,7 @@ def _ask_dtensor(node: fx.Node, mesh: Any, types: dict) -> tuple[Any, list] | No
     args = pytree.tree_map(as_schema, node.args)
     kwargs = pytree.tree_map(as_schema, dict(node.kwargs))
     try:
-        with compat.quiet_fake_tensor_errors():
-            sharding = compat.propagate_sharding(node.target, args, kwargs)
+        sharding = compat.propagate_sharding(node.target, args, kwargs)
     except Exception:  # no strategy for this op (or one that cannot take these inputs)
         node.meta.setdefault(UNKNOWN_WHY, f"{op_name(node)} has no placement rule for these inputs (DTensor's "
                              "sharding propagation has none, or refuses their global shapes)")

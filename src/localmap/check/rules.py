@@ -159,6 +159,79 @@ for _op in (aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int, a
     register_rule(_op, _local_pieces)
 
 
+def _cat(node: fx.Node, in_types: list, mesh: Any) -> Any:
+    """cat along a dim that its inputs shard: rank r holds [a_r, b_r, ...], which is piece r of each block of
+    the one-device cat(a, b, ...): DTensor's strided shard when the blocks have equal sizes (a claim of Shard is
+    then refused as interleaved; a sum over the dim is a partial sum). Otherwise, or with a block whole on every
+    rank, the pieces differ per rank with no global meaning derived. Other dims: DTensor's propagation."""
+    pieces = node.args[0]
+    inputs = list(node.all_input_nodes)
+    val = node.meta.get("val")
+    if len(inputs) != len(in_types) or not isinstance(val, torch.Tensor) or not all(
+            isinstance(a, fx.Node) and a in inputs for a in pieces):
+        return default_types(node, in_types, mesh, {})
+    typed = dict(zip(inputs, in_types))
+    dim = compat.call_argument(node.target, node.args, node.kwargs, "dim", 0) % max(val.ndim, 1)
+    cut = {m for m in range(mesh.ndim) if any(compat.sharded_dim(typed[a][m]) == dim for a in pieces)}
+    if not cut:
+        return default_types(node, in_types, mesh, typed)
+    whole = [tuple(Replicate() if m in cut else p for m, p in enumerate(t)) for t in in_types]
+    out = default_types(node, whole, mesh, dict(zip(inputs, whole)))
+    sizes = {a.meta["val"].shape[dim] for a in pieces}
+    interleaved = len(cut) == 1 and len(sizes) == 1
+    placed = {}
+    for m in cut:
+        if interleaved and all(typed[a][m] == Shard(dim) for a in pieces):
+            placed[m] = Shard(dim) if len(pieces) == 1 else compat.strided_shard(dim, len(pieces))
+        else:
+            placed[m] = VARYING
+            node.meta[UNKNOWN_WHY] = (f"{op_name(node)} joins pieces along dim {dim}, which is sharded, that are "
+                                      "not equal shards: each rank's result is its own mix")
+    return tuple(placed.get(m, p) for m, p in enumerate(out))
+
+
+register_rule(aten.cat.default, _cat)
+
+_INTERPOLATING = [getattr(aten, n) for n in ("upsample_linear1d", "upsample_bilinear2d", "upsample_bicubic2d",
+                                             "upsample_trilinear3d")]
+_NEAREST = [getattr(aten, n) for n in ("upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d")]
+
+
+def _upsample(node: fx.Node, in_types: list, mesh: Any) -> Any:
+    """Resizing along a sharded spatial dim: nearest by a whole factor repeats each row within its shard (the
+    shard of the global resize); linear, bilinear, bicubic and trilinear mix each shard's edge rows with rows
+    that sit on the neighbouring rank (wrong); a dim kept at its size is untouched."""
+    t = in_types[0] if in_types else None
+    src, out_val = node.args[0], node.meta.get("val")
+    if t is None or not isinstance(out_val, torch.Tensor):
+        return default_types(node, in_types, mesh, {})
+    in_shape = src.meta["val"].shape
+    nearest = node.target.overloadpacket in _NEAREST
+    out = []
+    for m, p in enumerate(t):
+        d = compat.sharded_dim(p)
+        if d is None or d < 2 or out_val.shape[d] == in_shape[d]:
+            out.append(p)
+            continue
+        if nearest and out_val.shape[d] % in_shape[d] == 0 and not compat.is_strided_shard(p):
+            out.append(p)
+            continue
+        if nearest:
+            node.meta[UNKNOWN_WHY] = f"{op_name(node)} resizes sharded dim {d} by a factor that is not whole"
+            out.append(VARYING)
+            continue
+        raise RuleError(f"{op_name(node)} interpolates along dim {d}, which is sharded: each shard's edge rows "
+                        "are mixed without the neighbouring rank's rows, so the result is not the shard of the "
+                        "global resize", "all_gather the dim first (or exchange a halo row with "
+                        "localmap.collectives.shift), or resize outside the region", m)
+    return tuple(out)  # a Partial stays Partial: resizing is linear
+
+
+for _packet in _INTERPOLATING + _NEAREST:
+    for _name in ("default", "vec"):
+        register_rule(getattr(_packet, _name), _upsample)
+
+
 # ---- gathers and scatter-adds with whole indices ----------------------------------------------------------------
 # Given indices that are the same on every rank, a gather, index or index_select is linear in its values, and a
 # scatter_add, index_add or accumulating index_put is linear in (base, values): the local op on partial sums is
