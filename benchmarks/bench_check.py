@@ -9,6 +9,9 @@
 3. torchtitan's pattern: a local_map wrapper rebuilt inside every forward (its cross-entropy loss,
    ``_cross_entropy_via_local_map``), one step (loss and backward) with localmap's local_map swapped in versus
    PyTorch's. Target: <= 1.1x. Skipped when torchtitan is not installed (the test extra installs it).
+4. scale: the check's first-call time as the body grows (a chain of 100, 400 and 1,600 elementwise ops and
+   matmuls on a 1-rank gloo mesh, check on minus check off), and its cost per body op. Target: <= 0.3 ms per
+   op, a 1,600-op body under 0.5 s.
 
 Run: ``.venv/bin/python benchmarks/bench_check.py [--rounds R] [--calls N]``.
 """
@@ -147,6 +150,32 @@ def rebuilt_wrapper(mesh: Any, calls: int, rounds: int) -> None:
           f"{m['localmap'] / m['pytorch']:.2f}x (target <= 1.1x)")
 
 
+def _chain(ops: int) -> Callable:
+    """A body of about `ops` traced ops: a chain of matmuls and elementwise ops, each op one graph node."""
+    def body(x, w):
+        for k in range(ops // 4):
+            x = torch.tanh(x @ w) * 0.5 + x
+        return x
+    return body
+
+
+def scale(mesh: Any, repeats: int) -> None:
+    x = distribute_tensor(torch.randn(8, 8), mesh, [Shard(0)]).requires_grad_()
+    w = distribute_tensor(torch.randn(8, 8), mesh, [Replicate()]).requires_grad_()
+    line = []
+    for ops in (100, 400, 1600):
+        def first(check: Any) -> float:
+            localmap.clear_caches()
+            region = localmap.local_map(_chain(ops), [Shard(0)], [[Shard(0)], [Replicate()]], None, mesh,
+                                        check=check)
+            return _timed(lambda: region(x, w))
+
+        cost = statistics.median(first(True) - first(False) for _ in range(repeats))
+        line.append(f"{ops} ops {1e3 * cost:.0f} ms ({1e3 * cost / ops:.2f} ms/op)")
+    print("4. check cost as the body grows, first call: " + ", ".join(line) +
+          " (target <= 0.3 ms/op, 1,600 ops < 0.5 s)")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -158,17 +187,21 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=500, help="timed calls per variant per round (part 2)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per variant per round (part 3)")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=3, help="first calls per catalogue region (part 1)")
+    parser.add_argument("--repeats", type=int, default=3, help="first calls per region (parts 1 and 4)")
+    parser.add_argument("--only-scale", action="store_true", help="run part 4 alone")
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}")
-    first_call(args.repeats)
+    if not args.only_scale:
+        first_call(args.repeats)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     dist.init_process_group("gloo", rank=0, world_size=1)
     try:
         mesh = init_device_mesh("cpu", (1,))
-        steady_state(mesh, args.calls, args.rounds)
-        rebuilt_wrapper(mesh, args.steps, args.rounds)
+        if not args.only_scale:
+            steady_state(mesh, args.calls, args.rounds)
+            rebuilt_wrapper(mesh, args.steps, args.rounds)
+        scale(mesh, args.repeats)
     finally:
         dist.destroy_process_group()
 

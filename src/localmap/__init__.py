@@ -20,7 +20,7 @@ from localmap import collectives
 from localmap.caches import cache_info, clear_caches
 from localmap.program.capture import CapturedProgram, Region, capture
 from localmap.check.verdict import PlacementError, UnprovenError
-from localmap.check.rules import register_rule
+from localmap.check.rules import linear_in, register_rule
 from localmap.placements.types import VARYING, RuleError
 from localmap.context import use_mesh
 from localmap.eager.region import local_map
@@ -31,6 +31,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "local_map", "LocalMapError", "Shard", "Replicate", "Partial", "capture", "CapturedProgram", "Region",
-    "verify", "VerificationError", "use_mesh", "collectives", "PlacementError", "UnprovenError", "register_rule", "RuleError", "VARYING",
+    "verify", "VerificationError", "use_mesh", "collectives", "PlacementError", "UnprovenError", "register_rule", "linear_in", "RuleError",
+    "VARYING",
     "BodyError", "CollectiveError", "cache_info", "clear_caches", "__version__",
 ]

@@ -342,7 +342,7 @@ WRONG = [
          "partial sum", kwargs={"total": True}),
     # sequence parallel
     Prog("reshape(-1, d) of a sequence shard claimed Shard(0)", lambda x: x.reshape(-1, x.shape[-1]) * 1,
-         [(2, 8, 4)], [(S1,)], (S0,), "unproven"),
+         [(2, 8, 4)], [(S1,)], (S0,), "refused", "interleaved"),
     Prog("position table sliced by the local length", lambda x, pos: x + pos[: x.shape[1]], [(2, 8, 4), (8, 4)],
          [(S1,), (R,)], (S1,), "unproven"),
     Prog("all_gather result claimed Shard", lambda x: C.all_gather(x, "tp", dim=1) * 2, [(2, 8, 4)], [(S1,)],

@@ -393,7 +393,7 @@ def _check_uneven_mean(node: fx.Node, in_types: list, uneven: frozenset) -> None
     dims = node.args[1] if node.target is torch.ops.aten.mean.dim and node.args[1] else range(ndim)
     dims = {d % ndim for d in dims} if ndim else set()
     for m, p in enumerate(t):
-        if m in uneven and isinstance(p, Shard) and p.dim in dims:
+        if m in uneven and _compat.sharded_dim(p) in dims:
             raise RuleError(f"takes a mean over dim {p.dim}, which is sharded unevenly (shards of different "
                             "sizes): the local means are not a Partial(avg) of the global mean",
                             "sum locally and divide by the global size, or shard that dim evenly", mesh_dim=m)
@@ -438,7 +438,7 @@ def _contradiction(claim: Placement, got: Any, name: str) -> tuple[str, str] | N
                     "claim Replicate()")
         return ("is already whole on every rank but is claimed Partial (the global value would be a multiple "
                 "of it)", "claim Replicate()")
-    if isinstance(got, Shard):
+    if _compat.sharded_dim(got) is not None:
         if isinstance(claim, Replicate):
             return (f"is a shard of dim {got.dim} (differs across ranks) but is claimed Replicate",
                     f"all_gather over {name} on dim {got.dim} before returning, or claim {got!r}")

@@ -53,6 +53,9 @@ _cache: dict[Any, tuple[Any, Verdict]] = register_cache("verdicts", {}, limit=VE
                                                         eviction="clear when full", lock=_lock)
 _checked = 0  # bodies actually traced and checked (not served from the cache)
 register_counter("bodies_checked", lambda: _checked)
+# DTensor's answers to the checker's propagation questions (kept in the fence, compat.dtensor)
+register_cache("propagation", None, limit=8192, eviction="clear when full", size=compat.propagation_cache_size,
+               clear=compat.clear_propagation_cache)
 
 
 def check_function(fn: Callable, local_args: Sequence[Any], leaf_specs: Sequence[Any], out_placements: Any,
@@ -109,6 +112,7 @@ def _check_fresh(fn: Callable, local_args: Sequence[Any], leaf_specs: Sequence[A
         return _unchecked(fn, e, local_args, leaf_specs, given_grads, treespec)
     _checked += 1
     verdict.function = getattr(fn, "__name__", type(fn).__name__)
+    verdict.definition = definition_of(fn)
     return verdict
 
 
@@ -141,6 +145,7 @@ def _check_on_values(fn: Callable, local_args: Sequence[Any], leaf_specs: Sequen
                        "region so each branch is its own region")
     verdict = next(iter(verdicts.values()))
     verdict.function = name
+    verdict.definition = definition_of(fn)
     verdict.per_call = True
     return verdict
 
@@ -148,7 +153,9 @@ def _check_on_values(fn: Callable, local_args: Sequence[Any], leaf_specs: Sequen
 def _unchecked(fn: Callable, e: Exception, local_args: Sequence[Any], leaf_specs: Sequence[Any],
                given_grads: Sequence[Any] | None, treespec: Any) -> Verdict:
     reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
-    return unchecked_verdict(fn, reason, _guessed_grads(local_args, leaf_specs, given_grads, treespec))
+    verdict = unchecked_verdict(fn, reason, _guessed_grads(local_args, leaf_specs, given_grads, treespec))
+    verdict.definition = definition_of(fn)
+    return verdict
 
 
 def _has_real_values(local_args: Sequence[Any]) -> bool:
@@ -176,6 +183,15 @@ def _guessed_grads(local_args: Sequence[Any], leaf_specs: Sequence[Any], given_g
     return [leaf_path("args", tree, i) for i, (a, spec) in enumerate(zip(local_args[:n], leaf_specs))
             if isinstance(a, torch.Tensor) and a.is_floating_point() and spec is not None
             and any(isinstance(p, Replicate) for p in spec)]
+
+
+def definition_of(fn: Callable) -> Any:
+    """Where a region's body is defined, for warnings once per definition: its code object (the same for every
+    wrapper rebuilt around it, whatever it closes over), or the callable's class."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    fn = getattr(fn, "__func__", fn)
+    return getattr(fn, "__code__", None) or type(fn)
 
 
 def function_identity(fn: Callable) -> tuple[Any, tuple]:

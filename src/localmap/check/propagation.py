@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import torch
 import torch.fx as fx
-from torch.distributed.tensor.placement_types import Partial, Replicate, Shard
+from torch.distributed.tensor.placement_types import Partial, Replicate
 
 from localmap import compat
 from localmap.compat import pytree
@@ -33,8 +33,9 @@ def replicated(mesh: Any) -> Type:
 def _global_shape(val: torch.Tensor, t: Type, mesh_shape: Sequence[int]) -> list:
     shape = list(val.shape)
     for m, p in enumerate(t):
-        if isinstance(p, Shard):
-            shape[p.dim] = shape[p.dim] * mesh_shape[m]
+        d = compat.sharded_dim(p)
+        if d is not None:
+            shape[d] = shape[d] * mesh_shape[m]
     return shape
 
 
@@ -131,24 +132,37 @@ def _ask_view_globally(node: fx.Node, mesh: Any, types: dict) -> tuple[Any, list
     if t is None:
         return None
     in_spec = _as_spec(src.meta["val"], t, mesh)
-    sharded = [(m, p) for m, p in enumerate(t) if isinstance(p, Shard)]
-    for choice in itertools.product(range(out_val.ndim), repeat=len(sharded)):
-        sizes = list(out_val.shape)
-        for (m, _), j in zip(sharded, choice):
-            sizes[j] *= mesh.shape[m]
-        if math.prod(sizes) != math.prod(in_spec.shape):
-            continue
-        try:
-            with compat.quiet_fake_tensor_errors():
-                sharding = compat.propagate_sharding(node.target, (in_spec, sizes), {})
-        except Exception:
-            continue
-        out = sharding.output_spec
-        if _kept_placements(sharding, [in_spec]) and all(
-                out.placements[m] == Shard(j) for (m, _), j in zip(sharded, choice)):
-            return sharding, [in_spec]
+    sharded = [(m, p) for m, p in enumerate(t) if compat.sharded_dim(p) is not None]
+    # A plain Shard first (a heads split keeps its shard); else a strided shard, where the view merges the
+    # sharded dim with a dim before it (tokens flattened over batch and a sharded sequence): each rank then
+    # holds a fixed, interleaved set of the merged dim's rows, which a sum or a row-wise op may use as they are.
+    for strided in (False, True):
+        for choice in itertools.product(range(out_val.ndim), repeat=len(sharded)):
+            sharding = _view_landing(node, in_spec, out_val, mesh, sharded, choice, strided)
+            if sharding is not None:
+                return sharding, [in_spec]
     node.meta[UNKNOWN_WHY] = f"{op_name(node)} gives a shape that only fits the local shard (no global view)"
     return None
+
+
+def _view_landing(node: fx.Node, in_spec: Any, out_val: torch.Tensor, mesh: Any, sharded: list,
+                  choice: tuple, strided: bool) -> Any:
+    """DTensor's decision for the view when each sharded mesh dim's shard lands on output dim `choice[k]`
+    (that dim's size scaled by the mesh dim's), if it takes the input as it is and puts each shard there (as a
+    Shard, or as a strided shard where `strided`); else None."""
+    sizes = list(out_val.shape)
+    for (m, _), j in zip(sharded, choice):
+        sizes[j] *= mesh.shape[m]
+    if math.prod(sizes) != math.prod(in_spec.shape):
+        return None
+    try:
+        sharding = compat.propagate_sharding(node.target, (in_spec, sizes), {})
+    except Exception:
+        return None
+    out = sharding.output_spec
+    lands = all(compat.sharded_dim(p) == j and (strided or not compat.is_strided_shard(p))
+                for p, j in zip((out.placements[m] for m, _ in sharded), choice))
+    return sharding if lands and _kept_placements(sharding, [in_spec]) else None
 
 
 def _ask_dtensor(node: fx.Node, mesh: Any, types: dict) -> tuple[Any, list] | None:
@@ -175,8 +189,7 @@ def _ask_dtensor(node: fx.Node, mesh: Any, types: dict) -> tuple[Any, list] | No
     args = pytree.tree_map(as_schema, node.args)
     kwargs = pytree.tree_map(as_schema, dict(node.kwargs))
     try:
-        with compat.quiet_fake_tensor_errors():
-            sharding = compat.propagate_sharding(node.target, args, kwargs)
+        sharding = compat.propagate_sharding(node.target, args, kwargs)
     except Exception:  # no strategy for this op (or one that cannot take these inputs)
         node.meta.setdefault(UNKNOWN_WHY, f"{op_name(node)} has no placement rule for these inputs (DTensor's "
                              "sharding propagation has none, or refuses their global shapes)")

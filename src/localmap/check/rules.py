@@ -82,7 +82,7 @@ def _statistic(node: fx.Node, in_types: list, mesh: Any) -> Any:
     dims = node.args[1] if len(node.args) > 1 and node.args[1] is not None else node.kwargs.get("dim")
     dims = list(range(val.dim())) if dims is None else [d % max(val.dim(), 1) for d in dims]
     for m, p in enumerate(t):
-        if isinstance(p, Shard) and p.dim in dims:
+        if compat.sharded_dim(p) in dims:
             raise RuleError(f"{op_name(node)} reduces over dim {p.dim}, which is sharded: the local statistic is "
                             "not a piece of the global one",
                             "all_reduce sums of x and x*x (or all_gather the dim) before the statistic", m)
@@ -125,6 +125,178 @@ for _op in (aten.mean.dim, aten.mean.default, aten.sum.dim_IntList, aten.sum.def
     register_rule(_op, _linear_reduction)
 for _op in (aten.view.default, aten._unsafe_view.default, aten.reshape.default):
     register_rule(_op, _view)
+
+
+def _local_pieces(node: fx.Node, in_types: list, mesh: Any) -> Any:
+    """split / split_with_sizes / chunk / unbind / narrow / slice / select. Along an unsharded dim, as DTensor
+    propagates them. Along a sharded dim the sizes are local: each rank's piece comes out of its own shard (a
+    Shard(1) sequence cut into chunks gives every rank's chunk c, interleaved: not the one-device chunk c), so
+    the pieces differ across ranks (a Replicate claim is wrong) with no global meaning the check derives."""
+    t = in_types[0] if in_types else None
+    val = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
+    if t is None or not isinstance(val, torch.Tensor) or val.ndim == 0:
+        return default_types(node, in_types, mesh, {})
+    dim = compat.call_argument(node.target, node.args, node.kwargs, "dim", 0) % val.ndim
+    cut = {m for m, p in enumerate(t) if compat.sharded_dim(p) == dim}
+    if not cut:
+        return default_types(node, in_types, mesh, {node.args[0]: t})
+    out_val = node.meta.get("val")
+    if node.target in (aten.slice.Tensor, aten.narrow.default) and out_val.shape == val.shape:
+        return t  # the whole dim (x[:, :]): the value itself
+    whole = tuple(Replicate() if m in cut else p for m, p in enumerate(t))
+    out = default_types(node, [whole], mesh, {node.args[0]: whole})
+    node.meta[UNKNOWN_WHY] = (f"{op_name(node)} cuts dim {dim}, which is sharded, by local sizes: each rank's "
+                              "piece comes out of its own shard, not the one-device piece")
+
+    def varying(t_out: Any) -> Any:
+        return None if t_out is None else tuple(VARYING if m in cut else p for m, p in enumerate(t_out))
+
+    return [varying(o) for o in out] if isinstance(out, list) else varying(out)
+
+
+for _op in (aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int, aten.narrow.default,
+            aten.slice.Tensor, aten.select.int):
+    register_rule(_op, _local_pieces)
+
+
+def _cat(node: fx.Node, in_types: list, mesh: Any) -> Any:
+    """cat along a dim that its inputs shard: rank r holds [a_r, b_r, ...], which is piece r of each block of
+    the one-device cat(a, b, ...): DTensor's strided shard when the blocks have equal sizes (a claim of Shard is
+    then refused as interleaved; a sum over the dim is a partial sum). Otherwise, or with a block whole on every
+    rank, the pieces differ per rank with no global meaning derived. Other dims: DTensor's propagation."""
+    pieces = node.args[0]
+    inputs = list(node.all_input_nodes)
+    val = node.meta.get("val")
+    if len(inputs) != len(in_types) or not isinstance(val, torch.Tensor) or not all(
+            isinstance(a, fx.Node) and a in inputs for a in pieces):
+        return default_types(node, in_types, mesh, {})
+    typed = dict(zip(inputs, in_types))
+    dim = compat.call_argument(node.target, node.args, node.kwargs, "dim", 0) % max(val.ndim, 1)
+    cut = {m for m in range(mesh.ndim) if any(compat.sharded_dim(typed[a][m]) == dim for a in pieces)}
+    if not cut:
+        return default_types(node, in_types, mesh, typed)
+    whole = [tuple(Replicate() if m in cut else p for m, p in enumerate(t)) for t in in_types]
+    out = default_types(node, whole, mesh, dict(zip(inputs, whole)))
+    sizes = {a.meta["val"].shape[dim] for a in pieces}
+    interleaved = len(cut) == 1 and len(sizes) == 1
+    placed = {}
+    for m in cut:
+        if interleaved and all(typed[a][m] == Shard(dim) for a in pieces):
+            placed[m] = Shard(dim) if len(pieces) == 1 else compat.strided_shard(dim, len(pieces))
+        else:
+            placed[m] = VARYING
+            node.meta[UNKNOWN_WHY] = (f"{op_name(node)} joins pieces along dim {dim}, which is sharded, that are "
+                                      "not equal shards: each rank's result is its own mix")
+    return tuple(placed.get(m, p) for m, p in enumerate(out))
+
+
+register_rule(aten.cat.default, _cat)
+
+_INTERPOLATING = [getattr(aten, n) for n in ("upsample_linear1d", "upsample_bilinear2d", "upsample_bicubic2d",
+                                             "upsample_trilinear3d")]
+_NEAREST = [getattr(aten, n) for n in ("upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d")]
+
+
+def _upsample(node: fx.Node, in_types: list, mesh: Any) -> Any:
+    """Resizing along a sharded spatial dim: nearest by a whole factor repeats each row within its shard (the
+    shard of the global resize); linear, bilinear, bicubic and trilinear mix each shard's edge rows with rows
+    that sit on the neighbouring rank (wrong); a dim kept at its size is untouched."""
+    t = in_types[0] if in_types else None
+    src, out_val = node.args[0], node.meta.get("val")
+    if t is None or not isinstance(out_val, torch.Tensor):
+        return default_types(node, in_types, mesh, {})
+    in_shape = src.meta["val"].shape
+    nearest = node.target.overloadpacket in _NEAREST
+    out = []
+    for m, p in enumerate(t):
+        d = compat.sharded_dim(p)
+        if d is None or d < 2 or out_val.shape[d] == in_shape[d]:
+            out.append(p)
+            continue
+        if nearest and out_val.shape[d] % in_shape[d] == 0 and not compat.is_strided_shard(p):
+            out.append(p)
+            continue
+        if nearest:
+            node.meta[UNKNOWN_WHY] = f"{op_name(node)} resizes sharded dim {d} by a factor that is not whole"
+            out.append(VARYING)
+            continue
+        raise RuleError(f"{op_name(node)} interpolates along dim {d}, which is sharded: each shard's edge rows "
+                        "are mixed without the neighbouring rank's rows, so the result is not the shard of the "
+                        "global resize", "all_gather the dim first (or exchange a halo row with "
+                        "localmap.collectives.shift), or resize outside the region", m)
+    return tuple(out)  # a Partial stays Partial: resizing is linear
+
+
+for _packet in _INTERPOLATING + _NEAREST:
+    for _name in ("default", "vec"):
+        register_rule(getattr(_packet, _name), _upsample)
+
+
+# ---- gathers and scatter-adds with whole indices ----------------------------------------------------------------
+# Given indices that are the same on every rank, a gather, index or index_select is linear in its values, and a
+# scatter_add, index_add or accumulating index_put is linear in (base, values): the local op on partial sums is
+# a partial sum of the global op. The base must be a partial sum too, or zero (torchtitan's combine scatters
+# expert outputs into zeros_like(x)). DTensor's strategies take no Partial here; other mesh dims are theirs.
+
+_ZERO_MAKERS = {aten.zeros.default, aten.zeros_like.default, aten.new_zeros.default}
+_FILL_MAKERS = {aten.full.default: 1, aten.full_like.default: 1, aten.new_full.default: 2,
+                aten.fill.Scalar: 1, aten.fill_.Scalar: 1}
+
+
+def is_zero(node: Any) -> bool:
+    """Whether `node` is a tensor of zeros by construction (zeros, zeros_like, a fill with 0)."""
+    if not isinstance(node, fx.Node):
+        return False
+    if node.target in _ZERO_MAKERS:
+        return True
+    k = _FILL_MAKERS.get(node.target)
+    return k is not None and len(node.args) > k and isinstance(node.args[k], (int, float)) and node.args[k] == 0
+
+
+def linear_in(values: tuple[str, ...], indices: tuple[str, ...], base: str | None = None,
+              when: Callable[[fx.Node], bool] = lambda node: True) -> Rule:
+    """A rule for an op linear in its arguments named `values` (and `base`, which may instead be zero) given
+    arguments named `indices` that are whole (Replicate) on a mesh dim: a partial sum there gives a partial sum.
+    Otherwise, and where `when(node)` is false, DTensor's propagation decides."""
+
+    def rule(node: fx.Node, in_types: list, mesh: Any) -> Any:
+        inputs = list(node.all_input_nodes)
+        if len(inputs) != len(in_types) or not when(node):
+            return default_types(node, in_types, mesh, dict(zip(inputs, in_types)))
+        typed = dict(zip(inputs, in_types))
+
+        def arg_nodes(names: tuple) -> list:
+            got = [compat.call_argument(node.target, node.args, node.kwargs, n) for n in names]
+            return [a for g in got for a in (g if isinstance(g, (list, tuple)) else [g]) if a in typed]
+
+        vals, idx = arg_nodes(values), arg_nodes(indices)
+        base_node = arg_nodes((base,))[0] if base else None
+        partial = {}
+        for m in range(mesh.ndim):
+            column = {typed[v][m] for v in vals}
+            if len(column) != 1 or not isinstance(p := next(iter(column)), Partial) or p.reduce_op not in (
+                    "sum", "avg") or not all(isinstance(typed[i][m], Replicate) or typed[i][m] is PER_RANK_COPY
+                                             for i in idx):
+                continue
+            if base_node is None or typed[base_node][m] == p or is_zero(base_node):
+                partial[m] = p
+        plain = [tuple(Replicate() if m in partial else q for m, q in enumerate(t)) for t in in_types]
+        out = default_types(node, plain, mesh, dict(zip(inputs, plain)))
+        return tuple(partial.get(m, q) for m, q in enumerate(out))
+
+    return rule
+
+
+register_rule(aten.gather.default, linear_in(("self",), ("index",)))
+register_rule(aten.index_select.default, linear_in(("self",), ("index",)))
+register_rule(aten.index.Tensor, linear_in(("self",), ("indices",)))
+register_rule(aten.embedding.default, linear_in(("weight",), ("indices",)))
+register_rule(aten.scatter_add.default, linear_in(("src",), ("index",), base="self"))
+register_rule(aten.index_add.default, linear_in(("source",), ("index",), base="self"))
+for _op in (aten.index_put.default, aten.index_put_.default):
+    register_rule(_op, linear_in(("values",), ("indices",), base="self",
+                                 when=lambda node: bool(compat.call_argument(node.target, node.args, node.kwargs,
+                                                                             "accumulate"))))
 
 
 def output_types(node: fx.Node, in_types: list, mesh: Any, types: dict) -> Any:

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from localmap.caches import register_cache
 from localmap.errors import LocalMapError, fail
 from localmap.sites import user_stacklevel
 
@@ -54,6 +55,7 @@ class Verdict:
     function: str = "region"  # the checked function's name, for messages
     warned: bool = field(default=False, compare=False)  # warnings of this verdict were shown (once each)
     per_call: bool = False  # checked on one call's values (the body branches on them): reuse for no other call
+    definition: Any = field(default=None, compare=False)  # the region's code: warnings once per definition
 
     @property
     def ok(self) -> bool:
@@ -163,9 +165,24 @@ def _unchecked_message(verdict: Verdict) -> str:
             f"unchecked.{guessed} Pass check=False to silence this.")
 
 
+_WARNED_LIMIT = 4096
+# (region definition, message) already shown: one warning per definition and reason
+_warned: set = register_cache("warnings_shown", set(), limit=_WARNED_LIMIT, eviction="clear when full")
+
+
 def _warn_once(verdict: Verdict, messages: list[str]) -> None:
+    """Each message once per verdict, and once per region definition: a body checked again for other input
+    shapes or dtypes (ChunkedLossWrapper chunks float states and int labels) stopping at the same op and line
+    warns once."""
     if verdict.warned:
         return
     verdict.warned = True
     for message in messages:
+        key = (verdict.definition, message) if verdict.definition is not None else None
+        if key in _warned:
+            continue
+        if key is not None:
+            if len(_warned) >= _WARNED_LIMIT:
+                _warned.clear()
+            _warned.add(key)
         warnings.warn(message, stacklevel=user_stacklevel())

@@ -188,7 +188,8 @@ def pvary(x: torch.Tensor, mesh_dim: int | str, *, mesh: DeviceMesh | None = Non
 # all_gather: a value that meets per-rank data; its transpose reduce-scatters) -----------------------------------
 # The gathered value is the same on every rank; typed per rank (its backward reduce-scatters the gradients).
 register(compat.FUNCTIONAL_OPS.all_gather_into_tensor.default,
-         Collective(None, on_its_mesh_dim(lambda p: VARYING if isinstance(p, Partial) else PER_RANK_COPY),
+         Collective(None, on_its_mesh_dim(  # a strided shard gathers its rows out of order: Varying
+             lambda p: VARYING if isinstance(p, Partial) or compat.is_strided_shard(p) else PER_RANK_COPY),
                     cost=lambda b, n: (n - 1) * b))
 
 

@@ -10,7 +10,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch.distributed.tensor import DeviceMesh, DTensor
 from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
-from torch.distributed.tensor.placement_types import Placement
+from torch.distributed.tensor.placement_types import Placement, Shard
 
 # A DTensor's spec and its local tensor, read in the eager hot path: attrgetters are C-level (no Python frame).
 spec_of = operator.attrgetter("_spec")
@@ -65,9 +65,65 @@ def view_rule_hangs(op: Any, shapes: Sequence[Sequence[Any]]) -> bool:
     return getattr(op, "overloadpacket", None) in _VIEW_OPS and any(0 in tuple(s) for s in shapes)
 
 
+_propagated: dict = {}  # (op, argument key) -> (meshes named, DTensor's decision or the exception it raised)
+_PROPAGATED_LIMIT = 8192
+
+
+def clear_propagation_cache() -> None:
+    _propagated.clear()
+
+
+def propagation_cache_size() -> int:
+    return len(_propagated)
+
+
+def _spec_key(a: Any, meshes: list) -> Any:
+    """An argument of a propagation question as a key: a spec by mesh, placements, shape, stride and dtype;
+    a list by its items; a plain value by type and value. Symbolic sizes make the question unkeyable."""
+    if isinstance(a, DTensorSpec):
+        meshes.append(a.mesh)
+        meta = a.tensor_meta
+        if meta is None:
+            raise TypeError("unkeyable")
+        return ("S", id(a.mesh), a.placements, tuple(meta.shape), tuple(meta.stride), meta.dtype)
+    if isinstance(a, (list, tuple)):
+        return (type(a).__name__, *(_spec_key(x, meshes) for x in a))
+    if isinstance(a, (torch.SymInt, torch.SymFloat, torch.SymBool, torch.Tensor)):
+        raise TypeError("unkeyable")
+    hash(a)
+    return (type(a).__name__, a)
+
+
 def propagate_sharding(op: Any, args: Any, kwargs: dict) -> Any:
     """DTensor's sharding propagation for one op on input specs: output specs and whether inputs would have
-    to be redistributed (i.e. whether running the op on the shards computes the shard of the global op)."""
+    to be redistributed (i.e. whether running the op on the shards computes the shard of the global op).
+    Remembered per question (a body repeats the same op on the same shapes: a layer stack), which keeps the
+    check's cost per op small."""
+    meshes: list = []
+    try:
+        key = (op, _spec_key(tuple(args), meshes), _spec_key(tuple(sorted(kwargs.items())), meshes))
+    except TypeError:
+        key = None
+    hit = _propagated.get(key) if key is not None else None
+    if hit is not None and all(a is b for a, b in zip(hit[0], meshes)):
+        if isinstance(hit[1], Exception):
+            raise hit[1]
+        return hit[1]
+    try:
+        with quiet_fake_tensor_errors():  # a probe may fail, by design
+            result = _propagate_uncached(op, args, kwargs)
+    except Exception as e:
+        result = e
+    if key is not None:
+        if len(_propagated) >= _PROPAGATED_LIMIT:
+            _propagated.clear()
+        _propagated[key] = (meshes, result)
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+def _propagate_uncached(op: Any, args: Any, kwargs: dict) -> Any:
     from torch.distributed.tensor._op_schema import OpSchema
 
     prop = DTensor._op_dispatcher.sharding_propagator
@@ -109,6 +165,22 @@ def quiet_fake_tensor_errors() -> Any:
 def is_strided_shard(p: Any) -> bool:
     """DTensor's interleaved shard (``_StridedShard``: a reshape merged a sharded dim with one before it)."""
     return isinstance(p, Placement) and type(p).__name__ == "_StridedShard"
+
+
+def strided_shard(dim: int, split_factor: int) -> Placement:
+    """DTensor's interleaved shard of `dim`: the dim cut into `split_factor` equal blocks, each block sharded
+    (rank r holds piece r of every block)."""
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    return _StridedShard(dim, split_factor=split_factor)
+
+
+def sharded_dim(p: Any) -> int | None:
+    """The tensor dim a placement splits: a Shard's, or a strided shard's (not a Shard subclass in every torch
+    release); None for Replicate, Partial and localmap's markers."""
+    if isinstance(p, Shard) or is_strided_shard(p):
+        return p.dim
+    return None
 
 
 # NOTE: closed-over DTensors in a checked body. A body may call `self.w.to_local()` on a DTensor it closes over

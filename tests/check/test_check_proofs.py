@@ -1,0 +1,217 @@
+"""Proofs for the patterns real code uses (issue 20): pieces cut along unsharded dims, tokens flattened over a
+batch and a sharded sequence (a strided shard) summed into a loss, and warnings once per region definition
+and reason. Each right program is proven (no warning) and matches one device; each wrong one is refused."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import P, R, S0, S1, check_region, randn
+from localmap import PlacementError, local_map
+from localmap.testing import distribute
+from torch.distributed.tensor import Shard
+
+
+def _proven(mesh, body, inputs, in_placements, out_placements):
+    """The region checks ok without a warning and matches one device in values and gradients."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_region(mesh, body, inputs, in_placements, out_placements)
+
+
+def _refused(mesh, body, inputs, in_placements, out_placements, says):
+    region = local_map(body, out_placements, in_placements, None, mesh)
+    with pytest.raises(PlacementError, match=says):
+        region(*[distribute(t, mesh, p) for t, p in zip(inputs, in_placements)])
+
+
+@pytest.mark.parametrize("cut", [
+    lambda a: a.split([1, 3], dim=1)[1] * 2,
+    lambda a: torch.cat([c.exp() for c in a.chunk(2, dim=1)], 1),
+    lambda a: torch.stack(list(a.unbind(1))[::-1], 1),
+    lambda a: a.narrow(1, 1, 2).sin(),
+    lambda a: a[:, 1:3] + 1,
+], ids=["split_with_sizes", "chunk", "unbind", "narrow", "slice"])
+def test_pieces_cut_along_an_unsharded_dim_keep_the_shard(sim_mesh_4, cut):
+    _proven(sim_mesh_4, cut, [randn(8, 4)], [[S0]], [S0])
+
+
+def test_pieces_cut_along_the_sharded_dim_claimed_replicate_are_refused(sim_mesh_4):
+    """Chunks of a Shard(0) input are cut out of each rank's own rows: they differ across ranks."""
+    _refused(sim_mesh_4, lambda a: a.split([1, 1], dim=0)[0] * 1, [randn(8, 4)], [[S0]], [R],
+             "differs across ranks but is claimed Replicate")
+
+
+def test_pieces_cut_along_the_sharded_dim_claimed_shard_are_unproven_naming_the_cut(sim_mesh_4):
+    """ChunkedLossWrapper's cut: each rank's chunk c is not a shard of the one-device chunk c."""
+    region = local_map(lambda a: a.split([1, 1], dim=0)[0] * 1, [S0], [[S0]], None, sim_mesh_4)
+    with pytest.warns(UserWarning, match="cuts dim 0, which is sharded, by local sizes"):
+        region(distribute(randn(8, 4), sim_mesh_4, [S0]))
+
+
+def _token_loss(h, labels):
+    """torchtitan's cross-entropy body: tokens flattened over batch and a (sharded) sequence, summed."""
+    return F.cross_entropy(h.flatten(0, 1).float(), labels.flatten(0, 1), reduction="sum")
+
+
+def test_tokens_flattened_over_a_sharded_sequence_and_summed_are_a_partial_sum(sim_mesh_4):
+    """flatten(0, 1) of [B, S/n, V] interleaves the sharded sequence (a strided shard); a sum over every token
+    is a partial sum whichever tokens each rank holds."""
+    labels = torch.randint(0, 10, (2, 8))
+    region = local_map(_token_loss, [P], ([S1], [S1]), None, sim_mesh_4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        h = distribute(randn(2, 8, 10), sim_mesh_4, [S1], requires_grad=True)
+        out = region(h, distribute(labels, sim_mesh_4, [S1]))
+    from helpers import max_diff
+    from localmap.testing import full, on_one_device
+    with on_one_device():
+        ref_h = full(h).detach().clone().requires_grad_()
+        ref = _token_loss(ref_h, labels)
+        ref.backward()
+    out.full_tensor().backward()
+    assert max_diff(full(out), ref) < 1e-4
+    assert max_diff(full(h.grad), ref_h.grad) < 1e-5
+
+
+def test_flattened_rows_summed_per_feature_are_proven(sim_mesh_4):
+    _proven(sim_mesh_4, lambda x: x.reshape(-1, x.shape[-1]).sum(0), [randn(2, 8, 4)], [[S1]], [P])
+
+
+def test_tokens_flattened_over_a_sharded_sequence_claimed_shard_are_refused(sim_mesh_4):
+    """The flattened rows are interleaved (batch 0's shard, then batch 1's): not a contiguous Shard(0)."""
+    _refused(sim_mesh_4, lambda x: x.flatten(0, 1) * 1, [randn(2, 8, 4)], [[S1]], [S0], "interleaved")
+
+
+def test_a_strided_shard_mixed_with_a_plain_shard_is_not_proven(sim_mesh_4):
+    """Rows of a strided shard and of a plain Shard(0) are different rows of the global tensor: adding them is
+    no shard of the one-device sum (claimed Replicate: refused)."""
+    _refused(sim_mesh_4, lambda x, y: (x.flatten(0, 1) + y).sum(), [randn(2, 8, 4), randn(16, 4)],
+             [[S1], [S0]], [R], "claimed Replicate")
+
+
+def _cut_first(a):
+    return a.split(a.shape[0] // 2, dim=0)[0] * 1
+
+
+def test_an_unproven_region_warns_once_per_definition_and_reason(sim_mesh_4):
+    """Checked again for other dtypes and shapes (ChunkedLossWrapper chunks float states and int labels), a
+    body that stops at the same op and line warns once."""
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for x in (randn(8, 4), randn(8, 4).double(), randn(16, 2)):
+            local_map(_cut_first, [S0], [[S0]], None, sim_mesh_4)(distribute(x, sim_mesh_4, [S0]))
+    said = [str(w.message) for w in seen if "unproven" in str(w.message)]
+    assert len(said) == 1, said
+    assert "aten.split" in said[0] and "test_check_proofs.py" in said[0]
+
+
+# ---- gathers and scatter-adds with whole indices (torchtitan's combine, cross-entropy's index_put_) ----------
+
+_ROWS = torch.tensor([3, 0, 3, 1, 2, 0, 1, 3])
+
+
+def _combine(expert_out):
+    """Expert outputs (partial sums over tp) scattered back to their tokens: torchtitan's combine."""
+    rows = _ROWS[:, None].expand_as(expert_out)
+    return torch.zeros(4, expert_out.shape[1]).scatter_add(0, rows, expert_out)
+
+
+@pytest.mark.parametrize("body", [
+    _combine,
+    lambda y: torch.zeros(4, y.shape[1]).index_add(0, _ROWS, y),
+    lambda y: torch.zeros(4, y.shape[1]).index_put_((_ROWS,), y, accumulate=True),
+    lambda y: y.gather(0, _ROWS[:4, None].expand(4, y.shape[1])),
+    lambda y: y[_ROWS] * 2,
+    lambda y: F.embedding(_ROWS, y),
+], ids=["scatter_add", "index_add", "index_put_accumulate", "gather", "index", "embedding"])
+def test_partial_sums_gathered_or_scattered_by_whole_indices_stay_partial(sim_mesh_4, body):
+    _proven(sim_mesh_4, body, [randn(8, 3)], [[P]], [P])
+
+
+def test_a_partial_sum_scattered_into_a_base_that_is_not_zero_is_refused(sim_mesh_4):
+    """ones + scatter(partial): each rank adds its own ones, so the sum over ranks counts them n times."""
+    _refused(sim_mesh_4, lambda y: torch.ones(4, 3).index_add(0, _ROWS, y), [randn(8, 3)], [[P]], [P],
+             "Partial")
+
+
+def test_a_partial_sum_gathered_by_per_rank_indices_is_refused(sim_mesh_4):
+    """Indices that differ per rank (sharded) pick other rows of each rank's partial sums: no partial sum of
+    the one-device gather."""
+    _refused(sim_mesh_4, lambda y, rows: y[rows], [randn(8, 3), _ROWS], [[P], [S0]], [P], "Partial")
+
+
+@torch.library.custom_op("localmap_test::scatter_rows", mutates_args=())
+def _scatter_rows(out: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    return out.scatter_add(0, index, src)
+
+
+@_scatter_rows.register_fake
+def _(out, index, src):
+    return torch.empty_like(out)
+
+
+_scatter_rows.register_autograd(lambda ctx, g: (g, None, g.gather(0, ctx.index)),
+                                setup_context=lambda ctx, inputs, output: setattr(ctx, "index", inputs[1]))
+
+
+def _custom_combine(expert_out):
+    index = _ROWS[:, None].expand_as(expert_out)
+    return torch.ops.localmap_test.scatter_rows(torch.zeros(4, expert_out.shape[1]), index, expert_out)
+
+
+def test_a_custom_op_is_settled_by_a_registered_rule(sim_mesh_4):
+    """A custom op without a rule (torchtitan's deterministic_scatter_add) is unproven; one registered line
+    (docs/check-rules.md) proves it."""
+    import localmap
+    from localmap.check.rules import RULES
+
+    op = torch.ops.localmap_test.scatter_rows.default
+    region = local_map(_custom_combine, [P], ([P],), None, sim_mesh_4)
+    with pytest.warns(UserWarning, match="unproven.*scatter_rows"):
+        region(distribute(randn(8, 3), sim_mesh_4, [P]))
+    localmap.register_rule(op, localmap.linear_in(values=("src",), indices=("index",), base="out"))
+    try:
+        localmap.clear_caches()
+        _proven(sim_mesh_4, _custom_combine, [randn(8, 3)], [[P]], [P])
+    finally:
+        RULES.pop(op)
+        localmap.clear_caches()
+
+
+# ---- cat and resizing over sharded dims -----------------------------------------------------------------------
+
+def test_cat_of_equal_shards_along_their_dim_is_interleaved_and_summed_is_partial(sim_mesh_4):
+    """cat([a, b], 1) of Shard(1) pieces: rank r holds piece r of a and of b (a strided shard); summed over
+    the dim it is a partial sum of the one-device sum."""
+    _proven(sim_mesh_4, lambda a, b: torch.cat([a, b.exp()], 1).sum(1), [randn(3, 8), randn(3, 8)],
+            [[S1], [S1]], [P])
+
+
+def test_a_rope_table_cat_over_a_sharded_dim_claimed_shard_is_refused(sim_mesh_4):
+    """torchtitan's rope cache: cat([cos, sin], -1) of a table sharded along that dim is no Shard(-1)."""
+    _refused(sim_mesh_4, lambda f: torch.cat([f.cos(), f.sin()], -1), [randn(6, 8)], [[S1]], [S1],
+             "interleaved")
+
+
+def test_cat_along_an_unsharded_dim_keeps_the_shard(sim_mesh_4):
+    _proven(sim_mesh_4, lambda a, b: torch.cat([a, b], 1), [randn(8, 3), randn(8, 2)], [[S0], [S0]], [S0])
+
+
+def test_bilinear_resize_of_a_height_sharded_image_is_refused(sim_mesh_4):
+    body = lambda x: F.interpolate(x, scale_factor=2, mode="bilinear")  # noqa: E731
+    _refused(sim_mesh_4, body, [randn(1, 2, 8, 4)], [[Shard(2)]], [Shard(2)], "interpolates along dim 2")
+
+
+def test_nearest_resize_by_a_whole_factor_of_a_sharded_image_keeps_the_shard(sim_mesh_4):
+    _proven(sim_mesh_4, lambda x: F.interpolate(x, scale_factor=2, mode="nearest"), [randn(1, 2, 8, 4)],
+            [[Shard(2)]], [Shard(2)])
+
+
+def test_bilinear_resize_of_a_channel_sharded_image_keeps_the_shard(sim_mesh_4):
+    _proven(sim_mesh_4, lambda x: F.interpolate(x, scale_factor=2, mode="bilinear"), [randn(1, 4, 4, 4)],
+            [[S1]], [S1])
