@@ -112,15 +112,18 @@ class CapturedProgram:
 
         return report(self)
 
-    def to_dot(self) -> str:
+    def to_dot(self, level: str = "regions") -> str:
+        """Graphviz DOT of the forward program: "regions" (default; the global code between them collapsed) or
+        "ops" (every op)."""
         from localmap.program.draw import to_dot
 
-        return to_dot(self)
+        return to_dot(self, level)
 
-    def save_svg(self, path: str) -> str:
+    def save_svg(self, path: str, level: str = "regions") -> str:
+        """to_dot(level) drawn by Graphviz into `path` (SVG; PNG when the name ends in .png)."""
         from localmap.program.draw import save_svg
 
-        return save_svg(self, path)
+        return save_svg(self, path, level)
 
     def run(self, *args: Any, **kwargs: Any) -> Any:
         """Run the captured program on real global tensors on one device, each region as the mesh would."""
