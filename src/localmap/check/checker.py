@@ -223,8 +223,7 @@ def _infer_grads(flow: _TypeFlow, in_types: Sequence[Any], given_grads: Sequence
         if given is None or inferred is None or tuple(given) == inferred:
             continue
         m = next(m for m, (a, b) in enumerate(zip(given, inferred)) if a != b)
-        why = "it meets data that varies across those ranks, so each rank holds a partial sum" \
-            if isinstance(inferred[m], Partial) else "every rank computes the same gradient"
+        why = _grad_reason(inferred[m])
         path = in_paths[i] if i < len(in_paths) else f"inputs[{i}]"
         closed = path.startswith("closed-over ")
         fix = (f"call {path.split(' ', 1)[1]}.to_local(grad_placements={placements_str(inferred)}) in the body, or "
@@ -235,6 +234,15 @@ def _infer_grads(flow: _TypeFlow, in_types: Sequence[Any], given_grads: Sequence
             f"{path}", f"contradicts the body: the gradient is {inferred[m]!r} ({why})", mesh=flow.mesh,
             mesh_dim=m, expected=placements_str(inferred), given=placements_str(tuple(given)), fix=fix,
             error=PlacementError))
+
+
+def _grad_reason(placement: Any) -> str:
+    """Why an input's gradient has this placement on a mesh dim (the transpose of the input's type there)."""
+    if isinstance(placement, Partial):
+        return "it meets data that varies across those ranks, so each rank holds a partial sum"
+    if isinstance(placement, Shard):
+        return f"the input is sharded on dim {placement.dim}, so each rank holds the gradient of its own shard"
+    return "every rank computes the same gradient"
 
 
 def _refuse_mixed(flow: _TypeFlow, i: int, path: str) -> None:

@@ -23,7 +23,7 @@ from localmap.check.verdict import Verdict, unchecked_verdict
 from localmap.check.mutation import check_no_input_mutation
 from localmap.compat import pytree
 from localmap.context import in_region
-from localmap.errors import LocalMapError
+from localmap.errors import LocalMapError, region_name
 from localmap.placements.specs import leaf_path, resolve_output_specs
 
 _DECOMPOSE: dict | None = None
@@ -106,7 +106,7 @@ def check_function(fn: Callable, local_args: Sequence[Any], leaf_specs: Sequence
         verdict = unchecked_verdict(fn, reason, _guessed_grads(local_args, leaf_specs, given_grads, treespec))
     else:
         _checked += 1
-        verdict.function = getattr(fn, "__name__", type(fn).__name__)
+        verdict.function = region_name(fn)
     if key is not None:
         with _lock:
             if len(_cache) >= VERDICT_CACHE_LIMIT:
