@@ -18,7 +18,6 @@ from localmap.cli.show import CliError, console, error_line, escape, parse_mesh
 CHECK_CHOICES = ("on", "warn", "strict", "allow_unproven", "off")  # inspect --check: check= True ... False
 
 
-
 def _guarded(debug: bool, body: Callable[[], bool]) -> None:
     """Run a command body; exit 0 when it returns True, 1 when False or on an error (one line). Under torchrun,
     bad input (the same on every rank) is printed by rank 0 alone."""
@@ -37,7 +36,7 @@ def _guarded(debug: bool, body: Callable[[], bool]) -> None:
 
 
 class _OneLineUsage(click.Group):
-    """click's usage errors as one line (`localmap: error: ...; see localmap demo --help`), exit status 2."""
+    """click's usage errors as one line (`localmap: error: ... (see localmap demo --help)`), exit status 2."""
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
         kwargs["standalone_mode"] = False

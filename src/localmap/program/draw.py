@@ -61,7 +61,7 @@ def report(prog: Any) -> str:
             r.verdict if len(r.verdict) < 60 else r.verdict[:57] + "...",
         ))
     t = prog.totals()
-    rows.append(("total", f"{t['regions']} regions", "", "", short_number(t["flops_forward"]), short_number(t["flops_backward"]),
+    rows.append(("total", f"{t['regions']} region" + ("" if t["regions"] == 1 else "s"), "", "", short_number(t["flops_forward"]), short_number(t["flops_backward"]),
                  short_number(t["activation_bytes"]), short_number(t["comm_bytes"]),
                  f"{sum(r.verdict == 'ok' for r in prog.regions)}/{len(prog.regions)} ok"))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
