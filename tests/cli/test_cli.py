@@ -264,3 +264,7 @@ def test_usage_error_is_one_line():
         assert res.exit_code == 2 and len(lines) == 1 and lines[0].startswith("localmap: error: "), (args, res.stderr)
         assert lines[0].endswith("--help)")
     assert "Invalid value for '--launcher'" in CliRunner().invoke(app, ["demo", "--launcher", "mpi"]).stderr
+    res = CliRunner().invoke(app, [])  # no command: the help (not an error line), as click shows it
+    assert "Commands:" in res.output and "localmap: error" not in res.output
+    res = CliRunner().invoke(app, ["inspect", "--help"])
+    assert res.exit_code == 0 and "--check [on|warn|strict|allow_unproven|off]" in res.stdout

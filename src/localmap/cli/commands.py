@@ -35,6 +35,9 @@ def _guarded(debug: bool, body: Callable[[], bool]) -> None:
     sys.exit(0 if ok else 1)
 
 
+_NO_ARGS = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2: a group called without a command
+
+
 class _OneLineUsage(click.Group):
     """click's usage errors as one line (`localmap: error: ... (see localmap demo --help)`), exit status 2."""
 
@@ -42,6 +45,9 @@ class _OneLineUsage(click.Group):
         kwargs["standalone_mode"] = False
         try:
             code = super().main(*args, **kwargs)
+        except _NO_ARGS as exc:  # `localmap` alone: the help, as click shows it
+            exc.show()
+            sys.exit(exc.exit_code)
         except click.UsageError as exc:
             where = exc.ctx.command_path if exc.ctx is not None else "localmap"
             console(stderr=True).print(f"[bold red]localmap: error:[/] {escape(exc.format_message())} (see "
