@@ -52,7 +52,12 @@ FUZZ_EXAMPLES ?= 2000
 fuzz: $(VENV)/.installed-test
 	LOCALMAP_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -s -p no:logging --timeout=3600 tests/check/test_properties.py
 
-bench: $(VENV)/.installed-test
+# The benchmarks need the library and pytest (they read the check's catalogue from tests/), not the test extra.
+$(VENV)/.installed-bench: pyproject.toml $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[cli,bench]' $(TORCH)
+	touch $@
+
+bench: $(VENV)/.installed-bench
 	$(PY) benchmarks/bench_eager.py
 	$(PY) benchmarks/bench_compile.py
 	$(PY) benchmarks/bench_check.py

@@ -37,7 +37,10 @@ def default_mesh() -> DeviceMesh | None:
 
 
 # What a thread's context holds ("program_params": stand-ins for a captured module's DTensors, traced.closure).
-STACKS = ("meshes", "capture", "reference", "region_meshes", "partitioners", "region_operators", "program_params")
+# "check_modes": a check mode that overrides every region's own check= while a program is captured (inspect's
+# --check).
+STACKS = ("meshes", "capture", "reference", "region_meshes", "partitioners", "region_operators", "program_params",
+          "check_modes")
 
 
 def stack(name: str) -> list:
@@ -107,3 +110,16 @@ def region_mesh() -> DeviceMesh | None:
 def in_region(mesh: DeviceMesh) -> Iterator[None]:
     with pushed("region_meshes", mesh):
         yield
+
+
+@contextlib.contextmanager
+def checking(mode: Any) -> Iterator[Any]:
+    """Every region traced in the block is checked with `mode` (a check= value) instead of its own."""
+    with pushed("check_modes", mode):
+        yield mode
+
+
+def check_mode(own: Any) -> Any:
+    """The check mode a traced region uses: the innermost `checking(...)` override, else its own."""
+    return innermost("check_modes", own)
+

@@ -108,28 +108,39 @@ def _body_error_type(original: type) -> type:
     return cls
 
 
+def region_name(func: Any) -> str:
+    """A region's name in every message and report, eager or compiled: its function's ``__name__`` (where it is
+    defined is said separately), else the callable's type name."""
+    inner = getattr(func, "__wrapped__", func)
+    return getattr(inner, "__name__", None) or type(inner).__name__
+
+
 def region_label(func: Any) -> tuple[str, str]:
     """(name, file:line of its definition) of a region's function."""
     inner = getattr(func, "__wrapped__", func)
-    name = getattr(inner, "__qualname__", None) or getattr(inner, "__name__", None) or type(inner).__name__
+    name = region_name(func)
     code = getattr(inner, "__code__", None) or getattr(getattr(inner, "forward", None), "__code__", None)
     return name, (site(code.co_filename, code.co_firstlineno) if code is not None else "<unknown>")
 
 
-def body_error(func: Any, exc: BaseException, phase: str = "its body") -> LocalMapError:
+CHAINED = "the original error and its traceback are chained above (raised from it)"
+
+
+def body_error(func: Any, exc: BaseException, phase: str = "its body", fix: str = CHAINED) -> LocalMapError:
     """The error to raise for `exc` raised inside region `func`: BodyError naming the region and line (a
     LocalMapError passes through unchanged: it names its own path)."""
     if isinstance(exc, LocalMapError):
         return exc
     name, defined = region_label(func)
-    return wrapped_error(f"region {name!r} (defined at {defined})", exc, phase, traceback_site(exc.__traceback__))
+    return wrapped_error(f"region {name!r} (defined at {defined})", exc, phase, traceback_site(exc.__traceback__),
+                         fix=fix)
 
 
-def wrapped_error(path: str, exc: BaseException, phase: str, at: str | None = None) -> LocalMapError:
+def wrapped_error(path: str, exc: BaseException, phase: str, at: str | None = None,
+                  fix: str = CHAINED) -> LocalMapError:
     """A BodyError at `path` for `exc` (raised while `phase` ran), keeping the original's type where possible."""
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     err = fail(path, f"{phase} raised {type(exc).__name__}" + (f" at {at}" if at else "") + (f": {first}" if first else ""),
-               fix="the original error and its traceback are chained above (raised from it)",
-               error=_body_error_type(type(exc)))
+               fix=fix, error=_body_error_type(type(exc)))
     err.original = exc
     return err

@@ -305,7 +305,8 @@ def _run_other_shapes(mesh):
 
 TRACED: dict[str, tuple] = {
     "run with inputs of other shapes than captured": (
-        _run_other_shapes, "region <lambda>.0 (", ("running its forward graph per rank raised RuntimeError",)),
+        _run_other_shapes, "run: args[1]", ("has another shape or dtype than when the program was captured",
+                                             "expected: (3, 2) torch.float32", "given:    (5, 2) torch.float32")),
     "capture of an untraceable function": (
         lambda m: capture(_data_dependent, torch.randn(4, requires_grad=True)), "capture", ("could not trace",)),
     "capture of a non-scalar loss": (

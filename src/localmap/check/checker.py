@@ -263,8 +263,7 @@ def _infer_grads(flow: _TypeFlow, in_types: Sequence[Any], given_grads: Sequence
         if given is None or inferred is None or tuple(given) == inferred:
             continue
         m = next(m for m, (a, b) in enumerate(zip(given, inferred)) if a != b)
-        why = "it meets data that varies across those ranks, so each rank holds a partial sum" \
-            if isinstance(inferred[m], Partial) else "every rank computes the same gradient"
+        why = _grad_reason(inferred[m])
         path = in_paths[i] if i < len(in_paths) else f"inputs[{i}]"
         closed = path.startswith("closed-over ")
         fix = (f"call {path.split(' ', 1)[1]}.to_local(grad_placements={placements_str(inferred)}) in the body, or "
@@ -354,6 +353,15 @@ def _output_grads(flow: _TypeFlow, scaled: list[set[int]]) -> None:
 
 def _dim_label(mesh: Any, m: int) -> str:
     return repr(mesh.mesh_dim_names[m]) if mesh.mesh_dim_names else str(m)
+
+
+def _grad_reason(placement: Any) -> str:
+    """Why an input's gradient has this placement on a mesh dim (the transpose of the input's type there)."""
+    if isinstance(placement, Partial):
+        return "it meets data that varies across those ranks, so each rank holds a partial sum"
+    if isinstance(placement, Shard):
+        return f"the input is sharded on dim {placement.dim}, so each rank holds the gradient of its own shard"
+    return "every rank computes the same gradient"
 
 
 _GRADIENT_CUTS = (torch.ops.aten.detach.default,)  # ops whose output no gradient flows back through

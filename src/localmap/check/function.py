@@ -25,7 +25,7 @@ from localmap.check.verdict import Verdict, unchecked_verdict
 from localmap.check.mutation import check_no_input_mutation
 from localmap.compat import pytree
 from localmap.context import in_region
-from localmap.errors import LocalMapError, fail
+from localmap.errors import LocalMapError, fail, region_name
 from localmap.placements.specs import leaf_path, resolve_output_specs
 
 _decompositions_built: dict[str, dict] = register_cache("decompositions", {}, limit=1, eviction="keep first")
@@ -111,7 +111,7 @@ def _check_fresh(fn: Callable, local_args: Sequence[Any], leaf_specs: Sequence[A
                                     kwargs, uneven)
         return _unchecked(fn, e, local_args, leaf_specs, given_grads, treespec)
     _checked += 1
-    verdict.function = getattr(fn, "__name__", type(fn).__name__)
+    verdict.function = region_name(fn)
     verdict.definition = definition_of(fn)
     return verdict
 
@@ -124,7 +124,7 @@ def _check_on_values(fn: Callable, local_args: Sequence[Any], leaf_specs: Sequen
     take branches with different verdicts are refused."""
     global _checked
     inputs = [i for i, a in enumerate(local_args) if isinstance(a, torch.Tensor)]
-    name = getattr(fn, "__name__", type(fn).__name__)
+    name = region_name(fn)
     verdicts: dict[Any, Verdict] = {}
     try:
         for rank in _ranks(local_args, closed_over_dtensors(fn)):

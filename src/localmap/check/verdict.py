@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from localmap.caches import register_cache
-from localmap.errors import LocalMapError, fail
+from localmap.errors import LocalMapError, fail, region_name
 from localmap.sites import user_stacklevel
 
 CHECK_MODES = (True, False, "warn", "strict", "allow_unproven")
@@ -87,7 +87,7 @@ class Verdict:
 
 def unchecked_verdict(fn: Any, reason: str, guessed: list[str]) -> Verdict:
     return Verdict(grad_placements=None, unchecked=reason, guessed=guessed,
-                   function=getattr(fn, "__name__", str(fn)))
+                   function=region_name(fn))
 
 
 def refuse_divided_gradients(verdict: Verdict, path: str) -> None:
@@ -186,3 +186,22 @@ def _warn_once(verdict: Verdict, messages: list[str]) -> None:
                 _warned.clear()
             _warned.add(key)
         warnings.warn(message, stacklevel=user_stacklevel())
+
+
+def describe(verdict: Verdict | None) -> str:
+    """A verdict in full, for reports (localmap inspect): every problem with its expected/given/fix lines, every
+    unproven claim with how to settle it, or why the body is unchecked."""
+    if verdict is None:
+        return "unchecked: the check is off (check=False)"
+    status = verdict.status
+    if status == "wrong":
+        return "\n".join(str(p) for p in verdict.problems)
+    if status == "unchecked":
+        guessed = f" (the gradient placements of {', '.join(verdict.guessed)} are a guess)" if verdict.guessed else ""
+        return (f"unchecked: {verdict.unchecked}{guessed}\n  fix:      make the body traceable (no Python control "
+                "flow on tensor values), or give in_grad_placements= to state its gradient placements")
+    if status == "unproven":
+        settle = _SETTLE.removeprefix("To settle it: ")
+        return "\n".join(f"unproven: {line}" for line in verdict.unproven) + f"\n  fix:      {settle}"
+    return "ok"
+

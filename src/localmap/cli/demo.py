@@ -27,7 +27,7 @@ from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from localmap.cli.show import (CliError, MeshSpec, console, region_table, verdict_counts, verdict_is_problem,
+from localmap.cli.show import (CliError, MeshSpec, console, plural, region_table, verdict_counts, verdict_is_problem,
                         verdict_style, write_outputs)
 
 ATOL, RTOL = 1e-5, 1e-4
@@ -108,7 +108,8 @@ def validate(cfg: Config) -> None:
     if under_torchrun():
         started = int(os.environ["WORLD_SIZE"])
         if started != world:
-            raise CliError(f"torchrun started {started} processes but --mesh {cfg.mesh} needs {world}")
+            raise CliError(f"torchrun started {started} processes but --mesh {cfg.mesh} needs {world}; run with "
+                           f"--mesh {suggest_mesh(started, cfg)} (DPxTP = {started})")
         return
     if cfg.launcher == "sim" and world > MAX_SIM_RANKS:
         raise CliError(f"--launcher sim simulates at most {MAX_SIM_RANKS} ranks in one process; --mesh "
@@ -118,6 +119,15 @@ def validate(cfg: Config) -> None:
         if world > limit:
             raise CliError(f"--launcher gloo cannot start {world} processes here (at most {limit}: 4 per CPU "
                            "core); use a smaller --mesh or --launcher sim")
+
+
+def suggest_mesh(world: int, cfg: Config) -> str:
+    """A DPxTP mesh of `world` ranks the model fits: the same tp when it divides the world, else the largest
+    tp that divides the world, the heads and the experts."""
+    fits = [tp for tp in range(1, world + 1) if world % tp == 0 and cfg.heads % tp == 0 and cfg.experts % tp == 0
+            and cfg.experts >= 2]
+    tp = cfg.tp if cfg.tp in fits else max(fits, default=1)
+    return f"{world // tp}x{tp}"
 
 
 # ---- training on a mesh (any launcher) -------------------------------------------------------------------------
@@ -357,7 +367,7 @@ def _steps_table(cfg: Config, steps: list[Step], where: str) -> Table:
     table.add_column("loss (one device)", justify="right")
     table.add_column("|loss diff|", justify="right")
     table.add_column("max |grad diff|", justify="right")
-    table.add_column("worst parameter")
+    table.add_column("worst parameter", overflow="fold")
     table.add_column("match")
     for s in steps:
         table.add_row(str(s.step), f"{s.loss:.6f}", f"{s.ref_loss:.6f}", f"{s.loss_diff:.1e}", f"{s.grad_diff:.1e}",
@@ -365,9 +375,10 @@ def _steps_table(cfg: Config, steps: list[Step], where: str) -> Table:
     return table
 
 
-def run_demo(cfg: Config, out: Console | None = None, svg: str | None = None, json_path: str | None = None) -> bool:
+def run_demo(cfg: Config, out: Console | None = None, svg: str | None = None, json_path: str | None = None,
+             svg_level: str = "regions") -> bool:
     """Run the demo and print it; True when every step matches one device and no region check failed."""
-    out = out or console()
+    out = out or console(stderr=json_path == "-")
     validate(cfg)
     torchrun = under_torchrun()
     launcher, where, quiet = _launcher(cfg, torchrun)
@@ -376,10 +387,10 @@ def run_demo(cfg: Config, out: Console | None = None, svg: str | None = None, js
     start = time.monotonic()
     out.print(f"[bold]localmap demo[/]: a {cfg.layers}-layer Llama-style model (dim {cfg.dim}, {cfg.heads} heads, "
               f"{cfg.experts} experts, vocab {cfg.vocab}; batch {cfg.batch} x seq {cfg.seq}) written with "
-              f"localmap regions, trained {where}", soft_wrap=True)
+              f"localmap regions, trained {where}")
     out.print("  regions: attention core (batch over dp, heads over tp); mixture of experts (experts over tp, tokens "
               "dispatched to their experts' ranks with all_to_all_single, split sizes from the routing); loss "
-              "(a partial sum over dp)", soft_wrap=True, highlight=False)
+              "(a partial sum over dp)", highlight=False)
     background = _Background(capture_model, cfg) if launcher is _train_gloo else None  # this process idles
     result = _train_live(cfg, out, launcher, where)
     verdicts = Table(title="placement check of each region (on the mesh, eager)", title_justify="left")
@@ -393,7 +404,7 @@ def run_demo(cfg: Config, out: Console | None = None, svg: str | None = None, js
         with out.status("capturing the training step (forward and backward) on a fake mesh"):
             prog = background.result() if background is not None else capture_model(cfg)
         out.print(region_table(prog, f"captured program on a fake {cfg.mesh} mesh: one row per region call"))
-        write_outputs(prog, svg, json_path, out)
+        write_outputs(prog, svg, json_path, out, svg_level)
     return _summary(cfg, out, result, prog, where, time.monotonic() - start)
 
 
@@ -443,7 +454,7 @@ def _summary(cfg: Config, out: Console, result: Any, prog: Any, where: str, seco
     what = "match one device" if matched else "do NOT match one device"
     out.print(f"{head}: {len(result.steps)} steps {where} {what} (loss {result.steps[0].loss:.4f} -> "
               f"{last.loss:.4f}; max |loss diff| {max_loss:.1e}, max |grad diff| {max_grad:.1e}); "
-              f"{n_regions} regions, {counts}"
+              f"{plural(n_regions, 'region')}, {counts}"
               + (f", check problems in {', '.join(problems)}" if problems else "")
-              + f"; {seconds:.1f}s", soft_wrap=True)
+              + f"; {seconds:.1f}s")
     return ok

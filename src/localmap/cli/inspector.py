@@ -28,12 +28,15 @@ from typing import Any
 from rich.console import Console
 
 import localmap
-from localmap import PlacementError, VerificationError
+from localmap import VerificationError
 from localmap.compat import pytree
 from localmap.testing import fake_mesh
 
-from localmap.cli.show import (CliError, MeshSpec, console, parse_mesh, region_table, verdict_counts,
-                        verdict_is_problem, verdict_style, write_outputs)
+from localmap.context import checking
+from localmap.sites import traceback_site
+
+from localmap.cli.show import (CliError, MeshSpec, console, error_line, escape, first_line, parse_mesh, plural, print_block, region_table,
+                               short_verdict, verdict_counts, verdict_is_problem, verdict_style, write_outputs)
 
 ENTRY = "program"
 DEFAULT_MESH = "2x2"
@@ -115,72 +118,125 @@ def _has_meta(fn: Any, args: tuple) -> bool:
     return any(t.is_meta for t in tensors)
 
 
+_CHECK_VALUES = {"on": True, "warn": "warn", "strict": "strict", "allow_unproven": "allow_unproven", "off": False}
+
+
+def _call_program(program: Any, device_mesh: Any, label: str, path: str) -> Any:
+    """program(mesh); an error inside it is the user's, named by the line that raised."""
+    try:
+        return program(device_mesh)
+    except (CliError, localmap.LocalMapError):
+        raise
+    except Exception as exc:
+        at = traceback_site(exc.__traceback__) or path
+        raise CliError(f"{label} raised {type(exc).__name__} at {at}: {first_line(exc)} (fix it there; --debug "
+                       "shows the traceback)") from exc
+
+
 def run_inspect(target: str, mesh: str | None = None, *, verify: bool = False, svg: str | None = None,
-                json_path: str | None = None, out: Console | None = None) -> bool:
-    """Capture FILE.py[:NAME]'s program and print its regions; True when no check (or --verify) fails."""
-    out = out or console()
+                json_path: str | None = None, out: Console | None = None, check: str | None = None,
+                svg_level: str = "regions") -> bool:
+    """Capture FILE.py[:NAME]'s program and print its regions, every verdict in full and a summary; True when
+    no region is wrong (under --check strict: also none unproven or unchecked) and --verify found no difference."""
+    out = out or console(stderr=json_path == "-")
     path, name = split_target(target)
     module = load(path)
     program = entry_point(module, path, name)
     spec = _mesh_spec(module, path, mesh)
     label = f"{os.path.basename(path)}:{name}(mesh)"
-    out.print(f"[bold]localmap inspect[/] {path}:{name} on a fake {spec} mesh")
+    out.print(f"[bold]localmap inspect[/] {escape(path)}:{name} on a fake {spec} mesh"
+              + (f", --check {check}" if check else ""))
     with fake_mesh(spec.shape, spec.names) as device_mesh, localmap.use_mesh(device_mesh):
-        fn, args, reference = _unpack(program(device_mesh), label)
+        fn, args, reference = _unpack(_call_program(program, device_mesh, label, path), label)
         if verify and _has_meta(fn, args):
             raise CliError(f"--verify runs the program, but {label} gave meta tensors; return real (small) "
                            "tensors from it")
-        prog = _capture(fn, args, spec, out)
-        if prog is None:
-            return False
+        prog = _capture(fn, args, spec, out, check)
+        if not prog.regions:
+            return _no_regions(out, label)
         out.print(region_table(prog, f"{label} captured: one row per region call"))
-        problems = [r for r in prog.regions if verdict_is_problem(r.verdict)]
-        for r in prog.regions:
-            if r.verdict != "ok":
-                out.print(f"  {r.name} ({r.source}): [{verdict_style(r.verdict)}]{_escape(r.verdict)}[/]", soft_wrap=True)
-        write_outputs(prog, svg, json_path, out)
-        verified = _verify(fn, args, reference, out) if verify else True
-    ok = not problems and verified
-    head = "[bold green]ok[/]" if ok else "[bold red]FAILED[/]"
-    detail = f"{len(prog.regions)} regions, {verdict_counts([r.verdict for r in prog.regions])}"
-    if problems:
-        detail += f", placement problems in {', '.join(r.name for r in problems)}"
-    if verify:
-        detail += ", verify " + ("matched one device" if verified else "found a difference")
-    out.print(f"{head}: {label}: {detail}", soft_wrap=True)
+        failing = _show_verdicts(prog, out, check)
+        write_outputs(prog, svg, json_path, out, svg_level)
+        verified = _verify(fn, args, reference, out) if verify else None
+    return _summary(out, label, prog, failing, verified, check)
+
+
+def _capture(fn: Any, args: tuple, spec: MeshSpec, out: Console, check: str | None) -> Any:
+    """The captured program, every region's verdict gathered: its regions traced with check="warn" (so the first
+    wrong one does not stop the capture), or with no check under --check off."""
+    mode = False if check == "off" else "warn"
+    with out.status("capturing forward and backward"), warnings.catch_warnings(), checking(mode):
+        warnings.simplefilter("ignore")  # every verdict is printed in full below the table
+        try:
+            return localmap.capture(fn, *args)
+        except localmap.LocalMapError as exc:
+            raise CliError(f"with the mesh {spec}: {error_line(exc)}") from exc
+
+
+def _effective(region: Any, check: str | None) -> Any:
+    """The check mode a region is judged by: --check when given, else the region's own check=."""
+    return _CHECK_VALUES[check] if check else region.check
+
+
+def _fails(region: Any, check: str | None) -> bool:
+    """Whether a region's verdict fails inspect: a proven problem always (unless the check is off); under
+    strict, also an unproven or unchecked claim."""
+    mode = _effective(region, check)
+    if mode is False:
+        return False
+    return verdict_is_problem(region.verdict) or (mode == "strict" and region.verdict != "ok")
+
+
+def _show_verdicts(prog: Any, out: Console, check: str | None) -> list:
+    """Every region that is not ok, its verdict in full (each problem or unproven claim with its fix line)."""
+    for r in prog.regions:
+        if r.verdict == "ok" or _effective(r, check) is False:
+            continue
+        mode = _effective(r, check)
+        head = {True: "on", False: "off"}.get(mode, mode)
+        out.print(f"[{verdict_style(r.verdict)}]{escape(short_verdict(r.verdict))}[/] {escape(r.name)} at "
+                  f"{escape(r.source)} (check={head}):")
+        print_block(out, r.verdict_detail or r.verdict)
+    return [r for r in prog.regions if _fails(r, check)]
+
+
+def _no_regions(out: Console, label: str) -> bool:
+    out.print(f"[bold yellow]warning[/]: {escape(label)}: the program has no regions (no localmap.local_map "
+              "region ran while it was captured); nothing to check. Hint: build the regions with "
+              "localmap.local_map(...) inside program(mesh) and call them from the fn it returns")
+    return True
+
+
+def _summary(out: Console, label: str, prog: Any, failing: list, verified: bool | None, check: str | None) -> bool:
+    verdicts = [r.verdict for r in prog.regions]
+    unsettled = [r for r in prog.regions if r.verdict.startswith("unproven")
+                 and _effective(r, check) not in ("allow_unproven", False)]
+    ok = not failing and verified is not False
+    detail = f"{plural(len(prog.regions), 'region')}, {verdict_counts(verdicts)}"
+    if failing:
+        detail += f", failing: {', '.join(r.name for r in failing)}"
+    if verified is not None:
+        detail += ", verify " + ("matched one device" if verified else "failed")
+    if not ok:
+        head = "[bold red]FAILED[/]"
+    elif unsettled and not verified:
+        head = "[bold yellow]unproven[/]"
+        detail += " (run with --verify to settle them against one device)"
+    else:
+        head = "[bold green]ok[/]"
+    out.print(f"{head}: {escape(label)}: {detail}")
     return ok
 
 
-def _capture(fn: Any, args: tuple, spec: MeshSpec, out: Console) -> Any:
-    """The captured program; None (after printing why) when a region with check=True refuses its claims."""
-    with out.status("capturing forward and backward"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # check="warn" regions: their verdicts are in the table
-        try:
-            return localmap.capture(fn, *args)
-        except PlacementError as exc:
-            out.print("[bold red]placement check failed while capturing[/] (a region with check=True):")
-            out.print(str(exc), markup=False)
-            out.print("[bold red]FAILED[/]: fix the region, or set check='warn' on it to see the whole program")
-            return None
-        except localmap.LocalMapError as exc:
-            raise CliError(f"with the mesh {spec}: {exc}".splitlines()[0]
-                           + (f" (fix: {exc.fix})" if exc.fix else "")) from exc
-
-
 def _verify(fn: Any, args: tuple, reference: Any, out: Console) -> bool:
-    """localmap.verify, printed; False when it finds a difference."""
+    """localmap.verify, printed; False when it finds a difference or its one-device reference fails."""
     with out.status("verifying: the captured program run rank by rank vs one device"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            out.print(f"[green]verify:[/] {localmap.verify(fn, *args, reference=reference)}")
-            return True
-        except VerificationError as exc:
+            report = localmap.verify(fn, *args, reference=reference)
+        except (VerificationError, localmap.BodyError) as exc:  # a difference, or a body failing on whole tensors
             out.print("[bold red]verify failed:[/]")
-            out.print(str(exc), markup=False, soft_wrap=True)
+            print_block(out, str(exc))
             return False
-
-
-def _escape(text: str) -> str:
-    from rich.markup import escape
-
-    return escape(text)
+    out.print(f"[green]verify:[/] {escape(str(report).removeprefix('verified: '))}")
+    return True

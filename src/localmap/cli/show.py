@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 import sys
 from dataclasses import dataclass
@@ -18,10 +19,14 @@ class CliError(Exception):
     """Bad input to a command: shown as one line, exit status 1 (no traceback unless --debug)."""
 
 
+PIPE_WIDTH = 160  # output to a file or a pipe, when COLUMNS does not say otherwise
+
+
 def console(stderr: bool = False) -> Console:
-    """A rich console; wide enough for the region table when output goes to a file or a pipe."""
+    """A rich console as wide as COLUMNS says, else the terminal, else PIPE_WIDTH (a file or a pipe)."""
     out = sys.stderr if stderr else sys.stdout
-    return Console(stderr=stderr, width=None if out.isatty() else 160, highlight=False)
+    told = os.environ.get("COLUMNS", "").isdigit() or out.isatty()
+    return Console(stderr=stderr, width=None if told else PIPE_WIDTH, highlight=False)
 
 
 @dataclass(frozen=True)
@@ -61,13 +66,22 @@ def parse_mesh(text: str, names: tuple[str, ...] | None = None) -> MeshSpec:
     return spec
 
 
+def first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
 def error_line(exc: BaseException) -> str:
-    """One line for an exception: its first line, with a LocalMapError's fix when it has one."""
-    lines = str(exc).strip().splitlines() or [type(exc).__name__]
-    line = lines[0]
-    if not isinstance(exc, CliError) and type(exc).__name__ not in ("LocalMapError", "PlacementError"):
+    """One line for an exception: its first line (with its type unless it is localmap's own), and a
+    LocalMapError's fix when it has one (a wrapped body error: where to look)."""
+    from localmap.errors import CHAINED, LocalMapError
+
+    line = first_line(exc)
+    if not isinstance(exc, (CliError, LocalMapError)):
         line = f"{type(exc).__name__}: {line}"
     fix = getattr(exc, "fix", None)
+    if fix == CHAINED:
+        fix = "fix the line named; --debug shows the traceback"
     if fix:
         line += f" (fix: {fix})"
     return line
@@ -101,34 +115,66 @@ def verdict_counts(verdicts: list[str]) -> str:
     return f"{words.count('ok')} checked ok{extra}"
 
 
+def compact_placements(placements: Any) -> str:
+    """A placement spec for a narrow table cell: S0,R for (Shard(0), Replicate()); P for Partial(sum)."""
+    if placements is None:
+        return "-"
+    short = []
+    for p in placements:
+        text = repr(p)
+        dim = re.fullmatch(r"(?:_Strided)?Shard\(dim=(-?\d+).*\)", text)
+        short.append("R" if text == "Replicate()" else "P" if text == "Partial(sum)" else
+                     f"P({text[8:-1]})" if text.startswith("Partial(") else f"S{dim.group(1)}" if dim else text)
+    return ",".join(short)
+
+
 def region_table(prog: Any, title: str = "captured program: one row per region call") -> Table:
-    """The captured program's regions (placements, local shapes, per-rank costs, check verdict) and totals."""
-    from localmap.program.draw import closed_over_note, local_inputs, short_number, short_placements
+    """The captured program's regions (placements, local shapes, per-rank costs, check verdict) and totals.
+    Narrow enough for 100 columns: the source under the region's name, compact placements, cells that wrap."""
+    from localmap.program.draw import closed_over_note, local_inputs, short_number
 
     table = Table(title=title, title_justify="left", show_footer=True)
     totals = prog.totals()
     checked = sum(r.verdict == "ok" for r in prog.regions)
-    table.add_column("region", footer="total", no_wrap=True)
-    table.add_column("source", footer=f"{totals['regions']} regions", no_wrap=True)
-    table.add_column("in -> out placements")
-    table.add_column("local in shapes")
-    table.add_column("fwd flops", justify="right", footer=short_number(totals["flops_forward"]))
-    table.add_column("bwd flops", justify="right", footer=short_number(totals["flops_backward"]))
-    table.add_column("saved B", justify="right", footer=short_number(totals["activation_bytes"]))
-    table.add_column("comm B", justify="right", footer=short_number(totals["comm_bytes"]))
-    table.add_column("check", footer=f"{checked}/{len(prog.regions)} ok")
+    flops = f"{short_number(totals['flops_forward'])}/{short_number(totals['flops_backward'])}"
+    table.add_column("region / source", footer=f"total: {plural(totals['regions'], 'region')}", no_wrap=True)
+    table.add_column("in -> out placements", overflow="fold")
+    table.add_column("local in shapes", overflow="fold")
+    table.add_column("flops fwd/bwd", justify="right", footer=flops, no_wrap=True)
+    table.add_column("saved B", justify="right", footer=short_number(totals["activation_bytes"]), no_wrap=True)
+    table.add_column("comm B", justify="right", footer=short_number(totals["comm_bytes"]), no_wrap=True)
+    table.add_column("check", footer=f"{checked}/{len(prog.regions)} ok", no_wrap=True)
     for r in prog.regions:
         table.add_row(
-            r.name, _short_source(r.source),
-            " ".join(short_placements(p) for p in r.in_placements) + " -> " + " ".join(short_placements(p) for p in r.out_placements),
-            local_inputs(r),
-            short_number(r.flops["forward"]), short_number(r.flops["backward"]), short_number(r.activation_bytes), short_number(r.comm_bytes),
-            f"[{verdict_style(r.verdict)}]{_escape(short_verdict(r.verdict))}[/]",
+            f"{escape(r.name)}\n[dim]{escape(_short_source(r.source))}[/]",
+            escape(" ".join(compact_placements(p) for p in r.in_placements) + " -> "
+                    + " ".join(compact_placements(p) for p in r.out_placements)),
+            escape(local_inputs(r)),
+            f"{short_number(r.flops['forward'])}/{short_number(r.flops['backward'])}",
+            short_number(r.activation_bytes), short_number(r.comm_bytes),
+            f"[{verdict_style(r.verdict)}]{escape(short_verdict(r.verdict))}[/]",
         )
     note = closed_over_note(prog)
     if note:
-        table.caption, table.caption_justify = _escape(note), "left"
+        table.caption, table.caption_justify = escape(note), "left"
     return table
+
+
+def print_block(out: Console, text: str, indent: int = 2) -> None:
+    """A multi-line message (a verdict or an error in full) indented, each line wrapped at the console's width
+    with its continuation indented further (no trailing spaces, nothing cut)."""
+    import textwrap
+
+    for line in text.splitlines():
+        lead = indent + len(line) - len(line.lstrip())
+        out.print(textwrap.fill(line.strip(), max(out.width, 40), initial_indent=" " * lead,
+                                subsequent_indent=" " * (lead + 2), break_on_hyphens=False, break_long_words=True),
+                  markup=False, highlight=False, soft_wrap=True)
+
+
+def plural(count: int, noun: str) -> str:
+    """'1 region', '2 regions'."""
+    return f"{count} {noun}" + ("" if count == 1 else "s")
 
 
 def _short_source(source: str) -> str:
@@ -138,18 +184,25 @@ def _short_source(source: str) -> str:
     return os.path.basename(source)
 
 
-def _escape(text: str) -> str:
-    from rich.markup import escape
+def escape(text: str) -> str:
+    """`text` shown as it is inside rich markup (square brackets are not styles)."""
+    from rich.markup import escape as rich_escape
 
-    return escape(text)
+    return rich_escape(text)
 
 
-def write_outputs(prog: Any, svg: str | None, json_path: str | None, out: Console) -> None:
-    """--svg / --json: the captured program's picture and report."""
-    if json_path:
+def write_outputs(prog: Any, svg: str | None, json_path: str | None, out: Console,
+                  svg_level: str = "regions") -> None:
+    """--svg / --json: the captured program's picture and report (`--json -`: the report on stdout, the rest of
+    the output on stderr)."""
+    if json_path == "-":
+        sys.stdout.write(prog.to_json() + "\n")
+        sys.stdout.flush()
+    elif json_path:
         with open(json_path, "w") as f:
             f.write(prog.to_json())
-        out.print(f"wrote {json_path} (report as JSON)")
+        out.print(f"wrote {escape(json_path)} (report as JSON)")
     if svg:
-        prog.save_svg(svg)
-        out.print(f"wrote {svg} (picture of the forward program)")
+        prog.save_svg(svg, svg_level)
+        what = "regions and the data flow between them" if svg_level == "regions" else "every op"
+        out.print(f"wrote {escape(svg)} (picture of the forward program: {what})")

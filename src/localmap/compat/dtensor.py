@@ -145,7 +145,9 @@ def _schema_info(prop: Any, op: Any) -> Any:
 
 
 def quiet_fake_tensor_errors() -> Any:
-    """Silence the fake-tensor logger while DTensor's propagation is probed (a probe may fail, by design)."""
+    """Silence the fake-tensor logger while localmap traces: a probe of DTensor's propagation may fail by
+    design, and a body's own error reaches the user as a BodyError (named by region and line), not as a logged
+    traceback."""
     import contextlib
     import logging
 

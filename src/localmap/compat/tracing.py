@@ -143,6 +143,11 @@ def isolated_tracing() -> Any:
 
     stack = contextlib.ExitStack()
     stack.enter_context(_TRACE_LOCK)  # one trace at a time per process (see trace_lock)
+    # PyTorch's fake-tensor logger prints an op's failure with a traceback before the error reaches the caller;
+    # while localmap traces, the error itself is what the user gets (named by region and line).
+    from localmap.compat.dtensor import quiet_fake_tensor_errors
+
+    stack.enter_context(quiet_fake_tensor_errors())
     stack.enter_context(temporarily_clear_interpreter_stack())  # torch.func transforms (functionalize, ...)
     stack.enter_context(suspend_functionalization())
     stack.enter_context(disable_functional_mode())

@@ -58,6 +58,8 @@ class Region:
     backward_node: str | None = None
     verdict: str = "unchecked"  # the placement check's verdict: "ok", the first problem, or "unchecked"
     closed_over: list = field(default_factory=list)  # DTensor parameters the body reads: its last inputs
+    verdict_detail: str = ""  # the verdict in full: every problem or unproven claim with its fix line
+    check: Any = True  # the region's own check= (what it was traced with may be context.checking's override)
 
     def to_dict(self) -> dict:
         def pl(specs: Any) -> Any:
@@ -72,7 +74,8 @@ class Region:
             "global_out_shapes": self.global_out_shapes, "local_out_shapes": self.local_out_shapes,
             "flops": self.flops, "activation_bytes": self.activation_bytes, "comm_bytes": self.comm_bytes,
             "comm_detail": self.comm_detail, "forward_node": self.forward_node, "backward_node": self.backward_node,
-            "verdict": self.verdict, "closed_over": self.closed_over,
+            "verdict": self.verdict, "verdict_detail": self.verdict_detail, "check": self.check,
+            "closed_over": self.closed_over,
         }
 
 
@@ -112,15 +115,18 @@ class CapturedProgram:
 
         return report(self)
 
-    def to_dot(self) -> str:
+    def to_dot(self, level: str = "regions") -> str:
+        """Graphviz DOT of the forward program: "regions" (default; the global code between them collapsed) or
+        "ops" (every op)."""
         from localmap.program.draw import to_dot
 
-        return to_dot(self)
+        return to_dot(self, level)
 
-    def save_svg(self, path: str) -> str:
+    def save_svg(self, path: str, level: str = "regions") -> str:
+        """to_dot(level) drawn by Graphviz into `path` (SVG; PNG when the name ends in .png)."""
         from localmap.program.draw import save_svg
 
-        return save_svg(self, path)
+        return save_svg(self, path, level)
 
     def run(self, *args: Any, **kwargs: Any) -> Any:
         """Run the captured program on real global tensors on one device, each region as the mesh would."""
@@ -202,8 +208,8 @@ def _trace_error(fn: Any, e: Exception) -> LocalMapError:
 
 def _trace(call: Callable, primals: list, backward: bool, fake_mode: Any) -> tuple:
     # On a simulated mesh the program is still traced once, globally: the simulation is set aside.
-    with _compat.trace_lock(), _compat.outside_simulation(), _compat.own_node_meta(), defer_inlining(), \
-            recording("capture") as records:
+    with _compat.trace_lock(), _compat.quiet_fake_tensor_errors(), _compat.outside_simulation(), \
+            _compat.own_node_meta(), defer_inlining(), recording("capture") as records:
         if backward:
             with fake_mode:
                 seed = torch.ones((), dtype=torch.float32)  # d(loss)/d(loss): the backward's one input
@@ -310,6 +316,7 @@ def _regions(forward: fx.GraphModule, backward: fx.GraphModule | None, records: 
             activation_bytes=_cost.activation_bytes(fw_gm, n_out) if graphs is not None else 0,
             comm_bytes=0.0, forward_node=node.name, backward_node=bw_node.name if bw_node is not None else None,
             verdict=info.get("verdict", "unchecked"), closed_over=list(info.get("closed_over", [])),
+            verdict_detail=info.get("verdict_detail", info.get("verdict", "unchecked")), check=info.get("check", True),
         )
         inputs = _input_comm(node, region, producers)
         inside = _cost.collective_bytes(fw_gm) + _cost.collective_bytes(bw_gm)

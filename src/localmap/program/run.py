@@ -164,8 +164,24 @@ def _real_inputs(prog: Any, args: tuple, kwargs: dict) -> list:
     return [*state, *(t.detach() if isinstance(t, torch.Tensor) else t for t in leaves)]
 
 
+def _check_inputs(prog: Any, inputs: list) -> None:
+    """Refuse, by name, inputs whose shape or dtype differ from those the program was captured with (its
+    graphs, and every region's local graphs, are traced at those shapes)."""
+    traced = [p.meta.get("val") for p in prog.forward.graph.find_nodes(op="placeholder")]
+    fix = "capture the program again with inputs of these shapes (localmap.capture(fn, *args)), or run it on " \
+          "inputs shaped like the captured ones"
+    for name, value, fake in zip(prog.input_names, inputs, traced):
+        if not isinstance(value, torch.Tensor) or not isinstance(fake, torch.Tensor):
+            continue
+        if tuple(value.shape) != tuple(fake.shape) or value.dtype != fake.dtype:
+            raise fail(f"run: {name}", "has another shape or dtype than when the program was captured",
+                       expected=f"{tuple(fake.shape)} {fake.dtype}", given=f"{tuple(value.shape)} {value.dtype}",
+                       fix=fix)
+
+
 def run_program(prog: Any, args: tuple, kwargs: dict) -> RunResult:
     inputs = _real_inputs(prog, args, kwargs)
+    _check_inputs(prog, inputs)
     regions = {r.forward_node: r for r in prog.regions}
     regions.update({r.backward_node: r for r in prog.regions if r.backward_node})
     result = RunResult(loss=None, grads={})

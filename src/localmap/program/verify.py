@@ -48,8 +48,9 @@ class VerifyReport:
     def __str__(self) -> str:
         worst = max(self.grad_diffs.values(), default=0.0)
         worst_rel = max(self.grad_rel_diffs.values(), default=0.0)
-        return (f"verified: loss differs by {self.loss_diff:.2e}, {len(self.grad_diffs)} gradients by at most "
-                f"{worst:.2e} ({worst_rel:.1e} of their scale), {self.regions_checked} regions")
+        grads, regions = len(self.grad_diffs), self.regions_checked
+        return (f"verified: loss differs by {self.loss_diff:.2e}, {grads} gradient{'' if grads == 1 else 's'} by at "
+                f"most {worst:.2e} ({worst_rel:.1e} of their scale), {regions} region{'' if regions == 1 else 's'}")
 
 
 def _reference(fn: Any, args: tuple, kwargs: dict) -> tuple[Any, dict, list]:

@@ -14,12 +14,12 @@ from typing import Any
 import torch
 
 from localmap import compat as _compat
-from localmap.check.verdict import enforce, refuse_divided_gradients
+from localmap.check.verdict import describe, enforce, refuse_divided_gradients
 from localmap.check.function import check_function
-from localmap.context import default_mesh, enclosing_region_mesh, in_region, recorder
+from localmap.context import check_mode, default_mesh, enclosing_region_mesh, in_region, recorder
 from localmap.sites import caller_site
 from localmap.compat import pytree, to_local_substituted
-from localmap.errors import LocalMapError, body_error, fail
+from localmap.errors import LocalMapError, body_error, fail, region_name
 from localmap.placements.algebra import grad_default
 from localmap.traced.closure import (
     Lifted, as_full_dtensor, closed_over, rebound, region_placements, unregistered_dtensors,
@@ -97,15 +97,15 @@ def trace_region(region: Any, args: tuple, kwargs: dict) -> TracedRegion:
     hop_specs = [specs[i] for i in inputs] + lifted_specs
     local = _local_fakes(hop_args, hop_specs, mesh)
     body, out = _trace_region_body(region, args, kwargs, inputs, local, mesh, lifted)
-    verdict = None
-    if region.check is not False:
+    verdict, mode = None, check_mode(region.check)
+    if mode is not False:
         check_leaves = list(flat) + local[len(inputs):]
         for i, v in zip(inputs, local, strict=False):
             check_leaves[i] = v
         verdict = check_function(region.func, check_leaves, specs + lifted_specs, region.out_placements,
                                  None if grads is None else grads + [None] * len(lifted_specs), mesh, treespec,
                                  kwargs, lifted=lifted if lifted.closed else None)
-        enforce(verdict, region.check)
+        enforce(verdict, mode)
         refuse_divided_gradients(verdict, "a traced region (capture, verify, a planner's capture)")
     flat_out, out_tree = pytree.tree_flatten(out)
     out_specs = resolve_output_specs(region.out_placements, out, len(flat_out))
@@ -117,8 +117,9 @@ def trace_region(region: Any, args: tuple, kwargs: dict) -> TracedRegion:
         "in_grad_placements": _in_grads(grads, verdict, inputs, len(flat), lifted_specs),
         "device_mesh": mesh,
     })
-    body.meta[SOURCE] = {"name": getattr(region.func, "__name__", "region"), "source": caller_site(),
+    body.meta[SOURCE] = {"name": region_name(region.func), "source": caller_site(),
                          "verdict": "unchecked" if verdict is None else verdict.summary(),
+                         "verdict_detail": describe(verdict), "check": region.check,
                          "closed_over": list(lifted.paths)}
     inferred = grads is None and verdict is not None and verdict.grad_placements is not None
     return TracedRegion(body, hop_args, [leaf_path("args", args, i) for i in inputs] + list(lifted.paths),
@@ -228,7 +229,7 @@ def call_reference(region: Any, args: tuple, kwargs: dict, records: list) -> Any
     when backward runs, the gradients of its tensor inputs (the arguments, then the closed-over DTensor
     parameters, which the body reads as their full tensors): the reference that verify compares with."""
     flat, treespec = pytree.tree_flatten(args)
-    record: dict[str, Any] = {"name": getattr(region.func, "__name__", "region"), "source": caller_site(),
+    record: dict[str, Any] = {"name": region_name(region.func), "source": caller_site(),
                               "input_grads": {}}
     closed = closed_over(region.func)
     leaves = [_recorded(a, i, record) for i, a in enumerate(flat)]
@@ -237,8 +238,14 @@ def call_reference(region: Any, args: tuple, kwargs: dict, records: list) -> Any
     # On one device a closed-over DTensor's local tensor is the full one and so is its gradient: its to_local()
     # returns the full tensor itself, whatever grad_placements the body declares for the sharded run.
     table = {id(d): (t, []) for d, t in zip(fulls, full_locals)}
-    with rebound(closed, fulls), to_local_substituted(table):
-        out = region.func(*pytree.tree_unflatten(leaves, treespec), **kwargs)
+    try:
+        with rebound(closed, fulls), to_local_substituted(table):
+            out = region.func(*pytree.tree_unflatten(leaves, treespec), **kwargs)
+    except Exception as exc:  # the body on whole tensors: a body written for the shards' shapes only fails here
+        raise body_error(region.func, exc, "verify's one-device reference (the body run on whole tensors)",
+                         fix="a region's body must also compute the whole result from whole tensors (verify's "
+                             "reference inlines it): shapes that only fit the local shards fail here; write the "
+                             "body in terms of its inputs' shapes, or give verify a reference") from exc
     record["outputs"] = [o.detach().clone() for o in pytree.tree_leaves(out) if isinstance(o, torch.Tensor)]
     record["tensor_inputs"] = [i for i, a in enumerate(flat) if isinstance(a, (torch.Tensor, torch.SymInt))] + [
         len(flat) + k for k in range(len(closed))]
