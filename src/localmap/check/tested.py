@@ -14,7 +14,7 @@ Values and gradients within tolerance: "tested" (the record names the inputs and
 difference: "wrong", with the numbers, unless the body may mean another program on one rank, which is then
 reported unproven with the numbers and the reason (``dependence``): an integer input that holds one value per
 rank (rank ids passed as data), a Python integer the body closes over that equals a mesh dim's size (module
-state such as ``self.ep_size``), or a fixed position taken in a shard's sharded dim (``w[0]`` as "this rank's
+state such as ``self.ep_size``), a device mesh it closes over, or a fixed position taken in a shard's sharded dim (``w[0]`` as "this rank's
 expert": ``mesh_reads``, found in the traced graph).
 
 The test leaves no trace: tensors the body can reach (module parameters and buffers, closed-over tensors) are
@@ -307,8 +307,10 @@ def _mesh_dependence(fn: Callable, leaves: Sequence[Any], treespec: Any, mesh: D
                 found.append(f"{leaf_path('args', tree, i)} holds one value per rank (rank ids or offsets as data)")
     sizes = {mesh.size(m) for m in range(mesh.ndim) if mesh.size(m) > 1}
     for name, obj, _ in reachable(fn):
-        for where, value in _integers(name, obj):
-            if value in sizes:
+        for where, value in _module_state(name, obj):
+            if isinstance(value, DeviceMesh):
+                found.append(f"{where} is a device mesh the body closes over (its size, its process groups)")
+            elif value in sizes:
                 found.append(f"{where} = {value} is a mesh dim's size (module state that may count ranks)")
     return found
 
@@ -324,15 +326,18 @@ def _one_value_per_rank(d: DTensor) -> bool:
     return len(set(held)) > 1
 
 
-def _integers(name: str, obj: Any) -> list[tuple[str, int]]:
-    """Python integers a body can read: the object itself, a module's attributes (and its submodules')."""
-    if isinstance(obj, int) and not isinstance(obj, bool):
+def _module_state(name: str, obj: Any) -> list[tuple[str, Any]]:
+    """Python integers and device meshes a body can read: the object itself, a module's attributes (and its
+    submodules')."""
+    def kept(v: Any) -> bool:
+        return isinstance(v, DeviceMesh) or (isinstance(v, int) and not isinstance(v, bool))
+
+    if kept(obj):
         return [(name, obj)]
     found = []
     if isinstance(obj, torch.nn.Module):
         for prefix, module in itertools.islice(obj.named_modules(prefix=name), 64):
-            found += [(f"{prefix}.{k}", v) for k, v in vars(module).items()
-                      if isinstance(v, int) and not isinstance(v, bool) and not k.startswith("_")]
+            found += [(f"{prefix}.{k}", v) for k, v in vars(module).items() if kept(v) and not k.startswith("_")]
     return found
 
 
