@@ -3,7 +3,10 @@
 1. first call: the check's time per region over the project's catalogue (tests/check/test_types_catalogue.py and
    test_catalogue_parallel.py) on a simulated mesh: a fresh region's first call with the check on minus a fresh
    region's first call with check=False (both build their plans), caches cleared before each; median over the
-   catalogue, and the worst five by name. Target: median <= 100 ms.
+   catalogue, and the worst five by name. Target: median <= 100 ms. Then the same split by the verdict the
+   default check gave: proven (ok) regions, tested ones (the proof stopped; the test against the one-rank run
+   settled the claim, docs/check-verdicts.md), and the rest (refused, unproven, unchecked). Targets: proven
+   <= 10 ms, tested <= 100 ms.
 2. steady state: per-call time of one region (an MLP shard: relu(x @ w1) @ w2, 64x64) with the check on versus
    off, on a 1-rank gloo mesh, interleaved rounds. Target: on within 5% of off.
 3. torchtitan's pattern: a local_map wrapper rebuilt inside every forward (its cross-entropy loss,
@@ -58,7 +61,7 @@ def _catalogue() -> list[tuple[str, Any]]:
     return [(p.name, p) for p in first + PROGS]
 
 
-def _first_call_ms(prog: Any, repeats: int) -> float:
+def _first_call_ms(prog: Any, repeats: int) -> tuple[float, str]:
     from test_catalogue_parallel import MESHES, _make, local_map
 
     from localmap.testing import distribute, on_one_device, simulated_mesh
@@ -73,26 +76,36 @@ def _first_call_ms(prog: Any, repeats: int) -> float:
         dts = [distribute(t, mesh, pl) for t, pl in zip(inputs, prog.ins)]
         wds = [distribute(w, mesh, pl) for w, (_, pl) in zip(weights, prog.weights)]
 
+        statuses = []
+
         def first(check: Any) -> float:
             localmap.clear_caches()
             body = prog.body(wds) if prog.weights else prog.body
             region = local_map(body, [prog.out], prog.ins, prog.grads, mesh, check=check)
-            return _timed(lambda: region(*dts, **prog.kwargs))
+            took = _timed(lambda: region(*dts, **prog.kwargs))
+            statuses.extend(v.status for v in region.region.verdicts())
+            return took
 
         for _ in range(repeats):
             times.append(first(True) - first(False))
-    return 1e3 * statistics.median(times)
+    return 1e3 * statistics.median(times), statuses[0] if statuses else "?"
 
 
 def first_call(repeats: int) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        results = [(name, _first_call_ms(prog, repeats)) for name, prog in _catalogue()]
-    ms = [t for _, t in results]
+        results = [(name, *_first_call_ms(prog, repeats)) for name, prog in _catalogue()]
+    ms = [t for _, t, _ in results]
     print(f"1. first-call check time over {len(results)} catalogue regions: median {statistics.median(ms):.1f} ms "
           f"(target <= 100 ms), mean {statistics.mean(ms):.1f} ms")
-    for name, t in sorted(results, key=lambda r: -r[1])[:5]:
-        print(f"     {t:7.1f} ms  {name}")
+    for name, t, status in sorted(results, key=lambda r: -r[1])[:5]:
+        print(f"     {t:7.1f} ms  {name} ({status})")
+    for label, kinds, target in (("proven (ok)", ("ok",), 10), ("tested", ("tested",), 100),
+                                 ("refused, unproven or unchecked", ("wrong", "unproven", "unchecked"), None)):
+        part = [t for _, t, status in results if status in kinds]
+        if part:
+            print(f"   {label}: {len(part)} regions, median {statistics.median(part):.1f} ms"
+                  + (f" (target <= {target} ms)" if target else ""))
 
 
 # ---- 2. steady state, check on versus off; 3. the rebuilt wrapper -------------------------------------------------

@@ -2,12 +2,14 @@
 from tensor, sequence, context, expert and data parallel code, each with the verdict the check must give and
 every verdict backed by numbers against one device.
 
-Verdicts: ``ok`` (no error, no warning; values and gradients equal one device's), ``refused`` (a PlacementError
-saying `says`; with the check off the region computes a wrong value or gradient), ``unproven`` (the claim rests
-on a value the check cannot type: by default the region runs with one warning starting ``local_map:`` that says
-``unproven``, ``check="strict"`` raises; the numbers are what `right` says), ``unchecked`` (the body cannot be
-traced, on fakes or on the call's values: with its gradient placements given it runs with a ``local_map:``
-warning, strict raises; numbers as `right` says). A body that branches on values is checked on the branch taken.
+Verdicts: ``ok`` (no error, no warning; values and gradients equal one device's: proven, or tested where the
+proof stops), ``refused`` (a PlacementError saying `says`; with the check off the region computes a wrong value or
+gradient), ``unproven`` (the proof stops: the claim rests on a value the check cannot type; by default the test
+against the one-rank run settles it: a right program runs silently, "tested", a wrong one is refused with the
+test's numbers; ``check="strict"`` raises either way; the numbers are what `right` says), ``unchecked`` (the body
+cannot be traced, on fakes or on the call's values: with its gradient placements given it runs with a
+``local_map:`` warning, strict raises; numbers as `right` says). A body that branches on values is checked on the
+branch taken.
 """
 
 from __future__ import annotations
@@ -232,7 +234,7 @@ RIGHT = [
     Prog("closed-over row weight, partial sum", lambda ws: lambda x: x @ local(ws[0]), [(4, 8)], [(S1,)], (P,),
          "ok", weights=[((8, 4), (S0,))]),
     Prog("vocab-parallel embedding, closed-over table", vocab_embedding, [IDS], [(R,)], (P,), "ok",
-         weights=[((16, 8), (S0,))], xfail="unproven: the proof stops at a functional collective in the lookup"),
+         weights=[((16, 8), (S0,))]),
     Prog("swiglu column-parallel", lambda x, a, b: F.silu(x @ a) * (x @ b), [(4, 6), (6, 8), (6, 8)],
          [(R,), (S1,), (S1,)], (S1,), "ok"),
     Prog("row-parallel then all_reduce", lambda h, w: C.all_reduce(h @ w, "tp"), [(4, 8), (8, 4)], [(S1,), (S0,)],
@@ -426,14 +428,21 @@ def test_wrong_programs_are_refused_and_really_wrong(prog):
 
 
 @pytest.mark.parametrize("prog", _params("unproven"))
-def test_unproven_claims_warn_run_and_fail_strict(prog):
-    """Neither ok nor refused: the region runs with one warning that says unproven; strict mode raises."""
-    matched, said = _run_recording(prog)
-    assert len(said) == 1 and "unproven" in said[0], said
-    with pytest.raises(LocalMapError) as info:
+def test_claims_where_the_proof_stops_are_settled_by_the_test(prog):
+    """The proof stops; the test (the region on the simulated mesh against its one-rank run) settles the claim:
+    a right program runs silently ("tested") and matches one device, a wrong one is refused with the test's
+    numbers and really computes other values; check='strict' (proven claims only) raises either way."""
+    if prog.is_right:
+        matched, said = _run_recording(prog)
+        assert not said, said
+        assert matched, "differs from one device"
+    else:
+        with pytest.raises(PlacementError) as info:
+            run(prog)
+        assert "differs from its one-rank run" in str(info.value) and "fix:" in str(info.value), str(info.value)
+        assert _wrong_numbers(prog), "with the check off the region matches one device: the refusal is wrong"
+    with pytest.raises(LocalMapError):
         run(prog, check="strict")
-    assert not isinstance(info.value, PlacementError) or "unproven" in str(info.value)
-    assert matched == prog.is_right, "the numbers say the program is " + ("wrong" if prog.is_right else "right")
 
 
 @pytest.mark.parametrize("prog", _params("unchecked"))

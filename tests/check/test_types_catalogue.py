@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import P, R, S0, S1, check_region, randn
-from localmap import Partial, PlacementError, UnprovenError
+from localmap import LocalMapError, Partial, PlacementError
 from localmap.testing import simulated_mesh
 
 AVG = Partial("avg")
@@ -94,7 +94,7 @@ CASES = [
     Case("layer norm over sharded features", layer_norm, [(8, 8), (8,)], [(S1,), (S0,)], (S1,),
          "reduces over dim 1, which is sharded"),
     # A per-rank max subtracted from a shard is only a stabilizer to the check (a log-sum-exp merge across ranks
-    # may follow): the claim is unproven, not refused; the same for logsumexp written out.
+    # may follow): the proof stops ("unproven"), and the test against the one-rank run refutes the claim.
     Case("softmax over the sharded dim", lambda x: x.softmax(-1), [(8, 8)], [(S1,)], (S1,), "unproven"),
     Case("exp minus logsumexp over the sharded dim", lambda x: (x - x.logsumexp(-1, keepdim=True)).exp(),
          [(8, 8)], [(S1,)], (S1,), "unproven"),
@@ -131,15 +131,17 @@ def test_right_bodies_pass_and_match_one_device(case):
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.verdict == "unproven"], ids=lambda c: c.name)
-def test_unproven_claims_warn_run_and_are_refused_in_strict_mode(case):
-    """A claim resting on a value the check cannot type is neither ok nor refused: one warning naming the op
-    where the proof stopped; check='strict' raises. These bodies are wrong, and run with the warning."""
-    with pytest.warns(UserWarning, match="^local_map: .* is unproven: the proof stopped at") as record:
-        with pytest.raises((AssertionError, RuntimeError)):
-            _run(case, in_grad_placements=case.grads)
-    assert sum("unproven" in str(w.message) for w in record) == 1
-    with pytest.raises(UnprovenError, match="claims what the check cannot prove"):
+def test_wrong_claims_where_the_proof_stops_are_refused_by_the_test(case):
+    """A claim resting on a value the check cannot type: the proof stops, and the test (the region on the
+    simulated mesh against its one-rank run, localmap.check.tested) refutes it with the numbers; check='strict'
+    raises too. These bodies are wrong: with the check off they compute other values."""
+    with pytest.raises(PlacementError, match="differs from its one-rank run") as info:
+        _run(case, in_grad_placements=case.grads)
+    assert "fix:" in str(info.value)
+    with pytest.raises(LocalMapError):
         _run(case, in_grad_placements=case.grads, check="strict")
+    with pytest.raises((AssertionError, RuntimeError)):
+        _run(case, in_grad_placements=case.grads, check=False)
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.verdict not in ("ok", "unproven")], ids=lambda c: c.name)

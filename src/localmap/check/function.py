@@ -23,6 +23,7 @@ from localmap.check.closure import closed_over_dtensors
 from localmap.check.state import state_key, value_key
 from localmap.check.verdict import Verdict, unchecked_verdict
 from localmap.check.mutation import check_no_input_mutation
+from localmap.check.tested import shard_position_reads
 from localmap.compat import pytree
 from localmap.context import in_region
 from localmap.errors import LocalMapError, fail, region_name
@@ -289,6 +290,10 @@ def _check_traced(gm: fx.GraphModule, out: Any, closed: list, local_args: Sequen
                      compat.grad_placements_default(tuple(d.placements)) if d.requires_grad else None)
     with compat.isolated_tracing():  # symbolic size arithmetic must not reach an outer trace
         verdict = check_graph(gm, in_types, claims, mesh, given, out_paths, in_paths, uneven)
+    if verdict.unproven:  # what the test where the proof stops needs to know about the graph (check.tested)
+        verdict.draws_random = any(compat.draws_random(n.target, n.args, n.kwargs)
+                                   for n in gm.graph.nodes if n.op == "call_function")
+        verdict.mesh_reads = shard_position_reads(gm, in_types, in_paths)
     grads: list[Any] = [None] * len(local_args)
     for i, g in zip(inputs, verdict.grad_placements[:len(inputs)], strict=True):
         grads[i] = g

@@ -1,13 +1,19 @@
 """What the placement check says about a region, and what a region does with it.
 
-Three verdicts, honestly (NOTE: three verdicts):
+Four verdicts, honestly (NOTE: four verdicts; docs/check-verdicts.md):
 
 * **ok**: every output's claimed placements are proven by the body's types, and gradient placements inferred;
-* **wrong**: the body contradicts a claim (``PlacementError``, with the op and line that made it so);
+* **tested**: the proof stopped, and a test settled the claim instead (``localmap.check.tested``): the region run
+  on a simulated mesh of the call's shape matched its one-rank run (its global meaning) in values and gradients,
+  on the inputs the record names. Never reported as proven: ``check="strict"`` still refuses it;
+* **wrong**: the body contradicts a claim (``PlacementError``, with the op and line that made it so), or the test
+  found a difference (with the numbers);
 * **unproven**: a claim rests on a value the check cannot type (an op with no placement rule, one DTensor's
-  propagation cannot place, a scan over a sharded dim, an all_to_all's rows). Never reported as ok: by default
-  the region runs and localmap warns once, naming the output, the op where the proof stopped and how to settle
-  it; ``check="strict"`` makes it an error, ``check="allow_unproven"`` accepts it explicitly.
+  propagation cannot place, a scan over a sharded dim, an all_to_all's rows), and no test settled it (over the
+  test's budget, a real process group, random draws, or a body whose meaning changes on one rank). Never
+  reported as ok: by default the region runs and localmap warns once, naming the output, the op where the proof
+  stopped and how to settle it; ``check="strict"`` makes it an error, ``check="allow_unproven"`` accepts it
+  explicitly.
 
 A body the check cannot trace at all, or a failure inside the checker, is **unchecked**: the program runs, with
 one warning naming the region, the reason, and the inputs whose gradient placements are then a guess.
@@ -25,7 +31,7 @@ from localmap.caches import register_cache
 from localmap.errors import LocalMapError, fail, region_name
 from localmap.sites import user_stacklevel
 
-CHECK_MODES = (True, False, "warn", "strict", "allow_unproven")
+CHECK_MODES = (True, False, "warn", "strict", "allow_unproven", "test")
 
 
 class PlacementError(LocalMapError):
@@ -34,6 +40,25 @@ class PlacementError(LocalMapError):
 
 class UnprovenError(LocalMapError):
     """``check="strict"``: a claimed placement the check could neither prove nor refute."""
+
+
+@dataclass
+class TestRecord:
+    """What the test of an unproven claim ran and found (``localmap.check.tested``)."""
+
+    inputs: str  # the inputs used: "the call's own inputs: args[0] float32[8, 8] (Shard(dim=1),), ..."
+    mesh: str  # "4 ranks (tp=4) against one"
+    largest: float = 0.0  # the largest difference over outputs and gradients (absolute)
+    where: str = ""  # the output or gradient the largest difference is in
+    same: bool = True  # every output and gradient within tolerance of the one-rank run
+    dependence: list[str] = field(default_factory=list)  # why the one-rank run may mean another program
+    not_run: str | None = None  # why the test did not run (then nothing above is a result)
+
+    def line(self) -> str:
+        if self.not_run:
+            return f"not tested: {self.not_run}"
+        return (f"tested on {self.mesh}, {self.inputs}: largest difference {self.largest:.3g}"
+                + (f" ({self.where})" if self.where else ""))
 
 
 @dataclass
@@ -56,6 +81,9 @@ class Verdict:
     warned: bool = field(default=False, compare=False)  # warnings of this verdict were shown (once each)
     per_call: bool = False  # checked on one call's values (the body branches on them): reuse for no other call
     definition: Any = field(default=None, compare=False)  # the region's code: warnings once per definition
+    test: TestRecord | None = None  # unproven: what a test of the claim ran and found (localmap.check.tested)
+    draws_random: bool = False  # the traced body draws random numbers (the test then leaves it unproven)
+    mesh_reads: list[str] = field(default_factory=list)  # unproven: where the body reads a shard as a unit
 
     @property
     def ok(self) -> bool:
@@ -64,12 +92,15 @@ class Verdict:
 
     @property
     def status(self) -> str:
-        """"wrong", "unchecked", "unproven" or "ok"."""
+        """"wrong", "unchecked", "unproven", "tested" or "ok"."""
         if self.problems:
             return "wrong"
         if self.unchecked:
             return "unchecked"
-        return "unproven" if self.unproven else "ok"
+        if not self.unproven:
+            return "ok"
+        tested = self.test is not None and not self.test.not_run and self.test.same
+        return "tested" if tested else "unproven"
 
     @property
     def settled(self) -> bool:
@@ -81,7 +112,9 @@ class Verdict:
         if status == "unchecked":
             return f"unchecked: {self.unchecked}"
         if status == "unproven":
-            return f"unproven: {self.unproven[0]}"
+            return f"unproven: {self.unproven[0]}" + (f"; {self.test.line()}" if self.test is not None else "")
+        if status == "tested":
+            return f"tested: {self.test.line()}" if self.test is not None else "tested"
         return "ok" if status == "ok" else str(self.problems[0]).splitlines()[0]
 
 
@@ -105,11 +138,12 @@ def refuse_divided_gradients(verdict: Verdict, path: str) -> None:
 def enforce(verdict: Verdict, mode: Any, *, refuse_guess: bool = True) -> None:
     """Act on a verdict by the region's check mode (see CHECK_MODES): a proven contradiction raises (warns in
     "warn"); unproven and unchecked warn once per verdict, and raise in "strict"; "allow_unproven" accepts an
-    unproven claim silently; an unchecked body whose gradient placements would be a guess is refused
-    (``refuse_guessed``; with `refuse_guess` False the caller refuses it after running the body, so that the
-    body's own error comes first). False does nothing."""
+    unproven claim silently; a tested claim is accepted silently, except by "strict", which accepts proven
+    claims only (a test holds for the inputs it ran); an unchecked body whose gradient placements would be a guess
+    is refused (``refuse_guessed``; with `refuse_guess` False the caller refuses it after running the body, so
+    that the body's own error comes first). False does nothing."""
     status = verdict.status
-    if mode is False or status == "ok":
+    if mode is False or status == "ok" or (status == "tested" and mode != "strict"):
         return
     if status == "wrong":
         if mode != "warn":
@@ -126,10 +160,13 @@ def enforce(verdict: Verdict, mode: Any, *, refuse_guess: bool = True) -> None:
         elif refuse_guess:
             refuse_guessed(verdict, mode)
     elif mode == "strict":
-        raise fail(f"region {verdict.function!r}", f"claims what the check cannot prove: {verdict.unproven[0]}",
-                   fix=_SETTLE, error=UnprovenError)
+        tested = f" ({verdict.test.line()}; strict accepts proven claims only)" if verdict.test is not None else ""
+        raise fail(f"region {verdict.function!r}",
+                   f"claims what the check cannot prove: {verdict.unproven[0]}{tested}", fix=_SETTLE,
+                   error=UnprovenError)
     elif mode != "allow_unproven":
-        _warn_once(verdict, [f"local_map: region {verdict.function!r}: {line}. {_SETTLE}"
+        test = f" ({verdict.test.line()})" if verdict.test is not None else ""
+        _warn_once(verdict, [f"local_map: region {verdict.function!r}: {line}{test}. {_SETTLE}"
                              for line in verdict.unproven[:1]])
 
 
@@ -151,6 +188,7 @@ def refuse_guessed(verdict: Verdict, mode: Any) -> None:
 
 
 _SETTLE = ("To settle it: run localmap.verify on a step that uses the region (it compares with one device), "
+           "test it against its one-rank run on a simulated mesh (check='test'), "
            "register a placement rule for that op (localmap.register_rule), or accept the claim explicitly with "
            "local_map(..., check='allow_unproven'); check='strict' makes it an error")
 

@@ -102,6 +102,11 @@ def has_random_ops(gm: fx.GraphModule) -> bool:
     return any(is_random_op(n.target) for n in gm.graph.nodes if n.op == "call_function")
 
 
+def version_counter(t: torch.Tensor) -> int:
+    """A tensor's in-place version counter (bumped by every in-place write to it or a view of it)."""
+    return t._version
+
+
 def in_backward() -> bool:
     """Whether autograd's engine is running a backward on this thread (a checkpoint recomputes its forward
     there)."""

@@ -33,6 +33,7 @@ from localmap.caches import instances, register_cache
 from localmap.check.verdict import CHECK_MODES, enforce, refuse_guessed
 from localmap.check.function import function_identity
 from localmap.check.state import BodyState, body_state, value_key
+from localmap.check.tested import settle_by_test
 from localmap.compat import local_tensor_of, make_dtensor, pytree, spec_of, wait_local
 from localmap.context import pop_region_mesh, push_region_mesh, recorder
 from localmap.eager.autograd import from_local_shards, output_grad_rules, to_local_shards
@@ -66,9 +67,10 @@ class RegionCallable:
                        given=type(func).__name__, fix="pass the function first: local_map(fn, out_placements, ...)")
         if check not in CHECK_MODES:
             raise fail("check", f"must be one of {CHECK_MODES}", given=repr(check),
-                       fix="check=True raises PlacementError and warns on an unproven claim, 'warn' only warns, "
-                           "False skips the check, 'strict' also refuses unproven claims and untraceable bodies, "
-                           "'allow_unproven' accepts unproven claims silently")
+                       fix="check=True raises PlacementError and warns on an unproven claim (testing it first "
+                           "when its inputs are small), 'test' tests any unproven claim, 'warn' only warns, "
+                           "False skips the check, 'strict' also refuses unproven (and tested) claims and "
+                           "untraceable bodies, 'allow_unproven' accepts unproven claims silently")
         validate_spec_argument(in_placements, "in_placements")
         validate_spec_argument(in_grad_placements, "in_grad_placements")
         validate_spec_argument(out_placements, "out_placements")
@@ -280,8 +282,20 @@ class RegionCallable:
 
     def _check_body(self, plan: InputPlan, flat: Sequence[Any], treespec: Any, checked: list, mesh: DeviceMesh,
                     kwargs: dict) -> Any:
-        """Trace and check the body on these inputs' local metadata (a verdict cache miss)."""
-        return check_body(self.func, self.out_placements, plan, flat, treespec, checked, mesh, kwargs)
+        """Trace and check the body on these inputs' local metadata (a verdict cache miss); where the proof
+        stops, test the claim on these inputs (check.tested: "tested", "wrong" with numbers, or unproven)."""
+        verdict = check_body(self.func, self.out_placements, plan, flat, treespec, checked, mesh, kwargs)
+        if verdict.status == "unproven":
+            leaves = list(flat)
+            grads: list[Any] = [None] * len(leaves)
+            for i, a, gp, _ in checked:
+                leaves[i] = a
+                inferred = verdict.grad_placements[i] if self.in_grad_placements is None else None
+                grads[i] = inferred or gp
+            settle_by_test(verdict, self.func, leaves,
+                           treespec if treespec is not None else pytree.tree_flatten(tuple(flat))[1], kwargs,
+                           self.out_placements, grads, mesh, force=self.check == "test")
+        return verdict
 
 
 def _value_key(flat: Sequence[Any], kwargs: dict) -> tuple:

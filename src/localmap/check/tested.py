@@ -1,0 +1,454 @@
+"""The test where the proof stops: an unproven claim settled by running the region (verdict "tested").
+
+A region's global meaning is its body run on a one-rank mesh over the global tensors: every collective is then
+the identity and ``axis_index`` is 0. Where the check's proof stops, ``settle_by_test`` runs the body twice on
+the call's own inputs, without a trace:
+
+* on the call's simulated mesh (LocalTensorMode: every rank in this process), from detached copies of each
+  input's shards and of the DTensors it closes over; the outputs are put together by their claimed placements
+  (Shard: concatenated in mesh order, Partial: reduced, Replicate: every rank must agree) and the inputs'
+  gradients by their gradient placements, for a fixed random cotangent;
+* on a one-rank mesh of the same dim names, from the global values of those inputs, with the same cotangent.
+
+Values and gradients within tolerance: "tested" (the record names the inputs and the largest difference). A
+difference: "wrong", with the numbers, unless the body may mean another program on one rank, which is then
+reported unproven with the numbers and the reason (``dependence``): an integer input that holds one value per
+rank (rank ids passed as data), a Python integer the body closes over that equals a mesh dim's size (module
+state such as ``self.ep_size``), a device mesh it closes over, or a fixed position taken in a shard's sharded dim (``w[0]`` as "this rank's
+expert": ``mesh_reads``, found in the traced graph).
+
+The test leaves no trace: tensors the body can reach (module parameters and buffers, closed-over tensors) are
+restored when it wrote to them, so are the module globals its code names and the random generators; gradients
+are taken with ``torch.autograd.grad``, so no ``.grad`` changes. A body that draws random numbers is left to
+the proof (unproven). It runs by itself when the inputs are small (``TEST_BUDGET_ELEMENTS``) and always with
+``check="test"``; under a real process group it does not run (refused by name in the record).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.placement_types import Partial, Replicate, Shard
+
+from localmap import compat
+from localmap.check.closure import closed_over_dtensors, reachable
+from localmap.check.verdict import PlacementError, TestRecord, Verdict
+from localmap.compat import pytree
+from localmap.context import in_region
+from localmap.errors import fail
+from localmap.placements.algebra import grad_default
+from localmap.placements.specs import leaf_path, resolve_output_specs
+
+TEST_BUDGET_ELEMENTS = 1 << 16  # global elements over a region's DTensor inputs (and closed-over DTensors) that
+#                                the default check tests by itself; check="test" tests any size
+_COTANGENT_SEED = 20  # the test's own generator: the global random state is never drawn from
+_INT_MAX = 1 << 62
+
+
+def settle_by_test(verdict: Verdict, fn: Callable, leaves: Sequence[Any], treespec: Any, kwargs: dict,
+                   out_placements: Any, grad_placements: Sequence[Any], mesh: DeviceMesh, force: bool) -> None:
+    """Test an unproven verdict on the call's inputs (`leaves`: flat arguments, DTensors for the sharded ones;
+    `grad_placements`: per leaf, the gradient placements the region gives it) and record the result in
+    `verdict`: its ``test``, and a PlacementError in ``problems`` where the test refutes a claim."""
+    if verdict.test is not None and not (force and verdict.test.not_run):
+        return
+    closed = closed_over_dtensors(fn)
+    why = _why_not_run(verdict, leaves, closed, mesh, force)
+    if why is not None:
+        if why != "over budget":  # over budget stays untested (no record): check="test" may run it later
+            verdict.test = TestRecord(inputs="", mesh="", not_run=why)
+        return
+    record = TestRecord(inputs=_describe_inputs(leaves, treespec), mesh=_describe_mesh(mesh))
+    state = _State(fn)
+    try:
+        found = _run_and_compare(fn, leaves, treespec, kwargs, out_placements, grad_placements, closed, mesh)
+    except Exception as e:  # a body that cannot run on one rank (shapes that only fit a shard): left unproven
+        record.not_run = f"the body failed on its one-rank run or the test's: {type(e).__name__}: {e}"[:240]
+        found = None
+    finally:
+        drew = state.restore()
+    if drew:
+        record.not_run = "the body draws random numbers (left to the proof)"
+    elif found is not None:
+        record.largest, record.where, record.same = found
+        if not record.same:
+            record.dependence = [*verdict.mesh_reads, *_mesh_dependence(fn, leaves, treespec, mesh)]
+    verdict.test = record
+    if not record.not_run and not record.same and not record.dependence:
+        verdict.problems.append(_refuted(verdict, record))
+
+
+def _why_not_run(verdict: Verdict, leaves: Sequence[Any], closed: list, mesh: DeviceMesh, force: bool) -> str | None:
+    if verdict.draws_random:
+        return "the body draws random numbers (left to the proof)"
+    if not compat.simulation_active():
+        return ("it runs on a simulated mesh (LocalTensorMode) only, not under a real process group: run "
+                "localmap.verify on a step, or call the region once on localmap.testing.simulated_mesh")
+    dtensors = [a for a in leaves if isinstance(a, DTensor)] + [d for _, d in closed]
+    if any(compat.is_strided_shard(p) for d in dtensors for p in d.placements):
+        return "an input is an interleaved (strided) shard, which the test does not put together"
+    if not force and sum(d.numel() for d in dtensors) > TEST_BUDGET_ELEMENTS:
+        return "over budget"
+    return None
+
+
+def _refuted(verdict: Verdict, record: TestRecord) -> PlacementError:
+    stopped = verdict.unproven[0].replace(" is unproven: the proof stopped at ", ", where the proof stopped at ")
+    return fail(f"region {verdict.function!r}", f"its test refutes a claim the proof could not settle ({stopped}): "
+                f"on the call's simulated mesh the region differs from its one-rank run (its global meaning) by "
+                f"{record.largest:.3g} in {record.where}", given=f"{record.inputs}; {record.mesh}",
+                fix="claim the placements the body computes, or add the collective that makes the claim hold; "
+                    "if the body is meant to differ on one rank (it reads the mesh's size from data or module "
+                    "state), pass check='allow_unproven'", error=PlacementError)
+
+
+# ---- the two runs -------------------------------------------------------------------------------------------
+
+def _run_and_compare(fn: Callable, leaves: Sequence[Any], treespec: Any, kwargs: dict, out_placements: Any,
+                     grad_placements: Sequence[Any], closed: list, mesh: DeviceMesh) -> tuple[float, str, bool]:
+    """(largest difference, where, all within tolerance) between the region run on `mesh` and on one rank:
+    the outputs, then (when they agree) the gradients of the inputs for a fixed random cotangent."""
+    layout = _Layout(mesh)
+    inputs = [i for i, a in enumerate(leaves) if isinstance(a, DTensor)]
+    sharded = [leaves[i] for i in inputs] + [d for _, d in closed]
+    with compat.outside_simulation():
+        shards = [layout.per_rank(compat.local_tensor_of(d)) for d in sharded]
+        globals_ = [layout.assemble(s, d.placements)[0] for s, d in zip(shards, sharded)]
+        copies = [{r: t.detach().clone() for r, t in s.items()} for s in shards]
+    many = _run(fn, leaves, treespec, kwargs, inputs, closed, mesh, [compat.simulated_value(c) for c in copies])
+    with compat.outside_simulation():
+        one_mesh = DeviceMesh(mesh.device_type, torch.zeros((1,) * mesh.ndim, dtype=torch.int),
+                              mesh_dim_names=mesh.mesh_dim_names)
+        one = _run(fn, _plain_leaves(leaves, inputs, globals_), treespec, kwargs, inputs, closed, one_mesh,
+                   [g.detach().clone() for g in globals_])
+        out_specs = resolve_output_specs(out_placements, one[0], len(pytree.tree_leaves(one[0])))
+        diffs = _compare_outputs(layout, many[0], one[0], out_specs)
+    if all(d[2] for d in diffs):
+        diffs += _compare_grads(layout, many, one, out_specs, _grad_specs(leaves, inputs, closed, grad_placements),
+                                _input_names(leaves, treespec, inputs, closed))
+    largest = max(diffs, key=lambda d: d[1], default=("", 0.0, True))
+    return largest[1], largest[0], all(d[2] for d in diffs)
+
+
+def _compare_grads(layout: _Layout, many: tuple, one: tuple, out_specs: Sequence[Any], specs: list,
+                   names: list[str]) -> list[tuple[str, float, bool]]:
+    """The inputs' gradients of both runs for one random cotangent per differentiable output (cut into each
+    rank's piece by the output's placements), compared by the inputs' gradient placements."""
+    with compat.outside_simulation():
+        gen = torch.Generator().manual_seed(_COTANGENT_SEED)
+        cotangents = [torch.randn(o.shape, generator=gen, dtype=o.dtype) for o in _differentiable(one[0])]
+        wanted = _grads(one, cotangents)
+        pieces = [layout.pieces(g, s) for g, s in zip(cotangents, _differentiable_specs(many[0], out_specs))]
+    got = _grads(many, [compat.simulated_value(p) for p in pieces])
+    with compat.outside_simulation():
+        return [(f"the gradient of {name}", *_difference(layout, g, w, spec))
+                for name, g, w, spec in zip(names, got, wanted, specs)]
+
+
+def _grad_specs(leaves: Sequence[Any], inputs: list[int], closed: list, grad_placements: Sequence[Any]) -> list:
+    return [grad_placements[i] or grad_default(tuple(leaves[i].placements)) for i in inputs] + [
+        grad_default(tuple(d.placements)) for _, d in closed]
+
+
+def _input_names(leaves: Sequence[Any], treespec: Any, inputs: list[int], closed: list) -> list[str]:
+    tree = pytree.tree_unflatten(list(leaves), treespec)
+    return [leaf_path("args", tree, i) for i in inputs] + [f"closed-over {n}" for n, _ in closed]
+
+
+def _run(fn: Callable, leaves: Sequence[Any], treespec: Any, kwargs: dict, inputs: list[int], closed: list,
+         mesh: DeviceMesh, values: list[torch.Tensor]) -> tuple[Any, list[torch.Tensor]]:
+    """The body on `mesh` with `values` for its DTensor inputs then its closed-over DTensors (floating ones
+    made leaves that require grad); returns (output, those leaves)."""
+    values = [v.requires_grad_() if v.is_floating_point() else v for v in values]
+    args = list(leaves)
+    for i, v in zip(inputs, values):
+        args[i] = v
+    table = {id(d): (v, []) for (_, d), v in zip(closed, values[len(inputs):])}
+    with torch.enable_grad(), in_region(mesh), compat.to_local_substituted(table):
+        out = fn(*pytree.tree_unflatten(args, treespec), **kwargs)
+    return out, values
+
+
+def _plain_leaves(leaves: Sequence[Any], inputs: list[int], globals_: list[torch.Tensor]) -> list[Any]:
+    """The call's leaves for the one-rank run: global values for DTensors, rank 0's value of a simulated one."""
+    plain = [compat.value_on_rank(a, 0) if isinstance(a, torch.Tensor) else a for a in leaves]
+    for i, g in zip(inputs, globals_):
+        plain[i] = g
+    return plain
+
+
+def _differentiable(out: Any) -> list[torch.Tensor]:
+    return [o for o in pytree.tree_leaves(out) if isinstance(o, torch.Tensor) and o.requires_grad]
+
+
+def _differentiable_specs(out: Any, specs: Sequence[Any]) -> list[Any]:
+    return [s for o, s in zip(pytree.tree_leaves(out), specs) if isinstance(o, torch.Tensor) and o.requires_grad]
+
+
+def _grads(run: tuple[Any, list[torch.Tensor]], cotangents: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    """The gradients of a run's inputs for these cotangents of its differentiable outputs (None: no path)."""
+    out, values = run
+    outputs = _differentiable(out)
+    wanting = [k for k, v in enumerate(values) if v.requires_grad]
+    grads: list[Any] = [None] * len(values)
+    if outputs and wanting:
+        found = torch.autograd.grad(outputs, [values[k] for k in wanting], cotangents, allow_unused=True)
+        for k, g in zip(wanting, found):
+            grads[k] = g
+    return grads
+
+
+def _compare_outputs(layout: _Layout, many: Any, one: Any, specs: Sequence[Any]) -> list[tuple[str, float, bool]]:
+    many_leaves, one_leaves = pytree.tree_leaves(many), pytree.tree_leaves(one)
+    if len(many_leaves) != len(one_leaves):
+        return [("the outputs' structure", math.inf, False)]
+    diffs = []
+    for k, (m, o, spec) in enumerate(zip(many_leaves, one_leaves, specs)):
+        if isinstance(o, torch.Tensor) and spec is not None:
+            diffs.append((f"{leaf_path('outputs', one, k)} claimed {spec}", *_difference(layout, m, o, spec)))
+    return diffs
+
+
+def _difference(layout: _Layout, many: Any, one: Any, spec: Any) -> tuple[float, bool]:
+    """(largest absolute difference, within tolerance) between per-rank values put together by `spec` and the
+    one-rank value; None on both sides (no gradient) is no difference, None on one side is zeros."""
+    if many is None and one is None:
+        return 0.0, True
+    if many is None or not isinstance(many, torch.Tensor):
+        many = torch.zeros_like(one) if many is None else torch.as_tensor(many)
+        got, disagree = many, 0.0
+    else:
+        got, disagree = layout.assemble(layout.per_rank(many), spec)
+    one = torch.zeros_like(got) if one is None else one
+    if got.shape != one.shape:
+        return math.inf, False
+    if not got.numel():
+        return disagree, disagree == 0
+    diff = max((got.double() - one.double()).abs().max().item(), disagree)
+    atol, rtol = (1e-5, 1e-4) if one.dtype in (torch.float32, torch.float64) or not one.is_floating_point() else (
+        1e-3, 2e-2)
+    return diff, diff <= atol + rtol * one.double().abs().max().item()
+
+
+class _Layout:
+    """The mesh's ranks by coordinate, to put per-rank values together by placements and to cut a global value
+    into each rank's piece."""
+
+    def __init__(self, mesh: DeviceMesh) -> None:
+        self.shape = tuple(mesh.shape)
+        with compat.outside_simulation():
+            ranks = mesh.mesh.reshape(-1).tolist()
+        coords = itertools.product(*(range(n) for n in self.shape))
+        self.coords = dict(zip(ranks, coords))
+
+    def per_rank(self, t: torch.Tensor) -> dict[int, torch.Tensor]:
+        if compat.is_simulated(t):
+            return dict(compat.simulated_local(t))
+        return {r: t for r in self.coords}
+
+    def assemble(self, values: dict[int, torch.Tensor], placements: Sequence[Any]) -> tuple[torch.Tensor, float]:
+        """The global value of per-rank `values` held with `placements`, and how far ranks that should hold
+        the same value (Replicate) differ (inf for other shapes)."""
+        level = {self.coords[r]: t for r, t in values.items()}
+        disagree = 0.0
+        for m in reversed(range(len(self.shape))):
+            grouped: dict[tuple, list] = {}
+            for c, t in level.items():
+                grouped.setdefault(c[:m], [None] * self.shape[m])[c[m]] = t
+            level = {}
+            for prefix, parts in grouped.items():
+                level[prefix], apart = _combine(parts, placements[m])
+                disagree = max(disagree, apart)
+        return level[()], disagree
+
+    def pieces(self, t: torch.Tensor, placements: Sequence[Any]) -> dict[int, torch.Tensor]:
+        """rank -> its piece of global `t` held with `placements` (a Partial's gradient is Replicate)."""
+        out = {}
+        for rank, coord in self.coords.items():
+            piece = t
+            for m, p in enumerate(placements):
+                if isinstance(p, Shard):
+                    chunks = torch.chunk(piece, self.shape[m], dim=p.dim)
+                    piece = chunks[coord[m]] if coord[m] < len(chunks) else piece.narrow(p.dim, 0, 0)
+            out[rank] = piece.contiguous()
+        return out
+
+
+def _combine(parts: list[torch.Tensor], p: Any) -> tuple[torch.Tensor, float]:
+    if isinstance(p, Shard):
+        return torch.cat(parts, dim=p.dim), 0.0
+    if isinstance(p, Partial):
+        stacked = torch.stack(parts)
+        op = p.reduce_op
+        return (stacked.sum(0) if op == "sum" else stacked.mean(0) if op == "avg" else
+                stacked.amax(0) if op == "max" else stacked.amin(0)), 0.0
+    first = parts[0]
+    if any(q.shape != first.shape for q in parts):
+        return first, math.inf
+    apart = max(((q.double() - first.double()).abs().max().item() for q in parts[1:] if q.numel()), default=0.0)
+    return first, apart
+
+
+# ---- a one-rank run that may mean another program ----------------------------------------------------------
+
+def _mesh_dependence(fn: Callable, leaves: Sequence[Any], treespec: Any, mesh: DeviceMesh) -> list[str]:
+    """Why the body may read the mesh's size from data or module state (its one-rank run another program)."""
+    found = []
+    tree = pytree.tree_unflatten(list(leaves), treespec)
+    with compat.outside_simulation():
+        for i, a in enumerate(leaves):
+            if isinstance(a, DTensor) and not a.is_floating_point() and _one_value_per_rank(a):
+                found.append(f"{leaf_path('args', tree, i)} holds one value per rank (rank ids or offsets as data)")
+    sizes = {mesh.size(m) for m in range(mesh.ndim) if mesh.size(m) > 1}
+    for name, obj, _ in reachable(fn):
+        for where, value in _module_state(name, obj):
+            if isinstance(value, DeviceMesh):
+                found.append(f"{where} is a device mesh the body closes over (its size, its process groups)")
+            elif value in sizes:
+                found.append(f"{where} = {value} is a mesh dim's size (module state that may count ranks)")
+    return found
+
+
+def _one_value_per_rank(d: DTensor) -> bool:
+    values = compat.simulated_local(compat.local_tensor_of(d)) if compat.is_simulated(compat.local_tensor_of(d)) \
+        else {}
+    held = []
+    for t in values.values():
+        if t.numel() == 0 or bool((t != t.reshape(-1)[0]).any()):
+            return False
+        held.append(int(t.reshape(-1)[0]))
+    return len(set(held)) > 1
+
+
+def _module_state(name: str, obj: Any) -> list[tuple[str, Any]]:
+    """Python integers and device meshes a body can read: the object itself, a module's attributes (and its
+    submodules')."""
+    def kept(v: Any) -> bool:
+        return isinstance(v, DeviceMesh) or (isinstance(v, int) and not isinstance(v, bool))
+
+    if kept(obj):
+        return [(name, obj)]
+    found = []
+    if isinstance(obj, torch.nn.Module):
+        for prefix, module in itertools.islice(obj.named_modules(prefix=name), 64):
+            found += [(f"{prefix}.{k}", v) for k, v in vars(module).items() if kept(v) and not k.startswith("_")]
+    return found
+
+
+_POSITION_OPS = {torch.ops.aten.select.int: "select", torch.ops.aten.unbind.int: "unbind",
+                 torch.ops.aten.squeeze.dim: "squeeze", torch.ops.aten.narrow.default: "narrow",
+                 torch.ops.aten.slice.Tensor: "slice"}
+_SAME_DIMS = {torch.ops.aten.detach.default, torch.ops.aten.alias.default, torch.ops.aten.clone.default,
+              torch.ops.aten._to_copy.default}
+
+
+def shard_position_reads(gm: fx.GraphModule, in_types: Sequence[Any], in_paths: Sequence[str]) -> list[str]:
+    """Where the traced body takes a fixed position of an input's sharded dim (``w[0]``, ``x.unbind(0)``,
+    ``w.squeeze(0)``, a slice with fixed bounds): the body treats its shard as a unit ("this rank's expert"),
+    which a one-rank run over the global tensor reads as another program."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    found = []
+    for node, types, path in zip(placeholders, in_types, in_paths):
+        sharded = {p.dim for p in types or () if isinstance(p, Shard)}
+        if not sharded:
+            continue
+        frontier = [node]
+        while frontier:
+            current = frontier.pop()
+            for user in current.users:
+                if user.target in _SAME_DIMS:
+                    frontier.append(user)
+                elif user.target in _POSITION_OPS and _takes_position(user, current, sharded):
+                    found.append(f"{path} is read at a fixed position of its sharded dim "
+                                 f"({_POSITION_OPS[user.target]}): a shard taken as a unit")
+    return found
+
+
+def _takes_position(node: fx.Node, source: fx.Node, sharded: set[int]) -> bool:
+    ndim = source.meta["val"].ndim if "val" in source.meta else None
+    if ndim is None or node.args[0] is not source:
+        return False
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    if not isinstance(dim, int) or dim % max(ndim, 1) not in sharded:
+        return False
+    if node.target is torch.ops.aten.slice.Tensor:  # a slice of the whole dim is a view, not a position
+        start = node.args[2] if len(node.args) > 2 else 0
+        end = node.args[3] if len(node.args) > 3 else None
+        return not (start in (0, None) and (end is None or (isinstance(end, int) and end >= _INT_MAX)
+                                            or end == source.meta["val"].shape[dim]))
+    return True
+
+
+# ---- no trace left ------------------------------------------------------------------------------------------
+
+class _State:
+    """What a test run may change, saved before it: the tensors the body can reach (restored where written),
+    the module globals its code names (rebound), the random generators (restored; a change means the body
+    draws random numbers)."""
+
+    def __init__(self, fn: Callable) -> None:
+        self.tensors = []
+        with compat.outside_simulation():
+            for t in _reachable_tensors(fn):
+                local = compat.local_tensor_of(t) if isinstance(t, DTensor) else t
+                self.tensors.append((t, local, compat.version_counter(local), local.detach().clone(), t.grad))
+            self.rng = torch.get_rng_state()
+        code_globals = getattr(getattr(fn, "__func__", fn), "__globals__", None)
+        self.globals = code_globals
+        self.global_values = dict(code_globals) if code_globals is not None else {}
+
+    def restore(self) -> bool:
+        """Put everything back; whether the random generator was drawn from."""
+        with compat.outside_simulation(), torch.no_grad():
+            for t, local, version, saved, grad in self.tensors:
+                if compat.version_counter(local) != version:
+                    local.copy_(saved)
+                if t.grad is not grad:
+                    t.grad = grad
+            drew = not torch.equal(torch.get_rng_state(), self.rng)
+            torch.set_rng_state(self.rng)
+        if self.globals is not None:
+            for k in [k for k in self.globals if k not in self.global_values]:
+                del self.globals[k]
+            for k, v in self.global_values.items():
+                if self.globals.get(k, _MISSING) is not v:
+                    self.globals[k] = v
+        return drew
+
+
+_MISSING = object()
+
+
+def _reachable_tensors(fn: Callable) -> list[torch.Tensor]:
+    found: dict[int, torch.Tensor] = {}
+    for _, obj, _ in reachable(fn):
+        if isinstance(obj, torch.Tensor):
+            found.setdefault(id(obj), obj)
+        elif isinstance(obj, torch.nn.Module):
+            for t in itertools.chain(obj.parameters(), obj.buffers()):
+                found.setdefault(id(t), t)
+        elif isinstance(obj, (list, tuple)):
+            for o in obj[:64]:
+                if isinstance(o, torch.Tensor):
+                    found.setdefault(id(o), o)
+    return list(found.values())
+
+
+# ---- what the record says -----------------------------------------------------------------------------------
+
+def _describe_inputs(leaves: Sequence[Any], treespec: Any) -> str:
+    tree = pytree.tree_unflatten(list(leaves), treespec)
+    parts = [f"{leaf_path('args', tree, i)} {str(a.dtype).replace('torch.', '')}{list(a.shape)} "
+             f"{tuple(a.placements)}" for i, a in enumerate(leaves) if isinstance(a, DTensor)]
+    return "the call's own inputs: " + ", ".join(parts)
+
+
+def _describe_mesh(mesh: DeviceMesh) -> str:
+    names = mesh.mesh_dim_names or tuple(f"dim{m}" for m in range(mesh.ndim))
+    return f"{mesh.size()} ranks ({', '.join(f'{n}={s}' for n, s in zip(names, mesh.shape))}) against one"

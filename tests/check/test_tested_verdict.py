@@ -1,0 +1,296 @@
+"""The verdict "tested": where the proof stops, the region is run on the call's simulated mesh and on one rank
+(its global meaning) and compared in values and gradients (localmap.check.tested).
+
+Right programs whose proof stops become "tested" with no warning; wrong ones "wrong" with the numbers; a body
+whose one-rank run means another program (it reads the mesh's size from data or takes a shard as a unit) is
+left unproven with the numbers, never called wrong; the test leaves no trace in buffers, globals, gradients or
+the random generator. The bodies use custom ops without a placement rule, so the proof stops at them whatever
+rules the check grows; every verdict is backed by a one-device computation.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import R, S0, S1, grad_for_output, max_diff, randn
+from localmap import PlacementError, Shard, local_map
+from localmap import collectives as C
+from localmap.check import tested
+from localmap.check.verdict import UnprovenError
+from localmap.compat import is_simulated, simulated_local
+from localmap.testing import distribute, fake_mesh, full, on_one_device, simulated_mesh
+
+
+# ---- custom ops without a placement rule (the proof stops at each) ------------------------------------------
+
+@torch.library.custom_op("lm_tested::silu_mul", mutates_args=())
+def silu_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """A fused SiLU-and-mul kernel (torchtitan's current source has one), elementwise."""
+    return F.silu(a) * b
+
+
+@silu_mul.register_fake
+def _(a, b):
+    return torch.empty_like(a)
+
+
+def _silu_mul_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _silu_mul_backward(ctx, g):
+    a, b = ctx.saved_tensors
+    s = torch.sigmoid(a)
+    return g * b * s * (1 + a * (1 - s)), g * F.silu(a)
+
+
+silu_mul.register_autograd(_silu_mul_backward, setup_context=_silu_mul_setup)
+
+
+@torch.library.custom_op("lm_tested::row_cumsum", mutates_args=())
+def row_cumsum(x: torch.Tensor) -> torch.Tensor:
+    """A scan along the last dim, as a kernel the check has no rule for."""
+    return x.cumsum(-1)
+
+
+@row_cumsum.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+row_cumsum.register_autograd(lambda ctx, g: g.flip(-1).cumsum(-1).flip(-1), setup_context=lambda ctx, inputs, output: None)
+
+
+def swiglu(x, w1, w2):
+    return silu_mul(x @ w1, x @ w2)
+
+
+def swiglu_ref(x, w1, w2):
+    return F.silu(x @ w1) * (x @ w2)
+
+
+def scan_rows(x):
+    return row_cumsum(x) * 2
+
+
+def scan_rows_ref(x):
+    return x.cumsum(-1) * 2
+
+
+def cp_scan(x):
+    """Context-parallel scan: the local scan plus an exclusive prefix of the all-gathered shard totals."""
+    local = row_cumsum(x)
+    totals = C.all_gather(x.sum(-1, keepdim=True), "cp", dim=-1)
+    before = totals * (torch.arange(totals.shape[-1]) < C.axis_index("cp"))
+    return local + before.sum(-1, keepdim=True)
+
+
+# ---- running a region and one device --------------------------------------------------------------------------
+
+def _region_vs_one_device(mesh, body, ref, inputs, ins, out, check=True):
+    """Run `body` as a region (default check) and `ref` on one device; returns (region, warnings, the largest
+    difference of the value and the input gradients)."""
+    with on_one_device():
+        ref_in = [t.clone().requires_grad_() for t in inputs]
+        ref_out = ref(*ref_in)
+        upstream = torch.randn(ref_out.shape, generator=torch.Generator().manual_seed(3))
+        ref_out.backward(upstream)
+    dts = [distribute(t, mesh, pl, requires_grad=True) for t, pl in zip(inputs, ins)]
+    fn = local_map(body, [out], ins, None, mesh, check=check)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y = fn(*dts)
+        y.backward(distribute(upstream, mesh, grad_for_output(out)))
+    said = [str(w.message) for w in caught if str(w.message).startswith("local_map:")]
+    diff = max([max_diff(full(y), ref_out)] + [max_diff(full(d.grad), r.grad) for d, r in zip(dts, ref_in)])
+    return fn.region, said, diff
+
+
+RIGHT = [
+    ("fused SiLU-and-mul, tokens sharded", swiglu, swiglu_ref, [(8, 6), (6, 4), (6, 4)], [(S0,), (R,), (R,)], (S0,)),
+    ("fused SiLU-and-mul, column-parallel", swiglu, swiglu_ref, [(8, 6), (6, 8), (6, 8)], [(R,), (S1,), (S1,)],
+     (S1,)),
+    ("scan along an unsharded dim", scan_rows, scan_rows_ref, [(8, 6)], [(S0,)], (S0,)),
+    ("context-parallel scan with an exclusive prefix", cp_scan, lambda x: x.cumsum(-1), [(3, 8)], [(S1,)], (S1,)),
+]
+
+
+@pytest.mark.parametrize("name, body, ref, shapes, ins, out", RIGHT, ids=[r[0] for r in RIGHT])
+def test_right_programs_where_the_proof_stops_are_tested_silently(name, body, ref, shapes, ins, out):
+    with simulated_mesh(4, ("cp",)) as mesh:
+        region, said, diff = _region_vs_one_device(mesh, body, ref, [randn(*s) for s in shapes], ins, out)
+    assert not said, said
+    assert diff <= 1e-5, "the region differs from one device"
+    (verdict,) = region.verdicts()
+    assert verdict.status == "tested" and verdict.unproven, verdict.summary()
+    record = verdict.test
+    assert record.same and record.largest <= 1e-5 and not record.not_run
+    assert "the call's own inputs" in record.inputs and f"{list(shapes[0])}" in record.inputs
+    assert "4 ranks (cp=4) against one" == record.mesh
+    assert verdict.summary().startswith("tested: tested on 4 ranks")
+
+
+WRONG = [
+    ("scan along the sharded dim", scan_rows, scan_rows_ref, [(4, 8)], [(S1,)], (S1,)),
+    ("fused SiLU-and-mul of a partial sum claimed Shard", lambda h, w1, w2: silu_mul(h @ w1, h @ w2),
+     lambda h, w1, w2: F.silu(h @ w1) * (h @ w2), [(4, 8), (8, 6), (8, 6)], [(S1,), (S0,), (S0,)], (S0,)),
+]
+
+
+@pytest.mark.parametrize("name, body, ref, shapes, ins, out", WRONG, ids=[r[0] for r in WRONG])
+def test_wrong_programs_where_the_proof_stops_are_wrong_with_numbers(name, body, ref, shapes, ins, out):
+    inputs = [randn(*s) for s in shapes]
+    with simulated_mesh(4, ("cp",)) as mesh:
+        with pytest.raises(PlacementError) as info:
+            _region_vs_one_device(mesh, body, ref, inputs, ins, out)
+        message = str(info.value)
+        assert "its test refutes a claim" in message and "differs from its one-rank run" in message, message
+        assert "fix:" in message and "the call's own inputs" in message
+        try:
+            _, _, diff = _region_vs_one_device(mesh, body, ref, inputs, ins, out, check=False)
+        except RuntimeError:  # the claimed placements give another global shape
+            diff = float("inf")
+    assert diff > 1e-3, "with the check off the region matches one device: the refusal is wrong"
+    largest = float(message.split("by ")[1].split(" ")[0])
+    assert largest > 1e-3  # the record's number is a real difference
+
+
+def moe_this_ranks_expert(x, w):
+    """Expert parallel, tokens already dispatched: each rank's tokens through 'its' expert, w[0] of its shard."""
+    return silu_mul(x @ w[0], x @ w[0])
+
+
+def prefix_from_rank_ids(x, rank):
+    """An exclusive prefix sum whose rank index arrives as data (a sharded tensor of rank ids)."""
+    totals = C.all_gather(x.sum(-1, keepdim=True), "cp", dim=-1)
+    before = totals * (torch.arange(totals.shape[-1]) < rank)
+    return row_cumsum(x) + before.sum(-1, keepdim=True)
+
+
+def test_bodies_that_mean_another_program_on_one_rank_are_not_called_wrong():
+    """Both are right on 4 ranks; on one rank they read other data (w[0] is expert 0 only; the rank ids are
+    0..3 at once). The test sees the difference and the reason, and leaves them unproven with the numbers."""
+    with simulated_mesh(4, ("cp",)) as mesh:
+        with on_one_device():
+            x, w = randn(8, 6), randn(4, 6, 6)
+            seq, ranks = randn(3, 8), torch.arange(4)
+            moe_ref = torch.cat([silu_mul(x[2 * e:2 * e + 2] @ w[e], x[2 * e:2 * e + 2] @ w[e]) for e in range(4)])
+        for body, args, ins, ref, reason in [
+                (moe_this_ranks_expert, (x, w), [(S0,), (S0,)], moe_ref, "fixed position of its sharded dim"),
+                (prefix_from_rank_ids, (seq, ranks), [(S1,), (S0,)], seq.cumsum(-1), "one value per rank")]:
+            fn = local_map(body, [(Shard(0),) if body is moe_this_ranks_expert else (S1,)], ins, None, mesh)
+            dts = [distribute(a, mesh, pl) for a, pl in zip(args, ins)]
+            with pytest.warns(UserWarning, match="unproven") as caught:
+                y = fn(*dts)
+            message = str(caught[0].message)
+            assert "tested on 4 ranks" in message and "largest difference" in message, message
+            (verdict,) = fn.region.verdicts()
+            assert verdict.status == "unproven" and not verdict.test.same and verdict.test.largest > 1e-3
+            assert any(reason in d for d in verdict.test.dependence), verdict.test.dependence
+            assert max_diff(full(y), ref) <= 1e-5  # right on 4 ranks
+
+
+class CountingExperts(torch.nn.Module):
+    """A module whose region body counts the tokens it sees in a buffer (torchtitan's MoE token counters) and a
+    module global, and draws nothing."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("tokens_seen", torch.zeros(()))
+        self.w1 = torch.nn.Parameter(torch.ones(6, 4))
+
+    def body(self, x, w2):
+        global CALLS
+        CALLS += 1
+        self.tokens_seen += x.shape[0]
+        return silu_mul(x @ w2, x @ w2)
+
+
+CALLS = 0
+
+
+def _one_call(mesh, monkeypatch, budget):
+    """One call of a fresh CountingExperts region; what it left behind: (module global, buffer per rank,
+    random state unchanged, gradients), and the verdict's status."""
+    global CALLS
+    monkeypatch.setattr(tested, "TEST_BUDGET_ELEMENTS", budget)
+    with on_one_device():
+        module = CountingExperts()
+        x, w2 = randn(8, 6), randn(6, 4)
+        rng_before = torch.get_rng_state()
+    fn = local_map(module.body, [(S0,)], [(S0,), (R,)], None, mesh, check="allow_unproven")
+    dx, dw = distribute(x, mesh, [S0], requires_grad=True), distribute(w2, mesh, [R], requires_grad=True)
+    CALLS = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fn(dx, dw)
+    with on_one_device():
+        rng_same = torch.equal(torch.get_rng_state(), rng_before)
+    seen = module.tokens_seen
+    with on_one_device():
+        counts = sorted(float(v) for v in (simulated_local(seen).values() if is_simulated(seen) else [seen]))
+    left = (CALLS, counts, rng_same, (dx.grad, dw.grad, module.w1.grad))
+    return left, fn.region.verdicts()[0].status
+
+
+def test_the_test_leaves_no_trace(monkeypatch):
+    """A call whose claim is tested leaves the same module global, buffer (a token counter), random state and
+    gradients behind as a call whose claim is left untested (the check's own trace runs the body once too)."""
+    with simulated_mesh(4, ("cp",)) as mesh:
+        untested, status = _one_call(mesh, monkeypatch, 0)
+        assert status == "unproven"
+        left, status = _one_call(mesh, monkeypatch, 1 << 16)
+        assert status == "tested"
+    assert left == untested
+    assert left[2] and left[3] == (None, None, None)
+
+
+def test_a_body_that_draws_random_numbers_is_left_to_the_proof():
+    with simulated_mesh(4, ("cp",)) as mesh:
+        fn = local_map(lambda x: silu_mul(F.dropout(x, 0.5), x), [(S0,)], [(S0,)], None, mesh)
+        with pytest.warns(UserWarning, match="draws random numbers"):
+            fn(distribute(randn(8, 4), mesh, [S0]))
+        (verdict,) = fn.region.verdicts()
+        assert verdict.status == "unproven" and "draws random" in verdict.test.not_run
+
+
+def test_strict_and_spmd_types_accept_proven_claims_only():
+    with simulated_mesh(4, ("cp",)) as mesh:
+        args = [distribute(randn(8, 6), mesh, [S0]), distribute(randn(6, 4), mesh, [R]),
+                distribute(randn(6, 4), mesh, [R])]
+        for options in ({"check": "strict"}, {"spmd_types": True}):
+            fn = local_map(swiglu, [(S0,)], [(S0,), (R,), (R,)], None, mesh, **options)
+            with pytest.raises(UnprovenError, match="strict accepts proven claims only"):
+                fn(*args)
+            assert fn.region.verdicts()[0].status == "tested"
+
+
+def test_over_budget_the_default_check_warns_and_check_test_tests(monkeypatch):
+    monkeypatch.setattr(tested, "TEST_BUDGET_ELEMENTS", 16)
+    with simulated_mesh(4, ("cp",)) as mesh:
+        args = [distribute(randn(8, 6), mesh, [S0]), distribute(randn(6, 4), mesh, [R]),
+                distribute(randn(6, 4), mesh, [R])]
+        fn = local_map(swiglu, [(S0,)], [(S0,), (R,), (R,)], None, mesh)
+        with pytest.warns(UserWarning, match="is unproven.*check='test'"):
+            fn(*args)
+        assert fn.region.verdicts()[0].status == "unproven" and fn.region.verdicts()[0].test is None
+        on_request = local_map(swiglu, [(S0,)], [(S0,), (R,), (R,)], None, mesh, check="test")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            on_request(*args)
+        assert on_request.region.verdicts()[0].status == "tested"
+
+
+def test_without_a_simulated_mesh_the_test_refuses_by_name():
+    """A process group that really communicates (here the fake one, without a simulation): not run, said why."""
+    with fake_mesh(4, ("cp",)) as mesh:
+        args = [distribute(randn(8, 6), mesh, [S0]), distribute(randn(6, 4), mesh, [R]),
+                distribute(randn(6, 4), mesh, [R])]
+        fn = local_map(swiglu, [(S0,)], [(S0,), (R,), (R,)], None, mesh)
+        with pytest.warns(UserWarning, match="not tested: it runs on a simulated mesh"):
+            fn(*args)
+        assert fn.region.verdicts()[0].status == "unproven"
