@@ -217,7 +217,8 @@ class RegionCallable:
             for i in grad_out:
                 if has_extreme(dspecs[i].placements):
                     raise extreme_grad_error(leaf_path("outputs", out, i), dspecs[i].placements, mesh)
-            rules = None if verdict is None else output_grad_rules(verdict, flat_out, grad_out)
+            rules = None if verdict is None or verdict.out_grad_rules is None else \
+                output_grad_rules(verdict, flat_out, grad_out)
             wrapped = from_local_shards(tuple(dspecs[i] for i in grad_out), rules, *(flat_out[i] for i in grad_out))
             for i, d in zip(grad_out, wrapped, strict=True):
                 results[i] = d
