@@ -76,7 +76,7 @@ class ToLocalShards(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, grad_placements: tuple, *dtensors: DTensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
-        ctx.set_materialize_grads(False)
+        ctx.materialize_grads = False  # what set_materialize_grads(False) sets, without the call
         views = []
         saved = []
         for d, placements in zip(dtensors, grad_placements, strict=True):
@@ -101,7 +101,7 @@ class FromLocalShards(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, specs: Sequence[DTensorSpec], grad_rules: Sequence[Any] | None,  # type: ignore[override]
                 *locals_: torch.Tensor) -> tuple[DTensor, ...]:
-        ctx.set_materialize_grads(False)
+        ctx.materialize_grads = False  # what set_materialize_grads(False) sets, without the call
         ctx.specs, ctx.grad_rules = specs, grad_rules
         if len(locals_) == 1:
             t = locals_[0]
