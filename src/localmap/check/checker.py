@@ -345,10 +345,8 @@ def _output_grads(flow: _TypeFlow, scaled: list[set[int]]) -> None:
             if k in scaled[m] or reach[m] == _SHARES:
                 summed.add(m)
         second.append(summed if isinstance(summed, str) else frozenset(summed) or None)
-    if any(s != 1 for s in scales):
-        flow.verdict.out_grad_scales = tuple(scales)
-    if any(s is not None for s in second):
-        flow.verdict.out_second_order = tuple(second)
+    if any(s != 1 for s in scales) or any(s is not None for s in second):
+        flow.verdict.out_grad_rules = tuple(zip(scales, second))
 
 
 def _dim_label(mesh: Any, m: int) -> str:

@@ -72,11 +72,10 @@ class Verdict:
     output_types: list = field(default_factory=list)
     unchecked: str | None = None  # why the body could not be checked (then nothing is inferred)
     guessed: list[str] = field(default_factory=list)  # unchecked: inputs whose gradient placements are a guess
-    # per tensor output, None when all are 1: the factor on the gradient entering it (checker: mixed gradients)
-    out_grad_scales: tuple | None = None
-    # per tensor output, None when all take the default: the Replicate mesh dims where its gradient's own
-    # gradient (a double backward) is Partial (a frozenset), or why no placement is right (a str)
-    out_second_order: tuple | None = None
+    # None when every output takes the default; else per tensor output (factor, second order): the factor on
+    # the gradient entering it (check.checker: mixed gradients), and the Replicate mesh dims where its
+    # gradient's own gradient (a double backward) is Partial (a frozenset or None), or why none is right (a str)
+    out_grad_rules: tuple | None = None
     function: str = "region"  # the checked function's name, for messages
     warned: bool = field(default=False, compare=False)  # warnings of this verdict were shown (once each)
     per_call: bool = False  # checked on one call's values (the body branches on them): reuse for no other call
@@ -126,7 +125,7 @@ def unchecked_verdict(fn: Any, reason: str, guessed: list[str]) -> Verdict:
 def refuse_divided_gradients(verdict: Verdict, path: str) -> None:
     """A path that cannot divide a Replicate output's gradient (check.checker._settle_mixed: a Replicate input
     that meets per-rank data and is also returned) refuses the region by name instead of miscounting it."""
-    if verdict.out_grad_scales is None:
+    if verdict.out_grad_rules is None or all(factor == 1 for factor, _ in verdict.out_grad_rules):
         return
     raise fail(f"region {verdict.function!r}", f"returns a Replicate value of an input that also meets per-rank "
                f"data; its gradient is exact eagerly, but {path} cannot divide that output's gradient yet",

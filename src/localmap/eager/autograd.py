@@ -26,12 +26,11 @@ from localmap.placements.shapes import dense_stride
 def _input_grad(g: torch.Tensor, spec: DTensorSpec, grad_placements: tuple[Placement, ...],
                 local_stride: tuple[int, ...]) -> DTensor:
     """A local gradient wrapped as the input's gradient DTensor (its global metadata, its gradient placements)."""
-    if has_avg(spec.placements):
-        scale = avg_grad_scale(spec.placements, grad_placements, spec.mesh)
-        g = g * scale if scale != 1 else g
+    spec_out, scale = _grad_recipe(spec, grad_placements)
+    if scale != 1:
+        g = g * scale
     if g.stride() == local_stride:
         if not g.requires_grad:  # the usual case: the input's own spec, or a remembered one for the placements
-            spec_out = spec if grad_placements == spec.placements else _grad_spec(spec, grad_placements)
             return make_dtensor(g, spec_out, requires_grad=False)
         stride = spec.stride
     else:
@@ -42,25 +41,30 @@ def _input_grad(g: torch.Tensor, spec: DTensorSpec, grad_placements: tuple[Place
     return make_dtensor(g, grad_spec, requires_grad=False)
 
 
-GRAD_SPEC_CACHE_LIMIT = 1024  # gradient specs remembered (cleared when full)
-_grad_specs: dict[tuple, tuple[DTensorSpec, DTensorSpec]] = register_cache(
-    "grad_specs", {}, limit=GRAD_SPEC_CACHE_LIMIT, eviction="clear when full")
+GRAD_SPEC_CACHE_LIMIT = 1024  # gradient recipes remembered (cleared when full)
+_grad_recipes: dict[tuple[int, int], tuple[DTensorSpec, tuple, DTensorSpec, int]] = register_cache(
+    "grad_recipes", {}, limit=GRAD_SPEC_CACHE_LIMIT, eviction="clear when full")
 
 
-def _grad_spec(spec: DTensorSpec, grad_placements: tuple[Placement, ...]) -> DTensorSpec:
-    """The gradient's spec: the input's global metadata with its gradient placements (a Partial gradient of a
-    Replicate weight). Remembered per input spec object (a parameter's spec stays the same from step to step),
-    since building one costs about as much as the rest of the backward's wrapping. The entry holds the input
-    spec, so its id is not reused while the entry stands."""
-    key = (id(spec), grad_placements)
-    hit = _grad_specs.get(key)
-    if hit is not None and hit[0] is spec:
-        return hit[1]
-    grad_spec = make_spec(spec.mesh, grad_placements, spec.shape, spec.stride, spec.tensor_meta.dtype)
-    if len(_grad_specs) >= GRAD_SPEC_CACHE_LIMIT:
-        _grad_specs.clear()
-    _grad_specs[key] = (spec, grad_spec)
-    return grad_spec
+def _grad_recipe(spec: DTensorSpec, grad_placements: tuple[Placement, ...]) -> tuple[DTensorSpec, int]:
+    """The gradient's spec (the input's global metadata with its gradient placements: a Partial gradient of a
+    Replicate weight) and the Partial('avg') factor on the local gradient. Remembered per input spec object and
+    placements object (a parameter's spec and its plan's placements stay the same from step to step), since
+    building a spec costs about as much as the rest of the backward's wrapping, and hashing or comparing
+    placements calls Python per entry. The entry holds both objects, so their ids are not reused while it
+    stands."""
+    key = (id(spec), id(grad_placements))
+    hit = _grad_recipes.get(key)
+    if hit is not None and hit[0] is spec and hit[1] is grad_placements:
+        return hit[2], hit[3]
+    placements = spec.placements
+    scale = avg_grad_scale(placements, grad_placements, spec.mesh) if has_avg(placements) else 1
+    grad_spec = spec if grad_placements == placements else \
+        make_spec(spec.mesh, grad_placements, spec.shape, spec.stride, spec.tensor_meta.dtype)
+    if len(_grad_recipes) >= GRAD_SPEC_CACHE_LIMIT:
+        _grad_recipes.clear()
+    _grad_recipes[key] = (spec, grad_placements, grad_spec, scale)
+    return grad_spec, scale
 
 
 class ToLocalShards(torch.autograd.Function):
@@ -69,12 +73,12 @@ class ToLocalShards(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, grad_placements: tuple, *dtensors: DTensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
-        ctx.set_materialize_grads(False)
+        ctx.materialize_grads = False  # what set_materialize_grads(False) sets, without the call
         views = []
         saved = []
         for d, placements in zip(dtensors, grad_placements, strict=True):
             t = wait_local(local_tensor_of(d))
-            views.append(t.view_as(t))
+            views.append(t.detach())  # a fresh alias for autograd to mark (half a view_as's cost)
             saved.append((spec_of(d), placements, t.stride()))
         ctx.saved = saved
         return tuple(views)
@@ -94,16 +98,22 @@ class FromLocalShards(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, specs: Sequence[DTensorSpec], grad_rules: Sequence[Any] | None,  # type: ignore[override]
                 *locals_: torch.Tensor) -> tuple[DTensor, ...]:
-        ctx.set_materialize_grads(False)
+        ctx.materialize_grads = False  # what set_materialize_grads(False) sets, without the call
         ctx.specs, ctx.grad_rules = specs, grad_rules
-        return tuple(make_dtensor(t.view_as(t), s, requires_grad=t.requires_grad)
-                     for t, s in zip(locals_, specs, strict=True))
+        if len(locals_) == 1:
+            t = locals_[0]
+            return (make_dtensor(t.detach(), specs[0], requires_grad=t.requires_grad),)
+        return tuple([make_dtensor(t.detach(), s, requires_grad=t.requires_grad)
+                      for t, s in zip(locals_, specs, strict=True)])
 
     @staticmethod
     def backward(ctx: Any, *grads: Any) -> tuple:  # type: ignore[override]
+        rules = ctx.grad_rules
+        if len(grads) == 1:
+            g = grads[0]
+            return None, None, _output_grad(g, ctx.specs[0], rules and rules[0]) if isinstance(g, DTensor) else g
         out: list[Any] = [None, None]
-        rules = ctx.grad_rules or (None,) * len(grads)
-        for g, spec, rule in zip(grads, ctx.specs, rules, strict=True):
+        for g, spec, rule in zip(grads, ctx.specs, rules or (None,) * len(grads), strict=True):
             out.append(_output_grad(g, spec, rule) if isinstance(g, DTensor) else g)
         return tuple(out)
 
@@ -111,18 +121,37 @@ class FromLocalShards(torch.autograd.Function):
 def _output_grad(g: DTensor, spec: DTensorSpec, rule: tuple[float, Any] | None) -> torch.Tensor:
     """The local gradient of an output from the DTensor gradient flowing into it. `rule`, from the placement
     check (None: the default): the factor on it, and the second-order rule (``_differentiable_output_grad``)."""
-    target = grad_default(spec.placements)
+    target, ranks = _output_recipe(spec)
     g_spec = spec_of(g)
     if torch.is_grad_enabled():  # create_graph=True: keep the conversion differentiable
         local = _differentiable_output_grad(g, spec, target, None if rule is None else rule[1])
-    elif g_spec.placements != target:
+    elif g_spec.placements is not target and g_spec.placements != target:
         target_spec = DTensorSpec(spec.mesh, target, tensor_meta=g_spec.tensor_meta)
         local = wait_local(compat.redistribute_local(local_tensor_of(g), g_spec, target_spec))
     else:
         local = wait_local(local_tensor_of(g))
-    if has_avg(spec.placements):
-        local = local / avg_ranks(spec.placements, spec.mesh)
+    if ranks != 1:
+        local = local / ranks
     return local if rule is None or rule[0] == 1 else local * rule[0]
+
+
+_output_recipes: dict[int, tuple[DTensorSpec, tuple[Placement, ...], int]] = register_cache(
+    "output_recipes", {}, limit=GRAD_SPEC_CACHE_LIMIT, eviction="clear when full")
+
+
+def _output_recipe(spec: DTensorSpec) -> tuple[tuple[Placement, ...], int]:
+    """An output's gradient placements (Partial read as Replicate) and the ranks a Partial('avg') divides its
+    gradient by, remembered per spec object (output specs are cached per plan): hashing placements calls
+    Python per entry. The entry holds the spec, so its id is not reused while it stands."""
+    hit = _output_recipes.get(id(spec))
+    if hit is not None and hit[0] is spec:
+        return hit[1], hit[2]
+    placements = spec.placements
+    recipe = (grad_default(placements), avg_ranks(placements, spec.mesh) if has_avg(placements) else 1)
+    if len(_output_recipes) >= GRAD_SPEC_CACHE_LIMIT:
+        _output_recipes.clear()
+    _output_recipes[id(spec)] = (spec, *recipe)
+    return recipe
 
 
 def _differentiable_output_grad(g: DTensor, spec: DTensorSpec, target: tuple[Placement, ...],
@@ -147,15 +176,14 @@ def _differentiable_output_grad(g: DTensor, spec: DTensorSpec, target: tuple[Pla
 def output_grad_rules(verdict: Any, flat_out: Sequence[Any], grad_out: Sequence[int]) -> tuple | None:
     """Per output in `grad_out` (indices of `flat_out`): (factor on its gradient, its double-backward rule) from
     the placement check's verdict (see check.checker._output_grads), or None when all take the default."""
-    scales, second = verdict.out_grad_scales, verdict.out_second_order
-    if scales is None and second is None:
+    rules = verdict.out_grad_rules
+    if rules is None:
         return None
     positions: dict[int, int] = {}  # flat index -> index among the tensor outputs (what the check numbers)
     for i, o in enumerate(flat_out):
         if isinstance(o, torch.Tensor):
             positions[i] = len(positions)
-    return tuple((1 if scales is None else scales[positions[i]], None if second is None else second[positions[i]])
-                 for i in grad_out)
+    return tuple(rules[positions[i]] for i in grad_out)
 
 
 class ScaledGradient(torch.autograd.Function):

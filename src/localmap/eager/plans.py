@@ -31,7 +31,7 @@ OUTPUT_SPEC_CACHE_LIMIT = 256  # output DTensorSpecs remembered per output plan,
 class InputPlan:
     """Resolved leaf specs for one argument structure on one mesh."""
 
-    __slots__ = ("mesh", "specs", "grad_specs", "fast_grad_specs", "verdict")
+    __slots__ = ("mesh", "specs", "grad_specs", "fast_grad_specs", "verdict", "even_specs")
 
     def __init__(self, mesh: DeviceMesh, specs: tuple[LeafSpec, ...] | None,
                  grad_specs: tuple[LeafSpec, ...] | None) -> None:
@@ -39,6 +39,7 @@ class InputPlan:
         self.specs = specs  # in_placements per leaf (None: take each DTensor's own)
         self.grad_specs = grad_specs  # in_grad_placements per leaf (None: inferred or the default)
         self.verdict: tuple | None = None  # (DTensor specs, Verdict) of the last checked call on this plan
+        self.even_specs: tuple = ()  # the DTensor specs (objects) of the last call whose inputs were all even
         # Grad specs usable without per-call checks; None where a negative Shard dim needs the tensor's ndim.
         self.fast_grad_specs = None if grad_specs is None else tuple(
             None if s is None or any(isinstance(p, Shard) and p.dim < 0 for p in s) else s

@@ -180,7 +180,9 @@ class RegionCallable:
         specs, grad_specs = plan.specs, plan.fast_grad_specs
         checked = []
         uneven = False
-        for i in dtensor_idx:
+        even = plan.even_specs  # the last call's specs, all even: the same objects need no second look
+        known = len(even) == len(dtensor_idx)
+        for n, i in enumerate(dtensor_idx):
             a = flat[i]
             spec = spec_of(a)
             # Fast path: same mesh object and placements as the plan; anything else gets the full check.
@@ -192,9 +194,13 @@ class RegionCallable:
             else:
                 a, gp = check_input_leaf(plan, args, flat, i, mesh, self.redistribute_inputs)
                 spec = spec_of(a)  # redistributed, maybe
-            if not uneven:
+            if known and even[n] is not spec:
+                known = False
+            if not (uneven or known):
                 uneven = is_uneven_spec(spec)
             checked.append((i, a, gp, spec))
+        if not (known or uneven):
+            plan.even_specs = tuple(c[3] for c in checked)
         return checked, uneven
 
     def _to_locals(self, flat: Sequence[Any], checked: list, inferred: tuple | None) -> list:
@@ -230,16 +236,15 @@ class RegionCallable:
             if len(self._output_plans) < PLAN_CACHE_LIMIT:
                 self._output_plans[out_tree] = plan
         dspecs = output_dtensor_specs(out, flat_out, plan, mesh, uneven)
+        if out_tree is None and dspecs[0] is not None:  # one tensor (the usual case): no lists
+            if out.requires_grad and torch.is_grad_enabled():
+                return _with_grad(out, flat_out, dspecs, [0], mesh, verdict)[0]
+            return make_dtensor(out, dspecs[0], requires_grad=False)
         results = list(flat_out)
         track_grad = torch.is_grad_enabled()
         grad_out = [i for i, s in enumerate(dspecs) if s is not None and track_grad and flat_out[i].requires_grad]
         if grad_out:
-            for i in grad_out:
-                if has_extreme(dspecs[i].placements):
-                    raise extreme_grad_error(leaf_path("outputs", out, i), dspecs[i].placements, mesh)
-            rules = None if verdict is None else output_grad_rules(verdict, flat_out, grad_out)
-            wrapped = from_local_shards(tuple(dspecs[i] for i in grad_out), rules, *(flat_out[i] for i in grad_out))
-            for i, d in zip(grad_out, wrapped, strict=True):
+            for i, d in zip(grad_out, _with_grad(out, flat_out, dspecs, grad_out, mesh, verdict), strict=True):
                 results[i] = d
         for i, s in enumerate(dspecs):
             if s is not None and results[i] is flat_out[i]:
@@ -296,6 +301,18 @@ class RegionCallable:
                            treespec if treespec is not None else pytree.tree_flatten(tuple(flat))[1], kwargs,
                            self.out_placements, grads, mesh, force=self.check == "test")
         return verdict
+
+
+def _with_grad(out: Any, flat_out: Sequence[Any], dspecs: list, grad_out: list[int], mesh: DeviceMesh,
+               verdict: Any) -> tuple:
+    """The outputs `grad_out` (indices of `flat_out`) as DTensors through one autograd node, with the gradient
+    rules the verdict (None: unchecked) gives them; a Partial(max/min) one is refused."""
+    for i in grad_out:
+        if has_extreme(dspecs[i].placements):
+            raise extreme_grad_error(leaf_path("outputs", out, i), dspecs[i].placements, mesh)
+    rules = None if verdict is None or verdict.out_grad_rules is None else \
+        output_grad_rules(verdict, flat_out, grad_out)
+    return from_local_shards(tuple([dspecs[i] for i in grad_out]), rules, *[flat_out[i] for i in grad_out])
 
 
 def _value_key(flat: Sequence[Any], kwargs: dict) -> tuple:
