@@ -161,3 +161,56 @@ def test_demo_model_compiled_matches_eager_and_one_device():
     for to_eager, to_one_device in run_gloo(_demo, 2, mesh_shape=(1, 2), mesh_dim_names=("dp", "tp"),
                                             timeout=400):
         assert to_eager < 1e-5 and to_one_device < 1e-4
+
+
+def _issue19_programs(mesh):
+    """One step with inductor holding issue 19's compiled-path programs: a Partial('avg') output, a
+    Partial('avg') input whose gradient is Replicate, a region returning a tuple of three, and a region made
+    from F.interpolate inside the compiled function. Largest relative difference to eager and to one device,
+    over the loss and every gradient; each gradient's placements, compiled and eager."""
+    import torch.nn.functional as F
+
+    from helpers import R, S0, rel_diff
+    from localmap import Partial, local_map
+    from localmap.testing import distribute, full
+
+    avg = Partial("avg")
+    avg_out = local_map(lambda a, b: (a @ b).mean(0), [avg], ([S0], [R]))
+    avg_in = local_map(lambda a, b: a @ b, [avg], ([R], [avg]))
+    split = local_map(lambda t: (t * 2, t + 1, t.sin()), ([S0],) * 3, ([S0],))
+
+    def step(x, w, xr, p, z):
+        a, b, c = split(x)
+        up = local_map(F.interpolate, [S0], ([S0],))(z, scale_factor=2, mode="nearest")
+        terms = (avg_out(x, w), avg_in(xr, p), a, b * 2, c * 3, up)
+        return sum((t.redistribute(mesh, [R]) ** 2).sum() for t in terms)
+
+    def reference(x, w, xr, p, z):
+        terms = ((x @ w).mean(0), xr @ p, x * 2, (x + 1) * 2, x.sin() * 3, F.interpolate(z, scale_factor=2))
+        return sum((t ** 2).sum() for t in terms)
+
+    torch.manual_seed(0)
+    leaves = [torch.randn(8, 3), torch.randn(3, 2), torch.randn(4, 3), torch.randn(3, 2), torch.randn(4, 2, 3)]
+    placements = ([S0], [R], [R], [avg], [S0])
+
+    def run(fn):
+        ds = [distribute(t, mesh, pl, requires_grad=True) for t, pl in zip(leaves, placements)]
+        loss = fn(*ds)
+        loss.backward()
+        return [full(loss)] + [full(d.grad) for d in ds], [tuple(d.grad.placements) for d in ds]
+
+    ts = [t.clone().requires_grad_() for t in leaves]
+    ref = reference(*ts)
+    ref.backward()
+    eager, eager_pl = run(step)
+    got, got_pl = run(torch.compile(step, fullgraph=True, backend="inductor"))
+    return (max(rel_diff(a, b) for a, b in zip(got, eager)),
+            max(rel_diff(a, b) for a, b in zip(got, [ref.detach()] + [t.grad for t in ts])), got_pl, eager_pl)
+
+
+def test_issue19_programs_with_inductor():
+    """Partial('avg') gradients were n times too large compiled, a tuple output came back as its first
+    tensor, and a region made from F.interpolate inside the compiled function failed in Dynamo."""
+    for to_eager, to_one_device, got_pl, eager_pl in run_gloo(_issue19_programs, 2, timeout=400):
+        assert to_eager < 1e-5 and to_one_device < 1e-4, (to_eager, to_one_device)
+        assert got_pl == eager_pl

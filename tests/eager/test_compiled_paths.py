@@ -227,3 +227,67 @@ def test_functional_region_made_while_compiling(sim_mesh_4, name):
 def test_functional_wrapper_keeps_its_metadata_eagerly():
     wrapped = local_map(F.silu, [S0], ([S0],))
     assert wrapped.__name__ == "silu" and wrapped.__wrapped__ is F.silu
+
+
+# ---- 8. PyTorch's simulator on a 2-D mesh ------------------------------------------------------------------
+
+def _rms(x, w):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+
+
+_SIMULATOR_2D = ("PyTorch's simulator (LocalTensor) on a 2-D mesh: a compiled function's DTensor output whose local "
+                 "shard has size 1 in its first dim gets its backward tangent's metadata guessed as a plain tensor "
+                 "('expected SubclassCreationMeta, got PlainTensorMeta' in AOT autograd); plain DTensor ops fail "
+                 "the same, real process groups are not affected (docs/compile.md)")
+
+
+@pytest.mark.xfail(raises=AssertionError, reason=_SIMULATOR_2D, strict=False)
+@pytest.mark.parametrize("program", ["plain DTensor", "PyTorch's local_map"])
+def test_simulator_2d_output_tangent_without_localmap(sim_mesh_2x2, program):
+    """The failure of issue 19 item 8, reproduced without localmap's regions: only PyTorch's DTensor, its own
+    local_map, its simulator and torch.compile."""
+    from torch.distributed.tensor.experimental import local_map as torch_local_map
+
+    mesh = sim_mesh_2x2
+    x = distribute(randn(2, 8, 4), mesh, [S0, S1], requires_grad=True)  # local batch 1
+    w = distribute(randn(4), mesh, [R, R], requires_grad=True)
+    body = _rms if program == "plain DTensor" else \
+        torch_local_map(_rms, [S0, S1], ([S0, S1], [R, R]), ([S0, S1], [Partial(), Partial()]), mesh)
+    torch.compiler.reset()
+    out = torch.compile(body, backend="aot_eager", fullgraph=True)(x, w)
+    (out * 3).sum().backward()
+
+
+@pytest.mark.xfail(raises=AssertionError, reason=_SIMULATOR_2D, strict=False)
+def test_simulator_2d_sequence_parallel_rms_norm_output(sim_mesh_2x2):
+    """The same failure with localmap's region: the compiled function returns the region's output."""
+    mesh = sim_mesh_2x2
+    region = local_map(_rms, [S0, S1], ([S0, S1], [R, R]))
+    x = distribute(randn(2, 8, 4), mesh, [S0, S1], requires_grad=True)
+    w = distribute(randn(4), mesh, [R, R], requires_grad=True)
+    torch.compiler.reset()
+    (torch.compile(region, backend="aot_eager", fullgraph=True)(x, w) * 3).sum().backward()
+
+
+@pytest.mark.parametrize("batch", [2, 4])
+def test_sequence_parallel_rms_norm_on_2d_mesh(sim_mesh_2x2, batch):
+    """The sequence-parallel RMSNorm region on the 2-D simulated mesh, compiled, equals eager and one device:
+    with its loss inside the compiled function (any batch), or returned with a local batch above 1."""
+    mesh = sim_mesh_2x2
+    region = local_map(_rms, [S0, S1], ([S0, S1], [R, R]))
+    leaves, placements = [randn(batch, 8, 4), randn(4)], [[S0, S1], [R, R]]
+
+    def step(x, w):
+        return (region(x, w).redistribute(mesh, [R, R]) ** 2).sum()
+
+    eager, eager_pl = _run(step, mesh, leaves, placements, "eager")
+    got, got_pl = _run(step, mesh, leaves, placements, "aot_eager")
+    assert got_pl == eager_pl == [(S0, S1), (Partial(), Partial())]
+    _assert_all_close(got, eager, 1e-5)
+    _assert_all_close(got, _one_device(lambda x, w: (_rms(x, w) ** 2).sum(), leaves))
+    if batch > 2:  # the region's output returned, its backward from outside the compiled function
+        x = distribute(leaves[0], mesh, placements[0], requires_grad=True)
+        torch.compiler.reset()
+        (torch.compile(region, backend="aot_eager", fullgraph=True)(x, distribute(leaves[1], mesh, [R, R])) * 3
+         ).sum().backward()
+        _assert_all_close([full(x.grad)], _one_device(lambda t: (_rms(t, leaves[1]) * 3).sum(), leaves[:1])[1:])
