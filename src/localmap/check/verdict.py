@@ -74,6 +74,7 @@ class Verdict:
     test: TestRecord | None = None  # unproven: what a test of the claim ran and found (localmap.check.tested)
     draws_random: bool = False  # the traced body draws random numbers (the test then leaves it unproven)
     mesh_reads: list[str] = field(default_factory=list)  # unproven: where the body reads a shard as a unit
+    low_precision: bool = False  # unproven: the traced body computes in half precision somewhere (bf16 matmuls)
 
     @property
     def ok(self) -> bool:
