@@ -125,8 +125,7 @@ def _run_and_compare(fn: Callable, leaves: Sequence[Any], treespec: Any, kwargs:
         copies = [{r: t.detach().clone() for r, t in s.items()} for s in shards]
     many = _run(fn, leaves, treespec, kwargs, inputs, closed, mesh, [compat.simulated_value(c) for c in copies])
     with compat.outside_simulation():
-        one_mesh = DeviceMesh(mesh.device_type, torch.zeros((1,) * mesh.ndim, dtype=torch.int),
-                              mesh_dim_names=mesh.mesh_dim_names)
+        one_mesh = _one_rank_mesh(mesh)
         one = _run(fn, _plain_leaves(leaves, inputs, globals_), treespec, kwargs, inputs, closed, one_mesh,
                    [g.detach().clone() for g in globals_])
         out_specs = resolve_output_specs(out_placements, one[0], len(pytree.tree_leaves(one[0])))
@@ -161,6 +160,24 @@ def _grad_specs(leaves: Sequence[Any], inputs: list[int], closed: list, grad_pla
 def _input_names(leaves: Sequence[Any], treespec: Any, inputs: list[int], closed: list) -> list[str]:
     tree = pytree.tree_unflatten(list(leaves), treespec)
     return [leaf_path("args", tree, i) for i in inputs] + [f"closed-over {n}" for n, _ in closed]
+
+
+_one_rank_meshes: dict[int, tuple[DeviceMesh, DeviceMesh]] = {}
+ONE_RANK_MESH_LIMIT = 16  # one-rank meshes remembered (by the region mesh they stand for; cleared when full)
+
+
+def _one_rank_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """A mesh of the same dim names and one rank (this process's rank 0 of the simulated world), made once per
+    region mesh: its process groups have one member, so every collective on it is the identity."""
+    hit = _one_rank_meshes.get(id(mesh))
+    if hit is not None and hit[0] is mesh:
+        return hit[1]
+    one = DeviceMesh(mesh.device_type, torch.zeros((1,) * mesh.ndim, dtype=torch.int),
+                     mesh_dim_names=mesh.mesh_dim_names)
+    if len(_one_rank_meshes) >= ONE_RANK_MESH_LIMIT:
+        _one_rank_meshes.clear()
+    _one_rank_meshes[id(mesh)] = (mesh, one)
+    return one
 
 
 def _run(fn: Callable, leaves: Sequence[Any], treespec: Any, kwargs: dict, inputs: list[int], closed: list,
