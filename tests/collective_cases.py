@@ -32,6 +32,10 @@ def run_collective_region(mesh, m, body, reference, inputs, in_pl, out_pl, atol=
         want = reference(*refs)
         upstream = torch.randn(want.shape, generator=torch.Generator().manual_seed(7))
         want.backward(upstream)
+    # A collective's value depends on the mesh's size (the reference takes n): run on one rank it is the
+    # identity, so the test of an unproven claim against the one-rank run would call it wrong; these cases check
+    # the collectives' values and gradients and accept what the proof cannot settle.
+    kw.setdefault("check", "allow_unproven")
     region = local_map(lambda *a: body(dim, *a), on_dim(mesh, m, out_pl), tuple(on_dim(mesh, m, p) for p in in_pl),
                        device_mesh=mesh, **kw)
     dts = [distribute(t, mesh, on_dim(mesh, m, p), requires_grad=t.is_floating_point()) for t, p in zip(inputs, in_pl)]

@@ -294,6 +294,8 @@ def _check_traced(gm: fx.GraphModule, out: Any, closed: list, local_args: Sequen
         verdict.draws_random = any(compat.draws_random(n.target, n.args, n.kwargs)
                                    for n in gm.graph.nodes if n.op == "call_function")
         verdict.mesh_reads = shard_position_reads(gm, in_types, in_paths)
+        verdict.low_precision = any(getattr(n.meta.get("val"), "dtype", None) in (torch.float16, torch.bfloat16)
+                                    for n in gm.graph.nodes)
     grads: list[Any] = [None] * len(local_args)
     for i, g in zip(inputs, verdict.grad_placements[:len(inputs)], strict=True):
         grads[i] = g

@@ -67,7 +67,8 @@ def settle_by_test(verdict: Verdict, fn: Callable, leaves: Sequence[Any], treesp
     record = TestRecord(inputs=_describe_inputs(leaves, treespec), mesh=_describe_mesh(mesh))
     state = _State(fn)
     try:
-        found = _run_and_compare(fn, leaves, treespec, kwargs, out_placements, grad_placements, closed, mesh)
+        found = _run_and_compare(fn, leaves, treespec, kwargs, out_placements, grad_placements, closed, mesh,
+                                 verdict.low_precision)
     except Exception as e:  # a body that cannot run on one rank (shapes that only fit a shard): left unproven
         record.not_run = f"the body failed on its one-rank run or the test's: {type(e).__name__}: {e}"[:240]
         found = None
@@ -111,7 +112,8 @@ def _refuted(verdict: Verdict, record: TestRecord) -> PlacementError:
 # ---- the two runs -------------------------------------------------------------------------------------------
 
 def _run_and_compare(fn: Callable, leaves: Sequence[Any], treespec: Any, kwargs: dict, out_placements: Any,
-                     grad_placements: Sequence[Any], closed: list, mesh: DeviceMesh) -> tuple[float, str, bool]:
+                     grad_placements: Sequence[Any], closed: list, mesh: DeviceMesh,
+                     low_precision: bool) -> tuple[float, str, bool]:
     """(largest difference, where, all within tolerance) between the region run on `mesh` and on one rank:
     the outputs, then (when they agree) the gradients of the inputs for a fixed random cotangent."""
     layout = _Layout(mesh)
@@ -123,21 +125,20 @@ def _run_and_compare(fn: Callable, leaves: Sequence[Any], treespec: Any, kwargs:
         copies = [{r: t.detach().clone() for r, t in s.items()} for s in shards]
     many = _run(fn, leaves, treespec, kwargs, inputs, closed, mesh, [compat.simulated_value(c) for c in copies])
     with compat.outside_simulation():
-        one_mesh = DeviceMesh(mesh.device_type, torch.zeros((1,) * mesh.ndim, dtype=torch.int),
-                              mesh_dim_names=mesh.mesh_dim_names)
+        one_mesh = _one_rank_mesh(mesh)
         one = _run(fn, _plain_leaves(leaves, inputs, globals_), treespec, kwargs, inputs, closed, one_mesh,
                    [g.detach().clone() for g in globals_])
         out_specs = resolve_output_specs(out_placements, one[0], len(pytree.tree_leaves(one[0])))
-        diffs = _compare_outputs(layout, many[0], one[0], out_specs)
+        diffs = _compare_outputs(layout, many[0], one[0], out_specs, low_precision)
     if all(d[2] for d in diffs):
         diffs += _compare_grads(layout, many, one, out_specs, _grad_specs(leaves, inputs, closed, grad_placements),
-                                _input_names(leaves, treespec, inputs, closed))
+                                _input_names(leaves, treespec, inputs, closed), low_precision)
     largest = max(diffs, key=lambda d: d[1], default=("", 0.0, True))
     return largest[1], largest[0], all(d[2] for d in diffs)
 
 
 def _compare_grads(layout: _Layout, many: tuple, one: tuple, out_specs: Sequence[Any], specs: list,
-                   names: list[str]) -> list[tuple[str, float, bool]]:
+                   names: list[str], low_precision: bool) -> list[tuple[str, float, bool]]:
     """The inputs' gradients of both runs for one random cotangent per differentiable output (cut into each
     rank's piece by the output's placements), compared by the inputs' gradient placements."""
     with compat.outside_simulation():
@@ -147,7 +148,7 @@ def _compare_grads(layout: _Layout, many: tuple, one: tuple, out_specs: Sequence
         pieces = [layout.pieces(g, s) for g, s in zip(cotangents, _differentiable_specs(many[0], out_specs))]
     got = _grads(many, [compat.simulated_value(p) for p in pieces])
     with compat.outside_simulation():
-        return [(f"the gradient of {name}", *_difference(layout, g, w, spec))
+        return [(f"the gradient of {name}", *_difference(layout, g, w, spec, low_precision))
                 for name, g, w, spec in zip(names, got, wanted, specs)]
 
 
@@ -159,6 +160,24 @@ def _grad_specs(leaves: Sequence[Any], inputs: list[int], closed: list, grad_pla
 def _input_names(leaves: Sequence[Any], treespec: Any, inputs: list[int], closed: list) -> list[str]:
     tree = pytree.tree_unflatten(list(leaves), treespec)
     return [leaf_path("args", tree, i) for i in inputs] + [f"closed-over {n}" for n, _ in closed]
+
+
+_one_rank_meshes: dict[int, tuple[DeviceMesh, DeviceMesh]] = {}
+ONE_RANK_MESH_LIMIT = 16  # one-rank meshes remembered (by the region mesh they stand for; cleared when full)
+
+
+def _one_rank_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """A mesh of the same dim names and one rank (this process's rank 0 of the simulated world), made once per
+    region mesh: its process groups have one member, so every collective on it is the identity."""
+    hit = _one_rank_meshes.get(id(mesh))
+    if hit is not None and hit[0] is mesh:
+        return hit[1]
+    one = DeviceMesh(mesh.device_type, torch.zeros((1,) * mesh.ndim, dtype=torch.int),
+                     mesh_dim_names=mesh.mesh_dim_names)
+    if len(_one_rank_meshes) >= ONE_RANK_MESH_LIMIT:
+        _one_rank_meshes.clear()
+    _one_rank_meshes[id(mesh)] = (mesh, one)
+    return one
 
 
 def _run(fn: Callable, leaves: Sequence[Any], treespec: Any, kwargs: dict, inputs: list[int], closed: list,
@@ -204,36 +223,42 @@ def _grads(run: tuple[Any, list[torch.Tensor]], cotangents: list[torch.Tensor]) 
     return grads
 
 
-def _compare_outputs(layout: _Layout, many: Any, one: Any, specs: Sequence[Any]) -> list[tuple[str, float, bool]]:
+def _compare_outputs(layout: _Layout, many: Any, one: Any, specs: Sequence[Any],
+                     low_precision: bool) -> list[tuple[str, float, bool]]:
     many_leaves, one_leaves = pytree.tree_leaves(many), pytree.tree_leaves(one)
     if len(many_leaves) != len(one_leaves):
         return [("the outputs' structure", math.inf, False)]
     diffs = []
     for k, (m, o, spec) in enumerate(zip(many_leaves, one_leaves, specs)):
         if isinstance(o, torch.Tensor) and spec is not None:
-            diffs.append((f"{leaf_path('outputs', one, k)} claimed {spec}", *_difference(layout, m, o, spec)))
+            diffs.append((f"{leaf_path('outputs', one, k)} claimed {spec}",
+                          *_difference(layout, m, o, spec, low_precision)))
     return diffs
 
 
-def _difference(layout: _Layout, many: Any, one: Any, spec: Any) -> tuple[float, bool]:
+def _difference(layout: _Layout, many: Any, one: Any, spec: Any, low_precision: bool) -> tuple[float, bool]:
     """(largest absolute difference, within tolerance) between per-rank values put together by `spec` and the
-    one-rank value; None on both sides (no gradient) is no difference, None on one side is zeros."""
+    one-rank value; None on both sides (no gradient) is no difference, None on one side is zeros. The tolerance
+    is relative to the largest value on either side (a Partial's pieces may be larger than their sum), and a
+    half-precision one where the body computes in half precision anywhere (a bf16 grouped matmul)."""
     if many is None and one is None:
         return 0.0, True
-    if many is None or not isinstance(many, torch.Tensor):
-        many = torch.zeros_like(one) if many is None else torch.as_tensor(many)
-        got, disagree = many, 0.0
+    pieces = layout.per_rank(many) if isinstance(many, torch.Tensor) else {}
+    if not isinstance(many, torch.Tensor):
+        got, disagree = (torch.zeros_like(one) if many is None else torch.as_tensor(many)), 0.0
     else:
-        got, disagree = layout.assemble(layout.per_rank(many), spec)
+        got, disagree = layout.assemble(pieces, spec)
     one = torch.zeros_like(got) if one is None else one
     if got.shape != one.shape:
         return math.inf, False
     if not got.numel():
         return disagree, disagree == 0
     diff = max((got.double() - one.double()).abs().max().item(), disagree)
-    atol, rtol = (1e-5, 1e-4) if one.dtype in (torch.float32, torch.float64) or not one.is_floating_point() else (
-        1e-3, 2e-2)
-    return diff, diff <= atol + rtol * one.double().abs().max().item()
+    scale = max([one.double().abs().max().item()] + [p.double().abs().max().item() for p in pieces.values()
+                                                     if p.numel()])
+    half = low_precision or one.dtype in (torch.float16, torch.bfloat16)
+    atol, rtol = (1e-3, 2e-2) if half else (1e-5, 1e-4)
+    return diff, diff <= atol + rtol * scale
 
 
 class _Layout:

@@ -13,7 +13,7 @@ Four verdicts, honestly (NOTE: four verdicts; docs/check-verdicts.md):
   test's budget, a real process group, random draws, or a body whose meaning changes on one rank). Never
   reported as ok: by default the region runs and localmap warns once, naming the output, the op where the proof
   stopped and how to settle it; ``check="strict"`` makes it an error, ``check="allow_unproven"`` accepts it
-  explicitly.
+  explicitly (and runs no test).
 
 A body the check cannot trace at all, or a failure inside the checker, is **unchecked**: the program runs, with
 one warning naming the region, the reason, and the inputs whose gradient placements are then a guess.
@@ -83,6 +83,7 @@ class Verdict:
     test: TestRecord | None = None  # unproven: what a test of the claim ran and found (localmap.check.tested)
     draws_random: bool = False  # the traced body draws random numbers (the test then leaves it unproven)
     mesh_reads: list[str] = field(default_factory=list)  # unproven: where the body reads a shard as a unit
+    low_precision: bool = False  # unproven: the traced body computes in half precision somewhere (bf16 matmuls)
 
     @property
     def ok(self) -> bool:
