@@ -227,7 +227,7 @@ RIGHT = [
     Prog("closed-over row weight, partial sum", lambda ws: lambda x: x @ local(ws[0]), [(4, 8)], [(S1,)], (P,),
          "ok", weights=[((8, 4), (S0,))]),
     Prog("vocab-parallel embedding, closed-over table", vocab_embedding, [IDS], [(R,)], (P,), "ok",
-         weights=[((16, 8), (S0,))], xfail="unproven: the proof stops at a functional collective in the lookup"),
+         weights=[((16, 8), (S0,))]),
     Prog("swiglu column-parallel", lambda x, a, b: F.silu(x @ a) * (x @ b), [(4, 6), (6, 8), (6, 8)],
          [(R,), (S1,), (S1,)], (S1,), "ok"),
     Prog("row-parallel then all_reduce", lambda h, w: C.all_reduce(h @ w, "tp"), [(4, 8), (8, 4)], [(S1,), (S0,)],
