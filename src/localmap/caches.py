@@ -4,6 +4,7 @@ who want a cold start). Each region's own caches are ``fn.region.cache_info()``.
 from __future__ import annotations
 
 from localmap.check import function as check_function
+from localmap.check import verdict
 from localmap.eager import autograd, region
 from localmap.traced import build
 
@@ -16,9 +17,10 @@ def cache_info() -> dict[str, int]:
 
 
 def clear_caches() -> None:
-    """Forget built regions, check verdicts, shared regions of rebuilt wrappers and remembered gradient specs (the
-    counters keep counting)."""
+    """Forget built regions, check verdicts (and which of their warnings were shown), shared regions of rebuilt
+    wrappers and remembered gradient specs (the counters keep counting)."""
     build.clear_cache()
     region.clear_shared_regions()
     check_function.clear_cache()
+    verdict.forget_warnings()
     autograd.clear_cache()

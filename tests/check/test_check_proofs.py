@@ -272,3 +272,22 @@ def test_a_lookup_shifted_by_the_wrong_offset_is_not_proven(sim_mesh_4):
     region = local_map(body, [P], [[S0]], None, sim_mesh_4)
     with pytest.warns(UserWarning, match="unproven"):
         region(distribute(randn(16, 3), sim_mesh_4, [S0]))
+
+
+# ---- positions: tables sliced or made by the local length --------------------------------------------------------
+
+def test_a_position_table_sliced_by_the_local_length_is_refused(sim_mesh_4):
+    """x sequence-sharded plus pos[: local length]: every rank adds the first rows (rotary tables, learned
+    positions indexed by local positions)."""
+    _refused(sim_mesh_4, lambda x, pos: x + pos[: x.shape[1]], [randn(2, 8, 4), randn(8, 4)], [[S1], [R]],
+             [S1], "first rows instead of its own")
+
+
+def test_positions_from_the_local_length_are_refused(sim_mesh_4):
+    """A causal mask built from arange(local length) with sequence-sharded queries uses local positions."""
+    def body(s):
+        n = s.shape[0]
+        causal = torch.arange(n)[:, None] >= torch.arange(s.shape[1])[None, :]
+        return s.masked_fill(~causal, float("-inf")).softmax(-1)
+
+    _refused(sim_mesh_4, body, [randn(8, 8)], [[S0]], [S0], "first rows instead of its own")

@@ -126,6 +126,11 @@ _warned: set = set()  # (region definition, message) already shown: one warning 
 _WARNED_LIMIT = 4096
 
 
+def forget_warnings() -> None:
+    """Show each warning again (``localmap.clear_caches``: a cold start)."""
+    _warned.clear()
+
+
 def _warn_once(verdict: Verdict, messages: list[str]) -> None:
     """Each message once per verdict, and once per region definition: a body checked again for other input
     shapes or dtypes (ChunkedLossWrapper chunks float states and int labels) stopping at the same op and line
