@@ -346,7 +346,7 @@ WRONG = [
     Prog("reshape(-1, d) of a sequence shard claimed Shard(0)", lambda x: x.reshape(-1, x.shape[-1]) * 1,
          [(2, 8, 4)], [(S1,)], (S0,), "refused", "interleaved"),
     Prog("position table sliced by the local length", lambda x, pos: x + pos[: x.shape[1]], [(2, 8, 4), (8, 4)],
-         [(S1,), (R,)], (S1,), "unproven"),
+         [(S1,), (R,)], (S1,), "refused", "first rows instead of its own"),
     Prog("all_gather result claimed Shard", lambda x: C.all_gather(x, "tp", dim=1) * 2, [(2, 8, 4)], [(S1,)],
          (S1,), "refused", "claimed Shard(dim=1)", ref=lambda x: x * 2),
     Prog("reduce_scatter result claimed Replicate", lambda h, w: C.reduce_scatter(h @ w, "tp", dim=1),

@@ -215,3 +215,79 @@ def test_nearest_resize_by_a_whole_factor_of_a_sharded_image_keeps_the_shard(sim
 def test_bilinear_resize_of_a_channel_sharded_image_keeps_the_shard(sim_mesh_4):
     _proven(sim_mesh_4, lambda x: F.interpolate(x, scale_factor=2, mode="bilinear"), [randn(1, 4, 4, 4)],
             [[S1]], [S1])
+
+
+# ---- rank offsets: a lookup masked to this rank's rows ----------------------------------------------------------
+
+def _vocab_lookup(table, ids):
+    """Megatron's vocab-parallel embedding, the offset from axis_index: each rank looks up the ids in its rows
+    and zeros the rest; summed over ranks, the one-device lookup."""
+    from localmap import collectives as C
+
+    n = table.shape[0]
+    shifted = ids - C.axis_index(0) * n
+    inside = (shifted >= 0) & (shifted < n)
+    return F.embedding(shifted.clamp(0, n - 1), table) * inside.unsqueeze(-1).to(table.dtype)
+
+
+_IDS = torch.tensor([[0, 5, 15, 9], [3, 12, 7, 1]])
+
+
+def test_a_vocab_parallel_lookup_masked_by_the_rank_offset_is_a_partial_sum(sim_mesh_4):
+    from helpers import max_diff
+    from localmap.testing import full, on_one_device
+
+    table = randn(16, 3)
+    region = local_map(lambda t: _vocab_lookup(t, _IDS), [P], [[S0]], None, sim_mesh_4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dt = distribute(table, sim_mesh_4, [S0], requires_grad=True)
+        out = region(dt)
+    with on_one_device():
+        ref_table = table.clone().requires_grad_()
+        ref = F.embedding(_IDS, ref_table)
+        upstream = torch.randn(ref.shape)
+        ref.backward(upstream)
+    out.backward(distribute(upstream, sim_mesh_4, [R]))
+    assert max_diff(full(out), ref) < 1e-6
+    assert max_diff(full(dt.grad), ref_table.grad) < 1e-6
+
+
+def test_a_vocab_parallel_lookup_claimed_replicate_is_refused(sim_mesh_4):
+    _refused(sim_mesh_4, lambda table: _vocab_lookup(table, _IDS), [randn(16, 3)], [[S0]], [R],
+             "partial sum over the ranks but is claimed Replicate")
+
+
+def test_a_lookup_shifted_by_the_wrong_offset_is_not_proven(sim_mesh_4):
+    """Shifted by the rank's index times a size that is not the shard's, the mask no longer picks the rank's
+    own rows: no partial sum is derived (the claim is unproven, not accepted)."""
+    from localmap import collectives as C
+
+    def body(table):
+        n = table.shape[0]
+        shifted = _IDS - C.axis_index(0) * (n + 1)
+        inside = (shifted >= 0) & (shifted < n)
+        return F.embedding(shifted.clamp(0, n - 1), table) * inside.unsqueeze(-1).to(table.dtype)
+
+    region = local_map(body, [P], [[S0]], None, sim_mesh_4)
+    with pytest.warns(UserWarning, match="unproven"):
+        region(distribute(randn(16, 3), sim_mesh_4, [S0]))
+
+
+# ---- positions: tables sliced or made by the local length --------------------------------------------------------
+
+def test_a_position_table_sliced_by_the_local_length_is_refused(sim_mesh_4):
+    """x sequence-sharded plus pos[: local length]: every rank adds the first rows (rotary tables, learned
+    positions indexed by local positions)."""
+    _refused(sim_mesh_4, lambda x, pos: x + pos[: x.shape[1]], [randn(2, 8, 4), randn(8, 4)], [[S1], [R]],
+             [S1], "first rows instead of its own")
+
+
+def test_positions_from_the_local_length_are_refused(sim_mesh_4):
+    """A causal mask built from arange(local length) with sequence-sharded queries uses local positions."""
+    def body(s):
+        n = s.shape[0]
+        causal = torch.arange(n)[:, None] >= torch.arange(s.shape[1])[None, :]
+        return s.masked_fill(~causal, float("-inf")).softmax(-1)
+
+    _refused(sim_mesh_4, body, [randn(8, 8)], [[S0]], [S0], "first rows instead of its own")

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import torch
 import torch.fx as fx
-from torch.distributed.tensor.placement_types import Partial, Replicate
+from torch.distributed.tensor.placement_types import Partial, Replicate, Shard
 
 from localmap import compat
 from localmap.compat import pytree
@@ -226,6 +226,7 @@ def default_types(node: fx.Node, in_types: list, mesh: Any, types: dict) -> Any:
         _refuse_partial(node, [t[m] for t in tensors], m)
     result = propagate(node, in_types, mesh, types)
     if result is None:
+        _refuse_local_sized(node, mesh, types)
         return conservative(node, in_types, mesh)
 
     def mark(t: Any) -> Any:  # varying inputs make the result varying; per-rank copies keep their kind
@@ -234,6 +235,33 @@ def default_types(node: fx.Node, in_types: list, mesh: Any, types: dict) -> Any:
             for m, p in enumerate(t))
 
     return [mark(t) for t in result] if isinstance(result, list) else mark(result)
+
+
+def _refuse_local_sized(node: fx.Node, mesh: Any, types: dict) -> None:
+    """An elementwise op between a shard of dim d and a value the same on every rank whose matching dim has the
+    shard's local length (a position table sliced by the local length, positions from arange(local length)):
+    every rank uses the first rows where it should use its own, and the one-device program (full length) would
+    not. DTensor cannot place it (the global shapes do not broadcast); it is refused."""
+    if not isinstance(node.target, compat.OpOverload) or torch.Tag.pointwise not in node.target.tags:
+        return
+    val = node.meta.get("val")
+    operands = [a for a in node.all_input_nodes if isinstance(types.get(a), tuple)]
+    for a in operands:
+        for m, p in enumerate(types[a]):
+            if not isinstance(p, Shard) or mesh.shape[m] == 1:
+                continue
+            offset = val.ndim - a.meta["val"].ndim
+            local = a.meta["val"].shape[p.dim]
+            for b in operands:
+                tb, vb = types[b], b.meta["val"]
+                k = p.dim + offset - (val.ndim - vb.ndim)
+                if isinstance(tb[m], Replicate) and 0 <= k < vb.ndim and vb.shape[k] == local != 1:
+                    raise RuleError(
+                        f"{op_name(node)} combines a shard of dim {p.dim} with a value that is the same on every "
+                        f"rank and has the shard's local length ({local}) there (a table sliced by the local "
+                        "length, positions from arange of it): every rank uses the first rows instead of its own",
+                        f"offset the rows by localmap.collectives.axis_index({m}) * {local}, or pass the table "
+                        "sharded like the data", m)
 
 
 def op_name(node: fx.Node) -> str:

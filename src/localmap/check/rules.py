@@ -20,6 +20,7 @@ from torch.distributed.tensor.placement_types import Partial, Replicate, Shard
 
 import localmap.collectives  # noqa: F401  (registers the collectives' facts)
 from localmap import compat
+from localmap.check.offsets import partial_where_masked
 from localmap.check.propagation import default_types, op_name, replicated
 from localmap.collectives.registry import collective
 from localmap.placements.types import PER_RANK_COPY, UNKNOWN_WHY, VARYING, RuleError
@@ -302,6 +303,10 @@ for _op in (aten.index_put.default, aten.index_put_.default):
 def output_types(node: fx.Node, in_types: list, mesh: Any, types: dict) -> Any:
     """Type(s) of a node's output(s): its rule, else DTensor propagation (Varying inputs kept Varying), else
     the conservative default."""
+    if node.target is aten.mul.Tensor:  # a lookup masked to this rank's rows (vocab-parallel): check.offsets
+        masked = partial_where_masked(node, in_types, mesh, types, default_types)
+        if masked is not None:
+            return masked
     rule = rule_for(node.target)
     if rule is not None:
         return rule(node, in_types, mesh)
