@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # torch is pinned to the CPU build first: a bare range could pull a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test test-torch fuzz bench clean graphviz
+.PHONY: demo test test-quick test-matrix test-torch fuzz bench clean graphviz
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,17 @@ demo: $(VENV)/.installed graphviz
 
 test: $(VENV)/.installed-test graphviz
 	$(PY) -m pytest -q
+
+# A contributor's loop (at most 90 s on 2 cores): the unit tests, the quick slice of the path matrix and 20
+# property examples; no real processes. Markers pick other slices: pytest -m "not slow", -m "compile", ...
+test-quick: $(VENV)/.installed-test
+	LOCALMAP_FUZZ_EXAMPLES=20 $(PY) -m pytest -q -p no:cacheprovider -m "not slow and (quick or not matrix)" \
+	  tests/unit tests/matrix tests/check/test_properties.py
+
+# Every catalogue program on every path of the matrix (make test runs a representative subset on the slower
+# paths).
+test-matrix: $(VENV)/.installed-test
+	LOCALMAP_MATRIX=full $(PY) -m pytest -q tests/matrix
 
 # The same suite on another PyTorch release, in its own venv (.venv-torch-X.Y.Z): `make test-torch` runs it on
 # 2.14.1 (a CUDA build from this machine's disk, about 5.5 GB installed; it runs on the CPU), and

@@ -10,8 +10,11 @@ Mesh fixtures say what kind of mesh they give:
 The suffix is the mesh shape; a 2-D or larger mesh has named dims (2x2: ``dp, tp``; 8x8x4x8: ``dp, tp, cp, ep``),
 a 1-D fake mesh is named ``tp`` and a 1-D simulated mesh is unnamed.
 
-``slow``: tests that spawn real gloo processes (every test in tests/distributed/); deselect with
-``-m "not slow"``.
+Markers (registered in pyproject.toml; pick with ``-m``): ``slow`` (real processes; deselect with ``-m "not slow"``),
+``gloo`` (real gloo processes: tests/distributed/ and every other test marked slow today), ``compile``
+(torch.compile: the compile test files and matrix cells), ``property`` (tests/check/test_properties.py), ``matrix``
+and ``quick`` (tests/matrix/; ``make test-quick`` runs the quick slice). Folder- and file-wide markers are applied
+here, in one place.
 """
 
 import os
@@ -24,8 +27,20 @@ sys.path.insert(0, os.path.dirname(__file__))
 from localmap.testing import fake_mesh, simulated_mesh  # noqa: E402
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: spawns real processes (gloo); deselect with -m 'not slow'")
+_COMPILE_FILES = ("tests/eager/test_compiled.py", "tests/distributed/test_compile.py", "tests/unit/test_compiling.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Markers by place: gloo for tests/distributed/ and tests marked slow (today: those spawning gloo processes),
+    compile for the compile test files, property for the property tests."""
+    for item in items:
+        path = item.path.as_posix()
+        if "/tests/distributed/" in path or item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.gloo)
+        if path.endswith(_COMPILE_FILES):
+            item.add_marker(pytest.mark.compile)
+        if path.endswith("tests/check/test_properties.py"):
+            item.add_marker(pytest.mark.property)
 
 
 # ---- simulated meshes: values on every rank -----------------------------------------------------------------

@@ -54,6 +54,8 @@ def _fill_eager_caches() -> None:
             warnings.simplefilter("ignore")
             local_map(lambda a: a.sum(0, keepdim=True), (S0,), ((S0,),), None, mesh, check="warn")(
                 distribute(randn(4, 2), mesh, (S0,)))
+        with pytest.raises(LocalMapError):  # a scan over the sharded dim: the proof stops, the test refutes it
+            local_map(lambda a: a.cumsum(0), (S0,), ((S0,),), None, mesh)(distribute(randn(4, 2), mesh, (S0,)))
         broken = local_map(lambda a: a.reshape(3, -1), (S0,), ((S0,),), None, mesh, check=False)
         with pytest.raises(LocalMapError):
             broken(distribute(randn(4, 2), mesh, (S0,)))  # the body raises: a BodyError type is made

@@ -1,5 +1,6 @@
-"""The package's shape, checked by walking its source (ast): no import cycle between localmap's modules, and
-every PyTorch-private name reached through the fence (``localmap.compat``) and nowhere else.
+"""The package's shape, checked by walking its source (ast): no import cycle between localmap's modules, every
+import going down the layer order that docs/architecture.md states (the test reads the table there), and every
+PyTorch-private name reached through the fence (``localmap.compat``) and nowhere else.
 
 Private means a name with a leading underscore: a module path such as ``torch._ops`` or
 ``torch.distributed._functional_collectives``, a name imported from torch such as ``_pytree``, or an attribute
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 from collections import defaultdict
 
 import localmap
@@ -20,6 +22,8 @@ import localmap
 PACKAGE_DIR = os.path.dirname(localmap.__file__)
 SOURCE_ROOT = os.path.dirname(PACKAGE_DIR)
 FENCE = "localmap.compat"
+ARCHITECTURE = os.path.join(os.path.dirname(SOURCE_ROOT), "docs", "architecture.md")
+LAYER_TABLE = "<!-- layer order: read by tests/unit/test_layout.py; lowest first -->"
 
 
 def _module_name(path: str) -> str:
@@ -162,6 +166,73 @@ def test_the_walk_sees_what_it_must_refuse():
     edges, private = _walk(src)
     assert private == ["localmap.a:1 from torch._ops import OpOverload", "localmap.b:3 ._local_tensor"]
     assert _cycles(edges, src) == [["localmap.a", "localmap.b"]]
+
+
+def _layers(doc: str) -> dict[str, int]:
+    """Package (or top-level module) -> its layer, from the table after LAYER_TABLE in docs/architecture.md."""
+    block = doc.split(LAYER_TABLE, 1)[1].split("```")[1]
+    layers = {}
+    for line in block.splitlines():
+        row = re.match(r"\s*(\d+)\s+(\w+(?:,\s*\w+)*)", line)
+        if row:
+            layers.update({name.strip(): int(row.group(1)) for name in row.group(2).split(",")})
+    return layers
+
+
+def _unit(module: str) -> str:
+    """The layer unit a module belongs to: its package under localmap, or the top-level module's name."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def _upward(edges: dict[str, set[str]], layers: dict[str, int]) -> list[str]:
+    """Imports from a unit to another on the same layer or above it."""
+    wrong = []
+    for module, targets in edges.items():
+        for target in sorted(targets):
+            here, there = _unit(module), _unit(target)
+            if here != there and layers[there] >= layers[here]:
+                wrong.append(f"{module} (layer {layers[here]}) imports {target} (layer {layers[there]})")
+    return wrong
+
+
+def _read_layers() -> dict[str, int]:
+    with open(ARCHITECTURE) as fh:
+        return _layers(fh.read())
+
+
+def test_every_package_has_a_layer():
+    layers = _read_layers()
+    missing = sorted({_unit(m) for m in _modules()} - set(layers))
+    assert missing == [], f"not in the layer table of docs/architecture.md: {missing}"
+
+
+def test_imports_go_down_the_layers():
+    edges, _ = _walk(_modules())
+    wrong = _upward(edges, _read_layers())
+    assert wrong == [], "imports against the layer order of docs/architecture.md:\n" + "\n".join(wrong)
+
+
+def test_the_layer_check_sees_an_upward_import():
+    """Not vacuous: the table parses, and an import upward or sideways is found."""
+    layers = _layers(f"{LAYER_TABLE}\n```\n  0  compat, sites   nothing\n  1  check   compat\n  1  traced  x\n```\n")
+    assert layers == {"compat": 0, "sites": 0, "check": 1, "traced": 1}
+    edges = {"localmap.compat.dtensor": {"localmap.check.rules"}, "localmap.check.rules": {"localmap.traced.meta",
+                                                                                            "localmap.compat"}}
+    assert _upward(edges, layers) == [
+        "localmap.compat.dtensor (layer 0) imports localmap.check.rules (layer 1)",
+        "localmap.check.rules (layer 1) imports localmap.traced.meta (layer 1)"]
+
+
+def test_the_module_tree_names_every_module():
+    """docs/architecture.md's tree names each module of each package (a module added is documented)."""
+    with open(ARCHITECTURE) as fh:
+        tree = fh.read().split("```", 2)[1]
+    entries = re.split(r"\n  (?=\w+/)", tree)
+    text = {e.split("/", 1)[0]: e for e in entries}
+    unnamed = sorted(m for m in _modules() if m.count(".") == 2 and not m.endswith("__init__")
+                     and not re.search(rf"\b{m.split('.')[2]}\b", text.get(m.split(".")[1], "")))
+    assert unnamed == [], f"modules missing from the tree in docs/architecture.md: {unnamed}"
 
 
 MAX_FUNCTION_LINES = 60  # a function a newcomer reads in one screen

@@ -37,6 +37,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.placement_types import Partial, Replicate, Shard
 
 from localmap import compat
+from localmap.caches import register_cache
 from localmap.check.closure import closed_over_dtensors, reachable
 from localmap.check.verdict import PlacementError, TestRecord, Verdict
 from localmap.compat import pytree
@@ -162,8 +163,9 @@ def _input_names(leaves: Sequence[Any], treespec: Any, inputs: list[int], closed
     return [leaf_path("args", tree, i) for i in inputs] + [f"closed-over {n}" for n, _ in closed]
 
 
-_one_rank_meshes: dict[int, tuple[DeviceMesh, DeviceMesh]] = {}
 ONE_RANK_MESH_LIMIT = 16  # one-rank meshes remembered (by the region mesh they stand for; cleared when full)
+_one_rank_meshes: dict[int, tuple[DeviceMesh, DeviceMesh]] = register_cache(
+    "one_rank_meshes", {}, limit=ONE_RANK_MESH_LIMIT, eviction="clear when full")
 
 
 def _one_rank_mesh(mesh: DeviceMesh) -> DeviceMesh:

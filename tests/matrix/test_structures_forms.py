@@ -1,0 +1,91 @@
+"""The path matrix, other axes: the region's output in each container (tuple, list, dict, nested) on the eager,
+compiled and captured paths, and its closed-over weights as parameters, buffers and plain attributes of a module
+on the eager and captured paths; each against one device."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from catalogue import BY_ID
+from matrix_cells import expect, mesh_of, one_device
+from matrix_paths import captured, captured_reference, compiled, draw, on_dtensors
+
+pytestmark = pytest.mark.matrix
+
+_BUG9 = "issue 19 bug 9: a region returning a flat tuple returns only its first output under torch.compile"
+_BUG9_NEAR = ("near issue 19 bug 9 (not listed): on torch 2.13 a region returning Partial outputs in a list, dict or "
+              "nested container fails in aot_eager's backend (BackendCompilerFailed); 2.14.1 runs it right")
+TORCH_2_13 = torch.__version__.startswith("2.13")
+COMPILE_KNOWN = {("types: row-parallel matmul", "tuple"): _BUG9, ("types: sharded contraction to partial", "tuple"): _BUG9,
+                 **({("types: sharded contraction to partial", s): _BUG9_NEAR for s in ("list", "dict", "nested")}
+                    if TORCH_2_13 else {})}
+_BUG4 = ("issue 19 bug 4: a DTensor held as a plain attribute (not a parameter or buffer) is not seen as a "
+         "closed-over DTensor")
+_COLUMN, _ROW = "parallel: closed-over column weight (to_local)", "parallel: closed-over row weight, partial sum"
+EAGER_FORM_KNOWN = {
+    (_COLUMN, "attribute"): _BUG4 + ": the input's gradient is guessed Replicate and ranks hold different values",
+    (_ROW, "attribute"): _BUG4 + ": the claim is called unproven (a per-rank constant) and the region warns",
+}
+CAPTURED_FORM_KNOWN = {(p, "attribute"): _BUG4 + ": capture fails (GuardOnDataDependentSymNode)" for p in (_COLUMN, _ROW)}
+
+
+def _cases(programs, axis, known):
+    """(program, axis value) params; a strict xfail where `known` names the cell's bug."""
+    return [pytest.param(p, a, id=f"{p.id}-{a}", marks=[pytest.mark.xfail(strict=True, reason=known[p.id, a])]
+                         if (p.id, a) in known else []) for p in programs for a in axis]
+
+
+STRUCTURED = [BY_ID["types: row-parallel matmul"], BY_ID["types: sharded contraction to partial"]]
+WEIGHTED = [BY_ID[_COLUMN], BY_ID[_ROW]]
+STRUCTURES = ["tuple", "list", "dict", "nested"]
+FORMS = ["parameter", "buffer", "attribute"]
+
+
+@pytest.mark.parametrize("prog, structure", _cases(STRUCTURED, STRUCTURES, {}))
+def test_structured_outputs_eager(prog, structure):
+    t = draw(prog, 2)
+    want = one_device(prog, t, structure)
+    with mesh_of(prog) as mesh:
+        expect(prog, lambda: on_dtensors(prog, t, mesh, structure, penalty=False), want)
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("prog, structure", _cases(STRUCTURED, STRUCTURES, COMPILE_KNOWN))
+def test_structured_outputs_compiled(prog, structure):
+    t = draw(prog, 2)
+    want = one_device(prog, t, structure)
+    with mesh_of(prog) as mesh:
+        expect(prog, lambda: on_dtensors(prog, t, mesh, structure, penalty=False, wrap=compiled()), want)
+
+
+@pytest.mark.parametrize("prog, structure", _cases(STRUCTURED, STRUCTURES, {}))
+def test_structured_outputs_captured(prog, structure):
+    t = draw(prog, 2)
+    want = captured_reference(one_device(prog, t, structure), t)
+    with mesh_of(prog) as mesh:
+        expect(prog, lambda: captured(prog, t, mesh, structure), want)
+
+
+def _without_weight_grads(want):
+    return {k: v for k, v in want.items() if not k.startswith("grad.w")}
+
+
+@pytest.mark.parametrize("prog, form", _cases(WEIGHTED, FORMS, EAGER_FORM_KNOWN))
+def test_weight_forms_eager(prog, form):
+    t = draw(prog, 1)
+    want = one_device(prog, t)
+    if form == "buffer":  # a buffer takes no gradient
+        want = _without_weight_grads(want)
+    with mesh_of(prog) as mesh:
+        expect(prog, lambda: on_dtensors(prog, t, mesh, "single", penalty=False, form=form), want)
+
+
+@pytest.mark.parametrize("prog, form", _cases(WEIGHTED, FORMS, CAPTURED_FORM_KNOWN))
+def test_weight_forms_captured(prog, form):
+    t = draw(prog, 1)
+    want = captured_reference(one_device(prog, t), t)
+    if form != "parameter":  # capture's gradients are of the module's parameters and the inputs
+        want = _without_weight_grads(want)
+    with mesh_of(prog) as mesh:
+        expect(prog, lambda: captured(prog, t, mesh, "single", form=form), want)
