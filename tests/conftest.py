@@ -81,3 +81,13 @@ def fake_mesh_2x2():
 def fake_mesh_8x8x4x8():
     with fake_mesh((8, 8, 4, 8), ("dp", "tp", "cp", "ep")) as mesh:
         yield mesh
+
+
+@pytest.fixture(autouse=True)
+def _warnings_shown_again():
+    """A region definition warns once per reason in a process; each test starts as a fresh process would, so a
+    test that expects a warning does not depend on which tests ran before it."""
+    from localmap.caches import registered
+
+    registered()["warnings_shown"].clear()
+    yield

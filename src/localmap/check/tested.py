@@ -370,15 +370,20 @@ def _module_state(name: str, obj: Any) -> list[tuple[str, Any]]:
 
 _POSITION_OPS = {torch.ops.aten.select.int: "select", torch.ops.aten.unbind.int: "unbind",
                  torch.ops.aten.squeeze.dim: "squeeze", torch.ops.aten.narrow.default: "narrow",
-                 torch.ops.aten.slice.Tensor: "slice"}
+                 torch.ops.aten.slice.Tensor: "slice", torch.ops.aten.split.Tensor: "split",
+                 torch.ops.aten.split_with_sizes.default: "split_with_sizes"}
+# Cuts whose sizes are read from the shard: each rank's pieces re-partition the dim (ChunkedLossWrapper's chunks
+# of a sequence shard), a program whose one-rank run cuts the whole dim instead. Their dim is the third argument.
+_CUT_OPS = {torch.ops.aten.split.Tensor, torch.ops.aten.split_with_sizes.default}
 _SAME_DIMS = {torch.ops.aten.detach.default, torch.ops.aten.alias.default, torch.ops.aten.clone.default,
               torch.ops.aten._to_copy.default}
 
 
 def shard_position_reads(gm: fx.GraphModule, in_types: Sequence[Any], in_paths: Sequence[str]) -> list[str]:
     """Where the traced body takes a fixed position of an input's sharded dim (``w[0]``, ``x.unbind(0)``,
-    ``w.squeeze(0)``, a slice with fixed bounds): the body treats its shard as a unit ("this rank's expert"),
-    which a one-rank run over the global tensor reads as another program."""
+    ``w.squeeze(0)``, a slice with fixed bounds) or cuts that dim into pieces (split): the body treats its shard
+    as a unit ("this rank's expert", "this rank's chunks"), which a one-rank run over the global tensor reads
+    as another program."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     found = []
     for node, types, path in zip(placeholders, in_types, in_paths):
@@ -401,7 +406,8 @@ def _takes_position(node: fx.Node, source: fx.Node, sharded: set[int]) -> bool:
     ndim = source.meta["val"].ndim if "val" in source.meta else None
     if ndim is None or node.args[0] is not source:
         return False
-    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    at = 2 if node.target in _CUT_OPS else 1
+    dim = node.args[at] if len(node.args) > at else node.kwargs.get("dim", 0)
     if not isinstance(dim, int) or dim % max(ndim, 1) not in sharded:
         return False
     if node.target is torch.ops.aten.slice.Tensor:  # a slice of the whole dim is a view, not a position

@@ -167,7 +167,7 @@ def enforce(verdict: Verdict, mode: Any, *, refuse_guess: bool = True) -> None:
     elif mode != "allow_unproven":
         test = f" ({verdict.test.line()})" if verdict.test is not None else ""
         _warn_once(verdict, [f"local_map: region {verdict.function!r}: {line}{test}. {_SETTLE}"
-                             for line in verdict.unproven[:1]])
+                             for line in verdict.unproven[:1]], reasons=verdict.unproven[:1])
 
 
 def guess_refused(verdict: Verdict, mode: Any) -> bool:
@@ -208,15 +208,15 @@ _WARNED_LIMIT = 4096
 _warned: set = register_cache("warnings_shown", set(), limit=_WARNED_LIMIT, eviction="clear when full")
 
 
-def _warn_once(verdict: Verdict, messages: list[str]) -> None:
-    """Each message once per verdict, and once per region definition: a body checked again for other input
-    shapes or dtypes (ChunkedLossWrapper chunks float states and int labels) stopping at the same op and line
-    warns once."""
+def _warn_once(verdict: Verdict, messages: list[str], reasons: list[str] | None = None) -> None:
+    """Each message once per verdict, and once per region definition and reason (`reasons`, one per message;
+    the message itself by default): a body checked again for other input shapes or dtypes (ChunkedLossWrapper
+    chunks float states and int labels) stopping at the same op and line warns once, whatever its test found."""
     if verdict.warned:
         return
     verdict.warned = True
-    for message in messages:
-        key = (verdict.definition, message) if verdict.definition is not None else None
+    for message, reason in zip(messages, reasons or messages, strict=True):
+        key = (verdict.definition, reason) if verdict.definition is not None else None
         if key in _warned:
             continue
         if key is not None:
