@@ -81,6 +81,8 @@ def _resolve(ref: str) -> str | None:
     path, line = ref.rsplit(":", 1)
     if path in ALIASES:
         return f"{ALIASES[path]}:{line}"
+    if os.path.isabs(path) and not path.startswith(ROOT):  # a user's script in a transcript (/tmp/...)
+        return None
     if os.path.isfile(os.path.join(ROOT, path)):
         return ref
     named = [p for p in glob.glob(os.path.join(ROOT, "**", os.path.basename(path)), recursive=True)
