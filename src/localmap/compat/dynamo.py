@@ -10,6 +10,7 @@ own ``_local_map_wrapped`` (an identity check), so localmap hands its regions to
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 from typing import Any, Callable, Iterator
 
@@ -57,6 +58,17 @@ def at_trace_time(fn: Callable) -> Callable:
     return torch._dynamo.assume_constant_result(run)
 
 
+def object_handle(obj: Any) -> int:
+    """A constant Dynamo can hand to an ``at_trace_time`` function for an object it cannot (an nn.Module): its
+    id, read back by ``object_from_handle`` while the traced call (which holds the object) is running."""
+    return id(obj)
+
+
+def object_from_handle(handle: int) -> Any:
+    """The object of ``object_handle``; only at trace time, while the call that passed the object is traced."""
+    return ctypes.cast(handle, ctypes.py_object).value
+
+
 def opaque_to_dynamo(fn: Callable) -> Callable:
     """`fn` recorded by Dynamo as one call, traced later by the joint export (make_fx) instead."""
     return torch._dynamo.nonstrict_trace(fn)
@@ -66,6 +78,16 @@ def torch_region_target_names() -> tuple[str, ...]:
     """What ``str(node.target)`` of PyTorch's region nodes contains in a joint graph (2.13: a closure named
     call_local_map; 2.14: the operator local_map_hop)."""
     return ("call_local_map", "local_map_hop")
+
+
+@contextlib.contextmanager
+def local_map_wrapping_on() -> Iterator[None]:
+    """PyTorch's local_map wrapping on (Dynamo) without deferring its operator, as PyTorch's own operator
+    tests compile: region nodes in Dynamo's graph, inlined by the joint trace."""
+    from torch._dynamo.variables.higher_order_ops import LocalMapWrappedHigherOrderVariable
+
+    with LocalMapWrappedHigherOrderVariable.enable():
+        yield
 
 
 @contextlib.contextmanager

@@ -119,7 +119,8 @@ def resolve_input_specs(in_placements: Sequence[Any], args: tuple, num_leaves: i
         return tuple(None if s is None else tuple(s) for s in in_placements)
     if len(in_placements) != len(args):
         raise fail(name, f"has {len(in_placements)} entries for a call with {len(args)} positional "
-                   f"arguments ({num_leaves} tensor/value leaves)",
+                   f"arguments ({num_leaves} tensor/value leaves); Expecting {len(in_placements)} inputs to local_map "
+                   f"function based on placements, but found {len(args)}.",
                    expected=f"{len(args)} (one per argument)" + (
                        f" or {num_leaves} (one per leaf)" if num_leaves != len(args) else ""),
                    given=len(in_placements),
@@ -145,7 +146,8 @@ def resolve_output_specs(out_placements: Any, out: Any, num_leaves: int) -> tupl
         return tuple(_broadcast(out_placements, out, "outputs", name))
     given_n = len(out_placements) if isinstance(out_placements, (list, tuple, dict)) else 1
     raise fail("outputs", f"the function returned {num_leaves} output leaves but out_placements has "
-               f"{given_n} specs", expected=num_leaves, given=given_n,
+               f"{given_n} specs; Expecting {given_n} outputs to local_map function based on placements, but "
+               f"found {num_leaves}.", expected=num_leaves, given=given_n,
                fix="give one spec per output (None for non-tensor outputs), or one spec for all outputs")
 
 

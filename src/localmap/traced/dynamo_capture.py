@@ -41,6 +41,7 @@ from localmap.traced.operator import defer_inlining, is_deferring, local_map_hop
 
 OPERATORS = ("torch", "localmap")
 _TENSOR = "localmap.tensor"  # marks a tensor's metadata in the arguments handed to trace time
+_OBJECT = "localmap.object"  # marks an object Dynamo cannot pass as a constant (an nn.Module), by handle
 
 
 @contextlib.contextmanager
@@ -75,10 +76,19 @@ class CapturePlan:
     key: int  # this plan's entry in _PLANS (the localmap operator's opaque call finds its body there)
 
 
+@dataclasses.dataclass
+class PlannedRegion:
+    """Trace-time state of one region call: the body traced on local fakes (a region node when a deferral is
+    on) and the region's function on the call's flat tensors as given (run when no deferral is on)."""
+
+    traced: TracedRegion
+    inline: Callable[..., tuple]
+
+
 # Trace-time state by plan key (a plan reaches later trace-time calls and the joint export as its key only):
 # each region's traced body and mesh. Bounded: the oldest entries go first.
 PLAN_LIMIT = 4096
-_PLANS: dict[int, TracedRegion] = register_cache("capture_plans", {}, limit=PLAN_LIMIT, eviction="oldest first")
+_PLANS: dict[int, "PlannedRegion"] = register_cache("capture_plans", {}, limit=PLAN_LIMIT, eviction="oldest first")
 _plan_ids = itertools.count()
 
 
@@ -150,7 +160,7 @@ def _flat_body(region: Any, args: tuple, kwargs: dict, plan: CapturePlan) -> Any
 
 @compat_dynamo.at_trace_time
 def _enter_body(key: int) -> bool:
-    push_region_mesh(_PLANS[key].body.meta["local_map_kwargs"]["device_mesh"])
+    push_region_mesh(_PLANS[key].traced.body.meta["local_map_kwargs"]["device_mesh"])
     return True
 
 
@@ -166,6 +176,7 @@ def _plan(region: Any, metas: tuple, kwargs: dict) -> CapturePlan:
     fake_mode = compat.detect_fake_mode([]) or compat.new_fake_mode()
     with fake_mode:
         args = _fakes(metas)
+        kwargs = _fakes(kwargs)
     traced = trace_region(region, args, kwargs)
     operator = current_operator()
     region_kwargs = traced.body.meta["local_map_kwargs"]
@@ -174,13 +185,14 @@ def _plan(region: Any, metas: tuple, kwargs: dict) -> CapturePlan:
     key = next(_plan_ids)
     while len(_PLANS) >= PLAN_LIMIT:
         del _PLANS[next(iter(_PLANS))]
-    _PLANS[key] = traced
-    return CapturePlan(
+    plan = CapturePlan(
         operator, region_kwargs["device_mesh"], tuple(region_kwargs["in_placements"]),
         tuple(region_kwargs["out_placements"]),
         tuple(None if isinstance(o, torch.Tensor) else o for o in traced.flat_out),
         tuple(isinstance(o, torch.Tensor) for o in traced.flat_out), _template(traced.out_tree, itertools.count()),
         key)
+    _PLANS[key] = PlannedRegion(traced, _flat_body(region, args, kwargs, plan))
+    return plan
 
 
 def _warn_uncarried_grads(region: Any, traced: TracedRegion, region_kwargs: dict) -> None:
@@ -204,18 +216,26 @@ def _warn_uncarried_grads(region: Any, traced: TracedRegion, region_kwargs: dict
 
 
 def _metas(value: Any) -> Any:
-    """The arguments with each tensor replaced by its metadata (plain constants Dynamo hands to trace time)."""
-    return _map_structure(value, lambda v: isinstance(v, torch.Tensor), lambda t: (
-        _TENSOR, tuple(t.shape), tuple(t.stride()), t.dtype, t.device, t.requires_grad))
+    """The arguments with each tensor replaced by its metadata and each nn.Module by a handle (plain constants
+    Dynamo hands to trace time)."""
+    def meta(v: Any) -> tuple:
+        if isinstance(v, torch.nn.Module):
+            return (_OBJECT, compat_dynamo.object_handle(v))
+        return (_TENSOR, tuple(v.shape), tuple(v.stride()), v.dtype, v.device, v.requires_grad)
+
+    return _map_structure(value, lambda v: isinstance(v, (torch.Tensor, torch.nn.Module)), meta)
 
 
 def _fakes(value: Any) -> Any:
-    """The inverse of _metas, on fresh fakes (inside a fake mode)."""
-    def fake(meta: tuple) -> torch.Tensor:
+    """The inverse of _metas, on fresh fakes (inside a fake mode) and the objects themselves."""
+    def fake(meta: tuple) -> Any:
+        if meta[0] == _OBJECT:
+            return compat_dynamo.object_from_handle(meta[1])
         _, shape, stride, dtype, device, requires_grad = meta
         return torch.empty_strided(shape, stride, dtype=dtype, device=device).requires_grad_(requires_grad)
 
-    return _map_structure(value, lambda v: isinstance(v, tuple) and len(v) == 6 and v[0] == _TENSOR, fake)
+    return _map_structure(value, lambda v: isinstance(v, tuple) and len(v) in (2, 6) and v[0] in (_TENSOR, _OBJECT),
+                          fake)
 
 
 def _map_structure(value: Any, is_leaf: Callable[[Any], bool], leaf: Callable[[Any], Any]) -> Any:
@@ -240,12 +260,16 @@ def _check_no_tensor_kwargs(kwargs: dict) -> None:
 
 @compat_dynamo.opaque_to_dynamo
 def _localmap_region_node(key: int, *tensors: torch.Tensor) -> tuple:
-    """Traced by the joint export (not by Dynamo): localmap's operator on the body traced at capture time."""
-    traced = _PLANS[key]
+    """Traced by the joint export (not by Dynamo): localmap's operator on the body traced at capture time. With
+    no deferral on (torch.compile with only PyTorch's wrapping on), the region is inlined as PyTorch's operator
+    inlines it: the function runs on the tensors as given."""
+    planned = _PLANS[key]
     if is_deferring():
-        return local_map_hop(traced.body, *tensors)
+        return local_map_hop(planned.traced.body, *tensors)
+    if not compat_dynamo.torch_deferring():
+        return planned.inline(*tensors)
     with defer_inlining():
-        return local_map_hop(traced.body, *tensors)
+        return local_map_hop(planned.traced.body, *tensors)
 
 
 def wrapping_now() -> bool:
