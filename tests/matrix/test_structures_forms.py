@@ -13,20 +13,15 @@ from matrix_paths import captured, captured_reference, compiled, draw, on_dtenso
 
 pytestmark = pytest.mark.matrix
 
-_BUG9 = "issue 19 bug 9: a region returning a flat tuple returns only its first output under torch.compile"
 _BUG9_NEAR = ("near issue 19 bug 9 (not listed): on torch 2.13 a region returning Partial outputs in a list, dict or "
               "nested container fails in aot_eager's backend (BackendCompilerFailed); 2.14.1 runs it right")
 TORCH_2_13 = torch.__version__.startswith("2.13")
-COMPILE_KNOWN = {("types: row-parallel matmul", "tuple"): _BUG9, ("types: sharded contraction to partial", "tuple"): _BUG9,
-                 **({("types: sharded contraction to partial", s): _BUG9_NEAR for s in ("list", "dict", "nested")}
+COMPILE_KNOWN = {**({("types: sharded contraction to partial", s): _BUG9_NEAR for s in ("list", "dict", "nested")}
                     if TORCH_2_13 else {})}
 _BUG4 = ("issue 19 bug 4: a DTensor held as a plain attribute (not a parameter or buffer) is not seen as a "
          "closed-over DTensor")
 _COLUMN, _ROW = "parallel: closed-over column weight (to_local)", "parallel: closed-over row weight, partial sum"
-EAGER_FORM_KNOWN = {
-    (_COLUMN, "attribute"): _BUG4 + ": the input's gradient is guessed Replicate and ranks hold different values",
-    (_ROW, "attribute"): _BUG4 + ": the claim is called unproven (a per-rank constant) and the region warns",
-}
+EAGER_FORM_KNOWN: dict = {}  # issue 19 bug 4 fixed: plain-attribute DTensors are closed-over DTensors
 CAPTURED_FORM_KNOWN = {(p, "attribute"): _BUG4 + ": capture fails (GuardOnDataDependentSymNode)" for p in (_COLUMN, _ROW)}
 
 

@@ -23,7 +23,7 @@ from localmap.check.closure import closed_over_dtensors
 from localmap.check.state import state_key, value_key
 from localmap.check.verdict import Verdict, unchecked_verdict
 from localmap.check.mutation import check_no_input_mutation
-from localmap.check.tested import shard_position_reads
+from localmap.check.tested import shard_position_reads, rank_routing_reads
 from localmap.compat import pytree
 from localmap.context import in_region
 from localmap.errors import LocalMapError, fail, region_name
@@ -293,7 +293,7 @@ def _check_traced(gm: fx.GraphModule, out: Any, closed: list, local_args: Sequen
     if verdict.unproven:  # what the test where the proof stops needs to know about the graph (check.tested)
         verdict.draws_random = any(compat.draws_random(n.target, n.args, n.kwargs)
                                    for n in gm.graph.nodes if n.op == "call_function")
-        verdict.mesh_reads = shard_position_reads(gm, in_types, in_paths)
+        verdict.mesh_reads = shard_position_reads(gm, in_types, in_paths) + rank_routing_reads(gm)
         verdict.low_precision = any(getattr(n.meta.get("val"), "dtype", None) in (torch.float16, torch.bfloat16)
                                     for n in gm.graph.nodes)
     grads: list[Any] = [None] * len(local_args)

@@ -402,6 +402,18 @@ def shard_position_reads(gm: fx.GraphModule, in_types: Sequence[Any], in_paths: 
     return found
 
 
+def rank_routing_reads(gm: fx.GraphModule) -> list[str]:
+    """Where the traced body moves data between ranks by their coordinates (all_to_all_single: localmap's
+    all_to_all, ppermute, shift and axis_index are made of it): on one rank it is the identity, so the one-rank
+    run is another program unless the body undoes the routing, which the test cannot tell from a difference."""
+    routed = [n for n in gm.graph.nodes if n.op == "call_function"
+              and n.target is compat.FUNCTIONAL_OPS.all_to_all_single.default]
+    if not routed:
+        return []
+    return [f"the body routes data between ranks by their coordinates ({len(routed)} all_to_all_single: "
+            "all_to_all, ppermute, shift or axis_index), the identity on one rank"]
+
+
 def _takes_position(node: fx.Node, source: fx.Node, sharded: set[int]) -> bool:
     ndim = source.meta["val"].ndim if "val" in source.meta else None
     if ndim is None or node.args[0] is not source:
