@@ -116,7 +116,8 @@ def test_rows_combined_but_never_unpermuted_are_not_proven(sim_mesh_4):
     lambda rows, w: rows - rows.mean(0),                      # mixes rows
     lambda rows, w: rows * (C.axis_index(0) + 1.0),           # per-rank data: depends on where a row lands
     lambda rows, w: rows.flip(0),                             # reorders rows
-], ids=["mixes_rows", "per_rank_weight", "reorders_rows"])
+    lambda rows, w: torch.addmm(w[:rows.shape[0]], rows, w),  # a bias aligned with other rows
+], ids=["mixes_rows", "per_rank_weight", "reorders_rows", "bias_of_other_rows"])
 def test_work_between_dispatch_and_combine_that_is_not_row_wise_is_not_proven(sim_mesh_4, work):
     def body(x, w):
         received, order, send, recv = _dispatch(x)

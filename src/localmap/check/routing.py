@@ -135,11 +135,12 @@ class Frames:
             return False
         if node.target in _ROW_COPIES or node.target in _ROW_VIEWS:
             return True
-        if node.target in _MATMULS:
-            return node.args[_MATMULS[node.target]] in framed and all(
-                a is node.args[_MATMULS[node.target]] or a not in framed for a in node.all_input_nodes)
-        if torch.Tag.pointwise in getattr(node.target, "tags", ()):
-            return all(_broadcasts_over_rows(a, val) for a in outside)
+        if node.target in _MATMULS:  # the rows times a matrix (its last argument), plus a bias over the rows
+            rows, matrix = node.args[_MATMULS[node.target]], node.args[-1]
+            return framed == [rows] and all(_broadcasts_over_rows(a, val) for a in outside if a is not matrix)
+        if torch.Tag.pointwise in getattr(node.target, "tags", ()):  # framed rows aligned with the output's
+            return all(a.meta["val"].ndim == val.ndim for a in framed) and \
+                all(_broadcasts_over_rows(a, val) for a in outside)
         return False
 
 
