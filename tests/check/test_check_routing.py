@@ -17,16 +17,16 @@ from localmap import collectives as C
 from localmap.testing import distribute, full, on_one_device
 
 
-def _dispatch(x):
+def _dispatch(x, dim=0):
     """Each rank's rows sorted by destination rank (chosen from the data: the row with the
     k-th smallest first entry goes to rank k mod n) and sent there."""
-    n = C.axis_size(0)
+    n = C.axis_size(dim)
     dest = x[:, 0].argsort().argsort() % n
     order = dest.argsort(stable=True)
     counts = torch.bincount(dest, minlength=n)
     send = counts.tolist()
-    recv = C.all_to_all_single(counts, 0).tolist()
-    return C.all_to_all_single(x[order], 0, recv, send), order, send, recv
+    recv = C.all_to_all_single(counts, dim).tolist()
+    return C.all_to_all_single(x[order], dim, recv, send), order, send, recv
 
 
 def _unpermute_by_index_copy(back, order):
@@ -37,7 +37,7 @@ def _unpermute_by_inverse(back, order):
     return back[order.argsort()]
 
 
-def _proven_like_one_device(mesh, body, work, inputs, in_placements):
+def _proven_like_one_device(mesh, body, work, inputs, in_placements, out_placements=(S0,)):
     """Proven under check="strict" without a warning, and values and gradients equal `work` on one device (the
     body's meaning: on one rank the all_to_alls send nothing anywhere and the permutation is undone)."""
     with on_one_device():
@@ -45,13 +45,13 @@ def _proven_like_one_device(mesh, body, work, inputs, in_placements):
         ref_out = work(*ref_inputs)
         upstream = torch.randn(ref_out.shape, generator=torch.Generator().manual_seed(0))
         ref_out.backward(upstream)
-    region = local_map(body, [S0], in_placements, None, mesh, check="strict")
+    region = local_map(body, list(out_placements), in_placements, None, mesh, check="strict")
     dts = [distribute(t, mesh, p, requires_grad=True) for t, p in zip(inputs, in_placements)]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         out = region(*dts)
-    assert tuple(out.placements) == (S0,)
-    out.backward(distribute(upstream, mesh, [S0]))
+    assert tuple(out.placements) == tuple(out_placements)
+    out.backward(distribute(upstream, mesh, list(out_placements)))
     assert max_diff(full(out), ref_out) < 1e-5
     for d, ref in zip(dts, ref_inputs):
         assert max_diff(full(d.grad), ref.grad) < 1e-5
@@ -69,6 +69,20 @@ def test_dispatch_row_work_and_combine_keep_the_shard(sim_mesh_4, unpermute):
         return unpermute(C.all_to_all_single(_row_work(received, w, b), 0, send, recv), order)
 
     _proven_like_one_device(sim_mesh_4, body, _row_work, [randn(24, 8), randn(8, 8), randn(8)], [[S0], [R], [R]])
+
+
+def test_tokens_sharded_over_two_mesh_dims_dispatched_over_one(sim_mesh_2x2):
+    """Rows sharded over dp and tp, routed among the tp ranks; the work is an addmm with a replicated bias."""
+    def work(x, w, b):
+        return torch.addmm(b, x, w).relu()
+
+    def body(x, w, b):
+        received, order, send, recv = _dispatch(x, "tp")
+        back = C.all_to_all_single(work(received, w, b), "tp", send, recv)
+        return back[order.argsort()]
+
+    _proven_like_one_device(sim_mesh_2x2, body, work, [randn(24, 8), randn(8, 8), randn(8)],
+                            [[S0, S0], [R, R], [R, R]], (S0, S0))
 
 
 _STILL_ROUTED = "rows still routed by an all_to_all or permuted by a sort|are still routed|differs from its one-rank run"
