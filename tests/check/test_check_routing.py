@@ -85,7 +85,16 @@ def test_tokens_sharded_over_two_mesh_dims_dispatched_over_one(sim_mesh_2x2):
                             [[S0, S0], [R, R], [R, R]], (S0, S0))
 
 
-_STILL_ROUTED = "rows still routed by an all_to_all or permuted by a sort|are still routed|differs from its one-rank run"
+def test_an_equal_split_all_to_all_and_its_inverse_keep_the_shard(sim_mesh_4):
+    """No sizes read from data (traced on fakes): equal splits both ways send every row back."""
+    def body(x, w, b):
+        back = C.all_to_all_single(_row_work(C.all_to_all_single(x, 0), w, b), 0)
+        return back
+
+    _proven_like_one_device(sim_mesh_4, body, _row_work, [randn(32, 8), randn(8, 8), randn(8)], [[S0], [R], [R]])
+
+
+_STILL_ROUTED = "is unproven|differs from its one-rank run"
 
 
 def _not_proven(mesh, body, x, w, says=_STILL_ROUTED):
@@ -109,7 +118,8 @@ def test_a_combine_with_the_split_sizes_not_swapped_is_refused(sim_mesh_4):
 
 def test_a_combine_with_other_split_lists_of_the_same_values_is_not_proven(sim_mesh_4):
     """Split lists are matched by identity: on a traced rank the received sizes are not the real ones, so
-    equal values in the trace prove nothing."""
+    equal values in the trace prove nothing. (This program is right: copies hold the real sizes too; it is
+    left unproven, and the test where the proof stops finds it equal to one device.)"""
     def body(x, w):
         received, order, send, recv = _dispatch(x)
         back = C.all_to_all_single(received @ w, 0, list(send), list(recv))

@@ -167,9 +167,8 @@ class _TypeFlow:
         try:
             if self.uneven and node.target in _MEANS:
                 _check_uneven_mean(node, in_types, self.uneven)
-            routed, t = self.frames.step(node, self.types, lambda typed: output_types(node, typed, self.mesh,
-                                                                                        self.types))
-            return t if routed else output_types(node, in_types, self.mesh, self.types)
+            return self.frames.type_of(node, self.types, lambda typed: output_types(
+                node, [typed[a] for a in inputs], self.mesh, typed))
         except RuleError as e:
             self.verdict.problems.append(fail(
                 f"op {_op(node)} at {_source(node)}", e.problem, mesh=self.mesh, mesh_dim=e.mesh_dim,
@@ -216,11 +215,6 @@ class _TypeFlow:
     def compare_output(self, node: fx.Node, claim: Any, path: str) -> None:
         """An output's inferred type against its claimed placements, mesh dim by mesh dim: proven, wrong (a
         problem) or unproven (a line naming where the proof stopped)."""
-        if node in self.frames.of:  # its rows are not back where they started: the carried type does not hold
-            node.meta[UNKNOWN_WHY] = ("its rows are still routed by an all_to_all or permuted by a sort (no "
-                                      "inverse all_to_all with the split sizes swapped, or no un-permute)")
-            node.meta[OPAQUE] = True
-            self.types[node], self.origin[node] = tuple(VARYING for _ in range(self.ndim)), [node] * self.ndim
         t = self.types.get(node)
         self.verdict.output_types.append(t)
         self.output_reach.append(self.reach.get(node) if node in self.carries_grad else None)

@@ -19,14 +19,15 @@ gives there); the frame's last step is undone by
   ``inverse`` the sort indices of ``order``: the permutation undone.
 
 Back at the base, the value has the base's rows in their order with row-wise work applied, so its carried type
-holds. Any other use of a value in a frame gives Varying (the proof stops there), and an output still in a frame
-is unproven. The split-size lists are matched by identity, not by their values in the traced graph: when a body
+holds. Every value also keeps its own type by the ordinary rules (an all_to_all's result is Varying on its mesh
+dim), which is what any other use of it, and an output still in a frame, gets: the proof stops there. The split-size lists are matched by identity, not by their values in the traced graph: when a body
 is traced on one rank's values, sizes received from other ranks are not the real ones.
 """
 
 from __future__ import annotations
 
 import operator
+from collections import ChainMap
 from typing import Any, Callable
 
 import torch
@@ -34,7 +35,7 @@ import torch.fx as fx
 
 from localmap import compat
 from localmap.collectives.registry import mesh_dim_of
-from localmap.placements.types import PER_RANK_COPY, UNKNOWN_WHY, VARYING
+from localmap.placements.types import PER_RANK_COPY, UNKNOWN_WHY
 from torch.distributed.tensor.placement_types import Replicate
 
 aten = torch.ops.aten
@@ -56,38 +57,49 @@ def splits_by_node(gm: fx.GraphModule) -> dict[fx.Node, Any]:
         return {}
     for node, passed in zip(nodes, log):
         for given, traced in zip(passed.values, node.args[1:3]):
-            if given is not None and (not isinstance(traced, (list, tuple)) or tuple(traced) != given):
+            if given is not None and not _same_sizes(given, traced):
                 return {}
     return dict(zip(nodes, log))
 
 
+def _same_sizes(given: tuple, traced: Any) -> bool:
+    """The sizes a call passed and those its graph node holds agree (symbolic sizes are not compared)."""
+    return isinstance(traced, (list, tuple)) and len(traced) == len(given) and all(
+        type(g) is not int or (type(t) is int and t == g) for g, t in zip(given, traced))
+
+
 class Frames:
-    """The frame of each value whose rows are routed or permuted (absent: the value is at its base)."""
+    """The frame of each value whose rows are routed or permuted (absent: the value is at its base), and the type
+    its rows carry (``types`` keeps every value's own type, by the ordinary rules)."""
 
     def __init__(self, gm: fx.GraphModule, mesh: Any) -> None:
         self.mesh, self.passed = mesh, splits_by_node(gm)
         self.of: dict[fx.Node, tuple] = {}
+        self.carried: dict[fx.Node, Any] = {}
 
-    def step(self, node: fx.Node, types: dict, rule: Callable[[list], Any]) -> tuple[bool, Any]:
-        """(handled, type) for `node`: handled when it makes, keeps or undoes a frame, or uses a framed value
-        (Varying unless row-wise). `rule(in_types)` is the op's ordinary rule, asked about the carried types."""
-        made = self._made(node, types)
-        if made is not None:
-            frame, t = made
-            if frame:
-                self.of[node] = frame
-            return True, t
-        framed = {self.of[a] for a in node.all_input_nodes if a in self.of}
-        if not framed:
-            return False, None
-        if len(framed) == 1 and self._row_wise(node, next(iter(framed)), types):
-            self.of[node] = next(iter(framed))
-            inputs = [a for a in node.all_input_nodes if types.get(a) is not None]
-            return True, rule([types[a] for a in inputs])
-        node.meta[UNKNOWN_WHY] = (f"{node.target} uses rows still routed by an all_to_all or permuted by a sort: "
-                                  "only row-wise work keeps them, until the inverse all_to_all (split sizes "
-                                  "swapped) and the un-permute bring them back")
-        return True, tuple(VARYING for _ in range(self.mesh.ndim))
+    def type_of(self, node: fx.Node, types: dict, by: Callable[[Any], Any]) -> Any:
+        """`node`'s type: `by(types)` (its ordinary rule on the values' own types), except where it undoes the
+        last step of a frame: then the type its rows carried. A node that makes or keeps a frame records the
+        carried type (`by` on the carried types)."""
+        view = ChainMap(self.carried, types)
+        made = self._made(node, view)
+        if made is None:
+            framed = [self.of[a] for a in node.all_input_nodes if a in self.of]
+            if framed and all(f == framed[0] for f in framed) and self._row_wise(node, framed[0], view):
+                made = framed[0], by(view)
+        if made is None:
+            return by(types)
+        frame, carried = made
+        if not frame:
+            return carried  # back at the base
+        self.of[node], self.carried[node] = frame, carried
+        t = by(types)
+        if frame != self.of.get(node.args[0] if node.args else None):
+            node.meta[UNKNOWN_WHY] = (
+                "its rows are routed by an all_to_all or permuted by a sort and not brought back (no inverse "
+                "all_to_all with the same split lists swapped, no un-permute, or work between that is not "
+                "row-wise)")
+        return t
 
     def _made(self, node: fx.Node, types: dict) -> tuple[tuple, Any] | None:
         """(frame, type) when `node` pushes or pops a step."""
@@ -112,7 +124,7 @@ class Frames:
     def _all_to_all(self, node: fx.Node, types: dict) -> tuple[tuple, Any] | None:
         rows, passed = node.args[0], self.passed.get(node)
         t, frame = types.get(rows), self.of.get(rows, ())
-        if passed is None or t is None or passed.output is None or passed.input is None:
+        if passed is None or t is None:  # (None split sizes, equal splits, are matched like a list)
             return None
         m = mesh_dim_of(node, self.mesh)
         last = frame[-1] if frame else None

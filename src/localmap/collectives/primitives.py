@@ -276,13 +276,13 @@ class SplitsPassed(NamedTuple):
 
     output: Any  # the object passed (a list, say), or None
     input: Any
-    values: tuple  # (tuple(output) or None, tuple(input) or None) at the call
+    values: tuple  # (tuple(output) or None, tuple(input) or None) at the call; a symbolic size by identity
 
 
 def _log_splits(output: Any, input: Any) -> None:
     if _SPLIT_LOG:
-        _SPLIT_LOG[-1].append(SplitsPassed(output, input, tuple(
-            None if s is None else tuple(int(v) for v in s) for s in (output, input))))
+        _SPLIT_LOG[-1].append(SplitsPassed(output, input, tuple(None if s is None else tuple(
+            v if type(v) is int else ("symbolic", id(v)) for v in s) for s in (output, input))))  # no guard
 
 
 @contextlib.contextmanager
