@@ -282,7 +282,7 @@ def test_a_lookup_shifted_by_the_wrong_offset_is_not_proven(sim_mesh_4):
         return F.embedding(shifted.clamp(0, n - 1), table) * inside.unsqueeze(-1).to(table.dtype)
 
     region = local_map(body, [P], [[S0]], None, sim_mesh_4)
-    with pytest.raises(PlacementError, match="its test refutes"):  # no proof; the test finds it wrong
+    with pytest.warns(UserWarning, match="unproven"):  # axis_index: the test's one-rank run is another program
         region(distribute(randn(16, 3), sim_mesh_4, [S0]))
 
 
