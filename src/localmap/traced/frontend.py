@@ -20,7 +20,7 @@ from localmap.context import check_mode, default_mesh, enclosing_region_mesh, in
 from localmap.sites import caller_site
 from localmap.compat import pytree, to_local_substituted
 from localmap.errors import LocalMapError, body_error, fail, region_name
-from localmap.placements.algebra import grad_default
+from localmap.core.grads import leaf_grad_placements
 from localmap.traced.closure import (
     Lifted, as_full_dtensor, closed_over, rebound, region_placements, unregistered_dtensors,
 )
@@ -114,7 +114,7 @@ def trace_region(region: Any, args: tuple, kwargs: dict) -> TracedRegion:
     set_region_meta(body, {
         "in_placements": tuple(hop_specs),
         "out_placements": tuple(tensor_specs),
-        "in_grad_placements": _in_grads(grads, verdict, inputs, len(flat), lifted_specs),
+        "in_grad_placements": _in_grads(grads, verdict, inputs, len(flat), hop_specs),
         "device_mesh": mesh,
     })
     body.meta[SOURCE] = {"name": region_name(region.func), "source": caller_site(),
@@ -148,16 +148,18 @@ def _lifted(func: Any, mesh: Any) -> Lifted:
     return Lifted(closed)
 
 
-def _in_grads(grads: list | None, verdict: Any, inputs: list[int], n_flat: int, lifted_specs: list) -> tuple | None:
-    """Gradient placements per operator input: given (arguments), else inferred by the check, else None (the
-    default for all); a closed-over tensor's are inferred, else the default."""
+def _in_grads(grads: list | None, verdict: Any, inputs: list[int], n_flat: int, hop_specs: list) -> tuple | None:
+    """Gradient placements per operator input (core.grads: given, else inferred by the check, else the
+    default; None for a SymInt); None when none is given or inferred (the default for all). `hop_specs`: the
+    arguments' placements, then the closed-over tensors' (whose gradient placements are never given)."""
     inferred = verdict.grad_placements if verdict is not None else None
     if grads is None and inferred is None:
         return None
-    own = [(grads if grads is not None else inferred)[i] for i in inputs]
-    rest = [(inferred[n_flat + k] if inferred is not None else None) or grad_default(tuple(p))
-            for k, p in enumerate(lifted_specs)]
-    return tuple(own + rest)
+    leaves = inputs + list(range(n_flat, n_flat + len(hop_specs) - len(inputs)))
+    given = [grads[i] if grads is not None and i < n_flat else None for i in leaves]
+    return tuple(None if held is None else leaf_grad_placements(
+        tuple(held), g, None if g is not None or inferred is None else inferred[i])
+        for held, g, i in zip(hop_specs, given, leaves, strict=True))
 
 
 def _traced_mesh(region: Any) -> Any:
