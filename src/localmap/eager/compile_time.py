@@ -20,6 +20,7 @@ from torch.distributed.tensor.placement_types import Placement
 from localmap.caches import register_cache
 from localmap.check.verdict import enforce, refuse_divided_gradients
 from localmap.core.grads import inferred_of, leaf_grad_placements
+from localmap.core.refusals import COMPILED, uneven_error
 from localmap.compat import (
     global_shape_and_stride, make_dtensor, make_spec, pytree, spec_of, surfacing_types, trace_time,
 )
@@ -27,7 +28,6 @@ from localmap.eager.plans import (
     check_body, check_kwargs, check_non_dtensor_leaves, common_mesh, input_leaf_target, make_input_plan,
     make_output_plan,
 )
-from localmap.errors import fail
 from localmap.placements.algebra import avg_grad_scale, avg_ranks, extreme_grad_error, has_extreme
 from localmap.placements.shapes import dense_stride, local_shape
 from localmap.placements.specs import check_output_leaf, leaf_path, resolve_input_specs
@@ -87,11 +87,9 @@ def plan_outputs(config: tuple, bound_to: Any, mesh: Any, skeleton: Any, leaves:
 
 
 @trace_time
-def refuse_uneven(skeleton: Any, i: int, shape: tuple) -> None:
+def refuse_uneven(skeleton: Any, i: int, shape: tuple, placements: tuple, mesh_shape: tuple) -> None:
     """Argument leaf `i` is unevenly sharded, which the compiled path does not support (eager does)."""
-    raise fail(leaf_path("args", skeleton, i), "is unevenly sharded, which local_map does not support "
-               "under torch.compile", given=shape,
-               fix="pad the sharded dim to a multiple of the mesh size, or run this region eagerly")
+    raise uneven_error(leaf_path("args", skeleton, i), shape, placements, mesh_shape, COMPILED)
 
 
 @trace_time

@@ -90,7 +90,8 @@ def _structure(tree: Any) -> tuple[Any, Any, Any]:
 
 def _refuse_if_uneven(skeleton: Any, i: int, a: DTensor) -> None:
     if is_uneven(a.shape, a.placements, a.device_mesh):  # a guard on symbolic sizes, a constant otherwise
-        refuse_uneven(skeleton, i, tuple(size_hint(s) for s in a.shape))
+        refuse_uneven(skeleton, i, tuple(size_hint(s) for s in a.shape), tuple(a.placements),
+                      tuple(a.device_mesh.shape))
 
 
 def describe(leaf: Any) -> tuple:

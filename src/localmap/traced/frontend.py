@@ -21,6 +21,7 @@ from localmap.sites import caller_site
 from localmap.compat import pytree, to_local_substituted
 from localmap.errors import LocalMapError, body_error, fail, region_name
 from localmap.core.grads import leaf_grad_placements
+from localmap.core.refusals import TRACED, uneven_error
 from localmap.traced.closure import (
     Lifted, as_full_dtensor, closed_over, rebound, region_placements, unregistered_dtensors,
 )
@@ -29,7 +30,7 @@ from localmap.traced.meta import SOURCE, set_region_meta
 from localmap.traced.operator import local_map_hop
 from localmap.placements.shapes import is_uneven, like_stride, local_shape
 from localmap.placements.specs import (
-    check_non_tensor_leaf, check_output_leaf, fit_spec_to_mesh, leaf_path, normalize_shard_dims, placements_str,
+    check_non_tensor_leaf, check_output_leaf, fit_spec_to_mesh, leaf_path, normalize_shard_dims,
     resolve_input_specs, resolve_output_specs,
 )
 
@@ -46,11 +47,7 @@ def _leaf_specs(spec_arg: Any, name: str, args: tuple, flat: list, mesh: Any) ->
             s = fit_spec_to_mesh(s, mesh, leaf_path("args", args, i), name)
             s = normalize_shard_dims(s, a.ndim, leaf_path("args", args, i), name, mesh)
             if name == "in_placements" and _uneven(a, s, mesh):
-                raise fail(leaf_path("args", args, i), "is unevenly sharded, which regions traced as graph nodes "
-                           "(capture, defer_inlining) do not support: their graphs are traced at one rank's "
-                           "shard sizes", given=f"shape {tuple(a.shape)} with {placements_str(s)} on mesh "
-                           f"{tuple(mesh.shape)}", fix="pad the sharded dim to a multiple of the ranks "
-                           "sharding it, or run this region eagerly on DTensors")
+                raise uneven_error(leaf_path("args", args, i), a.shape, s, mesh.shape, TRACED)
         else:
             check_non_tensor_leaf(args, i, a, s, name)
         out.append(s)
