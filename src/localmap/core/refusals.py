@@ -11,6 +11,7 @@ from localmap.placements.specs import placements_str
 
 # The paths that refuse an unevenly sharded input, and why (eager supports it: eager.uneven).
 COMPILED = "torch.compile"
+TRACED_CALL = "a traced region (capture, verify, a planner's capture)"  # the path's name in the check's refusals
 TRACED = "regions traced as graph nodes (capture, defer_inlining), whose graphs are traced at one rank's shard sizes"
 
 

@@ -18,8 +18,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.placement_types import Placement
 
 from localmap.caches import register_cache
-from localmap.check.verdict import enforce, refuse_divided_gradients
-from localmap.core.grads import inferred_of, leaf_grad_placements
+from localmap.core.plan import plan_call
 from localmap.core.refusals import COMPILED, uneven_error
 from localmap.compat import (
     global_shape_and_stride, make_dtensor, make_spec, pytree, spec_of, surfacing_types, trace_time,
@@ -56,17 +55,17 @@ def plan_inputs(config: tuple, bound_to: Any, mesh: Any, skeleton: Any, leaves: 
         target, grads = input_leaf_target(plan, args, flat, i, mesh, region.redistribute_inputs)
         a = flat[i] if flat[i].placements == target else _redistributed(flat[i], target)
         checked.append((i, a, grads, spec_of(a)))
-    verdict = None
-    if region.check is not False:  # the same verdict eager reaches (check.function caches it across paths)
-        verdict = check_body(region.func, region.out_placements, plan, flat, treespec, checked, mesh, kwargs)
-        enforce(verdict, region.check)
-        refuse_divided_gradients(verdict, 'torch.compile')
-    inferred = inferred_of(verdict, region.in_grad_placements)
     given = region.in_grad_placements is not None  # then each checked gradient placement is the given one
-    planned = []
+    held: list = [None] * len(flat)
+    given_grads: list = [None] * len(flat)
     for i, a, grads, _ in checked:
-        grads = tuple(leaf_grad_placements(tuple(a.placements), grads if given else None,
-                                           None if inferred is None else inferred[i]))
+        held[i], given_grads[i] = tuple(a.placements), grads if given else None
+    # the same verdict eager reaches (check.function caches it across paths)
+    call = plan_call(lambda: check_body(region.func, region.out_placements, plan, flat, treespec, checked, mesh,
+                                        kwargs), region.check, COMPILED, held, given_grads, region.in_grad_placements)
+    planned = []
+    for i, a, _, _ in checked:
+        grads = call.grads[i]
         planned.append((i, None if a is flat[i] else tuple(a.placements), grads,
                         avg_grad_scale(a.placements, grads, mesh)))
     return tuple(planned)

@@ -14,14 +14,14 @@ from typing import Any
 import torch
 
 from localmap import compat as _compat
-from localmap.check.verdict import describe, enforce, refuse_divided_gradients
+from localmap.check.verdict import describe
 from localmap.check.function import check_function
 from localmap.context import check_mode, default_mesh, enclosing_region_mesh, in_region, recorder
 from localmap.sites import caller_site
 from localmap.compat import pytree, to_local_substituted
 from localmap.errors import LocalMapError, body_error, fail, region_name
-from localmap.core.grads import leaf_grad_placements
-from localmap.core.refusals import TRACED, uneven_error
+from localmap.core.plan import CallPlan, plan_call
+from localmap.core.refusals import TRACED, TRACED_CALL, uneven_error
 from localmap.traced.closure import (
     Lifted, as_full_dtensor, closed_over, rebound, region_placements, unregistered_dtensors,
 )
@@ -94,16 +94,15 @@ def trace_region(region: Any, args: tuple, kwargs: dict) -> TracedRegion:
     hop_specs = [specs[i] for i in inputs] + lifted_specs
     local = _local_fakes(hop_args, hop_specs, mesh)
     body, out = _trace_region_body(region, args, kwargs, inputs, local, mesh, lifted)
-    verdict, mode = None, check_mode(region.check)
-    if mode is not False:
-        check_leaves = list(flat) + local[len(inputs):]
-        for i, v in zip(inputs, local, strict=False):
-            check_leaves[i] = v
-        verdict = check_function(region.func, check_leaves, specs + lifted_specs, region.out_placements,
-                                 None if grads is None else grads + [None] * len(lifted_specs), mesh, treespec,
-                                 kwargs, lifted=lifted if lifted.closed else None)
-        enforce(verdict, mode)
-        refuse_divided_gradients(verdict, "a traced region (capture, verify, a planner's capture)")
+    check_leaves = list(flat) + local[len(inputs):]
+    for i, v in zip(inputs, local, strict=False):
+        check_leaves[i] = v
+    held = [s if isinstance(a, torch.Tensor) else None for a, s in zip(flat, specs, strict=True)] + lifted_specs
+    given = None if grads is None else grads + [None] * len(lifted_specs)  # a closed-over tensor's: never given
+    call = plan_call(lambda: check_function(
+        region.func, check_leaves, specs + lifted_specs, region.out_placements, given, mesh, treespec, kwargs,
+        lifted=lifted if lifted.closed else None), check_mode(region.check), TRACED_CALL, held, given, None)
+    verdict = call.verdict
     flat_out, out_tree = pytree.tree_flatten(out)
     out_specs = resolve_output_specs(region.out_placements, out, len(flat_out))
     tensor_specs = [p for p in (check_output_leaf(out, i, o, s, mesh)
@@ -111,7 +110,7 @@ def trace_region(region: Any, args: tuple, kwargs: dict) -> TracedRegion:
     set_region_meta(body, {
         "in_placements": tuple(hop_specs),
         "out_placements": tuple(tensor_specs),
-        "in_grad_placements": _in_grads(grads, verdict, inputs, len(flat), hop_specs),
+        "in_grad_placements": _in_grads(call, grads, inputs, len(flat), len(hop_specs)),
         "device_mesh": mesh,
     })
     body.meta[SOURCE] = {"name": region_name(region.func), "source": caller_site(),
@@ -145,18 +144,12 @@ def _lifted(func: Any, mesh: Any) -> Lifted:
     return Lifted(closed)
 
 
-def _in_grads(grads: list | None, verdict: Any, inputs: list[int], n_flat: int, hop_specs: list) -> tuple | None:
-    """Gradient placements per operator input (core.grads: given, else inferred by the check, else the
-    default; None for a SymInt); None when none is given or inferred (the default for all). `hop_specs`: the
-    arguments' placements, then the closed-over tensors' (whose gradient placements are never given)."""
-    inferred = verdict.grad_placements if verdict is not None else None
-    if grads is None and inferred is None:
+def _in_grads(call: CallPlan, grads: list | None, inputs: list[int], n_flat: int, n_hop: int) -> tuple | None:
+    """Gradient placements per operator input, from the call's plan (None for a SymInt); None when none is
+    given or inferred (the default for all)."""
+    if grads is None and (call.verdict is None or call.verdict.grad_placements is None):
         return None
-    leaves = inputs + list(range(n_flat, n_flat + len(hop_specs) - len(inputs)))
-    given = [grads[i] if grads is not None and i < n_flat else None for i in leaves]
-    return tuple(None if held is None else leaf_grad_placements(
-        tuple(held), g, None if g is not None or inferred is None else inferred[i])
-        for held, g, i in zip(hop_specs, given, leaves, strict=True))
+    return tuple(call.grads[i] for i in inputs + list(range(n_flat, n_flat + n_hop - len(inputs))))
 
 
 def _traced_mesh(region: Any) -> Any:
