@@ -48,3 +48,28 @@ def test_one_uneven_refusal_names_the_path(path):
     message = str(uneven_error("args[1]", (9, 4), S0, (2,), path))
     assert message.startswith("local_map: args[1]: is unevenly sharded") and path in message
     assert "shape (9, 4) with (Shard(dim=0),) on mesh (2,)" in message and "pad the sharded dim" in message
+
+
+def test_call_mode_names_the_path_of_each_call():
+    """One function picks a call's path from its arguments and the context (eager.modes.call_mode)."""
+    import torch
+
+    from localmap.context import recording
+    from localmap.eager.modes import CallMode, call_mode
+    from localmap.hop import defer_inlining
+
+    assert call_mode(True) is CallMode.EAGER and call_mode(False) is CallMode.PLAIN
+    with defer_inlining():
+        assert call_mode(False) is CallMode.DEFERRED and call_mode(True) is CallMode.EAGER
+    with recording("reference"):
+        assert call_mode(False) is CallMode.REFERENCE
+
+    seen = []
+
+    @torch.compile(backend="eager", fullgraph=True)
+    def traced(x):
+        seen.append((call_mode(True), call_mode(False)))
+        return x + 1
+
+    traced(torch.ones(2))
+    assert seen == [(CallMode.COMPILING, CallMode.PLANNER_CAPTURE)]

@@ -39,6 +39,7 @@ from localmap.compat import local_tensor_of, make_dtensor, pytree, spec_of, wait
 from localmap.context import pop_region_mesh, push_region_mesh, recorder
 from localmap.eager.autograd import from_local_shards, output_grad_rules, to_local_shards
 from localmap.eager.compiled import call_compiling
+from localmap.eager.modes import CallMode, call_mode
 from localmap.eager.plans import (
     InputPlan, OutputPlan, check_body, check_input_leaf, check_kwargs, check_non_dtensor_leaves, common_mesh,
     make_input_plan, make_output_plan, output_dtensor_specs,
@@ -49,7 +50,6 @@ from localmap.placements.algebra import extreme_grad_error, grad_default, has_ex
 from localmap.placements.specs import leaf_path, resolve_input_specs, validate_spec_argument
 from localmap.traced.dynamo_capture import inlining_expected_why, warn_inlined
 from localmap.traced.frontend import call_reference, call_traced
-from localmap.traced.operator import is_deferring
 
 PLAN_CACHE_LIMIT = 64  # argument (or output) structures remembered per region
 VERDICT_CACHE_LIMIT = 256  # input metadata whose check verdict is remembered per region
@@ -112,7 +112,7 @@ class RegionCallable:
     # -- dispatch -----------------------------------------------------------------------------------------
 
     def __call__(self, args: tuple, kwargs: dict) -> Any:
-        if torch.compiler.is_compiling():  # before anything Dynamo would have to trace
+        if torch.compiler.is_compiling():  # before anything Dynamo would have to trace (modes.call_mode there)
             return call_compiling(self, args, kwargs)
         if kwargs:
             check_kwargs(kwargs)
@@ -123,17 +123,17 @@ class RegionCallable:
                 flat, treespec = pytree.tree_flatten(args)
                 break
         dtensor_idx = [i for i, a in enumerate(flat) if isinstance(a, DTensor)]
-        if not dtensor_idx:
-            return self._call_plain(args, kwargs, flat)
-        return self._call_eager(args, kwargs, flat, treespec, dtensor_idx)
+        mode = call_mode(bool(dtensor_idx))
+        if mode is CallMode.EAGER:
+            return self._call_eager(args, kwargs, flat, treespec, dtensor_idx)
+        if mode is CallMode.DEFERRED:
+            return call_traced(self, args, kwargs)
+        if mode is CallMode.REFERENCE:
+            return call_reference(self, args, kwargs, recorder("reference"))
+        return self._call_plain(args, kwargs, flat)
 
     def _call_plain(self, args: tuple, kwargs: dict, flat: Sequence[Any]) -> Any:
-        """No DTensor argument: a region node while capturing, a recorded reference in verify, else fn."""
-        if is_deferring():
-            return call_traced(self, args, kwargs)
-        references = recorder("reference")
-        if references is not None:
-            return call_reference(self, args, kwargs, references)
+        """No DTensor argument, no region node or reference asked for: the function itself."""
         if self.in_placements is not None:  # still catch a wrong spec count
             resolve_input_specs(self.in_placements, args, len(flat))
         why = inlining_expected_why()  # PyTorch's deferral, torch.export: a region node was expected
