@@ -22,10 +22,11 @@ class CallMode(enum.Enum):
     PLAIN = "plain"  # plain tensors otherwise: the function itself (warned where a region node was expected)
 
 
-def call_mode(has_dtensor: bool) -> CallMode:
+def call_mode(has_dtensor: bool, compiling: bool | None = None) -> CallMode:
     """The path of a call whose arguments hold a DTensor (`has_dtensor`) or not, here and now (Dynamo tracing,
-    defer_inlining, verify's reference recorder: the context's per-thread stacks, read only here)."""
-    if torch.compiler.is_compiling():  # first: Dynamo traces this function and reads no stack
+    defer_inlining, verify's reference recorder: the context's per-thread stacks, read only here). `compiling`:
+    whether Dynamo traces, when the caller already asked (the eager hot path asks once)."""
+    if torch.compiler.is_compiling() if compiling is None else compiling:  # first: Dynamo reads no stack
         return CallMode.COMPILING if has_dtensor else CallMode.PLANNER_CAPTURE
     if has_dtensor:
         return CallMode.EAGER

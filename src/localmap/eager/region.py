@@ -123,7 +123,7 @@ class RegionCallable:
                 flat, treespec = pytree.tree_flatten(args)
                 break
         dtensor_idx = [i for i, a in enumerate(flat) if isinstance(a, DTensor)]
-        mode = call_mode(bool(dtensor_idx))
+        mode = call_mode(bool(dtensor_idx), compiling=False)  # (asked above)
         if mode is CallMode.EAGER:
             return self._call_eager(args, kwargs, flat, treespec, dtensor_idx)
         if mode is CallMode.DEFERRED:
