@@ -119,7 +119,9 @@ def test_errors_at_compile_time_are_the_eager_errors():
     for claim, count, uneven in run_gloo(_errors, 2, timeout=300):
         assert claim[0] == claim[1] and claim[0][0] == "PlacementError", claim
         assert count[0] == count[1] and count[0][0] == "LocalMapError", count
-        assert uneven is not None and "unevenly sharded" in uneven
+        # the one uneven refusal (core.refusals): the argument, the path that refuses, the layout
+        assert uneven is not None and "args[0]: is unevenly sharded" in uneven, uneven
+        assert "under torch.compile" in uneven and "shape (9, 4) with (Shard(dim=0),) on mesh (2,)" in uneven, uneven
 
 
 def _demo(mesh):

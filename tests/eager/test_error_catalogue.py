@@ -315,7 +315,8 @@ TRACED: dict[str, tuple] = {
     "traced body mutates its input": (
         lambda m: _capture_region(m, _mutating, RR, (RR,), (4, 4)), "args[0]", ("mutated",)),
     "traced input unevenly sharded": (
-        lambda m: _capture_region(m, torch.tanh, S0R, (S0R,), (5, 4)), "args[0]", ("unevenly sharded",)),
+        lambda m: _capture_region(m, torch.tanh, S0R, (S0R,), (5, 4)), "args[0]",
+        ("unevenly sharded", "regions traced as graph nodes")),
     "traced Partial(max) output needing a gradient": (
         lambda m: _capture_region(m, lambda a: a.amax(0), [Partial("max"), R], (S0R,), (4, 4)), "outputs[0]",
         ("Partial(max) and requires grad",)),

@@ -18,7 +18,8 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.placement_types import Placement
 
 from localmap.caches import register_cache
-from localmap.check.verdict import enforce, refuse_divided_gradients
+from localmap.core.plan import plan_call
+from localmap.core.refusals import COMPILED, uneven_error
 from localmap.compat import (
     global_shape_and_stride, make_dtensor, make_spec, pytree, spec_of, surfacing_types, trace_time,
 )
@@ -26,7 +27,6 @@ from localmap.eager.plans import (
     check_body, check_kwargs, check_non_dtensor_leaves, common_mesh, input_leaf_target, make_input_plan,
     make_output_plan,
 )
-from localmap.errors import fail
 from localmap.placements.algebra import avg_grad_scale, avg_ranks, extreme_grad_error, has_extreme
 from localmap.placements.shapes import dense_stride, local_shape
 from localmap.placements.specs import check_output_leaf, leaf_path, resolve_input_specs
@@ -55,16 +55,17 @@ def plan_inputs(config: tuple, bound_to: Any, mesh: Any, skeleton: Any, leaves: 
         target, grads = input_leaf_target(plan, args, flat, i, mesh, region.redistribute_inputs)
         a = flat[i] if flat[i].placements == target else _redistributed(flat[i], target)
         checked.append((i, a, grads, spec_of(a)))
-    inferred = None
-    if region.check is not False:  # the same verdict eager reaches (check.function caches it across paths)
-        verdict = check_body(region.func, region.out_placements, plan, flat, treespec, checked, mesh, kwargs)
-        enforce(verdict, region.check)
-        refuse_divided_gradients(verdict, 'torch.compile')
-        if region.in_grad_placements is None:
-            inferred = verdict.grad_placements
-    planned = []
+    given = region.in_grad_placements is not None  # then each checked gradient placement is the given one
+    held: list = [None] * len(flat)
+    given_grads: list = [None] * len(flat)
     for i, a, grads, _ in checked:
-        grads = tuple((inferred[i] if inferred is not None else None) or grads)
+        held[i], given_grads[i] = tuple(a.placements), grads if given else None
+    # the same verdict eager reaches (check.function caches it across paths)
+    call = plan_call(lambda: check_body(region.func, region.out_placements, plan, flat, treespec, checked, mesh,
+                                        kwargs), region.check, COMPILED, held, given_grads, region.in_grad_placements)
+    planned = []
+    for i, a, _, _ in checked:
+        grads = call.grads[i]
         planned.append((i, None if a is flat[i] else tuple(a.placements), grads,
                         avg_grad_scale(a.placements, grads, mesh)))
     return tuple(planned)
@@ -85,11 +86,9 @@ def plan_outputs(config: tuple, bound_to: Any, mesh: Any, skeleton: Any, leaves:
 
 
 @trace_time
-def refuse_uneven(skeleton: Any, i: int, shape: tuple) -> None:
+def refuse_uneven(skeleton: Any, i: int, shape: tuple, placements: tuple, mesh_shape: tuple) -> None:
     """Argument leaf `i` is unevenly sharded, which the compiled path does not support (eager does)."""
-    raise fail(leaf_path("args", skeleton, i), "is unevenly sharded, which local_map does not support "
-               "under torch.compile", given=shape,
-               fix="pad the sharded dim to a multiple of the mesh size, or run this region eagerly")
+    raise uneven_error(leaf_path("args", skeleton, i), shape, placements, mesh_shape, COMPILED)
 
 
 @trace_time

@@ -19,6 +19,7 @@ from torch.distributed.tensor import DTensor
 from localmap.compat import optimization_hint, pytree, size_hint, traced_local
 from localmap.context import pop_region_mesh, push_region_mesh
 from localmap.eager.autograd import ScaledGradient
+from localmap.eager.modes import CallMode, call_mode
 from localmap.eager.compile_time import plan_inputs, plan_outputs, plan_plain_call, refuse_uneven
 from localmap.placements.shapes import is_uneven
 from localmap.traced.dynamo_capture import call_plain_compiling, wrapping_now
@@ -29,7 +30,8 @@ def call_compiling(region: Any, args: tuple, kwargs: dict) -> Any:
     flat, treespec, skeleton = _structure(args)
     dtensor_idx = [i for i, a in enumerate(flat) if isinstance(a, DTensor)]
     config, bound_to = definition(region)
-    if not dtensor_idx:  # plain tensors: a region node in the planner's capture, else inlined (never silently)
+    # plain tensors: a region node in the planner's capture, else inlined (never silently)
+    if call_mode(bool(dtensor_idx)) is CallMode.PLANNER_CAPTURE:
         if not wrapping_now():
             plan_plain_call(config, bound_to, skeleton, tuple(describe(a) for a in flat))  # the spec count
         return call_plain_compiling(region, args, kwargs)
@@ -90,7 +92,8 @@ def _structure(tree: Any) -> tuple[Any, Any, Any]:
 
 def _refuse_if_uneven(skeleton: Any, i: int, a: DTensor) -> None:
     if is_uneven(a.shape, a.placements, a.device_mesh):  # a guard on symbolic sizes, a constant otherwise
-        refuse_uneven(skeleton, i, tuple(size_hint(s) for s in a.shape))
+        refuse_uneven(skeleton, i, tuple(size_hint(s) for s in a.shape), tuple(a.placements),
+                      tuple(a.device_mesh.shape))
 
 
 def describe(leaf: Any) -> tuple:

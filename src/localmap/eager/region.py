@@ -34,10 +34,12 @@ from localmap.check.verdict import CHECK_MODES, enforce, refuse_guessed
 from localmap.check.function import function_identity
 from localmap.check.state import BodyState, body_state, value_key
 from localmap.check.tested import settle_by_test
+from localmap.core.grads import inferred_of, leaf_grad_placements
 from localmap.compat import local_tensor_of, make_dtensor, pytree, spec_of, wait_local
 from localmap.context import pop_region_mesh, push_region_mesh, recorder
 from localmap.eager.autograd import from_local_shards, output_grad_rules, to_local_shards
 from localmap.eager.compiled import call_compiling
+from localmap.eager.modes import CallMode, call_mode
 from localmap.eager.plans import (
     InputPlan, OutputPlan, check_body, check_input_leaf, check_kwargs, check_non_dtensor_leaves, common_mesh,
     make_input_plan, make_output_plan, output_dtensor_specs,
@@ -48,7 +50,6 @@ from localmap.placements.algebra import extreme_grad_error, grad_default, has_ex
 from localmap.placements.specs import leaf_path, resolve_input_specs, validate_spec_argument
 from localmap.traced.dynamo_capture import inlining_expected_why, warn_inlined
 from localmap.traced.frontend import call_reference, call_traced
-from localmap.traced.operator import is_deferring
 
 PLAN_CACHE_LIMIT = 64  # argument (or output) structures remembered per region
 VERDICT_CACHE_LIMIT = 256  # input metadata whose check verdict is remembered per region
@@ -111,7 +112,7 @@ class RegionCallable:
     # -- dispatch -----------------------------------------------------------------------------------------
 
     def __call__(self, args: tuple, kwargs: dict) -> Any:
-        if torch.compiler.is_compiling():  # before anything Dynamo would have to trace
+        if torch.compiler.is_compiling():  # before anything Dynamo would have to trace (modes.call_mode there)
             return call_compiling(self, args, kwargs)
         if kwargs:
             check_kwargs(kwargs)
@@ -122,17 +123,17 @@ class RegionCallable:
                 flat, treespec = pytree.tree_flatten(args)
                 break
         dtensor_idx = [i for i, a in enumerate(flat) if isinstance(a, DTensor)]
-        if not dtensor_idx:
-            return self._call_plain(args, kwargs, flat)
-        return self._call_eager(args, kwargs, flat, treespec, dtensor_idx)
+        mode = call_mode(bool(dtensor_idx), compiling=False)  # (asked above)
+        if mode is CallMode.EAGER:
+            return self._call_eager(args, kwargs, flat, treespec, dtensor_idx)
+        if mode is CallMode.DEFERRED:
+            return call_traced(self, args, kwargs)
+        if mode is CallMode.REFERENCE:
+            return call_reference(self, args, kwargs, recorder("reference"))
+        return self._call_plain(args, kwargs, flat)
 
     def _call_plain(self, args: tuple, kwargs: dict, flat: Sequence[Any]) -> Any:
-        """No DTensor argument: a region node while capturing, a recorded reference in verify, else fn."""
-        if is_deferring():
-            return call_traced(self, args, kwargs)
-        references = recorder("reference")
-        if references is not None:
-            return call_reference(self, args, kwargs, references)
+        """No DTensor argument, no region node or reference asked for: the function itself."""
         if self.in_placements is not None:  # still catch a wrong spec count
             resolve_input_specs(self.in_placements, args, len(flat))
         why = inlining_expected_why()  # PyTorch's deferral, torch.export: a region node was expected
@@ -151,7 +152,7 @@ class RegionCallable:
         checked, uneven = self._checked_inputs(plan, args, flat, dtensor_idx, mesh)
         # in_grad_placements=None: the gradient placements the body implies (from the cached check)
         verdict = self._verdict(plan, flat, treespec, checked, mesh, kwargs) if self.check is not False else None
-        inferred = verdict.grad_placements if verdict is not None and self.in_grad_placements is None else None
+        inferred = inferred_of(verdict, self.in_grad_placements)
         locals_ = self._to_locals(flat, checked, inferred)
         push_region_mesh(mesh)  # for localmap.collectives inside the body
         try:
@@ -203,18 +204,21 @@ class RegionCallable:
             plan.even_specs = tuple(c[3] for c in checked)
         return checked, uneven
 
-    def _to_locals(self, flat: Sequence[Any], checked: list, inferred: tuple | None) -> list:
-        """The local tensors: those that need a gradient through one autograd node, the others directly."""
+    def _to_locals(self, flat: Sequence[Any], checked: list, inferred: Sequence | None) -> list:
+        """The local tensors: those that need a gradient through one autograd node (with their gradient
+        placements: core.grads), the others directly."""
+        given = self.in_grad_placements is not None  # then each checked gradient placement is the given one
         locals_ = list(flat)
         grad_idx: list[int] = []
         grad_inputs: list[DTensor] = []
         grad_placements: list[tuple[Placement, ...]] = []
         track_grad = torch.is_grad_enabled()
-        for i, a, gp, _ in checked:
+        for i, a, gp, spec in checked:
             if track_grad and a.requires_grad:
                 grad_idx.append(i)
                 grad_inputs.append(a)
-                grad_placements.append(inferred[i] or gp if inferred is not None else gp)
+                grad_placements.append(leaf_grad_placements(spec.placements, gp if given else None,
+                                                            None if inferred is None else inferred[i]))
             else:
                 locals_[i] = wait_local(local_tensor_of(a))
         if grad_inputs:
@@ -293,10 +297,12 @@ class RegionCallable:
         if verdict.status == "unproven" and self.check != "allow_unproven":  # accepted as it is: no test
             leaves = list(flat)
             grads: list[Any] = [None] * len(leaves)
+            inferred = inferred_of(verdict, self.in_grad_placements)
+            given = self.in_grad_placements is not None
             for i, a, gp, _ in checked:
                 leaves[i] = a
-                inferred = verdict.grad_placements[i] if self.in_grad_placements is None else None
-                grads[i] = inferred or gp
+                grads[i] = leaf_grad_placements(a.placements, gp if given else None,
+                                                None if inferred is None else inferred[i])
             settle_by_test(verdict, self.func, leaves,
                            treespec if treespec is not None else pytree.tree_flatten(tuple(flat))[1], kwargs,
                            self.out_placements, grads, mesh, force=self.check == "test")

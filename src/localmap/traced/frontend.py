@@ -14,13 +14,14 @@ from typing import Any
 import torch
 
 from localmap import compat as _compat
-from localmap.check.verdict import describe, enforce, refuse_divided_gradients
+from localmap.check.verdict import describe
 from localmap.check.function import check_function
 from localmap.context import check_mode, default_mesh, enclosing_region_mesh, in_region, recorder
 from localmap.sites import caller_site
 from localmap.compat import pytree, to_local_substituted
 from localmap.errors import LocalMapError, body_error, fail, region_name
-from localmap.placements.algebra import grad_default
+from localmap.core.plan import CallPlan, plan_call
+from localmap.core.refusals import TRACED, TRACED_CALL, uneven_error
 from localmap.traced.closure import (
     Lifted, as_full_dtensor, closed_over, rebound, region_placements, unregistered_dtensors,
 )
@@ -29,7 +30,7 @@ from localmap.traced.meta import SOURCE, set_region_meta
 from localmap.traced.operator import local_map_hop
 from localmap.placements.shapes import is_uneven, like_stride, local_shape
 from localmap.placements.specs import (
-    check_non_tensor_leaf, check_output_leaf, fit_spec_to_mesh, leaf_path, normalize_shard_dims, placements_str,
+    check_non_tensor_leaf, check_output_leaf, fit_spec_to_mesh, leaf_path, normalize_shard_dims,
     resolve_input_specs, resolve_output_specs,
 )
 
@@ -46,11 +47,7 @@ def _leaf_specs(spec_arg: Any, name: str, args: tuple, flat: list, mesh: Any) ->
             s = fit_spec_to_mesh(s, mesh, leaf_path("args", args, i), name)
             s = normalize_shard_dims(s, a.ndim, leaf_path("args", args, i), name, mesh)
             if name == "in_placements" and _uneven(a, s, mesh):
-                raise fail(leaf_path("args", args, i), "is unevenly sharded, which regions traced as graph nodes "
-                           "(capture, defer_inlining) do not support: their graphs are traced at one rank's "
-                           "shard sizes", given=f"shape {tuple(a.shape)} with {placements_str(s)} on mesh "
-                           f"{tuple(mesh.shape)}", fix="pad the sharded dim to a multiple of the ranks "
-                           "sharding it, or run this region eagerly on DTensors")
+                raise uneven_error(leaf_path("args", args, i), a.shape, s, mesh.shape, TRACED)
         else:
             check_non_tensor_leaf(args, i, a, s, name)
         out.append(s)
@@ -97,16 +94,15 @@ def trace_region(region: Any, args: tuple, kwargs: dict) -> TracedRegion:
     hop_specs = [specs[i] for i in inputs] + lifted_specs
     local = _local_fakes(hop_args, hop_specs, mesh)
     body, out = _trace_region_body(region, args, kwargs, inputs, local, mesh, lifted)
-    verdict, mode = None, check_mode(region.check)
-    if mode is not False:
-        check_leaves = list(flat) + local[len(inputs):]
-        for i, v in zip(inputs, local, strict=False):
-            check_leaves[i] = v
-        verdict = check_function(region.func, check_leaves, specs + lifted_specs, region.out_placements,
-                                 None if grads is None else grads + [None] * len(lifted_specs), mesh, treespec,
-                                 kwargs, lifted=lifted if lifted.closed else None)
-        enforce(verdict, mode)
-        refuse_divided_gradients(verdict, "a traced region (capture, verify, a planner's capture)")
+    check_leaves = list(flat) + local[len(inputs):]
+    for i, v in zip(inputs, local, strict=False):
+        check_leaves[i] = v
+    held = [s if isinstance(a, torch.Tensor) else None for a, s in zip(flat, specs, strict=True)] + lifted_specs
+    given = None if grads is None else grads + [None] * len(lifted_specs)  # a closed-over tensor's: never given
+    call = plan_call(lambda: check_function(
+        region.func, check_leaves, specs + lifted_specs, region.out_placements, given, mesh, treespec, kwargs,
+        lifted=lifted if lifted.closed else None), check_mode(region.check), TRACED_CALL, held, given, None)
+    verdict = call.verdict
     flat_out, out_tree = pytree.tree_flatten(out)
     out_specs = resolve_output_specs(region.out_placements, out, len(flat_out))
     tensor_specs = [p for p in (check_output_leaf(out, i, o, s, mesh)
@@ -114,7 +110,7 @@ def trace_region(region: Any, args: tuple, kwargs: dict) -> TracedRegion:
     set_region_meta(body, {
         "in_placements": tuple(hop_specs),
         "out_placements": tuple(tensor_specs),
-        "in_grad_placements": _in_grads(grads, verdict, inputs, len(flat), lifted_specs),
+        "in_grad_placements": _in_grads(call, grads, inputs, len(flat), len(hop_specs)),
         "device_mesh": mesh,
     })
     body.meta[SOURCE] = {"name": region_name(region.func), "source": caller_site(),
@@ -148,16 +144,12 @@ def _lifted(func: Any, mesh: Any) -> Lifted:
     return Lifted(closed)
 
 
-def _in_grads(grads: list | None, verdict: Any, inputs: list[int], n_flat: int, lifted_specs: list) -> tuple | None:
-    """Gradient placements per operator input: given (arguments), else inferred by the check, else None (the
-    default for all); a closed-over tensor's are inferred, else the default."""
-    inferred = verdict.grad_placements if verdict is not None else None
-    if grads is None and inferred is None:
+def _in_grads(call: CallPlan, grads: list | None, inputs: list[int], n_flat: int, n_hop: int) -> tuple | None:
+    """Gradient placements per operator input, from the call's plan (None for a SymInt); None when none is
+    given or inferred (the default for all)."""
+    if grads is None and (call.verdict is None or call.verdict.grad_placements is None):
         return None
-    own = [(grads if grads is not None else inferred)[i] for i in inputs]
-    rest = [(inferred[n_flat + k] if inferred is not None else None) or grad_default(tuple(p))
-            for k, p in enumerate(lifted_specs)]
-    return tuple(own + rest)
+    return tuple(call.grads[i] for i in inputs + list(range(n_flat, n_flat + n_hop - len(inputs))))
 
 
 def _traced_mesh(region: Any) -> Any:
