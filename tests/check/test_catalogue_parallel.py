@@ -436,6 +436,10 @@ def test_claims_where_the_proof_stops_are_settled_by_the_test(prog):
         matched, said = _run_recording(prog)
         assert not said, said
         assert matched, "differs from one device"
+    elif "all_to_all" in prog.name:  # rows routed between ranks: the one-rank run is another program, so the
+        matched, said = _run_recording(prog)  # test's difference stays unproven, with its numbers (no false alarm)
+        assert len(said) == 1 and "unproven" in said[0] and "tested on" in said[0], said
+        assert _wrong_numbers(prog), "with the check off the region matches one device: it is not wrong"
     else:
         with pytest.raises(PlacementError) as info:
             run(prog)
