@@ -28,7 +28,7 @@ from localmap.testing import fake_mesh, simulated_mesh  # noqa: E402
 
 
 _COMPILE_FILES = ("tests/eager/test_compiled.py", "tests/eager/test_compiled_paths.py", "tests/distributed/test_compile.py",
-                  "tests/unit/test_compiling.py")
+                  "tests/unit/test_compiling.py", "tests/traced/test_upstream_causes.py")
 
 
 def pytest_collection_modifyitems(config, items):
