@@ -31,8 +31,11 @@ graphviz:
 demo: $(VENV)/.installed graphviz
 	$(PY) -m localmap demo
 
+# Two pytest workers (pytest-xdist), each taking whole files in their order: the suite is mostly one-core work
+# (tracing, compiling), so two workers on 2 cores halve it. JOBS=1 runs it in one process, in one order.
+JOBS ?= 2
 test: $(VENV)/.installed-test graphviz
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(if $(filter 1,$(JOBS)),,-n $(JOBS) --dist loadfile)
 
 # A contributor's loop (at most 90 s on 2 cores): the unit tests, the quick slice of the path matrix and 20
 # property examples; no real processes. Markers pick other slices: pytest -m "not slow", -m "compile", ...

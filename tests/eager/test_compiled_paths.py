@@ -275,6 +275,30 @@ def test_simulator_2d_sequence_parallel_rms_norm_output(sim_mesh_2x2):
     (torch.compile(region, backend="aot_eager", fullgraph=True)(x, w) * 3).sum().backward()
 
 
+SIMULATOR_SECOND_WORLD = ("PyTorch's simulator: in a process that already compiled a function with a Partial output "
+                          "on an earlier simulated mesh, compiling it on a new, equal mesh fails in AOT autograd "
+                          "(FakeTensorMode meets the mesh's real rank table); docs/compile.md, item 3")
+
+
+@pytest.mark.compile
+@pytest.mark.xfail(raises=torch._dynamo.exc.BackendCompilerFailed, reason=SIMULATOR_SECOND_WORLD, strict=True)
+def test_simulator_second_world_partial_output_without_localmap():
+    """The failure, without localmap's regions: a sharded contraction (a Partial output) compiled on one simulated
+    mesh, then on a second one of the same shape. The first compile works; the second fails."""
+    from localmap.testing import simulated_mesh
+
+    def contract(x, w):
+        return x @ w
+
+    for _ in range(2):
+        with simulated_mesh(4) as mesh:
+            x = distribute(randn(4, 8), mesh, [Shard(1)], requires_grad=True)
+            w = distribute(randn(8, 6), mesh, [Shard(0)], requires_grad=True)
+            torch.compiler.reset()
+            out = torch.compile(contract, backend="aot_eager", fullgraph=True)(x, w)
+            assert out.placements == (Partial(),)
+
+
 @pytest.mark.parametrize("batch", [2, 4])
 def test_sequence_parallel_rms_norm_on_2d_mesh(sim_mesh_2x2, batch):
     """The sequence-parallel RMSNorm region on the 2-D simulated mesh, compiled, equals eager and one device:

@@ -27,12 +27,7 @@ def simulated_mesh(shape: int | Sequence[int], names: Sequence[str] | None = Non
     _compat.fake_process_group(world)
     try:
         with _compat.local_tensor_mode(world):
-            mesh = init_device_mesh("cpu", shape, mesh_dim_names=tuple(names) if names else None)
-            # NOTE: the simulator computes a mesh's per-rank coordinates on first use and caches them. If that first
-            # use comes while torch.compile traces (AOTAutograd redistributing a Partial output's tangent), it runs
-            # under FakeTensorMode on the mesh's real rank table and fails. Computing them here keeps it out of tracing.
-            mesh.get_coordinate()
-            yield mesh
+            yield init_device_mesh("cpu", shape, mesh_dim_names=tuple(names) if names else None)
     finally:
         dist.destroy_process_group()
 
