@@ -11,19 +11,12 @@ from matrix_paths import compiled, draw, on_dtensors
 pytestmark = pytest.mark.matrix
 ALL = select()
 
-_BUG2 = "issue 19 bug 2: second-order gradients through a region whose output is a partial sum differ from one device"
 _BUG2_COLLECTIVE = ("issue 19 bug 2: second-order gradients through a region whose body all-reduces (the collective's "
                     "backward) differ from one device")
-# Still differing from one device in their second-order gradients after issue 19 bug 2's fix (Partial outputs and
-# all-reduced outputs are right now): a partial sum times a replicated input, and the bodies whose max or log-sum-exp
-# is a per-rank stabilizer.
-_BUG2_PARTIAL_IN = ("issue 19 bug 2, still open: second-order gradients through a region whose inputs are Partial "
-                    "differ from one device by (n-1)x (the output's second-order gradient is summed over the ranks "
-                    "where each rank's share is the whole)")
+# Still differing from one device in their second-order gradients after issue 19 bug 2's fixes (Partial outputs,
+# all-reduced outputs and Partial inputs are right now): the bodies whose max or log-sum-exp is a per-rank
+# stabilizer.
 PENALTY_KNOWN = {
-    "types: partial times replicate": _BUG2,
-    "types: partial plus partial": _BUG2_PARTIAL_IN,
-    "types: linear map of a partial value": _BUG2_PARTIAL_IN,
     "parallel: Megatron vocab-parallel cross-entropy, detached max": _BUG2_COLLECTIVE,
     "parallel: context-parallel attention, log-sum-exp merge": _BUG2_COLLECTIVE,
 }

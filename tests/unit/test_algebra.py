@@ -6,7 +6,7 @@ from torch.distributed.tensor import Partial, Replicate, Shard
 
 from helpers import expect_error
 from localmap.placements.algebra import (avg_grad_scale, avg_ranks, extreme_grad_error, grad_default, has_avg,
-                                         has_extreme, is_extreme)
+                                         has_extreme, is_extreme, whole_grad_ranks)
 from localmap.testing import fake_mesh
 
 S0, S1, R, P = Shard(0), Shard(1), Replicate(), Partial()
@@ -45,6 +45,16 @@ def test_avg_grad_scale(fake_mesh_2x4):
     assert avg_grad_scale([R, AVG], [R, R], fake_mesh_2x4) == 4
     assert avg_grad_scale([P, S0], [R, S0], fake_mesh_2x4) == 1
     assert avg_grad_scale(None, [R, R], fake_mesh_2x4) == 1 and avg_grad_scale([AVG, R], None, fake_mesh_2x4) == 1
+
+
+def test_whole_grad_ranks(fake_mesh_2x4):
+    """The ranks over which a Partial input's Replicate gradient is whole on each rank (double backward)."""
+    assert whole_grad_ranks([P, P], [R, R], fake_mesh_2x4) == 8
+    assert whole_grad_ranks([AVG, S0], [R, S0], fake_mesh_2x4) == 2  # a mean as a sum
+    assert whole_grad_ranks([R, P], [P, R], fake_mesh_2x4) == 4  # a Replicate input's Partial gradient: shares
+    assert whole_grad_ranks([P, R], [P, R], fake_mesh_2x4) == 1  # a gradient given Partial: shares already
+    assert whole_grad_ranks([R, S0], [R, S0], fake_mesh_2x4) == 1
+    assert whole_grad_ranks(None, [R, R], fake_mesh_2x4) == 1
 
 
 def test_extreme_partials():

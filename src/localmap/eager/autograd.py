@@ -17,7 +17,8 @@ from torch.distributed.tensor.placement_types import Partial, Placement
 from localmap.caches import register_cache
 from localmap import compat
 from localmap.compat import DTensorSpec, local_tensor_of, make_dtensor, make_spec, spec_of, wait_local
-from localmap.placements.algebra import avg_grad_scale, avg_ranks, grad_default, has_avg, summed_partials
+from localmap.placements.algebra import (avg_grad_scale, avg_ranks, grad_default, has_avg, summed_partials,
+                                        whole_grad_ranks)
 from localmap.eager.uneven import plain_stride
 from localmap.errors import fail
 from localmap.placements.shapes import dense_stride
@@ -36,9 +37,22 @@ def _input_grad(g: torch.Tensor, spec: DTensorSpec, grad_placements: tuple[Place
     else:
         stride = dense_stride(spec.shape, plain_stride(g))
     if g.requires_grad:  # backward with create_graph=True: the wrapping must stay differentiable
-        return DTensor.from_local(g, spec.mesh, grad_placements, run_check=False, shape=spec.shape, stride=stride)
+        return _differentiable_input_grad(g, spec, grad_placements, stride)
     grad_spec = make_spec(spec.mesh, grad_placements, spec.shape, stride, spec.tensor_meta.dtype)
     return make_dtensor(g, grad_spec, requires_grad=False)
+
+
+def _differentiable_input_grad(g: torch.Tensor, spec: DTensorSpec, grad_placements: tuple[Placement, ...],
+                               stride: tuple[int, ...]) -> DTensor:
+    """The input's gradient under backward(create_graph=True), wrapped so that a second backward runs through
+    it as this wrapping's transpose. Where the input is Partial and its gradient Replicate, each rank holds the
+    whole gradient, so each rank's part of the gradient's own gradient is 1/n of it: the shares that the
+    output side sums (``_differentiable_output_grad`` reads a Partial output's gradient back as Partial).
+    DTensor's from_local would give every rank the whole, counted n times there."""
+    ranks = whole_grad_ranks(spec.placements, grad_placements, spec.mesh)
+    if ranks != 1:
+        g = ScaledGradient.apply(g, 1, ranks)
+    return DTensor.from_local(g, spec.mesh, grad_placements, run_check=False, shape=spec.shape, stride=stride)
 
 
 GRAD_SPEC_CACHE_LIMIT = 1024  # gradient recipes remembered (cleared when full)

@@ -8,6 +8,8 @@ Each rule is written once here and read by the eager path, the traced operator, 
 * **average scaling**: a Partial('avg') value is the mean of n local values, so each local value gets 1/n of
   the value's gradient (``avg_ranks``); an input held as Partial('avg') whose gradient is given as Replicate
   carries 1/n of the value on each rank, so its gradient is n times the local one (``avg_grad_scale``).
+* **whole gradients**: a Partial input's Replicate gradient is the whole on every rank, so under a double
+  backward each rank gets 1/n of that gradient's own gradient (``whole_grad_ranks``).
 * **extreme Partials**: a Partial(max/min) value's gradient belongs only to the rank holding the extreme, which
   no rank can tell locally; such an output that needs a gradient is refused (``extreme_grad_error``).
 """
@@ -67,11 +69,28 @@ def avg_ranks(placements: Sequence[Placement], mesh: DeviceMesh) -> int:
 def avg_grad_scale(placements: Sequence[Placement] | None, grad_placements: Sequence[Placement] | None,
                    mesh: DeviceMesh) -> int:
     """Factor on the local gradient of an input held as Partial('avg') where its gradient is Replicate."""
+    return _partial_to_replicate_ranks(placements, grad_placements, mesh, ("avg",))
+
+
+def whole_grad_ranks(placements: Sequence[Placement] | None, grad_placements: Sequence[Placement] | None,
+                     mesh: DeviceMesh) -> int:
+    """Ranks over which an input held as Partial has a Replicate gradient: there each rank's local gradient is
+    the whole gradient, computed once per rank. The transpose of wrapping those n equal copies as one
+    Replicate value gives each rank 1/n of the wrapped value's own gradient (a double backward), the shares
+    that a Partial output's gradient sums (see docs/gradients.md)."""
+    return _partial_to_replicate_ranks(placements, grad_placements, mesh, ("sum", "avg"))
+
+
+def _partial_to_replicate_ranks(placements: Sequence[Placement] | None,
+                                grad_placements: Sequence[Placement] | None, mesh: DeviceMesh,
+                                reduce_ops: tuple[str, ...]) -> int:
+    """The product of the sizes of the mesh dims where the value is Partial(one of `reduce_ops`) and its
+    gradient Replicate."""
     if placements is None or grad_placements is None:
         return 1
     n = 1
     for m, (p, g) in enumerate(zip(placements, grad_placements, strict=True)):
-        if isinstance(p, Partial) and p.reduce_op == "avg" and isinstance(g, Replicate):
+        if isinstance(p, Partial) and p.reduce_op in reduce_ops and isinstance(g, Replicate):
             n *= mesh.size(m)
     return n
 
