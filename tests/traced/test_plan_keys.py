@@ -14,6 +14,7 @@ from torch.distributed.tensor import Replicate, Shard
 import localmap
 from localmap.caches import cache_info
 from localmap.compat import dynamo as compat_dynamo
+from localmap.errors import LocalMapError
 from localmap.testing import planner_capture, region_nodes
 
 pytestmark = pytest.mark.compile
@@ -130,3 +131,20 @@ def test_two_planner_captures_print_the_same_dynamo_graph(fake_mesh_4):
 
     assert nodes(first_joint) == nodes(second_joint)
     assert [name for name, _ in nodes(first_joint)] == ["call_local_map", "call_local_map_backward"]
+
+
+def fold_rows(x, w):
+    return x.reshape(-1, 2, x.shape[-1]).sum(1) @ w  # the shard's row count is in the region graph
+
+
+def test_deferred_region_node_refuses_whole_tensors_by_name(fake_mesh_4):
+    """torch.compile with the regions deferred (PyTorch's operator tests' setup) then run on one process's whole
+    tensors: the region node, whose graph runs on one rank's shard, names the argument and both shapes (was: a
+    size error inside the graph)."""
+    region = localmap.local_map(fold_rows, out_placements=(S0,), in_placements=(S0, R), device_mesh=fake_mesh_4)
+    x, w = torch.randn(16, 8, requires_grad=True), torch.randn(8, 4, requires_grad=True)
+    with compat_dynamo.planner_capture_context():
+        compiled = torch.compile(lambda a, b: region(a, b), backend="aot_eager", fullgraph=True)
+        with pytest.raises(LocalMapError, match=r"call_local_map, argument 0: is not one rank's shard(.|\n)*"
+                                                r"expected: shape \(4, 8\)(.|\n)*given:    shape \(16, 8\)"):
+            compiled(x, w)
