@@ -8,9 +8,13 @@ localmap region on plain tensors with wrapping on, ``call_captured`` therefore:
 1. at trace time (``compat.at_trace_time``: real Python while Dynamo traces), traces the body on this rank's
    local fakes and runs the placement check (``traced.frontend.trace_region``: the same specs, errors and
    inferred gradient placements as every other path), and keeps the result as a ``CapturePlan``;
-2. records one opaque call that the joint export traces into localmap's own operator (``localmap.hop``; the
-   default, "localmap"), whose region nodes take the form planners find regions by on every PyTorch release
-   (``traced.operator.planner_node_target``: targets named ``call_local_map``, ``in_grad_placements`` None)
+2. records one opaque call, ``_localmap_region_node(key, *tensors)``, whose key is derived from the plan's
+   content (``traced.plan_keys``: the body's code, placements, mesh, argument metadata; plans of different
+   functions share a key only where they also run the same on the tensors as given), so two compiles of the
+   same program print the same graph; the joint export traces that call into localmap's own operator
+   (``localmap.hop``; the default, "localmap"), whose region nodes take the form planners find regions by on
+   every PyTorch release (``traced.operator.planner_node_target``: targets named ``call_local_map``,
+   ``in_grad_placements`` None)
    and whose backward node's ``out_placements`` are the gradient placements the body implies (a Replicate
    weight meeting sharded data: Partial, so the planner reduces it); or, under ``region_operator("torch")``,
    calls PyTorch's ``_local_map_wrapped`` on the tensor leaves with flat placements (PyTorch's own region
@@ -23,6 +27,7 @@ import contextlib
 import dataclasses
 import itertools
 import warnings
+import weakref
 from typing import Any, Callable, Iterator
 
 import torch
@@ -31,13 +36,14 @@ from localmap.caches import register_cache
 from localmap import compat
 from localmap.compat import dynamo as compat_dynamo
 from localmap.compat import pytree
-from localmap.context import innermost, pop_region_mesh, push_region_mesh, pushed
+from localmap.context import innermost, pop_region_mesh, push_region_mesh, pushed, stack
 from localmap.errors import fail
 from localmap.placements.algebra import grad_default
 from localmap.placements.specs import placements_str
 from localmap.sites import caller_site
 from localmap.traced.frontend import TracedRegion, trace_region
 from localmap.traced.operator import defer_inlining, is_deferring, local_map_hop
+from localmap.traced.plan_keys import content_digest, graph_fingerprint, joint_fingerprint, slot_key
 
 OPERATORS = ("torch", "localmap")
 _TENSOR = "localmap.tensor"  # marks a tensor's metadata in the arguments handed to trace time
@@ -73,7 +79,7 @@ class CapturePlan:
     out_constants: tuple  # the output leaves, None where a tensor goes
     out_is_tensor: tuple  # per output leaf
     out_tree: Any  # the output's structure as plain constants (_template)
-    key: int  # this plan's entry in _PLANS (the localmap operator's opaque call finds its body there)
+    key: int  # this plan's entry in _PLANS (the localmap operator's opaque call finds its body there); set last
 
 
 @dataclasses.dataclass
@@ -83,13 +89,19 @@ class PlannedRegion:
 
     traced: TracedRegion
     inline: Callable[..., tuple]
+    func: Callable  # the region's function (plans of one function share a key without comparing)
+    content: bytes  # plan_keys.content_digest of everything the key stands for
+    metas: tuple  # the call's arguments' metadata (fakes of the tensors as given, for comparing inlines)
+    inline_fingerprint: tuple | None = None  # the inline's joint trace on those tensors, once compared
+    equal_funcs: weakref.WeakSet = dataclasses.field(default_factory=weakref.WeakSet)  # other functions found
+    # to run the same (each layer of a model wrapping its own closure compares once, not once per compile)
 
 
 # Trace-time state by plan key (a plan reaches later trace-time calls and the joint export as its key only):
-# each region's traced body and mesh. Bounded: the oldest entries go first.
+# each region's traced body and mesh. The key is derived from the plan's content (plan_keys), so two compiles
+# of the same program print the same graph. Bounded: the least recently planned entries go first.
 PLAN_LIMIT = 4096
 _PLANS: dict[int, "PlannedRegion"] = register_cache("capture_plans", {}, limit=PLAN_LIMIT, eviction="oldest first")
-_plan_ids = itertools.count()
 
 
 def in_wrapping_capture() -> bool:
@@ -171,28 +183,97 @@ def _exit_body(key: int) -> bool:
 
 
 @compat_dynamo.at_trace_time
-def _plan(region: Any, metas: tuple, kwargs: dict) -> CapturePlan:
+def _plan(region: Any, metas: tuple, kwargs_metas: dict) -> CapturePlan:
     """Trace time: the body traced and checked on fakes of the arguments' metadata; the plan of its node."""
     fake_mode = compat.detect_fake_mode([]) or compat.new_fake_mode()
     with fake_mode:
         args = _fakes(metas)
-        kwargs = _fakes(kwargs)
+        kwargs = _fakes(kwargs_metas)
     traced = trace_region(region, args, kwargs)
     operator = current_operator()
     region_kwargs = traced.body.meta["local_map_kwargs"]
     if operator == "torch":
         _warn_uncarried_grads(region, traced, region_kwargs)
-    key = next(_plan_ids)
-    while len(_PLANS) >= PLAN_LIMIT:
-        del _PLANS[next(iter(_PLANS))]
     plan = CapturePlan(
         operator, region_kwargs["device_mesh"], tuple(region_kwargs["in_placements"]),
         tuple(region_kwargs["out_placements"]),
         tuple(None if isinstance(o, torch.Tensor) else o for o in traced.flat_out),
         tuple(isinstance(o, torch.Tensor) for o in traced.flat_out), _template(traced.out_tree, itertools.count()),
-        key)
-    _PLANS[key] = PlannedRegion(traced, _flat_body(region, args, kwargs, plan))
+        key=-1)
+    num_inputs = sum(isinstance(a, (torch.Tensor, torch.SymInt)) for a in pytree.tree_leaves(args))
+    content = content_digest((operator, metas, kwargs_metas, _region_content(traced, num_inputs),
+                              plan.out_constants, plan.out_tree))
+    planned = PlannedRegion(traced, _flat_body(region, args, kwargs, plan), region.func, content, metas)
+    _file_plan(planned, plan)
     return plan
+
+
+def _region_content(traced: TracedRegion, num_inputs: int) -> tuple:
+    """What a region's node does besides its arguments: the body's code and constants, its placements, the
+    identity of its mesh and of what the body closes over (the call site and check verdict are not part)."""
+    kwargs = traced.body.meta["local_map_kwargs"]
+    placements = {k: v for k, v in kwargs.items() if k != "device_mesh"}
+    return (graph_fingerprint(traced.body), repr(placements), id(kwargs["device_mesh"]),
+            tuple(id(v) for v in traced.hop_args[num_inputs:]))
+
+
+def _file_plan(planned: PlannedRegion, plan: CapturePlan) -> None:
+    """Give `plan` its key: the first slot of its content that is free or holds a plan doing the same (kept,
+    so graphs compiled earlier keep their plan); two compiles of the same program get the same key."""
+    slot = 0
+    while True:
+        plan.key = slot_key(planned.content, slot)
+        held = _PLANS.get(plan.key)
+        if held is None:
+            while len(_PLANS) >= PLAN_LIMIT:
+                del _PLANS[next(iter(_PLANS))]
+            _PLANS[plan.key] = planned
+            return
+        if held.content == planned.content and _same_inline(held, planned):
+            _PLANS[plan.key] = _PLANS.pop(plan.key)  # planned again: the newest entry, the last to be evicted
+            return
+        slot += 1
+
+
+def _same_inline(held: PlannedRegion, new: PlannedRegion) -> bool:
+    """Whether two plans of equal content run the same with no deferral on (the function on the tensors as
+    given): the same function, or equal forward and gradient traces on those tensors. Any failure to trace
+    says no: the plans then take different keys."""
+    if held.func is new.func or _known_equal(held, new.func):
+        return True
+    try:
+        if held.inline_fingerprint is None:
+            held.inline_fingerprint = _inline_fingerprint(held)
+        same = held.inline_fingerprint == _inline_fingerprint(new)
+    except Exception:
+        return False
+    if same:
+        with contextlib.suppress(TypeError):  # a function that takes no weak reference is compared again
+            held.equal_funcs.add(new.func)
+    return same
+
+
+def _known_equal(held: PlannedRegion, func: Callable) -> bool:
+    try:
+        return func in held.equal_funcs
+    except TypeError:
+        return False
+
+
+def _inline_fingerprint(planned: PlannedRegion) -> tuple:
+    """The plan's inline traced jointly on fakes of the tensors as given."""
+    with compat.new_fake_mode():
+        tensors = _tensor_leaves(_fakes(planned.metas, objects=False))
+    meshes = stack("region_meshes")
+    depth = len(meshes)
+    try:
+        return joint_fingerprint(planned.inline, tensors)
+    finally:
+        del meshes[depth:]  # a function that failed inside left its region's mesh pushed
+
+
+def _tensor_leaves(value: Any) -> list:
+    return [a for a in pytree.tree_leaves(value) if isinstance(a, torch.Tensor)]
 
 
 def _warn_uncarried_grads(region: Any, traced: TracedRegion, region_kwargs: dict) -> None:
@@ -226,11 +307,12 @@ def _metas(value: Any) -> Any:
     return _map_structure(value, lambda v: isinstance(v, (torch.Tensor, torch.nn.Module)), meta)
 
 
-def _fakes(value: Any) -> Any:
-    """The inverse of _metas, on fresh fakes (inside a fake mode) and the objects themselves."""
+def _fakes(value: Any, objects: bool = True) -> Any:
+    """The inverse of _metas, on fresh fakes (inside a fake mode) and the objects themselves (None without
+    `objects`: a handle is only valid while the call that passed its object is traced)."""
     def fake(meta: tuple) -> Any:
         if meta[0] == _OBJECT:
-            return compat_dynamo.object_from_handle(meta[1])
+            return compat_dynamo.object_from_handle(meta[1]) if objects else None
         _, shape, stride, dtype, device, requires_grad = meta
         return torch.empty_strided(shape, stride, dtype=dtype, device=device).requires_grad_(requires_grad)
 

@@ -55,6 +55,27 @@ def run_graph(gm: fx.GraphModule, args: Sequence[Any], keep_meta: bool = False) 
     return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
 
+def check_shard_shapes(gm: fx.GraphModule, args: Sequence[Any], node: str) -> None:
+    """A region graph runs on one rank's shards: refuse real tensors of other (concrete) shapes by name, such as
+    the whole tensors of a compiled program run on one process with its regions deferred, instead of failing
+    on a size inside the graph (or broadcasting silently)."""
+    placeholders = gm.graph.find_nodes(op="placeholder")
+    for i, (ph, a) in enumerate(zip(placeholders, args)):
+        want = ph.meta.get("val")
+        if type(a) not in (torch.Tensor, torch.nn.Parameter) or not isinstance(want, torch.Tensor):
+            continue
+        if a.ndim == want.ndim and all(not isinstance(w, int) or w == g for w, g in zip(want.shape, a.shape)):
+            continue
+        raise fail(f"{node}, argument {i}", "is not one rank's shard: a region node runs its region graph (traced "
+                   "on one rank's shard) on each rank's own pieces, and cannot run on whole tensors",
+                   expected=f"shape {tuple(want.shape)}", given=f"shape {tuple(a.shape)}",
+                   fix="run the plan per rank on that rank's shards (a planner's runtime, or "
+                       "localmap.testing.run_joint on one device); to run the program on whole tensors, compile "
+                       "it outside defer_inlining (localmap's or PyTorch's): the region is then inlined and its "
+                       "function runs on the tensors as given, as PyTorch's local_map runs it (PyTorch cannot "
+                       "run its own deferred region node either: AttributeError, no call_local_map)")
+
+
 def trace_body(fn: Callable[..., tuple], local_inputs: Sequence[Any],
                paths: Sequence[str] | None = None) -> fx.GraphModule:
     """Trace ``fn(*local_inputs) -> tuple of tensors`` into a body GraphModule with a flat signature."""

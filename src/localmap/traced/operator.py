@@ -35,7 +35,7 @@ from localmap.context import recorder
 from localmap.errors import fail
 from localmap.placements.shapes import dense_stride
 from localmap.traced.build import RegionGraphs, build_region
-from localmap.traced.graphs import run_graph, to_global_fake, to_local_fake
+from localmap.traced.graphs import check_shard_shapes, run_graph, to_global_fake, to_local_fake
 from localmap.traced.meta import (
     COST, KWARGS, ROLE, RegionCost, kwargs_of, planner_kwargs, region_kwargs, role_of,
 )
@@ -157,6 +157,7 @@ def planner_node_target(graph: fx.GraphModule) -> Any:
     captured graph) it is the operator on global tensors; outside them (a planner running its plan on each
     rank's shards) the graph runs on the arguments as they are."""
     def call_local_map(*args: Any) -> Any:
+        check_shard_shapes(graph, args, call_local_map.__name__)
         if is_deferring() or compat_dynamo.torch_deferring():
             with defer_inlining():
                 return local_map_hop(graph, *args)
