@@ -6,15 +6,13 @@ not invert the dispatch, or rows never un-permuted, or work that is not row-wise
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 
-from helpers import R, S0, max_diff, randn
+from helpers import R, S0, proven_like_one_device, randn
 from localmap import LocalMapError, local_map
 from localmap import collectives as C
-from localmap.testing import distribute, full, on_one_device
+from localmap.testing import distribute
 
 
 def _dispatch(x, dim=0):
@@ -37,26 +35,6 @@ def _unpermute_by_inverse(back, order):
     return back[order.argsort()]
 
 
-def _proven_like_one_device(mesh, body, work, inputs, in_placements, out_placements=(S0,)):
-    """Proven under check="strict" without a warning, and values and gradients equal `work` on one device (the
-    body's meaning: on one rank the all_to_alls send nothing anywhere and the permutation is undone)."""
-    with on_one_device():
-        ref_inputs = [t.detach().clone().requires_grad_() for t in inputs]
-        ref_out = work(*ref_inputs)
-        upstream = torch.randn(ref_out.shape, generator=torch.Generator().manual_seed(0))
-        ref_out.backward(upstream)
-    region = local_map(body, list(out_placements), in_placements, None, mesh, check="strict")
-    dts = [distribute(t, mesh, p, requires_grad=True) for t, p in zip(inputs, in_placements)]
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        out = region(*dts)
-    assert tuple(out.placements) == tuple(out_placements)
-    out.backward(distribute(upstream, mesh, list(out_placements)))
-    assert max_diff(full(out), ref_out) < 1e-5
-    for d, ref in zip(dts, ref_inputs):
-        assert max_diff(full(d.grad), ref.grad) < 1e-5
-
-
 def _row_work(x, w, b):
     return torch.tanh(x @ w + b) * 2
 
@@ -68,7 +46,7 @@ def test_dispatch_row_work_and_combine_keep_the_shard(sim_mesh_4, unpermute):
         received, order, send, recv = _dispatch(x)
         return unpermute(C.all_to_all_single(_row_work(received, w, b), 0, send, recv), order)
 
-    _proven_like_one_device(sim_mesh_4, body, _row_work, [randn(24, 8), randn(8, 8), randn(8)], [[S0], [R], [R]])
+    proven_like_one_device(sim_mesh_4, body, _row_work, [randn(24, 8), randn(8, 8), randn(8)], [[S0], [R], [R]])
 
 
 def test_tokens_sharded_over_two_mesh_dims_dispatched_over_one(sim_mesh_2x2):
@@ -81,7 +59,7 @@ def test_tokens_sharded_over_two_mesh_dims_dispatched_over_one(sim_mesh_2x2):
         back = C.all_to_all_single(work(received, w, b), "tp", send, recv)
         return back[order.argsort()]
 
-    _proven_like_one_device(sim_mesh_2x2, body, work, [randn(24, 8), randn(8, 8), randn(8)],
+    proven_like_one_device(sim_mesh_2x2, body, work, [randn(24, 8), randn(8, 8), randn(8)],
                             [[S0, S0], [R, R], [R, R]], (S0, S0))
 
 
@@ -91,7 +69,7 @@ def test_an_equal_split_all_to_all_and_its_inverse_keep_the_shard(sim_mesh_4):
         back = C.all_to_all_single(_row_work(C.all_to_all_single(x, 0), w, b), 0)
         return back
 
-    _proven_like_one_device(sim_mesh_4, body, _row_work, [randn(32, 8), randn(8, 8), randn(8)], [[S0], [R], [R]])
+    proven_like_one_device(sim_mesh_4, body, _row_work, [randn(32, 8), randn(8, 8), randn(8)], [[S0], [R], [R]])
 
 
 _STILL_ROUTED = "is unproven|differs from its one-rank run"

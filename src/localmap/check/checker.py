@@ -56,7 +56,7 @@ def check_graph(gm: fx.GraphModule, in_types: Sequence[Any], out_claims: Sequenc
                 uneven: frozenset = frozenset()) -> Verdict:
     """Type `gm`'s values from `in_types` (one per placeholder: placements or None), compare outputs with
     `out_claims` (one per tensor output) and infer or check gradient placements."""
-    flow = _TypeFlow(mesh, uneven, len(in_types), Frames(gm, mesh))
+    flow = _TypeFlow(mesh, uneven, len(in_types), Frames(gm, mesh, uneven))
     for i, (node, t) in enumerate(zip(gm.graph.find_nodes(op="placeholder"), in_types, strict=True)):
         flow.seed(node, i, t)
     for node in gm.graph.nodes:
