@@ -79,7 +79,6 @@ class Frames:
         # [experts, rows, ...] values: every routed row through every local expert (check.experts), as
         # (frame of the rows, local experts L, the type the rows carry)
         self.batched: dict[fx.Node, tuple] = {}
-        self.permuted: dict[fx.Node, fx.Node] = {}  # a sort's indices -> the rows they permuted (the first)
         self.equal_rows: list[tuple] = []  # (a combine's row count, its dispatch's): equal when both ran
 
     def type_of(self, node: fx.Node, types: dict, by: Callable[[Any], Any]) -> Any:
@@ -122,7 +121,6 @@ class Frames:
             if frame and frame[-1] == ("perm", _sorted_order(index)) and self._rows_match(index, rows):
                 return frame[:-1], types.get(rows)  # rows[argsort(order)]: the permutation undone
             if _is_permutation(index, rows) and types.get(rows) is not None:
-                self.permuted.setdefault(index, rows)
                 return frame + (("perm", index),), types[rows]
             return None
         if node.target is aten.index_copy.default:
@@ -169,8 +167,9 @@ class Frames:
             made = (self.of[a], val.shape[0], types.get(a))
         elif a in self.batched and _same(val.shape[1], a.meta["val"].shape[1]):
             frame, local, carried = self.batched[a]
-            if node.target in _ROW_VIEWS or node.target is aten.expand.default:
-                made = (frame, val.shape[0], carried) if _same(local, 1) or _same(local, val.shape[0]) else None
+            if node.target in _ROW_VIEWS and _same(local, val.shape[0]) or \
+                    node.target is aten.expand.default and (_same(local, 1) or _same(local, val.shape[0])):
+                made = (frame, val.shape[0], carried)  # a view keeping both leading dims, or experts broadcast
             elif node.target is aten.bmm.default and _same(local, val.shape[0]) and \
                     self._expert_weight(node.args[1], frame, local, types):
                 made = self.batched[a]
@@ -218,11 +217,13 @@ class Frames:
                 not isinstance(positions, fx.Node) or positions.target is not aten.arange.default or \
                 not _same(value_of(positions.args[0]), rows) or not _same(node.meta["val"].shape[0], rows):
             return None
-        order = frame[-2][1]
-        if not self._aligned(sorted_keys(order), self.permuted.get(order), frame[:-2], types):
+        order, dispatch = frame[-2][1], self.dispatches[frame[-1]]
+        permuted = _rows_indexed(dispatch.args[0]) if isinstance(dispatch.args[0], fx.Node) else None
+        if permuted is None or permuted[1] is not order or \
+                not self._aligned(sorted_keys(order), permuted[0], frame[:-2], types):
             return None
         n = self.mesh.size(frame[-1][1])
-        found = local_expert_ids(ids, self.dispatches[frame[-1]], order, n)
+        found = local_expert_ids(ids, dispatch, order, n)
         return (frame, carried) if found is not None and _same(found, local) else None
 
     def _aligned(self, keys: Any, rows: Any, frame: tuple, types: dict) -> bool:
