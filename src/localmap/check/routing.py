@@ -22,6 +22,10 @@ Back at the base, the value has the base's rows in their order with row-wise wor
 holds. Every value also keeps its own type by the ordinary rules (an all_to_all's result is Varying on its mesh
 dim), which is what any other use of it, and an output still in a frame, gets: the proof stops there. The split-size lists are matched by identity, not by their values in the traced graph: when a body
 is traced on one rank's values, sizes received from other ranks are not the real ones.
+
+Work between a dispatch and its combine may also depend on the rank the rows land on, in one way: every routed
+row through every expert this rank holds (an ``[experts, rows, ...]`` value, ``batched``), then each row's own
+expert picked by local expert ids that ``check.experts`` proves are the rows' keys less this rank's first expert.
 """
 
 from __future__ import annotations
