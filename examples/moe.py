@@ -54,13 +54,13 @@ class MoE(nn.Module):
         self.w1 = nn.Parameter(torch.randn(num_experts, dim, hidden) / math.sqrt(dim))
         self.w2 = nn.Parameter(torch.randn(num_experts, hidden, dim) / math.sqrt(hidden))
         # Tokens Shard(0) over ep, experts Shard(0) over ep, the router replicated (its gradient a partial sum).
-        # Tokens routed by all_to_all are beyond what the check can prove: the Shard(0) claim is unproven, and
-        # accepted explicitly here because `localmap inspect examples/moe.py --verify` matches one device.
+        # The check proves the Shard(0) claim: rows sorted by expert, sent to the rank holding their expert, run
+        # through it, sent back and un-permuted (docs/check-rules.md, routed rows that meet the experts of the
+        # rank they land on); `--verify` compares with one device as well.
         self.layer = moe_dense if dense else local_map(
             moe_expert_parallel, out_placements=[Shard(0)],
             in_placements=([Shard(0)], [Replicate()], [Shard(0)], [Shard(0)]),
-            in_grad_placements=([Shard(0)], [Partial()], [Shard(0)], [Shard(0)]), device_mesh=mesh,
-            check="allow_unproven")
+            in_grad_placements=([Shard(0)], [Partial()], [Shard(0)], [Shard(0)]), device_mesh=mesh)
 
     def forward(self, x):
         return (x + self.layer(x, self.router, self.w1, self.w2)).pow(2).mean()

@@ -124,3 +124,26 @@ def doubled(x: torch.Tensor) -> torch.Tensor:
 
 doubled.register_autograd(lambda ctx, grad: grad * 2)
 
+
+
+def proven_like_one_device(mesh: Any, body: Callable, work: Callable, inputs: Sequence[torch.Tensor],
+                           in_placements: Sequence[Any], out_placements: Sequence[Placement] = (S0,)) -> None:
+    """Proven under check="strict" without a warning, and values and gradients equal `work` on one device (the
+    body's global meaning)."""
+    import warnings
+
+    with on_one_device():
+        ref_inputs = [t.detach().clone().requires_grad_() for t in inputs]
+        ref_out = work(*ref_inputs)
+        upstream = torch.randn(ref_out.shape, generator=torch.Generator().manual_seed(0))
+        ref_out.backward(upstream)
+    region = local_map(body, list(out_placements), in_placements, None, mesh, check="strict")
+    dts = [distribute(t, mesh, p, requires_grad=True) for t, p in zip(inputs, in_placements)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = region(*dts)
+    assert tuple(out.placements) == tuple(out_placements)
+    out.backward(distribute(upstream, mesh, list(out_placements)))
+    assert max_diff(full(out), ref_out) < 1e-5
+    for d, ref in zip(dts, ref_inputs):
+        assert max_diff(full(d.grad), ref.grad) < 1e-5

@@ -16,7 +16,6 @@ EXPECTED = {
     "src/localmap/models/llama.py:44": "x @ w_gate",  # the matmul a PlacementError names
     "src/localmap/models/llama.py:78": "self.mlp(",  # swiglu_mlp.0's call site, in verify's message
     "tests/eager/test_collectives.py:40": "C.all_reduce(",  # a collective's result meeting per-rank data
-    "src/localmap/models/demo.py:62": "x.reshape(",  # where the demo's MoE proof stops (a view)
     "src/localmap/models/demo.py:124": "self.attention(",  # the demo's region call sites
     "src/localmap/models/demo.py:128": "moe(",
     "src/localmap/models/demo.py:149": "self.loss(",

@@ -29,6 +29,7 @@ from localmap.compat import pytree
 from localmap.errors import fail
 from localmap.placements.specs import placements_str
 from localmap.sites import stack_trace_site
+from localmap.check.routing import Frames
 from localmap.check.rules import output_types
 from localmap.collectives.registry import collective
 from localmap.check.verdict import PlacementError, Verdict
@@ -55,7 +56,7 @@ def check_graph(gm: fx.GraphModule, in_types: Sequence[Any], out_claims: Sequenc
                 uneven: frozenset = frozenset()) -> Verdict:
     """Type `gm`'s values from `in_types` (one per placeholder: placements or None), compare outputs with
     `out_claims` (one per tensor output) and infer or check gradient placements."""
-    flow = _TypeFlow(mesh, uneven, len(in_types))
+    flow = _TypeFlow(mesh, uneven, len(in_types), Frames(gm, mesh, uneven))
     for i, (node, t) in enumerate(zip(gm.graph.find_nodes(op="placeholder"), in_types, strict=True)):
         flow.seed(node, i, t)
     for node in gm.graph.nodes:
@@ -86,8 +87,8 @@ class _TypeFlow:
     """Placement types flowing through a body graph, node by node, with what the messages and the gradient
     inference need: where each type was made, and which Replicate inputs reach each value unchanged."""
 
-    def __init__(self, mesh: Any, uneven: frozenset, num_inputs: int) -> None:
-        self.mesh, self.uneven, self.ndim = mesh, uneven, mesh.ndim
+    def __init__(self, mesh: Any, uneven: frozenset, num_inputs: int, frames: Frames) -> None:
+        self.mesh, self.uneven, self.ndim, self.frames = mesh, uneven, mesh.ndim, frames
         self.verdict = Verdict()
         self.types: dict[fx.Node, Any] = {}
         self.origin: dict[fx.Node, list] = {}  # per mesh dim: the node that gave the value its type there
@@ -166,7 +167,8 @@ class _TypeFlow:
         try:
             if self.uneven and node.target in _MEANS:
                 _check_uneven_mean(node, in_types, self.uneven)
-            return output_types(node, in_types, self.mesh, self.types)
+            return self.frames.type_of(node, self.types, lambda typed: output_types(
+                node, [typed[a] for a in inputs], self.mesh, typed))
         except RuleError as e:
             self.verdict.problems.append(fail(
                 f"op {_op(node)} at {_source(node)}", e.problem, mesh=self.mesh, mesh_dim=e.mesh_dim,

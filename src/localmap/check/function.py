@@ -23,7 +23,9 @@ from localmap.check.closure import closed_over_dtensors
 from localmap.check.state import state_key, value_key
 from localmap.check.verdict import Verdict, unchecked_verdict
 from localmap.check.mutation import check_no_input_mutation
-from localmap.check.tested import shard_position_reads, rank_routing_reads
+from localmap.check.routing import SPLITS_PASSED
+from localmap.check.tested import rank_routing_reads, shard_position_reads
+from localmap.collectives.primitives import splits_logged
 from localmap.compat import pytree
 from localmap.context import in_region
 from localmap.errors import LocalMapError, fail, region_name
@@ -247,9 +249,10 @@ def _trace(fn: Callable, local_args: Sequence[Any], inputs: list[int], mesh: Any
     tensors = [local_args[i] for i in inputs] + [compat.local_tensor_of(d) for _, d, _ in closed]
     if real:
         values = [_plain(t, rank).detach() for t in tensors]
-        with compat.isolated_tracing():
+        with compat.isolated_tracing(), splits_logged() as splits:
             gm = compat.make_fx_on_values(body, decomposition_table=_decompositions(),
                                           record_stack_traces=True)(*values)
+        gm.meta[SPLITS_PASSED] = splits
         # What only decided the branch (x.sum() > 0, read into Python) reaches no output: the check types the
         # branch taken, not the per-rank decision.
         gm.graph.eliminate_dead_code()
@@ -260,9 +263,10 @@ def _trace(fn: Callable, local_args: Sequence[Any], inputs: list[int], mesh: Any
         with fake_mode:
             fakes = [torch.empty_strided(tuple(int(s) for s in _plain(a).shape), _plain(a).stride(),
                                          dtype=a.dtype, device="cpu") for a in tensors]
-        with compat.ignore_fresh_unbacked(fake_mode):
+        with compat.ignore_fresh_unbacked(fake_mode), splits_logged() as splits:
             gm = compat.make_fx(body, decomposition_table=_decompositions(), tracing_mode="fake",
                          record_stack_traces=True)(*fakes)
+    gm.meta[SPLITS_PASSED] = splits
     return gm, traced["out"], closed
 
 

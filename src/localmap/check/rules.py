@@ -128,6 +128,25 @@ for _op in (aten.view.default, aten._unsafe_view.default, aten.reshape.default):
     register_rule(_op, _view)
 
 
+def _within_rows(node: fx.Node, in_types: list, mesh: Any) -> Any:
+    """topk / sort along a dim no mesh dim shards: each slice along it is whole on its rank, so the values and the
+    indices (positions along that unsharded dim) keep the input's placements, a strided shard's too (DTensor's
+    strategies redistribute one: MoE routing of tokens flattened from batch and sequence shards). Along a
+    sharded dim, or of a Partial value, as DTensor propagates them."""
+    t = in_types[0] if in_types else None
+    val = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
+    at = {aten.topk.default: 2, aten.sort.default: 1}.get(node.target)  # sort.stable: dim is keyword-only
+    dim = node.args[at] if at is not None and len(node.args) > at else node.kwargs.get("dim", -1)
+    if t is None or not isinstance(val, torch.Tensor) or val.ndim == 0 or \
+            any(isinstance(p, Partial) or p is VARYING or compat.sharded_dim(p) == dim % val.ndim for p in t):
+        return default_types(node, in_types, mesh, {node.args[0]: t} if t is not None else {})
+    return [tuple(t), tuple(t)]
+
+
+for _op in (aten.topk.default, aten.sort.default, aten.sort.stable):
+    register_rule(_op, _within_rows)
+
+
 def _local_pieces(node: fx.Node, in_types: list, mesh: Any) -> Any:
     """split / split_with_sizes / chunk / unbind / narrow / slice / select. Along an unsharded dim, as DTensor
     propagates them. Along a sharded dim the sizes are local: each rank's piece comes out of its own shard (a

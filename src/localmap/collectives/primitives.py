@@ -24,8 +24,9 @@ everywhere but sends n times the bytes of a point-to-point exchange.
 
 from __future__ import annotations
 
+import contextlib
 import operator
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
@@ -257,9 +258,42 @@ def all_to_all_single(x: torch.Tensor, mesh_dim: int | str, output_split_sizes: 
     splits when None). Sizes may be data-dependent (e.g. from ``counts.tolist()``). Backward sends the
     gradients back by the swapped sizes."""
     group = _group(mesh_dim, mesh)
+    _log_splits(output_split_sizes, input_split_sizes)
     out = None if output_split_sizes is None else list(output_split_sizes)
     inp = None if input_split_sizes is None else list(input_split_sizes)
     return compat_funcol.all_to_all_single(x.contiguous(), out, inp, group.name)
+
+
+# The check pairs an all_to_all's combine with its dispatch by the split-size lists the body passed (the same
+# Python objects, swapped): a traced graph holds only their values, which on a traced rank need not be the real
+# ones (the sizes come from other ranks' counts). While the check traces a body, every all_to_all_single call
+# made here is logged in call order: (output_split_sizes, input_split_sizes, their values then).
+_SPLIT_LOG: list[list] = []
+
+
+class SplitsPassed(NamedTuple):
+    """The split-size arguments of one all_to_all_single call, as the body passed them."""
+
+    output: Any  # the object passed (a list, say), or None
+    input: Any
+    values: tuple  # (tuple(output) or None, tuple(input) or None) at the call; a symbolic size by identity
+
+
+def _log_splits(output: Any, input: Any) -> None:
+    if _SPLIT_LOG:
+        _SPLIT_LOG[-1].append(SplitsPassed(output, input, tuple(None if s is None else tuple(
+            v if type(v) is int else ("symbolic", id(v)) for v in s) for s in (output, input))))  # no guard
+
+
+@contextlib.contextmanager
+def splits_logged() -> Iterator[list]:
+    """Log the split sizes of the all_to_all_single calls made inside (see ``_SPLIT_LOG``)."""
+    log: list = []
+    _SPLIT_LOG.append(log)
+    try:
+        yield log
+    finally:
+        _SPLIT_LOG.pop()
 
 
 # ---- composed of the above ---------------------------------------------------------------------------------------
@@ -289,6 +323,7 @@ def axis_index(mesh_dim: int | str, *, mesh: DeviceMesh | None = None, device: A
     group = _group(mesh_dim, mesh)
     dev = device if device is not None else torch.device(group.device_type)
     ids = torch.arange(group.size, dtype=torch.int64, device=dev)
+    _log_splits(None, None)
     return compat_funcol.all_to_all_single(ids, None, None, group.name)[0]
 
 

@@ -180,6 +180,15 @@ def ignore_fresh_unbacked(fake_mode: Any) -> Any:
     env = getattr(fake_mode, "shape_env", None)
     return env.ignore_fresh_unbacked_symbols() if env is not None else contextlib.nullcontext()
 
+def known_equal(a: Any, b: Any) -> bool:
+    """Whether two sizes (ints or symbolic, e.g. a row count from ``.tolist()`` split sizes) are equal for every
+    value their symbols may take; False when unknown. Never guards (no data-dependent error)."""
+    if a is None or b is None:
+        return False
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return bool(statically_known_true(a == b))
+
 def has_free_unbacked_symbols(values: Any) -> bool:
     from torch.fx.experimental.symbolic_shapes import has_free_unbacked_symbols as has
 

@@ -73,7 +73,7 @@ def moe_expert_parallel(x: torch.Tensor, router: torch.Tensor, w1: torch.Tensor,
                                         got.reshape(-1), output_size=received.shape[0])
     out = _expert_mlps(received, local_ids, w1, w2)
     back = C.all_to_all_single(out, EP, send_splits, recv_splits)
-    unsorted = torch.empty_like(back).index_copy(0, order, back)
+    unsorted = back.index_select(0, order.argsort())                 # back in token order (rows known from order)
     combined = (unsorted.view(-1, top_k, tokens.shape[-1]) * gates.unsqueeze(-1)).sum(1)
     return combined.view(x.shape)
 
@@ -113,10 +113,10 @@ class Layer(nn.Module):
         # Tokens: batch over dp, sequence over tp (each tp rank routes its own tokens); experts over tp. The
         # gradient placements are inferred by the check: the replicated router meets per-rank tokens on both mesh
         # dims (a partial sum over both); the experts are replicated over dp and meet per-rank tokens there.
-        # Tokens routed by all_to_all are beyond what the check proves: the claim is unproven, and accepted
-        # explicitly (check="allow_unproven") because the demo compares every step with one device.
+        # The check proves the claim: tokens sorted by expert, dispatched by all_to_all to the rank holding their
+        # expert, run through it, combined by the inverse all_to_all and un-permuted (docs/check-rules.md).
         self.moe = local_map(moe_expert_parallel, out_placements=[S0, S1],
-                             in_placements=([S0, S1], [R, R], [R, S0], [R, S0], None), check="allow_unproven")
+                             in_placements=([S0, S1], [R, R], [R, S0], [R, S0], None))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
