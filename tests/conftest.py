@@ -23,6 +23,10 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
+# The command-line tests read output as a pipe gets it (tables PIPE_WIDTH wide) unless they set COLUMNS
+# themselves; pytest-xdist's workers (make test) are given COLUMNS=80 and LINES=24, a shell may export them.
+for _name in ("COLUMNS", "LINES"):
+    os.environ.pop(_name, None)
 
 from localmap.testing import fake_mesh, simulated_mesh  # noqa: E402
 
