@@ -45,6 +45,19 @@ def _gloo_worker(rank: int, world: int, port: int, mesh_shape: tuple[int, ...], 
         results.put((rank, False, traceback.format_exc()))
 
 
+# NOTE: rank processes start from a fork server that has imported torch and localmap once (per parent process),
+# not from a fresh interpreter each: importing torch is most of a rank's start-up (about 3 s of CPU each), and a
+# test suite starts hundreds of ranks. The server is forked before any of torch's thread pools exist, so a rank is
+# as clean as a spawned one; "spawn" stays where there is no fork (LOCALMAP_GLOO_START=spawn forces it).
+def _process_context() -> Any:
+    method = os.environ.get("LOCALMAP_GLOO_START") or (
+        "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
+    ctx = mp.get_context(method)
+    if method == "forkserver":
+        ctx.set_forkserver_preload(["torch", "torch.distributed", "localmap"])
+    return ctx
+
+
 def run_gloo(fn: Callable[..., Any], world_size: int, mesh_shape: Sequence[int] | None = None,
              mesh_dim_names: Sequence[str] | None = None, args: tuple = (), timeout: float = 120.0,
              collective_timeout: float | None = None, wait_all: bool = False) -> list[Any]:
@@ -65,7 +78,7 @@ def run_gloo(fn: Callable[..., Any], world_size: int, mesh_shape: Sequence[int] 
     shape = tuple(mesh_shape) if mesh_shape else (world_size,)
     if math.prod(shape) != world_size:
         raise ValueError(f"run_gloo: mesh_shape {shape} does not hold {world_size} ranks")
-    ctx = mp.get_context("spawn")
+    ctx = _process_context()
     results = ctx.Queue()
     port = _free_port()
     procs = [
