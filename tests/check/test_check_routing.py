@@ -127,3 +127,37 @@ def test_work_between_dispatch_and_combine_that_is_not_row_wise_is_not_proven(si
         return _unpermute_by_index_copy(back, order)
 
     _not_proven(sim_mesh_4, body, randn(24, 8), randn(8, 8))
+
+
+# ---- a stable sort permuting each rank's rows locally (torchtitan's token reorder, no all_to_all) -----------
+
+def _expert_order(x):
+    """This rank's rows in the order of a stable sort of an expert id read from each row."""
+    return torch.sort(x[:, 0].argsort().argsort() % 3, stable=True).indices
+
+
+@pytest.mark.parametrize("unpermute", [_unpermute_by_index_copy, _unpermute_by_inverse],
+                         ids=["index_copy", "inverse_index"])
+def test_rows_permuted_by_a_stable_sort_and_put_back_keep_the_shard(sim_mesh_4, unpermute):
+    def body(x, w, b):
+        order = _expert_order(x)
+        return unpermute(_row_work(x[order], w, b), order)
+
+    proven_like_one_device(sim_mesh_4, body, _row_work, [randn(24, 8), randn(8, 8), randn(8)], [[S0], [R], [R]])
+
+
+@pytest.mark.parametrize("put_back", [
+    lambda y, order, x: y,                                    # never un-permuted
+    lambda y, order, x: y[order],                             # permuted twice, not inverted
+    lambda y, order, x: y[x[:, 1].argsort().argsort()],        # another sort's inverse
+    lambda y, order, x: y[order.flip(0).argsort()],           # the inverse of another permutation
+    lambda y, order, x: torch.empty_like(y).index_copy(0, x[:, 1].argsort(), y),  # index_copy by another order
+], ids=["not_unpermuted", "permuted_twice", "other_sort", "other_permutation", "index_copy_other_order"])
+def test_rows_permuted_by_a_stable_sort_and_not_put_back_are_not_proven(sim_mesh_4, put_back):
+    """Each rank's rows stay in another order than its shard's (a wrong program claimed Shard(0)): never proven,
+    and where the proof stops the test finds the difference."""
+    def body(x, w):
+        order = _expert_order(x)
+        return put_back(x[order] @ w, order, x)
+
+    _not_proven(sim_mesh_4, body, randn(24, 8), randn(8, 8))

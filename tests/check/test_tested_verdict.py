@@ -294,3 +294,90 @@ def test_without_a_simulated_mesh_the_test_refuses_by_name():
         with pytest.warns(UserWarning, match="not tested: it runs on a simulated mesh"):
             fn(*args)
         assert fn.region.verdicts()[0].status == "unproven"
+
+
+class _Dispatcher:
+    """A plain helper object holding the mesh its module sends rows over (torchtitan's token dispatcher holds
+    the ep mesh this way)."""
+
+    def __init__(self, mesh):
+        self.mesh = mesh
+
+
+class RowsThereAndBack(torch.nn.Module):
+    """Rows sent to other ranks by torch's functional all_to_all over the helper's mesh (equal splits), run
+    through a fused kernel there, and sent back: right on every mesh, and on one rank the identity both ways."""
+
+    def __init__(self, mesh):
+        super().__init__()
+        self.dispatcher = _Dispatcher(mesh)
+
+    def forward(self, x, w):
+        import torch.distributed._functional_collectives as funcol
+
+        mesh = self.dispatcher.mesh
+        there = funcol.wait_tensor(funcol.all_to_all_single(x, None, None, group=mesh))
+        y = silu_mul(there @ w, there @ w)
+        return funcol.wait_tensor(funcol.all_to_all_single(y, None, None, group=mesh))
+
+
+def test_meshes_held_by_module_state_have_one_rank_in_the_one_rank_run():
+    """The one-rank run (the region's global meaning) rebinds a mesh the body reads from a helper object of its
+    module to a one-rank mesh, so its all_to_alls are the identity: the right program is tested, silently
+    (before, the one-rank run sent rows over the 4-rank mesh and the claim stayed unproven)."""
+    with simulated_mesh(4, ("ep",)) as mesh:
+        module = RowsThereAndBack(mesh)
+        ref = lambda x, w: silu_mul(x @ w, x @ w)  # noqa: E731
+        region, said, diff = _region_vs_one_device(mesh, module, ref, [randn(16, 6), randn(6, 4)],
+                                                   [(S0,), (R,)], (S0,))
+        assert module.dispatcher.mesh is mesh  # put back after the test
+    assert not said, said
+    assert diff <= 1e-5, "the region differs from one device"
+    (verdict,) = region.verdicts()
+    assert verdict.status == "tested" and verdict.test.same, verdict.summary()
+
+
+def test_a_wrong_program_over_a_mesh_held_by_module_state_is_not_tested():
+    """The same rows, not sent back: each rank returns other ranks' rows. The one-rank run with a one-rank mesh
+    is the identity, so the test sees the difference: never tested (left unproven with the numbers, as any body
+    that routes rows between ranks, whose one-rank run may mean another program)."""
+    import torch.distributed._functional_collectives as funcol
+
+    class OneWay(RowsThereAndBack):
+        def forward(self, x, w):
+            there = funcol.wait_tensor(funcol.all_to_all_single(x, None, None, group=self.dispatcher.mesh))
+            return silu_mul(there @ w, there @ w)
+
+    with simulated_mesh(4, ("ep",)) as mesh:
+        fn = local_map(OneWay(mesh), [(S0,)], [(S0,), (R,)], None, mesh)
+        with pytest.warns(UserWarning, match="unproven"):
+            fn(distribute(randn(16, 6), mesh, [S0]), distribute(randn(6, 4), mesh, [R]))
+    (verdict,) = fn.region.verdicts()
+    assert verdict.status == "unproven" and not verdict.test.same and verdict.test.largest > 1e-3, verdict.summary()
+    assert any("routes data between ranks" in d for d in verdict.test.dependence), verdict.test.dependence
+
+
+def _scatter_first_rows(x, count):
+    """The first `count` rows (count read with .tolist()) written into a new tensor of `count` rows at the
+    places given by the argsort of their sums, then the rest of the rows."""
+    n = count.tolist()[0]
+    rows = x[:n]
+    out = rows.new_empty((n, x.shape[1]))
+    out[rows.sum(1).argsort(), :] = rows
+    return torch.cat([out, x[n:]])
+
+
+def test_rows_written_into_a_tensor_sized_per_rank_run_on_the_simulated_mesh():
+    """Sizes read with .tolist() from a tensor that differs across ranks are per-rank ints on the simulated mesh;
+    indexing a tensor sized by them (torchtitan's expert-parallel un-permute, ``out[idx, :] = rows``) asked them
+    for a hint they lacked (AttributeError on torch 2.13 and 2.14). Each rank computes what one device does
+    with its own rows and count."""
+    with simulated_mesh(2, ("ep",)) as mesh:
+        with on_one_device():
+            x = randn(8, 3)
+            want = torch.cat([_scatter_first_rows(x[:4], torch.tensor([1])),
+                              _scatter_first_rows(x[4:], torch.tensor([3]))])
+        counts = distribute(torch.tensor([1, 3]), mesh, [S0])
+        fn = local_map(_scatter_first_rows, [(S0,)], [(S0,), (S0,)], None, mesh, check=False)
+        got = full(fn(distribute(x, mesh, [S0]), counts))
+    assert max_diff(got, want) == 0

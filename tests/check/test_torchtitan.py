@@ -326,3 +326,43 @@ def test_the_default_check_proves_the_site_with_at_most_one_warning(site_name, _
         assert len(said) == 1 and STILL_UNPROVEN[site_name] in said[0], said
     else:
         assert not said, said
+
+
+# Expert parallelism: the proof stops at the stable sort of the expert ids, and the body relies on how the token
+# counts (a Partial input) split across ranks (each rank's share must be its own tokens' counts), which no
+# proof from the placements can give. On a simulated mesh the test where the proof stops settles it (its
+# one-rank run rebinds the dispatcher's ep mesh to one rank); under a real process group the test cannot run.
+EP_SITE = "routed_experts_ep_on"
+
+
+def _measured_with_warnings(site_name: str) -> tuple[dict[str, float], list[str]]:
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        diffs = measure(site_name, "localmap")
+    return diffs, [str(w.message) for w in seen if "local_map" in str(w.message)]
+
+
+def test_expert_parallelism_is_tested_silently_on_a_simulated_mesh(_titan_scatter_rule):
+    from localmap.check import function
+
+    with simulated_mesh(2):
+        diffs, said = _measured_with_warnings(EP_SITE)
+    _assert_one_device(diffs)
+    assert not said, said
+    statuses = {v.function: (v.status, v.summary()) for _, v in function._cache.values()}
+    status, summary = statuses["forward"]
+    assert status == "tested" and "largest difference" in summary, summary
+
+
+def _gloo_warnings(mesh: Any, site_name: str) -> tuple[dict[str, float], list[str]]:
+    del mesh
+    return _measured_with_warnings(site_name)
+
+
+@pytest.mark.slow
+def test_expert_parallelism_under_a_real_process_group_warns_once_untested():
+    for diffs, said in run_gloo(_gloo_warnings, 2, args=(EP_SITE,), timeout=240):
+        _assert_one_device(diffs)
+        assert len(said) == 1 and "aten.sort.stable" in said[0] and "not under a real process group" in said[0], said

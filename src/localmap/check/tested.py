@@ -26,9 +26,12 @@ the proof (unproven). It runs by itself when the inputs are small (``TEST_BUDGET
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import itertools
 import math
-from typing import Any, Callable, Sequence
+import types
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.fx as fx
@@ -127,8 +130,9 @@ def _run_and_compare(fn: Callable, leaves: Sequence[Any], treespec: Any, kwargs:
     many = _run(fn, leaves, treespec, kwargs, inputs, closed, mesh, [compat.simulated_value(c) for c in copies])
     with compat.outside_simulation():
         one_mesh = _one_rank_mesh(mesh)
-        one = _run(fn, _plain_leaves(leaves, inputs, globals_), treespec, kwargs, inputs, closed, one_mesh,
-                   [g.detach().clone() for g in globals_])
+        with _meshes_of_one_rank(fn):
+            one = _run(fn, _plain_leaves(leaves, inputs, globals_), treespec, kwargs, inputs, closed, one_mesh,
+                       [g.detach().clone() for g in globals_])
         out_specs = resolve_output_specs(out_placements, one[0], len(pytree.tree_leaves(one[0])))
         diffs = _compare_outputs(layout, many[0], one[0], out_specs, low_precision)
     if all(d[2] for d in diffs):
@@ -180,6 +184,23 @@ def _one_rank_mesh(mesh: DeviceMesh) -> DeviceMesh:
         _one_rank_meshes.clear()
     _one_rank_meshes[id(mesh)] = (mesh, one)
     return one
+
+
+@contextlib.contextmanager
+def _meshes_of_one_rank(fn: Callable) -> Iterator[None]:
+    """The device meshes the body reads from module state (torchtitan's token dispatcher holds the ep mesh and
+    sends rows over it) rebound to one-rank meshes of the same dim names while the one-rank run runs: on one
+    rank every mesh has one rank, so their collectives too are the identity."""
+    found = [(owner, key, mesh) for name, obj, _ in reachable(fn)
+             for _, owner, key, mesh in _module_attributes(name, obj, into_objects=True)
+             if isinstance(mesh, DeviceMesh)]
+    try:
+        for owner, key, mesh in found:
+            setattr(owner, key, _one_rank_mesh(mesh))
+        yield
+    finally:
+        for owner, key, mesh in found:
+            setattr(owner, key, mesh)
 
 
 def _run(fn: Callable, leaves: Sequence[Any], treespec: Any, kwargs: dict, inputs: list[int], closed: list,
@@ -361,11 +382,30 @@ def _module_state(name: str, obj: Any) -> list[tuple[str, Any]]:
 
     if kept(obj):
         return [(name, obj)]
-    found = []
-    if isinstance(obj, torch.nn.Module):
-        for prefix, module in itertools.islice(obj.named_modules(prefix=name), 64):
-            found += [(f"{prefix}.{k}", v) for k, v in vars(module).items() if kept(v) and not k.startswith("_")]
-    return found
+    return [(where, v) for where, _, _, v in _module_attributes(name, obj) if kept(v)]
+
+
+def _module_attributes(name: str, obj: Any, into_objects: bool = False) -> Iterator[tuple[str, Any, str, Any]]:
+    """(path, owner, attribute, value) for the public attributes of a module the body reaches and of its
+    submodules; with `into_objects`, of the plain objects they hold too (a helper such as a token dispatcher)."""
+    if not isinstance(obj, torch.nn.Module):
+        return
+    for prefix, module in itertools.islice(obj.named_modules(prefix=name), 64):
+        for k, v in list(vars(module).items()):
+            if k.startswith("_"):
+                continue
+            yield f"{prefix}.{k}", module, k, v
+            if into_objects and _plain_object(v):
+                yield from ((f"{prefix}.{k}.{k2}", v, k2, v2) for k2, v2 in list(vars(v).items())
+                            if not k2.startswith("_"))
+
+
+def _plain_object(v: Any) -> bool:
+    """An instance of a Python class holding state in its __dict__ (not a module, tensor, mesh, type or
+    function)."""
+    return hasattr(v, "__dict__") and not isinstance(
+        v, (torch.nn.Module, torch.Tensor, DeviceMesh, type, types.ModuleType, types.FunctionType,
+            types.MethodType, functools.partial))
 
 
 _POSITION_OPS = {torch.ops.aten.select.int: "select", torch.ops.aten.unbind.int: "unbind",

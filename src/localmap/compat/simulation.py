@@ -46,7 +46,18 @@ def local_tensor_mode(world_size: int | frozenset) -> Any:
     """A LocalTensorMode simulating `world_size` ranks (or the given rank set) in this process."""
     from torch.distributed._local_tensor import LocalTensorMode
 
+    _give_per_rank_ints_no_hint()
     return LocalTensorMode(world_size)
+
+
+def _give_per_rank_ints_no_hint() -> None:
+    """A per-rank int (LocalIntNode: ``t.tolist()`` of a tensor that differs across ranks) lacks ``has_hint``,
+    which indexing asks of a size (``out[idx, :] = rows`` on a tensor sized by one: torchtitan's expert-parallel
+    un-permute fails with AttributeError on torch 2.13 and 2.14). It has no single value to hint: False."""
+    from torch.distributed._local_tensor import LocalIntNode
+
+    if not hasattr(LocalIntNode, "has_hint"):
+        LocalIntNode.has_hint = lambda self: False
 
 def simulated_value(per_rank: dict[int, Any]) -> Any:
     """One simulated value from rank -> value: a LocalTensor for tensors, a per-rank SymInt for differing ints."""
