@@ -8,7 +8,8 @@ the call's own inputs, without a trace:
   input's shards and of the DTensors it closes over; the outputs are put together by their claimed placements
   (Shard: concatenated in mesh order, Partial: reduced, Replicate: every rank must agree) and the inputs'
   gradients by their gradient placements, for a fixed random cotangent;
-* on a one-rank mesh of the same dim names, from the global values of those inputs, with the same cotangent.
+* on a one-rank mesh of the same dim names, from the global values of those inputs, with the same cotangent;
+  device meshes the body reads from module state are rebound to one-rank meshes for that run.
 
 Values and gradients within tolerance: "tested" (the record names the inputs and the largest difference). A
 difference: "wrong", with the numbers, unless the body may mean another program on one rank, which is then
