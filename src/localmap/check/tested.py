@@ -195,12 +195,14 @@ def _meshes_of_one_rank(fn: Callable) -> Iterator[None]:
     found = [(owner, key, mesh) for name, obj, _ in reachable(fn)
              for _, owner, key, mesh in _module_attributes(name, obj, into_objects=True)
              if isinstance(mesh, DeviceMesh)]
+    rebound = []
     try:
-        for owner, key, mesh in found:
+        for owner, key, mesh in found:  # (a frozen owner refuses: the one-rank run fails, left unproven)
             setattr(owner, key, _one_rank_mesh(mesh))
+            rebound.append((owner, key, mesh))
         yield
     finally:
-        for owner, key, mesh in found:
+        for owner, key, mesh in rebound:
             setattr(owner, key, mesh)
 
 
