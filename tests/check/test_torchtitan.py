@@ -366,3 +366,38 @@ def test_expert_parallelism_under_a_real_process_group_warns_once_untested():
     for diffs, said in run_gloo(_gloo_warnings, 2, args=(EP_SITE,), timeout=240):
         _assert_one_device(diffs)
         assert len(said) == 1 and "aten.sort.stable" in said[0] and "not under a real process group" in said[0], said
+
+
+def _counts_split_otherwise(ids: DTensor) -> DTensor:
+    """The same global token counts (a Partial sum) split otherwise across the ranks: one token of expert 1
+    moved to expert 0 in rank 0's share and back in rank 1's. Each rank still sends as many rows to each rank,
+    but its rows meet the wrong experts: a wrong program with the same placements and global values."""
+    local = torch.bincount(ids.to_local().flatten(), minlength=4)
+    moved = torch.tensor([1, -1, 0, 0]) * _rank_sign(ids.device_mesh)
+    return DTensor.from_local(local + moved, ids.device_mesh, [Partial()])
+
+
+def _rank_sign(mesh: Any) -> torch.Tensor:
+    """+1 on rank 0 and -1 on rank 1 of the simulated mesh."""
+    from localmap import collectives as C
+
+    with localmap.use_mesh(mesh):
+        return 1 - 2 * C.axis_index(0)
+
+
+def test_expert_parallelism_with_counts_split_otherwise_is_never_tested(_titan_scatter_rule, monkeypatch):
+    """The body relies on how the Partial token counts split across ranks, which the placements do not say:
+    the same global counts split otherwise give other numbers than one device, and the test where the proof
+    stops sees it (unproven with the numbers, as any body that routes rows between ranks), never tested."""
+    site = functools.partial(_routed_experts, True)
+
+    def missplit() -> Site:
+        built = site()
+        built.placements[3] = _counts_split_otherwise
+        return built
+
+    monkeypatch.setitem(SITES, "ep_counts_split_otherwise", missplit)
+    with simulated_mesh(2):
+        diffs, said = _measured_with_warnings("ep_counts_split_otherwise")
+    assert max(diffs.values()) > TOL, "the counts split otherwise still match one device: not a wrong program"
+    assert len(said) == 1 and "unproven" in said[0] and "largest difference" in said[0], said
