@@ -286,6 +286,41 @@ def test_a_lookup_shifted_by_the_wrong_offset_is_not_proven(sim_mesh_4):
         region(distribute(randn(16, 3), sim_mesh_4, [S0]))
 
 
+def _not_accepted(mesh, body, table, in_placements=((S0,),)):
+    """The check does not prove the region: check="strict" refuses it (unproven or wrong), never runs it."""
+    region = local_map(body, [P], [list(p) for p in in_placements], None, mesh, check="strict")
+    with pytest.raises((UnprovenError, PlacementError)):
+        region(distribute(table, mesh, list(in_placements[0])))
+
+
+def test_a_lookup_masked_along_the_row_dim_is_not_proven(sim_mesh_4):
+    """The right offset and mask, but the mask laid along each row's own dim (ids of length 4, rows of width
+    4: unsqueeze(0) broadcasts id j's mask over column j of every row): not the rank's rows, never accepted."""
+    from localmap import collectives as C
+
+    ids = torch.tensor([0, 5, 15, 9])
+
+    def body(table):
+        n = table.shape[0]
+        shifted = ids - C.axis_index(0) * n
+        inside = (shifted >= 0) & (shifted < n)
+        return F.embedding(shifted.clamp(0, n - 1), table) * inside.unsqueeze(0).to(table.dtype)
+
+    _not_accepted(sim_mesh_4, body, randn(16, 4))
+
+
+def test_a_lookup_into_unevenly_sharded_rows_is_not_proven(sim_mesh_4):
+    """15 rows over 4 ranks (shards of 4, 4, 4, 3): the last rank's rows start at 12, not 3 * 3, so the offset
+    coordinate * local length is wrong there; a mesh dim with uneven shards proves no offset."""
+    _not_accepted(sim_mesh_4, lambda table: _vocab_lookup(table, _IDS), randn(15, 3))
+
+
+def test_a_lookup_into_rows_two_mesh_dims_cut_is_not_proven(sim_mesh_2x2):
+    """Rows cut by both mesh dims ([Shard(0), Shard(0)]): the shard start is not coordinate * local length on
+    either dim alone."""
+    _not_accepted(sim_mesh_2x2, lambda table: _vocab_lookup(table, _IDS), randn(16, 3), ((S0, S0),))
+
+
 # ---- positions: tables sliced or made by the local length --------------------------------------------------------
 
 def test_a_position_table_sliced_by_the_local_length_is_refused(sim_mesh_4):

@@ -30,7 +30,8 @@ from localmap.testing import distribute, full, on_one_device, run_gloo, simulate
 
 R, S0, S1, S2 = Replicate(), Shard(0), Shard(1), Shard(2)
 IMPLS = {"torch": lambda: torch_experimental.local_map, "localmap": lambda: localmap.local_map,
-         "localmap-unchecked": lambda: functools.partial(localmap.local_map, check=False)}
+         "localmap-unchecked": lambda: functools.partial(localmap.local_map, check=False),
+         "localmap-strict": lambda: functools.partial(localmap.local_map, check="strict")}
 SWAPPED = ("torchtitan.protocols.module", "torchtitan.components.loss", "torchtitan.models.common.attention")
 TOL = 2e-2  # relative; the MoE's grouped matmuls run in bfloat16, the rest match to float32 rounding
 
@@ -326,3 +327,29 @@ def test_the_default_check_proves_the_site_with_at_most_one_warning(site_name, _
         assert len(said) == 1 and STILL_UNPROVEN[site_name] in said[0], said
     else:
         assert not said, said
+
+
+def _gloo_warnings(mesh: Any, site_name: str, impl: str) -> tuple[dict[str, float], list[str]]:
+    """measure() on a gloo rank, with the local_map warnings it gave."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        diffs = _gloo_measure(mesh, site_name, impl)
+    return diffs, [str(w.message) for w in seen if "local_map" in str(w.message)]
+
+
+# Gloo sites the proof settles: each rank proves its own trace (the vocab offset from dist.get_rank is a literal
+# there, check.offsets). On a simulated mesh these sites are not run: the fake group says rank 0 to every rank.
+PROVEN_ON_GLOO = ("tok_embeddings",)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("site_name", PROVEN_ON_GLOO)
+def test_the_strict_check_proves_the_gloo_site_without_a_warning(site_name):
+    """check="strict" accepts proven claims only (not tested ones): the site runs, matches one device and warns
+    on no rank."""
+    for rank, (diffs, said) in enumerate(run_gloo(_gloo_warnings, 2, args=(site_name, "localmap-strict"),
+                                                  timeout=240)):
+        _assert_one_device(diffs)
+        assert not said, (rank, said)
