@@ -122,6 +122,52 @@ def test_pieces_cut_by_local_sizes_differ_from_one_rank_but_stay_unproven(sim_me
     assert region.region.verdicts()[0].status == "unproven"
 
 
+# Pieces of a split along the sharded dim, recombined in the body: right when every piece, in order, comes back
+# (cat along that dim, or all summed); wrong when one piece stands alone or the order changes. Not yet proven
+# either way (docs/check-rules.md): the right ones must run and match one device, the wrong ones never pass.
+_HALVES = lambda x: x.split(x.shape[1] // 2, dim=1)  # noqa: E731  (the local halves, as ChunkedLossWrapper cuts)
+RIGHT_RECOMBINED = {
+    "cat in order": (lambda x: torch.cat([c.exp() for c in _HALVES(x)], 1), S1),
+    "every piece summed": (lambda x: sum(c.exp().sum() for c in _HALVES(x)), P),
+}
+WRONG_RECOMBINED = {
+    "cat reversed": (lambda x: torch.cat([c.exp() for c in _HALVES(x)][::-1], 1), S1),
+    "one piece summed": (lambda x: _HALVES(x)[0].exp().sum(), P),
+    "one piece as a shard": (lambda x: _HALVES(x)[1].exp(), S1),
+}
+
+
+@pytest.mark.parametrize("name", RIGHT_RECOMBINED)
+def test_pieces_of_the_sharded_dim_all_recombined_are_tested_and_match_one_device(name):
+    """Never a false alarm: where the proof stops at the cut, the test (the region against its one-rank run)
+    settles a body that recombines every piece in order: tested, silently, and it matches one device."""
+    from localmap.testing import simulated_mesh
+
+    body, claim = RIGHT_RECOMBINED[name]
+    with simulated_mesh(2) as mesh, warnings.catch_warnings():
+        warnings.simplefilter("error")
+        region = local_map(body, [claim], [[S1]], None, mesh)
+        x = randn(2, 8, 3)
+        check_region(mesh, body, [x], [[S1]], [claim])
+        region(distribute(x, mesh, [S1]))
+    assert region.region.verdicts()[0].status == "tested"
+
+
+@pytest.mark.parametrize("name", [*RIGHT_RECOMBINED, *WRONG_RECOMBINED])
+def test_pieces_of_the_sharded_dim_are_never_accepted_by_strict(name):
+    """No claim about pieces of a split along a sharded dim is proven; a wrong recombination, or a piece used
+    alone, differs from its one-rank run (which cuts the whole sequence), so the test never settles it."""
+    from localmap.testing import simulated_mesh
+
+    body, claim = {**RIGHT_RECOMBINED, **WRONG_RECOMBINED}[name]
+    with simulated_mesh(2) as mesh:
+        region = local_map(body, [claim], [[S1]], None, mesh, check="strict")
+        with pytest.raises((UnprovenError, PlacementError)):
+            region(distribute(randn(2, 8, 3), mesh, [S1]))
+        settled = ("tested",) if name in RIGHT_RECOMBINED else ("unproven", "wrong")
+        assert region.region.verdicts()[0].status in settled
+
+
 # ---- gathers and scatter-adds with whole indices (torchtitan's combine, cross-entropy's index_put_) ----------
 
 _ROWS = torch.tensor([3, 0, 3, 1, 2, 0, 1, 3])

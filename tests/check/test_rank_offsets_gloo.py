@@ -19,10 +19,10 @@ _IDS = torch.tensor([[0, 5, 15, 9], [3, 12, 7, 8]])
 
 def _titan_lookup(rows: int = V, shift_shards: int = 0, masked: bool = True, mask_shards: int = 0,
                   chunk: str = "ceil"):
-    """torchtitan 0.3.0's body for a table of `rows` rows: the offset from the group's rank, the mask on the unshifted ids, clamp, lookup,
-    then the mask applied. `shift_shards` moves the offset by whole shards, `mask_shards` the mask's range (wrong
-    for any value but 0); `chunk="local"` takes the rank's local row count as the shard length (wrong where the
-    shards are uneven: the last rank's rows start at rank * ceil(V / ranks))."""
+    """torchtitan 0.3.0's body for a table of `rows` rows: the offset from the group's rank, the mask on the
+    unshifted ids, clamp, lookup, then the mask applied. `shift_shards` moves the offset by whole shards,
+    `mask_shards` the mask's range (wrong for any value but 0); `chunk="local"` takes the rank's local row count
+    as the shard length (wrong where the shards are uneven: the last rank's rows start at rank * ceil(V / ranks))."""
     def body(table, ids):
         group = dist.group.WORLD
         n, ranks = table.shape[0], dist.get_world_size(group)
