@@ -154,8 +154,11 @@ def _aligned(node: fx.Node, looked: Any, masked: Any, lookup: fx.Node, spec: tup
 
 
 def _shape(node: Any) -> list[int] | None:
+    """A traced value's sizes; None where one is symbolic (compared, it could guard): not proven then."""
     val = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return list(val.shape) if isinstance(val, torch.Tensor) else None
+    if not isinstance(val, torch.Tensor) or not all(isinstance(s, int) for s in val.shape):
+        return None
+    return list(val.shape)
 
 
 def _literal_shift(index: Any) -> tuple[Any, int] | None:
