@@ -122,6 +122,52 @@ def test_pieces_cut_by_local_sizes_differ_from_one_rank_but_stay_unproven(sim_me
     assert region.region.verdicts()[0].status == "unproven"
 
 
+# Pieces of a split along the sharded dim, recombined in the body: right when every piece, in order, comes back
+# (cat along that dim, or all summed); wrong when one piece stands alone or the order changes. Not yet proven
+# either way (docs/check-rules.md): the right ones must run and match one device, the wrong ones never pass.
+_HALVES = lambda x: x.split(x.shape[1] // 2, dim=1)  # noqa: E731  (the local halves, as ChunkedLossWrapper cuts)
+RIGHT_RECOMBINED = {
+    "cat in order": (lambda x: torch.cat([c.exp() for c in _HALVES(x)], 1), S1),
+    "every piece summed": (lambda x: sum(c.exp().sum() for c in _HALVES(x)), P),
+}
+WRONG_RECOMBINED = {
+    "cat reversed": (lambda x: torch.cat([c.exp() for c in _HALVES(x)][::-1], 1), S1),
+    "one piece summed": (lambda x: _HALVES(x)[0].exp().sum(), P),
+    "one piece as a shard": (lambda x: _HALVES(x)[1].exp(), S1),
+}
+
+
+@pytest.mark.parametrize("name", RIGHT_RECOMBINED)
+def test_pieces_of_the_sharded_dim_all_recombined_are_tested_and_match_one_device(name):
+    """Never a false alarm: where the proof stops at the cut, the test (the region against its one-rank run)
+    settles a body that recombines every piece in order: tested, silently, and it matches one device."""
+    from localmap.testing import simulated_mesh
+
+    body, claim = RIGHT_RECOMBINED[name]
+    with simulated_mesh(2) as mesh, warnings.catch_warnings():
+        warnings.simplefilter("error")
+        region = local_map(body, [claim], [[S1]], None, mesh)
+        x = randn(2, 8, 3)
+        check_region(mesh, body, [x], [[S1]], [claim])
+        region(distribute(x, mesh, [S1]))
+    assert region.region.verdicts()[0].status == "tested"
+
+
+@pytest.mark.parametrize("name", [*RIGHT_RECOMBINED, *WRONG_RECOMBINED])
+def test_pieces_of_the_sharded_dim_are_never_accepted_by_strict(name):
+    """No claim about pieces of a split along a sharded dim is proven; a wrong recombination, or a piece used
+    alone, differs from its one-rank run (which cuts the whole sequence), so the test never settles it."""
+    from localmap.testing import simulated_mesh
+
+    body, claim = {**RIGHT_RECOMBINED, **WRONG_RECOMBINED}[name]
+    with simulated_mesh(2) as mesh:
+        region = local_map(body, [claim], [[S1]], None, mesh, check="strict")
+        with pytest.raises((UnprovenError, PlacementError)):
+            region(distribute(randn(2, 8, 3), mesh, [S1]))
+        settled = ("tested",) if name in RIGHT_RECOMBINED else ("unproven", "wrong")
+        assert region.region.verdicts()[0].status in settled
+
+
 # ---- gathers and scatter-adds with whole indices (torchtitan's combine, cross-entropy's index_put_) ----------
 
 _ROWS = torch.tensor([3, 0, 3, 1, 2, 0, 1, 3])
@@ -284,6 +330,41 @@ def test_a_lookup_shifted_by_the_wrong_offset_is_not_proven(sim_mesh_4):
     region = local_map(body, [P], [[S0]], None, sim_mesh_4)
     with pytest.warns(UserWarning, match="unproven"):  # axis_index: the test's one-rank run is another program
         region(distribute(randn(16, 3), sim_mesh_4, [S0]))
+
+
+def _not_accepted(mesh, body, table, in_placements=((S0,),)):
+    """The check does not prove the region: check="strict" refuses it (unproven or wrong), never runs it."""
+    region = local_map(body, [P], [list(p) for p in in_placements], None, mesh, check="strict")
+    with pytest.raises((UnprovenError, PlacementError)):
+        region(distribute(table, mesh, list(in_placements[0])))
+
+
+def test_a_lookup_masked_along_the_row_dim_is_not_proven(sim_mesh_4):
+    """The right offset and mask, but the mask laid along each row's own dim (ids of length 4, rows of width
+    4: unsqueeze(0) broadcasts id j's mask over column j of every row): not the rank's rows, never accepted."""
+    from localmap import collectives as C
+
+    ids = torch.tensor([0, 5, 15, 9])
+
+    def body(table):
+        n = table.shape[0]
+        shifted = ids - C.axis_index(0) * n
+        inside = (shifted >= 0) & (shifted < n)
+        return F.embedding(shifted.clamp(0, n - 1), table) * inside.unsqueeze(0).to(table.dtype)
+
+    _not_accepted(sim_mesh_4, body, randn(16, 4))
+
+
+def test_a_lookup_into_unevenly_sharded_rows_is_not_proven(sim_mesh_4):
+    """15 rows over 4 ranks (shards of 4, 4, 4, 3): the last rank's rows start at 12, not 3 * 3, so the offset
+    coordinate * local length is wrong there; a mesh dim with uneven shards proves no offset."""
+    _not_accepted(sim_mesh_4, lambda table: _vocab_lookup(table, _IDS), randn(15, 3))
+
+
+def test_a_lookup_into_rows_two_mesh_dims_cut_is_not_proven(sim_mesh_2x2):
+    """Rows cut by both mesh dims ([Shard(0), Shard(0)]): the shard start is not coordinate * local length on
+    either dim alone."""
+    _not_accepted(sim_mesh_2x2, lambda table: _vocab_lookup(table, _IDS), randn(16, 3), ((S0, S0),))
 
 
 # ---- positions: tables sliced or made by the local length --------------------------------------------------------

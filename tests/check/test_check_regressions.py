@@ -90,3 +90,11 @@ def test_view_of_partial_value_with_one_row_per_rank():
         out.backward(distribute(up, mesh, [R, S0]))
         assert max_diff(full(out), ref) < 1e-5
         assert max_diff(full(ad.grad), ar.grad) < 1e-5 and max_diff(full(bd.grad), br.grad) < 1e-5
+
+
+def test_a_claim_shorter_than_the_mesh_is_checked_with_its_trailing_dims_replicate(sim_mesh_2x2):
+    """out_placements [Partial()] on a 2-d mesh means (Partial, Replicate), as the region's output is built; the
+    check compared nothing for such a claim and called x * 2 of a [Shard(0), Shard(0)] input proven."""
+    region = local_map(lambda x: x * 2, [P], [[S0, S0]], None, sim_mesh_2x2, check="strict")
+    with pytest.raises(PlacementError, match="inferred Shard"):
+        region(distribute(randn(8, 3), sim_mesh_2x2, [S0, S0]))

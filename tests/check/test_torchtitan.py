@@ -30,7 +30,8 @@ from localmap.testing import distribute, full, on_one_device, run_gloo, simulate
 
 R, S0, S1, S2 = Replicate(), Shard(0), Shard(1), Shard(2)
 IMPLS = {"torch": lambda: torch_experimental.local_map, "localmap": lambda: localmap.local_map,
-         "localmap-unchecked": lambda: functools.partial(localmap.local_map, check=False)}
+         "localmap-unchecked": lambda: functools.partial(localmap.local_map, check=False),
+         "localmap-strict": lambda: functools.partial(localmap.local_map, check="strict")}
 SWAPPED = ("torchtitan.protocols.module", "torchtitan.components.loss", "torchtitan.models.common.attention")
 TOL = 2e-2  # relative; the MoE's grouped matmuls run in bfloat16, the rest match to float32 rounding
 
@@ -307,8 +308,12 @@ def _titan_scatter_rule():
     localmap.clear_caches()
 
 
-# What the default check still says per site (everything else is proven): ChunkedLossWrapper's _chunk cuts the
-# sharded sequence by local sizes, so its chunk c is no shard of the one-device chunk c (unproven, once).
+# What the default check still says per simulated site (everything else is proven): ChunkedLossWrapper's _chunk
+# cuts the sharded sequence by local sizes, so the region's chunk c is no shard of the one-device chunk c. The
+# program is right only as a whole (every chunk goes through row-wise work and every chunk's loss is summed), which
+# happens outside the region; the region's own test measures the difference (its one-rank run cuts the whole
+# sequence) and leaves it unproven, once. Accepting it would accept a chunk used alone (tests/check/
+# test_check_proofs.py: WRONG_RECOMBINED).
 STILL_UNPROVEN = {"chunked_loss_wrapper": "split_with_sizes"}
 
 
@@ -401,3 +406,30 @@ def test_expert_parallelism_with_counts_split_otherwise_is_never_tested(_titan_s
         diffs, said = _measured_with_warnings("ep_counts_split_otherwise")
     assert max(diffs.values()) > TOL, "the counts split otherwise still match one device: not a wrong program"
     assert len(said) == 1 and "unproven" in said[0] and "largest difference" in said[0], said
+
+
+def _gloo_strict_warnings(mesh: Any, site_name: str, impl: str) -> tuple[dict[str, float], list[str]]:
+    """measure() on a gloo rank, with the local_map warnings it gave."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        diffs = _gloo_measure(mesh, site_name, impl)
+    return diffs, [str(w.message) for w in seen if "local_map" in str(w.message)]
+
+
+# Gloo sites the proof settles: each rank proves its own trace (the vocab offset from dist.get_rank is a literal
+# there, check.offsets; the vocab-parallel loss reduces over tp itself). On a simulated mesh these sites are not
+# run: the fake group says rank 0 to every rank. (routed_experts_ep_on: still unproven, at its sort.)
+PROVEN_ON_GLOO = ("tok_embeddings", "cross_entropy_vocab_sharded")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("site_name", PROVEN_ON_GLOO)
+def test_the_strict_check_proves_the_gloo_site_without_a_warning(site_name):
+    """check="strict" accepts proven claims only (not tested ones): the site runs, matches one device and warns
+    on no rank."""
+    for rank, (diffs, said) in enumerate(run_gloo(_gloo_strict_warnings, 2, args=(site_name, "localmap-strict"),
+                                                  timeout=240)):
+        _assert_one_device(diffs)
+        assert not said, (rank, said)

@@ -168,7 +168,7 @@ class _TypeFlow:
             if self.uneven and node.target in _MEANS:
                 _check_uneven_mean(node, in_types, self.uneven)
             return self.frames.type_of(node, self.types, lambda typed: output_types(
-                node, [typed[a] for a in inputs], self.mesh, typed))
+                node, [typed[a] for a in inputs], self.mesh, typed, self.uneven))
         except RuleError as e:
             self.verdict.problems.append(fail(
                 f"op {_op(node)} at {_source(node)}", e.problem, mesh=self.mesh, mesh_dim=e.mesh_dim,

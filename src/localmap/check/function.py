@@ -308,8 +308,11 @@ def _check_traced(gm: fx.GraphModule, out: Any, closed: list, local_args: Sequen
 
 
 def _normalized(claim: Any, ndim: int, mesh_ndim: int) -> Any:
-    if claim is None or len(claim) != mesh_ndim:
+    """A claim as the check compares it: a short one padded with Replicate (as the region's output is built,
+    placements.specs.fit_spec_to_mesh); None for one the spec checks refuse by name (too long, bad Shard dim)."""
+    if claim is None or len(claim) > mesh_ndim:
         return None
+    claim = (*claim, *(Replicate(),) * (mesh_ndim - len(claim)))
     out = []
     for p in claim:
         if isinstance(p, Shard):

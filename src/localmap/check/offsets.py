@@ -7,6 +7,17 @@ shifted down by this rank's offset (scale = minus the shard's length), clamped i
 the "index falls in my shard" mask of the same shifted indices, holds on each rank the rows it owns and zeros
 elsewhere: summed over the ranks, that is the one-device lookup, a ``Partial`` sum (Megatron's vocab-parallel
 embedding, and the target logit of its vocab-parallel cross-entropy).
+
+Code that reads its rank from a process group (torchtitan's ``offset = dist.get_rank(tp_group) * chunk``) traces
+with the offset as a literal int: the lookup ``clamp(ids - c, 0, n - 1)`` masked by ``(ids >= c) & (ids < c + n)``
+holds this rank's rows only when ``c`` is this rank's shard start. That is a fact of this process, so it is
+proven only where this process is one real rank of the mesh dim (a real process group, each rank checking its
+own trace); on a simulated or fake mesh every rank would share one trace, and the literal proves nothing.
+
+Either way the shard start is the coordinate times the local length only where the table's dim is cut evenly and
+by that one mesh dim: a lookup on a mesh dim with uneven shards, or into a dim another mesh dim also cuts, is not
+proven. The mask must also meet the lookup element by element (the ids' shape, broadcast over the looked-up rows'
+other dims), not along some other dim.
 """
 
 from __future__ import annotations
@@ -15,10 +26,11 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.distributed as dist
 from torch.distributed.tensor.placement_types import Partial, Replicate, Shard
 
 from localmap.collectives.registry import mesh_dim_of
-from localmap.compat import FUNCTIONAL_OPS
+from localmap.compat import FUNCTIONAL_OPS, sharded_dim
 from localmap.placements.types import PER_RANK_COPY, RuleError
 
 aten = torch.ops.aten
@@ -87,8 +99,9 @@ def _coordinates(node: fx.Node, m: int, mesh: Any) -> bool:
     return all(s is None or list(s) == [1] * n for s in node.args[1:3])
 
 
-def masked_lookup(node: fx.Node, mesh: Any, types: dict) -> set[int]:
-    """Mesh dims on which `node` (a mul) is a masked lookup of this rank's rows: a partial sum there."""
+def masked_lookup(node: fx.Node, mesh: Any, types: dict, uneven: frozenset = frozenset()) -> set[int]:
+    """Mesh dims on which `node` (a mul) is a masked lookup of this rank's rows: a partial sum there. `uneven`:
+    mesh dims with unevenly sharded inputs (a shard start there is not coordinate * local length)."""
     found = set()
     if node.target is not aten.mul.Tensor or len(node.args) < 2:
         return found
@@ -105,12 +118,78 @@ def masked_lookup(node: fx.Node, mesh: Any, types: dict) -> set[int]:
         tval = table.meta["val"]
         dim = (lookup.args[spec[2]] if spec[2] is not None else 0) % tval.ndim
         n = tval.shape[dim]
-        if high != n - 1 or not _in_range_mask(_peel(masked), ids, n):
+        if high != n - 1 or not _aligned(node, looked, masked, lookup, spec, dim):
             continue
+        shifted = _in_range_mask(_peel(masked), ids, 0, n)
+        literal = _literal_shift(ids)
+        cuts = [m for m, p in enumerate(types[table]) if sharded_dim(p) == dim]
         for m, p in enumerate(types[table]):
-            if p == Shard(dim) and rank_scale(ids, m, mesh, types) == -n:
+            if p != Shard(dim) or m in uneven or cuts != [m]:
+                continue
+            if shifted and rank_scale(ids, m, mesh, types) == -n:
+                found.add(m)
+            elif literal is not None and _literal_offset_holds(literal, _peel(masked), n, m, mesh, types):
                 found.add(m)
     return found
+
+
+def _aligned(node: fx.Node, looked: Any, masked: Any, lookup: fx.Node, spec: tuple, dim: int) -> bool:
+    """The mul gives each looked-up element the mask of its own index: `looked` (the lookup under reshapes that
+    only add or drop size-1 dims) is not broadcast, and `masked`, broadcast against it, varies exactly along the
+    index's dims (a mask along a row's own dims, or moved by a view, is refused)."""
+    out, got, found, index, mask = (_shape(v) for v in (node, looked, lookup, lookup.args[spec[1]], masked))
+    if None in (out, got, found, index, mask) or got != out or len(mask) > len(out):
+        return False
+    if lookup.target is aten.index_select.default:  # the index runs along `dim` of the result
+        along = [k == dim for k in range(len(found))]
+    else:  # embedding: the index's dims, then the row's; gather: the index's own shape
+        along = [k < len(index) for k in range(len(found))]
+    kept = [(size, flag) for size, flag in zip(found, along) if size != 1]
+    at = [k for k, size in enumerate(out) if size != 1]
+    if [out[k] for k in at] != [size for size, _ in kept]:
+        return False
+    mask = [1] * (len(out) - len(mask)) + mask
+    return all(mask[k] == (size if flag else 1) for k, (size, flag) in zip(at, kept)) and all(
+        mask[k] == 1 for k, size in enumerate(out) if size == 1)
+
+
+def _shape(node: Any) -> list[int] | None:
+    """A traced value's sizes; None where one is symbolic (compared, it could guard): not proven then."""
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    if not isinstance(val, torch.Tensor) or not all(isinstance(s, int) for s in val.shape):
+        return None
+    return list(val.shape)
+
+
+def _literal_shift(index: Any) -> tuple[Any, int] | None:
+    """(ids, c) of ids - c (or ids + (-c)) with c a literal int."""
+    if not isinstance(index, fx.Node) or index.target not in (aten.sub.Tensor, aten.add.Tensor):
+        return None
+    ids, c = index.args[:2]
+    if not isinstance(c, int) or isinstance(c, bool) or index.kwargs.get("alpha", 1) != 1:
+        return None
+    return ids, (c if index.target is aten.sub.Tensor else -c)
+
+
+def _literal_offset_holds(literal: tuple[Any, int], mask: Any, n: int, m: int, mesh: Any, types: dict) -> bool:
+    """clamp(ids - c) masked by ids in [c, c + n): this rank's rows, when c is this real rank's shard start on
+    mesh dim m and the ids are the same on every rank of m."""
+    ids, c = literal
+    start = _real_shard_start(mesh, m, n)
+    return (start is not None and c == start and rank_scale(ids, m, mesh, types) == 0
+            and _in_range_mask(mask, ids, c, c + n))
+
+
+def _real_shard_start(mesh: Any, m: int, n: int) -> int | None:
+    """This process's shard start (coordinate * n) on mesh dim m, where this process is a real rank of it:
+    None on a fake process group (the simulated and tracing meshes, where one trace stands for every rank)."""
+    try:
+        if dist.get_backend(mesh.get_group(m)) == "fake":
+            return None
+        coord = mesh.get_coordinate()
+    except Exception:  # no process group, or a mesh without this rank: nothing to anchor the literal to
+        return None
+    return None if coord is None else int(coord[m]) * n
 
 
 def _clamped(index: Any) -> tuple[Any, int] | None:
@@ -121,19 +200,20 @@ def _clamped(index: Any) -> tuple[Any, int] | None:
     return (ids, high) if low == 0 and isinstance(high, int) else None
 
 
-def _in_range_mask(mask: Any, ids: Any, n: int) -> bool:
-    """mask == (ids >= 0) & (ids < n) (or ids <= n - 1), in either order."""
+def _in_range_mask(mask: Any, ids: Any, low: int, high: int) -> bool:
+    """mask == (ids >= low) & (ids < high) (or ids <= high - 1), in either order."""
     if not isinstance(mask, fx.Node) or mask.target not in (aten.bitwise_and.Tensor, aten.logical_and.default):
         return False
     tests = {(_peel(a).target, _peel(a).args[1]) for a in mask.args[:2]
-             if isinstance(_peel(a), fx.Node) and _peel(a).args and _peel(a).args[0] is ids}
-    return len(tests) == 2 and (aten.ge.Scalar, 0) in tests and (
-        (aten.lt.Scalar, n) in tests or (aten.le.Scalar, n - 1) in tests)
+             if isinstance(_peel(a), fx.Node) and len(_peel(a).args) > 1 and _peel(a).args[0] is ids}
+    return len(tests) == 2 and (aten.ge.Scalar, low) in tests and (
+        (aten.lt.Scalar, high) in tests or (aten.le.Scalar, high - 1) in tests)
 
 
-def partial_where_masked(node: fx.Node, in_types: list, mesh: Any, types: dict, default: Any) -> Any:
+def partial_where_masked(node: fx.Node, in_types: list, mesh: Any, types: dict, default: Any,
+                         uneven: frozenset = frozenset()) -> Any:
     """The mul's type: Partial(sum) on the mesh dims where it is a masked lookup, else `default`'s answer."""
-    dims = masked_lookup(node, mesh, types)
+    dims = masked_lookup(node, mesh, types, uneven)
     if not dims:
         return None
     plain = [tuple(Replicate() if m in dims else p for m, p in enumerate(t)) for t in in_types]

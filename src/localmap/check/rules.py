@@ -319,11 +319,11 @@ for _op in (aten.index_put.default, aten.index_put_.default):
                                                                              "accumulate"))))
 
 
-def output_types(node: fx.Node, in_types: list, mesh: Any, types: dict) -> Any:
+def output_types(node: fx.Node, in_types: list, mesh: Any, types: dict, uneven: frozenset = frozenset()) -> Any:
     """Type(s) of a node's output(s): its rule, else DTensor propagation (Varying inputs kept Varying), else
-    the conservative default."""
+    the conservative default. `uneven`: the mesh dims where some input is sharded unevenly."""
     if node.target is aten.mul.Tensor:  # a lookup masked to this rank's rows (vocab-parallel): check.offsets
-        masked = partial_where_masked(node, in_types, mesh, types, default_types)
+        masked = partial_where_masked(node, in_types, mesh, types, default_types, uneven)
         if masked is not None:
             return masked
     rule = rule_for(node.target)
