@@ -228,7 +228,7 @@ def _trace(fn: Callable, local_args: Sequence[Any], inputs: list[int], mesh: Any
            rank: int | None = None) -> tuple[fx.GraphModule, Any, list]:
     """The body traced on fresh fakes of the tensor leaves (decomposed, each node's source frame kept), its
     output, and the closed-over DTensors (name, DTensor, grad_placements its to_local calls declared) traced as
-    extra inputs.
+    extra inputs; its GraphModule is only read, so its Python code is never generated.
     With `lifted` (the traced path), the leaves past the treespec's are tensors the body closes over. With
     `real`, on the tensors' real values instead (a simulated tensor's at `rank`): Python branches on values
     take the branch this call takes."""
@@ -251,7 +251,7 @@ def _trace(fn: Callable, local_args: Sequence[Any], inputs: list[int], mesh: Any
     tensors = [local_args[i] for i in inputs] + [compat.local_tensor_of(d) for _, d, _ in closed]
     if real:
         values = [_plain(t, rank).detach() for t in tensors]
-        with compat.isolated_tracing(), splits_logged() as splits:
+        with compat.isolated_tracing(), compat.lazy_graph_modules(), splits_logged() as splits:
             gm = compat.make_fx_on_values(body, decomposition_table=_decompositions())(*values)
         gm.meta[SPLITS_PASSED] = splits
         # What only decided the branch (x.sum() > 0, read into Python) reaches no output: the check types the
@@ -264,7 +264,7 @@ def _trace(fn: Callable, local_args: Sequence[Any], inputs: list[int], mesh: Any
         with fake_mode:
             fakes = [torch.empty_strided(tuple(int(s) for s in _plain(a).shape), _plain(a).stride(),
                                          dtype=a.dtype, device="cpu") for a in tensors]
-        with compat.ignore_fresh_unbacked(fake_mode), splits_logged() as splits:
+        with compat.ignore_fresh_unbacked(fake_mode), compat.lazy_graph_modules(), splits_logged() as splits:
             gm = compat.make_fx(body, decomposition_table=_decompositions(), tracing_mode="fake")(*fakes)
     gm.meta[SPLITS_PASSED] = splits
     return gm, traced["out"], closed

@@ -46,6 +46,14 @@ def make_fx(fn: Any, **kwargs: Any) -> Any:
     return torch_make_fx(fn, **kwargs)
 
 
+def lazy_graph_modules() -> Any:
+    """A context in which make_fx's GraphModules generate their Python code only when first called: a graph that
+    is only read (the placement check's) never pays for it."""
+    from torch.fx._lazy_graph_module import _use_lazy_graph_module
+
+    return _use_lazy_graph_module(True)
+
+
 def make_fx_on_values(fn: Any, **kwargs: Any) -> Any:
     """make_fx on real tensors that lets a value decide Python control flow (``if x.sum() > 0``): the branch
     this call's values take is traced, its scalars burned in (the graph holds for these values only)."""
@@ -314,12 +322,16 @@ def register_cpu_attention_flops() -> None:
 def check_decompositions() -> dict:
     """Decompositions the placement check traces with: normalizations (softmax, log-softmax, layer norm, RMS
     norm) written with aten reductions, so the reductions inside them get placement types. Means and variances
-    stay whole: DTensor types them."""
-    from torch._decomp import get_decompositions
+    stay whole: DTensor types them. Read overload by overload from PyTorch's table (get_decompositions walks
+    the whole table, milliseconds)."""
+    from torch._decomp import global_decomposition_table
 
     aten = torch.ops.aten
-    return get_decompositions([aten._softmax, aten._log_softmax, aten.native_layer_norm, aten._fused_rms_norm,
-                               aten.rms_norm])
+    table = global_decomposition_table["post_autograd"]
+    overloads = (getattr(packet, name) for packet in (aten._softmax, aten._log_softmax, aten.native_layer_norm,
+                                                      aten._fused_rms_norm, aten.rms_norm)
+                 for name in packet.overloads())
+    return {op: table[op] for op in overloads if op in table}
 
 
 def reparametrized(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> Any:
