@@ -8,11 +8,11 @@ the file is below it.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
-import re
 from types import TracebackType
-from typing import Iterable
+from typing import Any, Iterable
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _USER_SUBPACKAGES = ("models", "cli")
@@ -26,6 +26,9 @@ def is_library(path: str) -> bool:
     if path.startswith(_PACKAGE_DIR + os.sep):
         return path[len(_PACKAGE_DIR) + 1:].split(os.sep)[0] not in _USER_SUBPACKAGES
     return False
+
+
+_library_file = functools.lru_cache(maxsize=4096)(is_library)  # asked for every frame a traced op walks
 
 
 def site(path: str, line: int) -> str:
@@ -52,10 +55,33 @@ def traceback_site(tb: TracebackType | None) -> str | None:
     return innermost_user_site(frames)
 
 
-def stack_trace_site(stack_trace: str) -> str | None:
-    """The innermost user frame of a stack trace recorded as text (fx node meta ``stack_trace``)."""
-    frames = [(path, int(line)) for path, line in re.findall(r'File "([^"]+)", line (\d+)', stack_trace)]
-    return innermost_user_site(frames)
+_BODIES: set[tuple[str, str]] = set()  # (file, function name) of region bodies the check traced
+
+
+def register_body(fn: Any) -> None:
+    """Name the ops a traced body makes by their lines in `fn` (a region's body; see traced_frame)."""
+    code = getattr(getattr(fn, "__wrapped__", fn), "__code__", None)
+    if code is not None:
+        _BODIES.add((code.co_filename, code.co_name))
+
+
+def traced_frame() -> tuple[str, int] | None:
+    """(file, line) of the op the caller is tracing: the innermost frame outside library code that runs a
+    region's body or a module's ``forward`` (an op made in a helper the body calls is named by the body's line
+    that calls it). Only the frame is kept; ``frame_site`` names it when a message needs it."""
+    frame = inspect.currentframe()
+    while frame is not None:
+        code = frame.f_code
+        if (code.co_name == "forward" or (code.co_filename, code.co_name) in _BODIES) and \
+                not _library_file(code.co_filename):
+            return code.co_filename, frame.f_lineno
+        frame = frame.f_back
+    return None
+
+
+def frame_site(frame: tuple[str, int] | None) -> str | None:
+    """``file:line`` of a frame kept by traced_frame (None stays None)."""
+    return None if frame is None else site(os.path.abspath(frame[0]), frame[1])
 
 
 def caller_site() -> str:

@@ -28,7 +28,7 @@ from localmap import compat as _compat
 from localmap.compat import pytree
 from localmap.errors import fail
 from localmap.placements.specs import placements_str
-from localmap.sites import stack_trace_site
+from localmap.sites import frame_site
 from localmap.check.routing import Frames
 from localmap.check.rules import output_types
 from localmap.collectives.registry import collective
@@ -36,9 +36,12 @@ from localmap.check.verdict import PlacementError, Verdict
 from localmap.placements.types import OPAQUE, PER_RANK_COPY, UNKNOWN_WHY, VARYING, RuleError
 
 
+SITE = "localmap_site"  # node.meta key: the (file, line) that made the node (sites.traced_frame, while traced)
+
+
 def _source(node: fx.Node) -> str:
-    """file:line of the user's code that made `node`, from the trace's stack."""
-    return stack_trace_site(node.meta.get("stack_trace") or "") or "<unknown>"
+    """file:line of the user's code that made `node`, from the frame kept while it was traced."""
+    return frame_site(node.meta.get(SITE)) or "<unknown>"
 
 
 def _op(node: fx.Node) -> str:

@@ -18,7 +18,7 @@ from torch.distributed.tensor.placement_types import Replicate, Shard
 
 from localmap.caches import register_cache, register_counter
 from localmap import compat
-from localmap.check.checker import check_graph
+from localmap.check.checker import SITE, check_graph
 from localmap.check.closure import closed_over_dtensors
 from localmap.check.state import state_key, value_key
 from localmap.check.verdict import Verdict, unchecked_verdict
@@ -30,6 +30,7 @@ from localmap.compat import pytree
 from localmap.context import in_region
 from localmap.errors import LocalMapError, fail, region_name
 from localmap.placements.specs import leaf_path, resolve_output_specs
+from localmap.sites import register_body, traced_frame
 
 _decompositions_built: dict[str, dict] = register_cache("decompositions", {}, limit=1, eviction="keep first")
 
@@ -225,8 +226,9 @@ def function_identity(fn: Callable) -> tuple[Any, tuple]:
 def _trace(fn: Callable, local_args: Sequence[Any], inputs: list[int], mesh: Any, treespec: Any,
            kwargs: dict, lifted: Lifted | None, real: bool = False,
            rank: int | None = None) -> tuple[fx.GraphModule, Any, list]:
-    """The body traced on fresh fakes of the tensor leaves (decomposed, stack traces kept), its output, and the
-    closed-over DTensors (name, DTensor, grad_placements its to_local calls declared) traced as extra inputs.
+    """The body traced on fresh fakes of the tensor leaves (decomposed, each node's source frame kept), its
+    output, and the closed-over DTensors (name, DTensor, grad_placements its to_local calls declared) traced as
+    extra inputs; its GraphModule is only read, so its Python code is never generated.
     With `lifted` (the traced path), the leaves past the treespec's are tensors the body closes over. With
     `real`, on the tensors' real values instead (a simulated tensor's at `rank`): Python branches on values
     take the branch this call takes."""
@@ -240,18 +242,17 @@ def _trace(fn: Callable, local_args: Sequence[Any], inputs: list[int], mesh: Any
             leaves[i] = t
         table = {id(d): (t, declared) for (_, d, declared), t in zip(closed, tensors[len(inputs):], strict=True)}
         bound = lifted.bind(leaves[n:]) if lifted is not None else contextlib.nullcontext()
-        with in_region(mesh), compat.to_local_substituted(table), bound:
+        with compat.node_sites(SITE, traced_frame), in_region(mesh), compat.to_local_substituted(table), bound:
             out = fn(*pytree.tree_unflatten(leaves[:n], treespec), **kwargs)
         traced["out"] = out
         return tuple(o for o in pytree.tree_leaves(out) if isinstance(o, torch.Tensor))
 
-    compat.register_trace_anchor(fn)
+    register_body(fn)
     tensors = [local_args[i] for i in inputs] + [compat.local_tensor_of(d) for _, d, _ in closed]
     if real:
         values = [_plain(t, rank).detach() for t in tensors]
-        with compat.isolated_tracing(), splits_logged() as splits:
-            gm = compat.make_fx_on_values(body, decomposition_table=_decompositions(),
-                                          record_stack_traces=True)(*values)
+        with compat.isolated_tracing(), compat.lazy_graph_modules(), splits_logged() as splits:
+            gm = compat.make_fx_on_values(body, decomposition_table=_decompositions())(*values)
         gm.meta[SPLITS_PASSED] = splits
         # What only decided the branch (x.sum() > 0, read into Python) reaches no output: the check types the
         # branch taken, not the per-rank decision.
@@ -263,9 +264,8 @@ def _trace(fn: Callable, local_args: Sequence[Any], inputs: list[int], mesh: Any
         with fake_mode:
             fakes = [torch.empty_strided(tuple(int(s) for s in _plain(a).shape), _plain(a).stride(),
                                          dtype=a.dtype, device="cpu") for a in tensors]
-        with compat.ignore_fresh_unbacked(fake_mode), splits_logged() as splits:
-            gm = compat.make_fx(body, decomposition_table=_decompositions(), tracing_mode="fake",
-                         record_stack_traces=True)(*fakes)
+        with compat.ignore_fresh_unbacked(fake_mode), compat.lazy_graph_modules(), splits_logged() as splits:
+            gm = compat.make_fx(body, decomposition_table=_decompositions(), tracing_mode="fake")(*fakes)
     gm.meta[SPLITS_PASSED] = splits
     return gm, traced["out"], closed
 

@@ -18,6 +18,7 @@ import torch.fx as fx
 from torch.distributed.tensor.placement_types import Partial, Replicate, Shard
 
 from localmap import compat
+from localmap.caches import register_cache
 from localmap.compat import pytree
 from localmap.placements.shapes import dense_stride
 from localmap.placements.types import OPAQUE, PER_RANK_COPY, UNKNOWN_WHY, VARYING, RuleError, Type
@@ -30,8 +31,8 @@ def replicated(mesh: Any) -> Type:
     return tuple(Replicate() for _ in range(mesh.ndim))
 
 
-def _global_shape(val: torch.Tensor, t: Type, mesh_shape: Sequence[int]) -> list:
-    shape = list(val.shape)
+def _global_shape(local_shape: Sequence[Any], t: Type, mesh_shape: Sequence[int]) -> list:
+    shape = list(local_shape)
     for m, p in enumerate(t):
         d = compat.sharded_dim(p)
         if d is not None:
@@ -48,15 +49,38 @@ _SIZE_ARG_OPS = {
 }
 
 
+_SPECS_LIMIT = 4096  # specs remembered (cleared when full)
+# (mesh id, type, shape, stride, dtype, local) -> (mesh, spec): a body asks about the same few values at every op
+_specs: dict = register_cache("check_specs", {}, limit=_SPECS_LIMIT, eviction="clear when full")
+
+
 def _as_spec(val: torch.Tensor, t: Type, mesh: Any, local: bool = False) -> Any:
     """A DTensor spec for a value of type `t` (Varying asked about as Replicate; sizes global unless `local`).
     A size-0 dim is asked about as the mesh's size: every redistribution of an empty tensor costs nothing, so
     DTensor's cost-based choice could pick one that redistributes, which would read as "the local op is not
-    the shard of the global op"; sizes do not change which placements a strategy accepts."""
+    the shard of the global op"; sizes do not change which placements a strategy accepts. Remembered per
+    value metadata (symbolic sizes are not)."""
+    shape, stride = tuple(val.shape), val.stride()
+    key = (id(mesh), t, shape, stride, val.dtype, local)
+    try:
+        hit = _specs.get(key)
+    except TypeError:  # symbolic sizes
+        return _new_spec(shape, stride, val.dtype, t, mesh, local)
+    if hit is not None and hit[0] is mesh:
+        return hit[1]
+    spec = _new_spec(shape, stride, val.dtype, t, mesh, local)
+    if len(_specs) >= _SPECS_LIMIT:
+        _specs.clear()
+    _specs[key] = (mesh, spec)
+    return spec
+
+
+def _new_spec(val_shape: tuple, stride: Sequence[Any], dtype: torch.dtype, t: Type, mesh: Any,
+              local: bool) -> Any:
     placements = tuple(Replicate() if p is VARYING or p is PER_RANK_COPY else p for p in t)
-    shape = list(val.shape) if local else _global_shape(val, t, tuple(mesh.shape))
+    shape = list(val_shape) if local else _global_shape(val_shape, t, tuple(mesh.shape))
     shape = [s if s != 0 else math.prod(mesh.shape) for s in shape]
-    return compat.make_spec(mesh, placements, shape, dense_stride(shape, val.stride()), val.dtype)
+    return compat.make_spec(mesh, placements, shape, dense_stride(shape, stride), dtype)
 
 
 def propagate(node: fx.Node, in_types: list, mesh: Any, types: dict) -> Any:
@@ -169,25 +193,29 @@ def _ask_dtensor(node: fx.Node, mesh: Any, types: dict) -> tuple[Any, list] | No
     """DTensor's sharding decision for `node` on specs of its inputs' types, and those specs; None when DTensor
     cannot be asked (data-dependent sizes, a view of an empty tensor) or has no strategy."""
     local = node.target in _SIZE_ARG_OPS
-    vals = [a.meta.get("val") for a in node.all_input_nodes]
-    if compat.has_free_unbacked_symbols([(v.shape, v.stride()) for v in vals if isinstance(v, torch.Tensor)]):
+    metas = [(v.shape, v.stride()) for v in (a.meta.get("val") for a in node.all_input_nodes)
+             if isinstance(v, torch.Tensor)]
+    symbolic = not all(type(n) is int for shape, stride in metas for n in (*shape, *stride))
+    if symbolic and compat.has_free_unbacked_symbols(metas):
         node.meta[UNKNOWN_WHY] = f"{op_name(node)} has sizes that depend on data (DTensor's rules need them)"
         return None  # data-dependent sizes (tokens routed by an all_to_all): DTensor's strategies need real ones
-    if compat.view_rule_hangs(node.target, [v.shape for v in vals if isinstance(v, torch.Tensor)]):
+    if compat.view_rule_hangs(node.target, [shape for shape, _ in metas]):
         return None
     if node.target in _VIEWS and _static(node):
         return _ask_view_globally(node, mesh, types)
 
-    def as_schema(a: Any) -> Any:
+    def as_schema(a: Any) -> Any:  # an argument with each tensor node as a spec of its type
         if isinstance(a, fx.Node):
             val = a.meta.get("val")
             if isinstance(val, torch.Tensor) and types.get(a) is not None:
                 return _as_spec(val, types[a], mesh, local)
             return val
+        if isinstance(a, (list, tuple)):
+            return type(a)(as_schema(x) for x in a) if type(a) in (list, tuple) else [as_schema(x) for x in a]
         return a
 
-    args = pytree.tree_map(as_schema, node.args)
-    kwargs = pytree.tree_map(as_schema, dict(node.kwargs))
+    args = tuple(as_schema(a) for a in node.args)
+    kwargs = {k: as_schema(v) for k, v in node.kwargs.items()}
     try:
         sharding = compat.propagate_sharding(node.target, args, kwargs)
     except Exception:  # no strategy for this op (or one that cannot take these inputs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import operator
 import threading
 from typing import Any, Iterator, Sequence
@@ -148,20 +149,25 @@ def quiet_fake_tensor_errors() -> Any:
     """Silence the fake-tensor logger while localmap traces: a probe of DTensor's propagation may fail by
     design, and a body's own error reaches the user as a BodyError (named by region and line), not as a logged
     traceback."""
-    import contextlib
-    import logging
 
     @contextlib.contextmanager
     def ctx() -> Any:
+        # A filter, not setLevel: setting a level clears the level cache of every logger (torch has hundreds),
+        # milliseconds on each of a check's several calls.
         logger = logging.getLogger("torch._subclasses.fake_tensor")
-        level = logger.level
-        logger.setLevel(logging.CRITICAL)
+        quiet = _CriticalOnly()
+        logger.addFilter(quiet)
         try:
             yield
         finally:
-            logger.setLevel(level)
+            logger.removeFilter(quiet)
 
     return ctx()
+
+
+class _CriticalOnly(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.CRITICAL
 
 
 def is_strided_shard(p: Any) -> bool:

@@ -4,6 +4,7 @@ partitioners, selective checkpointing, saved-tensor hooks, decompositions and th
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
 from typing import Any, Sequence
 
@@ -43,6 +44,14 @@ def make_fx(fn: Any, **kwargs: Any) -> Any:
 
     kwargs.setdefault("decomposition_table", {})
     return torch_make_fx(fn, **kwargs)
+
+
+def lazy_graph_modules() -> Any:
+    """A context in which make_fx's GraphModules generate their Python code only when first called: a graph that
+    is only read (the placement check's) never pays for it."""
+    from torch.fx._lazy_graph_module import _use_lazy_graph_module
+
+    return _use_lazy_graph_module(True)
 
 
 def make_fx_on_values(fn: Any, **kwargs: Any) -> Any:
@@ -238,6 +247,38 @@ def current_trace_graph() -> Any:
     mode = get_proxy_mode()
     return None if mode is None else mode.tracer.graph
 
+class _NodeSites(torch.overrides.TorchFunctionMode):
+    """Tags the nodes one torch call adds to `graph` (an op, a functional, a higher-order op, with everything
+    it decomposes into) with ``meta[key] = where()``, asked once per call that added any."""
+
+    def __init__(self, graph: fx.Graph, key: str, where: Any) -> None:
+        super().__init__()
+        self.graph, self.key, self.where = graph, key, where
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        before = len(self.graph.nodes)
+        out = func(*args, **(kwargs or {}))
+        added = len(self.graph.nodes) - before
+        if added > 0:
+            found = self.where()
+            for node in itertools.islice(reversed(self.graph.nodes), added):
+                node.meta.setdefault(self.key, found)
+        return out
+
+
+@contextlib.contextmanager
+def node_sites(key: str, where: Any) -> Any:
+    """Inside a function make_fx traces: each node a torch call adds to the trace's graph gets
+    ``meta[key] = where()`` (called from within that call, so it can read the caller's frames). The cheap
+    stand-in for make_fx's ``record_stack_traces``, which formats a full stack trace per node."""
+    graph = current_trace_graph()
+    if graph is None:
+        yield
+        return
+    with _NodeSites(graph, key, where):
+        yield
+
+
 def without_saved_tensor_hooks() -> Any:
     """Set aside the default saved-tensor hooks (e.g. an activation checkpoint around the region) while a
     region's joint graph is traced: its own autograd.grad must not trigger the user's recomputation."""
@@ -277,22 +318,20 @@ def register_cpu_attention_flops() -> None:
         if op not in fc.flop_registry and op.default not in fc.flop_registry:
             fc.register_flop_formula(op)(formula)
 
-def register_trace_anchor(fn: Any) -> None:
-    """Keep `fn`'s frames in the stack traces make_fx records (so a check can name the body's source line)."""
-    from torch.fx.proxy import _register_stack_trace_anchor
-
-    _register_stack_trace_anchor(getattr(fn, "__wrapped__", fn))
-
 
 def check_decompositions() -> dict:
     """Decompositions the placement check traces with: normalizations (softmax, log-softmax, layer norm, RMS
     norm) written with aten reductions, so the reductions inside them get placement types. Means and variances
-    stay whole: DTensor types them."""
-    from torch._decomp import get_decompositions
+    stay whole: DTensor types them. Read overload by overload from PyTorch's table (get_decompositions walks
+    the whole table, milliseconds)."""
+    from torch._decomp import global_decomposition_table
 
     aten = torch.ops.aten
-    return get_decompositions([aten._softmax, aten._log_softmax, aten.native_layer_norm, aten._fused_rms_norm,
-                               aten.rms_norm])
+    table = global_decomposition_table["post_autograd"]
+    overloads = (getattr(packet, name) for packet in (aten._softmax, aten._log_softmax, aten.native_layer_norm,
+                                                      aten._fused_rms_norm, aten.rms_norm)
+                 for name in packet.overloads())
+    return {op: table[op] for op in overloads if op in table}
 
 
 def reparametrized(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> Any:
