@@ -471,3 +471,56 @@ def test_a_test_step_failing_on_one_rank_leaves_every_rank_unproven_without_hang
                                        collective_timeout=60):
         assert status == "unproven" and diff <= 1e-5
         assert len(said) == 1 and "rank 1: RuntimeError: no one-rank run on rank 1" in said[0], said
+
+
+class VocabParallelEmbedding(torch.nn.Module):
+    """torchtitan's vocab-parallel embedding: it keeps its tp process group as state and asks it for its rank
+    and size to find its rows of the vocabulary. Right on every mesh; on one rank (one member in every group)
+    the whole vocabulary at offset 0."""
+
+    def __init__(self, mesh, weight):
+        super().__init__()
+        self.vocab = weight.shape[0]
+        self.weight = torch.nn.Parameter(distribute(weight, mesh, [S0]))
+        self.group = mesh.get_group(0)
+
+    def forward(self, ids):
+        import torch.distributed as dist
+
+        w = self.weight.to_local()
+        size = dist.get_world_size(self.group)
+        offset = dist.get_rank(self.group) * ((self.vocab + size - 1) // size)
+        mask = (ids >= offset) & (ids < offset + w.shape[0])
+        return F.embedding((ids - offset).clamp(0, w.shape[0] - 1), w) * mask.unsqueeze(-1)
+
+
+def _gloo_vocab_parallel(mesh):
+    weight, ids = randn(7, 4), torch.tensor([[0, 6, 3, 4, 1]])
+    upstream = randn(1, 5, 4)
+    module = VocabParallelEmbedding(mesh, weight)
+    fn = local_map(module, [(P,)], [(R,)], None, mesh)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y = fn(distribute(ids, mesh, [R]))
+        y.backward(distribute(upstream, mesh, [R]))
+    ref_weight = weight.clone().requires_grad_()
+    ref = F.embedding(ids, ref_weight)
+    ref.backward(upstream)
+    (verdict,) = fn.region.verdicts()
+    return ([str(w.message) for w in caught], verdict.status, " ".join(verdict.unproven),
+            max(max_diff(full(y), ref), max_diff(full(module.weight.grad), ref_weight.grad)))
+
+
+@pytest.mark.slow
+def test_a_process_group_held_as_state_has_one_member_in_the_one_rank_run_under_gloo():
+    """The one-rank run rebinds a process group the body reads from module state to this rank's one-member
+    group (as it does meshes), so the vocab-parallel embedding's one-rank run is the whole vocabulary: tested,
+    silently. Before, rank 1's one-rank run read its rank (1) and size (2) from the real tp group and took the
+    wrong rows: the right program was reported wrong (torchtitan's tok_embeddings site, by 1.14)."""
+    from localmap.testing import run_gloo
+
+    for said, status, stopped, diff in run_gloo(_gloo_vocab_parallel, 2, mesh_dim_names=("tp",), timeout=240,
+                                                collective_timeout=60):
+        assert not said, said
+        assert status == "tested" and "aten.embedding" in stopped, (status, stopped)
+        assert diff <= 1e-5

@@ -208,18 +208,21 @@ def _meshes_of_one_rank(fn: Callable) -> Iterator[None]:
     """The device meshes the body reads from module state (torchtitan's token dispatcher holds the ep mesh and
     sends rows over it) rebound to one-rank meshes of the same dim names while the one-rank run runs: on one
     rank every mesh has one rank, so their collectives too are the identity."""
-    found = [(owner, key, mesh) for name, obj, _ in reachable(fn)
-             for _, owner, key, mesh in _module_attributes(name, obj, into_objects=True)
-             if isinstance(mesh, DeviceMesh)]
+    real = not compat.simulation_active() and dist.is_initialized()
+    found = [(owner, key, held) for name, obj, _ in reachable(fn)
+             for _, owner, key, held in _module_attributes(name, obj, into_objects=True)
+             if isinstance(held, DeviceMesh) or (real and isinstance(held, dist.ProcessGroup))]
     rebound = []
     try:
-        for owner, key, mesh in found:  # (a frozen owner refuses: the one-rank run fails, left unproven)
-            setattr(owner, key, _one_rank_mesh(mesh))
-            rebound.append((owner, key, mesh))
+        for owner, key, held in found:  # (a frozen owner refuses: the one-rank run fails, left unproven)
+            # a process group held as state (torchtitan's vocab-parallel embedding keeps its tp group and asks
+            # it for rank and size): on real ranks, this rank's own one-member group
+            setattr(owner, key, _one_rank_mesh(held) if isinstance(held, DeviceMesh) else _own_group())
+            rebound.append((owner, key, held))
         yield
     finally:
-        for owner, key, mesh in rebound:
-            setattr(owner, key, mesh)
+        for owner, key, held in rebound:
+            setattr(owner, key, held)
 
 
 def _run(fn: Callable, leaves: Sequence[Any], treespec: Any, kwargs: dict, inputs: list[int], closed: list,
@@ -518,8 +521,9 @@ def _mesh_dependence(fn: Callable, leaves: Sequence[Any], treespec: Any, mesh: D
     sizes = {mesh.size(m) for m in range(mesh.ndim) if mesh.size(m) > 1}
     for name, obj, _ in reachable(fn):
         for where, value in _module_state(name, obj):
-            if isinstance(value, DeviceMesh):
-                found.append(f"{where} is a device mesh the body closes over (its size, its process groups)")
+            if isinstance(value, (DeviceMesh, dist.ProcessGroup)):
+                found.append(f"{where} is a device mesh or process group the body closes over (its size, its "
+                             "ranks, its collectives)")
             elif value in sizes:
                 found.append(f"{where} = {value} is a mesh dim's size (module state that may count ranks)")
     return found
@@ -538,7 +542,7 @@ def _module_state(name: str, obj: Any) -> list[tuple[str, Any]]:
     """Python integers and device meshes a body can read: the object itself, a module's attributes (and its
     submodules')."""
     def kept(v: Any) -> bool:
-        return isinstance(v, DeviceMesh) or (isinstance(v, int) and not isinstance(v, bool))
+        return isinstance(v, (DeviceMesh, dist.ProcessGroup)) or (isinstance(v, int) and not isinstance(v, bool))
 
     if kept(obj):
         return [(name, obj)]
@@ -564,7 +568,7 @@ def _plain_object(v: Any) -> bool:
     """An instance of a Python class holding state in its __dict__ (not a module, tensor, mesh, type or
     function)."""
     return hasattr(v, "__dict__") and not isinstance(
-        v, (torch.nn.Module, torch.Tensor, DeviceMesh, type, types.ModuleType, types.FunctionType,
+        v, (torch.nn.Module, torch.Tensor, DeviceMesh, dist.ProcessGroup, type, types.ModuleType, types.FunctionType,
             types.MethodType, functools.partial))
 
 
