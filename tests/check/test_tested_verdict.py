@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import R, S0, S1, grad_for_output, max_diff, randn
+from helpers import P, R, S0, S1, grad_for_output, max_diff, randn
 from localmap import PlacementError, Shard, local_map
 from localmap import collectives as C
 from localmap.check import tested
@@ -285,13 +285,14 @@ def test_over_budget_the_default_check_warns_and_check_test_tests(monkeypatch):
         assert on_request.region.verdicts()[0].status == "tested"
 
 
-def test_without_a_simulated_mesh_the_test_refuses_by_name():
-    """A process group that really communicates (here the fake one, without a simulation): not run, said why."""
+def test_over_a_fake_process_group_the_test_refuses_by_name():
+    """A process group that does not communicate (the fake one, without a simulation): the shards cannot be
+    gathered, so the test does not run, and says why."""
     with fake_mesh(4, ("cp",)) as mesh:
         args = [distribute(randn(8, 6), mesh, [S0]), distribute(randn(6, 4), mesh, [R]),
                 distribute(randn(6, 4), mesh, [R])]
         fn = local_map(swiglu, [(S0,)], [(S0,), (R,), (R,)], None, mesh)
-        with pytest.warns(UserWarning, match="not tested: it runs on a simulated mesh"):
+        with pytest.warns(UserWarning, match="not tested: .* not over a process group that does not communicate"):
             fn(*args)
         assert fn.region.verdicts()[0].status == "unproven"
 
@@ -381,3 +382,145 @@ def test_rows_written_into_a_tensor_sized_per_rank_run_on_the_simulated_mesh():
         fn = local_map(_scatter_first_rows, [(S0,)], [(S0,), (S0,)], None, mesh, check=False)
         got = full(fn(distribute(x, mesh, [S0]), counts))
     assert max_diff(got, want) == 0
+
+
+# ---- under a real process group (gloo, 2 processes): every rank takes part in the test ------------------------
+
+GLOO_RIGHT = [
+    ("fused SiLU-and-mul, 7 tokens sharded unevenly", swiglu, swiglu_ref, [(7, 6), (6, 4), (6, 4)],
+     [(S0,), (R,), (R,)], (S0,)),
+    RIGHT[3],
+    ("scan of a partial sum", scan_rows, scan_rows_ref, [(4, 6)], [(P,)], (P,)),
+]
+
+
+def _gloo_right(mesh, index):
+    """A right program whose proof stops, on real ranks: (warnings, difference from one device, verdict)."""
+    _, body, ref, shapes, ins, out = GLOO_RIGHT[index]
+    region, said, diff = _region_vs_one_device(mesh, body, ref, [randn(*s) for s in shapes], ins, out)
+    (verdict,) = region.verdicts()
+    return said, diff, verdict.status, verdict.test.mesh, verdict.test.largest
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("index", range(len(GLOO_RIGHT)), ids=[r[0] for r in GLOO_RIGHT])
+def test_right_programs_where_the_proof_stops_are_tested_silently_under_gloo(index):
+    """The region runs on the real ranks and on one rank (its own one-member group) on each, over the gathered
+    global inputs: tested, no warning, on every rank, and the values match one device. Before, under a real
+    process group the test did not run and the claim stayed unproven with a warning."""
+    from localmap.testing import run_gloo
+
+    for said, diff, status, mesh, largest in run_gloo(_gloo_right, 2, mesh_dim_names=("cp",), args=(index,),
+                                                      timeout=240, collective_timeout=60):
+        assert not said, said
+        assert diff <= 1e-5 and largest <= 1e-5
+        assert status == "tested" and mesh == "2 ranks (cp=2) against one"
+
+
+def _gloo_wrong(mesh):
+    """A scan along the sharded dim claimed Shard, on real ranks: the check's message and (with the check off)
+    the region's difference from one device."""
+    _, body, ref, shapes, ins, out = WRONG[0]
+    inputs = [randn(*s) for s in shapes]
+    try:
+        _region_vs_one_device(mesh, body, ref, inputs, ins, out)
+        message = ""
+    except PlacementError as e:
+        message = str(e)
+    return message, _region_vs_one_device(mesh, body, ref, inputs, ins, out, check=False)[2]
+
+
+@pytest.mark.slow
+def test_a_wrong_program_is_wrong_with_numbers_on_every_rank_under_gloo():
+    from localmap.testing import run_gloo
+
+    results = run_gloo(_gloo_wrong, 2, mesh_dim_names=("cp",), timeout=240, collective_timeout=60)
+    for message, diff in results:
+        assert "its test refutes a claim" in message and "differs from its one-rank run" in message, message
+        assert float(message.split("by ")[1].split(" ")[0]) > 1e-3 and diff > 1e-3
+    assert results[0][0] == results[1][0]  # one verdict, the same numbers, on every rank
+
+
+def _fails_on_one_rank_alone(x, w1, w2):
+    """swiglu whose one-rank run fails on rank 1 only (a body that cannot run there)."""
+    import torch.distributed as dist
+
+    if C.axis_size("cp") == 1 and dist.get_rank() == 1:
+        raise RuntimeError("no one-rank run on rank 1")
+    return swiglu(x, w1, w2)
+
+
+def _gloo_fails_on_one_rank(mesh):
+    fn = local_map(_fails_on_one_rank_alone, [(S0,)], [(S0,), (R,), (R,)], None, mesh)
+    args = [distribute(randn(8, 6), mesh, [S0]), distribute(randn(6, 4), mesh, [R]),
+            distribute(randn(6, 4), mesh, [R])]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y = fn(*args)
+    (verdict,) = fn.region.verdicts()
+    return [str(w.message) for w in caught], verdict.status, max_diff(full(y), swiglu_ref(*map(full, args)))
+
+
+@pytest.mark.slow
+def test_a_test_step_failing_on_one_rank_leaves_every_rank_unproven_without_hanging():
+    """Rank 1's one-rank run raises; rank 0's does not. Both reach the same collectives, both learn of the
+    failure, and both leave the claim unproven with the same reason (no rank waits for the other)."""
+    from localmap.testing import run_gloo
+
+    for said, status, diff in run_gloo(_gloo_fails_on_one_rank, 2, mesh_dim_names=("cp",), timeout=240,
+                                       collective_timeout=60):
+        assert status == "unproven" and diff <= 1e-5
+        assert len(said) == 1 and "rank 1: RuntimeError: no one-rank run on rank 1" in said[0], said
+
+
+class VocabParallelEmbedding(torch.nn.Module):
+    """torchtitan's vocab-parallel embedding: it keeps its tp process group as state and asks it for its rank
+    and size to find its rows of the vocabulary. Right on every mesh; on one rank (one member in every group)
+    the whole vocabulary at offset 0."""
+
+    def __init__(self, mesh, weight):
+        super().__init__()
+        self.vocab = weight.shape[0]
+        self.weight = torch.nn.Parameter(distribute(weight, mesh, [S0]))
+        self.group = mesh.get_group(0)
+
+    def forward(self, ids):
+        import torch.distributed as dist
+
+        w = self.weight.to_local()
+        size = dist.get_world_size(self.group)
+        offset = dist.get_rank(self.group) * ((self.vocab + size - 1) // size)
+        mask = (ids >= offset) & (ids < offset + w.shape[0])
+        return F.embedding((ids - offset).clamp(0, w.shape[0] - 1), w) * mask.unsqueeze(-1)
+
+
+def _gloo_vocab_parallel(mesh):
+    weight, ids = randn(7, 4), torch.tensor([[0, 6, 3, 4, 1]])
+    upstream = randn(1, 5, 4)
+    module = VocabParallelEmbedding(mesh, weight)
+    fn = local_map(module, [(P,)], [(R,)], None, mesh)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y = fn(distribute(ids, mesh, [R]))
+        y.backward(distribute(upstream, mesh, [R]))
+    ref_weight = weight.clone().requires_grad_()
+    ref = F.embedding(ids, ref_weight)
+    ref.backward(upstream)
+    (verdict,) = fn.region.verdicts()
+    return ([str(w.message) for w in caught], verdict.status, " ".join(verdict.unproven),
+            max(max_diff(full(y), ref), max_diff(full(module.weight.grad), ref_weight.grad)))
+
+
+@pytest.mark.slow
+def test_a_process_group_held_as_state_has_one_member_in_the_one_rank_run_under_gloo():
+    """The one-rank run rebinds a process group the body reads from module state to this rank's one-member
+    group (as it does meshes), so the vocab-parallel embedding's one-rank run is the whole vocabulary: tested,
+    silently. Before, rank 1's one-rank run read its rank (1) and size (2) from the real tp group and took the
+    wrong rows: the right program was reported wrong (torchtitan's tok_embeddings site, by 1.14)."""
+    from localmap.testing import run_gloo
+
+    for said, status, stopped, diff in run_gloo(_gloo_vocab_parallel, 2, mesh_dim_names=("tp",), timeout=240,
+                                                collective_timeout=60):
+        assert not said, said
+        assert status == "tested" and "aten.embedding" in stopped, (status, stopped)
+        assert diff <= 1e-5

@@ -77,9 +77,23 @@ def _fill_traced_caches() -> None:
             torch.compile(lambda a: wrong(a), backend="eager")(distribute(randn(4, 2), mesh, (S0,)))
 
 
+def _fill_real_group_caches() -> None:
+    """A one-process gloo group: the test where the proof stops runs on its real rank (its own group made)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        local_map(lambda a: a.cumsum(0), (S0,), ((S0,),), None, mesh)(distribute(randn(4, 2), mesh, (S0,)))
+    finally:
+        dist.destroy_process_group()
+
+
 def test_clear_caches_empties_every_registered_cache():
     _fill_eager_caches()
     _fill_traced_caches()
+    _fill_real_group_caches()
     info = localmap.cache_info()
     empty = [n for n in registered() if info[f"{n}_cached"] == 0]
     assert not empty, f"the program left these caches empty, so the test proves nothing for them: {empty}"

@@ -22,7 +22,10 @@ The test leaves no trace: tensors the body can reach (module parameters and buff
 restored when it wrote to them, so are the module globals its code names and the random generators; gradients
 are taken with ``torch.autograd.grad``, so no ``.grad`` changes. A body that draws random numbers is left to
 the proof (unproven). It runs by itself when the inputs are small (``TEST_BUDGET_ELEMENTS``) and always with
-``check="test"``; under a real process group it does not run (refused by name in the record).
+``check="test"``. Under a real process group (gloo, NCCL) every rank of the world takes part, as they all
+call the region: the inputs' shards, the outputs and the gradients are gathered to every rank, the one-rank run
+runs on each rank over its own one-member group, and each step's outcome (a failure on any rank included) is
+shared by all, so they reach one verdict and none waits for another (``_run_and_compare_on_ranks``).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import types
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.fx as fx
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
@@ -71,9 +75,11 @@ def settle_by_test(verdict: Verdict, fn: Callable, leaves: Sequence[Any], treesp
         return
     record = TestRecord(inputs=_describe_inputs(leaves, treespec), mesh=_describe_mesh(mesh))
     state = _State(fn)
+    route = _run_and_compare if compat.simulation_active() else _run_and_compare_on_ranks
+    shards: dict[int, dict[int, torch.Tensor]] = {}
     try:
-        found = _run_and_compare(fn, leaves, treespec, kwargs, out_placements, grad_placements, closed, mesh,
-                                 verdict.low_precision)
+        found = route(fn, leaves, treespec, kwargs, out_placements, grad_placements, closed, mesh,
+                      verdict.low_precision, shards)
     except Exception as e:  # a body that cannot run on one rank (shapes that only fit a shard): left unproven
         record.not_run = f"the body failed on its one-rank run or the test's: {type(e).__name__}: {e}"[:240]
         found = None
@@ -84,7 +90,7 @@ def settle_by_test(verdict: Verdict, fn: Callable, leaves: Sequence[Any], treesp
     elif found is not None:
         record.largest, record.where, record.same = found
         if not record.same:
-            record.dependence = [*verdict.mesh_reads, *_mesh_dependence(fn, leaves, treespec, mesh)]
+            record.dependence = [*verdict.mesh_reads, *_mesh_dependence(fn, leaves, treespec, mesh, shards)]
     verdict.test = record
     if not record.not_run and not record.same and not record.dependence:
         verdict.problems.append(_refuted(verdict, record))
@@ -94,8 +100,9 @@ def _why_not_run(verdict: Verdict, leaves: Sequence[Any], closed: list, mesh: De
     if verdict.draws_random:
         return "the body draws random numbers (left to the proof)"
     if not compat.simulation_active():
-        return ("it runs on a simulated mesh (LocalTensorMode) only, not under a real process group: run "
-                "localmap.verify on a step, or call the region once on localmap.testing.simulated_mesh")
+        why = _why_not_on_ranks(mesh)
+        if why is not None:
+            return why
     dtensors = [a for a in leaves if isinstance(a, DTensor)] + [d for _, d in closed]
     if any(compat.is_strided_shard(p) for d in dtensors for p in d.placements):
         return "an input is an interleaved (strided) shard, which the test does not put together"
@@ -117,10 +124,11 @@ def _refuted(verdict: Verdict, record: TestRecord) -> PlacementError:
 # ---- the two runs -------------------------------------------------------------------------------------------
 
 def _run_and_compare(fn: Callable, leaves: Sequence[Any], treespec: Any, kwargs: dict, out_placements: Any,
-                     grad_placements: Sequence[Any], closed: list, mesh: DeviceMesh,
-                     low_precision: bool) -> tuple[float, str, bool]:
+                     grad_placements: Sequence[Any], closed: list, mesh: DeviceMesh, low_precision: bool,
+                     shards_out: dict) -> tuple[float, str, bool]:
     """(largest difference, where, all within tolerance) between the region run on `mesh` and on one rank:
-    the outputs, then (when they agree) the gradients of the inputs for a fixed random cotangent."""
+    the outputs, then (when they agree) the gradients of the inputs for a fixed random cotangent. `shards_out`
+    receives input index -> its shards by rank."""
     layout = _Layout(mesh)
     inputs = [i for i, a in enumerate(leaves) if isinstance(a, DTensor)]
     sharded = [leaves[i] for i in inputs] + [d for _, d in closed]
@@ -128,6 +136,7 @@ def _run_and_compare(fn: Callable, leaves: Sequence[Any], treespec: Any, kwargs:
         shards = [layout.per_rank(compat.local_tensor_of(d)) for d in sharded]
         globals_ = [layout.assemble(s, d.placements)[0] for s, d in zip(shards, sharded)]
         copies = [{r: t.detach().clone() for r, t in s.items()} for s in shards]
+        shards_out.update(zip(inputs, shards))
     many = _run(fn, leaves, treespec, kwargs, inputs, closed, mesh, [compat.simulated_value(c) for c in copies])
     with compat.outside_simulation():
         one_mesh = _one_rank_mesh(mesh)
@@ -179,8 +188,15 @@ def _one_rank_mesh(mesh: DeviceMesh) -> DeviceMesh:
     hit = _one_rank_meshes.get(id(mesh))
     if hit is not None and hit[0] is mesh:
         return hit[1]
-    one = DeviceMesh(mesh.device_type, torch.zeros((1,) * mesh.ndim, dtype=torch.int),
-                     mesh_dim_names=mesh.mesh_dim_names)
+    if compat.simulation_active() or not dist.is_initialized():
+        one = DeviceMesh(mesh.device_type, torch.zeros((1,) * mesh.ndim, dtype=torch.int),
+                         mesh_dim_names=mesh.mesh_dim_names)
+    else:  # real ranks: this rank alone, over its own one-member group (made beforehand, collectively)
+        group = _own_group()
+        names = mesh.mesh_dim_names or tuple(f"dim{m}" for m in range(mesh.ndim))
+        one = DeviceMesh.from_group(group if mesh.ndim == 1 else [group] * mesh.ndim, mesh.device_type,
+                                    mesh=torch.full((1,) * mesh.ndim, dist.get_rank(), dtype=torch.int),
+                                    mesh_dim_names=names)
     if len(_one_rank_meshes) >= ONE_RANK_MESH_LIMIT:
         _one_rank_meshes.clear()
     _one_rank_meshes[id(mesh)] = (mesh, one)
@@ -192,18 +208,21 @@ def _meshes_of_one_rank(fn: Callable) -> Iterator[None]:
     """The device meshes the body reads from module state (torchtitan's token dispatcher holds the ep mesh and
     sends rows over it) rebound to one-rank meshes of the same dim names while the one-rank run runs: on one
     rank every mesh has one rank, so their collectives too are the identity."""
-    found = [(owner, key, mesh) for name, obj, _ in reachable(fn)
-             for _, owner, key, mesh in _module_attributes(name, obj, into_objects=True)
-             if isinstance(mesh, DeviceMesh)]
+    real = not compat.simulation_active() and dist.is_initialized()
+    found = [(owner, key, held) for name, obj, _ in reachable(fn)
+             for _, owner, key, held in _module_attributes(name, obj, into_objects=True)
+             if isinstance(held, DeviceMesh) or (real and isinstance(held, dist.ProcessGroup))]
     rebound = []
     try:
-        for owner, key, mesh in found:  # (a frozen owner refuses: the one-rank run fails, left unproven)
-            setattr(owner, key, _one_rank_mesh(mesh))
-            rebound.append((owner, key, mesh))
+        for owner, key, held in found:  # (a frozen owner refuses: the one-rank run fails, left unproven)
+            # a process group held as state (torchtitan's vocab-parallel embedding keeps its tp group and asks
+            # it for rank and size): on real ranks, this rank's own one-member group
+            setattr(owner, key, _one_rank_mesh(held) if isinstance(held, DeviceMesh) else _own_group())
+            rebound.append((owner, key, held))
         yield
     finally:
-        for owner, key, mesh in rebound:
-            setattr(owner, key, mesh)
+        for owner, key, held in rebound:
+            setattr(owner, key, held)
 
 
 def _run(fn: Callable, leaves: Sequence[Any], treespec: Any, kwargs: dict, inputs: list[int], closed: list,
@@ -269,12 +288,12 @@ def _difference(layout: _Layout, many: Any, one: Any, spec: Any, low_precision: 
     half-precision one where the body computes in half precision anywhere (a bf16 grouped matmul)."""
     if many is None and one is None:
         return 0.0, True
-    pieces = layout.per_rank(many) if isinstance(many, torch.Tensor) else {}
-    if not isinstance(many, torch.Tensor):
+    pieces = layout.per_rank(many) if isinstance(many, (torch.Tensor, _Gathered)) else {}
+    if not isinstance(many, (torch.Tensor, _Gathered)):
         got, disagree = (torch.zeros_like(one) if many is None else torch.as_tensor(many)), 0.0
     else:
         got, disagree = layout.assemble(pieces, spec)
-    one = torch.zeros_like(got) if one is None else one
+    one = torch.zeros_like(got) if one is None else one.to(got.device)
     if got.shape != one.shape:
         return math.inf, False
     if not got.numel():
@@ -298,7 +317,9 @@ class _Layout:
         coords = itertools.product(*(range(n) for n in self.shape))
         self.coords = dict(zip(ranks, coords))
 
-    def per_rank(self, t: torch.Tensor) -> dict[int, torch.Tensor]:
+    def per_rank(self, t: Any) -> dict[int, torch.Tensor]:
+        if isinstance(t, _Gathered):
+            return t.by_rank
         if compat.is_simulated(t):
             return dict(compat.simulated_local(t))
         return {r: t for r in self.coords}
@@ -346,29 +367,169 @@ def _combine(parts: list[torch.Tensor], p: Any) -> tuple[torch.Tensor, float]:
     return first, apart
 
 
+# ---- the two runs under a real process group: every rank of the world takes part ----------------------------
+
+def _why_not_on_ranks(mesh: DeviceMesh) -> str | None:
+    if not dist.is_initialized() or dist.get_backend() == "fake":
+        return ("it runs on a simulated mesh (LocalTensorMode) or on real ranks, not over a process group that "
+                "does not communicate (fake): call the region once on localmap.testing.simulated_mesh")
+    if mesh.size() != dist.get_world_size():
+        return (f"its mesh holds {mesh.size()} of the world's {dist.get_world_size()} ranks: under a real process "
+                "group the test gathers over every rank, so it runs on meshes of the whole world only")
+    return None
+
+
+class _RankFailed(RuntimeError):
+    """A step of the test failed on some rank: raised on every rank, after the same collectives."""
+
+
+class _Gathered:
+    """One value of the region's real run, as every rank held it (rank -> plain tensor, on the CPU)."""
+
+    def __init__(self, by_rank: dict[int, torch.Tensor]) -> None:
+        self.by_rank = by_rank
+
+
+def _on_every_rank(step: Callable[[], Any]) -> list[Any]:
+    """`step` run here and its results from every rank (by rank). Every rank reaches the one gather whether
+    its step failed or not, and a failure anywhere raises everywhere, so no rank waits for another."""
+    try:
+        mine: tuple[str | None, Any] = (None, step())
+    except Exception as e:  # reported to every rank below
+        mine = (f"{type(e).__name__}: {e}"[:200], None)
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    failed = [f"rank {r}: {err}" for r, (err, _) in enumerate(everyone) if err is not None]
+    if failed:
+        raise _RankFailed("; ".join(failed))
+    return [value for _, value in everyone]
+
+
+def _by_rank(per_rank: list[list[Any]], fill: list[torch.Tensor] | None = None) -> list[Any]:
+    """Lists of values by rank turned into one _Gathered per position (None where no rank has a tensor;
+    a rank's missing tensor is zeros shaped like `fill`'s piece of that rank)."""
+    out = []
+    for k, values in enumerate(zip(*per_rank)):
+        if not any(isinstance(v, torch.Tensor) for v in values):
+            out.append(values[0])
+            continue
+        out.append(_Gathered({r: v if isinstance(v, torch.Tensor) else torch.zeros_like(fill[k].by_rank[r])
+                              for r, v in enumerate(values)}))
+    return out
+
+
+def _on_cpu(values: Sequence[Any]) -> list[Any]:
+    return [v.detach().cpu() if isinstance(v, torch.Tensor) else v for v in values]
+
+
+def _agreed(per_rank: list[list[tuple[str, float, bool]]]) -> list[tuple[str, float, bool]]:
+    """Every rank's differences (the one-rank run ran on each): the verdict takes the largest, on all."""
+    return [d for diffs in per_rank for d in diffs]
+
+
+def _run_and_compare_on_ranks(fn: Callable, leaves: Sequence[Any], treespec: Any, kwargs: dict,
+                              out_placements: Any, grad_placements: Sequence[Any], closed: list, mesh: DeviceMesh,
+                              low_precision: bool, shards_out: dict) -> tuple[float, str, bool]:
+    """_run_and_compare with the region run by the real ranks, all of which call it together: the inputs'
+    shards, the outputs and the gradients are gathered to every rank, the one-rank run runs on each rank over
+    the global values (on its own one-member group), and each step's outcome is shared by all."""
+    _own_group()  # collective: made before any step may fail on one rank
+    layout = _Layout(mesh)
+    inputs = [i for i, a in enumerate(leaves) if isinstance(a, DTensor)]
+    sharded = [leaves[i] for i in inputs] + [d for _, d in closed]
+    mine = [compat.local_tensor_of(d) for d in sharded]
+    shards = _by_rank(_on_every_rank(lambda: _on_cpu(mine)))
+    shards_out.update((i, s.by_rank) for i, s in zip(inputs, shards))
+    globals_ = [layout.assemble(s.by_rank, d.placements)[0].to(t.device) for s, d, t in zip(shards, sharded, mine)]
+    runs: dict[str, Any] = {}
+
+    def real_run() -> list[Any]:
+        runs["many"] = _run(fn, leaves, treespec, kwargs, inputs, closed, mesh, [t.detach().clone() for t in mine])
+        return _on_cpu(pytree.tree_leaves(runs["many"][0]))
+
+    gathered = _by_rank(_on_every_rank(real_run))
+    many_out = pytree.tree_unflatten(gathered, pytree.tree_flatten(runs["many"][0])[1])
+
+    def one_rank_run() -> list[tuple[str, float, bool]]:
+        with _meshes_of_one_rank(fn):
+            runs["one"] = _run(fn, _plain_leaves(leaves, inputs, globals_), treespec, kwargs, inputs, closed,
+                               _one_rank_mesh(mesh), [g.detach().clone() for g in globals_])
+        runs["specs"] = resolve_output_specs(out_placements, runs["one"][0], len(pytree.tree_leaves(runs["one"][0])))
+        return _compare_outputs(layout, many_out, runs["one"][0], runs["specs"], low_precision)
+
+    diffs = _agreed(_on_every_rank(one_rank_run))
+    if all(d[2] for d in diffs):
+        diffs += _compare_grads_on_ranks(layout, runs, shards, _grad_specs(leaves, inputs, closed, grad_placements),
+                                         _input_names(leaves, treespec, inputs, closed), low_precision)
+    largest = max(diffs, key=lambda d: d[1], default=("", 0.0, True))
+    return largest[1], largest[0], all(d[2] for d in diffs)
+
+
+def _compare_grads_on_ranks(layout: _Layout, runs: dict, shards: list[_Gathered], specs: list, names: list[str],
+                            low_precision: bool) -> list[tuple[str, float, bool]]:
+    """_compare_grads on real ranks: the real backward on every rank first (its collectives), for this rank's
+    piece of the same seeded cotangents, then the one-rank backward here; gradients gathered and compared."""
+    many, one = runs["many"], runs["one"]
+
+    def backward() -> list[Any]:
+        gen = torch.Generator().manual_seed(_COTANGENT_SEED)
+        cotangents = [torch.randn(o.shape, generator=gen, dtype=o.dtype) for o in _differentiable(one[0])]
+        outputs = _differentiable(many[0])
+        pieces = [layout.pieces(c, s)[dist.get_rank()].to(o.device) for c, s, o in
+                  zip(cotangents, _differentiable_specs(many[0], runs["specs"]), outputs)]
+        got = _on_cpu(_grads(many, pieces))
+        runs["wanted"] = _grads(one, [c.to(o.device) for c, o in zip(cotangents, _differentiable(one[0]))])
+        return got
+
+    got = _by_rank(_on_every_rank(backward), fill=shards)
+
+    def compare() -> list[tuple[str, float, bool]]:
+        return [(f"the gradient of {name}", *_difference(layout, g, w, spec, low_precision))
+                for name, g, w, spec in zip(names, got, runs["wanted"], specs)]
+
+    return _agreed(_on_every_rank(compare))
+
+
+OWN_GROUP_LIMIT = 4  # default process groups whose one-member groups are remembered (one per init_process_group)
+_own_groups: dict[int, tuple[Any, Any]] = register_cache(  # the default group's id -> (it, this rank's own group)
+    "own_groups", {}, limit=OWN_GROUP_LIMIT, eviction="clear when full")
+
+
+def _own_group() -> Any:
+    """This rank's one-member process group, made once per default group by every rank together."""
+    world = dist.group.WORLD
+    hit = _own_groups.get(id(world))
+    if hit is None or hit[0] is not world:
+        if len(_own_groups) >= OWN_GROUP_LIMIT:
+            _own_groups.clear()
+        hit = _own_groups[id(world)] = (world, dist.new_subgroups(group_size=1)[0])
+    return hit[1]
+
+
 # ---- a one-rank run that may mean another program ----------------------------------------------------------
 
-def _mesh_dependence(fn: Callable, leaves: Sequence[Any], treespec: Any, mesh: DeviceMesh) -> list[str]:
-    """Why the body may read the mesh's size from data or module state (its one-rank run another program)."""
+def _mesh_dependence(fn: Callable, leaves: Sequence[Any], treespec: Any, mesh: DeviceMesh,
+                     shards: dict[int, dict[int, torch.Tensor]]) -> list[str]:
+    """Why the body may read the mesh's size from data or module state (its one-rank run another program);
+    `shards`: input index -> its shards by rank."""
     found = []
     tree = pytree.tree_unflatten(list(leaves), treespec)
     with compat.outside_simulation():
         for i, a in enumerate(leaves):
-            if isinstance(a, DTensor) and not a.is_floating_point() and _one_value_per_rank(a):
+            if isinstance(a, DTensor) and not a.is_floating_point() and _one_value_per_rank(shards.get(i, {})):
                 found.append(f"{leaf_path('args', tree, i)} holds one value per rank (rank ids or offsets as data)")
     sizes = {mesh.size(m) for m in range(mesh.ndim) if mesh.size(m) > 1}
     for name, obj, _ in reachable(fn):
         for where, value in _module_state(name, obj):
-            if isinstance(value, DeviceMesh):
-                found.append(f"{where} is a device mesh the body closes over (its size, its process groups)")
+            if isinstance(value, (DeviceMesh, dist.ProcessGroup)):
+                found.append(f"{where} is a device mesh or process group the body closes over (its size, its "
+                             "ranks, its collectives)")
             elif value in sizes:
                 found.append(f"{where} = {value} is a mesh dim's size (module state that may count ranks)")
     return found
 
 
-def _one_value_per_rank(d: DTensor) -> bool:
-    values = compat.simulated_local(compat.local_tensor_of(d)) if compat.is_simulated(compat.local_tensor_of(d)) \
-        else {}
+def _one_value_per_rank(values: dict[int, torch.Tensor]) -> bool:
     held = []
     for t in values.values():
         if t.numel() == 0 or bool((t != t.reshape(-1)[0]).any()):
@@ -381,7 +542,7 @@ def _module_state(name: str, obj: Any) -> list[tuple[str, Any]]:
     """Python integers and device meshes a body can read: the object itself, a module's attributes (and its
     submodules')."""
     def kept(v: Any) -> bool:
-        return isinstance(v, DeviceMesh) or (isinstance(v, int) and not isinstance(v, bool))
+        return isinstance(v, (DeviceMesh, dist.ProcessGroup)) or (isinstance(v, int) and not isinstance(v, bool))
 
     if kept(obj):
         return [(name, obj)]
@@ -407,7 +568,7 @@ def _plain_object(v: Any) -> bool:
     """An instance of a Python class holding state in its __dict__ (not a module, tensor, mesh, type or
     function)."""
     return hasattr(v, "__dict__") and not isinstance(
-        v, (torch.nn.Module, torch.Tensor, DeviceMesh, type, types.ModuleType, types.FunctionType,
+        v, (torch.nn.Module, torch.Tensor, DeviceMesh, dist.ProcessGroup, type, types.ModuleType, types.FunctionType,
             types.MethodType, functools.partial))
 
 

@@ -10,7 +10,7 @@ Four verdicts, honestly (NOTE: four verdicts; docs/check-verdicts.md):
   found a difference (with the numbers);
 * **unproven**: a claim rests on a value the check cannot type (an op with no placement rule, one DTensor's
   propagation cannot place, a scan over a sharded dim, an all_to_all's rows), and no test settled it (over the
-  test's budget, a real process group, random draws, or a body whose meaning changes on one rank). Never
+  test's budget, a fake process group, random draws, or a body whose meaning changes on one rank). Never
   reported as ok: by default the region runs and localmap warns once, naming the output, the op where the proof
   stopped and how to settle it; ``check="strict"`` makes it an error, ``check="allow_unproven"`` accepts it
   explicitly (and runs no test).
