@@ -99,7 +99,8 @@ def pop_region_mesh() -> None:
 def region_meshes() -> list:
     """This thread's stack of running region meshes, for a caller that pushes and pops itself (the eager hot
     path: one lookup for both)."""
-    return stack("region_meshes")
+    found = getattr(_local, "region_meshes", None)
+    return found if found is not None else stack("region_meshes")
 
 
 def enclosing_region_mesh() -> DeviceMesh | None:

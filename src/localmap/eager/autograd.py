@@ -145,7 +145,9 @@ def _output_grad(g: DTensor, spec: DTensorSpec, rule: tuple[float, Any] | None) 
         target_spec = DTensorSpec(spec.mesh, target, tensor_meta=g_spec.tensor_meta)
         local = wait_local(compat.redistribute_local(local_tensor_of(g), g_spec, target_spec))
     else:
-        local = wait_local(local_tensor_of(g))
+        local = local_tensor_of(g)
+        if type(local) is not torch.Tensor:  # a subclass: maybe a collective still in flight
+            local = wait_local(local)
     if ranks != 1:
         local = local / ranks
     return local if rule is None or rule[0] == 1 else local * rule[0]
