@@ -58,8 +58,7 @@ class HotCall:
     requires_grad, the local tensors, the outputs) is read per call. Made only where nothing was redistributed,
     no input is uneven and the verdict holds beyond this call's values (not per_call)."""
 
-    __slots__ = ("specs", "mesh", "verdict", "state", "grad_placements", "settled", "guess_check", "out_meta",
-                 "out_specs", "out_rules")
+    __slots__ = ("specs", "mesh", "verdict", "state", "grad_placements", "settled", "guess_check", "out")
 
     def __init__(self, specs: tuple[DTensorSpec, ...], mesh: DeviceMesh, verdict: Verdict | None, state: Any,
                  grad_placements: tuple[tuple[Placement, ...], ...], guess_check: bool) -> None:
@@ -70,9 +69,9 @@ class HotCall:
         self.grad_placements = grad_placements  # per argument (core.grads.leaf_grad_placements)
         self.settled = verdict is None or verdict.settled  # else enforced on every call, as on the full path
         self.guess_check = guess_check  # whether the call asks refuse_guessed after the body
-        self.out_meta: tuple | None = None  # a single plain-tensor output's local shape, stride, dtype (remembered)
-        self.out_specs: tuple[DTensorSpec] = ()  # its DTensorSpec, as FromLocalShards takes it
-        self.out_rules: tuple | None = None  # its gradient rule from the verdict (None: the default)
+        # A single plain-tensor output, remembered: (local shape, stride, dtype, (its DTensorSpec,), its gradient
+        # rule from the verdict or None), one tuple so that threads sharing the region see one call's facts.
+        self.out: tuple | None = None
 
     def match(self, args: tuple, state: Any) -> bool | None:
         """None unless `args` are DTensors with these spec objects (a subclass takes the full path) and the body
@@ -94,22 +93,21 @@ class HotCall:
     def output(self, out: Any) -> DTensor | None:
         """The body's output as a DTensor when it is one plain tensor with the local metadata remembered (so the
         same spec as the output plan's cache holds for it); None otherwise: the full path."""
-        meta = self.out_meta
-        if meta is None or type(out) is not torch.Tensor or out.shape != meta[0] or out.stride() != meta[1] \
-                or out.dtype is not meta[2]:
+        known = self.out
+        if known is None or type(out) is not torch.Tensor or out.shape != known[0] or out.stride() != known[1] \
+                or out.dtype is not known[2]:
             return None
         if out.requires_grad and torch.is_grad_enabled():
-            return from_local_shards(self.out_specs, self.out_rules, out)[0]
-        return make_dtensor(out, self.out_specs[0], requires_grad=False)
+            return from_local_shards(known[3], known[4], out)[0]
+        return make_dtensor(out, known[3][0], requires_grad=False)
 
     def remember_output(self, out: Any, result: Any) -> None:
         """After the full path wrapped `out` as `result`: remember a single plain-tensor output's spec (not a
         Partial(max/min) one, whose gradient the full path refuses)."""
         if type(out) is not torch.Tensor or not isinstance(result, DTensor) or has_extreme(result.placements):
             return
-        self.out_specs = (spec_of(result),)
-        self.out_rules = None if self.verdict is None else output_grad_rules(self.verdict, (out,), (0,))
-        self.out_meta = (out.shape, out.stride(), out.dtype)
+        rules = None if self.verdict is None else output_grad_rules(self.verdict, (out,), (0,))
+        self.out = (out.shape, out.stride(), out.dtype, (spec_of(result),), rules)
 
 
 class OutputPlan:

@@ -7,7 +7,8 @@ A call dispatches by what it is given and where it runs:
   placements (fast path: the same mesh object and placements as the plan; slow path: the full check, with
   redistribution when asked); (3) the placement check's verdict (cached), which infers gradient placements;
   (4) all inputs to local tensors through one autograd node; (5) the function on the local tensors; (6) all
-  outputs to DTensors through one autograd node, their specs cached per output metadata;
+  outputs to DTensors through one autograd node, their specs cached per output metadata. A steady-state call
+  (DTensor arguments with the last full call's spec objects: ``plans.HotCall``) reuses what (1)-(3) derived;
 * DTensor arguments under ``torch.compile``: ``localmap.eager.compiled``;
 * plain tensors under ``hop.defer_inlining()`` (capture): a region node (``localmap.traced.frontend``);
 * plain tensors while ``verify`` records a reference: inlined and recorded;
