@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import operator
 import threading
@@ -23,13 +24,11 @@ def make_spec(mesh: DeviceMesh, placements: tuple[Placement, ...], shape: Sequen
     """A DTensor's spec: mesh, placements and global metadata."""
     return DTensorSpec(mesh, placements, tensor_meta=TensorMeta(torch.Size(shape), tuple(stride), dtype))
 
-def make_dtensor(local: torch.Tensor, spec: DTensorSpec, requires_grad: bool) -> DTensor:
-    """Wrap a local tensor as a DTensor without any checks or communication (the caller computed the spec).
-
-    Calls DTensor's C++ constructor directly: ``DTensor(...)`` adds a dynamo-disabled ``__init__`` that does
-    nothing but costs microseconds on every region call.
-    """
-    return torch.Tensor._dtensor__new__(DTensor, local, spec, requires_grad=requires_grad)
+# make_dtensor(local, spec, requires_grad=...): wrap a local tensor as a DTensor without any checks or
+# communication (the caller computed the spec). DTensor's C++ constructor, bound to the class: ``DTensor(...)``
+# adds a dynamo-disabled ``__init__`` that does nothing but costs microseconds on every region call, and a Python
+# wrapper function around the constructor costs a frame (three a step on the eager path).
+make_dtensor = functools.partial(torch.Tensor._dtensor__new__, DTensor)
 
 def global_shape_and_stride(local: torch.Tensor, mesh: DeviceMesh,
                             placements: Sequence[Placement]) -> tuple[list[Any], list[Any]]:

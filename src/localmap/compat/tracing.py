@@ -31,7 +31,27 @@ def fast_apply(fn: type[torch.autograd.Function]) -> Any:
     def apply(*args: Any) -> Any:
         return full_apply(*args) if transforms_active() else c_apply(*args)
 
+    _direct_backward(fn)
     return apply
+
+
+def _direct_backward(fn: type[torch.autograd.Function]) -> None:
+    """Let the autograd engine call `fn.backward` directly. The engine calls the node's ``apply``, which for
+    every custom Function is ``BackwardCFunction.apply``: it looks up whether the class defines ``backward`` or
+    ``vjp`` and whether it boxes gradients, on every backward call (two Python frames). For a Function that
+    defines ``backward`` only and does not box, that lookup always picks ``backward``, so the node's class calls
+    it straight away. Left as it is where the class differs (then the lookup's own errors stand)."""
+    node_cls = getattr(fn, "_backward_cls", None)
+    base = torch.autograd.function.BackwardCFunction
+    if (node_cls is None or node_cls.apply is not base.apply or fn.vjp is not torch.autograd.Function.vjp
+            or fn.backward is torch.autograd.Function.backward or getattr(fn, "boxed_grads_call", False)):
+        return
+    backward = fn.backward
+
+    def apply(ctx: Any, *grads: Any) -> Any:
+        return backward(ctx, *grads)
+
+    node_cls.apply = apply
 
 
 def make_fx(fn: Any, **kwargs: Any) -> Any:

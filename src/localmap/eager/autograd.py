@@ -91,7 +91,9 @@ class ToLocalShards(torch.autograd.Function):
         views = []
         saved = []
         for d, placements in zip(dtensors, grad_placements, strict=True):
-            t = wait_local(local_tensor_of(d))
+            t = local_tensor_of(d)
+            if type(t) is not torch.Tensor:  # a subclass: maybe a collective still in flight
+                t = wait_local(t)
             views.append(t.detach())  # a fresh alias for autograd to mark (half a view_as's cost)
             saved.append((spec_of(d), placements, t.stride()))
         ctx.saved = saved
@@ -143,7 +145,9 @@ def _output_grad(g: DTensor, spec: DTensorSpec, rule: tuple[float, Any] | None) 
         target_spec = DTensorSpec(spec.mesh, target, tensor_meta=g_spec.tensor_meta)
         local = wait_local(compat.redistribute_local(local_tensor_of(g), g_spec, target_spec))
     else:
-        local = wait_local(local_tensor_of(g))
+        local = local_tensor_of(g)
+        if type(local) is not torch.Tensor:  # a subclass: maybe a collective still in flight
+            local = wait_local(local)
     if ranks != 1:
         local = local / ranks
     return local if rule is None or rule[0] == 1 else local * rule[0]
@@ -198,6 +202,31 @@ def output_grad_rules(verdict: Any, flat_out: Sequence[Any], grad_out: Sequence[
         if isinstance(o, torch.Tensor):
             positions[i] = len(positions)
     return tuple(rules[positions[i]] for i in grad_out)
+
+
+def local_tensors(flat: Sequence[Any], idx: Sequence[int], dtensors: Sequence[DTensor],
+                  grad_placements: tuple[tuple[Placement, ...], ...]) -> list:
+    """`flat` with each DTensor `dtensors[k]` (at `flat[idx[k]]`) replaced by its local tensor: those that need a
+    gradient through one ToLocalShards node, with their gradient placements `grad_placements[k]`, the others
+    directly."""
+    locals_ = list(flat)
+    track = torch.is_grad_enabled()
+    wants = [track and d.requires_grad for d in dtensors]
+    if track and all(wants) and wants:  # the usual case: every input, one node, no sub-lists
+        for i, t in zip(idx, to_local_shards(grad_placements, *dtensors), strict=True):
+            locals_[i] = t
+        return locals_
+    need = []
+    for k, (i, d) in enumerate(zip(idx, dtensors, strict=True)):
+        if wants[k]:
+            need.append(k)
+        else:
+            locals_[i] = wait_local(local_tensor_of(d))
+    if need:
+        shards = to_local_shards(tuple([grad_placements[k] for k in need]), *[dtensors[k] for k in need])
+        for k, t in zip(need, shards, strict=True):
+            locals_[idx[k]] = t
+    return locals_
 
 
 class ScaledGradient(torch.autograd.Function):

@@ -15,10 +15,12 @@ from torch.distributed.tensor.placement_types import Placement, Replicate, Shard
 
 from localmap.check.verdict import Verdict
 from localmap.check.function import check_function
-from localmap.compat import DTensorSpec, global_shape_and_stride, local_tensor_of, make_spec, pytree
+from localmap.compat import (DTensorSpec, global_shape_and_stride, local_tensor_of, make_dtensor, make_spec, pytree,
+                             spec_of)
+from localmap.eager.autograd import from_local_shards, output_grad_rules
 from localmap.eager.uneven import gather_global_shapes, plain_stride, uneven_mesh_dims
 from localmap.errors import fail
-from localmap.placements.algebra import grad_default
+from localmap.placements.algebra import grad_default, has_extreme
 from localmap.placements.shapes import dense_stride
 from localmap.placements.specs import (
     LeafSpec, check_non_tensor_leaf, check_output_leaf, fit_spec_to_mesh, leaf_path, normalize_shard_dims,
@@ -44,6 +46,68 @@ class InputPlan:
         self.fast_grad_specs = None if grad_specs is None else tuple(
             None if s is None or any(isinstance(p, Shard) and p.dim < 0 for p in s) else s
             for s in grad_specs)
+
+
+class HotCall:
+    """NOTE: the steady-state fast path (``RegionCallable._call_hot``). What a call on positional DTensor
+    arguments only (no pytree, no keyword arguments) derived from its inputs' specs: their mesh, plan checks,
+    verdict and gradient placements. A later call whose arguments are DTensors with the same spec objects derives
+    all of it again, so it skips to the local tensors. Safe because a DTensorSpec is immutable and shared (the
+    same object: the same mesh, placements, global shape, stride and dtype, which is all the skipped steps read);
+    the verdict's other key, the state the body reads, is compared on every call; what varies per call (grad mode,
+    requires_grad, the local tensors, the outputs) is read per call. Made only where nothing was redistributed,
+    no input is uneven and the verdict holds beyond this call's values (not per_call)."""
+
+    __slots__ = ("specs", "mesh", "verdict", "state", "grad_placements", "settled", "guess_check", "out")
+
+    def __init__(self, specs: tuple[DTensorSpec, ...], mesh: DeviceMesh, verdict: Verdict | None, state: Any,
+                 grad_placements: tuple[tuple[Placement, ...], ...], guess_check: bool) -> None:
+        self.specs = specs
+        self.mesh = mesh
+        self.verdict = verdict  # None: unchecked (check=False)
+        self.state = state  # the body state's key the verdict was found for
+        self.grad_placements = grad_placements  # per argument (core.grads.leaf_grad_placements)
+        self.settled = verdict is None or verdict.settled  # else enforced on every call, as on the full path
+        self.guess_check = guess_check  # whether the call asks refuse_guessed after the body
+        # A single plain-tensor output, remembered: (local shape, stride, dtype, (its DTensorSpec,), its gradient
+        # rule from the verdict or None), one tuple so that threads sharing the region see one call's facts.
+        self.out: tuple | None = None
+
+    def match(self, args: tuple, state: Any) -> bool | None:
+        """None unless `args` are DTensors with these spec objects (a subclass takes the full path) and the body
+        reads the same state (`state`: the region's BodyState, None for a plain function); else whether every
+        argument requires a gradient."""
+        specs = self.specs
+        if len(args) != len(specs):
+            return None
+        grad_all = True
+        for a, s in zip(args, specs):
+            if type(a) is not DTensor or spec_of(a) is not s:
+                return None
+            if not a.requires_grad:
+                grad_all = False
+        if self.verdict is not None and (None if state is None else state.key()) != self.state:
+            return None
+        return grad_all
+
+    def output(self, out: Any) -> DTensor | None:
+        """The body's output as a DTensor when it is one plain tensor with the local metadata remembered (so the
+        same spec as the output plan's cache holds for it); None otherwise: the full path."""
+        known = self.out
+        if known is None or type(out) is not torch.Tensor or out.shape != known[0] or out.stride() != known[1] \
+                or out.dtype is not known[2]:
+            return None
+        if out.requires_grad and torch.is_grad_enabled():
+            return from_local_shards(known[3], known[4], out)[0]
+        return make_dtensor(out, known[3][0], requires_grad=False)
+
+    def remember_output(self, out: Any, result: Any) -> None:
+        """After the full path wrapped `out` as `result`: remember a single plain-tensor output's spec (not a
+        Partial(max/min) one, whose gradient the full path refuses)."""
+        if type(out) is not torch.Tensor or not isinstance(result, DTensor) or has_extreme(result.placements):
+            return
+        rules = None if self.verdict is None else output_grad_rules(self.verdict, (out,), (0,))
+        self.out = (out.shape, out.stride(), out.dtype, (spec_of(result),), rules)
 
 
 class OutputPlan:

@@ -7,7 +7,8 @@ A call dispatches by what it is given and where it runs:
   placements (fast path: the same mesh object and placements as the plan; slow path: the full check, with
   redistribution when asked); (3) the placement check's verdict (cached), which infers gradient placements;
   (4) all inputs to local tensors through one autograd node; (5) the function on the local tensors; (6) all
-  outputs to DTensors through one autograd node, their specs cached per output metadata;
+  outputs to DTensors through one autograd node, their specs cached per output metadata. A steady-state call
+  (DTensor arguments with the last full call's spec objects: ``plans.HotCall``) reuses what (1)-(3) derived;
 * DTensor arguments under ``torch.compile``: ``localmap.eager.compiled``;
 * plain tensors under ``hop.defer_inlining()`` (capture): a region node (``localmap.traced.frontend``);
 * plain tensors while ``verify`` records a reference: inlined and recorded;
@@ -35,13 +36,13 @@ from localmap.check.function import function_identity
 from localmap.check.state import BodyState, body_state, value_key
 from localmap.check.tested import settle_by_test
 from localmap.core.grads import inferred_of, leaf_grad_placements
-from localmap.compat import local_tensor_of, make_dtensor, pytree, spec_of, wait_local
-from localmap.context import pop_region_mesh, push_region_mesh, recorder
-from localmap.eager.autograd import from_local_shards, output_grad_rules, to_local_shards
+from localmap.compat import make_dtensor, pytree, spec_of
+from localmap.context import recorder, region_meshes
+from localmap.eager.autograd import from_local_shards, local_tensors, output_grad_rules, to_local_shards
 from localmap.eager.compiled import call_compiling
 from localmap.eager.modes import CallMode, call_mode
 from localmap.eager.plans import (
-    InputPlan, OutputPlan, check_body, check_input_leaf, check_kwargs, check_non_dtensor_leaves, common_mesh,
+    HotCall, InputPlan, OutputPlan, check_body, check_input_leaf, check_kwargs, check_non_dtensor_leaves, common_mesh,
     make_input_plan, make_output_plan, output_dtensor_specs,
 )
 from localmap.eager.uneven import is_uneven_spec
@@ -89,6 +90,7 @@ class RegionCallable:
         self._state: BodyState | None = None  # what the body reads besides its arguments (found on a miss)
         self._input_plans: dict[Any, InputPlan] = {}
         self._output_plans: dict[Any, OutputPlan] = {}
+        self._hot: HotCall | None = None  # the last call's derivations, for the next one with the same specs
         if not torch.compiler.is_compiling():  # a region made inside a compiled function is Dynamo's
             _live_regions.add(self)
 
@@ -98,6 +100,7 @@ class RegionCallable:
         self._input_plans.clear()
         self._output_plans.clear()
         self._state = None
+        self._hot = None
 
     def cache_info(self) -> dict[str, int]:
         """How many argument structures, output structures and checked input metadata this region remembers."""
@@ -114,6 +117,11 @@ class RegionCallable:
     def __call__(self, args: tuple, kwargs: dict) -> Any:
         if torch.compiler.is_compiling():  # before anything Dynamo would have to trace (modes.call_mode there)
             return call_compiling(self, args, kwargs)
+        hot = self._hot  # the steady-state fast path (plans.HotCall): DTensor arguments only, the mode EAGER
+        if hot is not None and not kwargs:
+            grad_all = hot.match(args, self._state)
+            if grad_all is not None:
+                return self._call_hot(hot, args, grad_all)
         if kwargs:
             check_kwargs(kwargs)
         treespec = None
@@ -153,17 +161,61 @@ class RegionCallable:
         # in_grad_placements=None: the gradient placements the body implies (from the cached check)
         verdict = self._verdict(plan, flat, treespec, checked, mesh, kwargs) if self.check is not False else None
         inferred = inferred_of(verdict, self.in_grad_placements)
-        locals_ = self._to_locals(flat, checked, inferred)
-        push_region_mesh(mesh)  # for localmap.collectives inside the body
-        try:
-            out = self.func(*(locals_ if treespec is None else pytree.tree_unflatten(locals_, treespec)), **kwargs)
-        except Exception as e:  # only on the error path: name the region and the line that raised
-            raise body_error(self.func, e) from e
-        finally:
-            pop_region_mesh()
-        if inferred is None and self.in_grad_placements is None and self.check is not False:
+        grad_placements = self._grad_placements(checked, inferred)
+        locals_ = local_tensors(flat, [c[0] for c in checked], [c[1] for c in checked], grad_placements)
+        guess_check = inferred is None and self.in_grad_placements is None and self.check is not False
+        if treespec is None and not kwargs and not uneven and len(checked) == len(args):
+            self._remember_hot(plan, args, checked, mesh, verdict, grad_placements, guess_check)
+        out = self._run_body(mesh, locals_ if treespec is None else pytree.tree_unflatten(locals_, treespec),
+                             kwargs)
+        if guess_check:
             refuse_guessed(verdict, self.check)  # unchecked: no gradient placement may be a guess
         return self._from_locals(out, mesh, uneven, verdict)
+
+    def _call_hot(self, hot: HotCall, args: tuple, grad_all: bool) -> Any:
+        """The steady-state fast path (plans.HotCall): what the last full call derived from these same input
+        specs, reused; the body, its outputs and the per-call facts as on the full path. `grad_all`: whether
+        every argument requires a gradient (then all go through one node, as local_tensors sends them)."""
+        if not hot.settled:
+            enforce(hot.verdict, self.check, refuse_guess=False)  # as _verdict does on every call
+        if grad_all and torch.is_grad_enabled():
+            locals_ = to_local_shards(hot.grad_placements, *args)
+        else:
+            locals_ = local_tensors(args, range(len(args)), args, hot.grad_placements)
+        out = self._run_body(hot.mesh, locals_, {})
+        if hot.guess_check:
+            refuse_guessed(hot.verdict, self.check)
+        result = hot.output(out)
+        if result is None:
+            result = self._from_locals(out, hot.mesh, False, hot.verdict)
+            hot.remember_output(out, result)
+        return result
+
+    def _remember_hot(self, plan: InputPlan, args: tuple, checked: list, mesh: DeviceMesh, verdict: Any,
+                      grad_placements: tuple, guess_check: bool) -> None:
+        """Keep this call's derivations for the next call with the same input specs (plans.HotCall), where they
+        hold beyond this call: nothing redistributed, a verdict not bound to this call's values."""
+        if any(c[1] is not args[c[0]] for c in checked):
+            return
+        state = None
+        if verdict is not None:
+            hit = plan.verdict  # (specs, verdict, values, state key) as _verdict found it; None: per_call
+            if hit is None or hit[1] is not verdict:
+                return
+            state = hit[3]
+        self._hot = HotCall(tuple(c[3] for c in checked), mesh, verdict, state, grad_placements, guess_check)
+
+    def _run_body(self, mesh: DeviceMesh, args: Sequence[Any], kwargs: dict) -> Any:
+        """The function on the local arguments, with the region's mesh on the context stack (for
+        localmap.collectives inside the body); its error named by the region and the line that raised."""
+        meshes = region_meshes()
+        meshes.append(mesh)
+        try:
+            return self.func(*args, **kwargs)
+        except Exception as e:  # only on the error path
+            raise body_error(self.func, e) from e
+        finally:
+            meshes.pop()
 
     def _input_plan(self, key: Any, mesh: DeviceMesh, args: tuple, flat: Sequence[Any]) -> InputPlan:
         plan = self._input_plans.get(key)
@@ -204,27 +256,12 @@ class RegionCallable:
             plan.even_specs = tuple(c[3] for c in checked)
         return checked, uneven
 
-    def _to_locals(self, flat: Sequence[Any], checked: list, inferred: Sequence | None) -> list:
-        """The local tensors: those that need a gradient through one autograd node (with their gradient
-        placements: core.grads), the others directly."""
+    def _grad_placements(self, checked: list, inferred: Sequence | None) -> tuple:
+        """Each checked DTensor input's gradient placements (core.grads: given, else inferred, else default)."""
         given = self.in_grad_placements is not None  # then each checked gradient placement is the given one
-        locals_ = list(flat)
-        grad_idx: list[int] = []
-        grad_inputs: list[DTensor] = []
-        grad_placements: list[tuple[Placement, ...]] = []
-        track_grad = torch.is_grad_enabled()
-        for i, a, gp, spec in checked:
-            if track_grad and a.requires_grad:
-                grad_idx.append(i)
-                grad_inputs.append(a)
-                grad_placements.append(leaf_grad_placements(spec.placements, gp if given else None,
-                                                            None if inferred is None else inferred[i]))
-            else:
-                locals_[i] = wait_local(local_tensor_of(a))
-        if grad_inputs:
-            for i, t in zip(grad_idx, to_local_shards(tuple(grad_placements), *grad_inputs), strict=True):
-                locals_[i] = t
-        return locals_
+        return tuple([leaf_grad_placements(spec.placements, gp if given else None,
+                                           None if inferred is None else inferred[i])
+                      for i, _, gp, spec in checked])
 
     def _from_locals(self, out: Any, mesh: DeviceMesh, uneven: bool, verdict: Any) -> Any:
         """The function's local outputs as DTensors: those that need a gradient through one autograd node,
@@ -364,8 +401,10 @@ def local_map(
     region = shared_region(func, out_placements, in_placements, in_grad_placements, device_mesh,
                            redistribute_inputs, check)
 
+    call = region.__call__  # bound once: a call skips the type's __call__ lookup
+
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        return region(args, kwargs)
+        return call(args, kwargs)
 
     # Dynamo cannot iterate the attribute dict of a function it keeps in the graph (torch.nn.functional's,
     # "missing tp_iter"): while it traces, the wrapper takes the name and docstring only.
