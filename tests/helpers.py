@@ -17,10 +17,13 @@ S0, S1, R, P = Shard(0), Shard(1), Replicate(), Partial()
 _gen = torch.Generator().manual_seed(1234)
 
 
-def randn(*shape: int) -> torch.Tensor:
-    """A global test input: the same plain tensor whether or not a simulated mesh is active."""
+def randn(*shape: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A global test input: the same plain tensor whether or not a simulated mesh is active. Drawn from this
+    module's generator unless `generator` is given: its values then depend on the tests that drew before, which
+    ``torch.manual_seed`` does not reset; inputs that must be fixed (a routing's per-rank row counts) pass their
+    own seeded generator."""
     with on_one_device():
-        return torch.randn(*shape, generator=_gen)
+        return torch.randn(*shape, generator=_gen if generator is None else generator)
 
 
 def grad_for_output(out_placements: Sequence[Placement]) -> tuple[Placement, ...]:
