@@ -131,10 +131,10 @@ def _acted_alike(verdict: Verdict, everyone: list[tuple]) -> Verdict:
     for status, error in (("error", LocalMapError), ("wrong", PlacementError)):
         found = [(r, o[1]) for r, o in others if o[0] == status]
         if found and verdict.status != status:
-            refusal = fail(f"region {verdict.function!r}", f"rank {found[0][0]}'s check refuses it, so "
-                                   "every rank does (ranks acting alone would wait for each other)",
-                                   given=f"rank {found[0][0]}: {found[0][1]}", fix="see rank "
-                                   f"{found[0][0]}'s message", error=error)
+            r, said = found[0]
+            refusal = fail(f"region {verdict.function!r}", f"rank {r}'s check refuses it, so every rank does "
+                           "(ranks acting alone would wait for each other)", given=f"rank {r}: {said}",
+                           fix=f"see rank {r}'s message", error=error)
             if status == "error":
                 raise refusal
             return dataclasses.replace(verdict, problems=[refusal], warned=False)
@@ -148,11 +148,15 @@ def _acted_alike(verdict: Verdict, everyone: list[tuple]) -> Verdict:
     unproven = [(r, o) for r, o in enumerate(everyone) if o[0] != "ok"]
     if not unproven:
         return verdict
-    r, o = unproven[0]
-    lines = verdict.unproven or [f"proven on rank {me}, but on rank {r}: {o[1]}"]
-    return dataclasses.replace(  # the test decides, on every rank, from outcomes every rank shares
-        verdict, problems=[], unproven=list(lines), test=None, warned=False, draws_random=any(x[2] for x in everyone),
-        low_precision=any(x[3] for x in everyone), mesh_reads=list(dict.fromkeys(m for x in everyone for m in x[4])))
+    if verdict.status == "ok":  # a copy: this rank's own (cached) proof stays proven
+        r, o = unproven[0]
+        verdict = dataclasses.replace(verdict, problems=[], unproven=[f"proven on rank {me}, but on rank {r}: {o[1]}"],
+                                      warned=False)
+    verdict.test = None  # the test decides, on every rank (one rank may hold an earlier test's record)
+    verdict.draws_random = any(x[2] for x in everyone)
+    verdict.low_precision = any(x[3] for x in everyone)
+    verdict.mesh_reads = list(dict.fromkeys(m for x in everyone for m in x[4]))
+    return verdict
 
 
 def _why_not_run(verdict: Verdict, leaves: Sequence[Any], closed: list, mesh: DeviceMesh, force: bool) -> str | None:
