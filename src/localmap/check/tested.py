@@ -26,6 +26,9 @@ the proof (unproven). It runs by itself when the inputs are small (``TEST_BUDGET
 call the region: the inputs' shards, the outputs and the gradients are gathered to every rank, the one-rank run
 runs on each rank over its own one-member group, and each step's outcome (a failure on any rank included) is
 shared by all, so they reach one verdict and none waits for another (``_run_and_compare_on_ranks``).
+Before that, the ranks agree on whether to test at all: each proves the region on its own trace and may
+reach another outcome (a literal rank offset right on one rank only), so their outcomes are gathered once on a
+verdict cache miss and all act alike (``agree_on_ranks``).
 """
 
 from __future__ import annotations
