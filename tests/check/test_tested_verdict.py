@@ -524,3 +524,78 @@ def test_a_process_group_held_as_state_has_one_member_in_the_one_rank_run_under_
         assert not said, said
         assert status == "tested" and "aten.embedding" in stopped, (status, stopped)
         assert diff <= 1e-5
+
+
+# ---- ranks that reach different proof outcomes for one call act alike (check.tested.agree_on_ranks) ---------
+
+class HardCodedOffsetEmbedding(torch.nn.Module):
+    """A vocab-parallel embedding whose offset is a literal 0 on every rank (wrong: every rank takes rows as if it
+    held the first shard). Rank 0's rows really start at 0, so a proof of literal rank offsets succeeds there and
+    stops on rank 1."""
+
+    def __init__(self, mesh, weight):
+        super().__init__()
+        self.weight = torch.nn.Parameter(distribute(weight, mesh, [S0]))
+
+    def forward(self, ids):
+        w = self.weight.to_local()
+        c = 0
+        mask = (ids >= c) & (ids < c + w.shape[0])
+        return F.embedding((ids - c).clamp(0, w.shape[0] - 1), w) * mask.unsqueeze(-1)
+
+
+def _scan_proven_on_rank_0(x):
+    """A scan along an unsharded dim, right on every rank: on rank 0 with cumsum (proven), elsewhere with a kernel
+    the check has no rule for (the proof stops)."""
+    import torch.distributed as dist
+
+    return x.cumsum(-1) * 2 if dist.get_rank() == 0 else scan_rows(x)
+
+
+def _sum_wrong_on_rank_1(x):
+    """Rank 1 sums its shard's rows but claims Shard (a proven contradiction); rank 0 is right."""
+    import torch.distributed as dist
+
+    return x * 2 if dist.get_rank() == 0 else x.sum(0, keepdim=True).expand_as(x)
+
+
+def _gloo_outcome(mesh, variant):
+    """(outcome, message) on this rank for a region whose proof outcome may differ by rank."""
+    if variant == "hard-coded offset":
+        fn = local_map(HardCodedOffsetEmbedding(mesh, randn(8, 4)), [(P,)], [(R,)], None, mesh)
+        args = [distribute(torch.tensor([[0, 6, 3, 4, 1]]), mesh, [R])]
+    else:
+        body, check = {"scan": (_scan_proven_on_rank_0, True), "scan, strict": (_scan_proven_on_rank_0, "strict"),
+                       "sum": (_sum_wrong_on_rank_1, True)}[variant]
+        fn = local_map(body, [(S0,)], [(S0,)], None, mesh, check=check)
+        args = [distribute(randn(8, 6), mesh, [S0])]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            fn(*args)
+        except Exception as e:
+            return type(e).__name__, str(e)
+    (verdict,) = fn.region.verdicts()
+    return verdict.status, " ".join(str(w.message) for w in caught)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["hard-coded offset", "scan", "scan, strict", "sum"])
+def test_ranks_with_different_proof_outcomes_act_alike_under_gloo(variant):
+    """Each rank proves the region on its own trace, and the ranks may disagree (a literal rank offset right on
+    rank 0 only, a body that branches on the rank). Their outcomes are shared before any acts: every rank ends
+    alike, and none waits for another. Before, rank 0 (proven) went on while rank 1 (unproven) entered the test's
+    collectives, or raised alone: a hang, cut here by the collective timeout."""
+    from localmap.testing import run_gloo
+
+    (o0, m0), (o1, m1) = run_gloo(_gloo_outcome, 2, mesh_dim_names=("cp",), args=(variant,), timeout=240,
+                                  collective_timeout=30)
+    assert o0 == o1, (o0, m0, o1, m1)
+    if variant == "hard-coded offset":  # refused with the test's numbers, or left unproven: never ok
+        assert o0 in ("PlacementError", "unproven"), (o0, m0)
+    elif variant == "scan":
+        assert o0 == "tested" and not m0 and not m1, (m0, m1)
+    elif variant == "scan, strict":
+        assert o0 == "UnprovenError" and "strict accepts proven claims only" in m0 + m1, (m0, m1)
+    else:
+        assert o0 == "PlacementError" and "rank 1's check refuses it" in m0, m0

@@ -26,11 +26,15 @@ the proof (unproven). It runs by itself when the inputs are small (``TEST_BUDGET
 call the region: the inputs' shards, the outputs and the gradients are gathered to every rank, the one-rank run
 runs on each rank over its own one-member group, and each step's outcome (a failure on any rank included) is
 shared by all, so they reach one verdict and none waits for another (``_run_and_compare_on_ranks``).
+Before that, the ranks agree on whether to test at all: each proves the region on its own trace and may
+reach another outcome (a literal rank offset right on one rank only), so their outcomes are gathered once on a
+verdict cache miss and all act alike (``agree_on_ranks``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import itertools
 import math
@@ -50,7 +54,7 @@ from localmap.check.closure import closed_over_dtensors, reachable
 from localmap.check.verdict import PlacementError, TestRecord, Verdict
 from localmap.compat import pytree
 from localmap.context import in_region
-from localmap.errors import fail
+from localmap.errors import LocalMapError, fail
 from localmap.placements.algebra import grad_default
 from localmap.placements.specs import leaf_path, resolve_output_specs
 
@@ -94,6 +98,68 @@ def settle_by_test(verdict: Verdict, fn: Callable, leaves: Sequence[Any], treesp
     verdict.test = record
     if not record.not_run and not record.same and not record.dependence:
         verdict.problems.append(_refuted(verdict, record))
+
+
+def agree_on_ranks(check: Callable[[], Verdict], mesh: DeviceMesh) -> Verdict:
+    """`check()`'s verdict, agreed by every rank under a real process group whose world the mesh covers: ranks
+    may reach different proof outcomes for one call (a literal rank offset proven on one rank only, uneven
+    shards), and one acting alone (raising, or entering the test's collectives) leaves the others waiting. Each
+    rank's outcome is gathered once, on a verdict cache miss; then all act alike (``_acted_alike``). On a
+    simulated mesh, one trace stands for every rank: `check()` as it is."""
+    if compat.simulation_active() or _why_not_on_ranks(mesh) is not None:
+        return check()
+    verdict, error = None, None
+    try:
+        verdict = check()
+    except LocalMapError as e:  # the check refused the call here: every rank learns of it before raising
+        error = e
+    if error is not None:
+        mine = ("error", str(error).splitlines()[0][:400], False, False, [], [])
+    else:
+        mine = (verdict.status, verdict.summary()[:400], verdict.draws_random, verdict.low_precision,
+                verdict.mesh_reads, verdict.guessed)
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    if error is not None:
+        raise error
+    return _acted_alike(verdict, everyone)
+
+
+def _acted_alike(verdict: Verdict, everyone: list[tuple]) -> Verdict:
+    """This rank's verdict made to act as every rank's will (`everyone`: (status, summary, draws random, low
+    precision, mesh reads, guessed) by rank): a refusal or a proven contradiction anywhere is one everywhere; an
+    unchecked body anywhere is unchecked everywhere; a claim unproven anywhere is tested by all together."""
+    me = dist.get_rank()
+    others = [(r, o) for r, o in enumerate(everyone) if r != me]
+    for status, error in (("error", LocalMapError), ("wrong", PlacementError)):
+        found = [(r, o[1]) for r, o in others if o[0] == status]
+        if found and verdict.status != status:
+            r, said = found[0]
+            refusal = fail(f"region {verdict.function!r}", f"rank {r}'s check refuses it, so every rank does "
+                           "(ranks acting alone would wait for each other)", given=f"rank {r}: {said}",
+                           fix=f"see rank {r}'s message", error=error)
+            if status == "error":
+                raise refusal
+            return dataclasses.replace(verdict, problems=[refusal], warned=False)
+    if verdict.status == "wrong":
+        return verdict
+    unchecked = [(r, o) for r, o in enumerate(everyone) if o[0] == "unchecked"]
+    if unchecked:
+        r, o = unchecked[0]
+        return dataclasses.replace(verdict, unproven=[], test=None, grad_placements=None, guessed=list(o[5]),
+                                   unchecked=verdict.unchecked or f"rank {r}: {o[1]}", warned=False)
+    unproven = [(r, o) for r, o in enumerate(everyone) if o[0] != "ok"]
+    if not unproven:
+        return verdict
+    if verdict.status == "ok":  # a copy: this rank's own (cached) proof stays proven
+        r, o = unproven[0]
+        verdict = dataclasses.replace(verdict, problems=[], unproven=[f"proven on rank {me}, but on rank {r}: {o[1]}"],
+                                      warned=False)
+    verdict.test = None  # the test decides, on every rank (one rank may hold an earlier test's record)
+    verdict.draws_random = any(x[2] for x in everyone)
+    verdict.low_precision = any(x[3] for x in everyone)
+    verdict.mesh_reads = list(dict.fromkeys(m for x in everyone for m in x[4]))
+    return verdict
 
 
 def _why_not_run(verdict: Verdict, leaves: Sequence[Any], closed: list, mesh: DeviceMesh, force: bool) -> str | None:

@@ -34,7 +34,7 @@ from localmap.caches import instances, register_cache
 from localmap.check.verdict import CHECK_MODES, enforce, refuse_guessed
 from localmap.check.function import function_identity
 from localmap.check.state import BodyState, body_state, value_key
-from localmap.check.tested import settle_by_test
+from localmap.check.tested import agree_on_ranks, settle_by_test
 from localmap.core.grads import inferred_of, leaf_grad_placements
 from localmap.compat import make_dtensor, pytree, spec_of
 from localmap.context import recorder, region_meshes
@@ -330,7 +330,9 @@ class RegionCallable:
                     kwargs: dict) -> Any:
         """Trace and check the body on these inputs' local metadata (a verdict cache miss); where the proof
         stops, test the claim on these inputs (check.tested: "tested", "wrong" with numbers, or unproven)."""
-        verdict = check_body(self.func, self.out_placements, plan, flat, treespec, checked, mesh, kwargs)
+        # under real ranks, every rank's outcome is shared before any acts on it (one gather, on this miss only)
+        verdict = agree_on_ranks(lambda: check_body(self.func, self.out_placements, plan, flat, treespec, checked,
+                                                    mesh, kwargs), mesh)
         if verdict.status == "unproven" and self.check != "allow_unproven":  # accepted as it is: no test
             leaves = list(flat)
             grads: list[Any] = [None] * len(leaves)
