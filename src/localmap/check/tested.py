@@ -38,6 +38,8 @@ import dataclasses
 import functools
 import itertools
 import math
+import sys
+import threading
 import types
 from typing import Any, Callable, Iterator, Sequence
 
@@ -78,6 +80,7 @@ def settle_by_test(verdict: Verdict, fn: Callable, leaves: Sequence[Any], treesp
             verdict.test = TestRecord(inputs="", mesh="", not_run=why)
         return
     record = TestRecord(inputs=_describe_inputs(leaves, treespec), mesh=_describe_mesh(mesh))
+    _rank_queries.seen = []
     state = _State(fn)
     route = _run_and_compare if compat.simulation_active() else _run_and_compare_on_ranks
     shards: dict[int, dict[int, torch.Tensor]] = {}
@@ -94,7 +97,8 @@ def settle_by_test(verdict: Verdict, fn: Callable, leaves: Sequence[Any], treesp
     elif found is not None:
         record.largest, record.where, record.same = found
         if not record.same:
-            record.dependence = [*verdict.mesh_reads, *_mesh_dependence(fn, leaves, treespec, mesh, shards)]
+            record.dependence = [*verdict.mesh_reads, *_mesh_dependence(fn, leaves, treespec, mesh, shards),
+                                 *dict.fromkeys(_rank_queries.seen)]
     verdict.test = record
     if not record.not_run and not record.same and not record.dependence:
         verdict.problems.append(_refuted(verdict, record))
@@ -275,11 +279,13 @@ def _meshes_of_one_rank(fn: Callable) -> Iterator[None]:
     sends rows over it) rebound to one-rank meshes of the same dim names while the one-rank run runs: on one
     rank every mesh has one rank, so their collectives too are the identity."""
     real = not compat.simulation_active() and dist.is_initialized()
+    stack = contextlib.ExitStack()
     found = [(owner, key, held) for name, obj, _ in reachable(fn)
              for _, owner, key, held in _module_attributes(name, obj, into_objects=True)
              if isinstance(held, DeviceMesh) or (real and isinstance(held, dist.ProcessGroup))]
     rebound = []
     try:
+        stack.enter_context(_rank_queries_watched())
         for owner, key, held in found:  # (a frozen owner refuses: the one-rank run fails, left unproven)
             # a process group held as state (torchtitan's vocab-parallel embedding keeps its tp group and asks
             # it for rank and size): on real ranks, this rank's own one-member group
@@ -289,6 +295,37 @@ def _meshes_of_one_rank(fn: Callable) -> Iterator[None]:
     finally:
         for owner, key, held in rebound:
             setattr(owner, key, held)
+        stack.close()
+
+
+# NOTE [rank queries in the one-rank run]: a body that asks a process group for its rank or size
+# (`dist.get_rank(dist.group.WORLD) * chunk`) gets the real world's answer in its one-rank run unless that group
+# is one the run rebinds (module state): that run is then another program, so a difference it shows is a
+# dependence (unproven), never a refutation. Every rank records the same question, so all ranks decide alike.
+_rank_queries = threading.local()
+
+
+@contextlib.contextmanager
+def _rank_queries_watched() -> Iterator[None]:
+    """While the one-rank run runs, record each `dist.get_rank` / `dist.get_world_size` call the body's own code
+    makes over a group of more than one rank (in `_rank_queries.seen`, which settle_by_test reads)."""
+    real_rank, real_size = dist.get_rank, dist.get_world_size
+
+    def watch(query: Callable) -> Callable:
+        def asked(group: Any = None, *args: Any, **kwargs: Any) -> Any:
+            seen = getattr(_rank_queries, "seen", None)
+            caller = sys._getframe(1).f_globals.get("__name__", "")  # the body's code, not torch's or ours
+            if seen is not None and not caller.startswith(("torch.", "localmap.")) and real_size(group) > 1:
+                seen.append(f"the body asks a process group of {real_size(group)} ranks for its "
+                                          f"{'rank' if query is real_rank else 'size'} (dist.{query.__name__})")
+            return query(group, *args, **kwargs)
+        return asked
+
+    dist.get_rank, dist.get_world_size = watch(real_rank), watch(real_size)
+    try:
+        yield
+    finally:
+        dist.get_rank, dist.get_world_size = real_rank, real_size
 
 
 def _run(fn: Callable, leaves: Sequence[Any], treespec: Any, kwargs: dict, inputs: list[int], closed: list,
