@@ -76,8 +76,13 @@ def fail(
 
 
 class CollectiveError(LocalMapError):
-    """A collective that localmap runs itself (the gather of uneven shard sizes) failed or timed out: another
-    rank failed, exited, or is in a different call."""
+    """A collective that localmap runs itself (the gather of uneven shard sizes, the ranks' check outcomes)
+    failed or timed out: another rank failed, exited, or is in a different call."""
+
+
+# The fix line of every CollectiveError: what the other ranks did is where to look.
+PEER_FIX = ("another rank failed, exited, or called this region with other shapes or placements: see that rank's "
+            "error (the wait is bounded by LOCALMAP_COLLECTIVE_TIMEOUT seconds, else the process group's timeout)")
 
 
 # ---- errors raised inside a region's body -------------------------------------------------------------------------

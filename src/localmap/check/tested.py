@@ -36,9 +36,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import inspect
 import itertools
 import math
-import sys
 import threading
 import types
 from typing import Any, Callable, Iterator, Sequence
@@ -56,7 +56,7 @@ from localmap.check.closure import closed_over_dtensors, reachable
 from localmap.check.verdict import PlacementError, TestRecord, Verdict
 from localmap.compat import pytree
 from localmap.context import in_region
-from localmap.errors import LocalMapError, fail
+from localmap.errors import PEER_FIX, CollectiveError, LocalMapError, fail
 from localmap.placements.algebra import grad_default
 from localmap.placements.specs import leaf_path, resolve_output_specs
 
@@ -123,7 +123,12 @@ def agree_on_ranks(check: Callable[[], Verdict], mesh: DeviceMesh) -> Verdict:
         mine = (verdict.status, verdict.summary()[:400], verdict.draws_random, verdict.low_precision,
                 verdict.mesh_reads, verdict.guessed)
     everyone: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mine)
+    try:
+        dist.all_gather_object(everyone, mine)
+    except Exception as e:  # another rank failed before its check, exited, or is in a different collective
+        raise fail("check", "could not gather every rank's placement-check outcome", mesh=mesh,
+                   given=f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"[:300], fix=PEER_FIX,
+                   error=CollectiveError) from e
     if error is not None:
         raise error
     return _acted_alike(verdict, everyone)
@@ -314,7 +319,7 @@ def _rank_queries_watched() -> Iterator[None]:
     def watch(query: Callable) -> Callable:
         def asked(group: Any = None, *args: Any, **kwargs: Any) -> Any:
             seen = getattr(_rank_queries, "seen", None)
-            caller = sys._getframe(1).f_globals.get("__name__", "")  # the body's code, not torch's or ours
+            caller = inspect.currentframe().f_back.f_globals.get("__name__", "")  # the body's code, not torch's or ours
             if seen is not None and not caller.startswith(("torch.", "localmap.")) and real_size(group) > 1:
                 seen.append(f"the body asks a process group of {real_size(group)} ranks for its "
                                           f"{'rank' if query is real_rank else 'size'} (dist.{query.__name__})")

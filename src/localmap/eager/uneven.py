@@ -20,7 +20,7 @@ from torch.distributed.tensor.placement_types import Placement
 
 from localmap.caches import register_cache
 from localmap import compat
-from localmap.errors import CollectiveError, fail
+from localmap.errors import PEER_FIX, CollectiveError, fail
 from localmap.placements.shapes import chunk_sizes, is_uneven, shard_dims
 from localmap.placements.specs import placements_str
 
@@ -129,9 +129,7 @@ def gather_global_shapes(tensors: Sequence[torch.Tensor], placements: Sequence[t
         raise fail(paths[entries[0][0]], "could not gather every rank's shard sizes" + (
             f" within {limit:g}s" if limit else ""), mesh=mesh,
             given=f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300],
-            fix="another rank failed, exited, or called this region with other shapes or placements: see that "
-                "rank's error (the wait is bounded by LOCALMAP_COLLECTIVE_TIMEOUT seconds, else the process "
-                "group's timeout)", error=CollectiveError) from e
+            fix=PEER_FIX, error=CollectiveError) from e
     mesh_shape = tuple(mesh.shape)
     for col, (i, d) in enumerate(entries):
         sizes = table[..., col]
