@@ -8,7 +8,7 @@ import torch
 
 from helpers import P, R, S0, S1, max_diff, randn
 from localmap import Partial, local_map
-from localmap.collectives import all_reduce
+from localmap.collectives import all_reduce, pvary
 from localmap.testing import distribute, full, on_one_device, simulated_mesh
 
 
@@ -132,14 +132,9 @@ def _penalized_outputs(inputs, b, region):
     return grads, sum(g.pow(2).sum() for g in grads)
 
 
-@pytest.mark.parametrize("name,mesh_name,in_pl,out_pl,body,reference", PARTIAL_INPUTS,
-                         ids=[case[0] for case in PARTIAL_INPUTS])
-def test_gradient_penalty_with_partial_inputs_matches_one_device(request, name, mesh_name, in_pl, out_pl, body,
-                                                                 reference):
-    """Before the fix the second-order gradients were n times too large: DTensor's from_local gives every rank
-    the whole gradient of a Replicate value, and the Partial output's gradient summed them over the ranks."""
-    mesh = request.getfixturevalue(mesh_name)
-    inputs, b = [randn(8, 4) for _ in in_pl], randn(4)
+def _assert_penalty_matches(mesh, inputs, b, in_pl, out_pl, body, reference):
+    """First- and second-order gradients of the inputs and a Replicate bias `b` (``_penalized_outputs``) through
+    the region equal one device's, and every Replicate gradient is the same on every rank."""
     with on_one_device():
         ref = [t.clone().requires_grad_() for t in (*inputs, b)]
         ref_grads, ref_penalty = _penalized_outputs(ref[:-1], ref[-1], reference)
@@ -153,6 +148,17 @@ def test_gradient_penalty_with_partial_inputs_matches_one_device(request, name, 
     penalty.backward()
     for k, (d, r) in enumerate(zip(dts, ref)):
         assert max_diff(full(d.grad), r.grad) < 1e-4, ("second order", k, max_diff(full(d.grad), r.grad))
+
+
+@pytest.mark.parametrize("name,mesh_name,in_pl,out_pl,body,reference", PARTIAL_INPUTS,
+                         ids=[case[0] for case in PARTIAL_INPUTS])
+def test_gradient_penalty_with_partial_inputs_matches_one_device(request, name, mesh_name, in_pl, out_pl, body,
+                                                                 reference):
+    """Before the fix the second-order gradients were n times too large: DTensor's from_local gives every rank
+    the whole gradient of a Replicate value, and the Partial output's gradient summed them over the ranks."""
+    mesh = request.getfixturevalue(mesh_name)
+    inputs, b = [randn(8, 4) for _ in in_pl], randn(4)
+    _assert_penalty_matches(mesh, inputs, b, in_pl, out_pl, body, reference)
 
 
 @pytest.mark.compile
@@ -181,3 +187,56 @@ def test_gradient_penalty_under_compile_is_refused_or_matches():
             return
         for d, r in zip(dts, ref):
             assert max_diff(full(d.grad), r.grad) < 1e-4
+
+
+# ---- an all-reduced value used again in the body: its own backward is differentiated in a double backward ----
+def _lse_detached_max(a):
+    """Log-sum-exp over a sharded dim with a detached per-rank max as stabilizer (Megatron's cross-entropy)."""
+    m = all_reduce(a.amax(-1).detach(), 0, "max")
+    return all_reduce((a - m.unsqueeze(-1)).exp().sum(-1), 0).log() + m
+
+
+def _merged_by_lse(a, c):
+    """Context-parallel attention's merge: per-rank values weighted by exp(lse - max lse), summed and divided."""
+    top = all_reduce(a.detach(), 0, "max")
+    w = (a - top).exp()
+    return all_reduce(c * w, 0) / all_reduce(w, 0)
+
+
+def _tp_sum_tanh(a):
+    return all_reduce(a.sum(-1), "tp").tanh()
+
+
+# (name, mesh fixture, input shapes, input placements, output placements, body, body on one device)
+ALL_REDUCED_AGAIN = [
+    ("sum_tanh", "sim_mesh_4", [(8, 4)], ([S1],), [R], lambda a: all_reduce(a.sum(-1), 0).tanh(),
+     lambda a: a.sum(-1).tanh()),
+    ("avg_tanh", "sim_mesh_4", [(8, 4)], ([S1],), [R], lambda a: all_reduce(a.sum(-1), 0, "avg").tanh(),
+     lambda a: (a.sum(-1) / 4).tanh()),
+    ("max_sin", "sim_mesh_4", [(8, 4)], ([S1],), [R], lambda a: all_reduce(a.amax(-1), 0, "max").sin(),
+     lambda a: a.amax(-1).sin()),
+    ("lse_detached_max", "sim_mesh_4", [(8, 8)], ([S1],), [R], _lse_detached_max, lambda a: a.logsumexp(-1)),
+    ("lse_merge", "sim_mesh_4", [(4, 8), (4, 8)], ([S0], [S0]), [R], _merged_by_lse,
+     lambda a, c: (c * a.softmax(0)).sum(0)),
+    ("sum_tanh_times_replicate", "sim_mesh_4", [(8, 4), (8,)], ([S1], [R]), [R],
+     lambda a, c: all_reduce(a.sum(-1), 0).tanh() * c, lambda a, c: a.sum(-1).tanh() * c),
+    ("pvary_weight", "sim_mesh_4", [(8, 4), (4,)], ([S0], [R]), [S0],
+     lambda a, c: (a * pvary(c, 0)).tanh().sum(-1), lambda a, c: (a * c).tanh().sum(-1)),
+    ("sum_tanh_2d", "sim_mesh_2x2", [(8, 4)], ([R, S1],), [R, R], _tp_sum_tanh, lambda a: a.sum(-1).tanh()),
+]
+
+
+@pytest.mark.parametrize("name,mesh_name,shapes,in_pl,out_pl,body,reference", ALL_REDUCED_AGAIN,
+                         ids=[case[0] for case in ALL_REDUCED_AGAIN])
+def test_gradient_penalty_through_collectives_matches_one_device(request, name, mesh_name, shapes, in_pl, out_pl,
+                                                                 body, reference):
+    """An all_reduce's backward is the identity, and a double backward differentiates it: the gradient's own
+    gradient arrives there per rank (a share, where the all-reduced value met per-rank data in the backward), and
+    the identity's transpose must sum the shares (pvary). Before the fix each rank kept its own share: x's
+    second-order gradients differed from one device (the all-reduced value used again: tanh, a log, a division),
+    and a Replicate input beside it was refused. pvary's backward (an all_reduce) was differentiated as the
+    functional collective's own all_reduce, which sums again. (max_sin passed before: only the rank holding the
+    max has a share.)"""
+    mesh = request.getfixturevalue(mesh_name)
+    inputs, b = [randn(*s) for s in shapes], randn(8)  # every output here has shape (8,)
+    _assert_penalty_matches(mesh, inputs, b, in_pl, out_pl, body, reference)

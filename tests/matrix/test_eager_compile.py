@@ -11,15 +11,6 @@ from matrix_paths import compiled, draw, on_dtensors
 pytestmark = pytest.mark.matrix
 ALL = select()
 
-_BUG2_COLLECTIVE = ("issue 19 bug 2: second-order gradients through a region whose body all-reduces (the collective's "
-                    "backward) differ from one device")
-# Still differing from one device in their second-order gradients after issue 19 bug 2's fixes (Partial outputs,
-# all-reduced outputs and Partial inputs are right now): the bodies whose max or log-sum-exp is a per-rank
-# stabilizer.
-PENALTY_KNOWN = {
-    "parallel: Megatron vocab-parallel cross-entropy, detached max": _BUG2_COLLECTIVE,
-    "parallel: context-parallel attention, log-sum-exp merge": _BUG2_COLLECTIVE,
-}
 _CLOSED_OVER = ("not in issue 19's list (near bugs 4/5): a body reading a module's DTensor parameter (self.w.to_local()) "
                 "crashes under torch.compile: Dynamo meets the DTensor inside the body (matmul(FakeTensor, DTensor))")
 _BACKEND = ("not in issue 19's list: aot_eager's backend fails (BackendCompilerFailed) on a body with a localmap "
@@ -44,7 +35,7 @@ def test_eager(prog):
         expect(prog, lambda: on_dtensors(prog, t, mesh, "single", penalty=False), want)
 
 
-@pytest.mark.parametrize("prog", params(select(verdicts=("ok", "unproven", "unchecked")), PENALTY_KNOWN))
+@pytest.mark.parametrize("prog", params(select(verdicts=("ok", "unproven", "unchecked"))))
 def test_eager_gradient_penalty(prog):
     t = draw(prog, 1)
     want = one_device(prog, t, penalty=True)

@@ -31,7 +31,7 @@ from localmap.placements.specs import placements_str
 from localmap.sites import frame_site
 from localmap.check.routing import Frames
 from localmap.check.rules import output_types
-from localmap.collectives.registry import collective
+from localmap.collectives.registry import collective, mesh_dim_of
 from localmap.check.verdict import PlacementError, Verdict
 from localmap.placements.types import OPAQUE, PER_RANK_COPY, UNKNOWN_WHY, VARYING, RuleError
 
@@ -77,13 +77,29 @@ def check_graph(gm: fx.GraphModule, in_types: Sequence[Any], out_claims: Sequenc
 
 
 class _Reach(NamedTuple):
-    """Where a gradient arriving at a value goes, on one mesh dim."""
+    """Where a gradient arriving at a value goes, on one mesh dim; and, in a double backward, what the gradient's
+    own gradient coming back from there is."""
 
     whole: bool  # to Replicate inputs through Replicate values only: the same on every rank
     shares: bool  # into per-rank values (or through a collective into them): a share of a sum over the ranks
+    whole_back: bool  # its own gradient comes back whole: from Replicate inputs, or through an all_reduce
+    #                   (whose backward's transpose sums the ranks' shares)
+    shares_back: bool  # its own gradient comes back as a share: from per-rank values, not through an all_reduce
 
 
-_NOWHERE, _SHARES = _Reach(False, False), _Reach(False, True)
+_NOWHERE, _SHARES = _Reach(False, False, False, False), _Reach(False, True, False, True)
+_WHOLE = _Reach(True, False, True, False)
+
+
+def _sums_back(node: fx.Node, mesh: Any, m: int) -> bool:
+    """Whether `node` is an all_reduce over mesh dim m: in a double backward, its backward's transpose sums the
+    ranks' shares of the gradient's own gradient (``collectives.primitives._reduced_backward``)."""
+    if getattr(collective(node.target), "gradient", None) != "unsummed":
+        return False
+    try:
+        return mesh_dim_of(node, mesh) == m
+    except RuleError:  # a group of another mesh: refused where the all_reduce's type is read
+        return False
 
 
 class _TypeFlow:
@@ -116,8 +132,8 @@ class _TypeFlow:
         self.origin[node] = [node] * self.ndim
         self.lineage[node] = [({i} if t is not None and isinstance(t[m], Replicate) else set())
                               for m in range(self.ndim)]
-        self.reach[node] = [_Reach(t is not None and isinstance(t[m], Replicate),
-                                   t is not None and not isinstance(t[m], Replicate)) for m in range(self.ndim)]
+        self.reach[node] = [_NOWHERE if t is None else _WHOLE if isinstance(t[m], Replicate) else _SHARES
+                            for m in range(self.ndim)]
 
     def constant(self, node: fx.Node, value: Any) -> None:
         """A plain tensor the body closes over or builds from Python values: the same on every rank, except a
@@ -213,7 +229,10 @@ class _TypeFlow:
         if not isinstance(here, Replicate):
             return _SHARES
         reach = [self.reach[a][m] for a in inputs if a in self.carries_grad and a in self.reach]
-        return _Reach(any(r.whole for r in reach), any(r.shares for r in reach))
+        whole, shares = any(r.whole for r in reach), any(r.shares for r in reach)
+        if (whole or shares) and _sums_back(node, self.mesh, m):
+            return _Reach(whole, shares, True, False)
+        return _Reach(whole, shares, any(r.whole_back for r in reach), any(r.shares_back for r in reach))
 
     def compare_output(self, node: fx.Node, claim: Any, path: str) -> None:
         """An output's inferred type against its claimed placements, mesh dim by mesh dim: proven, wrong (a
@@ -344,10 +363,10 @@ def _output_grads(flow: _TypeFlow, scaled: list[set[int]]) -> None:
         for m, p in enumerate(t if t is not None and reach is not None else ()):
             if not isinstance(p, Replicate):
                 continue
-            if reach[m].whole and reach[m].shares and k not in scaled[m]:
+            if reach[m].whole_back and reach[m].shares_back and k not in scaled[m]:
                 summed = f"its gradient reaches both Replicate inputs and per-rank data on {_dim_name(flow.mesh, m)}"
                 break
-            if k in scaled[m] or reach[m] == _SHARES:
+            if k in scaled[m] or (reach[m].shares_back and not reach[m].whole_back):
                 summed.add(m)
         second.append(summed if isinstance(summed, str) else frozenset(summed) or None)
     if any(s != 1 for s in scales) or any(s is not None for s in second):

@@ -16,7 +16,9 @@ forward                            backward
 ``pvary`` (identity)               ``all_reduce``: a replicated value entering per-rank computation
 =================================  ================================================================
 
-``all_reduce`` and ``pvary`` are each other's converse (JAX's psum and pvary). ``axis_index(mesh_dim)`` is a
+``all_reduce`` and ``pvary`` are each other's converse (JAX's psum and pvary), at every order: under
+``create_graph=True`` all_reduce's backward is a pvary and pvary's an all_reduce, so a double backward sums the
+ranks' shares of a gradient's own gradient (docs/gradients.md). ``axis_index(mesh_dim)`` is a
 0-dim int64 tensor computed by a collective, so it is right on every rank in traced graphs too.
 ``ppermute`` moves data with an all_gather (every rank receives every value), which is simple and traces
 everywhere but sends n times the bytes of a point-to-point exchange.
@@ -102,27 +104,30 @@ register(compat.FUNCTIONAL_OPS.wait_tensor.default, Collective(None, same_as_inp
 # are per-rank local ops (a copy), so they run unchanged on the simulated mesh and show as nodes in traced
 # graphs, where the checker reads them; the communication itself stays a functional collective.
 @torch.library.custom_op("localmap::reduced", mutates_args=())
-def _reduced_op(x: torch.Tensor, result: torch.Tensor, op: str, n: int) -> torch.Tensor:
-    """`result` (the all_reduce of `x`, computed without autograd), differentiated as the reduction: the
-    gradient passes to `x` unchanged (sum), divided by n (avg), or where x held the result (max/min)."""
+def _reduced_op(x: torch.Tensor, result: torch.Tensor, op: str, group_name: str) -> torch.Tensor:
+    """`result` (the sum, max or min of `x` over the group's ranks, computed without autograd), differentiated as
+    the reduction: the gradient passes to `x` unchanged (sum) or where x held the result (max/min)."""
     return result.clone()
 
 
 @_reduced_op.register_fake
-def _(x: torch.Tensor, result: torch.Tensor, op: str, n: int) -> torch.Tensor:
+def _(x: torch.Tensor, result: torch.Tensor, op: str, group_name: str) -> torch.Tensor:
     return torch.empty_like(result)
 
 
 def _reduced_setup(ctx: Any, inputs: tuple, output: Any) -> None:
-    x, result, ctx.op, ctx.n = inputs
+    x, result, ctx.op, ctx.group_name = inputs
     if ctx.op in ("max", "min"):
         ctx.save_for_backward(x == result)
 
 
 def _reduced_backward(ctx: Any, g: torch.Tensor) -> tuple:
-    if ctx.op == "avg":
-        g = g / ctx.n
-    elif ctx.op in ("max", "min"):
+    if torch.is_grad_enabled():  # create_graph=True: this identity is differentiated in its turn (a double
+        # backward), where the gradient's own gradient arrives per rank (a share wherever g meets per-rank
+        # data); the identity's transpose sums those shares, as pvary's backward does (JAX: psum's transpose is
+        # pvary, pvary's is psum). Without it each rank kept only its own share.
+        g = _pvary_op(g, ctx.group_name)
+    if ctx.op in ("max", "min"):
         (held,) = ctx.saved_tensors
         g = g * held
     return g, None, None, None
@@ -145,11 +150,14 @@ def all_reduce(x: torch.Tensor, mesh_dim: int | str, op: str = "sum", *, mesh: D
     if op not in _OPS:
         raise fail("op", "is not a reduction all_reduce knows", expected=_OPS, given=op, fix="use sum/avg/max/min")
     group = _group(mesh_dim, mesh)
-    n = group.size
-    result = compat_funcol.all_reduce(x.detach(), "sum" if op == "avg" else op, group.name)
-    if op == "avg":
-        result = result / n
-    return _reduced_op(x, result, op, n)
+    if op == "avg":  # the sum, divided: its gradient is divided by autograd's own rule
+        return _summed(x, group.name) / group.size
+    return _reduced_op(x, compat_funcol.all_reduce(x.detach(), op, group.name), op, group.name)
+
+
+def _summed(x: torch.Tensor, group_name: str) -> torch.Tensor:
+    """The sum of `x` over the group's ranks, with all_reduce's gradient (localmap::reduced)."""
+    return _reduced_op(x, compat_funcol.all_reduce(x.detach(), "sum", group_name), "sum", group_name)
 
 
 # ---- pvary --------------------------------------------------------------------------------------------------------
@@ -168,6 +176,8 @@ def _pvary_setup(ctx: Any, inputs: tuple, output: Any) -> None:
 
 
 def _pvary_backward(ctx: Any, g: torch.Tensor) -> tuple:
+    if torch.is_grad_enabled():  # create_graph=True: the sum differentiable in its turn (its transpose: pvary)
+        return _summed(g.contiguous(), ctx.group_name), None
     return compat_funcol.all_reduce(g.contiguous(), "sum", ctx.group_name), None
 
 
