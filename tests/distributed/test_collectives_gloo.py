@@ -3,6 +3,9 @@ with collectives against eager, on every rank."""
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 import torch
 from collective_cases import CASES, R, S0, moe_experts, moe_inputs, moe_reference, run_collective_region
@@ -70,3 +73,32 @@ def _compiled_collectives(mesh):
 def test_collectives_under_torch_compile():
     for diff in run_gloo(_compiled_collectives, 2, mesh_dim_names=("tp",), timeout=300):
         assert diff < 1e-5
+
+
+# Catalogue programs whose all-reduced values are used again in the body (a log, a division): a gradient penalty
+# through them differentiates the all_reduce's backward (tests/eager/test_double_backward.py on simulated meshes).
+PENALTY_PROGRAMS = ("parallel: Megatron vocab-parallel cross-entropy, detached max",
+                    "parallel: context-parallel attention, log-sum-exp merge")
+
+
+def _gradient_penalty_on_gloo(mesh):
+    """Outputs, first- and second-order gradients of each program against one device: the largest relative
+    difference per program."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "matrix"))
+    from catalogue import BY_ID
+    from matrix_paths import compare, draw, on_dtensors, reference
+
+    worst = {}
+    for name in PENALTY_PROGRAMS:
+        prog = BY_ID[name]
+        named = type(mesh)("cpu", mesh.mesh, mesh_dim_names=prog.mesh[1])
+        t = draw(prog, 1)
+        diffs = compare(on_dtensors(prog, t, named, "single", penalty=True), reference(prog, t, "single", True))
+        worst[name] = max(diffs.values())
+    return worst
+
+
+def test_gradient_penalty_through_collectives_under_gloo():
+    for worst in run_gloo(_gradient_penalty_on_gloo, 2, timeout=240):
+        assert all(d <= 1e-4 for d in worst.values()), worst
+
