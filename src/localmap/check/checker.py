@@ -223,7 +223,8 @@ class _TypeFlow:
 
     def _reach(self, node: fx.Node, inputs: list[fx.Node], m: int, here: Any) -> "_Reach":
         """Where a gradient arriving at `node` goes on mesh dim m: a per-rank value's gradient is a share; a
-        Replicate value's goes wherever its inputs' gradients go."""
+        Replicate value's goes wherever its inputs' gradients go. In a double backward an all_reduce over m
+        gives its gradient's own gradient back whole (its backward's transpose sums the shares)."""
         if node not in self.carries_grad:
             return _NOWHERE
         if not isinstance(here, Replicate):
