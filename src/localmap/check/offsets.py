@@ -47,15 +47,16 @@ _LOOKUPS = {aten.embedding.default: (0, 1, None), aten.gather.default: (0, 2, 1)
 
 
 @contextlib.contextmanager
-def rank_facts_withheld() -> Iterator[None]:
+def rank_facts_withheld() -> Iterator[list]:
     """No proof in this block reads this process's rank (a literal offset proves nothing): every rank then
-    reaches the verdict of the trace they share, with no exchange (check.tested.agree_while_tracing)."""
-    before = rank_facts_are_withheld()
-    _withheld.on = True
+    reaches the verdict of the trace they share, with no exchange (check.tested.agree_while_tracing). Yields a
+    list that receives True where a masked lookup by a literal offset went unproven for that reason."""
+    before, seen = rank_facts_are_withheld(), getattr(_withheld, "seen", None)
+    _withheld.on, _withheld.seen = True, []
     try:
-        yield
+        yield _withheld.seen
     finally:
-        _withheld.on = before
+        _withheld.on, _withheld.seen = before, seen
 
 
 def rank_facts_are_withheld() -> bool:
@@ -207,6 +208,7 @@ def _real_shard_start(mesh: Any, m: int, n: int) -> int | None:
     None on a fake process group (the simulated and tracing meshes, where one trace stands for every rank), and
     while rank facts are withheld."""
     if rank_facts_are_withheld():
+        _withheld.seen.append(True)
         return None
     try:
         if dist.get_backend(mesh.get_group(m)) == "fake":

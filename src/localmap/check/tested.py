@@ -145,8 +145,17 @@ def agree_while_tracing(check: Callable[[], Verdict], mesh: DeviceMesh) -> Verdi
     rank reaches the verdict of the trace they share, with no exchange."""
     if compat.compiler_collectives_on():
         return agree_on_ranks(check, mesh)
-    with rank_facts_withheld():
-        return check()
+    with rank_facts_withheld() as withheld:
+        verdict = check()
+    # the same words on every rank (each met the literal); kept in the cached verdict, which only this path reads
+    if withheld and verdict.status == "unproven" and _WITHHELD not in verdict.unproven[0]:
+        verdict.unproven[0] += _WITHHELD
+    return verdict
+
+
+_WITHHELD = ("; a literal rank offset (from dist.get_rank) proves nothing while torch.compile traces, as the ranks "
+             "cannot agree on it there without Dynamo's compiler collectives (eagerly they exchange outcomes, and a "
+             "right offset is proven)")
 
 
 def _acted_alike(verdict: Verdict, everyone: list[tuple]) -> Verdict:
