@@ -23,6 +23,7 @@ from localmap.check.closure import closed_over_dtensors
 from localmap.check.state import state_key, value_key
 from localmap.check.verdict import Verdict, unchecked_verdict
 from localmap.check.mutation import check_no_input_mutation
+from localmap.check.offsets import rank_facts_are_withheld
 from localmap.check.routing import SPLITS_PASSED
 from localmap.check.tested import rank_routing_reads, shard_position_reads
 from localmap.collectives.primitives import splits_logged
@@ -73,7 +74,7 @@ def check_function(fn: Callable, local_args: Sequence[Any], leaf_specs: Sequence
     try:
         key = (fn_key, tuple(value_key(a) for a in local_args), repr(leaf_specs), repr(out_placements),
                repr(given_grads), id(mesh), treespec, tuple((k, value_key(v)) for k, v in sorted(kwargs.items())),
-               uneven, tuple(lifted.paths) if lifted is not None else (), state_key(fn))
+               uneven, tuple(lifted.paths) if lifted is not None else (), state_key(fn), rank_facts_are_withheld())
         hash(key)
     except TypeError:
         key = None

@@ -12,7 +12,9 @@ Code that reads its rank from a process group (torchtitan's ``offset = dist.get_
 with the offset as a literal int: the lookup ``clamp(ids - c, 0, n - 1)`` masked by ``(ids >= c) & (ids < c + n)``
 holds this rank's rows only when ``c`` is this rank's shard start. That is a fact of this process, so it is
 proven only where this process is one real rank of the mesh dim (a real process group, each rank checking its
-own trace); on a simulated or fake mesh every rank would share one trace, and the literal proves nothing.
+own trace); on a simulated or fake mesh every rank would share one trace, and the literal proves nothing. While
+torch.compile traces without a way for the ranks to agree on their outcomes (``rank_facts_withheld``), the
+literal proves nothing either: one rank proving it and another not would act apart at trace time.
 
 Either way the shard start is the coordinate times the local length only where the table's dim is cut evenly and
 by that one mesh dim: a lookup on a mesh dim with uneven shards, or into a dim another mesh dim also cuts, is not
@@ -22,7 +24,9 @@ other dims), not along some other dim.
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import threading
+from typing import Any, Iterator
 
 import torch
 import torch.fx as fx
@@ -37,8 +41,27 @@ aten = torch.ops.aten
 _SAME_VALUE = {aten.clone.default, aten._to_copy.default, aten.detach.default, aten.alias.default,
                aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.view.default,
                aten.expand.default, aten._unsafe_view.default, aten.reshape.default}
+_withheld = threading.local()
 _LOOKUPS = {aten.embedding.default: (0, 1, None), aten.gather.default: (0, 2, 1),
             aten.index_select.default: (0, 2, 1)}  # table arg, index arg, dim arg (None: dim 0)
+
+
+@contextlib.contextmanager
+def rank_facts_withheld() -> Iterator[list]:
+    """No proof in this block reads this process's rank (a literal offset proves nothing): every rank then
+    reaches the verdict of the trace they share, with no exchange (check.tested.agree_while_tracing). Yields a
+    list that receives True where a masked lookup by a literal offset went unproven for that reason."""
+    before, seen = rank_facts_are_withheld(), getattr(_withheld, "seen", None)
+    _withheld.on, _withheld.seen = True, []
+    try:
+        yield _withheld.seen
+    finally:
+        _withheld.on, _withheld.seen = before, seen
+
+
+def rank_facts_are_withheld() -> bool:
+    """Whether proofs are kept from this process's rank now (part of the verdict cache's key)."""
+    return getattr(_withheld, "on", False)
 
 
 def _peel(node: Any) -> Any:
@@ -182,7 +205,11 @@ def _literal_offset_holds(literal: tuple[Any, int], mask: Any, n: int, m: int, m
 
 def _real_shard_start(mesh: Any, m: int, n: int) -> int | None:
     """This process's shard start (coordinate * n) on mesh dim m, where this process is a real rank of it:
-    None on a fake process group (the simulated and tracing meshes, where one trace stands for every rank)."""
+    None on a fake process group (the simulated and tracing meshes, where one trace stands for every rank), and
+    while rank facts are withheld."""
+    if rank_facts_are_withheld():
+        _withheld.seen.append(True)
+        return None
     try:
         if dist.get_backend(mesh.get_group(m)) == "fake":
             return None

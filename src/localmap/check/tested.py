@@ -28,7 +28,8 @@ runs on each rank over its own one-member group, and each step's outcome (a fail
 shared by all, so they reach one verdict and none waits for another (``_run_and_compare_on_ranks``).
 Before that, the ranks agree on whether to test at all: each proves the region on its own trace and may
 reach another outcome (a literal rank offset right on one rank only), so their outcomes are gathered once on a
-verdict cache miss and all act alike (``agree_on_ranks``).
+verdict cache miss and all act alike (``agree_on_ranks``). While torch.compile traces, that exchange runs only
+where Dynamo's compiler collectives are on; otherwise no proof reads the rank (``agree_while_tracing``).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from torch.distributed.tensor.placement_types import Partial, Replicate, Shard
 from localmap import compat
 from localmap.caches import register_cache
 from localmap.check.closure import closed_over_dtensors, reachable
+from localmap.check.offsets import rank_facts_withheld
 from localmap.check.verdict import PlacementError, TestRecord, Verdict
 from localmap.compat import pytree
 from localmap.context import in_region
@@ -132,6 +134,28 @@ def agree_on_ranks(check: Callable[[], Verdict], mesh: DeviceMesh) -> Verdict:
     if error is not None:
         raise error
     return _acted_alike(verdict, everyone)
+
+
+def agree_while_tracing(check: Callable[[], Verdict], mesh: DeviceMesh) -> Verdict:
+    """`check()`'s verdict at torch.compile's trace time, the same on every rank. An exchange there is safe only
+    where every rank traces the same frames in the same order; Dynamo may recompile on some ranks only (a guard
+    on a per-rank value, automatic dynamic shapes), and a gather met by some ranks only would hang. So the
+    ranks exchange outcomes (``agree_on_ranks``, eager's rule) only under Dynamo's compiler collectives, whose
+    contract is that lockstep; otherwise no proof reads this process's rank (``rank_facts_withheld``), and every
+    rank reaches the verdict of the trace they share, with no exchange."""
+    if compat.compiler_collectives_on():
+        return agree_on_ranks(check, mesh)
+    with rank_facts_withheld() as withheld:
+        verdict = check()
+    # the same words on every rank (each met the literal); kept in the cached verdict, which only this path reads
+    if withheld and verdict.status == "unproven" and _WITHHELD not in verdict.unproven[0]:
+        verdict.unproven[0] += _WITHHELD
+    return verdict
+
+
+_WITHHELD = ("; a literal rank offset (from dist.get_rank) proves nothing while torch.compile traces, as the ranks "
+             "cannot agree on it there without Dynamo's compiler collectives (eagerly they exchange outcomes, and a "
+             "right offset is proven)")
 
 
 def _acted_alike(verdict: Verdict, everyone: list[tuple]) -> Verdict:

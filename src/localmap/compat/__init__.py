@@ -22,7 +22,7 @@ from localmap.compat.collectives import (
     FUNCTIONAL_OPS, AsyncCollectiveTensor, all_gather_stack, group_size, is_functional_collective, wait, wait_local,
 )
 from localmap.compat.compiling import (
-    optimization_hint, size_hint, surfacing, surfacing_types, trace_time, traced_local,
+    compiler_collectives_on, optimization_hint, size_hint, surfacing, surfacing_types, trace_time, traced_local,
 )
 from localmap.compat.dynamo import at_trace_time
 from localmap.compat.dtensor import (
@@ -58,5 +58,5 @@ __all__ = [
     "make_fx_on_values", "new_fake_mode", "node_sites", "op_schema", "own_node_meta", "partitioner", "plain_signature", "register_cpu_attention_flops",
     "reparametrized", "sac_active", "sac_modes", "storage_key", "trace_lock", "track_tensor_tree",
     "without_saved_tensor_hooks", "version_counter", "TORCH_AT_LEAST_2_14", "TORCH_RELEASE", "optimization_hint", "size_hint", "surfacing", "surfacing_types", "trace_time",
-    "traced_local", "at_trace_time",
+    "traced_local", "at_trace_time", "compiler_collectives_on",
 ]

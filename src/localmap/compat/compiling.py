@@ -14,6 +14,9 @@ enters the graph as a constant, so the compiled program pays nothing for it per 
   is re-raised as an instance of a subclass of its own class and AssertionError, with the same name, attributes
   and message (``except LocalMapError``/``PlacementError`` and ``pytest.raises`` see it as the eager error).
 
+``compiler_collectives_on`` says whether the user turned on Dynamo's compiler collectives, under which every
+rank compiles the same frames together (PyTorch's own trace-time collectives require it).
+
 ``size_hint`` reads a size Dynamo made symbolic (automatic dynamic shapes) as its example value, without
 adding a guard: the check then runs on the size Dynamo traced with.
 """
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import sys
 from typing import Any, Callable
 
 import torch
@@ -81,6 +85,14 @@ def surfacing(e: Exception) -> Exception:
 def _surfaced_message(self: BaseException) -> str:
     # Dynamo appends its "from user code" trace to the message arguments; the message stays the eager one.
     return self.__dict__["_surfaced_message"]
+
+
+def compiler_collectives_on() -> bool:
+    """``torch._dynamo.config.enable_compiler_collectives`` (``TORCH_COMPILER_COLLECTIVES=1``): Dynamo then runs
+    collectives while it traces, so every rank must compile the same frames in the same order (the flag's own
+    contract). False where Dynamo was never imported (nothing traces)."""
+    config = sys.modules.get("torch._dynamo.config")
+    return bool(getattr(config, "enable_compiler_collectives", False))
 
 
 def size_hint(n: Any) -> Any:

@@ -18,6 +18,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.placement_types import Placement
 
 from localmap.caches import register_cache
+from localmap.check.tested import agree_while_tracing
 from localmap.core.plan import plan_call
 from localmap.core.refusals import COMPILED, uneven_error
 from localmap.compat import (
@@ -60,9 +61,10 @@ def plan_inputs(config: tuple, bound_to: Any, mesh: Any, skeleton: Any, leaves: 
     given_grads: list = [None] * len(flat)
     for i, a, grads, _ in checked:
         held[i], given_grads[i] = tuple(a.placements), grads if given else None
-    # the same verdict eager reaches (check.function caches it across paths)
-    call = plan_call(lambda: check_body(region.func, region.out_placements, plan, flat, treespec, checked, mesh,
-                                        kwargs), region.check, COMPILED, held, given_grads, region.in_grad_placements)
+    # the same rule eager reaches, agreed by every rank (check.function caches it across paths)
+    call = plan_call(lambda: agree_while_tracing(lambda: check_body(
+        region.func, region.out_placements, plan, flat, treespec, checked, mesh, kwargs), mesh), region.check,
+        COMPILED, held, given_grads, region.in_grad_placements)
     planned = []
     for i, a, _, _ in checked:
         grads = call.grads[i]
