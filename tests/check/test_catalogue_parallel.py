@@ -282,7 +282,7 @@ RIGHT = [
     Prog("context-parallel attention, log-sum-exp merge", cp_attention_lse_merge, [(2, 4, 4), (2, 8, 4),
          (2, 8, 4)], [(R,), (S1,), (S1,)], (R,), "ok", ref=attention, mesh="cp"),
     Prog("position table offset by the rank's index", position_offset, [(8, 4), (8, 4)], [(S0,), (R,)], (S0,),
-         "unproven", right=True, ref=lambda x, pos: x + pos, mesh="cp"),
+         "ok", ref=lambda x, pos: x + pos, mesh="cp"),
     # expert parallel
     Prog("experts: batched matmul on the expert shard", torch.bmm, [(4, 3, 6), (4, 6, 5)], [(S0,), (S0,)], (S0,),
          "ok", mesh="ep"),
@@ -290,7 +290,7 @@ RIGHT = [
          [(S0,)], (S0,), "ok", weights=[((4, 6, 5), (S0,))], mesh="ep"),
     Prog("experts: per-expert bias", lambda x, b: x + b, [(4, 3, 6), (4, 1, 6)], [(S0,), (S0,)], (S0,), "ok",
          mesh="ep"),
-    Prog("all_to_all rows to columns", all_to_all_rows_to_cols, [(8, 8)], [(S0,)], (S1,), "unproven", right=True,
+    Prog("all_to_all rows to columns", all_to_all_rows_to_cols, [(8, 8)], [(S0,)], (S1,), "ok",
          ref=lambda x: x * 2, mesh="ep"),
     # data parallel
     Prog("data-parallel linear, weight gradient partial", F.linear, [(8, 6), (4, 6)], [(S0,), (R,)], (S0,), "ok",
@@ -355,11 +355,7 @@ WRONG = [
          "Partial"),
     # context parallel
     Prog("context-parallel attention, blocks normalised separately", cp_attention_local_softmax,
-         [(2, 4, 4), (2, 8, 4), (2, 8, 4)], [(R,), (S1,), (S1,)], (R,), "refused", "claimed Replicate", ref=attention,
-         mesh="cp",
-         xfail="called ok: all_reduce makes the value the same on every rank, so the Replicate claim holds; "
-               "normalising the blocks separately is a math error no placement type sees (localmap.verify "
-               "finds it). Refusing it would also refuse the right log-sum-exp merge"),
+         [(2, 4, 4), (2, 8, 4), (2, 8, 4)], [(R,), (S1,), (S1,)], (R,), "unproven", ref=attention, mesh="cp"),
     Prog("autoparallel's CP attention: q, k, v sharded on the sequence", lambda q, k, v:
          F.scaled_dot_product_attention(q, k, v), [(1, 2, 8, 4)] * 3, [(S2,)] * 3, (S2,), "unproven", mesh="cp"),
     Prog("attention over a key shard claimed as a sequence shard", attention, [(2, 8, 4), (2, 8, 4), (2, 8, 4)],
@@ -370,7 +366,7 @@ WRONG = [
     Prog("experts: closed-over weights claimed Replicate", lambda ws: lambda x: torch.bmm(x, local(ws[0])),
          [(4, 3, 6)], [(S0,)], (R,), "refused", "claimed Replicate", weights=[((4, 6, 5), (S0,))], mesh="ep"),
     Prog("all_to_all rows to columns claimed on the old dim", all_to_all_rows_to_cols, [(8, 8)], [(S0,)], (S0,),
-         "unproven", ref=lambda x: x * 2, mesh="ep"),
+         "refused", "is a shard of dim 1 but is claimed Shard(dim=0)", ref=lambda x: x * 2, mesh="ep"),
     # data parallel
     Prog("data-parallel batch statistics: mean over the sharded batch", lambda x: x - x.mean(0), [(8, 4)], [(S0,)],
          (S0,), "refused", "Partial", mesh="dp"),

@@ -58,11 +58,19 @@ def test_all_gather_result_claimed_replicate_is_an_error_and_wrong_gradient(sim_
                               check=False)
 
 
-def test_all_reduce_claimed_replicate_passes_the_check_and_partial_does_not(sim_mesh_4):
+def test_all_reduce_of_a_partial_sum_is_replicate_and_of_a_shard_is_unproven(sim_mesh_4):
+    """A partial sum all-reduced is proven Replicate (claimed Partial: refused). The shards themselves summed are
+    the same on every rank, but not the one-rank run's value (there the all_reduce is the identity, and the
+    output is the whole dim long): no claim on it is proven, and the test calls the difference a dependence
+    (the shapes follow the mesh's size), so it runs with an "unproven" warning, never silently."""
     x = distribute(randn(8, 6), sim_mesh_4, [S0])
-    assert local_map(lambda a: C.all_reduce(a, 0), [R], ([S0],), device_mesh=sim_mesh_4)(x).placements == (R,)
+    summed = lambda a: C.all_reduce(a.sum(0, keepdim=True), 0)  # noqa: E731
+    assert local_map(summed, [R], ([S0],), device_mesh=sim_mesh_4, check="strict")(x).placements == (R,)
     with pytest.raises(PlacementError, match="claimed Partial"):
-        local_map(lambda a: C.all_reduce(a, 0), [Partial()], ([S0],), device_mesh=sim_mesh_4)(x)
+        local_map(summed, [Partial()], ([S0],), device_mesh=sim_mesh_4)(x)
+    for claim in (R, Partial()):
+        with pytest.warns(UserWarning, match="unproven.*shapes that follow the mesh's size"):
+            local_map(lambda a: C.all_reduce(a, 0), [claim], ([S0],), device_mesh=sim_mesh_4)(x)
 
 
 def test_replicate_input_meeting_gathered_data_gets_partial_gradient(sim_mesh_4):

@@ -5,7 +5,8 @@ them show), and every value gets a placement type per mesh dim (``_types``). The
 
 * each output's inferred type is compared with its out_placements (``check.verdict``'s three verdicts): equal
   is proven; a contradiction (a partial sum claimed Replicate, a replicated value claimed Shard, ...) is wrong;
-  a claim on a value that varies with no derivable structure (``VARYING``) is unproven, never accepted;
+  a claim on a value that varies with no derivable structure (``VARYING``), or on one the same on every rank
+  with no global meaning derived (``AGREED``), is unproven, never accepted;
 * each input's gradient placements are inferred as the transpose of its type: Shard stays Shard, Partial becomes
   Replicate, Replicate becomes Partial on a mesh dim where it meets data that varies (or is partial) there, else
   stays Replicate. A given in_grad_placements that differs is an error, and so is an input whose gradient is
@@ -33,7 +34,8 @@ from localmap.check.routing import Frames
 from localmap.check.rules import output_types
 from localmap.collectives.registry import collective, mesh_dim_of
 from localmap.check.verdict import PlacementError, Verdict
-from localmap.placements.types import OPAQUE, PER_RANK_COPY, UNKNOWN_WHY, VARYING, RuleError
+from localmap.placements.types import AGREED, OPAQUE, PER_RANK_COPY, UNKNOWN_WHY, VARYING, RuleError, \
+    same_gradient_on_ranks
 
 
 SITE = "localmap_site"  # node.meta key: the (file, line) that made the node (sites.traced_frame, while traced)
@@ -201,7 +203,7 @@ class _TypeFlow:
         types, lineage = self.types, self.lineage
         same = [a for a in inputs if types[a][m] == here]
         self.origin[node].append(self.origin[same[0]][m] if same else node)
-        reaching = set().union(*(lineage[a][m] for a in inputs if isinstance(types[a][m], Replicate)))
+        reaching = set().union(*(lineage[a][m] for a in inputs if same_gradient_on_ranks(types[a][m])))
         gradient = getattr(collective(node.target), "gradient", None)
         self.reach[node].append(self._reach(node, inputs, m, here))
         if gradient in ("summing", "unsummed"):  # a Replicate input's gradient through it is whole on every rank
@@ -210,7 +212,7 @@ class _TypeFlow:
                     self.collective_uses[m].setdefault(j, node)
         if gradient == "summing":  # its backward sums the per-rank gradients itself
             lineage[node].append(set())
-        elif isinstance(here, Replicate):
+        elif same_gradient_on_ranks(here):
             starts = gradient == "unsummed" and node in self.carries_grad and _differentiable(node)
             lineage[node].append({node} if starts else reaching)
         else:
@@ -227,7 +229,7 @@ class _TypeFlow:
         gives its gradient's own gradient back whole (its backward's transpose sums the shares)."""
         if node not in self.carries_grad:
             return _NOWHERE
-        if not isinstance(here, Replicate):
+        if not same_gradient_on_ranks(here):
             return _SHARES
         reach = [self.reach[a][m] for a in inputs if a in self.carries_grad and a in self.reach]
         whole, shares = any(r.whole for r in reach), any(r.shares for r in reach)
@@ -244,7 +246,7 @@ class _TypeFlow:
         if t is None or claim is None:
             return
         for m, (c, got) in enumerate(zip(claim, t, strict=True)):
-            if isinstance(got, Replicate) and node in self.carries_grad:
+            if same_gradient_on_ranks(got) and node in self.carries_grad:
                 inputs = {j for j in self.lineage[node][m] if not isinstance(j, fx.Node)}
                 for j in inputs:
                     self.whole_uses[m].setdefault(j, path)
@@ -362,7 +364,7 @@ def _output_grads(flow: _TypeFlow, scaled: list[set[int]]) -> None:
         scales.append(1 / math.prod(flow.mesh.size(m) for m in range(flow.ndim) if k in scaled[m]))
         summed: Any = set()
         for m, p in enumerate(t if t is not None and reach is not None else ()):
-            if not isinstance(p, Replicate):
+            if not same_gradient_on_ranks(p):
                 continue
             if reach[m].whole_back and reach[m].shares_back and k not in scaled[m]:
                 summed = f"its gradient reaches both Replicate inputs and per-rank data on {_dim_name(flow.mesh, m)}"
@@ -434,6 +436,8 @@ def _compare(claim: Placement, got: Any, mesh: Any, m: int, opaque: bool) -> tup
     """None when a claimed placement is proven by the inferred type on one mesh dim; ("unproven",) when it
     rests on an untyped value; ("wrong", problem, fix) when the type contradicts it."""
     name = repr(mesh.mesh_dim_names[m]) if mesh.mesh_dim_names else f"mesh dim {m}"
+    if got is AGREED:  # the same on every rank, but not known to be the one-rank run's value
+        return ("unproven",)
     if got is VARYING:
         if isinstance(claim, Replicate) and not opaque:
             return ("wrong", "differs across ranks but is claimed Replicate", "return a value that is the same "

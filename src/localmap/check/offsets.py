@@ -16,6 +16,12 @@ own trace); on a simulated or fake mesh every rank would share one trace, and th
 torch.compile traces without a way for the ranks to agree on their outcomes (``rank_facts_withheld``), the
 literal proves nothing either: one rank proving it and another not would act apart at trace time.
 
+The same lookup may instead be zeroed where the ids fall outside the rank's rows (``local[outside] = 0`` on the
+shifted ids, or a clamp, then ``picked[outside] = 0`` on the looked-up values, with ``outside`` the complement of
+the mask: torchtitan's vocab-parallel cross-entropy), ``zeroed_lookup``. And a table whole on every rank looked
+up at ``arange(k) + k * axis_index(m)`` gives each rank its own k rows: a shard of the looked-up dim
+(``rank_rows``: a learned position table under context parallelism).
+
 Either way the shard start is the coordinate times the local length only where the table's dim is cut evenly and
 by that one mesh dim: a lookup on a mesh dim with uneven shards, or into a dim another mesh dim also cuts, is not
 proven. The mask must also meet the lookup element by element (the ids' shape, broadcast over the looked-up rows'
@@ -229,18 +235,181 @@ def _clamped(index: Any) -> tuple[Any, int] | None:
 
 def _in_range_mask(mask: Any, ids: Any, low: int, high: int) -> bool:
     """mask == (ids >= low) & (ids < high) (or ids <= high - 1), in either order."""
-    if not isinstance(mask, fx.Node) or mask.target not in (aten.bitwise_and.Tensor, aten.logical_and.default):
+    return _bounds_mask(mask, ids, (aten.bitwise_and.Tensor, aten.logical_and.default), (aten.ge.Scalar, low),
+                        ((aten.lt.Scalar, high), (aten.le.Scalar, high - 1)))
+
+
+def _outside_mask(mask: Any, ids: Any, low: int, high: int) -> bool:
+    """mask == (ids < low) | (ids >= high) (or ids > high - 1), in either order."""
+    return _bounds_mask(mask, ids, (aten.bitwise_or.Tensor, aten.logical_or.default), (aten.lt.Scalar, low),
+                        ((aten.ge.Scalar, high), (aten.gt.Scalar, high - 1)))
+
+
+def _bounds_mask(mask: Any, ids: Any, joins: tuple, low_test: tuple, high_tests: tuple) -> bool:
+    """mask == join(low test, one of the high tests) of `ids`, in either order."""
+    if not isinstance(mask, fx.Node) or mask.target not in joins:
         return False
     tests = {(_peel(a).target, _peel(a).args[1]) for a in mask.args[:2]
              if isinstance(_peel(a), fx.Node) and len(_peel(a).args) > 1 and _peel(a).args[0] is ids}
-    return len(tests) == 2 and (aten.ge.Scalar, low) in tests and (
-        (aten.lt.Scalar, high) in tests or (aten.le.Scalar, high - 1) in tests)
+    return len(tests) == 2 and low_test in tests and any(t in tests for t in high_tests)
+
+
+# ---- the same lookup zeroed by index_put: ``local[out_of_range] = 0; rows = gather(...); rows[out_of_range] = 0``
+# (torchtitan's vocab-parallel cross-entropy): the index set to row 0 where the ids fall outside this rank's rows
+# (or clamped), and the looked-up values set to zeros there, by the same "outside" mask.
+
+_INDEX_PUTS = {aten.index_put.default, aten.index_put_.default}
+
+
+def zeroed_lookup(node: fx.Node, mesh: Any, types: dict, uneven: frozenset = frozenset()) -> set[int]:
+    """Mesh dims on which `node` (an index_put of zeros) zeroes a gather or embedding where its ids fall outside
+    this rank's rows: a partial sum there (as ``masked_lookup``, with the mask's complement)."""
+    found: set[int] = set()
+    outside = _zeroing_mask(node)
+    lookup = _peel(node.args[0]) if outside is not None else None
+    spec = _LOOKUPS.get(getattr(lookup, "target", None))
+    if spec is None or lookup.target is aten.index_select.default:
+        return found
+    table, index = lookup.args[spec[0]], lookup.args[spec[1]]
+    if not isinstance(table, fx.Node) or not isinstance(types.get(table), tuple) or \
+            _shape(outside) is None or _shape(outside) != _shape(index) or _chain(outside) != _chain(index):
+        return found
+    mask, ids = _peel(outside), _zeroed_index(_peel(index), _peel(outside), table, lookup, spec)
+    tval = table.meta["val"]
+    dim = (lookup.args[spec[2]] if spec[2] is not None else 0) % tval.ndim
+    n = tval.shape[dim]
+    if ids is None:
+        return found
+    literal = _literal_shift(ids)
+    cuts = [m for m, p in enumerate(types[table]) if sharded_dim(p) == dim]
+    for m, p in enumerate(types[table]):
+        if p != Shard(dim) or m in uneven or cuts != [m]:
+            continue
+        if _outside_mask(mask, ids, 0, n) and rank_scale(ids, m, mesh, types) == -n:
+            found.add(m)
+        elif literal is not None and _real_shard_start(mesh, m, n) == literal[1] and \
+                rank_scale(literal[0], m, mesh, types) == 0 and \
+                _outside_mask(mask, literal[0], literal[1], literal[1] + n):
+            found.add(m)
+    return found
+
+
+def _zeroing_mask(node: fx.Node) -> Any:
+    """The one boolean mask of ``x[mask] = 0`` (index_put of a zero, not accumulating), or None."""
+    if node.target not in _INDEX_PUTS or len(node.args) < 3 or \
+            (node.args[3] if len(node.args) > 3 else node.kwargs.get("accumulate", False)):
+        return None
+    indices, value = node.args[1], node.args[2]
+    if len(indices) != 1 or not isinstance(indices[0], fx.Node) or not _zero_constant(value):
+        return None
+    val = indices[0].meta.get("val")
+    return indices[0] if isinstance(val, torch.Tensor) and val.dtype is torch.bool else None
+
+
+def _zero_constant(node: Any) -> bool:
+    """A literal zero: a constant tensor the graph holds (under lift_fresh_copy) whose one element is 0."""
+    node = _peel(node) if not (isinstance(node, fx.Node) and node.target is aten.lift_fresh_copy.default) \
+        else node.args[0]
+    if not isinstance(node, fx.Node) or node.op != "get_attr":
+        return False
+    value = getattr(node.graph.owning_module, node.target, None)
+    return isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_meta and value.item() == 0
+
+
+def _zeroed_index(index: Any, outside: fx.Node, table: fx.Node, lookup: fx.Node, spec: tuple) -> Any:
+    """The shifted ids under the lookup's index: ``clamp(ids, 0, n - 1)``, or ``ids`` with the `outside` rows set
+    to 0 (``ids[outside] = 0``); None otherwise."""
+    tval = table.meta["val"]
+    n = tval.shape[(lookup.args[spec[2]] if spec[2] is not None else 0) % tval.ndim]
+    clamped = _clamped(index)
+    if clamped is not None:
+        return clamped[0] if clamped[1] == n - 1 else None
+    mask = _zeroing_mask(index) if isinstance(index, fx.Node) else None
+    if mask is None or _peel(mask) is not outside or _shape(mask) != _shape(index.args[0]):
+        return None
+    return index.args[0]
+
+
+def _chain(node: Any) -> list:
+    """The copies and reshapes from `node` down to the value under them (``_peel``), with their arguments."""
+    steps = []
+    while isinstance(node, fx.Node) and node.target in _SAME_VALUE:
+        steps.append((node.target, tuple(node.args[1:])))
+        node = node.args[0]
+    return steps
+
+
+# ---- rows offset by the rank's coordinate: ``table.index_select(0, axis_index(m) * k + arange(k))`` ------------
+# A table whole on every rank, looked up at this rank's k consecutive rows (a learned position table under
+# context parallelism): rank r holds rows r*k .. r*k+k-1, chunk r of the one-rank lookup of every row (where the
+# table has exactly k * n rows): a shard of the looked-up dim.
+
+ROW_LOOKUPS = {aten.index_select.default: (0, 2, 1), aten.embedding.default: (0, 1, None),
+                aten.index.Tensor: (0, 1, None)}  # table arg, index arg, dim arg (None: dim 0)
+
+
+def rank_rows(node: fx.Node, in_types: list, mesh: Any, types: dict, default: Any) -> Any:
+    """The type of a lookup of this rank's rows by ``arange(k) + k * axis_index(m)`` in a table whole on m:
+    Shard(the looked-up dim) there; None where the lookup is not of that form on any mesh dim."""
+    spec = ROW_LOOKUPS.get(node.target)
+    table = node.args[spec[0]] if spec is not None else None
+    index = node.args[spec[1]] if spec is not None else None
+    if node.target is aten.index.Tensor:
+        index = index[0] if isinstance(index, (list, tuple)) and len(index) == 1 else None
+    if not isinstance(table, fx.Node) or not isinstance(types.get(table), tuple) or _shape(index) is None or \
+            len(_shape(index)) != 1:
+        return None
+    tval = table.meta["val"]
+    dim = (node.args[spec[2]] if spec[2] is not None else 0) % tval.ndim
+    k = _shape(index)[0]
+    rows = {m for m in range(mesh.ndim) if isinstance(types[table][m], Replicate) and
+            tval.shape[dim] == k * mesh.shape[m] and _rows_of_rank(index, m, mesh, k)}
+    if not rows:
+        return None
+    inputs = [a for a in node.all_input_nodes if types.get(a) is not None]
+    plain = [tuple(Replicate() if m in rows else p for m, p in enumerate(types[a])) for a in inputs]
+    out = default(node, plain, mesh, dict(zip(inputs, plain)))
+    at = dim if node.target is aten.index_select.default else 0  # the looked-up dim in the result
+    return tuple(Shard(at) if m in rows else p for m, p in enumerate(out))
+
+
+def _rows_of_rank(index: Any, m: int, mesh: Any, k: int) -> bool:
+    """index == arange(k) + k * (coordinate on mesh dim m), in either order."""
+    if not isinstance(index, fx.Node) or index.target is not aten.add.Tensor or index.kwargs.get("alpha", 1) != 1:
+        return False
+    a, b = index.args[:2]
+    return any(_arange_of(p, k) and _coordinate_times(q, m, mesh, k) for p, q in ((a, b), (b, a)))
+
+
+def _arange_of(node: Any, k: int) -> bool:
+    node = _peel(node)
+    if not isinstance(node, fx.Node) or node.target not in (aten.arange.default, aten.arange.start):
+        return False
+    return list(node.args) in ([k], [0, k]) and node.kwargs.get("dtype") in (None, torch.int64, torch.int32)
+
+
+def _coordinate_times(node: Any, m: int, mesh: Any, k: int) -> bool:
+    """node == k * (the coordinate on mesh dim m), with no base added."""
+    node = _peel(node)
+    if not isinstance(node, fx.Node) or node.target is not aten.mul.Tensor:
+        return False
+    for c, factor in (node.args[:2], node.args[1::-1]):
+        if factor == k and type(factor) is int:
+            c = _peel(c)
+            while isinstance(c, fx.Node) and c.target in (aten.select.int, FUNCTIONAL_OPS.wait_tensor.default):
+                c = _peel(c.args[0])
+            if isinstance(c, fx.Node) and c.target is FUNCTIONAL_OPS.all_to_all_single.default and \
+                    _coordinates(c, m, mesh):
+                return True
+    return False
 
 
 def partial_where_masked(node: fx.Node, in_types: list, mesh: Any, types: dict, default: Any,
                          uneven: frozenset = frozenset()) -> Any:
-    """The mul's type: Partial(sum) on the mesh dims where it is a masked lookup, else `default`'s answer."""
-    dims = masked_lookup(node, mesh, types, uneven)
+    """The type of a mul or an index_put of zeros: Partial(sum) on the mesh dims where it is a masked (or zeroed)
+    lookup, else None."""
+    find = masked_lookup if node.target is aten.mul.Tensor else zeroed_lookup
+    dims = find(node, mesh, types, uneven)
     if not dims:
         return None
     plain = [tuple(Replicate() if m in dims else p for m, p in enumerate(t)) for t in in_types]

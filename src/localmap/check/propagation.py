@@ -21,7 +21,8 @@ from localmap import compat
 from localmap.caches import register_cache
 from localmap.compat import pytree
 from localmap.placements.shapes import dense_stride
-from localmap.placements.types import OPAQUE, PER_RANK_COPY, UNKNOWN_WHY, VARYING, RuleError, Type
+from localmap.placements.types import AGREED, OPAQUE, PER_RANK_COPY, UNKNOWN_WHY, VARYING, RuleError, Type, \
+    same_on_ranks
 
 aten = torch.ops.aten
 
@@ -77,7 +78,7 @@ def _as_spec(val: torch.Tensor, t: Type, mesh: Any, local: bool = False) -> Any:
 
 def _new_spec(val_shape: tuple, stride: Sequence[Any], dtype: torch.dtype, t: Type, mesh: Any,
               local: bool) -> Any:
-    placements = tuple(Replicate() if p is VARYING or p is PER_RANK_COPY else p for p in t)
+    placements = tuple(Replicate() if p is VARYING or p is PER_RANK_COPY or p is AGREED else p for p in t)
     shape = list(val_shape) if local else _global_shape(val_shape, t, tuple(mesh.shape))
     shape = [s if s != 0 else math.prod(mesh.shape) for s in shape]
     return compat.make_spec(mesh, placements, shape, dense_stride(shape, stride), dtype)
@@ -96,8 +97,7 @@ def propagate(node: fx.Node, in_types: list, mesh: Any, types: dict) -> Any:
     # Mesh dims where every input is Replicate (in value): ranks along them hold the same inputs, so the (deterministic)
     # op gives the same result there, whatever strategy DTensor picks (it may pick a free Replicate -> Shard
     # chunk on such a dim, as torch 2.14's cat does, which is no sign that the local op is wrong).
-    whole = {m for m in range(mesh.ndim)
-             if all(isinstance(t[m], Replicate) or t[m] is PER_RANK_COPY for t in in_types if t is not None)}
+    whole = {m for m in range(mesh.ndim) if all(same_on_ranks(t[m]) for t in in_types if t is not None)}
     broken: set[int] = set()  # mesh dims where the local op is not the shard of the global op
     for g, w in zip(given, wanted):
         broken.update(m for m, (a, b) in enumerate(zip(g.placements, w.placements, strict=True))
@@ -233,8 +233,8 @@ def conservative(node: fx.Node, in_types: list, mesh: Any) -> Type:
         column = [t[m] for t in in_types if t is not None]
         if all(isinstance(p, Replicate) for p in column):
             out.append(Replicate())
-        elif all(isinstance(p, Replicate) or p is PER_RANK_COPY for p in column):
-            out.append(PER_RANK_COPY)
+        elif all(same_on_ranks(p) for p in column):
+            out.append(AGREED if AGREED in column else PER_RANK_COPY)
         else:
             out.append(VARYING)
             node.meta[OPAQUE] = True
@@ -249,7 +249,8 @@ def default_types(node: fx.Node, in_types: list, mesh: Any, types: dict) -> Any:
     if not tensors:
         return replicated(mesh)
     varying = {m for t in tensors for m, p in enumerate(t) if p is VARYING}
-    copies = {m for t in tensors for m, p in enumerate(t) if p is PER_RANK_COPY} - varying
+    agreed = {m for t in tensors for m, p in enumerate(t) if p is AGREED} - varying
+    copies = {m for t in tensors for m, p in enumerate(t) if p is PER_RANK_COPY} - varying - agreed
     for m in varying:
         _refuse_partial(node, [t[m] for t in tensors], m)
     result = propagate(node, in_types, mesh, types)
@@ -257,12 +258,24 @@ def default_types(node: fx.Node, in_types: list, mesh: Any, types: dict) -> Any:
         _refuse_local_sized(node, mesh, types)
         return conservative(node, in_types, mesh)
 
-    def mark(t: Any) -> Any:  # varying inputs make the result varying; per-rank copies keep their kind
+    def mark(t: Any) -> Any:  # varying inputs make the result varying; per-rank copies keep their kind; an
+        # agreed input keeps a result the same on every rank agreed, and makes a shard or partial one varying
         return None if t is None else tuple(
-            VARYING if m in varying else PER_RANK_COPY if m in copies and isinstance(p, Replicate) else p
-            for m, p in enumerate(t))
+            VARYING if m in varying else _agreed(node, p) if m in agreed else
+            PER_RANK_COPY if m in copies and isinstance(p, Replicate) else p for m, p in enumerate(t))
 
     return [mark(t) for t in result] if isinstance(result, list) else mark(result)
+
+
+def _agreed(node: fx.Node, p: Any) -> Any:
+    """An op's result on a mesh dim where an input is AGREED: the same on every rank (AGREED) where DTensor
+    places it Replicate, else VARYING (a shard or partial sum built from a value of unknown meaning)."""
+    if isinstance(p, Replicate):
+        return AGREED
+    node.meta.setdefault(UNKNOWN_WHY, f"{op_name(node)} combines a value that is the same on every rank with no "
+                         "global meaning derived (an all_reduce of values that are not partial results) with "
+                         "shards or partial sums")
+    return VARYING
 
 
 def _refuse_local_sized(node: fx.Node, mesh: Any, types: dict) -> None:

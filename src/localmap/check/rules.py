@@ -1,7 +1,7 @@
 """The placement rules as data: each op's output type from its inputs' types, one rule per row.
 
-Types are those of ``localmap.placements.types`` (Replicate, Shard(d), Partial(op), PER_RANK_COPY or VARYING per
-mesh dim). An op's rule is, in order: its row in ``RULES`` (ops whose meaning DTensor does not say: copies,
+Types are those of ``localmap.placements.types`` (Replicate, Shard(d), Partial(op), PER_RANK_COPY, AGREED or
+VARYING per mesh dim). An op's rule is, in order: its row in ``RULES`` (ops whose meaning DTensor does not say: copies,
 statistics over sharded dims, linear reductions and views of Partial values, attention kernels); random numbers
 (every op ATen tags as random: a shard's piece of a global draw when shaped like one, else Varying); the
 collective's own rule (``localmap.collectives.registry``); else DTensor's sharding propagation
@@ -20,10 +20,11 @@ from torch.distributed.tensor.placement_types import Partial, Replicate, Shard
 
 import localmap.collectives  # noqa: F401  (registers the collectives' facts)
 from localmap import compat
-from localmap.check.offsets import partial_where_masked
+from localmap.check.offsets import ROW_LOOKUPS, partial_where_masked, rank_rows
 from localmap.check.propagation import default_types, op_name, replicated
+from localmap.collectives.primitives import all_to_all_type
 from localmap.collectives.registry import collective
-from localmap.placements.types import PER_RANK_COPY, UNKNOWN_WHY, VARYING, RuleError
+from localmap.placements.types import AGREED, PER_RANK_COPY, UNKNOWN_WHY, VARYING, RuleError, same_on_ranks
 
 
 Rule = Callable[[fx.Node, list, Any], Any]
@@ -319,13 +320,24 @@ for _op in (aten.index_put.default, aten.index_put_.default):
                                                                              "accumulate"))))
 
 
+_MASKINGS = {aten.mul.Tensor, aten.index_put.default, aten.index_put_.default}
+
+
 def output_types(node: fx.Node, in_types: list, mesh: Any, types: dict, uneven: frozenset = frozenset()) -> Any:
     """Type(s) of a node's output(s): its rule, else DTensor propagation (Varying inputs kept Varying), else
     the conservative default. `uneven`: the mesh dims where some input is sharded unevenly."""
-    if node.target is aten.mul.Tensor:  # a lookup masked to this rank's rows (vocab-parallel): check.offsets
+    if node.target in _MASKINGS:  # a lookup masked to this rank's rows (vocab-parallel): check.offsets
         masked = partial_where_masked(node, in_types, mesh, types, default_types, uneven)
         if masked is not None:
             return masked
+    if node.target in ROW_LOOKUPS:  # this rank's rows of a whole table, by its coordinate: check.offsets
+        rows = rank_rows(node, in_types, mesh, types, default_types)
+        if rows is not None:
+            return rows
+    if node.target is aten.cat.default:  # the last step of localmap's all_to_all
+        routed = all_to_all_type(node, types, mesh)
+        if routed is not None:
+            return routed
     rule = rule_for(node.target)
     if rule is not None:
         return rule(node, in_types, mesh)
@@ -364,6 +376,8 @@ def _attention_dim(node: fx.Node, column: list, ndim: int, masked: bool, m: int)
     if any(isinstance(p, Partial) for p in column):
         raise RuleError(f"{op_name(node)} gets a Partial query, key or value: attention is not linear in them",
                         "all_reduce it first", m)
+    if AGREED in column:  # attention with a value of unknown meaning: the same on every rank or not
+        return AGREED if all(same_on_ranks(p) for p in column) else _unknown(node, VARYING)
     kv_whole = all(isinstance(p, Replicate) or p is PER_RANK_COPY for p in (k, v))
     if all(isinstance(p, Replicate) for p in column):
         return Replicate()
@@ -373,10 +387,14 @@ def _attention_dim(node: fx.Node, column: list, ndim: int, masked: bool, m: int)
         return q  # batch or heads
     if kv_whole and isinstance(q, Shard) and q.dim == ndim - 2 and not masked:
         return q  # this rank's queries against every key
+    return _unknown(node, VARYING)
+
+
+def _unknown(node: fx.Node, t: Any) -> Any:
     node.meta[UNKNOWN_WHY] = (
         f"{op_name(node)} with these shardings (keys sharded along the sequence give a per-rank partial "
-        "attention; a mask or causality with sharded queries uses local positions)")
-    return VARYING
+        "attention; a mask or causality with sharded queries uses local positions; a value of unknown meaning)")
+    return t
 
 
 for _name in ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",

@@ -13,8 +13,9 @@ the call's own inputs, without a trace:
 
 Values and gradients within tolerance: "tested" (the record names the inputs and the largest difference). A
 difference: "wrong", with the numbers, unless the body may mean another program on one rank, which is then
-reported unproven with the numbers and the reason (``dependence``): an integer input that holds one value per
-rank (rank ids passed as data), a Python integer the body closes over that equals a mesh dim's size (module
+reported unproven with the numbers and the reason (``dependence``): an output whose global value has another
+shape than the one-rank run's (shapes that depend on the mesh's size: an all_reduce of shards), an integer input
+that holds one value per rank (rank ids passed as data), a Python integer the body closes over that equals a mesh dim's size (module
 state such as ``self.ep_size``), a device mesh it closes over, or a fixed position taken in a shard's sharded dim (``w[0]`` as "this rank's
 expert": ``mesh_reads``, found in the traced graph).
 
@@ -99,7 +100,9 @@ def settle_by_test(verdict: Verdict, fn: Callable, leaves: Sequence[Any], treesp
     elif found is not None:
         record.largest, record.where, record.same = found
         if not record.same:
-            record.dependence = [*verdict.mesh_reads, *_mesh_dependence(fn, leaves, treespec, mesh, shards),
+            shapes = [f"{record.where}: the body's shapes depend on the mesh's size"] if _OTHER_SHAPE in \
+                record.where else []
+            record.dependence = [*shapes, *verdict.mesh_reads, *_mesh_dependence(fn, leaves, treespec, mesh, shards),
                                  *dict.fromkeys(_rank_queries.seen)]
     verdict.test = record
     if not record.not_run and not record.same and not record.dependence:
@@ -408,18 +411,46 @@ def _compare_outputs(layout: _Layout, many: Any, one: Any, specs: Sequence[Any],
     diffs = []
     for k, (m, o, spec) in enumerate(zip(many_leaves, one_leaves, specs)):
         if isinstance(o, torch.Tensor) and spec is not None:
-            diffs.append((f"{leaf_path('outputs', one, k)} claimed {spec}",
-                          *_difference(layout, m, o, spec, low_precision)))
+            diff, same, shapes = _measured(layout, m, o, spec, low_precision)
+            diffs.append((f"{leaf_path('outputs', one, k)} claimed {spec}" + (f" ({shapes})" if shapes else ""),
+                          diff, same))
     return diffs
 
 
+# NOTE: another shape on one rank. An output whose pieces have another size than the one-rank run's output along
+# a dim its claim keeps whole comes from a body whose shapes follow the mesh's size (an all_reduce of shards: each
+# rank's piece is one shard long, the one-rank run's output the whole dim): its one-rank run is another program,
+# so the difference is a dependence (unproven), never a refutation. A claim that shards a dim the body keeps at
+# its one-rank size (a partial sum claimed Shard) is only a wrong claim: refuted as any difference.
+_OTHER_SHAPE = "shapes that follow the mesh's size"
+
+
+def _shapes_follow_the_mesh(pieces: dict[int, torch.Tensor], one: torch.Tensor, spec: Any) -> str:
+    """Why the ranks' pieces and the one-rank value differ in size along a dim the claim `spec` does not shard
+    (see the note above), or ""."""
+    cut = {compat.sharded_dim(p) for p in spec}
+    for piece in pieces.values():
+        if piece.ndim != one.ndim:
+            return f"{_OTHER_SHAPE}: pieces of {piece.ndim} dims, {one.ndim} on one rank"
+        kept = [d for d in range(one.ndim) if d not in cut and piece.shape[d] != one.shape[d]]
+        if kept:
+            return (f"{_OTHER_SHAPE}: dim {kept[0]} is {piece.shape[kept[0]]} long on a rank, "
+                    f"{one.shape[kept[0]]} on one rank")
+    return ""
+
+
 def _difference(layout: _Layout, many: Any, one: Any, spec: Any, low_precision: bool) -> tuple[float, bool]:
-    """(largest absolute difference, within tolerance) between per-rank values put together by `spec` and the
-    one-rank value; None on both sides (no gradient) is no difference, None on one side is zeros. The tolerance
-    is relative to the largest value on either side (a Partial's pieces may be larger than their sum), and a
-    half-precision one where the body computes in half precision anywhere (a bf16 grouped matmul)."""
+    return _measured(layout, many, one, spec, low_precision)[:2]
+
+
+def _measured(layout: _Layout, many: Any, one: Any, spec: Any, low_precision: bool) -> tuple[float, bool, str]:
+    """(largest absolute difference, within tolerance, "" or why the shapes differ) between per-rank values put
+    together by `spec` and the one-rank value; None on both sides (no gradient) is no difference, None on one
+    side is zeros. The tolerance is relative to the largest value on either side (a Partial's pieces may be
+    larger than their sum), and a half-precision one where the body computes in half precision anywhere (a bf16
+    grouped matmul)."""
     if many is None and one is None:
-        return 0.0, True
+        return 0.0, True, ""
     pieces = layout.per_rank(many) if isinstance(many, (torch.Tensor, _Gathered)) else {}
     if not isinstance(many, (torch.Tensor, _Gathered)):
         got, disagree = (torch.zeros_like(one) if many is None else torch.as_tensor(many)), 0.0
@@ -427,15 +458,15 @@ def _difference(layout: _Layout, many: Any, one: Any, spec: Any, low_precision: 
         got, disagree = layout.assemble(pieces, spec)
     one = torch.zeros_like(got) if one is None else one.to(got.device)
     if got.shape != one.shape:
-        return math.inf, False
+        return math.inf, False, _shapes_follow_the_mesh(pieces, one, spec)
     if not got.numel():
-        return disagree, disagree == 0
+        return disagree, disagree == 0, ""
     diff = max((got.double() - one.double()).abs().max().item(), disagree)
     scale = max([one.double().abs().max().item()] + [p.double().abs().max().item() for p in pieces.values()
                                                      if p.numel()])
     half = low_precision or one.dtype in (torch.float16, torch.bfloat16)
     atol, rtol = (1e-3, 2e-2) if half else (1e-5, 1e-4)
-    return diff, diff <= atol + rtol * scale
+    return diff, diff <= atol + rtol * scale, ""
 
 
 class _Layout:

@@ -35,11 +35,11 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor.placement_types import Partial, Replicate, Shard
 
 from localmap import compat
-from localmap.collectives.registry import Collective, on_its_mesh_dim, register, same_as_input
+from localmap.collectives.registry import Collective, mesh_dim_of, on_its_mesh_dim, register, same_as_input
 from localmap.compat import collectives as compat_funcol
 from localmap.context import enclosing_region_mesh, region_mesh
 from localmap.errors import fail
-from localmap.placements.types import PER_RANK_COPY, VARYING
+from localmap.placements.types import AGREED, PER_RANK_COPY, UNKNOWN_WHY, VARYING
 
 _OPS = ("sum", "avg", "max", "min")
 
@@ -135,12 +135,60 @@ def _reduced_backward(ctx: Any, g: torch.Tensor) -> tuple:
 
 _reduced_op.register_autograd(_reduced_backward, setup_context=_reduced_setup)
 
-# The functional all_reduce's result is the same on every rank; localmap::reduced carries the gradient rule:
-# the result's gradient is the same on every rank, so this rank's passes to x unsummed.
+# The functional all_reduce's result is the same on every rank. It is the one-rank run's value (the global
+# meaning: there every collective is the identity) only where it reduces partial results of its own reduction:
+# a sum of Partial(sum), a max of Partial(max), a min of Partial(min) (or of a Replicate value). A sum of shards,
+# of per-rank values or of a Replicate value (n times it) is the same on every rank with no global meaning
+# derived: AGREED, which no claim is proven on. avg is a sum divided by n, settled at localmap::reduced.
+
+
+def _all_reduce_type(node: Any, in_types: list, mesh: Any) -> Any:
+    op = node.args[1] if len(node.args) > 1 else node.kwargs.get("reduceOp")
+
+    def reduced(p: Any) -> Any:
+        if isinstance(p, Partial) and p.reduce_op == op or isinstance(p, Replicate) and op in ("max", "min"):
+            return Replicate()
+        node.meta[UNKNOWN_WHY] = (f"all_reduce ({op}) of a value that is not a partial {op} over the mesh dim "
+                                  f"(it is {p!r}): the same on every rank, but not what the one-rank run computes "
+                                  "as far as the check knows")
+        return AGREED
+
+    return on_its_mesh_dim(reduced)(node, in_types, mesh)
+
+
+def _reduced_type(node: Any, in_types: list, mesh: Any) -> Any:
+    """localmap::reduced(x, result, op, n) has the result's type, except for an avg (a sum divided by n): on
+    the all_reduce's mesh dim it is Replicate for x Partial(avg), else AGREED (a sum of partial sums divided by
+    n is not their sum; where that dim is not found, every Replicate entry is AGREED)."""
+    result = in_types[-1]
+    if node.args[2] != "avg":
+        return result
+    source = _all_reduce_under(node.args[1])
+    if source is None or len(in_types) < 2 or in_types[0] is None:
+        return tuple(AGREED if isinstance(p, Replicate) else p for p in result)
+    m = mesh_dim_of(source, mesh)
+    x = in_types[0][m]
+    whole = isinstance(x, Partial) and x.reduce_op == "avg"
+    if not whole:
+        node.meta[UNKNOWN_WHY] = (f"all_reduce (avg) of a value that is not a partial avg over the mesh dim (it is "
+                                  f"{x!r}): the same on every rank, but not what the one-rank run computes as far as "
+                                  "the check knows")
+    return tuple((Replicate() if whole else AGREED) if k == m else p for k, p in enumerate(result))
+
+
+def _all_reduce_under(node: Any) -> Any:
+    """The functional all_reduce under a wait and a division (how ``all_reduce`` computes an avg), or None."""
+    while getattr(node, "target", None) in (compat.FUNCTIONAL_OPS.wait_tensor.default, torch.ops.aten.div.Tensor):
+        node = node.args[0]
+    return node if getattr(node, "target", None) is compat.FUNCTIONAL_OPS.all_reduce.default else None
+
+
 register(compat.FUNCTIONAL_OPS.all_reduce.default,
-         Collective(None, on_its_mesh_dim(lambda p: Replicate()), cost=lambda b, n: 2 * (n - 1) / n * b))
+         Collective(None, _all_reduce_type, cost=lambda b, n: 2 * (n - 1) / n * b))
+# localmap::reduced carries the gradient rule: the result's gradient is the same on every rank, so this rank's
+# passes to x unsummed.
 register(torch.ops.localmap.reduced.default,
-         Collective("all_reduce", lambda node, in_types, mesh: in_types[-1], cost=None, gradient="unsummed"))
+         Collective("all_reduce", _reduced_type, cost=None, gradient="unsummed"))
 
 
 def all_reduce(x: torch.Tensor, mesh_dim: int | str, op: str = "sum", *, mesh: DeviceMesh | None = None) -> torch.Tensor:
@@ -320,6 +368,86 @@ def all_to_all(x: torch.Tensor, mesh_dim: int | str, split_dim: int, concat_dim:
     chunks = torch.cat(torch.chunk(x, n, dim=split_dim), dim=0) if split_dim != 0 else x
     received = all_to_all_single(chunks, mesh_dim, mesh=mesh)
     return torch.cat(torch.chunk(received, n, dim=0), dim=concat_dim)
+
+
+def all_to_all_type(node: Any, types: dict, mesh: Any) -> Any:
+    """The type of the last step of ``all_to_all`` (``cat(chunk(received, n, 0), concat_dim)``, read back from
+    the traced graph): for an input Shard(concat_dim) on the exchange's mesh dim, each rank receives chunk r of
+    every rank's piece along split_dim and joins them along concat_dim in rank order, so it holds chunk r of
+    the global tensor along split_dim: Shard(split_dim). Another input type there gives Varying; other mesh
+    dims keep the input's placement where it cuts neither dim (the exchange only moves pieces). None where
+    `node` is not that step."""
+    found = _all_to_all_steps(node, mesh)
+    if found is None:
+        return None
+    x, m, split_dim, concat_dim = found
+    t = types.get(x)
+    if not isinstance(t, tuple):
+        return None
+    moved = (split_dim, concat_dim)
+    if t[m] != Shard(concat_dim) or split_dim == concat_dim:
+        node.meta[UNKNOWN_WHY] = (f"all_to_all of a value that is {t[m]!r} on the mesh dim, with split_dim {split_dim} "
+                                  f"and concat_dim {concat_dim}: only a shard of concat_dim (another dim than "
+                                  "split_dim) becomes a shard of split_dim")
+    return tuple((Shard(split_dim) if t[k] == Shard(concat_dim) and split_dim != concat_dim else VARYING) if k == m else
+                 t[k] if isinstance(t[k], (Replicate, Partial, Shard)) and compat.sharded_dim(t[k]) not in moved
+                 else VARYING for k in range(mesh.ndim))
+
+
+def _all_to_all_steps(node: Any, mesh: Any) -> tuple | None:
+    """(x, mesh dim, split_dim, concat_dim) where `node` is ``cat(chunk(all_to_all_single(pieces), n, 0),
+    concat_dim)`` over n ranks in equal splits, and `pieces` is x (split_dim 0) or ``cat(chunk(x, n,
+    split_dim), 0)``."""
+    aten = torch.ops.aten
+    if getattr(node, "target", None) is not aten.cat.default:
+        return None
+    received = _equal_chunks_of(node.args[0], 0)
+    concat_dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    exchange = received
+    while getattr(exchange, "target", None) is compat.FUNCTIONAL_OPS.wait_tensor.default:
+        exchange = exchange.args[0]
+    if getattr(exchange, "target", None) is not compat.FUNCTIONAL_OPS.all_to_all_single.default:
+        return None
+    try:
+        m = mesh_dim_of(exchange, mesh)
+    except Exception:
+        return None
+    n, pieces = mesh.shape[m], exchange.args[0]
+    equal = all(s is None or (len(s) == n and len({*s}) == 1 and all(type(v) is int for v in s))
+                for s in exchange.args[1:3])  # equal splits (None, or filled in by the functional collective)
+    if len(node.args[0]) != n or not equal:
+        return None
+    sent, split_dim = pieces, 0
+    if getattr(pieces, "target", None) is aten.cat.default and (pieces.args[1] if len(pieces.args) > 1 else 0) == 0:
+        inner = pieces.args[0]
+        source = _equal_chunks_of(inner, None)
+        if source is not None and len(inner) == n:
+            sent, split_dim = source
+    if isinstance(sent, tuple) or not hasattr(sent, "meta"):
+        return None
+    ndim = sent.meta["val"].ndim
+    return sent, m, split_dim % ndim, concat_dim % ndim
+
+
+def _equal_chunks_of(pieces: Any, dim: int | None) -> Any:
+    """The tensor `pieces` (getitems of one split in order, every piece of it, equal sizes) cut, when it is cut
+    along `dim`; with `dim` None, (that tensor, the dim it is cut along). None otherwise."""
+    aten = torch.ops.aten
+    if not isinstance(pieces, (list, tuple)) or not pieces or \
+            any(getattr(p, "target", None) is not operator.getitem for p in pieces):
+        return None
+    split = pieces[0].args[0]
+    if getattr(split, "target", None) is not aten.split.Tensor or \
+            [p.args for p in pieces] != [(split, k) for k in range(len(pieces))] or \
+            len(split.meta.get("val", ())) != len(pieces):
+        return None
+    source = split.args[0]
+    cut = (split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)) % source.meta["val"].ndim
+    if len({p.meta["val"].shape[cut] for p in pieces}) != 1:
+        return None
+    if dim is None:
+        return source, cut
+    return source if cut == dim else None
 
 
 def axis_size(mesh_dim: int | str, *, mesh: DeviceMesh | None = None) -> int:

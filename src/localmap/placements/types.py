@@ -10,13 +10,24 @@ For each mesh dim a value's type is one of:
   it is Replicate (an op with sharded data gives the shard); claimed Replicate as it is, its gradient would be
   counted once per rank;
 * ``VARYING``: differs across ranks with no global meaning that localmap can derive. A claim of Shard or
-  Partial on such a value is *unproven* (never accepted as proven).
+  Partial on such a value is *unproven* (never accepted as proven);
+* ``AGREED``: the same on every rank, but with no global meaning that localmap can derive: an all_reduce of a
+  value that is not a partial result of that same reduction (a sum of shards, of per-rank values, of a
+  Replicate value). Its one-rank run (every collective the identity) computes something else as far as the
+  check knows, so any claim on it is *unproven* (the test settles it), never proven nor refused. As a value it
+  flows like Replicate (asked about as Replicate; its gradient, like a Replicate value's, is the same on every
+  rank), but what it makes stays AGREED where the result is the same on every rank and becomes VARYING where it
+  meets shards or partial sums.
 
 A value's type is a tuple with one entry per mesh dim. Rules (``localmap.check.rules``) give each op's output
 type from its inputs' types, or raise ``RuleError``.
 """
 
 from __future__ import annotations
+
+from typing import Any
+
+from torch.distributed.tensor.placement_types import Replicate
 
 
 class _Marker:
@@ -41,9 +52,26 @@ class PerRankCopy(_Marker):
     """The same on every rank of a mesh dim in value, per rank in gradient (see the module docstring)."""
 
 
+class Agreed(_Marker):
+    """The same on every rank of a mesh dim, with no global meaning that localmap can derive (see the module
+    docstring)."""
+
+
 VARYING = Varying()
 PER_RANK_COPY = PerRankCopy()
-Type = tuple  # one entry per mesh dim: Replicate | Shard | Partial | PerRankCopy | Varying
+AGREED = Agreed()
+Type = tuple  # one entry per mesh dim: Replicate | Shard | Partial | PerRankCopy | Varying | Agreed
+
+
+def same_gradient_on_ranks(p: Any) -> bool:
+    """Whether a value of this entry is the same on every rank and so is its gradient (Replicate, AGREED):
+    the gradient flow of the checker treats both alike."""
+    return isinstance(p, Replicate) or p is AGREED
+
+
+def same_on_ranks(p: Any) -> bool:
+    """Whether a value of this entry is the same on every rank (Replicate, PER_RANK_COPY, AGREED)."""
+    return isinstance(p, Replicate) or p is PER_RANK_COPY or p is AGREED
 
 
 class RuleError(Exception):
