@@ -211,8 +211,8 @@ def _tp_sum_tanh(a):
 ALL_REDUCED_AGAIN = [
     ("sum_tanh", "sim_mesh_4", [(8, 4)], ([S1],), [R], lambda a: all_reduce(a.sum(-1), 0).tanh(),
      lambda a: a.sum(-1).tanh()),
-    ("avg_tanh", "sim_mesh_4", [(8, 4)], ([S1],), [R], lambda a: all_reduce(a.sum(-1), 0, "avg").tanh(),
-     lambda a: (a.sum(-1) / 4).tanh()),
+    ("avg_tanh", "sim_mesh_4", [(8, 4)], ([S1],), [R], lambda a: all_reduce(a.mean(-1), 0, "avg").tanh(),
+     lambda a: a.mean(-1).tanh()),
     ("max_sin", "sim_mesh_4", [(8, 4)], ([S1],), [R], lambda a: all_reduce(a.amax(-1), 0, "max").sin(),
      lambda a: a.amax(-1).sin()),
     ("lse_detached_max", "sim_mesh_4", [(8, 8)], ([S1],), [R], _lse_detached_max, lambda a: a.logsumexp(-1)),

@@ -105,8 +105,9 @@ register(compat.FUNCTIONAL_OPS.wait_tensor.default, Collective(None, same_as_inp
 # graphs, where the checker reads them; the communication itself stays a functional collective.
 @torch.library.custom_op("localmap::reduced", mutates_args=())
 def _reduced_op(x: torch.Tensor, result: torch.Tensor, op: str, group_name: str) -> torch.Tensor:
-    """`result` (the sum, max or min of `x` over the group's ranks, computed without autograd), differentiated as
-    the reduction: the gradient passes to `x` unchanged (sum) or where x held the result (max/min)."""
+    """`result` (the sum, avg, max or min of `x` over the group's ranks, computed without autograd),
+    differentiated as the reduction: the gradient passes to `x` unchanged (sum), divided by the group's size
+    (avg), or where x held the result (max/min)."""
     return result.clone()
 
 
@@ -127,7 +128,9 @@ def _reduced_backward(ctx: Any, g: torch.Tensor) -> tuple:
         # data); the identity's transpose sums those shares, as pvary's backward does (JAX: psum's transpose is
         # pvary, pvary's is psum). Without it each rank kept only its own share.
         g = _pvary_op(g, ctx.group_name)
-    if ctx.op in ("max", "min"):
+    if ctx.op == "avg":
+        g = g / compat.group_size(ctx.group_name)
+    elif ctx.op in ("max", "min"):
         (held,) = ctx.saved_tensors
         g = g * held
     return g, None, None, None
@@ -157,7 +160,7 @@ def _all_reduce_type(node: Any, in_types: list, mesh: Any) -> Any:
 
 
 def _reduced_type(node: Any, in_types: list, mesh: Any) -> Any:
-    """localmap::reduced(x, result, op, n) has the result's type, except for an avg (a sum divided by n): on
+    """localmap::reduced(x, result, op, group_name) has the result's type, except for an avg (a sum divided by n): on
     the all_reduce's mesh dim it is Replicate for x Partial(avg), else AGREED (a sum of partial sums divided by
     n is not their sum; where that dim is not found, every Replicate entry is AGREED)."""
     result = in_types[-1]
@@ -198,9 +201,10 @@ def all_reduce(x: torch.Tensor, mesh_dim: int | str, op: str = "sum", *, mesh: D
     if op not in _OPS:
         raise fail("op", "is not a reduction all_reduce knows", expected=_OPS, given=op, fix="use sum/avg/max/min")
     group = _group(mesh_dim, mesh)
-    if op == "avg":  # the sum, divided: its gradient is divided by autograd's own rule
-        return _summed(x, group.name) / group.size
-    return _reduced_op(x, compat_funcol.all_reduce(x.detach(), op, group.name), op, group.name)
+    result = compat_funcol.all_reduce(x.detach(), "sum" if op == "avg" else op, group.name)
+    if op == "avg":  # kept an avg at localmap::reduced, where its type rule tells Partial(avg) from a sum
+        result = result / group.size
+    return _reduced_op(x, result, op, group.name)
 
 
 def _summed(x: torch.Tensor, group_name: str) -> torch.Tensor:
