@@ -31,11 +31,9 @@ COMPILE_KNOWN = {
     "parallel: Megatron vocab-parallel cross-entropy, detached max": _SIMULATOR_FACTORY,
     "collectives: shift_plus_1": _SIMULATOR_FACTORY,
 }
-# Fails after other compile cells in the same process and passes alone: PyTorch's simulator compiling a Partial
-# output in a second simulated world (docs/compile.md, item 3; reproduced without localmap by tests/eager/
-# test_compiled_paths.py::test_simulator_second_world_partial_output_without_localmap). Not strict.
-COMPILE_FLAKY = {"types: partial times replicate": "PyTorch's simulator, a Partial output compiled in a second "
-                                                   "simulated world (docs/compile.md, item 3)"}
+# (types: partial times replicate failed after other compile cells until localmap.testing.simulated_mesh dropped
+# DTensor's sharding-propagation caches at the end of each world: docs/compile.md.)
+COMPILE_FLAKY: dict = {}
 
 
 @pytest.mark.parametrize("prog", params(ALL))
