@@ -21,6 +21,7 @@ from typing import Any, Callable
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from helpers import P, R, S0, S1, doubled, grad_for_output, rel_diff
 from localmap import LocalMapError, Partial, PlacementError, Shard, local_map
@@ -99,8 +100,10 @@ def _wrong_numbers(prog: Prog) -> bool:
 
 
 def local(w: Any) -> torch.Tensor:
-    """A closed-over weight as the body sees it (torchtitan's ``self.w.to_local()``)."""
-    return w.to_local() if hasattr(w, "to_local") else w
+    """A closed-over weight as the body sees it (torchtitan's ``self.w.to_local()``); the weight itself in the
+    one-device reference. isinstance, not hasattr(w, "to_local"): Dynamo answers that hasattr False for a DTensor
+    (docs/compile.md), so a compiled body would compute with the DTensor itself."""
+    return w.to_local() if isinstance(w, DTensor) else w
 
 
 # ---- bodies --------------------------------------------------------------------------------------------------
@@ -109,7 +112,7 @@ def vocab_embedding(ws):
     """Megatron's vocab-parallel embedding: the table Shard(0) closed over, ids Replicate, a Partial sum."""
     def body(ids):
         table = local(ws[0])
-        start = C.axis_index("tp") * table.shape[0] if hasattr(ws[0], "to_local") else 0
+        start = C.axis_index("tp") * table.shape[0] if isinstance(ws[0], DTensor) else 0
         ids = ids - start
         inside = (ids >= 0) & (ids < table.shape[0])
         return F.embedding(ids.clamp(0, table.shape[0] - 1), table) * inside.unsqueeze(-1)

@@ -216,3 +216,35 @@ def test_issue19_programs_with_inductor():
     for to_eager, to_one_device, got_pl, eager_pl in run_gloo(_issue19_programs, 2, timeout=400):
         assert to_eager < 1e-5 and to_one_device < 1e-4, (to_eager, to_one_device)
         assert got_pl == eager_pl
+
+
+_COLLECTIVE_PROGRAMS = ("parallel: Megatron vocab-parallel cross-entropy, detached max", "collectives: shift_plus_1")
+
+
+def _catalogue_cells(mesh, ids):
+    """The path matrix's compiled cell (aot_eager) of each catalogue program on this real mesh: the largest
+    relative difference to one device over its output and every gradient."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "matrix"))
+    from catalogue import BY_ID
+    from matrix_cells import one_device
+    from matrix_paths import compare, compiled, draw, on_dtensors
+
+    out = []
+    for name in ids:
+        prog = BY_ID[name]
+        tensors = draw(prog, 1)
+        got = on_dtensors(prog, tensors, mesh, "single", penalty=False, wrap=compiled("aot_eager"))
+        out.append((name, max(compare(got, one_device(prog, tensors)).values())))
+    return out
+
+
+def test_collective_programs_compiled_on_gloo():
+    """Bodies with localmap collectives (axis_index, ppermute) compiled: right on real processes. On the simulated
+    mesh PyTorch's simulator fails on them under AOT autograd (docs/compile.md, item 4; the matrix's cells are
+    strict xfails naming it)."""
+    for cells in run_gloo(_catalogue_cells, 4, mesh_dim_names=("tp",), args=(_COLLECTIVE_PROGRAMS,), timeout=500):
+        for name, diff in cells:
+            assert diff <= 1e-4, (name, diff)

@@ -42,6 +42,17 @@ def fake_process_group(world_size: int) -> None:
 
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
 
+def forget_ended_world() -> None:
+    """Drop DTensor's sharding-propagation caches (its Python and C++ fast-path caches) when a simulated or fake
+    world ends. They key op schemas by mesh equality, and a new mesh of the same shape equals the old one, so the
+    next world would be handed output specs holding the ended world's mesh: compiling a Partial output in a
+    second simulated world then asked the simulator for that dead mesh's coordinates under FakeTensorMode and
+    failed (docs/compile.md)."""
+    from torch.distributed.tensor.debug import _clear_sharding_prop_cache
+
+    _clear_sharding_prop_cache()
+
+
 def local_tensor_mode(world_size: int | frozenset) -> Any:
     """A LocalTensorMode simulating `world_size` ranks (or the given rank set) in this process."""
     from torch.distributed._local_tensor import LocalTensorMode

@@ -19,7 +19,8 @@ from localmap.errors import LocalMapError
 
 @contextlib.contextmanager
 def simulated_mesh(shape: int | Sequence[int], names: Sequence[str] | None = None) -> Iterator[DeviceMesh]:
-    """A CPU DeviceMesh of `shape` simulated in this process. Leaves no process group behind."""
+    """A CPU DeviceMesh of `shape` simulated in this process. Leaves no process group behind, nor DTensor
+    sharding-propagation cache entries holding its mesh."""
     shape = (shape,) if isinstance(shape, int) else tuple(shape)
     world = math.prod(shape)
     if dist.is_initialized():
@@ -30,6 +31,7 @@ def simulated_mesh(shape: int | Sequence[int], names: Sequence[str] | None = Non
             yield init_device_mesh("cpu", shape, mesh_dim_names=tuple(names) if names else None)
     finally:
         dist.destroy_process_group()
+        _compat.forget_ended_world()
 
 
 @contextlib.contextmanager
@@ -44,6 +46,7 @@ def fake_mesh(shape: int | Sequence[int], names: Sequence[str] | None = None) ->
         yield init_device_mesh("cpu", shape, mesh_dim_names=tuple(names) if names else None)
     finally:
         dist.destroy_process_group()
+        _compat.forget_ended_world()
 
 
 def on_one_device() -> contextlib.AbstractContextManager:
