@@ -40,7 +40,7 @@ import torch.distributed as dist
 from torch.distributed.tensor.placement_types import Partial, Replicate, Shard
 
 from localmap.collectives.registry import mesh_dim_of
-from localmap.compat import FUNCTIONAL_OPS, sharded_dim
+from localmap.compat import FUNCTIONAL_OPS, known_equal, sharded_dim
 from localmap.placements.types import PER_RANK_COPY, RuleError
 
 aten = torch.ops.aten
@@ -362,8 +362,10 @@ def rank_rows(node: fx.Node, in_types: list, mesh: Any, types: dict, default: An
     tval = table.meta["val"]
     dim = (node.args[spec[2]] if spec[2] is not None else 0) % tval.ndim
     k = _shape(index)[0]
+    if type(k) is not int:  # a data-dependent row count (MoE routing): not this form, and never guarded on
+        return None
     rows = {m for m in range(mesh.ndim) if isinstance(types[table][m], Replicate) and
-            tval.shape[dim] == k * mesh.shape[m] and _rows_of_rank(index, m, mesh, k)}
+            known_equal(tval.shape[dim], k * mesh.shape[m]) and _rows_of_rank(index, m, mesh, k)}
     if not rows:
         return None
     inputs = [a for a in node.all_input_nodes if types.get(a) is not None]
