@@ -295,6 +295,13 @@ def _default_types(node: fx.Node, in_types: list, mesh: Any, types: dict) -> Any
     tensors = [t for t in in_types if t is not None]
     if not tensors:
         return replicated(mesh)
+    if isinstance(node.meta.get("val"), torch.Tensor) and all(
+            p is PER_RANK_COPY or isinstance(p, Replicate) for t in tensors for p in t):
+        # Inputs the same on every rank (or per-rank copies of such): the op gives the same result on every
+        # rank, and propagate() keeps Replicate on such mesh dims whatever DTensor answers (or conservative()
+        # when it has no answer), so DTensor is not asked.
+        return tuple(PER_RANK_COPY if any(t[m] is PER_RANK_COPY for t in tensors) else Replicate()
+                     for m in range(mesh.ndim))
     varying = {m for t in tensors for m, p in enumerate(t) if p is VARYING}
     copies = {m for t in tensors for m, p in enumerate(t) if p is PER_RANK_COPY} - varying
     for m in varying:
