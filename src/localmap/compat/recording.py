@@ -11,8 +11,9 @@ appends the node directly. It builds the graph make_fx builds (the same ops in t
 decompositions, ``lift_fresh`` recorded as ``lift_fresh_copy``, a ``get_attr`` per use of a tensor the body
 closes over, one ``getitem`` per element of a multi-output op), and refuses (``NotRecordable``) whatever only
 make_fx follows: a value read into Python (``.item()``, ``.tolist()``, ``if x.sum() > 0``), a tensor subclass,
-a higher-order op, symbolic sizes. The caller then traces with make_fx, so a refusal costs time, never a
-different verdict.
+a higher-order op, symbolic sizes, a write into a tensor the body closes over, attention (its composite kernel
+picks the fused CPU kernel for make_fx's CPU fakes and the math decomposition for meta tensors), an op without
+a meta kernel. The caller then traces with make_fx, so a refusal costs time, never a different graph.
 """
 
 from __future__ import annotations
