@@ -61,6 +61,9 @@ register_counter("bodies_checked", lambda: _checked)
 # DTensor's answers to the checker's propagation questions (kept in the fence, compat.dtensor)
 register_cache("propagation", None, limit=8192, eviction="clear when full", size=compat.propagation_cache_size,
                clear=compat.clear_propagation_cache)
+# output metadata of the ops the light trace ran (compat.recording: an op repeated on the same shapes is a lookup)
+register_cache("op_shapes", None, limit=16384, eviction="clear when full", size=compat.shape_cache_size,
+               clear=compat.clear_shape_cache)
 
 
 def check_function(fn: Callable, local_args: Sequence[Any], leaf_specs: Sequence[Any], out_placements: Any,
@@ -227,16 +230,58 @@ def function_identity(fn: Callable) -> tuple[Any, tuple]:
 def _trace(fn: Callable, local_args: Sequence[Any], inputs: list[int], mesh: Any, treespec: Any,
            kwargs: dict, lifted: Lifted | None, real: bool = False,
            rank: int | None = None) -> tuple[fx.GraphModule, Any, list]:
-    """The body traced on fresh fakes of the tensor leaves (decomposed, each node's source frame kept), its
+    """The body traced on fresh stand-ins of the tensor leaves (decomposed, each node's source frame kept), its
     output, and the closed-over DTensors (name, DTensor, grad_placements its to_local calls declared) traced as
     extra inputs; its GraphModule is only read, so its Python code is never generated.
     With `lifted` (the traced path), the leaves past the treespec's are tensors the body closes over. With
     `real`, on the tensors' real values instead (a simulated tensor's at `rank`): Python branches on values
-    take the branch this call takes."""
+    take the branch this call takes. Otherwise the light trace (compat.record, on meta tensors) where it
+    follows the body, else make_fx on fake tensors: the same graph either way (NOTE: the check's light trace)."""
+    register_body(fn)
+    closed_dtensors = closed_over_dtensors(fn)
+    tensors = [local_args[i] for i in inputs] + [compat.local_tensor_of(d) for _, d in closed_dtensors]
+    if real:
+        body, traced, closed = _traceable(fn, local_args, inputs, mesh, treespec, kwargs, lifted, closed_dtensors)
+        values = [_plain(t, rank).detach() for t in tensors]
+        with compat.isolated_tracing(), compat.lazy_graph_modules(), splits_logged() as splits:
+            gm = compat.make_fx_on_values(body, decomposition_table=_decompositions())(*values)
+        gm.meta[SPLITS_PASSED] = splits
+        # What only decided the branch (x.sum() > 0, read into Python) reaches no output: the check types the
+        # branch taken, not the per-rank decision.
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+        return gm, traced["out"], closed
+    fake_mode = compat.detect_fake_mode(tensors)
+    if fake_mode is None:
+        body, traced, closed = _traceable(fn, local_args, inputs, mesh, treespec, kwargs, lifted, closed_dtensors)
+        try:
+            with compat.isolated_tracing(), compat.lazy_graph_modules(), splits_logged() as splits:
+                gm = compat.record(body, [_plain(t) for t in tensors], _decompositions())
+            gm.meta[SPLITS_PASSED] = splits
+            return gm, traced["out"], closed
+        except Exception:  # what only make_fx follows (a value read into Python, a subclass), or the body's
+            pass  # own error: traced again below, which raises it as before
+    body, traced, closed = _traceable(fn, local_args, inputs, mesh, treespec, kwargs, lifted, closed_dtensors)
+    fake_mode = fake_mode or compat.new_fake_mode()
+    with compat.isolated_tracing():
+        with fake_mode:
+            fakes = [torch.empty_strided(tuple(int(s) for s in _plain(a).shape), _plain(a).stride(),
+                                         dtype=a.dtype, device="cpu") for a in tensors]
+        with compat.ignore_fresh_unbacked(fake_mode), compat.lazy_graph_modules(), splits_logged() as splits:
+            gm = compat.make_fx(body, decomposition_table=_decompositions(), tracing_mode="fake")(*fakes)
+    gm.meta[SPLITS_PASSED] = splits
+    return gm, traced["out"], closed
+
+
+def _traceable(fn: Callable, local_args: Sequence[Any], inputs: list[int], mesh: Any, treespec: Any,
+               kwargs: dict, lifted: Lifted | None, closed_dtensors: list) -> tuple[Callable, dict, list]:
+    """The body as a function of its tensor leaves (then the closed-over DTensors' local tensors), with the
+    dict its output lands in and the closed-over DTensors' records (fresh for each trace: a trace that is
+    given up must leave nothing in them)."""
     leaves = list(local_args)
     traced: dict[str, Any] = {}
     n = treespec.num_leaves
-    closed = [(name, d, []) for name, d in closed_over_dtensors(fn)]
+    closed = [(name, d, []) for name, d in closed_dtensors]
 
     def body(*tensors: Any) -> tuple:
         for i, t in zip(inputs, tensors, strict=False):
@@ -248,27 +293,7 @@ def _trace(fn: Callable, local_args: Sequence[Any], inputs: list[int], mesh: Any
         traced["out"] = out
         return tuple(o for o in pytree.tree_leaves(out) if isinstance(o, torch.Tensor))
 
-    register_body(fn)
-    tensors = [local_args[i] for i in inputs] + [compat.local_tensor_of(d) for _, d, _ in closed]
-    if real:
-        values = [_plain(t, rank).detach() for t in tensors]
-        with compat.isolated_tracing(), compat.lazy_graph_modules(), splits_logged() as splits:
-            gm = compat.make_fx_on_values(body, decomposition_table=_decompositions())(*values)
-        gm.meta[SPLITS_PASSED] = splits
-        # What only decided the branch (x.sum() > 0, read into Python) reaches no output: the check types the
-        # branch taken, not the per-rank decision.
-        gm.graph.eliminate_dead_code()
-        gm.recompile()
-        return gm, traced["out"], closed
-    fake_mode = compat.detect_fake_mode(tensors) or compat.new_fake_mode()
-    with compat.isolated_tracing():
-        with fake_mode:
-            fakes = [torch.empty_strided(tuple(int(s) for s in _plain(a).shape), _plain(a).stride(),
-                                         dtype=a.dtype, device="cpu") for a in tensors]
-        with compat.ignore_fresh_unbacked(fake_mode), compat.lazy_graph_modules(), splits_logged() as splits:
-            gm = compat.make_fx(body, decomposition_table=_decompositions(), tracing_mode="fake")(*fakes)
-    gm.meta[SPLITS_PASSED] = splits
-    return gm, traced["out"], closed
+    return body, traced, closed
 
 
 def _check_traced(gm: fx.GraphModule, out: Any, closed: list, local_args: Sequence[Any], inputs: list[int],

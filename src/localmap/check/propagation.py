@@ -244,10 +244,64 @@ def conservative(node: fx.Node, in_types: list, mesh: Any) -> Type:
     return tuple(out)
 
 
+_TYPED_LIMIT = 8192  # answers remembered (cleared when full)
+# (op, argument signature, ...) -> (mesh, result, node notes, RuleError or None): a body repeats the same op on
+# values of the same types and metadata (a layer stack), and the answer depends on nothing else
+_typed: dict = register_cache("check_default_types", {}, limit=_TYPED_LIMIT, eviction="clear when full")
+_NOTES = (OPAQUE, UNKNOWN_WHY)  # what the default rule may write on the node, for the message
+
+
+def _signature(a: Any, types: dict) -> Any:
+    """An argument as the default rule reads it: a node by its type and its value's metadata, a list by its
+    items, a plain value by type and value. Raises TypeError for what cannot be a key (symbolic sizes)."""
+    if isinstance(a, fx.Node):
+        val = a.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            raise TypeError("not a tensor")
+        return ("N", types.get(a), tuple(val.shape), val.stride(), val.dtype)
+    if isinstance(a, (list, tuple)):
+        return (type(a).__name__, *(_signature(x, types) for x in a))
+    if isinstance(a, (torch.SymInt, torch.SymFloat, torch.SymBool, torch.Tensor)):
+        raise TypeError("symbolic")
+    hash(a)
+    return (type(a), a)
+
+
 def default_types(node: fx.Node, in_types: list, mesh: Any, types: dict) -> Any:
+    """The type by DTensor's propagation (or the conservative default), remembered per op and argument
+    signature: the same question in a layer stack is a lookup (the notes it left on the node replayed)."""
+    notes = tuple((k, node.meta[k]) for k in _NOTES if k in node.meta)
+    try:
+        key = (node.target, id(mesh), tuple(in_types), _signature(node.args, types),
+               _signature(tuple(sorted(node.kwargs.items())), types), _signature((node,), {}), notes)
+        hit = _typed.get(key)
+    except TypeError:
+        return _default_types(node, in_types, mesh, types)
+    if hit is None or hit[0] is not mesh:
+        try:
+            result, error = _default_types(node, in_types, mesh, types), None
+        except RuleError as e:
+            result, error = None, e
+        if len(_typed) >= _TYPED_LIMIT:
+            _typed.clear()
+        hit = _typed[key] = (mesh, result, {k: node.meta[k] for k in _NOTES if k in node.meta}, error)
+    node.meta.update(hit[2])
+    if hit[3] is not None:
+        raise hit[3]
+    return list(hit[1]) if isinstance(hit[1], list) else hit[1]  # a caller may change its own list
+
+
+def _default_types(node: fx.Node, in_types: list, mesh: Any, types: dict) -> Any:
     tensors = [t for t in in_types if t is not None]
     if not tensors:
         return replicated(mesh)
+    if isinstance(node.meta.get("val"), torch.Tensor) and all(
+            p is PER_RANK_COPY or isinstance(p, Replicate) for t in tensors for p in t):
+        # Inputs the same on every rank (or per-rank copies of such): the op gives the same result on every
+        # rank, and propagate() keeps Replicate on such mesh dims whatever DTensor answers (or conservative()
+        # when it has no answer), so DTensor is not asked.
+        return tuple(PER_RANK_COPY if any(t[m] is PER_RANK_COPY for t in tensors) else Replicate()
+                     for m in range(mesh.ndim))
     varying = {m for t in tensors for m, p in enumerate(t) if p is VARYING}
     agreed = {m for t in tensors for m, p in enumerate(t) if p is AGREED} - varying
     copies = {m for t in tensors for m, p in enumerate(t) if p is PER_RANK_COPY} - varying - agreed

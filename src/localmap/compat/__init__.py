@@ -9,6 +9,7 @@ and fails on a private ``torch`` name used outside it). One module per topic:
 - ``collectives``: the functional collectives and their graph ops;
 - ``compiling``: localmap's own checks run at Dynamo trace time (torch.compile), their errors unwrapped;
 - ``tracing``: the operator machinery, fake modes, make_fx isolation, partitioners, checkpointing, flop formulas;
+- ``recording``: the placement check's light trace (a body's aten ops recorded on meta tensors);
 - ``dynamo``: Dynamo and the planner's capture pipeline (PyTorch's local_map operator under Dynamo, its wrapping
   and deferral switches, trace-time calls);
 - ``versions``: the running release and every behaviour that differs by release.
@@ -43,9 +44,11 @@ from localmap.compat.tracing import (
     reparametrized, sac_active, version_counter,
     sac_modes, storage_key, trace_lock, track_tensor_tree, without_saved_tensor_hooks,
 )
+from localmap.compat.recording import NotRecordable, clear_shape_cache, record, shape_cache_size
 from localmap.compat.versions import TORCH_AT_LEAST_2_14, TORCH_RELEASE
 
 __all__ = [
+    "NotRecordable", "clear_shape_cache", "record", "shape_cache_size",
     "pytree", "FUNCTIONAL_OPS", "AsyncCollectiveTensor", "all_gather_stack", "group_size", "is_functional_collective",
     "wait", "wait_local", "DTensorSpec", "TensorMeta", "global_shape_and_stride", "grad_placements_default",
     "view_rule_hangs", "local_tensor_of", "make_dtensor", "make_spec", "propagate_sharding",
