@@ -307,7 +307,10 @@ def _zeroing_mask(node: fx.Node) -> Any:
 
 
 def _zero_constant(node: Any) -> bool:
-    """A literal zero: a constant tensor the graph holds (under lift_fresh_copy) whose one element is 0."""
+    """A literal zero: a constant tensor the graph holds (under lift_fresh_copy) whose one element is 0, or a
+    ``scalar_tensor(0)`` (how ``x[mask] = 0`` reaches the light trace, whose tensors are on the meta device)."""
+    if isinstance(node, fx.Node) and node.target is aten.scalar_tensor.default:
+        return node.args[0] == 0
     node = _peel(node) if not (isinstance(node, fx.Node) and node.target is aten.lift_fresh_copy.default) \
         else node.args[0]
     if not isinstance(node, fx.Node) or node.op != "get_attr":

@@ -261,7 +261,7 @@ for _packet in _INTERPOLATING + _NEAREST:
 
 _ZERO_MAKERS = {aten.zeros.default, aten.zeros_like.default, aten.new_zeros.default}
 _FILL_MAKERS = {aten.full.default: 1, aten.full_like.default: 1, aten.new_full.default: 2,
-                aten.fill.Scalar: 1, aten.fill_.Scalar: 1}
+                aten.fill.Scalar: 1, aten.fill_.Scalar: 1, aten.scalar_tensor.default: 0}
 
 
 def is_zero(node: Any) -> bool:
