@@ -93,12 +93,14 @@ CASES = [
          "aten.add.Tensor cannot take a Partial value"),  # mean over the shard + eps
     Case("layer norm over sharded features", layer_norm, [(8, 8), (8,)], [(S1,), (S0,)], (S1,),
          "reduces over dim 1, which is sharded"),
-    # A per-rank max subtracted from a shard is only a stabilizer to the check (a log-sum-exp merge across ranks
-    # may follow): the proof stops ("unproven"), and the test against the one-rank run refutes the claim.
-    Case("softmax over the sharded dim", lambda x: x.softmax(-1), [(8, 8)], [(S1,)], (S1,), "unproven"),
+    # A scan or normalization over the sharded dim returned as it is and claimed a shard of that dim: refuted
+    # by the proof (check.scans; followed by a log-sum-exp merge or a prefix correction it is not matched).
+    Case("softmax over the sharded dim", lambda x: x.softmax(-1), [(8, 8)], [(S1,)], (S1,),
+         "computed over this rank's piece alone"),
     Case("exp minus logsumexp over the sharded dim", lambda x: (x - x.logsumexp(-1, keepdim=True)).exp(),
-         [(8, 8)], [(S1,)], (S1,), "unproven"),
-    Case("cumsum over the sharded dim", lambda x: x.cumsum(1), [(8, 8)], [(S1,)], (S1,), "unproven"),
+         [(8, 8)], [(S1,)], (S1,), "x - logsumexp(x) along dim 1, which is sharded"),
+    Case("cumsum over the sharded dim", lambda x: x.cumsum(1), [(8, 8)], [(S1,)], (S1,),
+         "cumsum along dim 1, which is sharded"),
     Case("loss averaged over a sharded batch, claimed Replicate", lambda x: x.pow(2).mean(), [(8, 4)], [(S0,)],
          (R,), "is a partial sum over the ranks but is claimed Replicate"),
     Case("replicated weight gradient claimed Replicate", lambda x, w: x @ w, [(8, 6), (6, 4)], [(S0,), (R,)],

@@ -32,6 +32,7 @@ from localmap.placements.specs import placements_str
 from localmap.sites import frame_site
 from localmap.check.routing import Frames
 from localmap.check.rules import output_types
+from localmap.check.scans import LocalScan, local_scan
 from localmap.collectives.registry import collective, mesh_dim_of
 from localmap.check.verdict import PlacementError, Verdict
 from localmap.placements.types import AGREED, OPAQUE, PER_RANK_COPY, UNKNOWN_WHY, VARYING, RuleError, \
@@ -257,6 +258,11 @@ class _TypeFlow:
                 continue
             where = f"{_op(made)} at {_source(made)}" if made.op == "call_function" else \
                 "a constant" if made.op == "get_attr" else "an input"
+            scan = local_scan(node, tuple(claim), m, self.types, self.mesh, self.uneven) \
+                if outcome[0] == "unproven" else None
+            if scan is not None:
+                self.verdict.problems.append(_local_scan_problem(scan, path, c, self.mesh, m))
+                continue
             if outcome[0] == "unproven":
                 why = made.meta.get(UNKNOWN_WHY) or "its value differs per rank with no structure localmap derives"
                 self.verdict.unproven.append(
@@ -266,6 +272,21 @@ class _TypeFlow:
             self.verdict.problems.append(fail(
                 path, f"{outcome[1]} (made so by {where})", mesh=self.mesh, mesh_dim=m,
                 expected=f"claimed {c!r}", given=f"inferred {got!r}", fix=outcome[2], error=PlacementError))
+
+
+def _local_scan_problem(scan: LocalScan, path: str, claim: Placement, mesh: Any, m: int) -> PlacementError:
+    """A scan or normalization over each rank's piece of a sharded dim, returned as it is and claimed a shard of
+    that dim (``check.scans``): refuted, naming the op, the dim and the mesh dim."""
+    name, d = _dim_name(mesh, m), scan.dim
+    fix = (f"all_gather dim {d} over {name} before the {scan.op} (or apply it outside the region), or combine "
+           f"each rank's {scan.op} with the earlier ranks' totals (an exclusive-prefix correction from each rank's "
+           f"last value, all_gathered over {name})") if scan.prefix else \
+        (f"all_gather dim {d} over {name} before the {scan.op} (or apply it outside the region), or merge the "
+         f"ranks' pieces by their log-sum-exp (all_reduce the max and the sum of exp over {name})")
+    return fail(path, f"is the {scan.op} along dim {d}, which is sharded on {name}, computed over this rank's piece "
+                f"alone ({_op(scan.node)} at {_source(scan.node)}): the one-rank run computes it over the whole "
+                "dim, so this is no shard of that result", mesh=mesh, mesh_dim=m, expected=f"claimed {claim!r}",
+                given=f"this rank's own {scan.op} of a Shard({d}) value", fix=fix, error=PlacementError)
 
 
 def _dim_name(mesh: Any, m: int) -> str:
