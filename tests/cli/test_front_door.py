@@ -189,7 +189,7 @@ SCAN = """
     MESH = "tp=2"
 
     def program(mesh):
-        scan = local_map(lambda x: x.cumsum(1), [Shard(1)], ([Shard(1)],), device_mesh=mesh)
+        scan = local_map(lambda x: x.cumsum(1).abs(), [Shard(1)], ([Shard(1)],), device_mesh=mesh)
         return (lambda x: scan(x).sum()), (torch.randn(4, 6, requires_grad=True),)
 """
 

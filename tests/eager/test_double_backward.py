@@ -81,8 +81,8 @@ def test_gradient_penalty_layouts_match_one_device(sim_mesh_4, name, x_pl, w_pl,
     for k, (g, g_ref) in enumerate(zip(grads, ref_grads)):
         assert max_diff(full(g), g_ref) < 1e-4, ("first order", k)
     penalty.backward()
-    for k, (d, r) in enumerate(zip(dts, ref)):
-        assert max_diff(full(d.grad), r.grad) < 1e-4, ("second order", k)
+    for k, (d, r) in enumerate(zip(dts, ref)):  # float32 rounding, relative to second-order values near 100
+        assert max_diff(full(d.grad), r.grad) < 1e-4 * max(1.0, r.grad.abs().max().item()), ("second order", k)
 
 
 # ---- Partial inputs: each rank holds the whole gradient, so each holds 1/n of that gradient's own gradient ----
