@@ -96,13 +96,6 @@ def pop_region_mesh() -> None:
     stack("region_meshes").pop()
 
 
-def region_meshes() -> list:
-    """This thread's stack of running region meshes, for a caller that pushes and pops itself (the eager hot
-    path: one lookup for both)."""
-    found = getattr(_local, "region_meshes", None)
-    return found if found is not None else stack("region_meshes")
-
-
 def enclosing_region_mesh() -> DeviceMesh | None:
     """The mesh of the region whose body is being run or traced on this thread (None outside bodies)."""
     return innermost("region_meshes")

@@ -377,7 +377,7 @@ def _attention_dim(node: fx.Node, column: list, ndim: int, masked: bool, m: int)
         raise RuleError(f"{op_name(node)} gets a Partial query, key or value: attention is not linear in them",
                         "all_reduce it first", m)
     if AGREED in column:  # attention with a value of unknown meaning: the same on every rank or not
-        return AGREED if all(same_on_ranks(p) for p in column) else _unknown(node, VARYING)
+        return AGREED if all(same_on_ranks(p) for p in column) else _unknown(node)
     kv_whole = all(isinstance(p, Replicate) or p is PER_RANK_COPY for p in (k, v))
     if all(isinstance(p, Replicate) for p in column):
         return Replicate()
@@ -387,14 +387,14 @@ def _attention_dim(node: fx.Node, column: list, ndim: int, masked: bool, m: int)
         return q  # batch or heads
     if kv_whole and isinstance(q, Shard) and q.dim == ndim - 2 and not masked:
         return q  # this rank's queries against every key
-    return _unknown(node, VARYING)
+    return _unknown(node)
 
 
-def _unknown(node: fx.Node, t: Any) -> Any:
+def _unknown(node: fx.Node) -> Any:
     node.meta[UNKNOWN_WHY] = (
         f"{op_name(node)} with these shardings (keys sharded along the sequence give a per-rank partial "
         "attention; a mask or causality with sharded queries uses local positions; a value of unknown meaning)")
-    return t
+    return VARYING
 
 
 for _name in ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",

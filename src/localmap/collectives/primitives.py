@@ -145,15 +145,19 @@ _reduced_op.register_autograd(_reduced_backward, setup_context=_reduced_setup)
 # derived: AGREED, which no claim is proven on. avg is a sum divided by n, settled at localmap::reduced.
 
 
+def _not_partial_why(op: str, p: Any) -> str:
+    """Why an all_reduce's result is AGREED: its input is not a partial result of its own reduction."""
+    return (f"all_reduce ({op}) of a value that is not a partial {op} over the mesh dim (it is {p!r}): the same on "
+            "every rank, but not what the one-rank run computes as far as the check knows")
+
+
 def _all_reduce_type(node: Any, in_types: list, mesh: Any) -> Any:
     op = node.args[1] if len(node.args) > 1 else node.kwargs.get("reduceOp")
 
     def reduced(p: Any) -> Any:
         if isinstance(p, Partial) and p.reduce_op == op or isinstance(p, Replicate) and op in ("max", "min"):
             return Replicate()
-        node.meta[UNKNOWN_WHY] = (f"all_reduce ({op}) of a value that is not a partial {op} over the mesh dim "
-                                  f"(it is {p!r}): the same on every rank, but not what the one-rank run computes "
-                                  "as far as the check knows")
+        node.meta[UNKNOWN_WHY] = _not_partial_why(op, p)
         return AGREED
 
     return on_its_mesh_dim(reduced)(node, in_types, mesh)
@@ -173,9 +177,7 @@ def _reduced_type(node: Any, in_types: list, mesh: Any) -> Any:
     x = in_types[0][m]
     whole = isinstance(x, Partial) and x.reduce_op == "avg"
     if not whole:
-        node.meta[UNKNOWN_WHY] = (f"all_reduce (avg) of a value that is not a partial avg over the mesh dim (it is "
-                                  f"{x!r}): the same on every rank, but not what the one-rank run computes as far as "
-                                  "the check knows")
+        node.meta[UNKNOWN_WHY] = _not_partial_why("avg", x)
     return tuple((Replicate() if whole else AGREED) if k == m else p for k, p in enumerate(result))
 
 
@@ -389,11 +391,12 @@ def all_to_all_type(node: Any, types: dict, mesh: Any) -> Any:
     if not isinstance(t, tuple):
         return None
     moved = (split_dim, concat_dim)
-    if t[m] != Shard(concat_dim) or split_dim == concat_dim:
+    resharded = t[m] == Shard(concat_dim) and split_dim != concat_dim
+    if not resharded:
         node.meta[UNKNOWN_WHY] = (f"all_to_all of a value that is {t[m]!r} on the mesh dim, with split_dim {split_dim} "
                                   f"and concat_dim {concat_dim}: only a shard of concat_dim (another dim than "
                                   "split_dim) becomes a shard of split_dim")
-    return tuple((Shard(split_dim) if t[k] == Shard(concat_dim) and split_dim != concat_dim else VARYING) if k == m else
+    return tuple((Shard(split_dim) if resharded else VARYING) if k == m else
                  t[k] if isinstance(t[k], (Replicate, Partial, Shard)) and compat.sharded_dim(t[k]) not in moved
                  else VARYING for k in range(mesh.ndim))
 

@@ -212,7 +212,7 @@ def local_tensors(flat: Sequence[Any], idx: Sequence[int], dtensors: Sequence[DT
     locals_ = list(flat)
     track = torch.is_grad_enabled()
     wants = [track and d.requires_grad for d in dtensors]
-    if track and all(wants) and wants:  # the usual case: every input, one node, no sub-lists
+    if wants and all(wants):  # the usual case: every input, one node, no sub-lists
         for i, t in zip(idx, to_local_shards(grad_placements, *dtensors), strict=True):
             locals_[i] = t
         return locals_

@@ -37,7 +37,7 @@ from localmap.check.state import BodyState, body_state, value_key
 from localmap.check.tested import agree_on_ranks, settle_by_test
 from localmap.core.grads import inferred_of, leaf_grad_placements
 from localmap.compat import make_dtensor, pytree, spec_of
-from localmap.context import recorder, region_meshes
+from localmap.context import recorder, stack
 from localmap.eager.autograd import from_local_shards, local_tensors, output_grad_rules, to_local_shards
 from localmap.eager.compiled import call_compiling
 from localmap.eager.modes import CallMode, call_mode
@@ -208,7 +208,7 @@ class RegionCallable:
     def _run_body(self, mesh: DeviceMesh, args: Sequence[Any], kwargs: dict) -> Any:
         """The function on the local arguments, with the region's mesh on the context stack (for
         localmap.collectives inside the body); its error named by the region and the line that raised."""
-        meshes = region_meshes()
+        meshes = stack("region_meshes")
         meshes.append(mesh)
         try:
             return self.func(*args, **kwargs)
