@@ -15,11 +15,10 @@ pytestmark = pytest.mark.matrix
 
 # A strict xfail where the cell's bug is known; a non-strict one where the cell fails only after other cells.
 COMPILE_KNOWN: dict = {}
-_BUG4 = ("issue 19 bug 4: a DTensor held as a plain attribute (not a parameter or buffer) is not seen as a "
-         "closed-over DTensor")
 _COLUMN, _ROW = "parallel: closed-over column weight (to_local)", "parallel: closed-over row weight, partial sum"
-EAGER_FORM_KNOWN: dict = {}  # issue 19 bug 4 fixed: plain-attribute DTensors are closed-over DTensors
-CAPTURED_FORM_KNOWN = {(p, "attribute"): _BUG4 + ": capture fails (GuardOnDataDependentSymNode)" for p in (_COLUMN, _ROW)}
+# issue 19 bug 4 fixed: plain-attribute DTensors are closed-over DTensors (eager) and program inputs (capture).
+EAGER_FORM_KNOWN: dict = {}
+CAPTURED_FORM_KNOWN: dict = {}
 
 
 def _cases(programs, axis, known, flaky=None):
@@ -86,7 +85,7 @@ def test_weight_forms_eager(prog, form):
 def test_weight_forms_captured(prog, form):
     t = draw(prog, 1)
     want = captured_reference(one_device(prog, t), t)
-    if form != "parameter":  # capture's gradients are of the module's parameters and the inputs
+    if form == "buffer":  # capture's gradients: the inputs' and the module's state's that requires grad
         want = _without_weight_grads(want)
     with mesh_of(prog) as mesh:
         expect(prog, lambda: captured(prog, t, mesh, "single", form=form), want)
