@@ -5,6 +5,7 @@ and a real (gloo) mesh."""
 
 from __future__ import annotations
 
+import types
 import warnings
 
 import pytest
@@ -155,9 +156,13 @@ def test_closed_over_weights_on_real_processes():
         assert r["loss"] < 1e-5 and r["grads"] < 1e-5 and r["regions"] == 1 and r["local"] == (2, 8, 16)
 
 
+_WEIGHTS: dict = {}  # a module global a body reads a DTensor from
+
+
 class _ColumnParallel(nn.Module):
     """A column-sharded weight read inside the region as ``self.w.to_local(...)``, held as a parameter, a buffer
-    or a plain attribute (issue 19, items 4 and 5)."""
+    or a plain attribute (issue 19, items 4 and 5); or where capture takes no input from: in a list attribute, on
+    a plain object, in a module global."""
 
     def __init__(self, mesh, w: torch.Tensor, hold: str, declared: bool) -> None:
         super().__init__()
@@ -166,14 +171,22 @@ class _ColumnParallel(nn.Module):
             self.w = nn.Parameter(weight)
         elif hold == "buffer":
             self.register_buffer("w", weight)
+        elif hold == "list":
+            self.ws = [weight]
+        elif hold == "object":
+            self.cfg = types.SimpleNamespace(w=weight)
+        elif hold == "global":
+            _WEIGHTS["w"] = weight
         else:
             self.w = weight  # neither parameter nor buffer
-        self.declared = declared
+        self.hold, self.declared = hold, declared
         self.region = localmap.local_map(self._mm, out_placements=[S1], in_placements=([R],), device_mesh=mesh)
 
     def _mm(self, x):
+        held = {"list": lambda: self.ws[0], "object": lambda: self.cfg.w, "global": lambda: _WEIGHTS["w"]}
+        w = held.get(self.hold, lambda: self.w)()
         # the form localmap's own fix line recommends, or the plain one
-        w = self.w.to_local(grad_placements=[S1]) if self.declared else self.w.to_local()
+        w = w.to_local(grad_placements=[S1]) if self.declared else w.to_local()
         return x @ w
 
     def forward(self, x):
@@ -226,3 +239,23 @@ def test_the_eager_check_types_a_plain_attribute_dtensor_by_its_placements():
         (verdict,) = model.region.region.verdicts()
     assert verdict.status == "ok", verdict
     assert rel_diff(full(out), x @ w) < 1e-5
+
+
+@pytest.mark.parametrize("hold, path", [("list", "ws[0]"), ("object", "cfg.w"), ("global", "_WEIGHTS['w']")])
+def test_a_dtensor_held_where_capture_takes_no_input_is_refused_by_name(hold, path):
+    """Read by to_local() while the program is traced on fake tensors, such a DTensor's real shard would be a
+    constant of the program: on real ranks this process's shard in every rank's body, on a simulated mesh the
+    per-rank shards (whose disagreeing loss the matrix read as GuardOnDataDependentSymNode). Refused, named."""
+    with simulated_mesh(2) as mesh:
+        with on_one_device():
+            w, x = torch.randn(8, 6), torch.randn(4, 8)
+        model = _ColumnParallel(mesh, w, hold, False)
+        for run in (lambda: localmap.capture(model, x).run(x), lambda: localmap.verify(model, x)):
+            with pytest.raises(LocalMapError) as info:
+                run()
+            message = str(info.value)
+            assert message.startswith(f"local_map: {path}: is a DTensor read by to_local() while capturing that is "
+                                      "no input of the captured program"), message
+            assert "given:    (8, 6) (Shard(dim=1),) on mesh (2,)" in message, message
+            assert "register it as a parameter or buffer of the captured module" in message, message
+    _WEIGHTS.clear()

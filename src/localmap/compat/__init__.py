@@ -30,6 +30,7 @@ from localmap.compat.dtensor import (
     DTensorSpec, TensorMeta, global_shape_and_stride, grad_placements_default, is_strided_shard, sharded_dim, view_rule_hangs,
     clear_propagation_cache, propagation_cache_size, strided_shard,
     local_tensor_of, make_dtensor, make_spec, propagate_sharding, quiet_fake_tensor_errors, redistribute_local, spec_of,
+    to_local_of_real_refused,
     to_local_substituted,
 )
 from localmap.compat.simulation import (
@@ -52,7 +53,7 @@ __all__ = [
     "pytree", "FUNCTIONAL_OPS", "AsyncCollectiveTensor", "all_gather_stack", "group_size", "is_functional_collective",
     "wait", "wait_local", "DTensorSpec", "TensorMeta", "global_shape_and_stride", "grad_placements_default",
     "view_rule_hangs", "local_tensor_of", "make_dtensor", "make_spec", "propagate_sharding",
-    "quiet_fake_tensor_errors", "redistribute_local", "spec_of", "is_strided_shard", "sharded_dim", "clear_propagation_cache", "propagation_cache_size", "strided_shard", "to_local_substituted", "fake_process_group", "is_simulated",
+    "quiet_fake_tensor_errors", "redistribute_local", "spec_of", "is_strided_shard", "sharded_dim", "clear_propagation_cache", "propagation_cache_size", "strided_shard", "to_local_substituted", "to_local_of_real_refused", "fake_process_group", "is_simulated",
     "forget_ended_world", "local_tensor_mode", "outside_simulation", "reconcile", "simulated_local", "simulated_rank_map",
     "simulated_value", "simulation_active", "simulation_mode_type", "simulation_set_aside", "value_on_rank", "DispatchKey", "FakeTensorMode", "HigherOrderOperator",
     "OpOverload", "ProxyTorchDispatchMode", "below_autograd", "check_decompositions",

@@ -7,9 +7,10 @@ import functools
 import logging
 import operator
 import threading
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.distributed.tensor import DeviceMesh, DTensor
 from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
 from torch.distributed.tensor.placement_types import Placement, Shard
@@ -226,24 +227,46 @@ def _to_local(self: DTensor, *, grad_placements: Any = None) -> torch.Tensor:
         stand_in, declared = table[id(self)]
         declared.append(grad_placements)
         return stand_in
+    refuse = getattr(_substitutes, "refuse", None)
+    if refuse is not None and _holds_real_shard(self):
+        refuse(self)  # raises: a real DTensor's shard would become a constant of the trace
     return _original_to_local(self, grad_placements=grad_placements)
 
 
+def _holds_real_shard(d: DTensor) -> bool:
+    """Whether a DTensor's local tensor holds values (this process's shard, or a simulated mesh's per-rank
+    shards): not a fake tensor of a trace, nor a meta tensor (the check's light trace, a model on meta)."""
+    local = d._local_tensor
+    return not isinstance(local, FakeTensor) and local.device.type != "meta"
+
+
 @contextlib.contextmanager
-def to_local_substituted(table: dict[int, tuple[torch.Tensor, list]]) -> Iterator[None]:
-    """While active on this thread: `d.to_local()` of a DTensor whose id is in `table` returns its stand-in and
-    appends the call's `grad_placements` to its list."""
+def _patched(attr: str, value: Any) -> Iterator[None]:
+    """DTensor.to_local patched (for every thread while any user holds it) and `attr` of this thread's state set."""
     global _patch_users
     with _patch_lock:
         _patch_users += 1
         DTensor.to_local = _to_local  # type: ignore[method-assign]
-    previous = getattr(_substitutes, "table", None)
-    _substitutes.table = table
+    previous = getattr(_substitutes, attr, None)
+    setattr(_substitutes, attr, value)
     try:
         yield
     finally:
-        _substitutes.table = previous
+        setattr(_substitutes, attr, previous)
         with _patch_lock:
             _patch_users -= 1
             if _patch_users == 0:
                 DTensor.to_local = _original_to_local  # type: ignore[method-assign]
+
+
+def to_local_substituted(table: dict[int, tuple[torch.Tensor, list]]) -> contextlib.AbstractContextManager[None]:
+    """While active on this thread: `d.to_local()` of a DTensor whose id is in `table` returns its stand-in and
+    appends the call's `grad_placements` to its list."""
+    return _patched("table", table)
+
+
+def to_local_of_real_refused(refuse: Callable[[DTensor], None]) -> contextlib.AbstractContextManager[None]:
+    """While active on this thread (a program being traced on fake tensors): `d.to_local()` of a DTensor whose
+    local tensor is no fake tensor (one that holds this process's real shard, not one of the trace's) calls
+    `refuse(d)`, which raises. Substituted DTensors (`to_local_substituted`) are not refused."""
+    return _patched("refuse", refuse)

@@ -27,7 +27,7 @@ from localmap.context import recording
 from localmap.errors import LocalMapError, fail, wrapped_error
 from localmap.sites import traceback_site
 from localmap.traced.build import clean_checkpoint_tags, tag_phase
-from localmap.traced.closure import ParamInfo, module_state, program_params
+from localmap.traced.closure import ParamInfo, module_state, program_params, real_dtensors_refused
 from localmap.traced.meta import ROLE, SOURCE, kwargs_of, role_of
 from localmap.traced.operator import defer_inlining, local_map_hop
 
@@ -170,7 +170,7 @@ def capture(fn: Callable | torch.nn.Module, *args: Any, backward: bool = True, *
             yield module(*a, **k)
 
     try:
-        with program_params(stand_ins):
+        with program_params(stand_ins), real_dtensors_refused(fn):
             forward, backward_gm, joint, records = _trace(call, primals, backward, fake_mode)
     except LocalMapError:
         raise

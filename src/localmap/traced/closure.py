@@ -8,12 +8,16 @@ A body reaches them through the module a method is bound to, modules and tensors
 partial's function and arguments (every submodule of those modules included). While ``capture`` traces a
 module (or verify's reference runs it), the module's DTensor parameters and buffers are *stand-ins*: plain
 global tensors registered with ``program_params`` (their name, mesh and placements); a body that reads one sees
-a DTensor again (``rebound``), whose local tensor is the region's input.
+a DTensor again (``rebound``), whose local tensor is the region's input. A DTensor the module holds anywhere
+else (a list, a plain object, a global) has no stand-in: read by ``to_local()`` during capture, it is refused,
+named (``real_dtensors_refused``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import types
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
@@ -23,7 +27,7 @@ from torch.distributed.tensor import DTensor, Replicate
 
 from localmap import context
 from localmap.check.closure import module_tensors, own_tensors, reachable
-from localmap.compat import make_dtensor, make_spec
+from localmap.compat import make_dtensor, make_spec, to_local_of_real_refused
 from localmap.errors import fail
 from localmap.placements.specs import placements_str
 
@@ -66,6 +70,71 @@ def module_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     state.update(module.named_buffers())
     state.update((n, t) for n, t in module_tensors(module) if n not in state and isinstance(t, DTensor))
     return state
+
+
+@contextlib.contextmanager
+def real_dtensors_refused(fn: Any) -> Iterator[None]:
+    """While `fn` is captured: a ``to_local()`` of a DTensor that is no program input is refused, named by where
+    `fn` holds it. Traced on fake tensors, its real shard (this process's, or a simulated mesh's per-rank ones)
+    would be a constant of the program, so every rank's body would read the same frozen shard."""
+    def refuse(d: DTensor) -> None:
+        path = held_at(fn, d)
+        raise fail(path or "a DTensor", "is a DTensor read by to_local() while capturing that is no input of the "
+                   "captured program: its shard would be frozen into the program as a constant, the same on every "
+                   "rank", given=f"{tuple(d.shape)} {placements_str(d.placements)} on mesh {tuple(d.device_mesh.shape)}"
+                   + ("" if path else " (held where capture does not look)"),
+                   fix="register it as a parameter or buffer of the captured module (nn.Parameter, register_buffer) "
+                       "or hold it as a plain attribute of one of its modules (those are program inputs, each rank "
+                       "reading its own shard); or pass it to the region as an argument")
+
+    with to_local_of_real_refused(refuse):
+        yield
+
+
+_SEARCH_DEPTH = 6  # attributes and container levels walked to name a DTensor
+_SEARCH_LIMIT = 20_000  # objects visited at most
+
+
+def held_at(root: Any, target: Any) -> str | None:
+    """Where `root` holds `target`: a path of attributes, container keys and names a function closes over
+    (``ws[0]``, ``cfg.w``, ``G['w']``), reached from a module's attributes or a function's closure; None when
+    not found."""
+    todo = [(path, value) for path, value in _held_by(root, "")]
+    seen: set[int] = {id(root)}
+    depth = 0
+    while todo and depth < _SEARCH_DEPTH and len(seen) < _SEARCH_LIMIT:
+        found = next((path for path, value in todo if value is target), None)
+        if found is not None:
+            return found
+        fresh = [(p, v) for p, v in todo if id(v) not in seen and not isinstance(v, torch.Tensor)]
+        seen.update(id(v) for _, v in fresh)
+        todo = [(q, w) for p, v in fresh for q, w in _held_by(v, p)]
+        depth += 1
+    return None
+
+
+def _held_by(obj: Any, path: str) -> Iterator[tuple[str, Any]]:
+    """(path, value) of what `obj` holds: a container's items, an object's attributes (a module's parameters,
+    buffers and submodules by their names), what a function reads (check.closure.reachable)."""
+    def at(name: str) -> str:
+        return f"{path}.{name}" if path else name
+
+    if isinstance(obj, dict):
+        yield from ((f"{path}[{k!r}]", v) for k, v in obj.items())
+    elif isinstance(obj, (list, tuple)):
+        yield from ((f"{path}[{k}]", v) for k, v in enumerate(obj))
+    elif callable(obj) and not isinstance(obj, (torch.nn.Module, type)) and _reads_code(obj):
+        yield from ((name, value) for name, value, _ in reachable(obj))
+    elif not isinstance(obj, (type, types.ModuleType)) and hasattr(obj, "__dict__"):
+        attrs = dict(vars(obj))
+        if isinstance(obj, torch.nn.Module):
+            for slot in ("_parameters", "_buffers", "_modules"):
+                attrs.update(attrs.pop(slot, {}))
+        yield from ((at(k), v) for k, v in attrs.items() if v is not None)
+
+
+def _reads_code(obj: Any) -> bool:
+    return hasattr(obj, "__code__") or hasattr(obj, "__func__") or isinstance(obj, functools.partial)
 
 
 def stand_in(value: Any) -> ParamInfo | None:
