@@ -20,7 +20,7 @@ from torch.distributed.tensor.placement_types import Partial, Replicate, Shard
 
 import localmap.collectives  # noqa: F401  (registers the collectives' facts)
 from localmap import compat
-from localmap.check.offsets import ROW_LOOKUPS, partial_where_masked, rank_rows
+from localmap.check.offsets import ROW_LOOKUPS, is_zero, partial_where_masked, rank_rows
 from localmap.check.propagation import default_types, op_name, replicated
 from localmap.collectives.primitives import all_to_all_type
 from localmap.collectives.registry import collective
@@ -258,21 +258,6 @@ for _packet in _INTERPOLATING + _NEAREST:
 # scatter_add, index_add or accumulating index_put is linear in (base, values): the local op on partial sums is
 # a partial sum of the global op. The base must be a partial sum too, or zero (torchtitan's combine scatters
 # expert outputs into zeros_like(x)). DTensor's strategies take no Partial here; other mesh dims are theirs.
-
-_ZERO_MAKERS = {aten.zeros.default, aten.zeros_like.default, aten.new_zeros.default}
-_FILL_MAKERS = {aten.full.default: 1, aten.full_like.default: 1, aten.new_full.default: 2,
-                aten.fill.Scalar: 1, aten.fill_.Scalar: 1, aten.scalar_tensor.default: 0}
-
-
-def is_zero(node: Any) -> bool:
-    """Whether `node` is a tensor of zeros by construction (zeros, zeros_like, a fill with 0)."""
-    if not isinstance(node, fx.Node):
-        return False
-    if node.target in _ZERO_MAKERS:
-        return True
-    k = _FILL_MAKERS.get(node.target)
-    return k is not None and len(node.args) > k and isinstance(node.args[k], (int, float)) and node.args[k] == 0
-
 
 def linear_in(values: tuple[str, ...], indices: tuple[str, ...], base: str | None = None,
               when: Callable[[fx.Node], bool] = lambda node: True) -> Rule:
