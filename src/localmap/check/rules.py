@@ -20,6 +20,7 @@ from torch.distributed.tensor.placement_types import Partial, Replicate, Shard
 
 import localmap.collectives  # noqa: F401  (registers the collectives' facts)
 from localmap import compat
+from localmap.check.merges import merged_attention
 from localmap.check.offsets import ROW_LOOKUPS, is_zero, partial_where_masked, rank_rows
 from localmap.check.propagation import default_types, op_name, replicated
 from localmap.collectives.primitives import all_to_all_type
@@ -323,6 +324,10 @@ def output_types(node: fx.Node, in_types: list, mesh: Any, types: dict, uneven: 
         routed = all_to_all_type(node, types, mesh)
         if routed is not None:
             return routed
+    if node.target is aten.div.Tensor:  # a log-sum-exp merge of attention blocks: check.merges
+        merged = merged_attention(node, in_types, mesh, types, uneven)
+        if merged is not None:
+            return merged
     rule = rule_for(node.target)
     if rule is not None:
         return rule(node, in_types, mesh)
