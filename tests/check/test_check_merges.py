@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import R, S0, S1, max_diff, proven_like_one_device, randn
+from helpers import R, S0, S1, proven_like_one_device, randn
 from localmap import PlacementError, local_map
 from localmap import collectives as C
-from localmap.testing import distribute, full, simulated_mesh
+from localmap.testing import distribute, simulated_mesh
 
 QKV = [(2, 4, 4), (2, 8, 4), (2, 8, 4)]
 PLACED = [[R], [S1], [S1]]  # queries whole, keys and values sharded along the key sequence
@@ -71,19 +71,12 @@ def test_a_log_sum_exp_merge_is_proven_and_matches_one_device(body):
         proven_like_one_device(mesh, body, attention, [randn(*s) for s in QKV], PLACED, [R])
 
 
-def test_on_a_two_dim_mesh_the_merge_dim_is_proven_and_the_test_settles_the_rest():
-    """Batch over dp, keys over cp: the merge is whole on cp; on dp the proof stops earlier (DTensor's
-    propagation of the local p @ v, whose keys are cut on cp, gives no answer for any mesh dim), so the test
-    settles the claim, and the region matches one device."""
+def test_a_merge_on_one_mesh_dim_keeps_the_other_dims_types():
+    """Batch over dp, keys over cp: the merge is whole on cp and the output stays Shard(0) over dp. (The local
+    p @ v, whose keys are cut on cp, is typed on dp with cp collapsed: check.propagation's NOTE.)"""
     with simulated_mesh((2, 2), ("dp", "cp")) as mesh:
-        placed = [[S0, R], [S0, S1], [S0, S1]]
-        region = local_map(by_hand, [S0, R], placed, None, mesh)
-        x = [randn(*s) for s in QKV]
-        out = region(*(distribute(t, mesh, p) for t, p in zip(x, placed)))
-        (verdict,) = region.region.verdicts()
-        assert verdict.status == "tested", verdict
-        assert all("mesh dim 0 ('dp')" in u for u in verdict.unproven), verdict.unproven
-        assert max_diff(full(out), attention(*x)) < 1e-5
+        proven_like_one_device(mesh, by_hand, attention, [randn(*s) for s in QKV],
+                               [[S0, R], [S0, S1], [S0, S1]], [S0, R])
 
 
 def own_weights(q, k, v):
