@@ -283,7 +283,7 @@ RIGHT = [
     Prog("rms norm on a sequence shard", rms, [(2, 8, 4), (4,)], [(S1,), (R,)], (S1,), "ok"),
     # context parallel
     Prog("context-parallel attention, log-sum-exp merge", cp_attention_lse_merge, [(2, 4, 4), (2, 8, 4),
-         (2, 8, 4)], [(R,), (S1,), (S1,)], (R,), "unproven", right=True, ref=attention, mesh="cp"),  # tested (AGREED)
+         (2, 8, 4)], [(R,), (S1,), (S1,)], (R,), "ok", ref=attention, mesh="cp"),  # check.merges
     Prog("position table offset by the rank's index", position_offset, [(8, 4), (8, 4)], [(S0,), (R,)], (S0,),
          "ok", ref=lambda x, pos: x + pos, mesh="cp"),
     # expert parallel

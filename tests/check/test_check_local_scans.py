@@ -107,7 +107,7 @@ def test_right_programs_with_a_scan_over_the_sharded_dim_are_not_refused(sim_mes
 
 def test_a_local_softmax_merged_by_log_sum_exp_is_not_refused():
     """Context-parallel attention: each rank's softmax over its key shard, rescaled by the blocks' log-sum-exp
-    and summed (catalogue), is right: never refused, tested silently."""
+    and summed (catalogue), is right: never refused, proven silently (check.merges)."""
     from test_catalogue_parallel import PROGS, _matches, run
 
     prog = next(p for p in PROGS if p.name == "context-parallel attention, log-sum-exp merge")

@@ -31,8 +31,9 @@ other dims), not along some other dim.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.fx as fx
@@ -144,21 +145,36 @@ def masked_lookup(node: fx.Node, mesh: Any, types: dict, uneven: frozenset = fro
         if clamped is None or not isinstance(table, fx.Node) or not isinstance(types.get(table), tuple):
             continue
         ids, high = clamped
-        tval = table.meta["val"]
-        dim = (lookup.args[spec[2]] if spec[2] is not None else 0) % tval.ndim
-        n = tval.shape[dim]
+        dim, n = _looked_dim(lookup, spec)
         if high != n - 1 or not _aligned(node, looked, masked, lookup, spec, dim):
             continue
-        shifted = _in_range_mask(_peel(masked), ids, 0, n)
-        literal = _literal_shift(ids)
-        cuts = [m for m, p in enumerate(types[table]) if sharded_dim(p) == dim]
-        for m, p in enumerate(types[table]):
-            if p != Shard(dim) or m in uneven or cuts != [m]:
-                continue
-            if shifted and rank_scale(ids, m, mesh, types) == -n:
-                found.add(m)
-            elif literal is not None and _literal_offset_holds(literal, _peel(masked), n, m, mesh, types):
-                found.add(m)
+        in_range = functools.partial(_in_range_mask, _peel(masked))
+        found |= _own_rows_dims(ids, table, dim, n, in_range, mesh, types, uneven)
+    return found
+
+
+def _looked_dim(lookup: fx.Node, spec: tuple) -> tuple[int, int]:
+    """(dim, its length) of the table a lookup reads rows along (embedding: dim 0)."""
+    tval = lookup.args[spec[0]].meta["val"]
+    dim = (lookup.args[spec[2]] if spec[2] is not None else 0) % tval.ndim
+    return dim, tval.shape[dim]
+
+
+def _own_rows_dims(ids: Any, table: fx.Node, dim: int, n: int, selects: Callable, mesh: Any, types: dict,
+                   uneven: frozenset) -> set[int]:
+    """Mesh dims m where the table is Shard(dim) on m alone (evenly) and `selects(ids', low, high)` holds for
+    this rank's rows: ids' = ids shifted by the rank's shard start (rank_scale -n) over [0, n), or ids less a
+    literal that is this real rank's shard start over [c, c + n)."""
+    found = set()
+    literal = _literal_shift(ids)
+    cuts = [m for m, p in enumerate(types[table]) if sharded_dim(p) == dim]
+    for m, p in enumerate(types[table]):
+        if p != Shard(dim) or m in uneven or cuts != [m]:
+            continue
+        if selects(ids, 0, n) and rank_scale(ids, m, mesh, types) == -n:
+            found.add(m)
+        elif literal is not None and _literal_offset_holds(literal, selects, n, m, mesh, types):
+            found.add(m)
     return found
 
 
@@ -200,13 +216,13 @@ def _literal_shift(index: Any) -> tuple[Any, int] | None:
     return ids, (c if index.target is aten.sub.Tensor else -c)
 
 
-def _literal_offset_holds(literal: tuple[Any, int], mask: Any, n: int, m: int, mesh: Any, types: dict) -> bool:
-    """clamp(ids - c) masked by ids in [c, c + n): this rank's rows, when c is this real rank's shard start on
-    mesh dim m and the ids are the same on every rank of m."""
+def _literal_offset_holds(literal: tuple[Any, int], selects: Callable, n: int, m: int, mesh: Any,
+                          types: dict) -> bool:
+    """ids - c selecting ids in [c, c + n): this rank's rows, when c is this real rank's shard start on mesh dim
+    m and the ids are the same on every rank of m."""
     ids, c = literal
     start = _real_shard_start(mesh, m, n)
-    return (start is not None and c == start and rank_scale(ids, m, mesh, types) == 0
-            and _in_range_mask(mask, ids, c, c + n))
+    return start is not None and c == start and rank_scale(ids, m, mesh, types) == 0 and selects(ids, c, c + n)
 
 
 def _real_shard_start(mesh: Any, m: int, n: int) -> int | None:
@@ -274,24 +290,11 @@ def zeroed_lookup(node: fx.Node, mesh: Any, types: dict, uneven: frozenset = fro
     if not isinstance(table, fx.Node) or not isinstance(types.get(table), tuple) or \
             _shape(outside) is None or _shape(outside) != _shape(index) or _chain(outside) != _chain(index):
         return found
-    mask, ids = _peel(outside), _zeroed_index(_peel(index), _peel(outside), table, lookup, spec)
-    tval = table.meta["val"]
-    dim = (lookup.args[spec[2]] if spec[2] is not None else 0) % tval.ndim
-    n = tval.shape[dim]
+    mask, ids = _peel(outside), _zeroed_index(_peel(index), _peel(outside), lookup, spec)
     if ids is None:
         return found
-    literal = _literal_shift(ids)
-    cuts = [m for m, p in enumerate(types[table]) if sharded_dim(p) == dim]
-    for m, p in enumerate(types[table]):
-        if p != Shard(dim) or m in uneven or cuts != [m]:
-            continue
-        if _outside_mask(mask, ids, 0, n) and rank_scale(ids, m, mesh, types) == -n:
-            found.add(m)
-        elif literal is not None and _real_shard_start(mesh, m, n) == literal[1] and \
-                rank_scale(literal[0], m, mesh, types) == 0 and \
-                _outside_mask(mask, literal[0], literal[1], literal[1] + n):
-            found.add(m)
-    return found
+    dim, n = _looked_dim(lookup, spec)
+    return _own_rows_dims(ids, table, dim, n, functools.partial(_outside_mask, mask), mesh, types, uneven)
 
 
 def _zeroing_mask(node: fx.Node) -> Any:
@@ -307,10 +310,11 @@ def _zeroing_mask(node: fx.Node) -> Any:
 
 
 def _zero_constant(node: Any) -> bool:
-    """A literal zero: a constant tensor the graph holds (under lift_fresh_copy) whose one element is 0, or a
-    ``scalar_tensor(0)`` (how ``x[mask] = 0`` reaches the light trace, whose tensors are on the meta device)."""
-    if isinstance(node, fx.Node) and node.target is aten.scalar_tensor.default:
-        return node.args[0] == 0
+    """A literal zero: zeros by construction (``is_zero``: the ``scalar_tensor(0)`` of ``x[mask] = 0`` in the
+    light trace, whose tensors are on the meta device), or a constant tensor the graph holds (under
+    lift_fresh_copy) whose one element is 0."""
+    if is_zero(node):
+        return True
     node = _peel(node) if not (isinstance(node, fx.Node) and node.target is aten.lift_fresh_copy.default) \
         else node.args[0]
     if not isinstance(node, fx.Node) or node.op != "get_attr":
@@ -319,11 +323,25 @@ def _zero_constant(node: Any) -> bool:
     return isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_meta and value.item() == 0
 
 
-def _zeroed_index(index: Any, outside: fx.Node, table: fx.Node, lookup: fx.Node, spec: tuple) -> Any:
+_ZERO_MAKERS = {aten.zeros.default, aten.zeros_like.default, aten.new_zeros.default}
+_FILL_MAKERS = {aten.full.default: 1, aten.full_like.default: 1, aten.new_full.default: 2,
+                aten.fill.Scalar: 1, aten.fill_.Scalar: 1, aten.scalar_tensor.default: 0}
+
+
+def is_zero(node: Any) -> bool:
+    """Whether `node` is a tensor of zeros by construction (zeros, zeros_like, a fill with 0)."""
+    if not isinstance(node, fx.Node):
+        return False
+    if node.target in _ZERO_MAKERS:
+        return True
+    k = _FILL_MAKERS.get(node.target)
+    return k is not None and len(node.args) > k and isinstance(node.args[k], (int, float)) and node.args[k] == 0
+
+
+def _zeroed_index(index: Any, outside: fx.Node, lookup: fx.Node, spec: tuple) -> Any:
     """The shifted ids under the lookup's index: ``clamp(ids, 0, n - 1)``, or ``ids`` with the `outside` rows set
     to 0 (``ids[outside] = 0``); None otherwise."""
-    tval = table.meta["val"]
-    n = tval.shape[(lookup.args[spec[2]] if spec[2] is not None else 0) % tval.ndim]
+    n = _looked_dim(lookup, spec)[1]
     clamped = _clamped(index)
     if clamped is not None:
         return clamped[0] if clamped[1] == n - 1 else None

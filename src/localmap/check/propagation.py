@@ -308,6 +308,8 @@ def _default_types(node: fx.Node, in_types: list, mesh: Any, types: dict) -> Any
     for m in varying:
         _refuse_partial(node, [t[m] for t in tensors], m)
     result = propagate(node, in_types, mesh, types)
+    if result is None and varying:
+        result = _propagate_collapsed(node, in_types, mesh, types, varying)
     if result is None:
         _refuse_local_sized(node, mesh, types)
         return conservative(node, in_types, mesh)
@@ -319,6 +321,23 @@ def _default_types(node: fx.Node, in_types: list, mesh: Any, types: dict) -> Any
             PER_RANK_COPY if m in copies and isinstance(p, Replicate) else p for m, p in enumerate(t))
 
     return [mark(t) for t in result] if isinstance(result, list) else mark(result)
+
+
+def _propagate_collapsed(node: fx.Node, in_types: list, mesh: Any, types: dict, varying: set) -> Any:
+    """DTensor's answer for the mesh dims where no input varies, asked with every input whole on the varying
+    ones (the caller marks those Varying).
+
+    NOTE: why a varying mesh dim may be collapsed. A Varying value has no global shape on its mesh dim, so
+    DTensor, asked with it Replicate beside a shard of the same dim (a local softmax over a key block meeting
+    the value rows of that block), sees global shapes that do not fit and gives no answer for any mesh dim.
+    Fix the coordinate on the varying dims: the ranks that share it form a smaller mesh over the other dims,
+    on which each input's local tensors along the varying dims are whole tensors (Replicate there). DTensor's
+    answer on that smaller mesh is what the op does along the other dims, at every such coordinate."""
+    inputs = [a for a in node.all_input_nodes if isinstance(types.get(a), tuple)]
+    whole = {a: tuple(Replicate() if m in varying else p for m, p in enumerate(types[a])) for a in inputs}
+    return propagate(node, [None if t is None else tuple(Replicate() if m in varying else p
+                                                          for m, p in enumerate(t)) for t in in_types],
+                     mesh, whole)
 
 
 def _agreed(node: fx.Node, p: Any) -> Any:

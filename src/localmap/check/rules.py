@@ -20,7 +20,8 @@ from torch.distributed.tensor.placement_types import Partial, Replicate, Shard
 
 import localmap.collectives  # noqa: F401  (registers the collectives' facts)
 from localmap import compat
-from localmap.check.offsets import ROW_LOOKUPS, partial_where_masked, rank_rows
+from localmap.check.merges import merged_attention
+from localmap.check.offsets import ROW_LOOKUPS, is_zero, partial_where_masked, rank_rows
 from localmap.check.propagation import default_types, op_name, replicated
 from localmap.collectives.primitives import all_to_all_type
 from localmap.collectives.registry import collective
@@ -259,21 +260,6 @@ for _packet in _INTERPOLATING + _NEAREST:
 # a partial sum of the global op. The base must be a partial sum too, or zero (torchtitan's combine scatters
 # expert outputs into zeros_like(x)). DTensor's strategies take no Partial here; other mesh dims are theirs.
 
-_ZERO_MAKERS = {aten.zeros.default, aten.zeros_like.default, aten.new_zeros.default}
-_FILL_MAKERS = {aten.full.default: 1, aten.full_like.default: 1, aten.new_full.default: 2,
-                aten.fill.Scalar: 1, aten.fill_.Scalar: 1, aten.scalar_tensor.default: 0}
-
-
-def is_zero(node: Any) -> bool:
-    """Whether `node` is a tensor of zeros by construction (zeros, zeros_like, a fill with 0)."""
-    if not isinstance(node, fx.Node):
-        return False
-    if node.target in _ZERO_MAKERS:
-        return True
-    k = _FILL_MAKERS.get(node.target)
-    return k is not None and len(node.args) > k and isinstance(node.args[k], (int, float)) and node.args[k] == 0
-
-
 def linear_in(values: tuple[str, ...], indices: tuple[str, ...], base: str | None = None,
               when: Callable[[fx.Node], bool] = lambda node: True) -> Rule:
     """A rule for an op linear in its arguments named `values` (and `base`, which may instead be zero) given
@@ -338,6 +324,10 @@ def output_types(node: fx.Node, in_types: list, mesh: Any, types: dict, uneven: 
         routed = all_to_all_type(node, types, mesh)
         if routed is not None:
             return routed
+    if node.target is aten.div.Tensor:  # a log-sum-exp merge of attention blocks: check.merges
+        merged = merged_attention(node, in_types, mesh, types, uneven)
+        if merged is not None:
+            return merged
     rule = rule_for(node.target)
     if rule is not None:
         return rule(node, in_types, mesh)

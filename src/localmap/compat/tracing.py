@@ -4,6 +4,7 @@ partitioners, selective checkpointing, saved-tensor hooks, decompositions and th
 from __future__ import annotations
 
 import contextlib
+import inspect
 import itertools
 import threading
 from typing import Any, Sequence
@@ -44,14 +45,10 @@ def _direct_backward(fn: type[torch.autograd.Function]) -> None:
     node_cls = getattr(fn, "_backward_cls", None)
     base = torch.autograd.function.BackwardCFunction
     if (node_cls is None or node_cls.apply is not base.apply or fn.vjp is not torch.autograd.Function.vjp
-            or fn.backward is torch.autograd.Function.backward or getattr(fn, "boxed_grads_call", False)):
+            or fn.backward is torch.autograd.Function.backward or getattr(fn, "boxed_grads_call", False)
+            or not isinstance(inspect.getattr_static(fn, "backward"), staticmethod)):
         return
-    backward = fn.backward
-
-    def apply(ctx: Any, *grads: Any) -> Any:
-        return backward(ctx, *grads)
-
-    node_cls.apply = apply
+    node_cls.apply = fn.backward  # a plain function on the node's class: called with the node as ctx
 
 
 def make_fx(fn: Any, **kwargs: Any) -> Any:
