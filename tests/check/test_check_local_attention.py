@@ -83,6 +83,23 @@ def test_on_a_2d_mesh_the_mesh_dim_that_shards_the_keys_is_named(sim_mesh_2x2):
         _run(sim_mesh_2x2, attention, [(2, 8, 4)] * 3, ins, [S0, S1])
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["attention", "causal SDPA"])
+def test_the_witness_of_the_note(sim_mesh_4, causal):
+    """check.attention's NOTE: q = k = 0, v 1 on rank 1's key block and 0 elsewhere; rank 1's output is 1 while
+    the one-rank run's rows there are below 1 (1/4 without a mask)."""
+    body = (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)) if causal else attention
+    shape, dim = ((1, 2, 8, 4), 2) if causal else ((2, 8, 4), 1)
+    with on_one_device():
+        q, k, v = torch.zeros(shape), torch.zeros(shape), torch.zeros(shape)
+        v.narrow(dim, 2, 2).fill_(1.0)
+        want = body(q, k, v)
+    y = local_map(body, [Shard(dim)], [[Shard(dim)]] * 3, None, sim_mesh_4, check=False)(
+        *[distribute(t, sim_mesh_4, [Shard(dim)]) for t in (q, k, v)])
+    with on_one_device():
+        assert torch.equal(full(y).narrow(dim, 2, 2), torch.ones_like(want.narrow(dim, 2, 2)))
+        assert bool((want < 1).all()) and (causal or bool((want == 0.25).all()))
+
+
 def _silent_and_right(mesh, body, shapes, ins, out, ref=None):
     """The default check neither refuses nor warns, and the region matches one device (`ref`, else the body)."""
     with warnings.catch_warnings(record=True) as caught:
