@@ -11,29 +11,28 @@ one to one, ``check.scans``), or only a single all_reduce (sum) over m does, a c
 shards is refuted here.
 
 NOTE: why the refutation is sound. The region's global meaning is its body run on one rank over the global
-tensors (views written with local sizes read in the global view, as everywhere in the check). Matched:
-the scores are a matmul (scaled by a finite number, viewed, copied) of operands that reach inputs other than
-v's through ops that keep zero (views, expands, transposes, clones, copies, products with a finite number), and
-a shift of the scores is their own amax; in the written form the softmax is along the last dim and reaches the
-left operand of the p @ v matmul through ops that keep its last two dims (matmul's own expand and fold of the
-batch dims, clones), so the contraction runs over whole softmax rows, on each rank and in the one-rank run; the
-right operand (the kernel's v) is typed, by the check's own proven types, a plain Shard of its key-sequence dim
-(the contraction) on m, elsewhere Replicate or shards of other dims, and copies or rearranges an input v typed
-a plain Shard(d) on m (other mesh dims likewise); m has size n > 1, every input is evenly sharded, every block
-non-empty; ``is_causal`` only with queries sharded as the keys (a square top-left mask, on each rank and in the
-one-rank run). Witness: every input but v is 0, so every score is 0 and each row's weights are uniform over its
-keys (with ``is_causal``: over keys 0..i). v is 1 on the block of dim d that ranks with coordinate 1 on m hold,
-0 elsewhere: each rank's v, and so its right operand, is constant, 1 on those ranks and 0 on the others; by the
-operand's type its one-rank value is 1 on the second block of the key dim and 0 elsewhere. On a rank with
-coordinate 1 on m every local key holds 1 and each row's weights sum to 1: every output element is 1. In the
-one-rank run every row gives key 0 (in the first block: 0) a positive weight, so every element is below 1 (1/n
-without a mask). A claim of Replicate or plain shards on every mesh dim says that rank's (non-empty) output is a
-piece of the one-rank output: refuted. Summed by an all_reduce (sum) over m, take v = 1 everywhere: each rank's
-elements are 1, their sum n; the one-rank run (where the collective is the identity) gives 1. The ops after the
-attention, and between it and the all_reduce, keep values one to one (``scans._back``): distinct values stay
-distinct, and 1 stays non-zero (1 or e), so the sum stays n times the one-rank value. Not matched: a merge, a
-rescale, a mask, dropout, a v that feeds the scores, any other op in between: today's verdicts (and the test
-where the proof stops) settle those.
+tensors. Matched: the scores are a matmul (scaled by a finite number, viewed, copied) of operands that reach
+inputs other than v's through ops that keep zero (views, expands, transposes, clones, copies, products with a
+finite number); a shift of the scores is their own amax. The softmax's dim and v's sharded dim d are followed to
+the p @ v matmul's two contraction dims (or to the kernel's key dim) only through ops that need no sizes
+(transposes, permutes, clones, copies) and, right before a matmul, matmul's own expand and fold of the batch dims
+(keeping the last two dims): in the one-rank run these take their sizes from the global shapes, so there too the
+contraction runs over whole softmax rows and along v's dim d. A view the body writes is not followed: written
+with local sizes it may cut d into blocks in the one-rank run (``t.view(-1, 2, e)`` on a rank's 2 positions),
+which makes blockwise attention right. v is an input typed a plain Shard(d) on m (elsewhere Replicate or shards
+of other dims); m has size n > 1, every input is evenly sharded, every block non-empty; ``is_causal`` only with
+queries sharded as the keys (a square top-left mask, on each rank and in the one-rank run). Witness: every input
+but v is 0, so every score is 0 and each row's weights are uniform over its keys (with ``is_causal``: over keys
+0..i). v is 1 on the block of dim d that ranks with coordinate 1 on m hold, 0 elsewhere: on those ranks every
+local key holds 1 and each row's weights sum to 1, so every output element is 1. In the one-rank run every row
+gives key 0 (in the first block: 0) a positive weight, so every element is below 1 (1/n without a mask). A claim
+of Replicate or plain shards on every mesh dim says that rank's (non-empty) output is a piece of the one-rank
+output: refuted. Summed by an all_reduce (sum) over m, take v = 1 everywhere: each rank's elements are 1, their
+sum n; the one-rank run (where the collective is the identity) gives 1. The ops after the attention, and between
+it and the all_reduce, keep values one to one (``scans._back``): distinct values stay distinct, and 1 stays
+non-zero (1 or e), so the sum stays n times the one-rank value. Not matched: a merge, a rescale, a mask, dropout,
+a v that feeds the scores, any other op in between: today's verdicts (and the test where the proof stops)
+settle those.
 """
 
 from __future__ import annotations
@@ -63,8 +62,8 @@ _ZERO_KEEPING = _ORDERED_VIEWS | {aten.transpose.int, aten.t.default, aten.permu
 
 
 class LocalAttention(NamedTuple):
-    """Attention to this rank's key block alone: `node` computes it, `value` is v, typed Shard(`dim`) on the mesh
-    dim; `summed` is the all_reduce (sum) over that dim between it and the output, if any."""
+    """Attention to this rank's key block alone: `node` computes it, `value` is the input v, typed Shard(`dim`) on
+    the mesh dim; `summed` is the all_reduce (sum) over that dim between it and the output, if any."""
 
     op: str  # "softmax(q @ k^T) @ v" or "scaled_dot_product_attention" (a fused kernel)
     node: fx.Node
