@@ -361,11 +361,13 @@ WRONG = [
          "Partial"),
     # context parallel
     Prog("context-parallel attention, blocks normalised separately", cp_attention_local_softmax,
-         [(2, 4, 4), (2, 8, 4), (2, 8, 4)], [(R,), (S1,), (S1,)], (R,), "unproven", ref=attention, mesh="cp"),
+         [(2, 4, 4), (2, 8, 4), (2, 8, 4)], [(R,), (S1,), (S1,)], (R,), "refused",
+         "each rank attends only to its own key block", ref=attention, mesh="cp"),
     Prog("autoparallel's CP attention: q, k, v sharded on the sequence", lambda q, k, v:
-         F.scaled_dot_product_attention(q, k, v), [(1, 2, 8, 4)] * 3, [(S2,)] * 3, (S2,), "unproven", mesh="cp"),
+         F.scaled_dot_product_attention(q, k, v), [(1, 2, 8, 4)] * 3, [(S2,)] * 3, (S2,), "refused",
+         "sharded along dim 2, the key sequence", mesh="cp"),
     Prog("attention over a key shard claimed as a sequence shard", attention, [(2, 8, 4), (2, 8, 4), (2, 8, 4)],
-         [(S1,), (S1,), (S1,)], (S1,), "unproven", mesh="cp"),
+         [(S1,), (S1,), (S1,)], (S1,), "refused", "each rank attends only to its own key block", mesh="cp"),
     # expert parallel
     Prog("experts: batched matmul claimed Replicate", torch.bmm, [(4, 3, 6), (4, 6, 5)], [(S0,), (S0,)], (R,),
          "refused", "claimed Replicate", mesh="ep"),

@@ -32,6 +32,7 @@ from localmap.placements.specs import placements_str
 from localmap.sites import frame_site
 from localmap.check.routing import Frames
 from localmap.check.rules import output_types
+from localmap.check.attention import LocalAttention, local_attention
 from localmap.check.scans import LocalScan, local_scan
 from localmap.collectives.registry import collective, mesh_dim_of
 from localmap.check.verdict import PlacementError, Verdict
@@ -62,7 +63,7 @@ def check_graph(gm: fx.GraphModule, in_types: Sequence[Any], out_claims: Sequenc
                 uneven: frozenset = frozenset()) -> Verdict:
     """Type `gm`'s values from `in_types` (one per placeholder: placements or None), compare outputs with
     `out_claims` (one per tensor output) and infer or check gradient placements."""
-    flow = _TypeFlow(mesh, uneven, len(in_types), Frames(gm, mesh, uneven))
+    flow = _TypeFlow(mesh, uneven, len(in_types), Frames(gm, mesh, uneven), in_paths)
     for i, (node, t) in enumerate(zip(gm.graph.find_nodes(op="placeholder"), in_types, strict=True)):
         flow.seed(node, i, t)
     for node in gm.graph.nodes:
@@ -109,8 +110,10 @@ class _TypeFlow:
     """Placement types flowing through a body graph, node by node, with what the messages and the gradient
     inference need: where each type was made, and which Replicate inputs reach each value unchanged."""
 
-    def __init__(self, mesh: Any, uneven: frozenset, num_inputs: int, frames: Frames) -> None:
+    def __init__(self, mesh: Any, uneven: frozenset, num_inputs: int, frames: Frames,
+                 in_paths: Sequence[str] = ()) -> None:
         self.mesh, self.uneven, self.ndim, self.frames = mesh, uneven, mesh.ndim, frames
+        self.in_paths = in_paths
         self.verdict = Verdict()
         self.types: dict[fx.Node, Any] = {}
         self.origin: dict[fx.Node, list] = {}  # per mesh dim: the node that gave the value its type there
@@ -238,6 +241,11 @@ class _TypeFlow:
             return _Reach(whole, shares, True, False)
         return _Reach(whole, shares, any(r.whole_back for r in reach), any(r.shares_back for r in reach))
 
+    def input_path(self, node: fx.Node) -> str:
+        """The argument path of a placeholder (input i: inputs[i] where no path was given)."""
+        i = list(node.graph.find_nodes(op="placeholder")).index(node)
+        return self.in_paths[i] if i < len(self.in_paths) else f"inputs[{i}]"
+
     def compare_output(self, node: fx.Node, claim: Any, path: str) -> None:
         """An output's inferred type against its claimed placements, mesh dim by mesh dim: proven, wrong (a
         problem) or unproven (a line naming where the proof stopped)."""
@@ -263,6 +271,12 @@ class _TypeFlow:
             if scan is not None:
                 self.verdict.problems.append(_local_scan_problem(scan, path, c, self.mesh, m))
                 continue
+            attention = local_attention(node, tuple(claim), m, self.types, self.mesh, self.uneven) \
+                if outcome[0] == "unproven" else None
+            if attention is not None:
+                self.verdict.problems.append(_local_attention_problem(attention, path, c, self.mesh, m,
+                                                                      self.input_path(attention.value)))
+                continue
             if outcome[0] == "unproven":
                 why = made.meta.get(UNKNOWN_WHY) or "its value differs per rank with no structure localmap derives"
                 self.verdict.unproven.append(
@@ -287,6 +301,29 @@ def _local_scan_problem(scan: LocalScan, path: str, claim: Placement, mesh: Any,
                 f"alone ({_op(scan.node)} at {_source(scan.node)}): the one-rank run computes it over the whole "
                 "dim, so this is no shard of that result", mesh=mesh, mesh_dim=m, expected=f"claimed {claim!r}",
                 given=f"this rank's own {scan.op} of a Shard({d}) value", fix=fix, error=PlacementError)
+
+
+def _local_attention_problem(att: LocalAttention, path: str, claim: Placement, mesh: Any, m: int,
+                             values: str) -> PlacementError:
+    """Attention whose keys and values are sharded along the key sequence, returned as it is or summed by one
+    all_reduce, claimed Replicate or a shard (``check.attention``): refuted, naming the op, v's dim and the mesh
+    dim."""
+    name, d = _dim_name(mesh, m), att.dim
+    what = (f"is attention whose values {values} are sharded along dim {d}, the key sequence, on {name}: each "
+            f"rank attends only to its own key block ({att.op}: {_op(att.node)} at {_source(att.node)})")
+    if att.summed is not None:
+        what += (f", and the ranks' blocks, each normalised separately, are summed by an all_reduce over {name} "
+                 f"({_source(att.summed)}): a sum of per-block attentions is not the attention over every key")
+        given = "the sum over ranks of each rank's attention to its own key block"
+    else:
+        what += ": the one-rank run attends to every key, so this is no piece of that result"
+        given = "this rank's attention to its own key block"
+    fix = (f"all_gather k and v along the key sequence (dim {d} of {values}) over {name} before the attention "
+           f"(each rank then attends to every key), or merge the ranks' blocks by their log-sum-exp (all_reduce the max of each block's log-sum-exp "
+           f"over {name}, rescale each block's output by exp(its lse - that max), and divide the all_reduced sum of "
+           "the rescaled outputs by the all_reduced sum of the scales), as ring attention does")
+    return fail(path, what, mesh=mesh, mesh_dim=m, expected=f"claimed {claim!r}", given=given, fix=fix,
+                error=PlacementError)
 
 
 def _dim_name(mesh: Any, m: int) -> str:
