@@ -29,7 +29,7 @@ gives key 0 (in the first block: 0) a positive weight, so every element is below
 of Replicate or plain shards on every mesh dim says that rank's (non-empty) output is a piece of the one-rank
 output: refuted. Summed by an all_reduce (sum) over m, take v = 1 everywhere: each rank's elements are 1, their
 sum n; the one-rank run (where the collective is the identity) gives 1. The ops after the attention, and between
-it and the all_reduce, keep values one to one (``scans._back``): distinct values stay distinct, and 1 stays
+it and the all_reduce, keep values one to one (``scans.value_back``): distinct values stay distinct, and 1 stays
 non-zero (1 or e), so the sum stays n times the one-rank value. Not matched: a merge, a rescale, a mask, dropout,
 a v that feeds the scores, any other op in between: today's verdicts (and the test where the proof stops)
 settle those.
@@ -46,7 +46,7 @@ import torch.fx as fx
 from torch.distributed.tensor.placement_types import Replicate
 
 from localmap import compat
-from localmap.check.scans import _ORDERED_VIEWS, _back, _match, _plain_shard, _reduces, _sharded_on, _tensor
+from localmap.check.scans import ORDERED_VIEWS, plain_shard, reduces_along, scan_at, sharded_on, tensor_of, value_back
 from localmap.collectives.registry import mesh_dim_of
 
 aten = torch.ops.aten
@@ -56,7 +56,7 @@ _FUSED = {getattr(aten, name).default for name in (
     "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention") if hasattr(aten, name)}
 _MATMULS = {aten.bmm.default, aten.mm.default}
 # ops that keep a zero tensor zero and a finite one finite (the scores' operands, from q and k)
-_ZERO_KEEPING = _ORDERED_VIEWS | {aten.transpose.int, aten.t.default, aten.permute.default, aten.expand.default,
+_ZERO_KEEPING = ORDERED_VIEWS | {aten.transpose.int, aten.t.default, aten.permute.default, aten.expand.default,
                                   aten.clone.default, aten.alias.default, aten.detach.default,
                                   aten._to_copy.default, aten.lift_fresh_copy.default}
 
@@ -77,9 +77,9 @@ def local_attention(out: fx.Node, claim: tuple, m: int, types: dict, mesh: Any,
     """The attention to each rank's own key block (keys sharded on mesh dim m) whose value reaches output `out`
     one to one, or through one all_reduce (sum) over m, claimed Replicate or shards (see the NOTE above); None
     when there is none."""
-    val = _tensor(out)
+    val = tensor_of(out)
     if mesh.shape[m] <= 1 or uneven or val is None or val.ndim == 0 or val.numel() == 0 \
-            or not all(isinstance(p, Replicate) or _plain_shard(p) for p in claim):
+            or not all(isinstance(p, Replicate) or plain_shard(p) for p in claim):
         return None
     node, summed = _one_to_one_source(out), None
     reduced = _sum_over(node, mesh)
@@ -97,14 +97,14 @@ def _values_from(x: fx.Node, dim: int, avoid: tuple, m: int, types: dict,
     copy values (``_tracked``), an input typed a plain Shard of that dim on m, non-empty, elsewhere Replicate or
     shards of other dims; None otherwise, or where the input is one of `avoid` (the ones the scores come from)."""
     x, dim = _tracked(x, dim, copies=True, fold=fold)
-    return (x, dim) if x.op == "placeholder" and x not in avoid and _sharded_on(x, dim, m, types) else None
+    return (x, dim) if x.op == "placeholder" and x not in avoid and sharded_on(x, dim, m, types) else None
 
 
 def _one_to_one_source(node: fx.Node) -> fx.Node:
-    """The first value before `node` that ops keeping values one to one (``scans._back``, any dim) lead to."""
+    """The first value before `node` that ops keeping values one to one (``scans.value_back``, any dim) lead to."""
     while True:
-        val = _tensor(node)
-        step = next((s for d in range(val.ndim) if (s := _back(node, d)) is not None), None) \
+        val = tensor_of(node)
+        step = next((s for d in range(val.ndim) if (s := value_back(node, d)) is not None), None) \
             if val is not None else None
         if step is None:
             return node
@@ -148,9 +148,9 @@ def _fused(node: fx.Node, m: int, types: dict) -> tuple | None:
         return None
     # causal: a square top-left mask (queries sharded as the keys) lets every row see key 0 and its first key
     inputs = (_zero_input(q), _zero_input(k))
-    source = _values_from(v, _tensor(v).ndim - 2, inputs, m, types, fold=False) if None not in inputs else None
-    if source is None or (causal and not (_values_from(q, _tensor(q).ndim - 2, (), m, types, fold=False) is not None
-                                          and _tensor(q).shape[-2] == _tensor(v).shape[-2])):
+    source = _values_from(v, tensor_of(v).ndim - 2, inputs, m, types, fold=False) if None not in inputs else None
+    if source is None or (causal and not (_values_from(q, tensor_of(q).ndim - 2, (), m, types, fold=False) is not None
+                                          and tensor_of(q).shape[-2] == tensor_of(v).shape[-2])):
         return None
     return ("scaled_dot_product_attention", at, *source)
 
@@ -162,18 +162,18 @@ def _explicit(node: fx.Node, m: int, types: dict) -> tuple | None:
     if node.target not in _MATMULS:
         return None
     left, right = node.args[:2]
-    p, pd = _tracked(left, _tensor(left).ndim - 1)
-    scan = _match(p, pd)
+    p, pd = _tracked(left, tensor_of(left).ndim - 1)
+    scan = scan_at(p, pd)
     if scan is None or scan.op != "softmax":
         return None
     if len(scan.sources) == 2:  # (x - k, x): the shift must be x's own amax (finite where x is)
         shifted, scores = scan.sources
-        if not _reduces(shifted.args[1], aten.amax.default, scores, pd):
+        if not reduces_along(shifted.args[1], aten.amax.default, scores, pd):
             return None
     else:
         scores = scan.sources[0]
     inputs = _score_inputs(scores)
-    source = _values_from(right, _tensor(right).ndim - 2, inputs, m, types) if inputs else None
+    source = _values_from(right, tensor_of(right).ndim - 2, inputs, m, types) if inputs else None
     return None if source is None else ("softmax(q @ k^T) @ v", node, *source)
 
 
@@ -183,11 +183,11 @@ def _tracked(node: fx.Node, dim: int, copies: bool = False, fold: bool = True) -
     move values without changing them and need no sizes: transposes, permutes, clones, copies to the same dtype
     (with `copies`, to any dtype: the witness's 0 and 1 are exact). A view written in the body is not followed:
     with local sizes it may split the sharded dim into blocks in the one-rank run (``t.view(-1, 2, e)``)."""
-    val = _tensor(node)
+    val = tensor_of(node)
     if fold and val is not None and val.ndim >= 2 and dim >= val.ndim - 2:
         node, dim = _unfolded(node, dim)
     while node.op == "call_function" and node.args and isinstance(node.args[0], fx.Node):
-        src, x, out = node.args[0], _tensor(node.args[0]), _tensor(node)
+        src, x, out = node.args[0], tensor_of(node.args[0]), tensor_of(node)
         if x is None or out is None:
             break
         if node.target in (aten.clone.default, aten.alias.default, aten.detach.default, aten.lift_fresh_copy.default,
@@ -195,7 +195,7 @@ def _tracked(node: fx.Node, dim: int, copies: bool = False, fold: bool = True) -
             same = x.shape == out.shape and (x.dtype == out.dtype or copies or node.target is not aten._to_copy.default)
             step = (src, dim) if same else None
         elif node.target in (aten.transpose.int, aten.t.default, aten.permute.default):
-            step = _back(node, dim)
+            step = value_back(node, dim)
         else:
             step = None
         if step is None:
@@ -214,8 +214,8 @@ def _unfolded(node: fx.Node, dim: int) -> tuple[fx.Node, int]:
             node = node.args[0]
     if node.target is not aten.expand.default:
         return start, dim
-    src, out = _tensor(node.args[0]), _tensor(start)
-    if src is None or src.ndim < 2 or src.shape[-2:] != out.shape[-2:] or _tensor(node).shape[-2:] != out.shape[-2:]:
+    src, out = tensor_of(node.args[0]), tensor_of(start)
+    if src is None or src.ndim < 2 or src.shape[-2:] != out.shape[-2:] or tensor_of(node).shape[-2:] != out.shape[-2:]:
         return start, dim
     return node.args[0], dim - out.ndim + src.ndim
 

@@ -36,7 +36,7 @@ from torch.distributed.tensor.placement_types import Replicate, Shard
 
 from localmap import compat
 from localmap.check.propagation import default_types
-from localmap.check.scans import _match, _reduces
+from localmap.check.scans import reduces_along, scan_at
 from localmap.collectives.registry import mesh_dim_of
 from localmap.placements.types import RuleError, same_on_ranks
 
@@ -92,11 +92,11 @@ def _key_block(s: fx.Node, v: fx.Node, m: int, types: dict) -> bool:
     sv, vv = _val(s), _val(v)
     if not isinstance(ts, tuple) or not isinstance(tv, tuple) or sv is None or vv is None or vv.ndim < 2:
         return False
-    return _plain_shard(ts[m], sv.ndim - 1) and _plain_shard(tv[m], vv.ndim - 2) \
+    return _shard_of(ts[m], sv.ndim - 1) and _shard_of(tv[m], vv.ndim - 2) \
         and compat.known_equal(sv.shape[-1], vv.shape[-2])
 
 
-def _plain_shard(p: Any, dim: int) -> bool:
+def _shard_of(p: Any, dim: int) -> bool:
     return isinstance(p, Shard) and not compat.is_strided_shard(p) and p.dim == dim
 
 
@@ -127,7 +127,7 @@ def _softmax_sources(probs: Any, s: fx.Node) -> tuple:
     val = _val(probs)
     if val is None or _written(probs) or _shape(probs) != _shape(s):
         return ()
-    found = _match(probs, val.ndim - 1)
+    found = scan_at(probs, val.ndim - 1)
     if found is not None and found.op == "softmax":
         return found.sources
     if _is(probs, aten.exp.default) and _binary(probs.args[0], aten.sub.Tensor):
@@ -177,7 +177,7 @@ def _all_reduced(node: Any, mesh: Any) -> tuple[fx.Node, str, int] | None:
 
 def _last_dim_reduction(node: fx.Node, target: Any, src: Any) -> bool:
     x = _val(src)
-    return x is not None and x.ndim >= 1 and _reduces(node, target, src, x.ndim - 1)
+    return x is not None and x.ndim >= 1 and reduces_along(node, target, src, x.ndim - 1)
 
 
 def _written(node: fx.Node) -> bool:

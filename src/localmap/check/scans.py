@@ -44,7 +44,7 @@ _SAME_VALUES = {aten.clone.default, aten.alias.default, aten.detach.default, ate
 _FILLED = {aten.zeros_like.default, aten.ones_like.default, aten.full_like.default, aten.empty_like.default,
            aten.new_zeros.default, aten.new_ones.default, aten.new_full.default, aten.fill.Scalar,
            aten.zeros.default, aten.ones.default, aten.full.default}
-_ORDERED_VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.unsqueeze.default,
+ORDERED_VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.unsqueeze.default,
                   aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default}
 
 
@@ -63,52 +63,52 @@ def local_scan(out: fx.Node, claim: tuple, m: int, types: dict, mesh: Any, uneve
     claimed a shard of that dim there (see the NOTE above); None when there is none."""
     val = out.meta.get("val")
     c = claim[m]
-    if not _plain_shard(c) or mesh.shape[m] <= 1 or m in uneven or not isinstance(val, torch.Tensor) \
+    if not plain_shard(c) or mesh.shape[m] <= 1 or m in uneven or not isinstance(val, torch.Tensor) \
             or val.ndim == 0:
         return None
     out_dim = c.dim % val.ndim
     if any(not _placed_off(p, out_dim) for k, p in enumerate(claim) if k != m):
         return None
     node, dim = out, out_dim
-    found = _match(node, dim)
+    found = scan_at(node, dim)
     while found is None:
-        step = _back(node, dim)
+        step = value_back(node, dim)
         if step is None:
             return None
         node, dim = step
-        found = _match(node, dim)
-    return found if any(_sharded_on(x, dim, m, types) for x in found.sources) else None
+        found = scan_at(node, dim)
+    return found if any(sharded_on(x, dim, m, types) for x in found.sources) else None
 
 
-def _sharded_on(x: fx.Node, dim: int, m: int, types: dict) -> bool:
+def sharded_on(x: fx.Node, dim: int, m: int, types: dict) -> bool:
     """Whether `x` is typed a plain Shard(dim) on mesh dim m, non-empty there, and elsewhere Replicate or a plain
     shard of another dim."""
     t, size = types.get(x), x.meta["val"].shape[dim]
-    return isinstance(t, tuple) and x.target not in _FILLED and _plain_shard(t[m]) and t[m].dim == dim and type(size) is int and size >= 1 \
+    return isinstance(t, tuple) and x.target not in _FILLED and plain_shard(t[m]) and t[m].dim == dim and type(size) is int and size >= 1 \
         and all(_placed_off(p, dim) for k, p in enumerate(t) if k != m)
 
 
-def _plain_shard(p: Any) -> bool:
+def plain_shard(p: Any) -> bool:
     return isinstance(p, Shard) and not compat.is_strided_shard(p)
 
 
 def _placed_off(p: Any, dim: int) -> bool:
     """Replicate, or a plain shard of another dim: a placement that only repeats values constant along `dim`."""
-    return isinstance(p, Replicate) or (_plain_shard(p) and p.dim != dim)
+    return isinstance(p, Replicate) or (plain_shard(p) and p.dim != dim)
 
 
-def _tensor(a: Any) -> torch.Tensor | None:
+def tensor_of(a: Any) -> torch.Tensor | None:
     v = a.meta.get("val") if isinstance(a, fx.Node) else None
     return v if isinstance(v, torch.Tensor) else None
 
 
-def _reduces(node: Any, target: Any, src: Any, dim: int) -> bool:
+def reduces_along(node: Any, target: Any, src: Any, dim: int) -> bool:
     """Whether `node` is `target(src, [dim], keepdim=True)` (sum, amax, logsumexp), through detach or alias."""
     while isinstance(node, fx.Node) and node.target in (aten.detach.default, aten.alias.default):
         node = node.args[0]
     if not isinstance(node, fx.Node) or node.target is not target or node.args[0] is not src:
         return False
-    x = _tensor(src)
+    x = tensor_of(src)
     dims = compat.call_argument(node.target, node.args, node.kwargs, "dim")
     keep = compat.call_argument(node.target, node.args, node.kwargs, "keepdim", False)
     return x is not None and keep is True and isinstance(dims, (list, tuple)) and \
@@ -121,36 +121,36 @@ def _unshifted(y: Any, dim: int) -> tuple:
         return ()
     if y.target is not aten.sub.Tensor or not isinstance(y.args[0], fx.Node):
         return (y,)
-    x, k = y.args[0], _tensor(y.args[1])
-    xv, yv = _tensor(x), _tensor(y)
+    x, k = y.args[0], tensor_of(y.args[1])
+    xv, yv = tensor_of(x), tensor_of(y)
     if xv is None or yv is None or xv.shape != yv.shape:
         return (y,)
     kd = dim - (xv.ndim - k.ndim) if k is not None else -1
     return (y, x) if k is None or kd < 0 or k.shape[kd] == 1 else (y,)
 
 
-def _match(node: fx.Node, dim: int) -> LocalScan | None:
+def scan_at(node: fx.Node, dim: int) -> LocalScan | None:
     """The scan or normalization along `dim` that `node` completes, if any (its source not yet type-checked)."""
     if node.op != "call_function":
         return None
     if node.target in _SCANS:
         d = compat.call_argument(node.target, node.args, node.kwargs, "dim")
-        x = _tensor(node.args[0])
+        x = tensor_of(node.args[0])
         if x is not None and x.ndim and d % x.ndim == dim:
             return LocalScan(_SCANS[node.target], node, (node.args[0],), dim, True)
         return None
     if node.target is aten.div.Tensor and _is(node.args[0], aten.exp.default) \
-            and _reduces(node.args[1], aten.sum.dim_IntList, node.args[0], dim):
+            and reduces_along(node.args[1], aten.sum.dim_IntList, node.args[0], dim):
         return LocalScan("softmax", node, _unshifted(node.args[0].args[0], dim), dim, False)
     if node.target is not aten.sub.Tensor or not isinstance(node.args[0], fx.Node):
         return None
     x, k = node.args
     if _is(k, aten.log.default) and _is(k.args[0], aten.sum.dim_IntList) and _is(k.args[0].args[0], aten.exp.default) \
-            and k.args[0].args[0].args[0] is x and _reduces(k.args[0], aten.sum.dim_IntList, k.args[0].args[0], dim):
+            and k.args[0].args[0].args[0] is x and reduces_along(k.args[0], aten.sum.dim_IntList, k.args[0].args[0], dim):
         return LocalScan("log_softmax", node, _unshifted(x, dim), dim, False)
-    if _reduces(k, aten.logsumexp.default, x, dim):
+    if reduces_along(k, aten.logsumexp.default, x, dim):
         return LocalScan("x - logsumexp(x)", node, (x,), dim, False)
-    if _reduces(k, aten.amax.default, x, dim):
+    if reduces_along(k, aten.amax.default, x, dim):
         return LocalScan("x - amax(x)", node, (x,), dim, False)
     return None
 
@@ -159,13 +159,13 @@ def _is(a: Any, target: Any) -> bool:
     return isinstance(a, fx.Node) and a.target is target
 
 
-def _back(node: fx.Node, dim: int) -> tuple[fx.Node, int] | None:
+def value_back(node: fx.Node, dim: int) -> tuple[fx.Node, int] | None:
     """(input, its dim) where `node` keeps its input's values one to one and its `dim` is that input's dim
     whole; None for any other op."""
     if node.op != "call_function" or not node.args or not isinstance(node.args[0], fx.Node):
         return None
-    src, out = node.args[0], _tensor(node)
-    x = _tensor(src)
+    src, out = node.args[0], tensor_of(node)
+    x = tensor_of(src)
     if x is None or out is None:
         return None
     if node.target in _SAME_VALUES or (node.target is aten._to_copy.default and x.dtype == out.dtype):
@@ -177,7 +177,7 @@ def _back(node: fx.Node, dim: int) -> tuple[fx.Node, int] | None:
         return src, j if dim == i else i if dim == j else dim
     if node.target is aten.permute.default:
         return src, node.args[1][dim] % x.ndim
-    if node.target in _ORDERED_VIEWS:  # row-major order kept: dim maps to the input dim with the same extent
+    if node.target in ORDERED_VIEWS:  # row-major order kept: dim maps to the input dim with the same extent
         # and the same number of elements before it
         shape, before = list(x.shape), math.prod(out.shape[:dim])
         if not all(type(s) is int for s in (*shape, *out.shape)):
