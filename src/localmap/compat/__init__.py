@@ -44,11 +44,13 @@ from localmap.compat.tracing import (
     reparametrized, sac_active, version_counter,
     sac_modes, storage_key, trace_lock, track_tensor_tree, without_saved_tensor_hooks,
 )
-from localmap.compat.recording import NotRecordable, clear_shape_cache, record, shape_cache_size
+from localmap.compat.recording import (
+    NotRecordable, clear_facts_cache, clear_shape_cache, facts_cache_size, record, shape_cache_size,
+)
 from localmap.compat.versions import TORCH_AT_LEAST_2_14, TORCH_RELEASE
 
 __all__ = [
-    "NotRecordable", "clear_shape_cache", "record", "shape_cache_size",
+    "NotRecordable", "clear_facts_cache", "clear_shape_cache", "facts_cache_size", "record", "shape_cache_size",
     "pytree", "FUNCTIONAL_OPS", "AsyncCollectiveTensor", "all_gather_stack", "group_size", "is_functional_collective",
     "wait", "wait_local", "DTensorSpec", "TensorMeta", "global_shape_and_stride", "grad_placements_default",
     "view_rule_hangs", "local_tensor_of", "make_dtensor", "make_spec", "propagate_sharding",
