@@ -28,7 +28,7 @@ from localmap.compat.compiling import (
 from localmap.compat.dynamo import at_trace_time
 from localmap.compat.dtensor import (
     DTensorSpec, TensorMeta, global_shape_and_stride, grad_placements_default, is_strided_shard, sharded_dim, view_rule_hangs,
-    clear_propagation_cache, propagation_cache_size, strided_shard,
+    clear_propagation_cache, drop_probe_mode, probe_modes_held, propagation_cache_size, strided_shard,
     local_tensor_of, make_dtensor, make_spec, propagate_sharding, quiet_fake_tensor_errors, redistribute_local, spec_of,
     to_local_substituted,
 )
@@ -54,7 +54,7 @@ __all__ = [
     "pytree", "FUNCTIONAL_OPS", "AsyncCollectiveTensor", "all_gather_stack", "group_size", "is_functional_collective",
     "wait", "wait_local", "DTensorSpec", "TensorMeta", "global_shape_and_stride", "grad_placements_default",
     "view_rule_hangs", "local_tensor_of", "make_dtensor", "make_spec", "propagate_sharding",
-    "quiet_fake_tensor_errors", "redistribute_local", "spec_of", "is_strided_shard", "sharded_dim", "clear_propagation_cache", "propagation_cache_size", "strided_shard", "to_local_substituted", "fake_process_group", "is_simulated",
+    "quiet_fake_tensor_errors", "redistribute_local", "spec_of", "is_strided_shard", "sharded_dim", "clear_propagation_cache", "drop_probe_mode", "probe_modes_held", "propagation_cache_size", "strided_shard", "to_local_substituted", "fake_process_group", "is_simulated",
     "forget_ended_world", "local_tensor_mode", "outside_simulation", "reconcile", "simulated_local", "simulated_rank_map",
     "simulated_value", "simulation_active", "simulation_mode_type", "simulation_set_aside", "value_on_rank", "DispatchKey", "FakeTensorMode", "HigherOrderOperator",
     "OpOverload", "ProxyTorchDispatchMode", "below_autograd", "check_decompositions",

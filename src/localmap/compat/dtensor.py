@@ -188,6 +188,16 @@ def _tensor_meta(out: Any) -> Any:
 _probes = threading.local()  # this thread's FakeTensorMode for DTensor's output-metadata probes
 
 
+def probe_modes_held() -> int:
+    """1 when this thread holds its FakeTensorMode for DTensor's probes (made once per thread), else 0."""
+    return int(getattr(_probes, "context", None) is not None)
+
+
+def drop_probe_mode() -> None:
+    """Forget this thread's probe FakeTensorMode: the next question makes a new one."""
+    _probes.context = None
+
+
 def _shared_probe_mode() -> Any:
     """A context in which DTensor's propagation finds one FakeTensorMode to compute the global output's metadata
     in, instead of making a new one per question (its constructor records a stack trace: about a third of a
