@@ -48,6 +48,8 @@ def _fill_eager_caches() -> None:
                      for s, p in (((4, 8), (S0,)), ((8, 16), (R,)), ((16, 8), (R,))))
         region(x, w1, w2).sum().backward()  # verdicts, plans, grad specs, placement memos, evenness
         region(distribute(randn(5, 8), mesh, (S0,)), w1, w2)  # an uneven input
+        # a factory (zeros_like takes a device): DTensor's output-metadata probe on fake tensors (probe_modes)
+        local_map(lambda a: a + torch.zeros_like(a), (S0,), ((S0,),), None, mesh)(distribute(randn(4, 2), mesh, (S0,)))
         avg = localmap.Partial("avg")
         local_map(lambda a: a, (avg,), ((avg,),), None, mesh)(distribute(randn(4, 2), mesh, (avg,)))
         with warnings.catch_warnings():  # a wrong claim under check="warn": the warning is remembered as shown

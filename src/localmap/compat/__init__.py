@@ -33,7 +33,7 @@ from localmap.compat.dtensor import (
     to_local_substituted,
 )
 from localmap.compat.simulation import (
-    fake_process_group, forget_ended_world, is_simulated, local_tensor_mode, outside_simulation, reconcile,
+    fake_process_group, forget_ended_world, is_simulated, local_tensor_mode, mesh_ranks, outside_simulation, reconcile,
     simulated_local, simulated_rank_map, simulated_value, simulation_active, simulation_mode_type, simulation_set_aside, value_on_rank,
 )
 from localmap.compat.tracing import (
@@ -55,7 +55,7 @@ __all__ = [
     "wait", "wait_local", "DTensorSpec", "TensorMeta", "global_shape_and_stride", "grad_placements_default",
     "view_rule_hangs", "local_tensor_of", "make_dtensor", "make_spec", "propagate_sharding",
     "quiet_fake_tensor_errors", "redistribute_local", "spec_of", "is_strided_shard", "sharded_dim", "clear_propagation_cache", "drop_probe_mode", "probe_modes_held", "propagation_cache_size", "strided_shard", "to_local_substituted", "fake_process_group", "is_simulated",
-    "forget_ended_world", "local_tensor_mode", "outside_simulation", "reconcile", "simulated_local", "simulated_rank_map",
+    "forget_ended_world", "local_tensor_mode", "mesh_ranks", "outside_simulation", "reconcile", "simulated_local", "simulated_rank_map",
     "simulated_value", "simulation_active", "simulation_mode_type", "simulation_set_aside", "value_on_rank", "DispatchKey", "FakeTensorMode", "HigherOrderOperator",
     "OpOverload", "ProxyTorchDispatchMode", "below_autograd", "check_decompositions",
     "copy_forward_meta_to_backward", "current_trace_graph", "detect_fake_mode", "fast_apply",

@@ -130,8 +130,7 @@ def _propagate_uncached(op: Any, args: Any, kwargs: dict) -> Any:
     # Uncached: DTensor's cache keys on the arguments its runtime schema info marks static, which a schema
     # built here would not carry (a sum over dim 0 and over dim 1 would share an entry).
     schema = OpSchema(op, tuple(args), dict(kwargs), schema_info=_schema_info(prop, op))
-    with _shared_probe_mode():
-        return type(prop).propagate_op_sharding_non_cached(_ProbedOnMeta(prop), schema)
+    return type(prop).propagate_op_sharding_non_cached(_ProbedOnMeta(prop), schema)
 
 
 class _ProbedOnMeta:
@@ -158,7 +157,8 @@ class _ProbedOnMeta:
                 return _tensor_meta(run_on_meta(schema.op, args, kwargs))
             except Exception:  # refused on meta (or symbolic sizes): DTensor's probe decides, as before
                 pass
-        return self._prop._propagate_tensor_meta_non_cached(schema)
+        with _shared_probe_mode():
+            return self._prop._propagate_tensor_meta_non_cached(schema)
 
 
 def _on_meta(a: Any) -> Any:
