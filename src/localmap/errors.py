@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from localmap.caches import register_cache
-from localmap.sites import site, traceback_site
+from localmap.sites import LIBRARY_FILES_LIMIT, clear_library_files, library_files_cached, site, traceback_site
 
 
 class LocalMapError(ValueError):
@@ -100,6 +100,9 @@ class BodyError(LocalMapError):
 
 
 _body_error_types: dict[type, type] = register_cache("body_error_types", {}, limit=None, eviction="unbounded")
+# sites' answer to "is this file library code?" (sites is below every layer that may register)
+register_cache("library_files", None, limit=LIBRARY_FILES_LIMIT, eviction="oldest first",
+               size=library_files_cached, clear=clear_library_files)
 
 
 def _body_error_type(original: type) -> type:

@@ -28,7 +28,18 @@ def is_library(path: str) -> bool:
     return False
 
 
-_library_file = functools.lru_cache(maxsize=4096)(is_library)  # asked for every frame a traced op walks
+LIBRARY_FILES_LIMIT = 4096  # file paths whose answer is remembered (least recently used dropped first)
+# asked for every frame a traced op walks; registered as the cache "library_files" by localmap.errors (this
+# module imports nothing of localmap)
+_library_file = functools.lru_cache(maxsize=LIBRARY_FILES_LIMIT)(is_library)
+
+
+def library_files_cached() -> int:
+    return _library_file.cache_info().currsize
+
+
+def clear_library_files() -> None:
+    _library_file.cache_clear()
 
 
 def site(path: str, line: int) -> str:

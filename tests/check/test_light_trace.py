@@ -103,3 +103,45 @@ REFUSED = {
 def test_the_light_trace_refuses_what_only_make_fx_follows(name):
     with compat.isolated_tracing(), pytest.raises(compat.NotRecordable):
         compat.record(lambda x: (REFUSED[name](x),), [torch.randn(2, 4, 8)], _decompositions())
+
+
+def _probe_outcome(probe: Any) -> Any:
+    try:
+        return probe()
+    except Exception:  # a question DTensor refuses (the check reads it as "no rule for these inputs")
+        return "raises"
+
+
+def test_dtensors_output_metadata_probe_on_meta_tensors_answers_as_its_fake_probe():
+    """The check asks DTensor's propagation through a view of its propagator whose probe of the global output's
+    metadata runs on meta tensors (compat.dtensor._ProbedOnMeta): it answers as DTensor's own fake-tensor probe
+    does, for one and several outputs, list arguments, a factory (left to DTensor's probe) and a refused view."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor._op_schema import OpSchema
+
+    aten = torch.ops.aten
+    with simulated_mesh(4) as mesh:
+        def spec(shape: tuple, p: Any) -> Any:
+            stride = [1] * len(shape)
+            for d in reversed(range(len(shape) - 1)):
+                stride[d] = stride[d + 1] * shape[d + 1]
+            return compat.make_spec(mesh, (p,), shape, stride, torch.float32)
+
+        a, b = spec((16, 8), Shard(0)), spec((8, 4), Replicate())
+        questions = [(aten.mm.default, (a, b)), (aten.add.Tensor, (a, a)), (aten.exp.default, (a,)),
+                     (aten.amax.default, (a, [-1], True)), (aten.view.default, (a, [4, 4, 8])),
+                     (aten.view.default, (a, [3, 5])), (aten.cat.default, ([a, a], 1)),
+                     (aten.split.Tensor, (a, 4)), (aten.var_mean.correction, (a, [1])),
+                     (aten.zeros_like.default, (a,)), (aten.t.default, (b,))]
+        prop = DTensor._op_dispatcher.sharding_propagator
+        answered = []
+        for op, args in questions:  # dispatch modes off, as while the check types
+            schema = OpSchema(op, args, {}, schema_info=compat.dtensor._schema_info(prop, op))
+            with compat.isolated_tracing():
+                on_meta = _probe_outcome(
+                    lambda: compat.dtensor._ProbedOnMeta(prop)._propagate_tensor_meta_non_cached(schema))
+                with compat.dtensor._shared_probe_mode():
+                    on_fakes = _probe_outcome(lambda: prop._propagate_tensor_meta_non_cached(schema))
+            assert on_meta == on_fakes, (op, on_meta, on_fakes)
+            answered.append(on_meta != "raises")
+        assert answered.count(False) == 1  # only the view that fits no global shape is refused

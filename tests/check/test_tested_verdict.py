@@ -237,6 +237,19 @@ def _one_call(mesh, monkeypatch, budget):
     return left, fn.region.verdicts()[0].status
 
 
+@pytest.mark.parametrize("shape, names, dim", [((4,), ("tp",), None), ((2, 2), ("dp", "tp"), None),
+                                                ((2, 2), ("dp", "tp"), "tp"), ((2, 2), ("dp", "tp"), "dp")])
+def test_the_test_reads_a_simulated_meshs_ranks_as_device_mesh_does(shape, names, dim):
+    """The test puts per-rank values together by the mesh's ranks in coordinate order: read from a plain copy of
+    the simulated rank map (compat.mesh_ranks), they are DeviceMesh.mesh's, for whole meshes and sub-meshes."""
+    from localmap import compat
+
+    with simulated_mesh(shape, names) as mesh:
+        region_mesh = mesh if dim is None else mesh[dim]
+        with on_one_device():
+            assert compat.mesh_ranks(region_mesh) == region_mesh.mesh.reshape(-1).tolist()
+
+
 def test_the_test_leaves_no_trace(monkeypatch):
     """A call whose claim is tested leaves the same module global, buffer (a token counter), random state and
     gradients behind as a call whose claim is left untested (the check's own trace runs the body once too)."""

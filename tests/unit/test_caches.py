@@ -48,6 +48,8 @@ def _fill_eager_caches() -> None:
                      for s, p in (((4, 8), (S0,)), ((8, 16), (R,)), ((16, 8), (R,))))
         region(x, w1, w2).sum().backward()  # verdicts, plans, grad specs, placement memos, evenness
         region(distribute(randn(5, 8), mesh, (S0,)), w1, w2)  # an uneven input
+        # a factory (zeros_like takes a device): DTensor's output-metadata probe on fake tensors (probe_modes)
+        local_map(lambda a: a + torch.zeros_like(a), (S0,), ((S0,),), None, mesh)(distribute(randn(4, 2), mesh, (S0,)))
         avg = localmap.Partial("avg")
         local_map(lambda a: a, (avg,), ((avg,),), None, mesh)(distribute(randn(4, 2), mesh, (avg,)))
         with warnings.catch_warnings():  # a wrong claim under check="warn": the warning is remembered as shown
@@ -131,9 +133,12 @@ def _module_level_caches() -> list[str]:
                 if name in REGISTRIES or name == "__all__":
                     continue
                 value = node.value
+                if isinstance(value, ast.Call) and isinstance(value.func, ast.Call):  # lru_cache(maxsize=n)(f)
+                    value = value.func
                 store = isinstance(value, ast.Dict) or (
                     isinstance(value, ast.Call) and getattr(value.func, "attr", getattr(value.func, "id", ""))
-                    in ("dict", "WeakKeyDictionary", "WeakValueDictionary", "WeakSet", "OrderedDict"))
+                    in ("dict", "WeakKeyDictionary", "WeakValueDictionary", "WeakSet", "OrderedDict", "lru_cache",
+                        "cache"))
                 if store and not (isinstance(value, ast.Dict) and value.keys):  # a literal table is no cache
                     found.append(f"{os.path.relpath(path, PACKAGE_DIR)}: {name}")
     return found
@@ -141,9 +146,10 @@ def _module_level_caches() -> list[str]:
 
 def test_no_module_level_cache_is_left_out_of_the_registry():
     """Every process-wide cache goes through register_cache (so clear_caches reaches it); a module-level empty
-    dict or weak map that does not is one clear_caches would miss. compat holds four it cannot register itself
-    (compat imports nothing of localmap): the compiled path and the check register them."""
+    dict, weak map or lru_cache that does not is one clear_caches would miss. compat and sites hold five they cannot
+    register themselves (they import nothing of localmap): the compiled path, the check and errors register them."""
     registered_elsewhere = {"compat/compiling.py: _SURFACING", "compat/dtensor.py: _propagated",
-                            "compat/recording.py: _shapes", "compat/recording.py: _facts"}
+                            "compat/recording.py: _shapes", "compat/recording.py: _facts",
+                            "sites.py: _library_file"}
     unregistered = [c for c in _module_level_caches() if c not in registered_elsewhere]
     assert not unregistered, unregistered

@@ -61,9 +61,15 @@ register_counter("bodies_checked", lambda: _checked)
 # DTensor's answers to the checker's propagation questions (kept in the fence, compat.dtensor)
 register_cache("propagation", None, limit=8192, eviction="clear when full", size=compat.propagation_cache_size,
                clear=compat.clear_propagation_cache)
+# this thread's FakeTensorMode for DTensor's output-metadata probes where they run on fake tensors (compat.dtensor)
+register_cache("probe_modes", None, limit=1, eviction="clear when full", size=compat.probe_modes_held,
+               clear=compat.drop_probe_mode)
 # output metadata of the ops the light trace ran (compat.recording: an op repeated on the same shapes is a lookup)
 register_cache("op_shapes", None, limit=16384, eviction="clear when full", size=compat.shape_cache_size,
                clear=compat.clear_shape_cache)
+# what the light trace reads of each op's schema, once per op (compat.recording)
+register_cache("op_facts", None, limit=4096, eviction="clear when full", size=compat.facts_cache_size,
+               clear=compat.clear_facts_cache)
 
 
 def check_function(fn: Callable, local_args: Sequence[Any], leaf_specs: Sequence[Any], out_placements: Any,

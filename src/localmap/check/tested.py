@@ -476,7 +476,7 @@ class _Layout:
     def __init__(self, mesh: DeviceMesh) -> None:
         self.shape = tuple(mesh.shape)
         with compat.outside_simulation():
-            ranks = mesh.mesh.reshape(-1).tolist()
+            ranks = compat.mesh_ranks(mesh)
         coords = itertools.product(*(range(n) for n in self.shape))
         self.coords = dict(zip(ranks, coords))
 

@@ -28,13 +28,13 @@ from localmap.compat.compiling import (
 from localmap.compat.dynamo import at_trace_time
 from localmap.compat.dtensor import (
     DTensorSpec, TensorMeta, global_shape_and_stride, grad_placements_default, is_strided_shard, sharded_dim, view_rule_hangs,
-    clear_propagation_cache, propagation_cache_size, strided_shard,
+    clear_propagation_cache, drop_probe_mode, probe_modes_held, propagation_cache_size, strided_shard,
     local_tensor_of, make_dtensor, make_spec, propagate_sharding, quiet_fake_tensor_errors, redistribute_local, spec_of,
     to_local_of_real_refused,
     to_local_substituted,
 )
 from localmap.compat.simulation import (
-    fake_process_group, forget_ended_world, is_simulated, local_tensor_mode, outside_simulation, reconcile,
+    fake_process_group, forget_ended_world, is_simulated, local_tensor_mode, mesh_ranks, outside_simulation, reconcile,
     simulated_local, simulated_rank_map, simulated_value, simulation_active, simulation_mode_type, simulation_set_aside, value_on_rank,
 )
 from localmap.compat.tracing import (
@@ -45,16 +45,18 @@ from localmap.compat.tracing import (
     reparametrized, sac_active, version_counter,
     sac_modes, storage_key, trace_lock, track_tensor_tree, without_saved_tensor_hooks,
 )
-from localmap.compat.recording import NotRecordable, clear_shape_cache, record, shape_cache_size
+from localmap.compat.recording import (
+    NotRecordable, clear_facts_cache, clear_shape_cache, facts_cache_size, record, shape_cache_size,
+)
 from localmap.compat.versions import TORCH_AT_LEAST_2_14, TORCH_RELEASE
 
 __all__ = [
-    "NotRecordable", "clear_shape_cache", "record", "shape_cache_size",
+    "NotRecordable", "clear_facts_cache", "clear_shape_cache", "facts_cache_size", "record", "shape_cache_size",
     "pytree", "FUNCTIONAL_OPS", "AsyncCollectiveTensor", "all_gather_stack", "group_size", "is_functional_collective",
     "wait", "wait_local", "DTensorSpec", "TensorMeta", "global_shape_and_stride", "grad_placements_default",
     "view_rule_hangs", "local_tensor_of", "make_dtensor", "make_spec", "propagate_sharding",
-    "quiet_fake_tensor_errors", "redistribute_local", "spec_of", "is_strided_shard", "sharded_dim", "clear_propagation_cache", "propagation_cache_size", "strided_shard", "to_local_substituted", "to_local_of_real_refused", "fake_process_group", "is_simulated",
-    "forget_ended_world", "local_tensor_mode", "outside_simulation", "reconcile", "simulated_local", "simulated_rank_map",
+    "quiet_fake_tensor_errors", "redistribute_local", "spec_of", "is_strided_shard", "sharded_dim", "clear_propagation_cache", "drop_probe_mode", "probe_modes_held", "propagation_cache_size", "strided_shard", "to_local_substituted", "to_local_of_real_refused", "fake_process_group", "is_simulated",
+    "forget_ended_world", "local_tensor_mode", "mesh_ranks", "outside_simulation", "reconcile", "simulated_local", "simulated_rank_map",
     "simulated_value", "simulation_active", "simulation_mode_type", "simulation_set_aside", "value_on_rank", "DispatchKey", "FakeTensorMode", "HigherOrderOperator",
     "OpOverload", "ProxyTorchDispatchMode", "below_autograd", "check_decompositions",
     "copy_forward_meta_to_backward", "current_trace_graph", "detect_fake_mode", "fast_apply",

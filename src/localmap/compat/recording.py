@@ -52,21 +52,32 @@ class _OpFacts(NamedTuple):
     decomposes: tuple[bool, bool]  # autograd would have decomposed it: without, with a tensor argument
 
 
+_FACTS_LIMIT = 4096  # ops whose facts are remembered (cleared when full; torch has a few thousand overloads)
 _facts: dict[Any, _OpFacts] = {}  # op -> its facts
+_NAMING = fx.Graph()  # names nodes as make_fx does (Graph._target_to_str reads no state of its graph)
 
 
 def clear_shape_cache() -> None:
     _shapes.clear()
-    _facts.clear()
 
 
 def shape_cache_size() -> int:
-    return len(_shapes) + len(_facts)
+    return len(_shapes)
 
 
-def _facts_of(op: OpOverload, graph: fx.Graph) -> _OpFacts:
+def clear_facts_cache() -> None:
+    _facts.clear()
+
+
+def facts_cache_size() -> int:
+    return len(_facts)
+
+
+def _facts_of(op: OpOverload) -> _OpFacts:
     facts = _facts.get(op)
     if facts is None:
+        if len(_facts) >= _FACTS_LIMIT:
+            _facts.clear()
         schema = op._schema
         # whether autograd would have decomposed it depends on the device of its first tensor: make_fx's fake
         # tensors are on the CPU
@@ -74,7 +85,7 @@ def _facts_of(op: OpOverload, graph: fx.Graph) -> _OpFacts:
             fresh=not any(a.alias_info is not None for a in (*schema.arguments, *schema.returns)),
             writes=any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments),
             takes_device=any(a.name == "device" for a in schema.arguments),
-            name=graph._target_to_str(op.overloadpacket.__name__),
+            name=_NAMING._target_to_str(op.overloadpacket.__name__),
             decomposes=(autograd_would_have_decomposed(op, []),
                         autograd_would_have_decomposed(op, [_CPU_STAND_IN])))
     return facts
@@ -116,6 +127,37 @@ def _from_metadata(meta: Any) -> Any:
     return torch.empty_strided(shape, stride, dtype=dtype, device="meta")
 
 
+def run_on_meta(func: OpOverload, args: tuple, kwargs: dict, facts: _OpFacts | None = None) -> Any:
+    """The op on meta tensors; an op whose outputs alias nothing, from remembered metadata when it ran on the
+    same metadata before (a layer stack repeats its ops on the same shapes)."""
+    if not (facts or _facts_of(func)).fresh:
+        return func(*args, **kwargs)
+    try:
+        key = (func, _meta_key(args), _meta_key(tuple(sorted(kwargs.items()))))
+    except TypeError:
+        return func(*args, **kwargs)
+    meta = _shapes.get(key)
+    if meta is not None:
+        return _from_metadata(meta)
+    out = func(*args, **kwargs)
+    try:
+        meta = _metadata(out)
+    except TypeError:
+        return out
+    if len(_shapes) >= _SHAPES_LIMIT:
+        _shapes.clear()
+    _shapes[key] = meta
+    return out
+
+
+def meta_runnable(func: Any) -> bool:
+    """Whether the light trace runs `func` on meta tensors for its output metadata: an aten op that neither
+    reads a value into Python nor makes a tensor on a device it is given (those only fake tensors follow)."""
+    if not isinstance(func, OpOverload) or torch.Tag.data_dependent_output in func.tags:
+        return False
+    return not _facts_of(func).takes_device
+
+
 class _Recorder(TorchDispatchMode):
     """Records each aten op the body runs into `graph`. It takes the proxy mode's slot, so PyTorch code that
     asks whether it is being traced (functional collectives wait at once) behaves as under make_fx; its
@@ -143,7 +185,7 @@ class _Recorder(TorchDispatchMode):
         if func in self.decompositions:
             with self:
                 return self.decompositions[func](*args, **kwargs)
-        facts = _facts_of(func, self.graph)
+        facts = _facts_of(func)
         takes_tensor = any(isinstance(a, torch.Tensor) for a in _flat((*args, *kwargs.values())))
         if func not in _SIZE_QUERIES and facts.decomposes[takes_tensor]:
             with self:
@@ -200,28 +242,9 @@ class _Recorder(TorchDispatchMode):
         return a
 
     def _run(self, func: OpOverload, facts: _OpFacts, args: tuple, kwargs: dict) -> Any:
-        """The op on meta tensors; an op whose outputs alias nothing, from remembered metadata when it ran on
-        the same metadata before."""
         if facts.takes_device:  # a factory: made on meta, recorded with the device the body asked for
             kwargs = {**kwargs, "device": torch.device("meta")}
-        if not facts.fresh:
-            return func(*args, **kwargs)
-        try:
-            key = (func, _meta_key(args), _meta_key(tuple(sorted(kwargs.items()))))
-        except TypeError:
-            return func(*args, **kwargs)
-        meta = _shapes.get(key)
-        if meta is not None:
-            return _from_metadata(meta)
-        out = func(*args, **kwargs)
-        try:
-            meta = _metadata(out)
-        except TypeError:
-            return out
-        if len(_shapes) >= _SHAPES_LIMIT:
-            _shapes.clear()
-        _shapes[key] = meta
-        return out
+        return run_on_meta(func, args, kwargs, facts)
 
     def _track(self, out: Any, node: fx.Node) -> None:
         """The op's output(s) mapped to their nodes: one getitem node per element of a multi-output op."""

@@ -91,6 +91,20 @@ def value_on_rank(value: Any, rank: int) -> Any:
         return value.node._local_ints[rank]
     return value
 
+def mesh_ranks(mesh: Any) -> list[int]:
+    """The mesh's ranks in coordinate order (``mesh.mesh`` flattened); call it outside the simulation. A
+    simulated world's rank map is a LocalTensor holding the same ranks on every rank, on which DeviceMesh.mesh
+    runs its ops once per rank through the simulation (milliseconds); they run once on a plain copy instead."""
+    rank_map, layout = getattr(mesh, "_rank_map", None), getattr(mesh, "_layout", None)
+    from_full = getattr(type(mesh), "_get_mesh_tensor_from_full_mesh", None)
+    if rank_map is None or layout is None or from_full is None or not is_simulated(rank_map):
+        return mesh.mesh.reshape(-1).tolist()
+    copies = list(simulated_local(rank_map).values())
+    if any(not torch.equal(copies[0], c) for c in copies[1:]):
+        return mesh.mesh.reshape(-1).tolist()
+    return from_full(layout.remap_to_tensor(copies[0])).reshape(-1).tolist()
+
+
 def reconcile(t: torch.Tensor) -> torch.Tensor:
     """The single plain tensor of a LocalTensor whose ranks all hold the same value (plain tensors pass)."""
     return t.reconcile() if is_simulated(t) else t
