@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, Shard
 
-from helpers import R, S0, S1, max_diff, randn
-from localmap import Partial, clear_caches, local_map
+from helpers import R, S0, S1, doubled, max_diff, randn
+from localmap import LocalMapError, Partial, clear_caches, local_map
 from localmap.testing import distribute, full, on_one_device
 
 AVG = Partial("avg")
@@ -454,3 +454,63 @@ def test_simulator_factory_tensor_meets_local_tensor_without_localmap(sim_mesh_4
     assert torch.equal(full(minus_arange(x)), full(x) - torch.arange(4.0))
     torch.compiler.reset()
     torch.compile(minus_arange, backend="aot_eager", fullgraph=True)(x)
+
+
+# ---- bodies torch.compile cannot trace: refused by name ----------------------------------------------------------
+
+def _branch_on_values(x, w):
+    if x.new_ones(()).item() > 0:  # a Python branch on a tensor value
+        return x @ w
+    return x
+
+
+def _no_fake_impl(x, w):
+    return doubled(x) @ w  # a custom op without a fake implementation
+
+
+_UNTRACEABLE = {  # body, fullgraph, given gradient placements -> what the refusal says
+    "branch on values, fullgraph": (_branch_on_values, True, True,
+                                    ("torch.compile (fullgraph=True) cannot trace its body", "tensor values",
+                                     "GuardOnDataDependentSymNode", "torch.where", "fullgraph=False")),
+    "branch on values, fullgraph, gradients inferred": (_branch_on_values, True, False,
+                                                        ("torch.compile (fullgraph=True) cannot trace its body",
+                                                         "tensor values", "run this region eagerly")),
+    "no fake implementation": (_no_fake_impl, True, True, ("torch.compile cannot trace its body",
+                                                           "no fake implementation", "register_fake")),
+    "no fake implementation, graph breaks allowed": (_no_fake_impl, False, True,
+                                                     ("torch.compile cannot trace its body", "register_fake")),
+}
+
+
+def _region_of(body, mesh, given):
+    return local_map(body, (S0,), ((S0,), (R,)), ((S0,), (Partial(),)) if given else None, mesh)
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("case", list(_UNTRACEABLE))
+def test_untraceable_body_refused_by_name_when_compiled(sim_mesh_4, case):
+    """A body Dynamo cannot trace (a branch on a tensor value where no graph break is allowed; an op without a
+    fake implementation anywhere) is refused at trace time with a LocalMapError naming torch.compile, the region,
+    the reason and the fix; it was Dynamo's raw data-dependent guard (UserError) or TorchRuntimeError."""
+    body, fullgraph, given, said = _UNTRACEABLE[case]
+    region = _region_of(body, sim_mesh_4, given)
+    x = distribute(randn(8, 6), sim_mesh_4, [S0], requires_grad=True)
+    w = distribute(randn(6, 4), sim_mesh_4, [R], requires_grad=True)
+    torch.compiler.reset()
+    with pytest.raises(LocalMapError) as info:
+        torch.compile(region, backend="aot_eager", fullgraph=fullgraph)(x, w)
+    for fragment in (f"region {body.__name__!r}", *said):
+        assert fragment in str(info.value), str(info.value)
+
+
+@pytest.mark.compile
+def test_branch_on_values_compiled_with_graph_breaks_matches_one_device(sim_mesh_4):
+    """With graph breaks allowed (fullgraph=False), Dynamo runs the branch eagerly: not refused, and with its
+    gradient placements given the region gives one device's values and gradients (unchecked: it warns)."""
+    region = _region_of(_branch_on_values, sim_mesh_4, True)
+    leaves = [randn(8, 6), randn(6, 4)]
+    torch.compiler.reset()
+    compiled = torch.compile(lambda x, w: region(x, w).pow(2).sum(), backend="aot_eager", fullgraph=False)
+    with pytest.warns(UserWarning, match="could not be checked"):
+        got, _ = _run(compiled, sim_mesh_4, leaves, [[S0], [R]], "eager")  # (already compiled)
+    _assert_all_close(got, _one_device(lambda x, w: (x @ w).pow(2).sum(), leaves))
