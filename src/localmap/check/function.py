@@ -169,6 +169,7 @@ def _unchecked(fn: Callable, e: Exception, local_args: Sequence[Any], leaf_specs
     reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
     verdict = unchecked_verdict(fn, reason, _guessed_grads(local_args, leaf_specs, given_grads, treespec))
     verdict.definition = definition_of(fn)
+    verdict.untraceable = compat.untraceable_why(e)
     return verdict
 
 

@@ -72,6 +72,7 @@ class Verdict:
     output_types: list = field(default_factory=list)
     unchecked: str | None = None  # why the body could not be checked (then nothing is inferred)
     guessed: list[str] = field(default_factory=list)  # unchecked: inputs whose gradient placements are a guess
+    untraceable: str | None = None  # unchecked: why no trace on fake tensors follows the body (compat.untraceable_why)
     # None when every output takes the default; else per tensor output (factor, second order): the factor on
     # the gradient entering it (check.checker: mixed gradients), and the Replicate mesh dims where its
     # gradient's own gradient (a double backward) is Partial (a frozenset or None), or why none is right (a str)

@@ -40,7 +40,7 @@ from localmap.compat.simulation import (
 from localmap.compat.tracing import (
     DispatchKey, FakeTensorMode, HigherOrderOperator, OpOverload, ProxyTorchDispatchMode, below_autograd,
     check_decompositions, copy_forward_meta_to_backward, current_trace_graph, detect_fake_mode, fast_apply,
-    call_argument, draws_random, has_free_unbacked_symbols, has_random_ops, ignore_fresh_unbacked, known_equal, in_backward, is_data_dependent_error, is_fake, is_random_op, isolated_tracing, joint_partition, lazy_graph_modules, make_fx, make_fx_on_values,
+    call_argument, draws_random, has_free_unbacked_symbols, has_random_ops, ignore_fresh_unbacked, known_equal, in_backward, is_data_dependent_error, untraceable_why, compiling_one_graph, is_fake, is_random_op, isolated_tracing, joint_partition, lazy_graph_modules, make_fx, make_fx_on_values,
     new_fake_mode, node_sites, op_schema, own_node_meta, partitioner, plain_signature, register_cpu_attention_flops,
     reparametrized, sac_active, version_counter,
     sac_modes, storage_key, trace_lock, track_tensor_tree, without_saved_tensor_hooks,
@@ -60,7 +60,7 @@ __all__ = [
     "simulated_value", "simulation_active", "simulation_mode_type", "simulation_set_aside", "value_on_rank", "DispatchKey", "FakeTensorMode", "HigherOrderOperator",
     "OpOverload", "ProxyTorchDispatchMode", "below_autograd", "check_decompositions",
     "copy_forward_meta_to_backward", "current_trace_graph", "detect_fake_mode", "fast_apply",
-    "call_argument", "draws_random", "has_free_unbacked_symbols", "known_equal", "has_random_ops", "ignore_fresh_unbacked", "in_backward", "is_data_dependent_error", "is_fake", "is_random_op", "isolated_tracing", "joint_partition", "lazy_graph_modules", "make_fx",
+    "call_argument", "draws_random", "has_free_unbacked_symbols", "known_equal", "has_random_ops", "ignore_fresh_unbacked", "in_backward", "is_data_dependent_error", "untraceable_why", "compiling_one_graph", "is_fake", "is_random_op", "isolated_tracing", "joint_partition", "lazy_graph_modules", "make_fx",
     "make_fx_on_values", "new_fake_mode", "node_sites", "op_schema", "own_node_meta", "partitioner", "plain_signature", "register_cpu_attention_flops",
     "reparametrized", "sac_active", "sac_modes", "storage_key", "trace_lock", "track_tensor_tree",
     "without_saved_tensor_hooks", "version_counter", "TORCH_AT_LEAST_2_14", "TORCH_RELEASE", "optimization_hint", "size_hint", "surfacing", "surfacing_types", "trace_time",

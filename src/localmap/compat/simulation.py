@@ -7,7 +7,8 @@ helpers let localmap read per-rank values without a collective on real ints.
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+import functools
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -53,12 +54,54 @@ def forget_ended_world() -> None:
     _clear_sharding_prop_cache()
 
 
-def local_tensor_mode(world_size: int | frozenset) -> Any:
-    """A LocalTensorMode simulating `world_size` ranks (or the given rank set) in this process."""
+@contextlib.contextmanager
+def local_tensor_mode(world_size: int | frozenset) -> Iterator[Any]:
+    """A LocalTensorMode simulating `world_size` ranks (or the given rank set) in this process, entered, with
+    views brought up to date while AOT autograd traces (``_views_synced_while_traced``)."""
     from torch.distributed._local_tensor import LocalTensorMode
 
     _give_per_rank_ints_no_hint()
-    return LocalTensorMode(world_size)
+    with _views_synced_while_traced(), LocalTensorMode(world_size) as mode:
+        yield mode
+
+
+_synced_depth = [0]  # simulated worlds open now (program.run opens one inside a simulated mesh's)
+
+
+@contextlib.contextmanager
+def _views_synced_while_traced() -> Iterator[None]:
+    """PyTorch's simulator under AOT autograd, mended while a simulated world is open: a view taken of a tensor
+    after an in-place op on it (std's backward: ``masked_fill_`` then ``unsqueeze``; the simulator's all_reduce
+    writes its result in place, then a sum's backward expands it) is left out of date by functionalization
+    until its next use. LocalTensor's aliasing fix-up asks each new view's sizes first, and FunctionalTensorMode
+    answers size questions with proxy tracing off, so the view is regenerated there, untraced, and enters the
+    graph as a constant: AOT autograd then fails with "Unexpected fake buffer _tensor_constant0" (or a forward
+    returns a fake tensor). Bringing each rank's new FunctionalTensor up to date while tracing is on records
+    the regeneration where it belongs. Plain tensors (eager simulation) pass untouched."""
+    import torch.distributed._local_tensor as simulator
+
+    if _synced_depth[0] == 0:
+        simulator.return_and_correct_aliasing = functools.partial(_synced_then_aliased,
+                                                                  simulator.return_and_correct_aliasing)
+    _synced_depth[0] += 1
+    try:
+        yield
+    finally:
+        _synced_depth[0] -= 1
+        if _synced_depth[0] == 0:
+            simulator.return_and_correct_aliasing = simulator.return_and_correct_aliasing.args[0]
+
+
+def _synced_then_aliased(aliasing: Callable, func: Any, args: Any, kwargs: Any, out: Any) -> Any:
+    from torch._subclasses.functional_tensor import FunctionalTensor
+    from torch.distributed._local_tensor import LocalTensor
+
+    for result in (out,) if isinstance(out, LocalTensor) else torch.utils._pytree.tree_leaves(out):
+        if isinstance(result, LocalTensor):
+            for rank_value in result._local_tensors.values():
+                if isinstance(rank_value, FunctionalTensor):
+                    torch._sync(rank_value)
+    return aliasing(func, args, kwargs, out)
 
 
 def _give_per_rank_ints_no_hint() -> None:

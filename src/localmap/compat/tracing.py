@@ -86,6 +86,36 @@ def is_data_dependent_error(e: BaseException) -> bool:
     return isinstance(e, (GuardOnDataDependentSymNode, DataDependentOutputException, DynamicOutputShapeException))
 
 
+def untraceable_why(e: BaseException) -> str | None:
+    """Why no trace on fake tensors (torch.compile's Dynamo included) can follow a body whose trace raised `e`, or
+    None for another failure: Python that depends on tensor values, or an op with no fake implementation (a
+    ``torch.library.custom_op`` without ``register_fake`` says so only in its message, which torch.export reads
+    the same way; an op with no meta kernel raises UnsupportedOperatorException)."""
+    from torch._subclasses.fake_tensor import UnsupportedOperatorException
+
+    seen = e
+    while seen is not None:
+        if is_data_dependent_error(seen):
+            return ("it reads tensor values into Python (a branch on a value, .item(), or a size that depends on "
+                    "values)")
+        if isinstance(seen, UnsupportedOperatorException) or "no fake impl registered" in str(seen):
+            return "it calls an op that has no fake implementation (every op is run on fake tensors to be traced)"
+        seen = seen.__cause__
+    return None
+
+
+def compiling_one_graph() -> bool:
+    """Whether the torch.compile tracing now refuses graph breaks (fullgraph=True, or error_on_graph_break):
+    Dynamo's current translator, read at trace time."""
+    from torch._dynamo.symbolic_convert import InstructionTranslator
+
+    try:
+        tx = InstructionTranslator.current_tx()
+    except AttributeError:  # no translator has run in this thread
+        return False
+    return bool(tx is not None and (tx.one_graph or getattr(tx, "error_on_graph_break", False)))
+
+
 @contextlib.contextmanager
 def own_node_meta() -> Any:
     """fx.traceback's current node meta restored after a trace: a selective checkpoint traced by make_fx writes

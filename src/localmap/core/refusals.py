@@ -6,6 +6,7 @@ from typing import Sequence
 
 from torch.distributed.tensor.placement_types import Placement
 
+from localmap.check.verdict import Verdict
 from localmap.errors import LocalMapError, fail
 from localmap.placements.specs import placements_str
 
@@ -23,3 +24,24 @@ def uneven_error(arg_path: str, shape: Sequence[int], placements: Sequence[Place
                 given=f"shape {tuple(shape)} with {placements_str(tuple(placements))} on mesh {tuple(mesh_shape)}",
                 fix="pad the sharded dim to a multiple of the ranks sharding it, or run this region eagerly on "
                     "DTensors")
+
+
+def refuse_untraceable(verdict: Verdict, one_graph: bool) -> Verdict:
+    """`verdict`, unless the check found the body untraceable on fake tensors, which torch.compile's Dynamo cannot
+    trace either: then a LocalMapError naming the compiled path, the region and why. Python that reads tensor
+    values is refused only where a graph break is refused too (`one_graph`: fullgraph=True); with graph breaks
+    allowed, Dynamo runs that part of the body eagerly, and the verdict (unchecked) is enforced as usual."""
+    why = verdict.untraceable
+    if why is None or (why.startswith("it reads tensor values") and not one_graph):
+        return verdict
+    if why.startswith("it reads tensor values"):
+        path, fix = (f"{COMPILED} (fullgraph=True)",
+                     "compute both sides with torch.where instead of a Python branch, compile with fullgraph=False "
+                     "(Dynamo then runs that part eagerly after a graph break; give in_grad_placements=, which "
+                     "the check cannot infer there), or run this region eagerly (eager checks the branch each "
+                     "call takes, on its values)")
+    else:
+        path, fix = (COMPILED, "register a fake implementation (@op.register_fake for a torch.library.custom_op, "
+                               "torch.library.register_fake otherwise), or run this region eagerly")
+    raise fail(f"region {verdict.function!r}", f"{path} cannot trace its body: {why}", given=verdict.unchecked,
+               fix=fix)

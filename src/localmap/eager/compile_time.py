@@ -20,9 +20,9 @@ from torch.distributed.tensor.placement_types import Placement
 from localmap.caches import register_cache
 from localmap.check.tested import agree_while_tracing
 from localmap.core.plan import plan_call
-from localmap.core.refusals import COMPILED, uneven_error
+from localmap.core.refusals import COMPILED, refuse_untraceable, uneven_error
 from localmap.compat import (
-    global_shape_and_stride, make_dtensor, make_spec, pytree, spec_of, surfacing_types, trace_time,
+    compiling_one_graph, global_shape_and_stride, make_dtensor, make_spec, pytree, spec_of, surfacing_types, trace_time,
 )
 from localmap.eager.plans import (
     check_body, check_kwargs, check_non_dtensor_leaves, common_mesh, input_leaf_target, make_input_plan,
@@ -62,9 +62,10 @@ def plan_inputs(config: tuple, bound_to: Any, mesh: Any, skeleton: Any, leaves: 
     for i, a, grads, _ in checked:
         held[i], given_grads[i] = tuple(a.placements), grads if given else None
     # the same rule eager reaches, agreed by every rank (check.function caches it across paths)
-    call = plan_call(lambda: agree_while_tracing(lambda: check_body(
-        region.func, region.out_placements, plan, flat, treespec, checked, mesh, kwargs), mesh), region.check,
-        COMPILED, held, given_grads, region.in_grad_placements)
+    # (a body Dynamo cannot trace is refused by name before the verdict is enforced: core.refusals)
+    call = plan_call(lambda: refuse_untraceable(agree_while_tracing(lambda: check_body(
+        region.func, region.out_placements, plan, flat, treespec, checked, mesh, kwargs), mesh),
+        compiling_one_graph()), region.check, COMPILED, held, given_grads, region.in_grad_placements)
     planned = []
     for i, a, _, _ in checked:
         grads = call.grads[i]
