@@ -466,8 +466,10 @@ def axis_index(mesh_dim: int | str, *, mesh: DeviceMesh | None = None, device: A
     """This rank's coordinate along `mesh_dim`, as a 0-dim int64 tensor (made by an all_to_all of
     ``arange(n)``, so it is per rank in traced graphs and on the simulated mesh alike)."""
     group = _group(mesh_dim, mesh)
+    if not compat.compiling_simulated():
+        return _axis_index(group, device, None)
     like = region_anchor()
-    if like is None and compat.compiling_simulated() and not _region_open_at_trace_time():
+    if like is None and not _region_open_at_trace_time():
         _refuse_outside_region()
     return _axis_index(group, device, like)
 

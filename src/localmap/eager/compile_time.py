@@ -28,6 +28,7 @@ from localmap.eager.plans import (
     check_body, check_kwargs, check_non_dtensor_leaves, common_mesh, input_leaf_target, make_input_plan,
     make_output_plan,
 )
+from localmap.context import stack
 from localmap.errors import region_name
 from localmap.placements.algebra import avg_grad_scale, avg_ranks, extreme_grad_error, has_extreme
 from localmap.placements.shapes import dense_stride, local_shape
@@ -96,7 +97,9 @@ def refuse_uneven(skeleton: Any, i: int, shape: tuple, placements: tuple, mesh_s
 
 @trace_time
 def body_mark() -> str | None:
-    """The last node of Dynamo's graph before a region's body is traced (refuse_simulated_factories)."""
+    """The last node of Dynamo's graph before a region's body is traced (refuse_simulated_factories). Makes
+    this thread's stack of region anchors first, so Dynamo reads an existing one (context.region_anchor)."""
+    stack("region_anchors")
     return dynamo_graph_mark()
 
 

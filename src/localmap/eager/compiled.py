@@ -51,15 +51,17 @@ def call_compiling(region: Any, args: tuple, kwargs: dict) -> Any:
         locals_[i] = _scaled(a.to_local(grad_placements=grads), grad_scale, 1)
     # for localmap.collectives inside the body: the mesh, and on a simulated mesh a local input to make index
     # tensors from (context.region_anchor); there a tensor the body itself made by a factory is refused after it
+    # (the anchors' stack only there: a thread-local Dynamo first reads absent, then present, would recompile)
     simulated = compiling_simulated()
     mark = body_mark() if simulated else None
-    anchors = stack("region_anchors")
     push_region_mesh(mesh)
-    anchors.append(locals_[dtensor_idx[0]] if simulated else None)
+    if simulated:
+        stack("region_anchors").append(locals_[dtensor_idx[0]])
     try:
         out = region.func(*(locals_ if treespec is None else pytree.tree_unflatten(locals_, treespec)), **kwargs)
     finally:
-        anchors.pop()
+        if simulated:
+            stack("region_anchors").pop()
         pop_region_mesh()
     if simulated:
         refuse_simulated_factories(config, mark)
