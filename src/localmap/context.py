@@ -39,8 +39,9 @@ def default_mesh() -> DeviceMesh | None:
 # What a thread's context holds ("program_params": stand-ins for a captured module's DTensors, traced.closure).
 # "check_modes": a check mode that overrides every region's own check= while a program is captured (inspect's
 # --check).
+# "region_anchors": a local input of each compiled region body on a simulated mesh (see region_anchor).
 STACKS = ("meshes", "capture", "reference", "region_meshes", "partitioners", "region_operators", "program_params",
-          "check_modes")
+          "check_modes", "region_anchors")
 
 
 def stack(name: str) -> list:
@@ -104,6 +105,13 @@ def enclosing_region_mesh() -> DeviceMesh | None:
 def region_mesh() -> DeviceMesh | None:
     """The enclosing region's mesh, else the default mesh (use_mesh)."""
     return enclosing_region_mesh() or default_mesh()
+
+
+def region_anchor() -> Any:
+    """A local input of the compiled region body being traced on a simulated mesh, else None. On that path a
+    tensor a factory makes (torch.arange) is not per rank in AOT autograd's trace and cannot meet the body's
+    simulated values (docs/compile.md, item 4); localmap.collectives make their index tensors from this one."""
+    return innermost("region_anchors")
 
 
 @contextlib.contextmanager

@@ -242,9 +242,9 @@ def _catalogue_cells(mesh, ids):
 
 
 def test_collective_programs_compiled_on_gloo():
-    """Bodies with localmap collectives (axis_index, ppermute) compiled: right on real processes. On the simulated
-    mesh PyTorch's simulator fails on them under AOT autograd (docs/compile.md, item 4; the matrix's cells are
-    strict xfails naming it)."""
+    """Bodies with localmap collectives (axis_index, ppermute) compiled: right on real processes, where their
+    index tensors are made by factories (on the simulated mesh they are made from a region input: docs/compile.md,
+    item 4)."""
     for cells in run_gloo(_catalogue_cells, 4, mesh_dim_names=("tp",), args=(_COLLECTIVE_PROGRAMS,), timeout=500):
         for name, diff in cells:
             assert diff <= 1e-4, (name, diff)

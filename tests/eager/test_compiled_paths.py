@@ -15,6 +15,8 @@ from torch.distributed.tensor import DTensor, Shard
 
 from helpers import R, S0, S1, doubled, max_diff, randn
 from localmap import LocalMapError, Partial, clear_caches, local_map
+from localmap import collectives as C
+from localmap.core.refusals import SIMULATED_COMPILE
 from localmap.testing import distribute, full, on_one_device
 
 AVG = Partial("avg")
@@ -442,9 +444,10 @@ SIMULATOR_FACTORY = ("PyTorch's simulator under AOT autograd: a tensor a compile
 @pytest.mark.compile
 @pytest.mark.xfail(raises=torch._dynamo.exc.BackendCompilerFailed, reason=SIMULATOR_FACTORY, strict=True)
 def test_simulator_factory_tensor_meets_local_tensor_without_localmap(sim_mesh_4):
-    """What localmap's axis_index and ppermute (an all_to_all of torch.arange; an index table) meet compiled on
-    the simulator, without localmap: a local tensor minus an arange made in the compiled function. Eagerly, and
-    on gloo processes (tests/distributed/test_compile.py::test_collective_programs_compiled_on_gloo), it works."""
+    """PyTorch's simulator without localmap: a local tensor minus an arange made in the compiled function.
+    Eagerly, and on gloo processes, it works. localmap's axis_index and ppermute (an all_to_all of an arange; an
+    index table) make those tensors from a region input on this path instead; a body's own factory is refused
+    (the tests below)."""
     x = distribute(randn(8, 4), sim_mesh_4, [R])
 
     def minus_arange(d):
@@ -514,3 +517,67 @@ def test_branch_on_values_compiled_with_graph_breaks_matches_one_device(sim_mesh
     with pytest.warns(UserWarning, match="could not be checked"):
         got, _ = _run(compiled, sim_mesh_4, leaves, [[S0], [R]], "eager")  # (already compiled)
     _assert_all_close(got, _one_device(lambda x, w: (x @ w).pow(2).sum(), leaves))
+
+
+# localmap's collectives on that path make their index tensors from a region input (a simulated tensor there), and
+# a body's own factory is refused by name: each case against eager and one device.
+_COLLECTIVE_BODIES = {
+    "axis_index": (lambda x: x * (1 + C.axis_index(0)), lambda x: x * torch.arange(1, 5.0).repeat_interleave(2)[:, None]),
+    "shift by 1": (lambda x: C.shift(x, 0, 1), lambda x: torch.roll(x, 2, 0)),
+    "ppermute, reversed": (lambda x: C.ppermute(x, 0, [(r, 3 - r) for r in range(4)]),
+                           lambda x: torch.cat(list(x.split(2)[::-1]))),
+}
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("case", list(_COLLECTIVE_BODIES))
+def test_collectives_compiled_on_a_simulated_mesh(sim_mesh_4, case):
+    """axis_index's arange and ppermute's index table were factory tensors: BackendCompilerFailed here. Each rank
+    of the compiled result holds a plain tensor (a factory's node in the graph would have become a LocalTensor
+    nested in one at run time) with the one-device value."""
+    body, one = _COLLECTIVE_BODIES[case]
+    region = local_map(body, out_placements=[S0], in_placements=([S0],), device_mesh=sim_mesh_4, check=False)
+    xs = randn(8, 3)
+    x = distribute(xs, sim_mesh_4, [S0], requires_grad=True)
+    torch.compiler.reset()
+    got = torch.compile(lambda d: region(d), backend="aot_eager", fullgraph=True)(x)
+    per_rank = got.to_local()._local_tensors.values()
+    assert all(type(t) is torch.Tensor for t in per_rank), [type(t) for t in per_rank]
+    eager = region(x)
+    with on_one_device():
+        want = one(xs)
+    assert torch.equal(full(got), full(eager)) and torch.equal(full(got), want)
+    (got * got).sum().backward()
+    with on_one_device():
+        leaf = xs.clone().requires_grad_()
+        (one(leaf) ** 2).sum().backward()
+    assert max_diff(full(x.grad), leaf.grad) <= 1e-5
+
+
+@pytest.mark.compile
+def test_simulated_compile_refuses_a_body_factory_by_name(sim_mesh_4):
+    """A body's own torch.arange cannot run compiled on the simulator; refused naming the path, the call and
+    its line, not PyTorch's BackendCompilerFailed. Eagerly it runs."""
+    region = local_map(lambda x: x - torch.arange(3.0), out_placements=[S0], in_placements=([S0],),
+                       device_mesh=sim_mesh_4, check=False)
+    x = distribute(randn(8, 3), sim_mesh_4, [S0])
+    assert torch.equal(full(region(x)), full(x) - torch.arange(3.0))
+    torch.compiler.reset()
+    with pytest.raises(LocalMapError) as info:
+        torch.compile(lambda d: region(d), backend="aot_eager", fullgraph=True)(x)
+    for said in (SIMULATED_COMPILE, "makes a tensor with a factory", "torch.arange", "x - torch.arange(3.0)"):
+        assert said in str(info.value), str(info.value)
+
+
+@pytest.mark.compile
+def test_axis_index_outside_a_region_compiled_on_a_simulated_mesh_refused(sim_mesh_4):
+    """Outside a region body there is no simulated tensor to make the rank ids from: refused by name."""
+    x = distribute(randn(8, 3), sim_mesh_4, [S0])
+
+    def scaled(d):
+        local = d.to_local() * C.axis_index(0, mesh=sim_mesh_4)
+        return DTensor.from_local(local, sim_mesh_4, [S0], run_check=False)
+
+    torch.compiler.reset()
+    with pytest.raises(LocalMapError, match="compiled on a simulated mesh .* outside a region body"):
+        torch.compile(scaled, backend="aot_eager", fullgraph=True)(x)

@@ -5,23 +5,18 @@ from __future__ import annotations
 
 import pytest
 
+from localmap.core.refusals import SIMULATED_COMPILE
 from matrix_cells import COMPILED, expect, mesh_of, one_device, params, refuses, select
 from matrix_paths import compiled, draw, on_dtensors
 
 pytestmark = pytest.mark.matrix
 ALL = select()
 
-# PyTorch's simulator, not localmap: under AOT autograd a tensor the compiled body makes with a factory (the arange
-# of localmap's axis_index, ppermute's index table) is a plain FunctionalTensor that LocalTensor refuses to meet.
-# The same cells compiled on 4 gloo processes match one device (tests/distributed/test_compile.py::
-# test_collective_programs_compiled_on_gloo); the failure without localmap: tests/eager/test_compiled_paths.py::
-# test_simulator_factory_tensor_meets_local_tensor_without_localmap. docs/compile.md, item 4.
-_SIMULATOR_FACTORY = ("PyTorch's simulator under AOT autograd: a tensor the body makes with a factory (axis_index's "
-                      "arange) is a FunctionalTensor that LocalTensor refuses (docs/compile.md, item 4); right on gloo")
-COMPILE_KNOWN = {
-    "parallel: Megatron vocab-parallel cross-entropy, detached max": _SIMULATOR_FACTORY,
-    "collectives: shift_plus_1": _SIMULATOR_FACTORY,
-}
+# PyTorch's simulator, not localmap: under AOT autograd a tensor a compiled body makes with a factory is one plain
+# tensor that LocalTensor refuses to meet (docs/compile.md, item 4; without localmap: tests/eager/
+# test_compiled_paths.py::test_simulator_factory_tensor_meets_local_tensor_without_localmap). localmap's own
+# collectives make their index tensors from a region input there; a body's own factory is refused by name.
+COMPILE_KNOWN: dict = {}
 # What torch.compile cannot trace is refused by name (core.refusals.refuse_untraceable), checked here as such (not
 # an xfail): program id -> what its LocalMapError must say (the path, the reason, the fix). Eagerly these programs
 # match one device (test_eager): a branch on values is checked on the values of each call.
@@ -33,6 +28,8 @@ COMPILE_REFUSED = {
     "parallel: branch on values with its gradient placements given": _READS_VALUES,
     "parallel: branch on values, weight gradient inferred on the branch taken": _READS_VALUES,
     "parallel: untraceable body with its gradient placements given": _NO_FAKE_IMPL,
+    "parallel: position table offset by the rank's index": (SIMULATED_COMPILE, "makes a tensor with a factory",
+                                                              "torch.arange"),
 }
 # (types: partial times replicate failed after other compile cells until localmap.testing.simulated_mesh dropped
 # DTensor's sharding-propagation caches at the end of each world: docs/compile.md.)

@@ -37,7 +37,7 @@ from torch.distributed.tensor.placement_types import Partial, Replicate, Shard
 from localmap import compat
 from localmap.collectives.registry import Collective, mesh_dim_of, on_its_mesh_dim, register, same_as_input
 from localmap.compat import collectives as compat_funcol
-from localmap.context import enclosing_region_mesh, region_mesh
+from localmap.context import enclosing_region_mesh, region_anchor, region_mesh
 from localmap.errors import fail
 from localmap.placements.types import AGREED, PER_RANK_COPY, UNKNOWN_WHY, VARYING
 
@@ -466,17 +466,47 @@ def axis_index(mesh_dim: int | str, *, mesh: DeviceMesh | None = None, device: A
     """This rank's coordinate along `mesh_dim`, as a 0-dim int64 tensor (made by an all_to_all of
     ``arange(n)``, so it is per rank in traced graphs and on the simulated mesh alike)."""
     group = _group(mesh_dim, mesh)
+    if not compat.compiling_simulated():
+        return _axis_index(group, device, None)
+    like = region_anchor()
+    if like is None and not _region_open_at_trace_time():
+        _refuse_outside_region()
+    return _axis_index(group, device, like)
+
+
+def _axis_index(group: _Group, device: Any, like: torch.Tensor | None) -> torch.Tensor:
     dev = device if device is not None else torch.device(group.device_type)
-    ids = torch.arange(group.size, dtype=torch.int64, device=dev)
+    ids = _index_tensor(range(group.size), dev, like)
     _log_splits(None, None)
     return compat_funcol.all_to_all_single(ids, None, None, group.name)[0]
+
+
+def _index_tensor(values: range | list[int], device: Any, like: torch.Tensor | None) -> torch.Tensor:
+    """`values` as an int64 tensor on `device`. Where Dynamo traces on a simulated mesh, a factory's tensor
+    cannot meet the body's values (compat.compiling_simulated), so there it is made from `like` (a tensor of
+    the region: one new_full per value, as many as the mesh dim has ranks)."""
+    if like is not None and compat.compiling_simulated():
+        return torch.stack([like.new_full((), v, dtype=torch.int64, device=device) for v in values])
+    if isinstance(values, range):
+        return torch.arange(values.start, values.stop, dtype=torch.int64, device=device)
+    return torch.tensor(values, dtype=torch.int64, device=device)
+
+
+@compat.at_trace_time
+def _refuse_outside_region() -> None:
+    raise fail("axis_index", "is called in a function compiled on a simulated mesh (LocalTensorMode) outside a "
+               "region body: there it has no simulated tensor to make its rank ids from, and a tensor made by a "
+               "factory cannot meet simulated values under AOT autograd (docs/compile.md, item 4)",
+               fix="call it inside a local_map region's body, run the function eagerly, or compile it on real "
+                   "process groups")
 
 
 def ppermute(x: torch.Tensor, mesh_dim: int | str, perm: Sequence[tuple[int, int]], *,
              mesh: DeviceMesh | None = None) -> torch.Tensor:
     """Send `x` from rank src to rank dst for each (src, dst) in `perm` (as JAX's ppermute); a rank that
     receives nothing gets zeros."""
-    n = _group(mesh_dim, mesh).size
+    group = _group(mesh_dim, mesh)
+    n = group.size
     sources = [-1] * n
     for src, dst in perm:
         if not (0 <= src < n and 0 <= dst < n) or sources[dst] != -1:
@@ -484,8 +514,8 @@ def ppermute(x: torch.Tensor, mesh_dim: int | str, perm: Sequence[tuple[int, int
                        expected=f"pairs in 0..{n - 1}", given=list(perm), fix="list each destination once")
         sources[dst] = src
     gathered = all_gather(x.unsqueeze(0), mesh_dim, 0, mesh=mesh)  # [n, *x.shape], rank order
-    me = axis_index(mesh_dim, mesh=mesh, device=x.device)
-    table = torch.tensor(sources, dtype=torch.int64, device=x.device)
+    me = _axis_index(group, x.device, x)
+    table = _index_tensor(sources, x.device, x)
     src = table.index_select(0, me.reshape(1))  # a tensor index: no data-dependent Python int in traces
     picked = gathered.index_select(0, src.clamp(min=0)).squeeze(0)
     return picked * (src >= 0).to(x.dtype)

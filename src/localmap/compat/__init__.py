@@ -25,7 +25,7 @@ from localmap.compat.collectives import (
 from localmap.compat.compiling import (
     compiler_collectives_on, optimization_hint, size_hint, surfacing, surfacing_types, trace_time, traced_local,
 )
-from localmap.compat.dynamo import at_trace_time
+from localmap.compat.dynamo import at_trace_time, dynamo_graph_mark, factory_calls_since
 from localmap.compat.dtensor import (
     DTensorSpec, TensorMeta, global_shape_and_stride, grad_placements_default, is_strided_shard, sharded_dim, view_rule_hangs,
     clear_propagation_cache, drop_probe_mode, probe_modes_held, propagation_cache_size, strided_shard,
@@ -34,7 +34,8 @@ from localmap.compat.dtensor import (
     to_local_substituted,
 )
 from localmap.compat.simulation import (
-    fake_process_group, forget_ended_world, is_simulated, local_tensor_mode, mesh_ranks, outside_simulation, reconcile,
+    compiling_simulated, fake_process_group, forget_ended_world, is_simulated, local_tensor_mode, mesh_ranks,
+    outside_simulation, reconcile,
     simulated_local, simulated_rank_map, simulated_value, simulation_active, simulation_mode_type, simulation_set_aside, value_on_rank,
 )
 from localmap.compat.tracing import (
@@ -55,7 +56,7 @@ __all__ = [
     "pytree", "FUNCTIONAL_OPS", "AsyncCollectiveTensor", "all_gather_stack", "group_size", "is_functional_collective",
     "wait", "wait_local", "DTensorSpec", "TensorMeta", "global_shape_and_stride", "grad_placements_default",
     "view_rule_hangs", "local_tensor_of", "make_dtensor", "make_spec", "propagate_sharding",
-    "quiet_fake_tensor_errors", "redistribute_local", "spec_of", "is_strided_shard", "sharded_dim", "clear_propagation_cache", "drop_probe_mode", "probe_modes_held", "propagation_cache_size", "strided_shard", "to_local_substituted", "to_local_of_real_refused", "fake_process_group", "is_simulated",
+    "quiet_fake_tensor_errors", "redistribute_local", "spec_of", "is_strided_shard", "sharded_dim", "clear_propagation_cache", "drop_probe_mode", "probe_modes_held", "propagation_cache_size", "strided_shard", "to_local_substituted", "to_local_of_real_refused", "compiling_simulated", "fake_process_group", "is_simulated",
     "forget_ended_world", "local_tensor_mode", "mesh_ranks", "outside_simulation", "reconcile", "simulated_local", "simulated_rank_map",
     "simulated_value", "simulation_active", "simulation_mode_type", "simulation_set_aside", "value_on_rank", "DispatchKey", "FakeTensorMode", "HigherOrderOperator",
     "OpOverload", "ProxyTorchDispatchMode", "below_autograd", "check_decompositions",
@@ -64,5 +65,5 @@ __all__ = [
     "make_fx_on_values", "new_fake_mode", "node_sites", "op_schema", "own_node_meta", "partitioner", "plain_signature", "register_cpu_attention_flops",
     "reparametrized", "sac_active", "sac_modes", "storage_key", "trace_lock", "track_tensor_tree",
     "without_saved_tensor_hooks", "version_counter", "TORCH_AT_LEAST_2_14", "TORCH_RELEASE", "optimization_hint", "size_hint", "surfacing", "surfacing_types", "trace_time",
-    "traced_local", "at_trace_time", "compiler_collectives_on",
+    "traced_local", "at_trace_time", "dynamo_graph_mark", "factory_calls_since", "compiler_collectives_on",
 ]

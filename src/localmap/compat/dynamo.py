@@ -110,3 +110,52 @@ def planner_capture(model: torch.nn.Module, args: tuple) -> tuple[torch.fx.Graph
         with contextlib.ExitStack() as stack:
             joint = aot_export_joint_with_descriptors(stack, dynamo_gm, args)
             return dynamo_gm, joint.graph_module
+
+
+def _dynamo_graph() -> Any:
+    """The fx.Graph Dynamo is recording into (at trace time), else None."""
+    from torch._dynamo.symbolic_convert import InstructionTranslator
+
+    tx = InstructionTranslator.current_tx()
+    return None if tx is None else tx.output.graph
+
+
+def dynamo_graph_mark() -> str | None:
+    """At trace time: the name of the last node of the graph Dynamo is recording (None for none)."""
+    nodes = list(getattr(_dynamo_graph(), "nodes", ()))
+    return nodes[-1].name if nodes else None
+
+
+def factory_calls_since(mark: str | None) -> list[tuple[str, str]]:
+    """At trace time: (the call, the user's source line) for each call Dynamo recorded after node `mark` that
+    makes a tensor from no tensor: a factory (torch.arange, torch.tensor, torch.zeros, torch.randn, ...)."""
+    graph = _dynamo_graph()
+    nodes = [] if graph is None else list(graph.nodes)
+    names = [n.name for n in nodes]
+    after = nodes[names.index(mark) + 1:] if mark in names else nodes
+    return [(_call_name(n), _last_source_line(n)) for n in after
+            if n.op in ("call_function", "call_method") and _holds_tensor(n)
+            and not any(_holds_tensor(a) for a in n.all_input_nodes)]
+
+
+def _holds_tensor(node: torch.fx.Node) -> bool:
+    """Whether a node's value is or holds a tensor (a tuple of chunks, say)."""
+    from torch.utils._pytree import tree_leaves
+
+    return any(isinstance(v, torch.Tensor) for v in tree_leaves(node.meta.get("example_value")))
+
+
+def _call_name(node: torch.fx.Node) -> str:
+    target = node.target
+    return target if isinstance(target, str) else f"{getattr(target, '__module__', '') or ''}.{target.__name__}" \
+        if hasattr(target, "__name__") else str(target)
+
+
+def _last_source_line(node: torch.fx.Node) -> str:
+    """'File "...", line N, in f: the code' of the innermost frame of a node's stack trace."""
+    lines = [ln.strip() for ln in (node.meta.get("stack_trace") or "").splitlines()]
+    frames = [i for i, ln in enumerate(lines) if ln.startswith("File ")]
+    if not frames:
+        return "(no source line recorded)"
+    code = lines[frames[-1] + 1] if frames[-1] + 1 < len(lines) else ""
+    return f"{lines[frames[-1]]}: {code}"

@@ -12,6 +12,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from localmap.compat.dynamo import at_trace_time
+
 
 def is_simulated(t: Any) -> bool:
     from torch.distributed._local_tensor import LocalTensor
@@ -27,6 +29,23 @@ def simulation_active() -> bool:
     from torch.distributed._local_tensor import local_tensor_mode
 
     return local_tensor_mode() is not None
+
+@at_trace_time
+def _simulating_at_trace_time() -> bool:
+    from torch.distributed._local_tensor import local_tensor_mode
+
+    mode = local_tensor_mode()
+    return mode is not None and not simulation_set_aside(mode)  # (on_one_device sets it aside)
+
+
+def compiling_simulated() -> bool:
+    """Whether Dynamo is tracing on a simulated mesh (symbolically: not trace-time code it runs, such as the
+    check). There LocalTensorMode is set aside (it ignores compile internals), so AOT autograd sees a factory's
+    tensor (torch.arange) as one plain FunctionalTensor, which LocalTensor refuses to meet; and at run time the
+    mode makes that graph node a LocalTensor among the per-rank plain tensors. A tensor there must be made from
+    a simulated one (``x.new_full``), never by a factory."""
+    return torch.compiler.is_dynamo_compiling() and _simulating_at_trace_time()
+
 
 def simulated_rank_map(fn: Any) -> torch.Tensor:
     """A LocalTensor whose rank r value is fn(r), under the active LocalTensorMode."""

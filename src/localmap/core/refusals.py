@@ -45,3 +45,20 @@ def refuse_untraceable(verdict: Verdict, one_graph: bool) -> Verdict:
                                "torch.library.register_fake otherwise), or run this region eagerly")
     raise fail(f"region {verdict.function!r}", f"{path} cannot trace its body: {why}", given=verdict.unchecked,
                fix=fix)
+
+
+SIMULATED_COMPILE = "torch.compile on a simulated mesh (PyTorch's LocalTensorMode)"
+
+
+def simulated_factory_error(region: str, calls: Sequence[tuple[str, str]]) -> LocalMapError:
+    """The error for region `region` whose body, compiled on a simulated mesh, makes tensors with factories
+    (`calls`: (call, source line)). There AOT autograd sees such a tensor as one plain tensor that the
+    simulator's LocalTensor refuses to meet, and at run time the simulator makes that graph node a LocalTensor
+    among per-rank plain tensors (docs/compile.md, item 4): no right result either way."""
+    made = "; ".join(f"{call} at {line}" for call, line in calls)
+    return fail(f"region {region!r}", f"makes a tensor with a factory in its body, which {SIMULATED_COMPILE} "
+                "cannot run: AOT autograd sees that tensor as one plain tensor, which the simulator's LocalTensor "
+                "refuses to meet (PyTorch's simulator; docs/compile.md, item 4)", given=made,
+                fix="make it from an input (x.new_zeros / x.new_full / torch.zeros_like(x); an arange as "
+                    "x.new_ones(n, dtype=torch.long).cumsum(0) - 1), or run this region eagerly, or compile it "
+                    "on real process groups (gloo, NCCL), where it works")

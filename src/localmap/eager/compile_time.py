@@ -20,14 +20,17 @@ from torch.distributed.tensor.placement_types import Placement
 from localmap.caches import register_cache
 from localmap.check.tested import agree_while_tracing
 from localmap.core.plan import plan_call
-from localmap.core.refusals import COMPILED, refuse_untraceable, uneven_error
+from localmap.core.refusals import COMPILED, refuse_untraceable, simulated_factory_error, uneven_error
 from localmap.compat import (
-    compiling_one_graph, global_shape_and_stride, make_dtensor, make_spec, pytree, spec_of, surfacing_types, trace_time,
+    compiling_one_graph, dynamo_graph_mark, factory_calls_since, global_shape_and_stride, make_dtensor, make_spec, pytree,
+    spec_of, surfacing_types, trace_time,
 )
 from localmap.eager.plans import (
     check_body, check_kwargs, check_non_dtensor_leaves, common_mesh, input_leaf_target, make_input_plan,
     make_output_plan,
 )
+from localmap.context import stack
+from localmap.errors import region_name
 from localmap.placements.algebra import avg_grad_scale, avg_ranks, extreme_grad_error, has_extreme
 from localmap.placements.shapes import dense_stride, local_shape
 from localmap.placements.specs import check_output_leaf, leaf_path, resolve_input_specs
@@ -92,6 +95,22 @@ def plan_outputs(config: tuple, bound_to: Any, mesh: Any, skeleton: Any, leaves:
 def refuse_uneven(skeleton: Any, i: int, shape: tuple, placements: tuple, mesh_shape: tuple) -> None:
     """Argument leaf `i` is unevenly sharded, which the compiled path does not support (eager does)."""
     raise uneven_error(leaf_path("args", skeleton, i), shape, placements, mesh_shape, COMPILED)
+
+
+@trace_time
+def body_mark() -> str | None:
+    """The last node of Dynamo's graph before a region's body is traced (refuse_simulated_factories). Makes
+    this thread's stack of region anchors first, so Dynamo reads an existing one (context.region_anchor)."""
+    stack("region_anchors")
+    return dynamo_graph_mark()
+
+
+@trace_time
+def refuse_simulated_factories(config: tuple, mark: str | None) -> None:
+    """On a simulated mesh: refuse a body that made a tensor with a factory (traced after node `mark`)."""
+    calls = factory_calls_since(mark)
+    if calls:
+        raise simulated_factory_error(region_name(config[0]), calls)
 
 
 @trace_time

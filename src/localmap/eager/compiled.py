@@ -16,11 +16,13 @@ from typing import Any
 import torch
 from torch.distributed.tensor import DTensor
 
-from localmap.compat import optimization_hint, pytree, size_hint, traced_local
-from localmap.context import pop_region_mesh, push_region_mesh
+from localmap.compat import compiling_simulated, optimization_hint, pytree, size_hint, traced_local
+from localmap.context import pop_region_mesh, push_region_mesh, stack
 from localmap.eager.autograd import ScaledGradient
 from localmap.eager.modes import CallMode, call_mode
-from localmap.eager.compile_time import plan_inputs, plan_outputs, plan_plain_call, refuse_uneven
+from localmap.eager.compile_time import (
+    body_mark, plan_inputs, plan_outputs, plan_plain_call, refuse_simulated_factories, refuse_uneven,
+)
 from localmap.placements.shapes import is_uneven
 from localmap.traced.dynamo_capture import call_plain_compiling, wrapping_now
 
@@ -47,11 +49,22 @@ def call_compiling(region: Any, args: tuple, kwargs: dict) -> Any:
             a = a.redistribute(mesh, target)
             _refuse_if_uneven(skeleton, i, a)
         locals_[i] = _scaled(a.to_local(grad_placements=grads), grad_scale, 1)
-    push_region_mesh(mesh)  # for localmap.collectives inside the body
+    # for localmap.collectives inside the body: the mesh, and on a simulated mesh a local input to make index
+    # tensors from (context.region_anchor); there a tensor the body itself made by a factory is refused after it
+    # (the anchors' stack only there: a thread-local Dynamo first reads absent, then present, would recompile)
+    simulated = compiling_simulated()
+    mark = body_mark() if simulated else None
+    push_region_mesh(mesh)
+    if simulated:
+        stack("region_anchors").append(locals_[dtensor_idx[0]])
     try:
         out = region.func(*(locals_ if treespec is None else pytree.tree_unflatten(locals_, treespec)), **kwargs)
     finally:
+        if simulated:
+            stack("region_anchors").pop()
         pop_region_mesh()
+    if simulated:
+        refuse_simulated_factories(config, mark)
     flat_out, out_tree, out_skeleton = _structure(out) if not isinstance(out, torch.Tensor) else ((out,), None, 0)
     planned = plan_outputs(config, bound_to, mesh, out_skeleton, tuple(describe(t) for t in flat_out),
                            torch.is_grad_enabled())
