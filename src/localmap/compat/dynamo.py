@@ -112,11 +112,20 @@ def planner_capture(model: torch.nn.Module, args: tuple) -> tuple[torch.fx.Graph
             return dynamo_gm, joint.graph_module
 
 
-def _dynamo_graph() -> Any:
-    """The fx.Graph Dynamo is recording into (at trace time), else None."""
+def current_translator() -> Any:
+    """Dynamo's instruction translator tracing now in this thread, else None (also where none has run in this
+    thread yet: Dynamo's thread-local then has no slot)."""
     from torch._dynamo.symbolic_convert import InstructionTranslator
 
-    tx = InstructionTranslator.current_tx()
+    try:
+        return InstructionTranslator.current_tx()
+    except AttributeError:
+        return None
+
+
+def _dynamo_graph() -> Any:
+    """The fx.Graph Dynamo is recording into (at trace time), else None."""
+    tx = current_translator()
     return None if tx is None else tx.output.graph
 
 

@@ -107,12 +107,9 @@ def untraceable_why(e: BaseException) -> str | None:
 def compiling_one_graph() -> bool:
     """Whether the torch.compile tracing now refuses graph breaks (fullgraph=True, or error_on_graph_break):
     Dynamo's current translator, read at trace time."""
-    from torch._dynamo.symbolic_convert import InstructionTranslator
+    from localmap.compat.dynamo import current_translator
 
-    try:
-        tx = InstructionTranslator.current_tx()
-    except AttributeError:  # no translator has run in this thread
-        return False
+    tx = current_translator()
     return bool(tx is not None and (tx.one_graph or getattr(tx, "error_on_graph_break", False)))
 
 
