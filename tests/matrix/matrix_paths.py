@@ -216,7 +216,7 @@ def captured(prog: Program, tensors: Tensors, mesh: Any, structure: str, form: s
 def verified(prog: Program, tensors: Tensors, mesh: Any, structure: str, form: str = "parameter",
              check: Any = True) -> Any:
     model = _loss_module(prog, tensors, mesh, structure, form, check)
-    if not prog.own_reference:  # a body with collectives: verify's default reference (inlined) has no mesh dims
+    if not prog.own_reference:  # verify's default reference: each body inlined on one rank (collectives identity)
         return verify(model, *_differentiable(tensors.inputs))
     ref = prog.make_reference(tensors.weights)
 

@@ -13,7 +13,7 @@ from helpers import max_diff, randn
 import localmap
 from localmap import Shard, local_map
 from localmap import collectives as C
-from localmap.testing import fake_mesh
+from localmap.testing import fake_mesh, on_one_device
 
 
 def _assert_every_collective_waited(region):
@@ -68,3 +68,52 @@ def test_collectives_inside_a_region_count_in_its_comm_bytes():
         q, k = (torch.randn(8, 3, requires_grad=True) for _ in range(2))
         (r,) = localmap.capture(lambda q, k: region(q, k).sum(), q, k).regions
         assert r.comm_detail["collectives"] == pytest.approx(3 * 24 + 3 / 4 * 96 + 2 * 3 / 4 * 12 + 2 * 3 / 4 * 12)
+
+
+class _VocabParallelEmbedding(torch.nn.Module):
+    """Megatron's vocab-parallel embedding: the table a Shard(0) DTensor parameter the body reads by to_local(),
+    offset by this rank's coordinate, a Partial sum out."""
+
+    def __init__(self, mesh, table):
+        super().__init__()
+        self.table = torch.nn.Parameter(localmap.testing.distribute(table, mesh, [Shard(0)]))
+        self.region = local_map(self._body, [localmap.Partial()], [[localmap.Replicate()]], device_mesh=mesh)
+
+    def _body(self, ids):
+        table = self.table.to_local()
+        local = ids - C.axis_index("tp") * table.shape[0]
+        inside = (local >= 0) & (local < table.shape[0])
+        return F.embedding(local.clamp(0, table.shape[0] - 1), table) * inside.unsqueeze(-1)
+
+    def forward(self, ids):
+        return self.region(ids)
+
+
+class _Squared(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *xs):
+        return self.inner(*xs).pow(2).sum()
+
+
+def _row_parallel(x, w):
+    return C.all_reduce(x @ w, "tp")
+
+
+def test_verify_default_reference_runs_collective_bodies_on_one_rank():
+    """verify's own reference (no reference= given) runs each region's body on the whole tensors as on a one-rank
+    mesh (collectives the identity, axis_index 0: the region's global meaning, as the check's test runs it), so a
+    body with collectives is verified against one device instead of failing for want of a mesh."""
+    with localmap.testing.simulated_mesh((4,), ("tp",)) as mesh:
+        with on_one_device():
+            table, ids = randn(16, 3), torch.randint(0, 16, (2, 5))
+            x, w = randn(4, 8).requires_grad_(), randn(8, 6).requires_grad_()
+        report = localmap.verify(_Squared(_VocabParallelEmbedding(mesh, table)), ids)
+        assert report.regions_checked == 1 and not report.disagreements and report.loss_diff < 1e-4
+        assert max(report.grad_diffs.values()) < 1e-4  # the table's gradient, against the one-rank run's
+        row = local_map(_row_parallel, [localmap.Replicate()], ([Shard(1)], [Shard(0)]), device_mesh=mesh)
+        report = localmap.verify(lambda x, w: row(x, w).pow(2).sum(), x, w)
+        assert report.regions_checked == 1 and not report.disagreements and report.loss_diff < 1e-4
+        assert set(report.grad_diffs) == {"args[0]", "args[1]"} and max(report.grad_diffs.values()) < 1e-4

@@ -241,8 +241,7 @@ def _run_and_compare(fn: Callable, leaves: Sequence[Any], treespec: Any, kwargs:
         shards_out.update(zip(inputs, shards))
     many = _run(fn, leaves, treespec, kwargs, inputs, closed, mesh, [compat.simulated_value(c) for c in copies])
     with compat.outside_simulation():
-        one_mesh = _one_rank_mesh(mesh)
-        with _meshes_of_one_rank(fn):
+        with one_rank_world(fn, mesh) as one_mesh:
             one = _run(fn, _plain_leaves(leaves, inputs, globals_), treespec, kwargs, inputs, closed, one_mesh,
                        [g.detach().clone() for g in globals_])
         out_specs = resolve_output_specs(out_placements, one[0], len(pytree.tree_leaves(one[0])))
@@ -303,6 +302,16 @@ def _one_rank_mesh(mesh: DeviceMesh) -> DeviceMesh:
         _one_rank_meshes.clear()
     _one_rank_meshes[id(mesh)] = (mesh, one)
     return one
+
+
+@contextlib.contextmanager
+def one_rank_world(fn: Callable, mesh: DeviceMesh) -> Iterator[DeviceMesh]:
+    """Where a region's body means what it means globally (its one-rank run): the one-rank mesh standing for
+    `mesh` (every collective on it the identity, axis_index 0), with the meshes `fn` reads from module state
+    rebound to one-rank meshes alike. The test's one-rank run and verify's one-device reference both run here."""
+    one = _one_rank_mesh(mesh)
+    with _meshes_of_one_rank(fn):
+        yield one
 
 
 @contextlib.contextmanager

@@ -8,14 +8,16 @@ called on the global arguments. Tensor and SymInt arguments become operator inpu
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
 from localmap import compat as _compat
 from localmap.check.verdict import describe
 from localmap.check.function import check_function
+from localmap.check.tested import one_rank_world
 from localmap.context import check_mode, default_mesh, enclosing_region_mesh, in_region, recorder
 from localmap.sites import caller_site
 from localmap.compat import pytree, to_local_substituted
@@ -216,6 +218,20 @@ def _local_meta(value: Any, placements: Any, mesh: Any, coordinate: list[int]) -
     return (shape, like_stride(shape, value.stride()), value.dtype, value.device)
 
 
+@contextlib.contextmanager
+def _one_rank(region: Any, closed: list) -> Iterator[None]:
+    """The body's one-device meaning: inside a region over the one-rank mesh of the region's mesh (its own, the
+    enclosing or default one, else a closed-over DTensor's), where collectives are the identity and axis_index
+    is 0 (check.tested.one_rank_world); as it is where no mesh is known (a body without collectives)."""
+    mesh = region.device_mesh or enclosing_region_mesh() or default_mesh() or next(
+        (c.info.mesh for c in closed), None)
+    if mesh is None:
+        yield
+        return
+    with one_rank_world(region.func, mesh) as one, in_region(one):
+        yield
+
+
 def call_reference(region: Any, args: tuple, kwargs: dict, records: list) -> Any:
     """Run the region inlined on one device (its function on the global tensors) and record its outputs and,
     when backward runs, the gradients of its tensor inputs (the arguments, then the closed-over DTensor
@@ -231,7 +247,7 @@ def call_reference(region: Any, args: tuple, kwargs: dict, records: list) -> Any
     # returns the full tensor itself, whatever grad_placements the body declares for the sharded run.
     table = {id(d): (t, []) for d, t in zip(fulls, full_locals)}
     try:
-        with rebound(closed, fulls), to_local_substituted(table):
+        with _one_rank(region, closed), rebound(closed, fulls), to_local_substituted(table):
             out = region.func(*pytree.tree_unflatten(leaves, treespec), **kwargs)
     except Exception as exc:  # the body on whole tensors: a body written for the shards' shapes only fails here
         raise body_error(region.func, exc, "verify's one-device reference (the body run on whole tensors)",
