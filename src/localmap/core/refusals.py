@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 from torch.distributed.tensor.placement_types import Placement
 
 from localmap.check.verdict import Verdict
-from localmap.errors import LocalMapError, fail
+from localmap.errors import LocalMapError, body_error, fail
 from localmap.placements.specs import placements_str
 
 # The paths that refuse an unevenly sharded input, and why (eager supports it: eager.uneven).
@@ -24,6 +24,19 @@ def uneven_error(arg_path: str, shape: Sequence[int], placements: Sequence[Place
                 given=f"shape {tuple(shape)} with {placements_str(tuple(placements))} on mesh {tuple(mesh_shape)}",
                 fix="pad the sharded dim to a multiple of the ranks sharding it, or run this region eagerly on "
                     "DTensors")
+
+
+def traced_untraceable_error(func: Any, exc: BaseException, why: str) -> LocalMapError:
+    """The error for a region whose body the traced paths (capture, verify, a planner's capture) cannot trace on
+    fake tensors (`why`: Python reading tensor values, an op without a fake implementation): BodyError naming the
+    path, the region, its line and a fix for that reason."""
+    if why.startswith("it reads tensor values"):
+        fix = ("compute both sides with torch.where instead of a Python branch, or call this region eagerly "
+               "(eager checks the branch each call takes); a captured program holds one graph per region")
+    else:
+        fix = ("register a fake implementation (@op.register_fake for a torch.library.custom_op, "
+               "torch.library.register_fake otherwise), or call this region eagerly")
+    return body_error(func, exc, f"tracing its body for {TRACED_CALL} ({why})", fix=fix)
 
 
 def refuse_untraceable(verdict: Verdict, one_graph: bool) -> Verdict:

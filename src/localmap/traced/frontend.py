@@ -23,7 +23,7 @@ from localmap.sites import caller_site
 from localmap.compat import pytree, to_local_substituted
 from localmap.errors import LocalMapError, body_error, fail, region_name
 from localmap.core.plan import CallPlan, plan_call
-from localmap.core.refusals import TRACED, TRACED_CALL, uneven_error
+from localmap.core.refusals import TRACED, TRACED_CALL, traced_untraceable_error, uneven_error
 from localmap.traced.closure import (
     Lifted, as_full_dtensor, closed_over, rebound, region_placements, unregistered_dtensors,
 )
@@ -206,6 +206,9 @@ def _trace_region_body(region: Any, args: tuple, kwargs: dict, inputs: list[int]
     except LocalMapError:
         raise
     except Exception as e:  # a PyTorch error inside the body: name the region and the line
+        why = _compat.untraceable_why(e)
+        if why is not None:  # no trace on fake tensors can follow it: refused by name, with the fix
+            raise traced_untraceable_error(region.func, e, why) from e
         raise body_error(region.func, e, "tracing its body") from e
     return body, traced["out"]
 
