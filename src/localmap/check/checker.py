@@ -319,9 +319,10 @@ def _local_attention_problem(att: LocalAttention, path: str, claim: Placement, m
         what += ": the one-rank run attends to every key, so this is no piece of that result"
         given = "this rank's attention to its own key block"
     fix = (f"all_gather k and v along the key sequence (dim {d} of {values}) over {name} before the attention "
-           f"(each rank then attends to every key), or merge the ranks' blocks by their log-sum-exp (all_reduce the max of each block's log-sum-exp "
-           f"over {name}, rescale each block's output by exp(its lse - that max), and divide the all_reduced sum of "
-           "the rescaled outputs by the all_reduced sum of the scales), as ring attention does")
+           "(each rank then attends to every key), or merge the ranks' blocks by their log-sum-exp (all_reduce "
+           f"the max of each block's log-sum-exp over {name}, rescale each block's output by exp(its lse - that "
+           "max), and divide the all_reduced sum of the rescaled outputs by the all_reduced sum of the scales), "
+           "as ring attention does")
     return fail(path, what, mesh=mesh, mesh_dim=m, expected=f"claimed {claim!r}", given=given, fix=fix,
                 error=PlacementError)
 

@@ -333,11 +333,11 @@ def _propagate_collapsed(node: fx.Node, in_types: list, mesh: Any, types: dict, 
     Fix the coordinate on the varying dims: the ranks that share it form a smaller mesh over the other dims,
     on which each input's local tensors along the varying dims are whole tensors (Replicate there). DTensor's
     answer on that smaller mesh is what the op does along the other dims, at every such coordinate."""
-    inputs = [a for a in node.all_input_nodes if isinstance(types.get(a), tuple)]
-    whole = {a: tuple(Replicate() if m in varying else p for m, p in enumerate(types[a])) for a in inputs}
-    return propagate(node, [None if t is None else tuple(Replicate() if m in varying else p
-                                                          for m, p in enumerate(t)) for t in in_types],
-                     mesh, whole)
+    def collapsed(t: Any) -> Any:
+        return None if t is None else tuple(Replicate() if m in varying else p for m, p in enumerate(t))
+
+    whole = {a: collapsed(types[a]) for a in node.all_input_nodes if isinstance(types.get(a), tuple)}
+    return propagate(node, [collapsed(t) for t in in_types], mesh, whole)
 
 
 def _agreed(node: fx.Node, p: Any) -> Any:

@@ -30,6 +30,7 @@ def simulation_active() -> bool:
 
     return local_tensor_mode() is not None
 
+
 @at_trace_time
 def _simulating_at_trace_time() -> bool:
     from torch.distributed._local_tensor import local_tensor_mode
@@ -152,6 +153,7 @@ def value_on_rank(value: Any, rank: int) -> Any:
     if isinstance(value, torch.SymInt) and isinstance(value.node, LocalIntNode):
         return value.node._local_ints[rank]
     return value
+
 
 def mesh_ranks(mesh: Any) -> list[int]:
     """The mesh's ranks in coordinate order (``mesh.mesh`` flattened); call it outside the simulation. A
