@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import P, R, S0, S1, check_region, randn
+from helpers import P, R, S0, S1, check_region, max_diff, randn
 from localmap import PlacementError, UnprovenError, local_map
-from localmap.testing import distribute
+from localmap.testing import distribute, full
 from torch.distributed.tensor import Shard
 
 
@@ -68,7 +68,7 @@ def test_tokens_flattened_over_a_sharded_sequence_and_summed_are_a_partial_sum(s
         warnings.simplefilter("error")
         h = distribute(randn(2, 8, 10), sim_mesh_4, [S1], requires_grad=True)
         out = region(h, distribute(labels, sim_mesh_4, [S1]))
-    from helpers import max_diff
+
     from localmap.testing import full, on_one_device
     with on_one_device():
         ref_h = full(h).detach().clone().requires_grad_()
@@ -166,6 +166,38 @@ def test_pieces_of_the_sharded_dim_are_never_accepted_by_strict(name):
             region(distribute(randn(2, 8, 3), mesh, [S1]))
         settled = ("tested",) if name in RIGHT_RECOMBINED else ("unproven", "wrong")
         assert region.region.verdicts()[0].status in settled
+
+
+# Every piece returned as its own output, each claimed the shard (ChunkedLossWrapper's ``(p,) * num_chunks``):
+# tested as a whole, its pieces joined in order against the one-rank run's. Out of order, or with a piece
+# missing or repeated, the joined pieces differ too: never settled (the split reads a shard as a unit, so the
+# difference is reported unproven, with a warning, not refuted).
+PIECES = {
+    "every piece in order": lambda x: tuple(c.exp() for c in _HALVES(x)),
+    "pieces reversed": lambda x: tuple(c.exp() for c in _HALVES(x))[::-1],
+    "a piece twice": lambda x: (_HALVES(x)[0].exp(),) * 2,
+    "other pieces cut": lambda x: tuple(c.exp() for c in x.split(1, dim=1)[:2]),
+}
+
+
+@pytest.mark.parametrize("name", PIECES)
+def test_every_piece_returned_is_tested_as_a_whole_and_only_in_order(name):
+    from localmap.testing import simulated_mesh
+
+    x = randn(2, 8, 3)
+    with simulated_mesh(2) as mesh:
+        region = local_map(PIECES[name], ([S1], [S1]), [[S1]], None, mesh)
+        xd = distribute(x, mesh, [S1], requires_grad=True)
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            sum(p.sum() for p in region(xd)).backward()
+        verdict = region.region.verdicts()[0]
+    if name != "every piece in order":
+        assert verdict.status == "unproven" and len(said) == 1 and not verdict.test.same, verdict.summary()
+        return
+    assert verdict.status == "tested" and not said, verdict.summary()
+    assert verdict.test.where == "its 2 outputs joined in order along dim 1"
+    assert max_diff(full(xd.grad), x.exp()) < 1e-4  # d/dx sum(exp(x)), every element once
 
 
 # ---- gathers and scatter-adds with whole indices (torchtitan's combine, cross-entropy's index_put_) ----------
@@ -292,7 +324,7 @@ _IDS = torch.tensor([[0, 5, 15, 9], [3, 12, 7, 1]])
 
 
 def test_a_vocab_parallel_lookup_masked_by_the_rank_offset_is_a_partial_sum(sim_mesh_4):
-    from helpers import max_diff
+
     from localmap.testing import full, on_one_device
 
     table = randn(16, 3)
@@ -405,7 +437,7 @@ def test_a_gather_zeroed_by_a_wrong_mask_or_not_at_all_is_not_proven(sim_mesh_4,
 def _proven_against(mesh, body, ref, x, ins, claim, check="strict"):
     """The region on `x` placed `ins` (or on lists of inputs and placements; check="strict": proven, else any
     silent verdict) matches `ref` on one device in value and gradients, without a warning; returns the region."""
-    from helpers import max_diff
+
     from localmap.testing import full, on_one_device
 
     xs, placed = (x, ins) if isinstance(x, list) else ([x], [ins])

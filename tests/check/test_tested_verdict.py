@@ -454,6 +454,41 @@ def test_a_wrong_program_is_wrong_with_numbers_on_every_rank_under_gloo():
     assert results[0][0] == results[1][0]  # one verdict, the same numbers, on every rank
 
 
+def _local_halves(t):
+    """ChunkedLossWrapper's cut: the local rows in two equal chunks."""
+    return tuple(c.contiguous() for c in t.split(t.shape[0] // 2, dim=0))
+
+
+def _gloo_chunks(mesh):
+    """Every chunk of the local rows returned, each claimed Shard(0), then a summed loss per chunk: (warnings,
+    difference of the loss and the input gradient from one device, the verdict's status and where)."""
+    x = randn(8, 3)
+    with on_one_device():
+        ref_x = x.clone().requires_grad_()
+        ref = sum((c.exp() ** 2).sum() for c in _local_halves(ref_x))
+        ref.backward()
+    xd = distribute(x, mesh, [S0], requires_grad=True)
+    fn = local_map(_local_halves, ((S0,), (S0,)), [(S0,)], None, mesh)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loss = sum((c.exp() ** 2).sum() for c in fn(xd))
+        loss.backward()
+    (verdict,) = fn.region.verdicts()
+    diff = max(max_diff(full(loss), ref), max_diff(full(xd.grad), ref_x.grad))
+    return [str(w.message) for w in caught], diff, verdict.status, verdict.test.where
+
+
+@pytest.mark.slow
+def test_chunks_of_the_local_rows_are_tested_as_a_whole_on_every_rank_under_gloo():
+    """The pieces joined in order are compared on the real ranks (gathered) and on one rank, on every rank."""
+    from localmap.testing import run_gloo
+
+    for said, diff, status, where in run_gloo(_gloo_chunks, 2, mesh_dim_names=("cp",), timeout=240,
+                                              collective_timeout=60):
+        assert not said and diff <= 1e-4, (said, diff)
+        assert status == "tested" and where == "its 2 outputs joined in order along dim 0"
+
+
 def _fails_on_one_rank_alone(x, w1, w2):
     """swiglu whose one-rank run fails on rank 1 only (a body that cannot run there)."""
     import torch.distributed as dist

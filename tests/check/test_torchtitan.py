@@ -308,29 +308,29 @@ def _titan_scatter_rule():
     localmap.clear_caches()
 
 
-# What the default check still says per simulated site (everything else is proven): ChunkedLossWrapper's _chunk
-# cuts the sharded sequence by local sizes, so the region's chunk c is no shard of the one-device chunk c. The
-# program is right only as a whole (every chunk goes through row-wise work and every chunk's loss is summed), which
-# happens outside the region; the region's own test measures the difference (its one-rank run cuts the whole
-# sequence) and leaves it unproven, once. Accepting it would accept a chunk used alone (tests/check/
-# test_check_proofs.py: WRONG_RECOMBINED).
-STILL_UNPROVEN = {"chunked_loss_wrapper": "split_with_sizes"}
+# Every simulated site is settled without a warning: proven, or tested where the proof stops by design.
+# ChunkedLossWrapper's _chunk cuts the sharded sequence by local sizes, so each chunk alone is no shard of the
+# one-device chunk; its chunks joined in order are, which the test settles (check.tested: pieces settled as a
+# whole). A chunk used alone or out of order is not settled (tests/check/test_check_proofs.py: PIECES).
+TESTED = {"chunked_loss_wrapper": "joined in order"}
 
 
 @pytest.mark.parametrize("site_name", [s for s in SITES if s not in GLOO])
-def test_the_default_check_proves_the_site_with_at_most_one_warning(site_name, _titan_scatter_rule):
-    import warnings
+def test_the_default_check_settles_the_site_without_a_warning(site_name, _titan_scatter_rule):
+    from localmap.check import function
 
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("always")
-        with simulated_mesh(2):
-            diffs = measure(site_name, "localmap")
-    said = [str(w.message) for w in seen if "local_map" in str(w.message)]
+    localmap.clear_caches()  # each site's own verdicts
+    with simulated_mesh(2):
+        diffs, said = _measured_with_warnings(site_name)
     _assert_one_device(diffs)
-    if site_name in STILL_UNPROVEN:
-        assert len(said) == 1 and STILL_UNPROVEN[site_name] in said[0], said
+    assert not said, said
+    verdicts = [v for _, v in function._cache.values()]
+    tested = [v for v in verdicts if v.status == "tested"]
+    assert verdicts and all(v.status in ("ok", "tested") for v in verdicts), [v.summary() for v in verdicts]
+    if site_name in TESTED:
+        assert tested and all(TESTED[site_name] in v.test.where for v in tested), [v.summary() for v in tested]
     else:
-        assert not said, said
+        assert not tested, [v.summary() for v in tested]
 
 
 # Expert parallelism: the proof stops at the stable sort of the expert ids, and the body relies on how the token

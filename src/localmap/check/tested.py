@@ -61,7 +61,7 @@ from localmap.compat import pytree
 from localmap.context import in_region
 from localmap.errors import PEER_FIX, CollectiveError, LocalMapError, fail
 from localmap.placements.algebra import grad_default
-from localmap.placements.specs import leaf_path, resolve_output_specs
+from localmap.placements.specs import is_leaf_spec, leaf_path, resolve_output_specs
 
 TEST_BUDGET_ELEMENTS = 1 << 16  # global elements over a region's DTensor inputs (and closed-over DTensors) that
 #                                the default check tests by itself; check="test" tests any size
@@ -90,6 +90,9 @@ def settle_by_test(verdict: Verdict, fn: Callable, leaves: Sequence[Any], treesp
     try:
         found = route(fn, leaves, treespec, kwargs, out_placements, grad_placements, closed, mesh,
                       verdict.low_precision, shards)
+        if not found[2]:
+            found = _as_a_whole(route, fn, leaves, treespec, kwargs, out_placements, grad_placements, closed, mesh,
+                                verdict.low_precision) or found
     except Exception as e:  # a body that cannot run on one rank (shapes that only fit a shard): left unproven
         record.not_run = f"the body failed on its one-rank run or the test's: {type(e).__name__}: {e}"[:240]
         found = None
@@ -107,6 +110,49 @@ def settle_by_test(verdict: Verdict, fn: Callable, leaves: Sequence[Any], treesp
     verdict.test = record
     if not record.not_run and not record.same and not record.dependence:
         verdict.problems.append(_refuted(verdict, record))
+
+
+# NOTE: pieces settled as a whole. A body that cuts its shard of a sharded dim into pieces by local sizes and
+# returns every piece, each claimed as that shard (torchtitan's ChunkedLossWrapper: ``split`` of the local
+# sequence, ``(p,) * num_chunks``), differs from its one-rank run piece by piece: the region's piece c holds each
+# rank's c-th piece, the one-rank run's the c-th piece of the whole dim. It is right exactly when its caller
+# treats the pieces alike and recombines them all (row-wise work on each, the losses summed), which happens
+# outside the region. What the region itself can be held to is its pieces joined in order: that concatenation
+# must be the one-rank run's, values and gradients. Where it is, the verdict is "tested" and the record says
+# "as a whole"; a single piece (one output) or pieces returned out of order is never settled this way, and
+# strict mode (proven only) still refuses it. See docs/check-verdicts.md.
+_WHOLE = "its {n} outputs joined in order along dim {dim}"
+
+
+def _whole_claim(out_placements: Any) -> tuple[tuple, int, int] | None:
+    """(the claim, the dim, how many outputs) where every output is claimed the same shard of one tensor dim and
+    there are several, else None."""
+    if not isinstance(out_placements, (list, tuple)) or len(out_placements) < 2 or is_leaf_spec(out_placements):
+        return None
+    if any(s is None or not is_leaf_spec(s) for s in out_placements) or len({tuple(s) for s in out_placements}) > 1:
+        return None
+    claim = tuple(out_placements[0])
+    dims = {p.dim for p in claim if isinstance(p, Shard)}
+    if len(dims) != 1 or any(isinstance(p, Partial) for p in claim):
+        return None
+    return claim, dims.pop(), len(out_placements)
+
+
+def _as_a_whole(route: Callable, fn: Callable, leaves: Sequence[Any], treespec: Any, kwargs: dict,
+                out_placements: Any, grad_placements: Sequence[Any], closed: list, mesh: DeviceMesh,
+                low_precision: bool) -> tuple[float, str, bool] | None:
+    """Where the pieces differ from the one-rank run's: the comparison of them joined in order, when it holds
+    (see the note above), else None."""
+    whole = _whole_claim(out_placements)
+    if whole is None:
+        return None
+    claim, dim, n = whole
+    try:
+        found = route(fn, leaves, treespec, kwargs, claim, grad_placements, closed, mesh, low_precision, {},
+                      joined=dim)
+    except Exception:  # pieces that cannot be joined (other shapes): the pieces' own difference stands
+        return None
+    return (found[0], _WHOLE.format(n=n, dim=dim), True) if found[2] else None
 
 
 def agree_on_ranks(check: Callable[[], Verdict], mesh: DeviceMesh) -> Verdict:
@@ -214,7 +260,8 @@ def _why_not_run(verdict: Verdict, leaves: Sequence[Any], closed: list, mesh: De
 
 
 def _refuted(verdict: Verdict, record: TestRecord) -> PlacementError:
-    stopped = verdict.unproven[0].replace(" is unproven: the proof stopped at ", ", where the proof stopped at ")
+    stopped = verdict.unproven[0].replace(" is unproven: the proof stopped at ", ", where the proof stopped at ") \
+        if verdict.unproven else f"the body could not be checked: {verdict.unchecked}"
     return fail(f"region {verdict.function!r}", f"its test refutes a claim the proof could not settle ({stopped}): "
                 f"on the call's simulated mesh the region differs from its one-rank run (its global meaning) by "
                 f"{record.largest:.3g} in {record.where}", given=f"{record.inputs}; {record.mesh}",
@@ -227,10 +274,11 @@ def _refuted(verdict: Verdict, record: TestRecord) -> PlacementError:
 
 def _run_and_compare(fn: Callable, leaves: Sequence[Any], treespec: Any, kwargs: dict, out_placements: Any,
                      grad_placements: Sequence[Any], closed: list, mesh: DeviceMesh, low_precision: bool,
-                     shards_out: dict) -> tuple[float, str, bool]:
+                     shards_out: dict, joined: int | None = None) -> tuple[float, str, bool]:
     """(largest difference, where, all within tolerance) between the region run on `mesh` and on one rank:
     the outputs, then (when they agree) the gradients of the inputs for a fixed random cotangent. `shards_out`
-    receives input index -> its shards by rank."""
+    receives input index -> its shards by rank; `joined`: a dim to join the outputs along first (the note on
+    pieces settled as a whole)."""
     layout = _Layout(mesh)
     inputs = [i for i, a in enumerate(leaves) if isinstance(a, DTensor)]
     sharded = [leaves[i] for i in inputs] + [d for _, d in closed]
@@ -239,11 +287,12 @@ def _run_and_compare(fn: Callable, leaves: Sequence[Any], treespec: Any, kwargs:
         globals_ = [layout.assemble(s, d.placements)[0] for s, d in zip(shards, sharded)]
         copies = [{r: t.detach().clone() for r, t in s.items()} for s in shards]
         shards_out.update(zip(inputs, shards))
-    many = _run(fn, leaves, treespec, kwargs, inputs, closed, mesh, [compat.simulated_value(c) for c in copies])
+    many = _join(_run(fn, leaves, treespec, kwargs, inputs, closed, mesh,
+                      [compat.simulated_value(c) for c in copies]), joined)
     with compat.outside_simulation():
         with one_rank_world(fn, mesh) as one_mesh:
-            one = _run(fn, _plain_leaves(leaves, inputs, globals_), treespec, kwargs, inputs, closed, one_mesh,
-                       [g.detach().clone() for g in globals_])
+            one = _join(_run(fn, _plain_leaves(leaves, inputs, globals_), treespec, kwargs, inputs, closed,
+                             one_mesh, [g.detach().clone() for g in globals_]), joined)
         out_specs = resolve_output_specs(out_placements, one[0], len(pytree.tree_leaves(one[0])))
         diffs = _compare_outputs(layout, many[0], one[0], out_specs, low_precision)
     if all(d[2] for d in diffs):
@@ -381,6 +430,13 @@ def _run(fn: Callable, leaves: Sequence[Any], treespec: Any, kwargs: dict, input
     with torch.enable_grad(), in_region(mesh), compat.to_local_substituted(table):
         out = fn(*pytree.tree_unflatten(args, treespec), **kwargs)
     return out, values
+
+
+def _join(run: tuple[Any, list[torch.Tensor]], dim: int | None) -> tuple[Any, list[torch.Tensor]]:
+    """A run with its output leaves concatenated along `dim` (None: as it is)."""
+    if dim is None:
+        return run
+    return torch.cat(pytree.tree_leaves(run[0]), dim=dim), run[1]
 
 
 def _plain_leaves(leaves: Sequence[Any], inputs: list[int], globals_: list[torch.Tensor]) -> list[Any]:
@@ -601,7 +657,8 @@ def _agreed(per_rank: list[list[tuple[str, float, bool]]]) -> list[tuple[str, fl
 
 def _run_and_compare_on_ranks(fn: Callable, leaves: Sequence[Any], treespec: Any, kwargs: dict,
                               out_placements: Any, grad_placements: Sequence[Any], closed: list, mesh: DeviceMesh,
-                              low_precision: bool, shards_out: dict) -> tuple[float, str, bool]:
+                              low_precision: bool, shards_out: dict, joined: int | None = None
+                              ) -> tuple[float, str, bool]:
     """_run_and_compare with the region run by the real ranks, all of which call it together: the inputs'
     shards, the outputs and the gradients are gathered to every rank, the one-rank run runs on each rank over
     the global values (on its own one-member group), and each step's outcome is shared by all."""
@@ -616,7 +673,8 @@ def _run_and_compare_on_ranks(fn: Callable, leaves: Sequence[Any], treespec: Any
     runs: dict[str, Any] = {}
 
     def real_run() -> list[Any]:
-        runs["many"] = _run(fn, leaves, treespec, kwargs, inputs, closed, mesh, [t.detach().clone() for t in mine])
+        runs["many"] = _join(_run(fn, leaves, treespec, kwargs, inputs, closed, mesh,
+                                  [t.detach().clone() for t in mine]), joined)
         return _on_cpu(pytree.tree_leaves(runs["many"][0]))
 
     gathered = _by_rank(_on_every_rank(real_run))
@@ -624,8 +682,8 @@ def _run_and_compare_on_ranks(fn: Callable, leaves: Sequence[Any], treespec: Any
 
     def one_rank_run() -> list[tuple[str, float, bool]]:
         with _meshes_of_one_rank(fn):
-            runs["one"] = _run(fn, _plain_leaves(leaves, inputs, globals_), treespec, kwargs, inputs, closed,
-                               _one_rank_mesh(mesh), [g.detach().clone() for g in globals_])
+            runs["one"] = _join(_run(fn, _plain_leaves(leaves, inputs, globals_), treespec, kwargs, inputs, closed,
+                                     _one_rank_mesh(mesh), [g.detach().clone() for g in globals_]), joined)
         runs["specs"] = resolve_output_specs(out_placements, runs["one"][0], len(pytree.tree_leaves(runs["one"][0])))
         return _compare_outputs(layout, many_out, runs["one"][0], runs["specs"], low_precision)
 
