@@ -274,6 +274,9 @@ RIGHT = [
          [(S0,), (R,)], (S0,), "ok"),
     Prog("untraceable body with its gradient placements given", untraceable, [(8, 6), (6, 4)], [(S0,), (R,)],
          (S0,), "unchecked", right=True, grads=[(S0,), (P,)], ref=lambda x, w: x * 2 @ w),
+    Prog("untraceable body, its weight's gradient given Replicate", untraceable, [(8, 6), (6, 4)], [(S0,), (R,)],
+         (S0,), "unchecked", "differs from its one-rank run", right=False, grads=[(S0,), (R,)],
+         ref=lambda x, w: x * 2 @ w),
     # sequence parallel
     Prog("all_gather the sequence, column-parallel matmul", lambda x, w: C.all_gather(x, "tp", dim=1) @ w,
          [(2, 8, 4), (4, 8)], [(S1,), (S1,)], (S2,), "ok", ref=lambda x, w: x @ w),
@@ -454,9 +457,18 @@ def test_claims_where_the_proof_stops_are_settled_by_the_test(prog):
 
 
 @pytest.mark.parametrize("prog", _params("unchecked"))
-def test_untraceable_bodies_warn_run_and_fail_strict(prog):
-    matched, said = _run_recording(prog)
-    assert len(said) == 1, said
+def test_untraceable_bodies_are_settled_by_the_test_and_fail_strict(prog):
+    """No trace follows the body, so nothing is proven; with its gradient placements given (none is a guess) the
+    test runs the body itself on the call's values against its one-rank run: a right program runs silently
+    ("tested") and matches one device, a wrong one is refused with the test's numbers. Before, both warned
+    "could not be checked" and ran. check='strict' raises either way."""
+    if prog.is_right:
+        matched, said = _run_recording(prog)
+        assert not said and matched, said
+    else:
+        with pytest.raises(PlacementError) as info:
+            run(prog)
+        assert prog.says in str(info.value) and "the body could not be checked" in str(info.value), str(info.value)
+        assert _wrong_numbers(prog), "with the check off the region matches one device: the refusal is wrong"
     with pytest.raises(LocalMapError):
         run(prog, check="strict")
-    assert matched == prog.is_right, "the numbers say the program is " + ("wrong" if prog.is_right else "right")

@@ -3,6 +3,7 @@ by numbers: right bodies give single-device values and gradients (with inferred 
 bodies are refused by the check and, run with the check off on the simulated mesh, give a wrong value or
 gradient."""
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -164,9 +165,10 @@ def test_check_warn_mode_warns_and_runs():
             _run(case, check="warn")
 
 
-def test_untraceable_body_runs_unchecked_with_a_warning():
-    """A body the tracer cannot follow (here: a custom op with no fake implementation) still runs, with a warning,
-    where no gradient placement has to be guessed."""
+def test_untraceable_body_is_tested_on_the_call_and_runs_silently():
+    """A body the tracer cannot follow (here: a custom op with no fake implementation) is settled by the test
+    where no gradient placement has to be guessed: it runs silently, "tested" (before: a warning, "could not be
+    checked"). Over the test's budget it still runs with that warning (test_check_runs_unchecked_over_budget)."""
     import localmap
     from helpers import doubled, max_diff
     from localmap.testing import distribute, full
@@ -177,6 +179,25 @@ def test_untraceable_body_runs_unchecked_with_a_warning():
     with simulated_mesh(4) as mesh:
         x = randn(8, 4)
         f = localmap.local_map(body, [S0], ([S0],))
-        with pytest.warns(UserWarning, match="could not be checked"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
             out = f(distribute(x, mesh, [S0]))
         assert max_diff(full(out), x * 2) < 1e-6
+        (verdict,) = f.region.verdicts()
+        assert verdict.status == "tested" and verdict.unchecked and "no fake" in verdict.unchecked, verdict.summary()
+
+
+def test_check_runs_unchecked_over_budget():
+    """Inputs over the test's budget: the untraceable body is not tested, and runs unchecked with a warning."""
+    import localmap
+    from helpers import doubled, max_diff
+    from localmap.check import tested
+    from localmap.testing import distribute, full
+
+    with simulated_mesh(4) as mesh, pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tested, "TEST_BUDGET_ELEMENTS", 8)
+        x = randn(8, 4)
+        f = localmap.local_map(lambda x: doubled(x), [S0], ([S0],))
+        with pytest.warns(UserWarning, match="could not be checked"):
+            out = f(distribute(x, mesh, [S0]))
+        assert max_diff(full(out), x * 2) < 1e-6 and f.region.verdicts()[0].status == "unchecked"

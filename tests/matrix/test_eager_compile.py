@@ -28,6 +28,7 @@ COMPILE_REFUSED = {
     "parallel: branch on values with its gradient placements given": _READS_VALUES,
     "parallel: branch on values, weight gradient inferred on the branch taken": _READS_VALUES,
     "parallel: untraceable body with its gradient placements given": _NO_FAKE_IMPL,
+    "parallel: untraceable body, its weight's gradient given Replicate": _NO_FAKE_IMPL,
     "parallel: position table offset by the rank's index": (SIMULATED_COMPILE, "makes a tensor with a factory",
                                                               "torch.arange"),
 }

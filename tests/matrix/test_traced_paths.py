@@ -21,6 +21,7 @@ TRACED_REFUSED = {
     "parallel: branch on values with its gradient placements given": _READS_VALUES,
     "parallel: branch on values, weight gradient inferred on the branch taken": _READS_VALUES,
     "parallel: untraceable body with its gradient placements given": _NO_FAKE_IMPL,
+    "parallel: untraceable body, its weight's gradient given Replicate": _NO_FAKE_IMPL,
 }
 
 

@@ -94,13 +94,13 @@ class Verdict:
     @property
     def status(self) -> str:
         """"wrong", "unchecked", "unproven", "tested" or "ok"."""
+        tested = self.test is not None and not self.test.not_run and self.test.same
         if self.problems:
             return "wrong"
         if self.unchecked:
-            return "unchecked"
+            return "tested" if tested else "unchecked"
         if not self.unproven:
             return "ok"
-        tested = self.test is not None and not self.test.not_run and self.test.same
         return "tested" if tested else "unproven"
 
     @property
@@ -150,7 +150,7 @@ def enforce(verdict: Verdict, mode: Any, *, refuse_guess: bool = True) -> None:
         if mode != "warn":
             raise verdict.problems[0]
         _warn_once(verdict, [str(p) for p in verdict.problems])
-    elif status == "unchecked":
+    elif verdict.unchecked:  # unchecked, or (only strict gets here) tested where no trace followed the body
         if mode == "strict":
             raise fail(f"region {verdict.function!r}", "could not be checked, which check='strict' "
                        "(spmd_types=True) requires", given=verdict.unchecked,

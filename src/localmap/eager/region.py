@@ -31,7 +31,7 @@ from torch.distributed.tensor import DeviceMesh, DTensor
 from torch.distributed.tensor.placement_types import Placement
 
 from localmap.caches import instances, register_cache
-from localmap.check.verdict import CHECK_MODES, enforce, refuse_guessed
+from localmap.check.verdict import CHECK_MODES, Verdict, enforce, refuse_guessed
 from localmap.check.function import function_identity
 from localmap.check.state import BodyState, body_state, value_key
 from localmap.check.tested import agree_on_ranks, settle_by_test
@@ -333,7 +333,7 @@ class RegionCallable:
         # under real ranks, every rank's outcome is shared before any acts on it (one gather, on this miss only)
         verdict = agree_on_ranks(lambda: check_body(self.func, self.out_placements, plan, flat, treespec, checked,
                                                     mesh, kwargs), mesh)
-        if verdict.status == "unproven" and self.check != "allow_unproven":  # accepted as it is: no test
+        if _testable(verdict) and self.check != "allow_unproven":  # accepted as it is: no test
             leaves = list(flat)
             grads: list[Any] = [None] * len(leaves)
             inferred = inferred_of(verdict, self.in_grad_placements)
@@ -346,6 +346,13 @@ class RegionCallable:
                            treespec if treespec is not None else pytree.tree_flatten(tuple(flat))[1], kwargs,
                            self.out_placements, grads, mesh, force=self.check == "test")
         return verdict
+
+
+def _testable(verdict: Verdict) -> bool:
+    """Whether the test where the proof stops may settle `verdict`: unproven claims, and a body the check could
+    not trace whose gradient placements are no guess (given, or no input takes one): the test runs the body
+    itself, on the call's values, so it needs no trace (the branch the values take is the one tested)."""
+    return verdict.status == "unproven" or (verdict.status == "unchecked" and not verdict.guessed)
 
 
 def _with_grad(out: Any, flat_out: Sequence[Any], dspecs: list, grad_out: list[int], mesh: DeviceMesh,
