@@ -51,7 +51,7 @@ from localmap.collectives.registry import mesh_dim_of
 
 aten = torch.ops.aten
 
-_FUSED = {getattr(aten, name).default for name in (
+FUSED_ATTENTION = {getattr(aten, name).default for name in (
     "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
     "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention") if hasattr(aten, name)}
 _MATMULS = {aten.bmm.default, aten.mm.default}
@@ -137,7 +137,7 @@ def _fused(node: fx.Node, m: int, types: dict) -> tuple | None:
     typed Shard of the key sequence on m, q and k zero where every input but v's is (with ``is_causal``, q
     sharded as k)."""
     if node.target is not operator.getitem or node.args[1] != 0 or not isinstance(node.args[0], fx.Node) \
-            or node.args[0].target not in _FUSED:
+            or node.args[0].target not in FUSED_ATTENTION:
         return None
     at = node.args[0]
     q, k, v = at.args[:3]

@@ -32,7 +32,7 @@ from localmap.placements.specs import placements_str
 from localmap.sites import frame_site
 from localmap.check.routing import Frames
 from localmap.check.rules import output_types
-from localmap.check.attention import LocalAttention, local_attention
+from localmap.check.attention import FUSED_ATTENTION, LocalAttention, local_attention
 from localmap.check.scans import LocalScan, local_scan
 from localmap.collectives.registry import collective, mesh_dim_of
 from localmap.check.verdict import PlacementError, Verdict
@@ -167,7 +167,7 @@ class _TypeFlow:
             self.origin[node] = self.origin.get(src, [node] * self.ndim)
             self.lineage[node] = self.lineage.get(src, [set() for _ in range(self.ndim)])
             self.reach[node] = self.reach.get(src, [_NOWHERE] * self.ndim)
-            if src in self.carries_grad:
+            if src in self.carries_grad and not (idx != 0 and src.target in FUSED_ATTENTION):  # lse: no gradient
                 self.carries_grad.add(node)
             return
         val = node.meta.get("val")

@@ -24,10 +24,22 @@ is the whole log-sum-exp, c any value, w = exp(lse - c) and out = o), and it is 
 quotient of two all_reduce results). The match is exact: any other op between these steps, a reduction over
 another dim, an in-place write to a matched value, an uneven shard or a strided one, and the merge is not
 recognised (today's verdicts and the test settle it).
+
+NOTE on fused kernels. ``o, lse = aten._scaled_dot_product_flash_attention(q, k, v)[:2]`` (or another fused
+kernel: ``check.attention.FUSED_ATTENTION``), without mask, dropout or causal mask, gives o_r = U_r / Z_r and
+lse_r = log Z_r over rank r's keys as above (its lse has no last dim; ``lse.unsqueeze(-1)`` before or after the
+exp broadcasts it over the head dim). With q the same on every rank of m and k, v this rank's key block (plain
+shards of their second-last dim, equal local lengths), the same algebra proves the values. The gradients differ:
+PyTorch's kernels return lse non-differentiable, so autograd sees each weight w_r = exp(lse_r - c) as a
+constant, and the gradients of q and k miss the share that flows through the weights (on one rank the weights
+cancel, so the one-rank run's gradients are the attention's own). So the merge is proven only where no gradient
+reaches q or k (both detached, or not differentiable); where one does, the claim is refuted with that reason: the
+region's gradients are wrong whatever its placements (its values are right).
 """
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
@@ -35,6 +47,7 @@ import torch.fx as fx
 from torch.distributed.tensor.placement_types import Replicate, Shard
 
 from localmap import compat
+from localmap.check.attention import FUSED_ATTENTION
 from localmap.check.propagation import default_types
 from localmap.check.scans import reduces_along, scan_at
 from localmap.collectives.registry import mesh_dim_of
@@ -55,7 +68,7 @@ def merged_attention(node: fx.Node, in_types: list, mesh: Any, types: dict, unev
     if top is None or bottom is None or top[1:] != bottom[1:] or top[1] not in ("sum", "avg"):
         return None
     m, w = top[2], bottom[0]
-    if m in uneven or not _merges(top[0], w, m, types) or _shape(node) != _shape(node.args[0]):
+    if m in uneven or _shape(node) != _shape(node.args[0]) or not _merges(top[0], w, m, types):
         return None
     whole = [tuple(Replicate() if k == m else p for k, p in enumerate(t)) if isinstance(t, tuple) else t
              for t in in_types]  # the two sums as the attention over every key: whole on m
@@ -68,22 +81,104 @@ def merged_attention(node: fx.Node, in_types: list, mesh: Any, types: dict, unev
 
 def _merges(product: Any, w: Any, m: int, types: dict) -> bool:
     """Whether `product` is o * w with o a local softmax of s times v and w = exp(lse(s) - c), c the same on
-    every rank of m, s and v this rank's key block on m."""
-    if not _binary(product, aten.mul.Tensor) or w not in product.args or not _is(w, aten.exp.default) \
-            or not _binary(w.args[0], aten.sub.Tensor) or _written(product) or _written(w):
+    every rank of m, s and v this rank's key block on m; or o and lse a fused attention kernel's two outputs
+    (the NOTE on fused kernels)."""
+    if not _binary(product, aten.mul.Tensor) or w not in product.args or _written(product) or _written(w):
+        return False
+    parts = _weights(w)
+    if parts is None:
         return False
     o = product.args[1] if product.args[0] is w else product.args[0]
-    lse, c = w.args[0].args
+    lse, c = parts
     tc = types.get(c) if isinstance(c, fx.Node) else None
-    if not isinstance(tc, tuple) or not same_on_ranks(tc[m]) or _shape(w) != _shape(lse) \
-            or _shape(product) != _shape(o):
+    if not isinstance(tc, tuple) or not same_on_ranks(tc[m]) or _shape(product) != _shape(o):
         return False
+    kernel = _fused_pair(o, lse)
+    if kernel is not None:
+        return _fused_key_block(kernel, m, types)
     operands = _matmul_operands(o)
     if operands is None:
         return False
     probs, v = operands
     s = _local_lse_source(lse)
     return s is not None and s in _softmax_sources(probs, s) and _key_block(s, v, m, types)
+
+
+def _weights(w: fx.Node) -> tuple[Any, Any] | None:
+    """(lse, c) where `w` is exp(lse - c), or that with a size-1 last dim added after the exp (a kernel's lse has
+    no last dim to broadcast over the head dim)."""
+    shape = _shape(w)
+    added = _is(w, aten.unsqueeze.default) and shape is not None and w.args[1] in (-1, len(shape) - 1)
+    e = w.args[0] if added else w
+    if not _is(e, aten.exp.default) or not _binary(e.args[0], aten.sub.Tensor) or _written(e):
+        return None
+    lse, c = e.args[0].args
+    return (lse, c) if _shape(e) == _shape(lse) else None
+
+
+def _fused_pair(o: Any, lse: Any) -> fx.Node | None:
+    """The fused attention kernel whose output 0 is `o` and output 1 (its log-sum-exp, maybe with a size-1 last
+    dim added) is `lse`, with no mask, no dropout and no causal mask; None otherwise."""
+    shape = _shape(lse)
+    if _is(lse, aten.unsqueeze.default) and shape is not None and lse.args[1] in (-1, len(shape) - 1):
+        lse = lse.args[0]
+    if not (_is(o, operator.getitem) and _is(lse, operator.getitem)) or o.args[1] != 0 or lse.args[1] != 1 \
+            or o.args[0] is not lse.args[0] or not _is(o.args[0], *FUSED_ATTENTION):
+        return None
+    kernel = o.args[0]
+    arg = lambda name, default=None: compat.call_argument(kernel.target, kernel.args, kernel.kwargs, name,  # noqa: E731
+                                                          default)
+    if arg("attn_mask") is not None or arg("attn_bias") is not None or arg("dropout_p", 0.0) != 0 \
+            or arg("is_causal", False) or set(kernel.all_input_nodes) - set(kernel.args[:3]):
+        return None
+    return kernel
+
+
+def _fused_key_block(kernel: fx.Node, m: int, types: dict) -> bool:
+    """q the same on every rank of m, k and v this rank's key block (plain shards of their second-last dim, of
+    equal local length); raises where a gradient reaches q or k (the NOTE on fused kernels)."""
+    q, k, v = kernel.args[:3]
+    tq, tk, tv = (types.get(a) for a in (q, k, v))
+    kv, vv = _val(k), _val(v)
+    if not all(isinstance(t, tuple) for t in (tq, tk, tv)) or kv is None or vv is None or kv.ndim < 2 \
+            or not same_on_ranks(tq[m]) or not _shard_of(tk[m], kv.ndim - 2) or not _shard_of(tv[m], vv.ndim - 2) \
+            or not compat.known_equal(kv.shape[-2], vv.shape[-2]):
+        return False
+    if _gradient_reaches(q) or _gradient_reaches(k):
+        raise RuleError(
+            f"merges the ranks' attention blocks by the log-sum-exp {_op_name(kernel)} returns, which carries no "
+            "gradient (PyTorch's fused attention kernels return it non-differentiable): the merge's values are "
+            "the attention over every key, but the gradients of q and k miss the weights' share (each block's "
+            "weight exp(lse - c) depends on q and k), so they differ from the one-rank run's",
+            "compute the log-sum-exp from the scores (torch.logsumexp(q @ k.transpose(-1, -2) * scale, -1)) "
+            "and the blocks with it, or give the merge its own backward (a torch.autograd.Function using the "
+            "kernel's backward with the merged log-sum-exp, as ring attention does); for inference only, "
+            "detach q and k in the body", mesh_dim=m)
+    return True
+
+
+def _gradient_reaches(node: Any) -> bool:
+    """Whether a gradient can flow back from `node` to a floating-point input: a path of ops other than detach
+    and a fused kernel's log-sum-exp output."""
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if not isinstance(n, fx.Node) or n in seen or _is(n, aten.detach.default):
+            continue
+        seen.add(n)
+        if _is(n, operator.getitem) and n.args[1] != 0 and _is(n.args[0], *FUSED_ATTENTION):
+            continue
+        val = _val(n)
+        if n.op == "placeholder":
+            if val is not None and (val.is_floating_point() or val.is_complex()):
+                return True
+            continue
+        todo.extend(n.all_input_nodes)
+    return False
+
+
+def _op_name(node: fx.Node) -> str:
+    return f"aten.{node.target.name().split('::')[-1]}"
 
 
 def _key_block(s: fx.Node, v: fx.Node, m: int, types: dict) -> bool:
