@@ -172,10 +172,17 @@ _HOLDS = {
     "global": "_WEIGHTS['w']",  # a module global the body's code names
     "global name": "_HELD_W",  # a module global that is the DTensor itself
     "twice": "w",  # the same DTensor as an attribute and in a list (read from the list): one input
+    "unregistered": "ws[0].w",  # the parameter of a module held in a plain list (no submodule of the model)
 }
 
 
 _Pair = collections.namedtuple("_Pair", "a b")
+
+
+class _Holder(nn.Module):
+    def __init__(self, w) -> None:
+        super().__init__()
+        self.w = nn.Parameter(w)
 
 
 def _column_mm(w, x):
@@ -199,6 +206,7 @@ class _ColumnParallel(nn.Module):
             self.w = weight  # neither parameter nor buffer
         held = {"list": lambda: [weight], "twice": lambda: [weight], "nested": lambda: [{"w": _Pair(None, weight)}],
                 "tuple": lambda: (None, weight),
+                "unregistered": lambda: [_Holder(weight)],
                 "dict": lambda: {"w": weight}, "object": lambda: types.SimpleNamespace(table={"w": weight}),
                 "generator": lambda: (weight for _ in iter(int, 1)), "c_object": lambda: itertools.repeat(weight)}
         if hold in held:
@@ -215,7 +223,7 @@ class _ColumnParallel(nn.Module):
     def held(self):
         """The weight, read where it is held."""
         return {"list": lambda: self.ws[0], "twice": lambda: self.ws[0], "nested": lambda: self.ws[0]["w"].b,
-                "tuple": lambda: self.ws[1],
+                "tuple": lambda: self.ws[1], "unregistered": lambda: self.ws[0].w,
                 "dict": lambda: self.table["w"], "object": lambda: self.cfg.table["w"], "global": lambda: _WEIGHTS["w"],
                 "global name": lambda: _HELD_W,  # noqa: F821 (set by __init__)
                 "generator": lambda: next(self.source), "c_object": lambda: next(self.source)}.get(

@@ -102,10 +102,13 @@ def _global_names(code: Any) -> set[str]:
 
 def own_tensors(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """A module's own tensors (not its submodules'): parameters, buffers, and tensors held as plain attributes
-    (``self.w = distribute_tensor(...)``: a body reads a DTensor there like a parameter)."""
-    yield from module.named_parameters(recurse=False)
-    yield from module.named_buffers(recurse=False)
-    for attr, value in vars(module).items():
+    (``self.w = distribute_tensor(...)``: a body reads a DTensor there like a parameter). A parameter or buffer
+    shadowed by an instance attribute of its name (a stand-in put there while a program is captured) is what
+    ``module.name`` reads: the attribute."""
+    attrs = vars(module)
+    yield from ((n, t) for n, t in module.named_parameters(recurse=False) if n not in attrs)
+    yield from ((n, t) for n, t in module.named_buffers(recurse=False) if n not in attrs)
+    for attr, value in attrs.items():
         if isinstance(value, torch.Tensor):
             yield attr, value
 
