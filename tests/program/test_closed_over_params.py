@@ -5,6 +5,9 @@ and a real (gloo) mesh."""
 
 from __future__ import annotations
 
+import collections
+import functools
+import itertools
 import types
 import warnings
 
@@ -158,11 +161,39 @@ def test_closed_over_weights_on_real_processes():
 
 _WEIGHTS: dict = {}  # a module global a body reads a DTensor from
 
+# Where _ColumnParallel holds its weight -> the program input's name.
+_HOLDS = {
+    "parameter": "w", "buffer": "w", "attribute": "w",
+    "list": "ws[0]",  # a list of expert weights as DTensors
+    "dict": "table['w']",  # a module holding a dict of DTensors
+    "tuple": "ws[1]",  # a tuple attribute
+    "nested": "ws[0]['w'][1]",  # a list of dicts of namedtuples
+    "object": "cfg.table['w']",  # a plain config object holding a DTensor table
+    "global": "_WEIGHTS['w']",  # a module global the body's code names
+    "global name": "_HELD_W",  # a module global that is the DTensor itself
+    "twice": "w",  # the same DTensor as an attribute and in a list (read from the list): one input
+    "unregistered": "ws[0].w",  # the parameter of a module held in a plain list (no submodule of the model)
+}
+
+
+_Pair = collections.namedtuple("_Pair", "a b")
+
+
+class _Holder(nn.Module):
+    def __init__(self, w) -> None:
+        super().__init__()
+        self.w = nn.Parameter(w)
+
+
+def _column_mm(w, x):
+    return x @ w.to_local()
+
 
 class _ColumnParallel(nn.Module):
-    """A column-sharded weight read inside the region as ``self.w.to_local(...)``, held as a parameter, a buffer
-    or a plain attribute (issue 19, items 4 and 5); or where capture takes no input from: in a list attribute, on
-    a plain object, in a module global."""
+    """A column-sharded weight read inside the region as ``.to_local(...)``, held as a parameter, a buffer, a plain
+    attribute (issue 19, items 4 and 5), in a list, dict or nested containers, on a plain object or in a module
+    global (_HOLDS); or where capture takes no input from: made by a generator, held by a C object
+    (itertools.repeat), or bound as a partial's argument."""
 
     def __init__(self, mesh, w: torch.Tensor, hold: str, declared: bool) -> None:
         super().__init__()
@@ -171,20 +202,35 @@ class _ColumnParallel(nn.Module):
             self.w = nn.Parameter(weight)
         elif hold == "buffer":
             self.register_buffer("w", weight)
-        elif hold == "list":
-            self.ws = [weight]
-        elif hold == "object":
-            self.cfg = types.SimpleNamespace(w=weight)
+        elif hold in ("attribute", "twice"):
+            self.w = weight  # neither parameter nor buffer
+        held = {"list": lambda: [weight], "twice": lambda: [weight], "nested": lambda: [{"w": _Pair(None, weight)}],
+                "tuple": lambda: (None, weight),
+                "unregistered": lambda: [_Holder(weight)],
+                "dict": lambda: {"w": weight}, "object": lambda: types.SimpleNamespace(table={"w": weight}),
+                "generator": lambda: (weight for _ in iter(int, 1)), "c_object": lambda: itertools.repeat(weight)}
+        if hold in held:
+            name = {"dict": "table", "object": "cfg", "generator": "source", "c_object": "source"}.get(hold, "ws")
+            setattr(self, name, held[hold]())
         elif hold == "global":
             _WEIGHTS["w"] = weight
-        else:
-            self.w = weight  # neither parameter nor buffer
+        elif hold == "global name":
+            globals()["_HELD_W"] = weight
         self.hold, self.declared = hold, declared
-        self.region = localmap.local_map(self._mm, out_placements=[S1], in_placements=([R],), device_mesh=mesh)
+        body = functools.partial(_column_mm, weight) if hold == "partial" else self._mm
+        self.region = localmap.local_map(body, out_placements=[S1], in_placements=([R],), device_mesh=mesh)
+
+    def held(self):
+        """The weight, read where it is held."""
+        return {"list": lambda: self.ws[0], "twice": lambda: self.ws[0], "nested": lambda: self.ws[0]["w"].b,
+                "tuple": lambda: self.ws[1], "unregistered": lambda: self.ws[0].w,
+                "dict": lambda: self.table["w"], "object": lambda: self.cfg.table["w"], "global": lambda: _WEIGHTS["w"],
+                "global name": lambda: _HELD_W,  # noqa: F821 (set by __init__)
+                "generator": lambda: next(self.source), "c_object": lambda: next(self.source)}.get(
+                    self.hold, lambda: self.w)()
 
     def _mm(self, x):
-        held = {"list": lambda: self.ws[0], "object": lambda: self.cfg.w, "global": lambda: _WEIGHTS["w"]}
-        w = held.get(self.hold, lambda: self.w)()
+        w = self.held()
         # the form localmap's own fix line recommends, or the plain one
         w = w.to_local(grad_placements=[S1]) if self.declared else w.to_local()
         return x @ w
@@ -193,28 +239,41 @@ class _ColumnParallel(nn.Module):
         return self.region(x).pow(2).sum()
 
 
+@pytest.fixture(autouse=True)
+def _no_global_weights():
+    yield
+    _WEIGHTS.clear()
+    globals().pop("_HELD_W", None)
+
+
 @pytest.mark.parametrize("declared", [False, True], ids=["to_local()", "to_local(grad_placements=...)"])
-@pytest.mark.parametrize("hold", ["parameter", "buffer", "attribute"])
+@pytest.mark.parametrize("hold", list(_HOLDS))
 def test_weights_held_any_way_run_and_verify_like_one_device(hold, declared):
-    """A plain-attribute DTensor is a program input like a parameter (each rank its shard, not one rank's shard
-    frozen into every body); verify's reference reads the full tensor even where to_local declares gradient
-    placements (it crashed inside DTensor)."""
+    """A DTensor held as a plain attribute, in a list, dict or nested containers, on a plain object or in a
+    global is a program input like a parameter (each rank its shard, not one rank's shard frozen into every body:
+    before, capture refused those held elsewhere than an attribute); one input where it is held twice; verify's
+    reference reads the full tensor even where to_local declares gradient placements (it crashed inside
+    DTensor); capture and verify put the module's own DTensor back everywhere."""
+    name = _HOLDS[hold]
     with simulated_mesh(2) as mesh:
         with on_one_device():
             torch.manual_seed(0)
             w, x = torch.randn(8, 6), torch.randn(4, 8)
             wr = w.clone().requires_grad_(hold != "buffer")
             ref = (x @ wr).pow(2).sum()
-            ref_grads = {"w": torch.autograd.grad(ref, wr)[0]} if hold != "buffer" else {}
+            ref_grads = {name: torch.autograd.grad(ref, wr)[0]} if hold != "buffer" else {}
         model = _ColumnParallel(mesh, w, hold, declared)
+        weight = model.held()
         prog = localmap.capture(model, x)
         result = prog.run(x)
         report = localmap.verify(model, x)
-    assert prog.input_names[0] == "w" and prog.regions[0].closed_over == ["w"]
+        assert model.held() is weight and (hold != "twice" or model.w is weight)
+    assert prog.input_names == [name, "args[0]"] and prog.regions[0].closed_over == [name]
+    assert list(prog.dtensor_params) == [name] and prog.dtensor_params[name].placements == (S1,)
     assert rel_diff(result.loss, ref.detach()) < 1e-5
     assert set(result.grads) == set(ref_grads)
-    for name, g in ref_grads.items():
-        assert rel_diff(result.grads[name], g) < 1e-5, name
+    for n, g in ref_grads.items():
+        assert rel_diff(result.grads[n], g) < 1e-5, n
     assert report.regions_checked == 1 and set(report.grad_diffs) == set(ref_grads)
 
 
@@ -227,12 +286,14 @@ def test_a_plain_attribute_dtensor_that_is_no_program_input_is_named():
             localmap.capture(lambda t: model(t), x)
 
 
-def test_the_eager_check_types_a_plain_attribute_dtensor_by_its_placements():
-    """Read as a constant, the column shard would be typed Replicate and the Shard(1) claim left unproven."""
+@pytest.mark.parametrize("hold", ["attribute", "list", "nested", "object", "global"])
+def test_the_eager_check_types_a_held_dtensor_by_its_placements(hold):
+    """Read as a constant, the column shard would be typed Replicate and the Shard(1) claim left unproven (so it
+    was, before, for a DTensor in a module's list or on a plain object it holds)."""
     with simulated_mesh(2) as mesh:
         with on_one_device():
             w, x = torch.randn(8, 6), torch.randn(4, 8)
-        model = _ColumnParallel(mesh, w, "attribute", False)
+        model = _ColumnParallel(mesh, w, hold, False)
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             out = model.region(distribute(x, mesh, [R]))
@@ -241,11 +302,19 @@ def test_the_eager_check_types_a_plain_attribute_dtensor_by_its_placements():
     assert rel_diff(full(out), x @ w) < 1e-5
 
 
-@pytest.mark.parametrize("hold, path", [("list", "ws[0]"), ("object", "cfg.w"), ("global", "_WEIGHTS['w']")])
-def test_a_dtensor_held_where_capture_takes_no_input_is_refused_by_name(hold, path):
-    """Read by to_local() while the program is traced on fake tensors, such a DTensor's real shard would be a
-    constant of the program: on real ranks this process's shard in every rank's body, on a simulated mesh the
-    per-rank shards (whose disagreeing loss the matrix read as GuardOnDataDependentSymNode). Refused, named."""
+@pytest.mark.parametrize("hold, path, why", [
+    ("generator", "a DTensor", "is a DTensor read by to_local() while capturing that is no input of the captured "
+                               "program"),
+    ("c_object", "a DTensor", "is a DTensor read by to_local() while capturing that is no input of the captured "
+                              "program"),
+    ("partial", "partial[0]", "is a DTensor the region's body reads that is no input of the captured program")],
+    ids=["generator", "c_object", "partial"])
+def test_a_dtensor_held_where_capture_takes_no_input_is_refused_by_name(hold, path, why):
+    """Made by a generator, held by a C object or bound as a partial's argument, a DTensor has no place capture
+    can put a program input: read by to_local() while the program is traced on fake tensors, its real shard would
+    be a constant of the program (on real ranks this process's shard in every rank's body; on a simulated mesh
+    the per-rank shards, whose disagreeing loss the matrix read as GuardOnDataDependentSymNode). Refused, named
+    (where capture can name it), with the places that are inputs as the fix."""
     with simulated_mesh(2) as mesh:
         with on_one_device():
             w, x = torch.randn(8, 6), torch.randn(4, 8)
@@ -254,8 +323,7 @@ def test_a_dtensor_held_where_capture_takes_no_input_is_refused_by_name(hold, pa
             with pytest.raises(LocalMapError) as info:
                 run()
             message = str(info.value)
-            assert message.startswith(f"local_map: {path}: is a DTensor read by to_local() while capturing that is "
-                                      "no input of the captured program"), message
-            assert "given:    (8, 6) (Shard(dim=1),) on mesh (2,)" in message, message
-            assert "register it as a parameter or buffer of the captured module" in message, message
-    _WEIGHTS.clear()
+            assert message.startswith(f"local_map: {path}: {why}"), message
+            if path == "a DTensor":
+                assert "given:    (8, 6) (Shard(dim=1),) on mesh (2,) (held where capture does not look)" in message
+            assert "an item of a list, tuple or dict they hold" in message, message

@@ -27,7 +27,7 @@ from localmap.context import recording
 from localmap.errors import LocalMapError, fail, wrapped_error
 from localmap.sites import traceback_site
 from localmap.traced.build import clean_checkpoint_tags, tag_phase
-from localmap.traced.closure import ParamInfo, module_state, program_params, real_dtensors_refused
+from localmap.traced.closure import ParamInfo, holding, module_state, program_params, real_dtensors_refused
 from localmap.traced.meta import ROLE, SOURCE, kwargs_of, role_of
 from localmap.traced.operator import defer_inlining, local_map_hop
 
@@ -166,7 +166,7 @@ def capture(fn: Callable | torch.nn.Module, *args: Any, backward: bool = True, *
             return
         swapped = dict(zip(names, inputs[:len(names)]))
         stand_ins.update({id(swapped[n]): (swapped[n], info) for n, info in params.items()})
-        with _compat.reparametrized(module, swapped):
+        with holding(module, swapped):
             yield module(*a, **k)
 
     try:

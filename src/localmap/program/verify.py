@@ -14,13 +14,13 @@ from typing import Any, Callable
 import torch
 from torch.distributed.tensor import DTensor
 
-from localmap.compat import outside_simulation, pytree, reparametrized
+from localmap.compat import outside_simulation, pytree
 from localmap.context import recording
 from localmap.errors import LocalMapError
 from localmap.program.capture import capture
 from localmap.program.run import RunResult
 from localmap.program.split import global_value
-from localmap.traced.closure import ParamInfo, module_state, program_params
+from localmap.traced.closure import ParamInfo, holding, module_state, program_params
 
 
 RTOL = 1e-4  # verify's default: a difference up to RTOL x the tensor's largest magnitude ...
@@ -69,7 +69,7 @@ def _reference(fn: Any, args: tuple, kwargs: dict) -> tuple[Any, dict, list]:
               for t in leaves]
     a, k = pytree.tree_unflatten(leaves, spec)
     # The module holds the copies through the backward too: a checkpoint recomputes its forward there.
-    held = reparametrized(module, state) if module is not None else contextlib.nullcontext()
+    held = holding(module, state) if module is not None else contextlib.nullcontext()
     with outside_simulation(), recording("reference") as records, program_params(stand_ins), held:
         loss = fn(*a, **k)
         want = {n: t for n, t in state.items() if t.requires_grad}

@@ -4,20 +4,21 @@ torchtitan's MoE body reads its expert weights as ``self.w1.to_local()``. Such a
 like an argument, with the DTensor's placements: the traced path gives the region node an extra input for it,
 the check types it, and verify's reference gives the body the full tensor.
 
-A body reaches them through the module a method is bound to, modules and tensors in its closure cells, and a
-partial's function and arguments (every submodule of those modules included). While ``capture`` traces a
-module (or verify's reference runs it), the module's DTensor parameters and buffers are *stand-ins*: plain
-global tensors registered with ``program_params`` (their name, mesh and placements); a body that reads one sees
-a DTensor again (``rebound``), whose local tensor is the region's input. A DTensor the module holds anywhere
-else (a list, a plain object, a global) has no stand-in: read by ``to_local()`` during capture, it is refused,
-named (``real_dtensors_refused``).
+A body reaches them as ``check.closure.held_tensors`` walks it: the module a method is bound to, closure cells,
+a partial's function and arguments, the globals its code names, and what those hold (submodules, lists, tuples,
+dicts, plain objects such as a config namespace). While ``capture`` traces a module (or verify's reference runs
+it), the DTensors of its state (``module_state``: parameters, buffers, DTensors held as attributes, in containers
+and plain objects it holds, or in the globals its classes' code names) are *stand-ins*: plain global tensors
+registered with ``program_params`` (their name, mesh and placements), put wherever the module holds them
+(``holding``); a body that reads one sees a DTensor again (``rebound``), whose local tensor is the region's input.
+A DTensor held where that walk does not reach or cannot rebind (a generator's frame, a C object, a partial's
+argument, a default) has no stand-in: read by ``to_local()`` during capture, it is refused, named
+(``real_dtensors_refused``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import types
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
@@ -26,8 +27,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate
 
 from localmap import context
-from localmap.check.closure import module_tensors, own_tensors, reachable
-from localmap.compat import make_dtensor, make_spec, to_local_of_real_refused
+from localmap.check.closure import Site, held_tensors, module_tensors
+from localmap.compat import make_dtensor, make_spec, reparametrized, to_local_of_real_refused
 from localmap.errors import fail
 from localmap.placements.specs import placements_str
 
@@ -47,7 +48,7 @@ class Closed:
 
     value: torch.Tensor  # what the body finds now: a stand-in (capture, reference) or a DTensor (eagerly)
     info: ParamInfo
-    sites: list = field(default_factory=list)  # (module, attribute name) or (closure cell, None)
+    sites: list = field(default_factory=list)  # every Site (check.closure) the body finds it at
 
     @property
     def path(self) -> str:
@@ -64,12 +65,60 @@ def program_params(table: dict[int, tuple[torch.Tensor, ParamInfo]]) -> Iterator
 
 def module_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """What a captured module's program takes before its arguments, by qualified name: its parameters, its
-    buffers, and the DTensors it holds as plain attributes (a body reads them like parameters: each rank must
-    get its own shard, not one rank's shard frozen into the graph). One order for capture, run and verify."""
+    buffers, and the DTensors it holds elsewhere (a body reads them like parameters: each rank must get its own
+    shard, not one rank's shard frozen into the graph). One order for capture, run and verify."""
+    return {name: held.tensor for name, held in _state(module).items()}
+
+
+@dataclass
+class _Held:
+    """One tensor of a module's state: whether it is a module's own (a parameter, buffer or attribute that
+    compat.reparametrized swaps by its qualified name), and the other places it is held (rebound)."""
+
+    tensor: torch.Tensor
+    own: bool
+    sites: list = field(default_factory=list)
+
+
+def _state(module: torch.nn.Module) -> dict[str, _Held]:
+    """module_state's tensors and where they are held: parameters, buffers and plain-attribute DTensors by
+    qualified name (``moe.w1``), then the DTensors held in containers, plain objects or globals (``ws[0]``,
+    ``cfg.w``, ``_WEIGHTS['w']``: held_tensors' walk), each tensor once (reached twice: one input, rebound at
+    every place)."""
     state = dict(module.named_parameters())
     state.update(module.named_buffers())
     state.update((n, t) for n, t in module_tensors(module) if n not in state and isinstance(t, DTensor))
-    return state
+    found = {name: _Held(t, True) for name, t in state.items()}
+    named = {id(t): name for name, t in state.items()}
+    tree = {id(m) for m in module.modules()}
+    for path, t, site in held_tensors(module, ""):
+        if site is None or id(site[0]) in tree or not (id(t) in named or isinstance(t, DTensor)):
+            continue  # a module's own tensor (named above), one that cannot be rebound, or a plain constant
+        name = named.setdefault(id(t), _unused(path, found))
+        found.setdefault(name, _Held(t, False)).sites.append(site)
+    return found
+
+
+def _unused(path: str, taken: dict) -> str:
+    """`path`, or `path` with a number where a module attribute of that name holds another tensor."""
+    name, k = path, 1
+    while name in taken:
+        k += 1
+        name = f"{path}#{k}"
+    return name
+
+
+@contextlib.contextmanager
+def holding(module: torch.nn.Module, values: dict[str, torch.Tensor]) -> Iterator[None]:
+    """`module` holds `values` (by module_state's names) instead of its state, everywhere it holds them: its
+    parameters, buffers and attributes (compat.reparametrized: tied weights kept tied) and the containers,
+    objects and globals found by _state. Held open as long as the caller needs (a checkpoint recomputes its
+    forward during the backward)."""
+    state = _state(module)
+    own = {name: v for name, v in values.items() if state[name].own}
+    with reparametrized(module, own), _rebound_sites([(site, values[name]) for name, held in state.items()
+                                                      for site in held.sites]):
+        yield
 
 
 @contextlib.contextmanager
@@ -83,58 +132,23 @@ def real_dtensors_refused(fn: Any) -> Iterator[None]:
                    "captured program: its shard would be frozen into the program as a constant, the same on every "
                    "rank", given=f"{tuple(d.shape)} {placements_str(d.placements)} on mesh {tuple(d.device_mesh.shape)}"
                    + ("" if path else " (held where capture does not look)"),
-                   fix="register it as a parameter or buffer of the captured module (nn.Parameter, register_buffer) "
-                       "or hold it as a plain attribute of one of its modules (those are program inputs, each rank "
-                       "reading its own shard); or pass it to the region as an argument")
+                   fix=HOLD_FIX)
 
     with to_local_of_real_refused(refuse):
         yield
 
 
-_SEARCH_DEPTH = 6  # attributes and container levels walked to name a DTensor
-_SEARCH_LIMIT = 20_000  # objects visited at most
+HOLD_FIX = ("capture the nn.Module that holds it, holding it where capture takes its inputs from: a parameter, "
+             "buffer or attribute of one of its modules, an item of a list, tuple or dict they hold, an attribute "
+             "of a plain object they hold, or a global their code names (not a generator, a C object, a default "
+             "or a partial's argument); or pass it to the region as an argument")
 
 
 def held_at(root: Any, target: Any) -> str | None:
-    """Where `root` holds `target`: a path of attributes, container keys and names a function closes over
-    (``ws[0]``, ``cfg.w``, ``G['w']``), reached from a module's attributes or a function's closure; None when
-    not found."""
-    todo = [(path, value) for path, value in _held_by(root, "")]
-    seen: set[int] = {id(root)}
-    depth = 0
-    while todo and depth < _SEARCH_DEPTH and len(seen) < _SEARCH_LIMIT:
-        found = next((path for path, value in todo if value is target), None)
-        if found is not None:
-            return found
-        fresh = [(p, v) for p, v in todo if id(v) not in seen and not isinstance(v, torch.Tensor)]
-        seen.update(id(v) for _, v in fresh)
-        todo = [(q, w) for p, v in fresh for q, w in _held_by(v, p)]
-        depth += 1
-    return None
-
-
-def _held_by(obj: Any, path: str) -> Iterator[tuple[str, Any]]:
-    """(path, value) of what `obj` holds: a container's items, an object's attributes (a module's parameters,
-    buffers and submodules by their names), what a function reads (check.closure.reachable)."""
-    def at(name: str) -> str:
-        return f"{path}.{name}" if path else name
-
-    if isinstance(obj, dict):
-        yield from ((f"{path}[{k!r}]", v) for k, v in obj.items())
-    elif isinstance(obj, (list, tuple)):
-        yield from ((f"{path}[{k}]", v) for k, v in enumerate(obj))
-    elif callable(obj) and not isinstance(obj, (torch.nn.Module, type)) and _reads_code(obj):
-        yield from ((name, value) for name, value, _ in reachable(obj))
-    elif not isinstance(obj, (type, types.ModuleType)) and hasattr(obj, "__dict__"):
-        attrs = dict(vars(obj))
-        if isinstance(obj, torch.nn.Module):
-            for slot in ("_parameters", "_buffers", "_modules"):
-                attrs.update(attrs.pop(slot, {}))
-        yield from ((at(k), v) for k, v in attrs.items() if v is not None)
-
-
-def _reads_code(obj: Any) -> bool:
-    return hasattr(obj, "__code__") or hasattr(obj, "__func__") or isinstance(obj, functools.partial)
+    """Where `root` (a captured module or function) holds `target`, as check.closure.held_tensors names it
+    (``ws[0]``, ``cfg.w``, ``_WEIGHTS['w']``); None where that walk does not reach it."""
+    walk = held_tensors(root, "") if isinstance(root, torch.nn.Module) else held_tensors(root)
+    return next((path for path, t, _ in walk if t is target), None)
 
 
 def stand_in(value: Any) -> ParamInfo | None:
@@ -146,86 +160,72 @@ def stand_in(value: Any) -> ParamInfo | None:
     return None
 
 
-def closed_over(func: Callable, dtensors: bool = False) -> list[Closed]:
-    """The stand-ins `func` closes over (and, with `dtensors`, the DTensors too: the eager check), once each,
-    in the order first reached."""
+def closed_over(func: Callable) -> list[Closed]:
+    """The stand-ins `func` closes over, once each (with every site it is held at), in the order first reached."""
     found: dict[int, Closed] = {}
-    for owner, attr, value, path in _reachable(func):
+    for path, value, site in held_tensors(func):
         info = stand_in(value)
-        if info is None and dtensors and isinstance(value, DTensor):
-            info = ParamInfo(path, value.device_mesh, tuple(value.placements))
-        if info is None:
-            continue
-        found.setdefault(id(value), Closed(value, info)).sites.append((owner, attr))
+        if info is not None and site is not None:
+            found.setdefault(id(value), Closed(value, info)).sites.append(site)
     return list(found.values())
 
 
 def unregistered_dtensors(func: Callable) -> list[str]:
     """Paths of DTensors `func` closes over that are no program input (capture cannot give them values)."""
-    return [path for _, _, value, path in _reachable(func) if isinstance(value, DTensor)]
+    return [path for path, value, _ in held_tensors(func) if isinstance(value, DTensor)]
 
 
-def _reachable(func: Any) -> Iterator[tuple[Any, str | None, torch.Tensor, str]]:
-    """(owner, attribute, tensor, path) for every tensor reachable from func without arguments."""
-    modules: list[tuple[torch.nn.Module, str]] = []
-    for root, prefix in _roots(func):
-        if isinstance(root, torch.nn.Module):
-            modules.append((root, prefix))
-        elif isinstance(root, tuple):  # (cell, name): a tensor in a closure cell
-            yield root[0], None, root[0].cell_contents, root[1]
-    seen: set[int] = set()
-    for root, prefix in modules:
-        for name, mod in root.named_modules(remove_duplicate=False):
-            if id(mod) in seen:
-                continue
-            seen.add(id(mod))
-            here = f"{prefix}.{name}" if name else prefix
-            for attr, t in own_tensors(mod):
-                yield mod, attr, t, f"{here}.{attr}"
-
-
-def _roots(func: Any) -> Iterator[tuple[Any, str]]:
-    """The modules `func` reaches without arguments, and its closure cells holding a tensor as ((cell, name), "")
-    (``check.closure.reachable``; module globals and defaults are not program inputs)."""
-    for path, value, cell in reachable(func, through_globals=False):
-        if isinstance(value, torch.nn.Module):
-            yield value, path
-        elif cell is not None and isinstance(value, torch.Tensor):
-            yield (cell, path), ""
+def rebound(closed: Sequence[Closed], values: Sequence[Any]) -> contextlib.AbstractContextManager[None]:
+    """While the body runs, every site of each closed-over tensor reads the matching value."""
+    return _rebound_sites([(site, v) for c, v in zip(closed, values, strict=True) for site in c.sites])
 
 
 @contextlib.contextmanager
-def rebound(closed: Sequence[Closed], values: Sequence[Any]) -> Iterator[None]:
-    """While the body runs, every site of each closed-over tensor reads the matching value. A module attribute
-    is shadowed through the instance dict (read before nn.Module's parameter lookup), a cell is rewritten."""
+def _rebound_sites(pairs: Sequence[tuple[Site, Any]]) -> Iterator[None]:
+    """Each (site, value): the site holds the value for the block, restored after in reverse order (two values
+    in one tuple: each rebuild starts from the last, and the first restore brings back the original)."""
     undo: list[Callable[[], None]] = []
     try:
-        for c, v in zip(closed, values, strict=True):
-            for owner, attr in c.sites:
-                undo.append(_rebind(owner, attr, v))
+        for site, value in pairs:
+            undo.append(_rebind(site, value))
         yield
     finally:
         for restore in reversed(undo):
             restore()
 
 
-def _rebind(owner: Any, attr: str | None, value: Any) -> Callable[[], None]:
-    if attr is None:
-        old = owner.cell_contents
-        owner.cell_contents = value
-        return lambda: setattr(owner, "cell_contents", old)
-    slots = vars(owner)
-    missing = object()
-    old = slots.get(attr, missing)
-    slots[attr] = value
+_MISSING = object()
+
+
+def _rebind(site: Site, value: Any) -> Callable[[], None]:
+    """Put `value` at `site`; return what puts back the old one. A module's parameter or buffer is shadowed
+    through its instance dict (read before nn.Module's lookup), a cell rewritten, a dict's or list's item set,
+    and a tuple on the way rebuilt with the value in its place."""
+    holder, key, inner = site
+    if key is None:
+        old = holder.cell_contents
+        holder.cell_contents = _replaced(old, inner, value)
+        return lambda: setattr(holder, "cell_contents", old)
+    slots = vars(holder) if isinstance(holder, torch.nn.Module) else holder
+    old = slots.get(key, _MISSING) if isinstance(slots, dict) else slots[key]
+    slots[key] = _replaced(old, inner, value)
 
     def restore() -> None:
-        if old is missing:
-            slots.pop(attr, None)
+        if old is _MISSING:
+            slots.pop(key, None)
         else:
-            slots[attr] = old
+            slots[key] = old
 
     return restore
+
+
+def _replaced(held: Any, inner: tuple, value: Any) -> Any:
+    """`value`, or the tuple `held` rebuilt with `value` at the index path `inner` (a namedtuple by its fields)."""
+    if not inner:
+        return value
+    items = list(held)
+    items[inner[0]] = _replaced(items[inner[0]], inner[1:], value)
+    return type(held)(*items) if type(held) is not tuple else tuple(items)
 
 
 def as_dtensor(local: torch.Tensor, info: ParamInfo, shape: Sequence[Any], stride: Sequence[Any]) -> DTensor:

@@ -25,7 +25,7 @@ from localmap.errors import LocalMapError, body_error, fail, region_name
 from localmap.core.plan import CallPlan, plan_call
 from localmap.core.refusals import TRACED, TRACED_CALL, traced_untraceable_error, uneven_error
 from localmap.traced.closure import (
-    Lifted, as_full_dtensor, closed_over, rebound, region_placements, unregistered_dtensors,
+    HOLD_FIX, Lifted, as_full_dtensor, closed_over, rebound, region_placements, unregistered_dtensors,
 )
 from localmap.traced.graphs import mesh_coordinate, trace_body
 from localmap.traced.meta import SOURCE, set_region_meta
@@ -141,8 +141,7 @@ def _lifted(func: Any, mesh: Any) -> Lifted:
         if stray:
             raise fail(stray[0], "is a DTensor the region's body reads that is no input of the captured program",
                        given=f"{len(stray)} such DTensor(s): {', '.join(stray[:3])}",
-                       fix="capture the nn.Module that holds it (its DTensor parameters and buffers become "
-                           "inputs), or pass it to the region as an argument")
+                       fix=HOLD_FIX)
     return Lifted(closed)
 
 
