@@ -79,14 +79,16 @@ def mesh_of(prog: Program):
         yield mesh
 
 
-def params(programs: list[Program], known: dict[str, str] | None = None, flaky: dict[str, str] | None = None) -> list:
+def params(programs: list[Program], known: dict[str, str] | None = None, flaky: dict[str, str] | None = None,
+           quick: set[str] | None = None) -> list:
     """pytest params of programs, id'd by the catalogue's id; `known`: program id -> the issue-19 bug that makes
     its cell silently differ or crash today (a strict xfail, so the cell flips when the fix lands); `flaky`: cells
-    that fail only after other cells (a non-strict xfail, named)."""
-    known, flaky = known or {}, flaky or {}
+    that fail only after other cells (a non-strict xfail, named); `quick`: the programs in make test-quick's slice
+    (QUICK unless given: a slower path names fewer)."""
+    known, flaky, quick = known or {}, flaky or {}, QUICK if quick is None else quick
     out = []
     for p in programs:
-        marks = [pytest.mark.quick] if p.id in QUICK else []
+        marks = [pytest.mark.quick] if p.id in quick else []
         reason = known.get(p.id) or (f"the catalogue's own test: {p.known}" if p.known else None)
         if reason:
             marks.append(pytest.mark.xfail(strict=True, reason=reason))
@@ -136,3 +138,24 @@ COMPILED = PROGRAMS if FULL else [BY_ID[i] for i in (
     "parallel: rms norm on a sequence shard", "parallel: Megatron vocab-parallel cross-entropy, detached max",
     "parallel: dp x tp: summed loss claimed Replicate on tp", "collectives: all_reduce_of_partial",
     "parallel: branch on values with its gradient placements given")]  # (refused by name: test_eager_compile)
+# What the traced paths cannot trace on fake tensors is refused by name (core.refusals.traced_untraceable_error),
+# checked as such by the traced paths' cells (capture, verify, a planner's capture, make_fx): program id -> what
+# its error must say. Eagerly these programs match one device.
+_READS_VALUES = ("reads tensor values into Python", "torch.where", "call this region eagerly")
+_NO_FAKE_IMPL = ("no fake implementation", "register_fake", "call this region eagerly")
+TRACED_REFUSED = {
+    "parallel: branch on values with its gradient placements given": _READS_VALUES,
+    "parallel: branch on values, weight gradient inferred on the branch taken": _READS_VALUES,
+    "parallel: untraceable body with its gradient placements given": _NO_FAKE_IMPL,
+    "parallel: untraceable body, its weight's gradient given Replicate": _NO_FAKE_IMPL,
+}
+# A planner's capture costs about a second a cell: the full suite captures a program per kind and mesh, Partial
+# inputs and outputs (what PyTorch's operator misstates), weights, a keyword argument, collectives, a wrong and an
+# unproven claim, a body the traced paths refuse and one PyTorch's operator refuses (test_planner_paths).
+PLANNED = PROGRAMS if FULL else [BY_ID[i] for i in (
+    "types: row-parallel matmul", "types: sharded contraction to partial", "types: partial times replicate",
+    "types: autoparallel #515: weight Partial on dp, Shard(0) on tp", "types: partial sum claimed Replicate",
+    "types: reshape keeps the shard", "parallel: closed-over row weight, partial sum", "parallel: keyword flag off",
+    "parallel: Megatron vocab-parallel cross-entropy, detached max", "parallel: data-parallel loss, Partial(avg)",
+    "parallel: branch on values with its gradient placements given", "collectives: all_reduce_of_partial",
+    "collectives: shift_plus_1")]

@@ -9,6 +9,7 @@ penalty has second-order gradients even through a linear body), the upstream dra
 
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -245,3 +246,123 @@ def captured_reference(want: dict[str, torch.Tensor], tensors: Tensors) -> dict[
     with on_one_device():
         loss = sum(loss_term(want[f"out.{k}"], u) for k, u in enumerate(tensors.upstream))
     return {"loss": loss, **{k: v for k, v in want.items() if k.startswith("grad.")}}
+
+
+# ---- a planner's capture and defer_inlining + make_fx: the graphs a path records, run per rank ----------------
+
+class PlannerModule(nn.Module):
+    """The program as a planner's model holds it (meta-pytorch/autoparallel's models: plain global tensors): its
+    weights plain parameters passed to the region as arguments, their placements after the inputs'; the upstream
+    gradients buffers; the matrix's loss computed in the model."""
+
+    def __init__(self, prog: Program, mesh: Any, tensors: Tensors, structure: str = "single") -> None:
+        super().__init__()
+        self.n_inputs, self.n_weights, self.kwargs = len(prog.inputs), len(prog.weights), prog.kwargs
+        for k, w in enumerate(tensors.weights):
+            self.register_parameter(f"w{k}", nn.Parameter(w.clone()))
+        for k, u in enumerate(tensors.upstream):
+            self.register_buffer(f"u{k}", u.clone())
+
+        def body(*args: Any, **kwargs: Any) -> Any:
+            return prog.make_body(list(args[self.n_inputs:]))(*args[:self.n_inputs], **kwargs)
+
+        out = STRUCTURES[structure](prog.out, prog.out)
+        ins = [*prog.ins, *(pl for _, pl in prog.weights)]
+        grads = None if prog.grads is None else [*prog.grads, *(None for _ in prog.weights)]
+        self.region = local_map(structured(body, structure), out, ins, grads, mesh)
+
+    def outputs(self, *xs: Any) -> list:
+        return leaves(self.region(*xs, *(getattr(self, f"w{k}") for k in range(self.n_weights)), **self.kwargs))
+
+    def forward(self, *xs: Any) -> Any:
+        return sum(loss_term(o, u) for o, u in zip(self.outputs(*xs), self.buffers()))
+
+    def arg_name(self, k: int) -> str:
+        """The matrix's name of the region's argument k (an input, then the weights)."""
+        return f"args[{k}]" if k < self.n_inputs else f"w{k - self.n_inputs}"
+
+
+def planner_captured(prog: Program, tensors: Tensors, mesh: Any, operator: str,
+                     structure: str = "single") -> tuple[dict[str, torch.Tensor], list[str]]:
+    """A planner's capture (``localmap.testing.planner_capture`` under ``region_operator(operator)``) of the
+    program, its joint graph run as a planner honouring each region node's placements runs it
+    (``run_joint``: region nodes per rank on the simulated mesh, pieces split and joined by the node's
+    placements) on the program's inputs: the loss, the forward region node's outputs as joined, the gradients of
+    the inputs and weights; and the names of the arguments whose gradient placement the capture warned that the
+    operator cannot carry."""
+    from localmap.hop import region_operator
+    from localmap.testing import planner_capture, region_nodes, run_joint
+
+    with on_one_device():
+        model, xs = PlannerModule(prog, mesh, tensors, structure), _differentiable(tensors.inputs)
+    with region_operator(operator), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        joint = planner_capture(model, *xs)[1]
+    said = [str(w.message) for w in caught]
+    uncarried = [model.arg_name(int(m.group(1))) for m in map(_UNCARRIED.search, said) if m]
+    uncarried += [f"outputs[{m.group(1)}]" for m in map(_TANGENT.search, said) if m]
+    for message in said:  # the others (the check's) for the cell to read
+        if not (_UNCARRIED.search(message) or _TANGENT.search(message)):
+            warnings.warn(message)
+    primals = [*(p.detach() for p in model.parameters()), *model.buffers(), *(x.detach() for x in xs)]
+    ((loss,), grads), record = run_joint(joint, [*primals, torch.ones(())])  # (outputs, input gradients)
+    names = [*(f"w{k}" for k in range(model.n_weights)), *(None for _ in model.buffers()),
+             *(f"args[{k}]" for k in range(len(xs)))]
+    got = {"loss": loss}
+    got.update({f"out.{k}": o for k, o in enumerate(record.region_outputs[region_nodes(joint)[0].name])})
+    got.update({f"grad.{n}": g for n, g in zip(names, grads, strict=True) if n is not None and g is not None})
+    return got, uncarried
+
+
+# The capture's warnings under region_operator("torch"), where PyTorch's backward node states a placement the
+# body's gradients do not have: an argument's gradient (PyTorch states the argument's own placement), a Partial
+# output's tangent (PyTorch states it Partial; the body's backward takes the whole gradient).
+_UNCARRIED = re.compile(r": args\[(\d+)\] has placements .* carries no gradient placements")
+_TANGENT = re.compile(r": outputs\[(\d+)\] has placements .* the backward's tangent")
+
+
+def deferred_traced(prog: Program, tensors: Tensors, mesh: Any, structure: str = "single",
+                    penalty: bool = False) -> dict[str, torch.Tensor]:
+    """defer_inlining + make_fx: the program's outputs and gradients (with `penalty`, the gradient penalty's
+    too) traced on fake tensors with the region deferred, then that graph run per rank on the program's inputs
+    (``run_joint``: each region node's graph once per rank of the simulated mesh, split and joined by its
+    placements). Asserts one forward region node per call (and a backward one), so the path is not inlined."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from localmap.hop import defer_inlining, local_map_hop
+    from localmap.testing import run_joint
+
+    with on_one_device():
+        model = PlannerModule(prog, mesh, tensors, structure)
+        weights = [p.detach().requires_grad_() for p in model.parameters()]
+        xs, ups = _differentiable(tensors.inputs), list(model.buffers())
+    names = [*(f"w{k}" for k in range(len(weights))), *(f"args[{k}]" for k in range(len(xs)))]
+    wanted = [n for n, v in zip(names, [*weights, *xs]) if v.requires_grad]
+
+    def step(*values: Any) -> tuple:
+        ws, inputs, upstream = values[:len(weights)], values[len(weights):-len(ups)], values[-len(ups):]
+        wrt = [v for v in (*ws, *inputs) if v.requires_grad]
+        outs = leaves(model.region(*inputs, *ws, **model.kwargs))
+        return (*outs, *measured_grads(outs, upstream, wrt, penalty))
+
+    with on_one_device(), defer_inlining():
+        gm = make_fx(step, tracing_mode="fake")(*weights, *xs, *ups)
+    regions = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is local_map_hop]
+    assert len(regions) == (2 if wanted else 1), f"not one region node per call: {gm.code}"
+    values, _ = run_joint(gm, [*(w.detach() for w in weights), *(x.detach() for x in xs), *ups])
+    n_out = len(tensors.upstream)
+    got = {f"out.{k}": o for k, o in enumerate(values[:n_out])}
+    got.update({f"grad.{n}": g for n, g in zip(wanted, values[n_out:n_out + len(wanted)])})
+    if penalty:
+        got.update({f"grad2.{n}": g for n, g in zip(wanted, values[n_out + len(wanted):]) if g is not None})
+    return got
+
+
+def measured_grads(outs: list, upstream: Any, wrt: list, penalty: bool) -> list:
+    """d loss / d wrt and, with `penalty`, d penalty / d wrt (the matrix's loss and penalty, see `measure`)."""
+    loss = sum(loss_term(o, u) for o, u in zip(outs, upstream))
+    grads = torch.autograd.grad(loss, wrt, create_graph=penalty)
+    if not penalty:
+        return list(grads)
+    second = torch.autograd.grad(sum(g.pow(2).sum() for g in grads), wrt, allow_unused=True)
+    return [*grads, *second]

@@ -296,3 +296,31 @@ def test_errors_under_dynamo_with_local_map_wrapping_arrive_as_themselves(fake_m
     compiled = torch.compile(lambda x, w: region(x, w), backend="eager", fullgraph=True)
     with compat_dynamo.planner_capture_context(), pytest.raises(PlacementError, match="Partial"):
         compiled(torch.randn(8, 16), torch.randn(16, 8))
+
+
+def test_closed_over_dtensor_refused_at_capture():
+    """A body reading a DTensor weight it closes over: a planner's region node takes the call's tensor arguments
+    only, so the capture refuses, naming the weight (it used to freeze one rank's shard into the region graph and
+    give neither the weight nor x a gradient)."""
+    from localmap.testing import distribute, on_one_device, simulated_mesh
+
+    with simulated_mesh(4, ("tp",)) as mesh:
+        with on_one_device():
+            w = distribute(torch.randn(16, 8), mesh, (Shard(1),), requires_grad=True)
+
+        def column(x):
+            return x @ w.to_local()
+
+        class Column(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.region = localmap.local_map(column, out_placements=((Shard(1),),), in_placements=(R,),
+                                                 device_mesh=mesh)
+
+            def forward(self, x):
+                return self.region(x).sum()
+
+        for operator in ("localmap", "torch"):
+            with pytest.raises(localmap.LocalMapError, match=r"w: is a DTensor the body of region 'column' closes "
+                                                             r"over, which a planner's capture"):
+                _capture(Column(), torch.randn(4, 16, requires_grad=True), operator=operator)

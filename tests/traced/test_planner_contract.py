@@ -189,3 +189,97 @@ def test_region_nodes_carry_their_costs(fake_mesh_4):
     assert dict(backward.meta["localmap_cost"]) == {"flops": 2 * 16 * 8 * 16, "saved_bytes": 0, "comm_bytes": 0.0}
     forward = region_nodes(_capture(TensorParallelMLP(fake_mesh_4), torch.randn(8, 16, requires_grad=True)))[0]
     assert forward.meta["localmap_cost"]["comm_bytes"] == 2 * 3 / 4 * 8 * 16 * 4
+
+
+class Issue515Loss(Issue515):
+    """#515 with a loss after the region: ops on the region's output inside the captured model."""
+
+    def forward(self, x):
+        return (self.region(x, self.w) ** 2).sum()
+
+
+def test_capture_on_a_simulated_mesh_with_ops_after_the_region():
+    """Captured inside a simulated mesh (its LocalTensorMode on the dispatch stack), any op on a region's output
+    used to fail in the joint export ("Attempting to use FunctionalTensor on its own": the set-aside mode still saw
+    every op first); the capture takes the simulation off the stack, and the joint graph gives one device's numbers."""
+    torch.manual_seed(0)
+    with simulated_mesh(4, ("tp",)) as mesh:
+        with on_one_device():
+            model, x = Issue515Loss(mesh), torch.randn(32, 16)
+            w = model.w.detach().clone().requires_grad_()
+            ref_x = x.clone().requires_grad_()
+            ref_loss = ((ref_x @ w) ** 2).sum()
+            ref_loss.backward()
+        joint = _capture(model, x.clone().requires_grad_())  # the simulation active, as a test on a mesh has it
+        ((loss,), (grad_w, grad_x)), _ = run_joint(joint, [model.w.detach(), x, torch.ones(())])
+        with on_one_device():
+            torch.testing.assert_close(loss, ref_loss.detach(), rtol=1e-5, atol=1e-4)
+            torch.testing.assert_close(grad_w, w.grad, rtol=1e-5, atol=1e-4)
+            torch.testing.assert_close(grad_x, ref_x.grad, rtol=1e-5, atol=1e-4)
+
+
+def _torch_operator_run(model_of, x, warns):
+    """Capture under PyTorch's operator (with the warnings it must give), run its joint graph per rank."""
+    from localmap.hop import region_operator
+
+    with simulated_mesh(4, ("tp",)) as mesh:
+        with on_one_device():
+            model = model_of(mesh)
+        with region_operator("torch"), pytest.warns(UserWarning) as record:
+            joint = _capture(model, x.clone().requires_grad_())
+        said = [str(w.message) for w in record if "region_operator('localmap')" in str(w.message)]
+        assert [any(fragment in s for s in said) for fragment in warns] == [True] * len(warns), said
+        assert len(said) == len(warns), said
+        ((out,), grads), record = run_joint(joint, [*(p.detach() for p in model.parameters()), x, torch.ones(())])
+        return out, grads, [p.detach() for p in model.parameters()]
+
+
+class Issue515Sum(Issue515):
+    def forward(self, x):
+        return self.region(x, self.w).sum()
+
+
+def test_pytorch_operator_nodes_run_per_rank():
+    """run_joint runs PyTorch's own region nodes (region_operator("torch")) per rank as it runs localmap's, with
+    the placements they state: x's gradient is one device's; w's, stated Replicate where the body gives a partial
+    sum (the capture warns, naming args[1]), is rank 0's part."""
+    torch.manual_seed(0)
+    x = torch.randn(32, 16)
+    out, (grad_w, grad_x), (w,) = _torch_operator_run(Issue515Sum, x, [r"args[1] has placements (Replicate(),) but "
+                                                                       r"its gradient is (Partial(sum),)"])
+    ref_x, ref_w = x.clone().requires_grad_(), w.clone().requires_grad_()
+    ref = (ref_x @ ref_w).sum()
+    ref.backward()
+    torch.testing.assert_close(out, ref.detach(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(grad_x, ref_x.grad, rtol=1e-5, atol=1e-4)
+    assert not torch.allclose(grad_w, ref_w.grad, atol=1e-3)  # what the warning says a planner gets
+
+
+def contraction(x, w):
+    return x @ w
+
+
+class PartialOutput(nn.Module):
+    """x Shard(1), w Shard(0): the output is a partial sum (Partial), its gradient Replicate."""
+
+    def __init__(self, mesh):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(16, 8))
+        self.region = localmap.local_map(contraction, out_placements=(P,), in_placements=(S1, S0), device_mesh=mesh)
+
+    def forward(self, x):
+        return (self.region(x, self.w) ** 2).sum()
+
+
+def test_pytorch_operator_partial_output_tangent_warns():
+    """PyTorch's backward node states a Partial output's tangent Partial too, so a planner honouring it hands each
+    rank a piece of the gradient: the capture warns, naming the output, and those gradients are wrong (localmap's
+    node states the tangent Replicate: test_region_nodes_as_the_planner_reads_them)."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 16)
+    out, (grad_w, grad_x), (w,) = _torch_operator_run(PartialOutput, x, ["outputs[0] has placements (Partial(sum),)"])
+    ref_x, ref_w = x.clone().requires_grad_(), w.clone().requires_grad_()
+    ref = ((ref_x @ ref_w) ** 2).sum()
+    ref.backward()
+    torch.testing.assert_close(out, ref.detach(), rtol=1e-5, atol=1e-3)
+    assert not torch.allclose(grad_x, ref_x.grad, atol=1e-3) and not torch.allclose(grad_w, ref_w.grad, atol=1e-3)

@@ -35,7 +35,7 @@ from localmap.compat.dtensor import (
 )
 from localmap.compat.simulation import (
     compiling_simulated, fake_process_group, forget_ended_world, is_simulated, local_tensor_mode, mesh_ranks,
-    outside_simulation, reconcile,
+    outside_simulation, reconcile, simulation_off_the_stack,
     simulated_local, simulated_rank_map, simulated_value, simulation_active, simulation_mode_type, simulation_set_aside, value_on_rank,
 )
 from localmap.compat.tracing import (
@@ -58,7 +58,7 @@ __all__ = [
     "view_rule_hangs", "local_tensor_of", "make_dtensor", "make_spec", "propagate_sharding",
     "quiet_fake_tensor_errors", "redistribute_local", "spec_of", "is_strided_shard", "sharded_dim", "clear_propagation_cache", "drop_probe_mode", "probe_modes_held", "propagation_cache_size", "strided_shard", "to_local_substituted", "to_local_of_real_refused", "compiling_simulated", "fake_process_group", "is_simulated",
     "forget_ended_world", "local_tensor_mode", "mesh_ranks", "outside_simulation", "reconcile", "simulated_local", "simulated_rank_map",
-    "simulated_value", "simulation_active", "simulation_mode_type", "simulation_set_aside", "value_on_rank", "DispatchKey", "FakeTensorMode", "HigherOrderOperator",
+    "simulated_value", "simulation_active", "simulation_mode_type", "simulation_off_the_stack", "simulation_set_aside", "value_on_rank", "DispatchKey", "FakeTensorMode", "HigherOrderOperator",
     "OpOverload", "ProxyTorchDispatchMode", "below_autograd", "check_decompositions",
     "copy_forward_meta_to_backward", "current_trace_graph", "detect_fake_mode", "fast_apply",
     "call_argument", "draws_random", "has_free_unbacked_symbols", "known_equal", "has_random_ops", "ignore_fresh_unbacked", "in_backward", "is_data_dependent_error", "untraceable_why", "compiling_one_graph", "is_fake", "is_random_op", "isolated_tracing", "joint_partition", "lazy_graph_modules", "make_fx",

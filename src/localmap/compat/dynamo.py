@@ -80,6 +80,28 @@ def torch_region_target_names() -> tuple[str, ...]:
     return ("call_local_map", "local_map_hop")
 
 
+def torch_region_call(target: Any, args: tuple) -> tuple[torch.fx.GraphModule, tuple, dict, dict] | None:
+    """A call of PyTorch's own region node in a joint graph (``region_operator("torch")``), as an interpreter sees
+    it: (the region graph, its tensor arguments, its placements with the real mesh, its role: "forward" or
+    "backward" and the number of activations a backward takes first); None for any other call. 2.13's node is a
+    closure named call_local_map holding its graph; 2.14's is the operator local_map_hop, the graph first."""
+    from torch._higher_order_ops import local_map as torch_local_map
+
+    if target is getattr(torch_local_map, "local_map_hop", None):
+        graph, tensors = args[0], tuple(args[1:])
+    elif getattr(target, "__module__", None) == torch_local_map.__name__ and \
+            getattr(target, "__name__", None) == "call_local_map":
+        cells = [c.cell_contents for c in target.__closure__ or ()]
+        graph, tensors = next(c for c in cells if isinstance(c, torch.fx.GraphModule)), tuple(args)
+    else:
+        return None
+    kwargs = dict(graph.meta["local_map_kwargs"])
+    kwargs["device_mesh"] = getattr(kwargs["device_mesh"], "real_obj", kwargs["device_mesh"])  # a FakeScriptObject
+    role = {"role": "backward" if graph.meta.get("is_backward") else "forward",
+            "num_activations": int(graph.meta.get("num_activations") or 0) if graph.meta.get("is_backward") else 0}
+    return graph, tensors, kwargs, role
+
+
 @contextlib.contextmanager
 def local_map_wrapping_on() -> Iterator[None]:
     """PyTorch's local_map wrapping on (Dynamo) without deferring its operator, as PyTorch's own operator

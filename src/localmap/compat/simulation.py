@@ -181,6 +181,38 @@ def outside_simulation() -> Any:
     return mode.disable() if mode is not None else contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def simulation_off_the_stack() -> Iterator[None]:
+    """The active LocalTensorMode (if any) set aside and taken off the dispatch mode stack (put back on exit, in
+    its place). Set aside alone (``outside_simulation``), the mode still sees every op first and answers
+    NotImplemented for a tensor subclass it does not know, so AOT autograd's FunctionalTensors fail ("Attempting
+    to use FunctionalTensor on its own") on any op outside a region during a joint export."""
+    from torch.distributed._local_tensor import local_tensor_mode
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack, _pop_mode, _push_mode
+
+    mode = local_tensor_mode()
+    if mode is None:
+        yield
+        return
+    with mode.disable():
+        stack = _get_current_dispatch_mode_stack()
+        above = stack[stack.index(mode) + 1:] if any(m is mode for m in stack) else None
+        if above is None:
+            yield
+            return
+        for _ in range(len(above) + 1):
+            _pop_mode()
+        for m in above:
+            _push_mode(m)
+        try:
+            yield
+        finally:
+            for _ in above:
+                _pop_mode()
+            for m in (mode, *above):
+                _push_mode(m)
+
+
 def simulation_mode_type() -> type:
     """The simulated mesh's dispatch mode class (the operator registers an implementation for it)."""
     from torch.distributed._local_tensor import LocalTensorMode

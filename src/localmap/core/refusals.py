@@ -13,6 +13,7 @@ from localmap.placements.specs import placements_str
 # The paths that refuse an unevenly sharded input, and why (eager supports it: eager.uneven).
 COMPILED = "torch.compile"
 TRACED_CALL = "a traced region (capture, verify, a planner's capture)"  # the path's name in the check's refusals
+PLANNER_CAPTURE = "a planner's capture (Dynamo export with PyTorch's local_map wrapping on, then the joint export)"
 TRACED = "regions traced as graph nodes (capture, defer_inlining), whose graphs are traced at one rank's shard sizes"
 
 
@@ -24,6 +25,19 @@ def uneven_error(arg_path: str, shape: Sequence[int], placements: Sequence[Place
                 given=f"shape {tuple(shape)} with {placements_str(tuple(placements))} on mesh {tuple(mesh_shape)}",
                 fix="pad the sharded dim to a multiple of the ranks sharding it, or run this region eagerly on "
                     "DTensors")
+
+
+def planner_closed_over_error(func: Any, paths: Sequence[str]) -> LocalMapError:
+    """The error for a region whose body reads DTensors it closes over (`paths`: parameters, buffers), captured
+    for a planner: a region node there takes the call's tensor arguments only, so read at trace time the DTensor
+    would be one rank's shard frozen into the region graph, no input of the joint graph, with no gradient."""
+    return fail(paths[0], f"is a DTensor the body of region {getattr(func, '__name__', 'region')!r} closes over, "
+                f"which {PLANNER_CAPTURE} cannot record: its region node takes the call's tensor arguments only, "
+                f"so one rank's shard would be frozen into the region graph, no input of the joint graph, with no "
+                f"gradient",
+                given=f"closed over: {', '.join(paths)}",
+                fix="pass the weight to the region as an argument (a plain tensor, its placements in "
+                    "in_placements), as a planner's model holds it; or capture with localmap.capture")
 
 
 def traced_untraceable_error(func: Any, exc: BaseException, why: str) -> LocalMapError:

@@ -18,6 +18,7 @@ import torch.fx as fx
 from torch.distributed.tensor import DTensor
 
 from localmap import compat as _compat
+from localmap.compat import dynamo as compat_dynamo
 from localmap.compat import pytree
 from localmap.collectives.registry import communicates
 from localmap.errors import LocalMapError, fail, wrapped_error
@@ -64,6 +65,10 @@ class _MeshInterpreter(fx.Interpreter):
             return self._region(args[0], args[1:])
         if region_graph_of(target) is not None:  # a region node in a planner's capture
             return self._region(region_graph_of(target), args)
+        torch_region = compat_dynamo.torch_region_call(target, args)  # PyTorch's (region_operator("torch"))
+        if torch_region is not None:
+            graph, tensors, placements, role = torch_region
+            return self._region(graph, tensors, (placements, role))
         per_rank = [a for a in (*args, *kwargs.values()) if isinstance(a, PerRank)]
         if per_rank:  # an op on a saved activation between regions (its size, say): once per rank
             def on(r: int, a: Any) -> Any:
@@ -74,8 +79,10 @@ class _MeshInterpreter(fx.Interpreter):
                 for r in range(len(per_rank[0].values))])
         return super().call_function(target, args, kwargs)
 
-    def _region(self, gm: fx.GraphModule, args: Sequence[Any]) -> tuple:
-        kwargs, role = kwargs_of(gm), role_of(gm)
+    def _region(self, gm: fx.GraphModule, args: Sequence[Any], facts: tuple[dict, dict] | None = None) -> tuple:
+        """The region graph run per rank; `facts`: its (placements, role) where the graph's own meta is not
+        localmap's (PyTorch's region nodes)."""
+        kwargs, role = facts or (kwargs_of(gm), role_of(gm))
         mesh_shape = tuple(kwargs["device_mesh"].shape)
         skip = role["num_activations"] if role["role"] == "backward" else 0
         saved, inputs = args[:skip], args[skip:]

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from localmap import compat as _compat
 from localmap.compat import dynamo as compat_dynamo
 from localmap.program.run import run_joint
 from localmap.traced.meta import KWARGS
@@ -16,8 +17,11 @@ __all__ = ["planner_capture", "region_nodes", "run_joint"]  # run_joint: localma
 
 
 def planner_capture(model: torch.nn.Module, *args: Any) -> tuple[fx.GraphModule, fx.GraphModule]:
-    """(Dynamo's graph, the joint forward+backward graph) of `model` on `args` (fake tensors, or real ones)."""
-    return compat_dynamo.planner_capture(model, args)
+    """(Dynamo's graph, the joint forward+backward graph) of `model` on `args` (fake tensors, or real ones). On a
+    simulated mesh the program is captured once, globally, as capture traces it: the simulation set aside, and
+    off the dispatch stack (set aside only, it would still see AOT autograd's FunctionalTensors first)."""
+    with _compat.simulation_off_the_stack():
+        return compat_dynamo.planner_capture(model, args)
 
 
 def region_nodes(gm: fx.GraphModule) -> list[fx.Node]:

@@ -37,10 +37,12 @@ from localmap import compat
 from localmap.compat import dynamo as compat_dynamo
 from localmap.compat import pytree
 from localmap.context import innermost, pop_region_mesh, push_region_mesh, pushed, stack
+from localmap.core.refusals import planner_closed_over_error
 from localmap.errors import fail
 from localmap.placements.algebra import grad_default
 from localmap.placements.specs import placements_str
 from localmap.sites import caller_site
+from localmap.traced.closure import unregistered_dtensors
 from localmap.traced.frontend import TracedRegion, trace_region
 from localmap.traced.operator import defer_inlining, is_deferring, local_map_hop
 from localmap.traced.plan_keys import content_digest, graph_fingerprint, joint_fingerprint, slot_key
@@ -189,6 +191,9 @@ def _plan(region: Any, metas: tuple, kwargs_metas: dict) -> CapturePlan:
     with fake_mode:
         args = _fakes(metas)
         kwargs = _fakes(kwargs_metas)
+    closed = unregistered_dtensors(region.func)
+    if closed:  # read at trace time, each would be one rank's shard frozen into the region graph
+        raise planner_closed_over_error(region.func, closed)
     traced = trace_region(region, args, kwargs)
     operator = current_operator()
     region_kwargs = traced.body.meta["local_map_kwargs"]
@@ -277,23 +282,31 @@ def _tensor_leaves(value: Any) -> list:
 
 
 def _warn_uncarried_grads(region: Any, traced: TracedRegion, region_kwargs: dict) -> None:
-    """Warn where the check inferred a gradient placement PyTorch's operator cannot carry (it has no
-    in_grad_placements): the planner will take the input's own placement, read Partial as Replicate."""
+    """Warn where PyTorch's operator states a placement of the backward node that the body's gradients do not
+    have (it carries no gradient placements: its backward states each input's own placement as its gradient's,
+    and each output's own as its tangent's): a planner honouring the node gets those numbers wrong."""
     grads = region_kwargs.get("in_grad_placements")
-    if grads is None:
-        return
-    for path, a, spec, grad in zip(traced.leaf_paths, traced.hop_args, region_kwargs["in_placements"], grads,
-                                   strict=True):
-        if isinstance(a, torch.Tensor) and a.requires_grad and grad is not None and \
-                tuple(grad) != grad_default(tuple(spec)):
-            how = "inferred from the body" if traced.inferred else "given in in_grad_placements"
-            warnings.warn(
-                f"local_map region {getattr(region.func, '__name__', 'region')!r} ({caller_site()}): {path} has "
-                f"placements {placements_str(spec)} but its gradient is {placements_str(grad)} ({how}); PyTorch's "
-                f"local_map operator, which this capture records, carries no gradient placements, so a planner "
-                f"reading it takes {placements_str(grad_default(tuple(spec)))}. Capture inside "
-                f"localmap.hop.region_operator('localmap') to keep the gradient placements on the backward node.",
-                stacklevel=2)
+    how = "inferred from the body" if traced.inferred else "given in in_grad_placements"
+    for path, a, spec, grad in zip(traced.leaf_paths, traced.hop_args, region_kwargs["in_placements"],
+                                   grads or [None] * len(traced.hop_args), strict=True):
+        if isinstance(a, torch.Tensor) and a.requires_grad and grad is not None and tuple(grad) != tuple(spec):
+            _warn_torch_node(region, f"{path} has placements {placements_str(spec)} but its gradient is "
+                             f"{placements_str(grad)} ({how}); PyTorch's local_map operator, which this capture "
+                             f"records, carries no gradient placements, so a planner reading it takes "
+                             f"{placements_str(tuple(spec))}")
+    for k, spec in enumerate(region_kwargs["out_placements"]):
+        if any(p.is_partial() for p in spec):
+            _warn_torch_node(region, f"outputs[{k}] has placements {placements_str(spec)}; PyTorch's local_map "
+                             f"operator, which this capture records, states the backward's tangent for it with "
+                             f"those placements too, so a planner reading it hands each rank a piece of the "
+                             f"output's gradient where the body's backward takes all of it "
+                             f"({placements_str(grad_default(tuple(spec)))})")
+
+
+def _warn_torch_node(region: Any, what: str) -> None:
+    warnings.warn(f"local_map region {getattr(region.func, '__name__', 'region')!r} ({caller_site()}): {what}. "
+                  f"Capture inside localmap.hop.region_operator('localmap') to keep the gradient placements on "
+                  f"the backward node.", stacklevel=3)
 
 
 def _metas(value: Any) -> Any:
