@@ -3,6 +3,8 @@ training flag, attributes its code names, global flags. Each test compares with 
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 import torch.nn as nn
@@ -10,7 +12,7 @@ import torch.nn as nn
 from localmap import PlacementError, local_map
 from localmap import collectives as C
 from localmap.testing import distribute, full, on_one_device, simulated_mesh
-from helpers import R, S0, S1, max_diff, randn
+from helpers import P, R, S0, S1, max_diff, randn
 
 
 class RowParallel(nn.Module):
@@ -125,6 +127,49 @@ def test_a_global_flag_the_body_reads_is_part_of_the_key():
                 region(dx, dw)
         finally:
             REDUCE = True
+
+
+class HeldWeights(nn.Module):
+    """A weight the body reads from a list, a dict of a plain object, or a global dict (held as capture takes
+    them: docs/check-state.md), swapped for one of other placements between calls."""
+
+    def __init__(self, mesh, w, hold: str) -> None:
+        super().__init__()
+        self.hold = hold
+        self.ws = [w]
+        self.cfg = types.SimpleNamespace(table={"w": w})
+        _HELD["w"] = w
+        self.region = local_map(self.body, (S0,), ((S0,),), None, mesh)
+
+    def body(self, x):
+        if self.hold == "list":
+            w = self.ws[0]
+        elif self.hold == "object":
+            w = self.cfg.table["w"]
+        else:
+            w = _HELD["w"]
+        return x @ w.to_local()
+
+    def swap(self, w) -> None:
+        self.ws[0], self.cfg.table["w"], _HELD["w"] = w, w, w
+
+
+_HELD: dict = {}
+
+
+@pytest.mark.parametrize("hold", ["list", "object", "global"])
+def test_a_dtensor_swapped_where_the_body_holds_it_is_checked_again(hold):
+    """Rows of x sharded, the weight Replicate: right. The same weight as a partial sum makes each rank's output
+    a partial sum (the Shard(0) claim wrong); before, the verdict of the Replicate weight was served silently."""
+    with simulated_mesh(2) as mesh:
+        x, w = randn(8, 6), randn(6, 4)
+        model = HeldWeights(mesh, distribute(w, mesh, [R]), hold)
+        dx = distribute(x, mesh, [S0])
+        assert max_diff(full(model.region(dx)), x @ w) < 1e-5
+        model.swap(distribute(w, mesh, [P]))
+        with pytest.raises(PlacementError):
+            model.region(dx)
+    _HELD.clear()
 
 
 def test_the_shared_check_cache_keys_the_state_too():

@@ -8,8 +8,11 @@ because each one is cheap to read on every call:
 * the ``training`` flag of every module the body reaches (the module a method is bound to, modules in closure
   cells and a partial's arguments, and all their submodules: dropout and norms read their own);
 * the attributes the body's code names (``self.scale``, ``self.experts.w1``) on those modules: a plain value by
-  value, a tensor by its placements, shape and dtype, any other object by identity;
-* the module globals its code names that hold plain values (a global flag), and its closure cells.
+  value, a tensor by its placements, shape and dtype, a list, tuple or dict (``self.ws[0]``) and a plain object's
+  attributes (``self.cfg.table``) by what they hold, two levels deep and up to ``CONTAINER_LIMIT`` items (a
+  DTensor swapped in a list re-checks the body), any other object by identity;
+* the module globals its code names that hold plain values (a global flag) or such containers (a dict of
+  weights), and its closure cells.
 
 A body with none of these (a plain function of its arguments, ``torch.mm``) has no probe and costs nothing.
 Functions the body calls are not followed: state they read on their own is not keyed (docs/check-state.md).
@@ -26,7 +29,10 @@ from localmap import compat
 from localmap.check.closure import code_names, code_owner, reachable
 
 _PLAIN = (int, float, bool, str, type(None))
+_CONTAINERS = (list, tuple, dict)
 MODULE_LIMIT = 4096  # modules whose training flag is probed per body (a whole model bound to a method)
+CONTAINER_LIMIT = 64  # items of a list, tuple, dict or plain object keyed by what they hold (more: by identity)
+_DEPTH = 2  # container levels keyed by what they hold (``self.ws[0]['w']``)
 
 
 class BodyState:
@@ -63,7 +69,7 @@ def body_state(fn: Callable) -> BodyState | None:
     modules = _modules(roots)
     attrs = [(m, n) for m in modules for n in names if _is_state_attribute(m, n)]
     globals_ = getattr(code_owner(fn), "__globals__", None) or {}
-    global_names = sorted(n for n in names if isinstance(globals_.get(n), _PLAIN) and n in globals_)
+    global_names = sorted(n for n in names if n in globals_ and isinstance(globals_[n], (*_PLAIN, *_CONTAINERS)))
     if not (modules or attrs or global_names or cells):
         return None
     return BodyState(modules, attrs, globals_, global_names, cells)
@@ -86,14 +92,36 @@ def value_key(value: Any) -> Any:
     return ("O", id(value))
 
 
-def state_value(value: Any) -> Any:
+def state_value(value: Any, depth: int = 0) -> Any:
     """value_key of a value the body reads from its state; a DTensor also by its placements, a module not at
-    all (its own flags are probed)."""
+    all (its own flags are probed), a container or plain object by what it holds (see the module docstring)."""
     if isinstance(value, DTensor):
         return ("D", tuple(value.placements), tuple(value.shape), value.dtype)
     if isinstance(value, torch.nn.Module):
         return "module"
+    held = _held_items(value) if depth < _DEPTH else None
+    if held is not None:
+        return (type(value).__name__, tuple((k, state_value(v, depth + 1)) for k, v in held))
     return value_key(value)
+
+
+def _held_items(value: Any) -> list[tuple[Any, Any]] | None:
+    """(key, item) of a small list, tuple or dict, or of a plain object's attributes; None for anything else."""
+    if isinstance(value, _CONTAINERS):
+        items = list(value.items()) if isinstance(value, dict) else list(enumerate(value))
+    elif _plain_object(value):
+        items = list(vars(value).items())
+    else:
+        return None
+    if len(items) > CONTAINER_LIMIT:
+        return None
+    return [(k if isinstance(k, _PLAIN) else id(k), v) for k, v in items]
+
+
+def _plain_object(value: Any) -> bool:
+    """A Python object holding data in its ``__dict__`` (a config namespace, a dataclass), not code or a tensor."""
+    return hasattr(value, "__dict__") and not callable(value) and not isinstance(value, (torch.Tensor, type)) \
+        and type(value).__module__.split(".")[0] not in ("torch", "localmap", "builtins")
 
 
 def _modules(roots: list[torch.nn.Module]) -> list[torch.nn.Module]:
