@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import P, R, S0, S1, grad_for_output, max_diff, randn
+from helpers import P, R, S0, S1, doubled, grad_for_output, max_diff, randn
 from localmap import PlacementError, Shard, local_map
 from localmap import collectives as C
 from localmap.check import tested
@@ -487,6 +487,43 @@ def test_chunks_of_the_local_rows_are_tested_as_a_whole_on_every_rank_under_gloo
                                               collective_timeout=60):
         assert not said and diff <= 1e-4, (said, diff)
         assert status == "tested" and where == "its 2 outputs joined in order along dim 0"
+
+
+def _untraceable_mm(x, w):
+    return doubled(x) @ w  # a custom op with no fake implementation: no trace follows the body
+
+
+def _gloo_untraceable(mesh, wrong):
+    """The untraceable body on real ranks, its gradient placements given (the weight's as Partial, or wrongly
+    as Replicate): (warnings, the verdict's status, the refusal's message)."""
+    grads = [(S0,), (R,) if wrong else (P,)]
+    fn = local_map(_untraceable_mm, [(S0,)], [(S0,), (R,)], grads, mesh)
+    args = [distribute(randn(8, 6), mesh, [S0]), distribute(randn(6, 4), mesh, [R])]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            y = fn(*args)
+            message = "" if max_diff(full(y), _untraceable_mm(*map(full, args))) < 1e-5 else "differs"
+        except PlacementError as e:
+            message = str(e)
+    (verdict,) = fn.region.verdicts()
+    return [str(w.message) for w in caught], verdict.status, message
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("wrong", [False, True], ids=["right", "weight gradient given Replicate"])
+def test_an_untraceable_body_is_tested_on_every_rank_under_gloo(wrong):
+    """No trace follows the body; every rank runs the test together (inputs, outputs and gradients gathered):
+    tested silently where right, refused with the numbers on every rank where the given gradient is wrong."""
+    from localmap.testing import run_gloo
+
+    for said, status, message in run_gloo(_gloo_untraceable, 2, mesh_dim_names=("tp",), args=(wrong,),
+                                          timeout=240, collective_timeout=60):
+        assert not said, said
+        if wrong:
+            assert status == "wrong" and "its test refutes" in message and "could not be checked" in message
+        else:
+            assert status == "tested" and message == "", message
 
 
 def _fails_on_one_rank_alone(x, w1, w2):
