@@ -20,7 +20,7 @@ import torch
 
 from catalogue import BY_ID
 from localmap.core.refusals import PLANNER_CAPTURE, TRACED_CALL
-from matrix_cells import PLANNED, TRACED, TRACED_REFUSED, expect, mesh_of, one_device, params, refuses, select
+from matrix_cells import FULL, PLANNED, TRACED, TRACED_REFUSED, expect, mesh_of, one_device, params, refuses, select
 from matrix_paths import (
     TOL, Loss, PlannerModule, ProgramModule, _differentiable, captured_reference, compare, deferred_traced, draw,
     dtensor_weights, planner_captured,
@@ -40,18 +40,18 @@ NO_PLANNER_FORM = {"parallel: vocab-parallel embedding, closed-over table":
 TORCH_OPERATOR_REFUSES = {"types: reshape keeps the shard": "Higher order ops do not support aliasing"}
 
 
-def _want(prog, t) -> dict:
+def _want(prog, t, structure: str = "single") -> dict:
     """One device: the loss, the output and the first-order gradients."""
-    want = one_device(prog, t)
+    want = one_device(prog, t, structure)
     return {**captured_reference(want, t), **{k: v for k, v in want.items() if k.startswith("out.")}}
 
 
-def _planner_cell(prog, t, mesh, operator, want) -> dict:
+def _planner_cell(prog, t, mesh, operator, want, structure: str = "single") -> dict:
     """The cell's numbers: those the capture vouches for. Under PyTorch's operator, what the capture warned a
     planner gets wrong is left out of the comparison (taken out of `want` too, which the cell then compares): a
     warned argument's gradient, which must differ from one device; with a Partial output (its tangent misstated),
     every gradient. The localmap operator warns nothing of the kind."""
-    got, warned = planner_captured(prog, t, mesh, operator)
+    got, warned = planner_captured(prog, t, mesh, operator, structure)
     if operator == "localmap":
         assert not warned, warned
         return got
@@ -103,6 +103,32 @@ def test_planner_capture_refuses_closed_over_dtensors(prog, operator):
         with region_operator(operator):
             refuses(lambda: planner_capture(model, *_differentiable(t.inputs)), PLANNER_CAPTURE, "ws.w0",
                     "closes over", "pass the weight to the region as an argument")
+
+
+# The region's output in each container (a second leaf: the output doubled), on both planner paths. The full
+# matrix adds a Partial output (what PyTorch's operator misstates).
+STRUCTURED = [BY_ID["types: row-parallel matmul"]] + ([BY_ID["types: sharded contraction to partial"]] if FULL else [])
+STRUCTURES = ["tuple", "list", "dict", "nested"]
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("operator", OPERATORS)
+@pytest.mark.parametrize("structure", STRUCTURES)
+@pytest.mark.parametrize("prog", STRUCTURED, ids=lambda p: p.id)
+def test_planner_capture_structured_outputs(prog, structure, operator):
+    t = draw(prog, 2)
+    want = _want(prog, t, structure)
+    with mesh_of(prog) as mesh:
+        expect(prog, lambda: _planner_cell(prog, t, mesh, operator, want, structure), want)
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+@pytest.mark.parametrize("prog", STRUCTURED, ids=lambda p: p.id)
+def test_deferred_make_fx_structured_outputs(prog, structure):
+    t = draw(prog, 2)
+    want = one_device(prog, t, structure)
+    with mesh_of(prog) as mesh:
+        expect(prog, lambda: deferred_traced(prog, t, mesh, structure), want)
 
 
 @pytest.mark.compile
