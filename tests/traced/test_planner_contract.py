@@ -255,17 +255,13 @@ def test_pytorch_operator_nodes_run_per_rank():
     assert not torch.allclose(grad_w, ref_w.grad, atol=1e-3)  # what the warning says a planner gets
 
 
-def contraction(x, w):
-    return x @ w
-
-
 class PartialOutput(nn.Module):
     """x Shard(1), w Shard(0): the output is a partial sum (Partial), its gradient Replicate."""
 
     def __init__(self, mesh):
         super().__init__()
         self.w = nn.Parameter(torch.randn(16, 8))
-        self.region = localmap.local_map(contraction, out_placements=(P,), in_placements=(S1, S0), device_mesh=mesh)
+        self.region = localmap.local_map(matmul, out_placements=(P,), in_placements=(S1, S0), device_mesh=mesh)
 
     def forward(self, x):
         return (self.region(x, self.w) ** 2).sum()

@@ -61,6 +61,15 @@ _ZERO_KEEPING = ORDERED_VIEWS | {aten.transpose.int, aten.t.default, aten.permut
                                   aten._to_copy.default, aten.lift_fresh_copy.default}
 
 
+def cuts_gradient(node: fx.Node) -> bool:
+    """Whether no gradient flows back through `node` to its inputs: a detach, or a fused attention kernel's
+    log-sum-exp (its outputs after the first: PyTorch returns them non-differentiable)."""
+    if node.target is operator.getitem:
+        src = node.args[0]
+        return node.args[1] != 0 and isinstance(src, fx.Node) and src.target in FUSED_ATTENTION
+    return node.target is aten.detach.default
+
+
 class LocalAttention(NamedTuple):
     """Attention to this rank's key block alone: `node` computes it, `value` is the input v, typed Shard(`dim`) on
     the mesh dim; `summed` is the all_reduce (sum) over that dim between it and the output, if any."""

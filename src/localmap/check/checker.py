@@ -32,7 +32,7 @@ from localmap.placements.specs import placements_str
 from localmap.sites import frame_site
 from localmap.check.routing import Frames
 from localmap.check.rules import output_types
-from localmap.check.attention import FUSED_ATTENTION, LocalAttention, local_attention
+from localmap.check.attention import LocalAttention, cuts_gradient, local_attention
 from localmap.check.scans import LocalScan, local_scan
 from localmap.collectives.registry import collective, mesh_dim_of
 from localmap.check.verdict import PlacementError, Verdict
@@ -167,7 +167,7 @@ class _TypeFlow:
             self.origin[node] = self.origin.get(src, [node] * self.ndim)
             self.lineage[node] = self.lineage.get(src, [set() for _ in range(self.ndim)])
             self.reach[node] = self.reach.get(src, [_NOWHERE] * self.ndim)
-            if src in self.carries_grad and not (idx != 0 and src.target in FUSED_ATTENTION):  # lse: no gradient
+            if src in self.carries_grad and not cuts_gradient(node):  # a fused kernel's lse: no gradient
                 self.carries_grad.add(node)
             return
         val = node.meta.get("val")
@@ -175,7 +175,7 @@ class _TypeFlow:
             types[node] = None  # sizes and scalars
             return
         inputs = [a for a in node.all_input_nodes if types.get(a) is not None and not isinstance(types[a], list)]
-        if node.target not in _GRADIENT_CUTS and any(a in self.carries_grad for a in node.all_input_nodes):
+        if not cuts_gradient(node) and any(a in self.carries_grad for a in node.all_input_nodes):
             self.carries_grad.add(node)
         out = self._output_type(node, inputs)
         if isinstance(val, (tuple, list)) and out is not None and not isinstance(out, list):
@@ -446,9 +446,6 @@ def _grad_reason(placement: Any) -> str:
     if isinstance(placement, Shard):
         return f"the input is sharded on dim {placement.dim}, so each rank holds the gradient of its own shard"
     return "every rank computes the same gradient"
-
-
-_GRADIENT_CUTS = (torch.ops.aten.detach.default,)  # ops whose output no gradient flows back through
 
 
 def _differentiable(node: fx.Node) -> bool:

@@ -169,7 +169,7 @@ class _Walk:
             if code is not None and not is_library(code.co_filename):  # torch's and localmap's code: not walked
                 for name, value, at in _reached(fn, True):
                     yield from self.visit(value, name, at, depth + 1)
-        elif _plain_object(obj):
+        elif plain_object(obj):
             for k, v in list(vars(obj).items()):
                 yield from self.visit(v, _at(path, k), (vars(obj), k, ()), depth + 1)
 
@@ -223,10 +223,12 @@ def _class_code(cls: type) -> Iterator[Any]:
                 yield fn
 
 
-def _plain_object(obj: Any) -> bool:
-    """An instance of a Python class that holds its state in its __dict__ (a config namespace, a dataclass): not a
-    type, a Python module, or an object of torch's or localmap's own (meshes, process groups, regions' caches)."""
-    if isinstance(obj, (type, types.ModuleType)) or not hasattr(obj, "__dict__"):
+def plain_object(obj: Any) -> bool:
+    """An instance of a Python class that holds its state in its __dict__ (a config namespace, a dataclass, a
+    helper such as a token dispatcher): not a type, a Python module, code (a function, method or partial), an
+    nn.Module, or an object of torch's or localmap's own (tensors, meshes, process groups, regions' caches)."""
+    if isinstance(obj, (type, types.ModuleType, types.FunctionType, types.MethodType, functools.partial,
+                        torch.nn.Module)) or not hasattr(obj, "__dict__"):
         return False
     owner = type(obj).__module__ or ""
     return owner.split(".")[0] not in ("torch", "localmap")

@@ -47,7 +47,7 @@ import torch.fx as fx
 from torch.distributed.tensor.placement_types import Replicate, Shard
 
 from localmap import compat
-from localmap.check.attention import FUSED_ATTENTION
+from localmap.check.attention import FUSED_ATTENTION, cuts_gradient
 from localmap.check.propagation import default_types
 from localmap.check.scans import reduces_along, scan_at
 from localmap.collectives.registry import mesh_dim_of
@@ -158,16 +158,14 @@ def _fused_key_block(kernel: fx.Node, m: int, types: dict) -> bool:
 
 
 def _gradient_reaches(node: Any) -> bool:
-    """Whether a gradient can flow back from `node` to a floating-point input: a path of ops other than detach
-    and a fused kernel's log-sum-exp output."""
+    """Whether a gradient can flow back from `node` to a floating-point input: a path through no op that cuts it
+    (``check.attention.cuts_gradient``: detach, a fused kernel's log-sum-exp)."""
     seen, todo = set(), [node]
     while todo:
         n = todo.pop()
-        if not isinstance(n, fx.Node) or n in seen or _is(n, aten.detach.default):
+        if not isinstance(n, fx.Node) or n in seen or cuts_gradient(n):
             continue
         seen.add(n)
-        if _is(n, operator.getitem) and n.args[1] != 0 and _is(n.args[0], *FUSED_ATTENTION):
-            continue
         val = _val(n)
         if n.op == "placeholder":
             if val is not None and (val.is_floating_point() or val.is_complex()):

@@ -26,7 +26,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from localmap import compat
-from localmap.check.closure import code_names, code_owner, reachable
+from localmap.check.closure import code_names, code_owner, plain_object, reachable
 
 _PLAIN = (int, float, bool, str, type(None))
 _CONTAINERS = (list, tuple, dict)
@@ -109,19 +109,13 @@ def _held_items(value: Any) -> list[tuple[Any, Any]] | None:
     """(key, item) of a small list, tuple or dict, or of a plain object's attributes; None for anything else."""
     if isinstance(value, _CONTAINERS):
         items = list(value.items()) if isinstance(value, dict) else list(enumerate(value))
-    elif _plain_object(value):
+    elif plain_object(value) and not callable(value):
         items = list(vars(value).items())
     else:
         return None
     if len(items) > CONTAINER_LIMIT:
         return None
     return [(k if isinstance(k, _PLAIN) else id(k), v) for k, v in items]
-
-
-def _plain_object(value: Any) -> bool:
-    """A Python object holding data in its ``__dict__`` (a config namespace, a dataclass), not code or a tensor."""
-    return hasattr(value, "__dict__") and not callable(value) and not isinstance(value, (torch.Tensor, type)) \
-        and type(value).__module__.split(".")[0] not in ("torch", "localmap", "builtins")
 
 
 def _modules(roots: list[torch.nn.Module]) -> list[torch.nn.Module]:

@@ -37,12 +37,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import inspect
 import itertools
 import math
 import threading
-import types
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -54,7 +52,7 @@ from torch.distributed.tensor.placement_types import Partial, Replicate, Shard
 
 from localmap import compat
 from localmap.caches import register_cache
-from localmap.check.closure import closed_over_dtensors, reachable
+from localmap.check.closure import closed_over_dtensors, plain_object, reachable
 from localmap.check.offsets import rank_facts_withheld
 from localmap.check.verdict import PlacementError, TestRecord, Verdict
 from localmap.compat import pytree
@@ -789,17 +787,9 @@ def _module_attributes(name: str, obj: Any, into_objects: bool = False) -> Itera
             if k.startswith("_"):
                 continue
             yield f"{prefix}.{k}", module, k, v
-            if into_objects and _plain_object(v):
+            if into_objects and plain_object(v):
                 yield from ((f"{prefix}.{k}.{k2}", v, k2, v2) for k2, v2 in list(vars(v).items())
                             if not k2.startswith("_"))
-
-
-def _plain_object(v: Any) -> bool:
-    """An instance of a Python class holding state in its __dict__ (not a module, tensor, mesh, type or
-    function)."""
-    return hasattr(v, "__dict__") and not isinstance(
-        v, (torch.nn.Module, torch.Tensor, DeviceMesh, dist.ProcessGroup, type, types.ModuleType, types.FunctionType,
-            types.MethodType, functools.partial))
 
 
 _POSITION_OPS = {torch.ops.aten.select.int: "select", torch.ops.aten.unbind.int: "unbind",
