@@ -352,14 +352,16 @@ def test_meshes_held_by_module_state_have_one_rank_in_the_one_rank_run():
 
 
 def test_a_wrong_program_over_a_mesh_held_by_module_state_is_not_tested():
-    """The same rows, not sent back: each rank returns other ranks' rows. The one-rank run with a one-rank mesh
-    is the identity, so the test sees the difference: never tested (left unproven with the numbers, as any body
-    that routes rows between ranks, whose one-rank run may mean another program)."""
+    """Rows reversed along the sharded dim on each rank, then sent and not sent back: no rule gives the local
+    reversal a global meaning, so the test runs. The one-rank run with a one-rank mesh reverses the whole dim
+    and sends nothing, so the test sees the difference: never tested (left unproven with the numbers, as any
+    body that routes rows between ranks, whose one-rank run may mean another program). (Rows of a shard sent
+    in equal splits and not reversed are proven, with their meaning on the mesh: test_check_coordinates.)"""
     import torch.distributed._functional_collectives as funcol
 
     class OneWay(RowsThereAndBack):
         def forward(self, x, w):
-            there = funcol.wait_tensor(funcol.all_to_all_single(x, None, None, group=self.dispatcher.mesh))
+            there = funcol.wait_tensor(funcol.all_to_all_single(x.flip(0), None, None, group=self.dispatcher.mesh))
             return silu_mul(there @ w, there @ w)
 
     with simulated_mesh(4, ("ep",)) as mesh:

@@ -52,7 +52,7 @@ def _compiled_collectives(mesh):
 
     def body(q, k):
         s = C.pvary(C.all_reduce(q.sum(0, keepdim=True), "tp"), "tp")
-        return (q @ C.all_gather(k, "tp").T) * s.sum() + C.shift(q, "tp", 1).sum()
+        return (q @ C.all_gather(k, "tp").T) * s.sum() + C.shift(q, "tp", 1).sum(1, keepdim=True)
 
     region = local_map(body, [S0], ([S0], [S0]), device_mesh=mesh)
 

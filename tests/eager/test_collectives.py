@@ -58,19 +58,28 @@ def test_all_gather_result_claimed_replicate_is_an_error_and_wrong_gradient(sim_
                               check=False)
 
 
-def test_all_reduce_of_a_partial_sum_is_replicate_and_of_a_shard_is_unproven(sim_mesh_4):
+def test_all_reduce_of_a_partial_sum_and_of_a_shard_is_replicate(sim_mesh_4):
     """A partial sum all-reduced is proven Replicate (claimed Partial: refused). The shards themselves summed are
-    the same on every rank, but not the one-rank run's value (there the all_reduce is the identity, and the
-    output is the whole dim long): no claim on it is proven, and the test calls the difference a dependence
-    (the shapes follow the mesh's size), so it runs with an "unproven" warning, never silently."""
+    the sum of the global rows' blocks, a meaning that follows the mesh's size, stated on the call's mesh (NOTE in
+    check.coordinates): proven Replicate too, and claimed Partial or a shard, refused (every rank holds the same
+    value, so the ranks' pieces would count it n times)."""
     x = distribute(randn(8, 6), sim_mesh_4, [S0])
     summed = lambda a: C.all_reduce(a.sum(0, keepdim=True), 0)  # noqa: E731
-    assert local_map(summed, [R], ([S0],), device_mesh=sim_mesh_4, check="strict")(x).placements == (R,)
-    with pytest.raises(PlacementError, match="claimed Partial"):
-        local_map(summed, [Partial()], ([S0],), device_mesh=sim_mesh_4)(x)
-    for claim in (R, Partial()):
-        with pytest.warns(UserWarning, match="unproven.*shapes that follow the mesh's size"):
-            local_map(lambda a: C.all_reduce(a, 0), [claim], ([S0],), device_mesh=sim_mesh_4)(x)
+    blocks = lambda a: C.all_reduce(a, 0)  # noqa: E731
+    for body in (summed, blocks):
+        assert local_map(body, [R], ([S0],), device_mesh=sim_mesh_4, check="strict")(x).placements == (R,)
+    for body, claim in ((summed, Partial()), (blocks, Partial()), (blocks, S0)):
+        with pytest.raises(PlacementError, match=f"claimed {claim!r}".replace("(", r"\(").replace(")", r"\)")):
+            local_map(body, [claim], ([S0],), device_mesh=sim_mesh_4)(x)
+
+
+def test_all_reduce_of_per_rank_values_one_shard_long_is_unproven_by_its_shapes(sim_mesh_4):
+    """Per-rank values with no global form (a shard less its local maximum), summed: the same on every rank and
+    one shard long, where the one-rank run is the whole dim long. The test calls the difference a dependence (the
+    shapes follow the mesh's size), so it runs with an "unproven" warning, never silently and never refused."""
+    x = distribute(randn(8, 6), sim_mesh_4, [S0])
+    with pytest.warns(UserWarning, match="unproven.*shapes that follow the mesh's size"):
+        local_map(lambda a: C.all_reduce(a - a.max(), 0), [R], ([S0],), device_mesh=sim_mesh_4)(x)
 
 
 def test_replicate_input_meeting_gathered_data_gets_partial_gradient(sim_mesh_4):

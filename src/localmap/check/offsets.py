@@ -71,7 +71,7 @@ def rank_facts_are_withheld() -> bool:
     return getattr(_withheld, "on", False)
 
 
-def _peel(node: Any) -> Any:
+def peel(node: Any) -> Any:
     """The value under copies, casts and reshapes that keep each element (or broadcast it)."""
     while isinstance(node, fx.Node) and node.target in _SAME_VALUE:
         node = node.args[0]
@@ -92,7 +92,7 @@ def rank_scale(node: Any, m: int, mesh: Any, types: dict) -> int | None:
     if target in _SAME_VALUE or target is aten.select.int or target is FUNCTIONAL_OPS.wait_tensor.default:
         return rank_scale(node.args[0], m, mesh, types)
     if target is FUNCTIONAL_OPS.all_to_all_single.default:
-        return 1 if _coordinates(node, m, mesh) else None
+        return 1 if coordinates(node, m, mesh) else None
     if target is aten.neg.default:
         s = rank_scale(node.args[0], m, mesh, types)
         return None if s is None else -s
@@ -111,7 +111,7 @@ def rank_scale(node: Any, m: int, mesh: Any, types: dict) -> int | None:
     return None
 
 
-def _coordinates(node: fx.Node, m: int, mesh: Any) -> bool:
+def coordinates(node: fx.Node, m: int, mesh: Any) -> bool:
     """An all_to_all of arange(n) in equal splits over mesh dim m (axis_index): every element is this rank's
     coordinate."""
     try:
@@ -136,11 +136,11 @@ def masked_lookup(node: fx.Node, mesh: Any, types: dict, uneven: frozenset = fro
     if node.target is not aten.mul.Tensor or len(node.args) < 2:
         return found
     for looked, masked in (node.args[:2], node.args[1::-1]):
-        lookup = _peel(looked)
+        lookup = peel(looked)
         spec = _LOOKUPS.get(getattr(lookup, "target", None))
         if spec is None:
             continue
-        table, index = lookup.args[spec[0]], _peel(lookup.args[spec[1]])
+        table, index = lookup.args[spec[0]], peel(lookup.args[spec[1]])
         clamped = _clamped(index)
         if clamped is None or not isinstance(table, fx.Node) or not isinstance(types.get(table), tuple):
             continue
@@ -148,7 +148,7 @@ def masked_lookup(node: fx.Node, mesh: Any, types: dict, uneven: frozenset = fro
         dim, n = _looked_dim(lookup, spec)
         if high != n - 1 or not _aligned(node, looked, masked, lookup, spec, dim):
             continue
-        in_range = functools.partial(_in_range_mask, _peel(masked))
+        in_range = functools.partial(_in_range_mask, peel(masked))
         found |= _own_rows_dims(ids, table, dim, n, in_range, mesh, types, uneven)
     return found
 
@@ -265,8 +265,8 @@ def _bounds_mask(mask: Any, ids: Any, joins: tuple, low_test: tuple, high_tests:
     """mask == join(low test, one of the high tests) of `ids`, in either order."""
     if not isinstance(mask, fx.Node) or mask.target not in joins:
         return False
-    tests = {(_peel(a).target, _peel(a).args[1]) for a in mask.args[:2]
-             if isinstance(_peel(a), fx.Node) and len(_peel(a).args) > 1 and _peel(a).args[0] is ids}
+    tests = {(peel(a).target, peel(a).args[1]) for a in mask.args[:2]
+             if isinstance(peel(a), fx.Node) and len(peel(a).args) > 1 and peel(a).args[0] is ids}
     return len(tests) == 2 and low_test in tests and any(t in tests for t in high_tests)
 
 
@@ -282,7 +282,7 @@ def zeroed_lookup(node: fx.Node, mesh: Any, types: dict, uneven: frozenset = fro
     this rank's rows: a partial sum there (as ``masked_lookup``, with the mask's complement)."""
     found: set[int] = set()
     outside = _zeroing_mask(node)
-    lookup = _peel(node.args[0]) if outside is not None else None
+    lookup = peel(node.args[0]) if outside is not None else None
     spec = _LOOKUPS.get(getattr(lookup, "target", None))
     if spec is None or lookup.target is aten.index_select.default:
         return found
@@ -290,7 +290,7 @@ def zeroed_lookup(node: fx.Node, mesh: Any, types: dict, uneven: frozenset = fro
     if not isinstance(table, fx.Node) or not isinstance(types.get(table), tuple) or \
             _shape(outside) is None or _shape(outside) != _shape(index) or _chain(outside) != _chain(index):
         return found
-    mask, ids = _peel(outside), _zeroed_index(_peel(index), _peel(outside), lookup, spec)
+    mask, ids = peel(outside), _zeroed_index(peel(index), peel(outside), lookup, spec)
     if ids is None:
         return found
     dim, n = _looked_dim(lookup, spec)
@@ -315,7 +315,7 @@ def _zero_constant(node: Any) -> bool:
     lift_fresh_copy) whose one element is 0."""
     if is_zero(node):
         return True
-    node = _peel(node) if not (isinstance(node, fx.Node) and node.target is aten.lift_fresh_copy.default) \
+    node = peel(node) if not (isinstance(node, fx.Node) and node.target is aten.lift_fresh_copy.default) \
         else node.args[0]
     if not isinstance(node, fx.Node) or node.op != "get_attr":
         return False
@@ -346,13 +346,13 @@ def _zeroed_index(index: Any, outside: fx.Node, lookup: fx.Node, spec: tuple) ->
     if clamped is not None:
         return clamped[0] if clamped[1] == n - 1 else None
     mask = _zeroing_mask(index) if isinstance(index, fx.Node) else None
-    if mask is None or _peel(mask) is not outside or _shape(mask) != _shape(index.args[0]):
+    if mask is None or peel(mask) is not outside or _shape(mask) != _shape(index.args[0]):
         return None
     return index.args[0]
 
 
 def _chain(node: Any) -> list:
-    """The copies and reshapes from `node` down to the value under them (``_peel``), with their arguments."""
+    """The copies and reshapes from `node` down to the value under them (``peel``), with their arguments."""
     steps = []
     while isinstance(node, fx.Node) and node.target in _SAME_VALUE:
         steps.append((node.target, tuple(node.args[1:])))
@@ -405,7 +405,7 @@ def _rows_of_rank(index: Any, m: int, mesh: Any, k: int) -> bool:
 
 
 def _arange_of(node: Any, k: int) -> bool:
-    node = _peel(node)
+    node = peel(node)
     if not isinstance(node, fx.Node) or node.target not in (aten.arange.default, aten.arange.start):
         return False
     return list(node.args) in ([k], [0, k]) and node.kwargs.get("dtype") in (None, torch.int64, torch.int32)
@@ -413,16 +413,16 @@ def _arange_of(node: Any, k: int) -> bool:
 
 def _coordinate_times(node: Any, m: int, mesh: Any, k: int) -> bool:
     """node == k * (the coordinate on mesh dim m), with no base added."""
-    node = _peel(node)
+    node = peel(node)
     if not isinstance(node, fx.Node) or node.target is not aten.mul.Tensor:
         return False
     for c, factor in (node.args[:2], node.args[1::-1]):
         if factor == k and type(factor) is int:
-            c = _peel(c)
+            c = peel(c)
             while isinstance(c, fx.Node) and c.target in (aten.select.int, FUNCTIONAL_OPS.wait_tensor.default):
-                c = _peel(c.args[0])
+                c = peel(c.args[0])
             if isinstance(c, fx.Node) and c.target is FUNCTIONAL_OPS.all_to_all_single.default and \
-                    _coordinates(c, m, mesh):
+                    coordinates(c, m, mesh):
                 return True
     return False
 

@@ -20,6 +20,7 @@ from torch.distributed.tensor.placement_types import Partial, Replicate, Shard
 
 import localmap.collectives  # noqa: F401  (registers the collectives' facts)
 from localmap import compat
+from localmap.check.coordinates import coordinate_picked, coordinate_scaled
 from localmap.check.merges import merged_attention
 from localmap.check.offsets import ROW_LOOKUPS, is_zero, partial_where_masked, rank_rows
 from localmap.check.propagation import default_types, op_name, replicated
@@ -328,11 +329,20 @@ def output_types(node: fx.Node, in_types: list, mesh: Any, types: dict, uneven: 
         merged = merged_attention(node, in_types, mesh, types, uneven)
         if merged is not None:
             return merged
+    # values made from the rank's coordinate (axis_index, ppermute, shift): check.coordinates
+    by_coordinate = any(isinstance(types.get(a), tuple) and VARYING in types[a] for a in node.all_input_nodes)
+    picked = coordinate_picked(node, in_types, mesh, types, default_types) if by_coordinate else None
+    if picked is not None:
+        return picked
     rule = rule_for(node.target)
     if rule is not None:
         return rule(node, in_types, mesh)
     if compat.draws_random(node.target, node.args, node.kwargs):  # ops ATen tags random (dropout_p=0 is not)
         return _random(node, in_types, mesh)
+    if by_coordinate:
+        scaled = coordinate_scaled(node, in_types, mesh, types, default_types)
+        if scaled is not None:
+            return scaled
     facts = collective(node.target)
     if facts is not None:
         return facts.type_rule(node, in_types, mesh)

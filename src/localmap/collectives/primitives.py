@@ -138,11 +138,15 @@ def _reduced_backward(ctx: Any, g: torch.Tensor) -> tuple:
 
 _reduced_op.register_autograd(_reduced_backward, setup_context=_reduced_setup)
 
-# The functional all_reduce's result is the same on every rank. It is the one-rank run's value (the global
-# meaning: there every collective is the identity) only where it reduces partial results of its own reduction:
-# a sum of Partial(sum), a max of Partial(max), a min of Partial(min) (or of a Replicate value). A sum of shards,
-# of per-rank values or of a Replicate value (n times it) is the same on every rank with no global meaning
-# derived: AGREED, which no claim is proven on. avg is a sum divided by n, settled at localmap::reduced.
+# The functional all_reduce's result is the same on every rank. Its global meaning:
+# * of partial results of its own reduction (a sum of Partial(sum), a max of Partial(max) or of a Replicate
+#   value): the one-rank run's value, Replicate;
+# * of a shard of dim d (the mesh dim cuts d alone): the reduction of the global value's n blocks along d, a value
+#   whose meaning follows the mesh's size, stated on the call's mesh (NOTE in ``check.coordinates``): Replicate;
+# * of per-rank values with no global form, or a sum of a Replicate value (n times it, mostly a second
+#   all_reduce of one value): the same on every rank with no global meaning derived, AGREED, which no claim is
+#   proven on.
+# avg is a sum divided by n, settled at localmap::reduced.
 
 
 def _not_partial_why(op: str, p: Any) -> str:
@@ -151,22 +155,37 @@ def _not_partial_why(op: str, p: Any) -> str:
             "every rank, but not what the one-rank run computes as far as the check knows")
 
 
+def _blocks_reduced(t: Any, m: int, op: str) -> bool:
+    """Whether an all_reduce (op) over mesh dim m of a value of type `t` reduces the blocks of a shard: Shard(d)
+    on m, and on the other mesh dims values that keep their meaning under it (whole, a shard of another dim, or
+    a partial sum under a sum)."""
+    p = t[m]
+    if not isinstance(p, Shard) or compat.is_strided_shard(p):
+        return False
+    return all(isinstance(q, Replicate) or (compat.sharded_dim(q) not in (None, p.dim)
+                                            and not compat.is_strided_shard(q))
+               or (isinstance(q, Partial) and q.reduce_op in ("sum", "avg") and op in ("sum", "avg"))
+               for k, q in enumerate(t) if k != m)
+
+
 def _all_reduce_type(node: Any, in_types: list, mesh: Any) -> Any:
     op = node.args[1] if len(node.args) > 1 else node.kwargs.get("reduceOp")
+    t, m = in_types[0], mesh_dim_of(node, mesh)
 
     def reduced(p: Any) -> Any:
-        if isinstance(p, Partial) and p.reduce_op == op or isinstance(p, Replicate) and op in ("max", "min"):
+        if isinstance(p, Partial) and p.reduce_op == op or isinstance(p, Replicate) and op in ("max", "min") \
+                or _blocks_reduced(t, m, op):
             return Replicate()
         node.meta[UNKNOWN_WHY] = _not_partial_why(op, p)
         return AGREED
 
-    return on_its_mesh_dim(reduced)(node, in_types, mesh)
+    return tuple(reduced(p) if k == m else p for k, p in enumerate(t))
 
 
 def _reduced_type(node: Any, in_types: list, mesh: Any) -> Any:
     """localmap::reduced(x, result, op, group_name) has the result's type, except for an avg (a sum divided by n): on
-    the all_reduce's mesh dim it is Replicate for x Partial(avg), else AGREED (a sum of partial sums divided by
-    n is not their sum; where that dim is not found, every Replicate entry is AGREED)."""
+    the all_reduce's mesh dim it is Replicate for x Partial(avg) or a shard's blocks, else AGREED (a sum of
+    partial sums divided by n is not their sum; where that dim is not found, every Replicate entry is AGREED)."""
     result = in_types[-1]
     if node.args[2] != "avg":
         return result
@@ -175,7 +194,7 @@ def _reduced_type(node: Any, in_types: list, mesh: Any) -> Any:
         return tuple(AGREED if isinstance(p, Replicate) else p for p in result)
     m = mesh_dim_of(source, mesh)
     x = in_types[0][m]
-    whole = isinstance(x, Partial) and x.reduce_op == "avg"
+    whole = isinstance(x, Partial) and x.reduce_op == "avg" or _blocks_reduced(in_types[0], m, "avg")
     if not whole:
         node.meta[UNKNOWN_WHY] = _not_partial_why("avg", x)
     return tuple((Replicate() if whole else AGREED) if k == m else p for k, p in enumerate(result))
@@ -312,8 +331,23 @@ def reduce_scatter(x: torch.Tensor, mesh_dim: int | str, dim: int = 0, op: str =
     return compat_funcol.reduce_scatter(x.contiguous(), "sum", dim % x.dim(), group.name)
 
 
+def _all_to_all_single_type(node: Any, in_types: list, mesh: Any) -> Any:
+    """Rows sent in equal splits (static sizes) from a shard of dim 0: rank r receives sub-block r of every
+    rank's block, in rank order, which is block r of the global rows in a fixed order (blocks transposed): a
+    shard of dim 0 of that value, whose meaning follows the mesh's size (NOTE in ``check.coordinates``).
+    Anything else (sizes from data, another input type) is Varying there: ``check.routing`` follows rows routed
+    by data and brought back."""
+    m = mesh_dim_of(node, mesh)
+    n, t = mesh.shape[m], in_types[0]
+    equal = all(s is None or (len(s) == n and len({*s}) == 1 and all(type(v) is int for v in s))
+                for s in node.args[1:3])
+    others = all(compat.sharded_dim(p) != 0 for k, p in enumerate(t) if k != m)
+    moved = Shard(0) if equal and others and t[m] == Shard(0) and not compat.is_strided_shard(t[m]) else VARYING
+    return tuple(moved if k == m else p for k, p in enumerate(t))
+
+
 register(compat.FUNCTIONAL_OPS.all_to_all_single.default,
-         Collective(None, on_its_mesh_dim(lambda p: VARYING), cost=lambda b, n: (n - 1) / n * b))
+         Collective(None, _all_to_all_single_type, cost=lambda b, n: (n - 1) / n * b))
 
 
 def all_to_all_single(x: torch.Tensor, mesh_dim: int | str, output_split_sizes: Sequence[int] | None = None,

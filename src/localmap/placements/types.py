@@ -11,9 +11,9 @@ For each mesh dim a value's type is one of:
   counted once per rank;
 * ``VARYING``: differs across ranks with no global meaning that localmap can derive. A claim of Shard or
   Partial on such a value is *unproven* (never accepted as proven);
-* ``AGREED``: the same on every rank, but with no global meaning that localmap can derive: an all_reduce of a
-  value that is not a partial result of that same reduction (a sum of shards, of per-rank values, of a
-  Replicate value). Its one-rank run (every collective the identity) computes something else as far as the
+* ``AGREED``: the same on every rank, but with no global meaning that localmap can derive: an all_reduce of
+  per-rank values with no global form, or a sum of a Replicate value (an all_reduce of partial results of its
+  own reduction, or of a shard's blocks, has one: ``localmap.collectives.primitives``). Its one-rank run (every collective the identity) computes something else as far as the
   check knows, so any claim on it is *unproven* (the test settles it), never proven nor refused. As a value it
   flows like Replicate (asked about as Replicate; its gradient, like a Replicate value's, is the same on every
   rank), but what it makes stays AGREED where the result is the same on every rank and becomes VARYING where it

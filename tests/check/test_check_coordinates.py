@@ -1,0 +1,80 @@
+"""Bodies that read the mesh on purpose (check.coordinates, NOTE "meaning that follows the mesh"): an all_reduce of
+a shard, rows moved in equal splits, ppermute and shift, a shard scaled by the rank's coordinate. Their meaning on
+the call's mesh is stated and proven (check="strict", no warning), and their values and gradients match that
+meaning computed on one device; values read from the rank in other ways are not proven, and wrong claims on
+these values are refused."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from collective_cases import CASES, run_collective_region
+from helpers import P, R, S0, S1, randn
+from localmap import PlacementError, UnprovenError, local_map
+from localmap import collectives as C
+from localmap.testing import distribute
+
+MESH_DEPENDENT = ["all_reduce_sum", "all_reduce_avg", "all_reduce_max", "all_reduce_min", "all_to_all_single_even",
+                  "ppermute_reverse", "shift_plus_1", "shift_minus_1", "axis_index"]
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] in MESH_DEPENDENT], ids=lambda c: c[0])
+@pytest.mark.parametrize("mesh_name", ["sim_mesh_4", "sim_mesh_2x2"])
+def test_a_body_that_reads_the_mesh_is_proven_with_its_meaning_on_the_calls_mesh(case, mesh_name, request):
+    mesh = request.getfixturevalue(mesh_name)
+    name, body, reference, shapes, in_pl, out_pl = case
+    m = mesh.ndim - 1  # the inner mesh dim on the 2x2 mesh: the other dim is Replicate
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run_collective_region(mesh, m, body, reference(mesh.shape[m]), [randn(*s) for s in shapes], in_pl, out_pl,
+                              check="strict")
+
+
+def _refused(mesh, body, x, in_pl, out_pl):
+    """Strict mode refuses the claim, as wrong or as unproven: it is never proven."""
+    region = local_map(body, out_pl, in_pl, None, mesh, check="strict")
+    with pytest.raises((PlacementError, UnprovenError)):
+        region(distribute(x, mesh, in_pl[0]))
+
+
+@pytest.mark.parametrize("body,in_pl,out_pl", [
+    # positions offset by the coordinate alone, not by it times the local length: not the rows' global positions
+    (lambda x: x * (torch.arange(x.shape[0]) + C.axis_index(0)).unsqueeze(1), [S0], [S0]),
+    # a per-rank scalar read from the data (a local sum over the sharded dim) is no coordinate value
+    (lambda x: x / x.sum(), [S0], [S0]),
+    # the coordinate scaling a value the same on every rank: it differs per rank
+    (lambda x: x * (1 + C.axis_index(0)), [R], [R]),
+    # the coordinate scaling a partial sum: the ranks' scaled shares do not sum to anything stated
+    (lambda x: x * (1 + C.axis_index(0)), [P], [P]),
+    # ppermute of partial sums, claimed Partial: no permutation of shares is proven to keep their sum
+    (lambda x: C.shift(x, 0, 1), [P], [P]),
+    # the all_reduce of a shard is the same on every rank: claimed a shard, its rows would be counted n times
+    (lambda x: C.all_reduce(x, 0), [S0], [S0]),
+    # a sum of a replicated value (a second all_reduce of one value) is n times it: no meaning derived
+    (lambda x: C.all_reduce(x, 0), [R], [R]),
+    # rows moved in equal splits from a shard of dim 1: not a shard of the rows
+    (lambda x: C.all_to_all_single(x, 0), [S1], [S0]),
+], ids=["offset_without_local_length", "scalar_from_data", "coordinate_on_whole", "coordinate_on_partial",
+        "shift_of_partial", "all_reduce_claimed_shard", "all_reduce_of_whole", "equal_splits_of_columns"])
+def test_values_read_from_the_rank_otherwise_are_not_proven(sim_mesh_4, body, in_pl, out_pl):
+    _refused(sim_mesh_4, body, randn(8, 8), [in_pl], out_pl)
+
+
+def test_the_coordinate_of_another_mesh_dim_does_not_make_a_shard(sim_mesh_2x2):
+    """x is Shard(0) on mesh dim 0 and whole on dim 1; scaled by the coordinate on dim 1 it differs across dim 1's
+    ranks with no shard there."""
+    pl = [S0, R]
+    region = local_map(lambda x: x * (1 + C.axis_index(1)), [pl], [pl], None, sim_mesh_2x2, check="strict")
+    with pytest.raises((PlacementError, UnprovenError)):
+        region(distribute(randn(8, 4), sim_mesh_2x2, pl))
+
+
+def test_a_shift_and_its_inverse_are_the_identity_and_proven(sim_mesh_4):
+    """A ring step forward then back: the meaning stated on the mesh composes to the input itself."""
+    x = randn(8, 6)
+    run_collective_region(sim_mesh_4, 0, lambda d, a: C.shift(C.shift(a, d, 1), d, -1).sin(),
+                          lambda a: a.sin(), [x], [S0], S0, check="strict")
+
