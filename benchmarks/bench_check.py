@@ -1,7 +1,7 @@
 """What the placement check costs, in one run (medians; the machine is shared and noisy):
 
-1. first call: the check's time per region over the project's catalogue (tests/check/test_types_catalogue.py and
-   test_catalogue_parallel.py, plus test_tested_verdict.py's right programs where the proof stops by design: a
+1. first call: the check's time per region over the project's catalogue (tests/check/test_types_catalogue.py,
+   test_catalogue_parallel.py and tests/collective_cases.py, plus test_tested_verdict.py's right programs where the proof stops by design: a
    custom op without a rule, a context-parallel scan with its prefix correction) on a simulated mesh: a fresh region's first call with the check on minus a fresh
    region's first call with check=False (both build their plans), caches cleared before each; median over the
    catalogue, and the worst five by name. Target: median <= 100 ms. Then the same split by the verdict the
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import socket
 import statistics
@@ -61,6 +62,7 @@ def _catalogue() -> list[tuple[str, Any]]:
     from test_catalogue_parallel import PROGS, Prog
     from test_types_catalogue import CASES
 
+    from collective_cases import CASES as COLLECTIVES
     from test_tested_verdict import RIGHT
 
     first = [Prog(c.name, c.body, list(c.shapes), c.ins, c.out, "ok", grads=c.grads,
@@ -68,7 +70,14 @@ def _catalogue() -> list[tuple[str, Any]]:
     # Right programs where the proof stops by design (a custom op without a rule, a prefix correction): every
     # catalogue program is now decided by the proof or mesh-size dependent, so these give the "tested" line.
     tested = [Prog(name, body, list(shapes), ins, out, "tested", mesh="cp") for name, body, _, shapes, ins, out in RIGHT]
-    return [(p.name, p) for p in first + PROGS + tested]
+    # The collectives' cases, those whose meaning follows the mesh's size among them (check.coordinates).
+    collective = [Prog(name, functools.partial(_on_tp, body), list(shapes), [(p,) for p in ins], (out,), "ok")
+                  for name, body, _, shapes, ins, out in COLLECTIVES]
+    return [(p.name, p) for p in first + PROGS + collective + tested]
+
+
+def _on_tp(body: Any, *local: Any) -> Any:
+    return body("tp", *local)
 
 
 def _first_call_ms(prog: Any, repeats: int) -> tuple[float, str]:
