@@ -78,3 +78,19 @@ def test_a_shift_and_its_inverse_are_the_identity_and_proven(sim_mesh_4):
     run_collective_region(sim_mesh_4, 0, lambda d, a: C.shift(C.shift(a, d, 1), d, -1).sin(),
                           lambda a: a.sin(), [x], [S0], S0, check="strict")
 
+
+
+def test_the_verdict_names_the_steps_read_by_their_meaning_on_the_mesh(sim_mesh_4):
+    """Verdict.follows_mesh lists where an ok verdict rests on a meaning that follows the mesh (localmap inspect
+    prints them as notes); a region whose meaning is the one-rank run's has none."""
+    x = distribute(randn(8, 6), sim_mesh_4, [S0])
+    blocks = local_map(lambda a: C.all_reduce(a, 0, "max"), [R], [[S0]], None, sim_mesh_4)
+    whole = local_map(lambda a: C.all_reduce(a.sum(0), 0), [R], [[S0]], None, sim_mesh_4)
+    shifted = local_map(lambda a: C.shift(a, 0, 1), [S0], [[S0]], None, sim_mesh_4)
+    for region in (blocks, whole, shifted):
+        region(x)
+    (b,), (w,), (s,) = (r.region.verdicts() for r in (blocks, whole, shifted))
+    assert b.status == w.status == s.status == "ok"
+    assert len(b.follows_mesh) == 1 and "the max of the global value's 4 blocks along dim 0" in b.follows_mesh[0]
+    assert w.follows_mesh == []
+    assert any("a block picked by the rank's coordinate" in n for n in s.follows_mesh), s.follows_mesh

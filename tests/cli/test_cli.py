@@ -192,6 +192,28 @@ def test_inspect_named_entry_point(tmp_path):
     assert res.exit_code == 1 and "prog.py:junk(mesh) must return (fn, args) or (fn, args, reference)" in res.stderr
 
 
+def test_inspect_notes_a_region_proven_with_a_meaning_that_follows_the_mesh(tmp_path):
+    """An all_reduce of a shard is proven with its meaning on the mesh (the sum of the rows' blocks): ok, and inspect
+    says which step the proof read that way and what it means there (docs/check-verdicts.md)."""
+    src = tmp_path / "blocks.py"
+    src.write_text(
+        "import torch\nfrom localmap import Replicate, Shard, local_map\nfrom localmap import collectives as C\n"
+        "MESH = 'tp=2'\n"
+        "def program(mesh):\n"
+        "    f = local_map(lambda x: C.all_reduce(x, 'tp'), [Replicate()], ([Shard(0)],), device_mesh=mesh)\n"
+        "    return (lambda x: f(x).sum()), (torch.randn(4, 3, requires_grad=True),)\n")
+    from click.testing import CliRunner
+
+    from localmap.cli import app
+
+    res = CliRunner().invoke(app, ["inspect", str(src)])
+    assert res.exit_code == 0, (res.stdout, res.stderr, res.exception)
+    assert "1/1 ok" in res.stdout and "note" in res.stdout, res.stdout
+    said = " ".join(res.stdout.split())
+    assert "proven with its meaning on this mesh: " in said and "blocks.py:6: all_reduce (sum) of a shard of dim 0: " \
+           "the sum of the global value's 2 blocks along dim 0" in said, res.stdout
+
+
 # ---- bad input: one line on stderr, exit 1, no traceback unless --debug ---------------------------------------
 
 # One subprocess per kind of bad input the commands promise to answer in one line (run side by side: each pays

@@ -36,7 +36,7 @@ from localmap.check.attention import LocalAttention, cuts_gradient, local_attent
 from localmap.check.scans import LocalScan, local_scan
 from localmap.collectives.registry import collective, mesh_dim_of
 from localmap.check.verdict import PlacementError, Verdict
-from localmap.placements.types import AGREED, OPAQUE, PER_RANK_COPY, UNKNOWN_WHY, VARYING, RuleError, \
+from localmap.placements.types import AGREED, FOLLOWS_MESH, OPAQUE, PER_RANK_COPY, UNKNOWN_WHY, VARYING, RuleError, \
     same_gradient_on_ranks
 
 
@@ -67,6 +67,7 @@ def check_graph(gm: fx.GraphModule, in_types: Sequence[Any], out_claims: Sequenc
     for i, (node, t) in enumerate(zip(gm.graph.find_nodes(op="placeholder"), in_types, strict=True)):
         flow.seed(node, i, t)
     for node in gm.graph.nodes:
+        node.meta.pop(FOLLOWS_MESH, None)  # written afresh by the rules for these input types
         if node.op == "call_function":
             flow.visit(node)
         elif node.op == "get_attr":
@@ -77,6 +78,8 @@ def check_graph(gm: fx.GraphModule, in_types: Sequence[Any], out_claims: Sequenc
         flow.compare_output(node, claim, out_paths[k] if k < len(out_paths) else f"outputs[{k}]")
     differentiable = [_differentiable(p) for p in gm.graph.find_nodes(op="placeholder")]
     _infer_grads(flow, [t if d else None for t, d in zip(in_types, differentiable)], given_grads, in_paths)
+    flow.verdict.follows_mesh = list(dict.fromkeys(f"{_source(n)}: {n.meta[FOLLOWS_MESH]}"
+                                                   for n in gm.graph.nodes if FOLLOWS_MESH in n.meta))
     return flow.verdict
 
 

@@ -34,7 +34,7 @@ from localmap import compat
 from localmap.check.offsets import coordinates, peel
 from localmap.collectives.registry import mesh_dim_of
 from localmap.check.propagation import op_name
-from localmap.placements.types import UNKNOWN_WHY, VARYING, RuleError
+from localmap.placements.types import FOLLOWS_MESH, UNKNOWN_WHY, VARYING, RuleError
 
 aten = torch.ops.aten
 _PASS = {aten.select.int, compat.FUNCTIONAL_OPS.wait_tensor.default}
@@ -102,7 +102,10 @@ def coordinate_scaled(node: fx.Node, in_types: list, mesh: Any, types: dict, def
     if not isinstance(out, tuple):
         return None
     for m in dims:  # a result the same on every rank beside the coordinate is itself a coordinate value
-        if not isinstance(out[m], (Shard, Replicate)):
+        if isinstance(out[m], Shard):
+            node.meta[FOLLOWS_MESH] = (f"{op_name(node)} of a shard of dim {out[m].dim} and a value of the rank's "
+                                       f"coordinate on mesh dim {m}: each block met by its own rank's value")
+        elif not isinstance(out[m], Replicate):
             node.meta[UNKNOWN_WHY] = (f"{op_name(node)} combines a value made from the rank's coordinate on mesh dim "
                                       f"{m} with values that are not a shard there: it differs per rank with no "
                                       "global form")
@@ -139,4 +142,7 @@ def coordinate_picked(node: fx.Node, in_types: list, mesh: Any, types: dict, def
     out = default(node, [plain[a] for a in inputs], mesh, plain)
     if not isinstance(out, tuple):
         return None
+    if isinstance(picked, Shard):
+        node.meta[FOLLOWS_MESH] = (f"a block picked by the rank's coordinate on mesh dim {m} (ppermute, shift): "
+                                   "the global value's blocks in another order")
     return tuple(picked if k == m else p for k, p in enumerate(out))

@@ -85,6 +85,9 @@ class Verdict:
     draws_random: bool = False  # the traced body draws random numbers (the test then leaves it unproven)
     mesh_reads: list[str] = field(default_factory=list)  # unproven: where the body reads a shard as a unit
     low_precision: bool = False  # unproven: the traced body computes in half precision somewhere (bf16 matmuls)
+    # the steps the proof read by their meaning on the call's mesh, which follows its size ("file:line: the op
+    # and its meaning"; check.coordinates): an ok verdict resting on them means what the body means on this mesh
+    follows_mesh: list[str] = field(default_factory=list, compare=False)
 
     @property
     def ok(self) -> bool:
@@ -242,5 +245,6 @@ def describe(verdict: Verdict | None) -> str:
     if status == "unproven":
         settle = _SETTLE.removeprefix("To settle it: ")
         return "\n".join(f"unproven: {line}" for line in verdict.unproven) + f"\n  fix:      {settle}"
-    return "ok"
+    return "\n".join([status, *(f"  note:     proven with its meaning on this mesh: {step}"
+                                for step in verdict.follows_mesh)])
 

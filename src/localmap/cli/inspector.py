@@ -188,8 +188,12 @@ def _fails(region: Any, check: str | None) -> bool:
 
 
 def _show_verdicts(prog: Any, out: Console, check: str | None) -> list:
-    """Every region that is not ok, its verdict in full (each problem or unproven claim with its fix line)."""
+    """Every region that is not ok, its verdict in full (each problem or unproven claim with its fix line); an ok
+    region proven with a meaning that follows the mesh, its notes (check.coordinates)."""
     for r in prog.regions:
+        if r.verdict == "ok" and "note:" in r.verdict_detail:
+            out.print(f"[dim]note[/] {escape(r.name)} at {escape(r.source)}:")
+            print_block(out, r.verdict_detail.split("\n", 1)[1])
         if r.verdict == "ok" or _effective(r, check) is False:
             continue
         mode = _effective(r, check)

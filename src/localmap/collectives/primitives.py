@@ -39,7 +39,7 @@ from localmap.collectives.registry import Collective, mesh_dim_of, on_its_mesh_d
 from localmap.compat import collectives as compat_funcol
 from localmap.context import enclosing_region_mesh, region_anchor, region_mesh
 from localmap.errors import fail
-from localmap.placements.types import AGREED, PER_RANK_COPY, UNKNOWN_WHY, VARYING
+from localmap.placements.types import AGREED, FOLLOWS_MESH, PER_RANK_COPY, UNKNOWN_WHY, VARYING
 
 _OPS = ("sum", "avg", "max", "min")
 
@@ -168,13 +168,19 @@ def _blocks_reduced(t: Any, m: int, op: str) -> bool:
                for k, q in enumerate(t) if k != m)
 
 
+def _blocks_meaning(op: str, dim: int, n: int) -> str:
+    return f"all_reduce ({op}) of a shard of dim {dim}: the {op} of the global value's {n} blocks along dim {dim}"
+
+
 def _all_reduce_type(node: Any, in_types: list, mesh: Any) -> Any:
     op = node.args[1] if len(node.args) > 1 else node.kwargs.get("reduceOp")
     t, m = in_types[0], mesh_dim_of(node, mesh)
 
     def reduced(p: Any) -> Any:
-        if isinstance(p, Partial) and p.reduce_op == op or isinstance(p, Replicate) and op in ("max", "min") \
-                or _blocks_reduced(t, m, op):
+        if isinstance(p, Partial) and p.reduce_op == op or isinstance(p, Replicate) and op in ("max", "min"):
+            return Replicate()
+        if _blocks_reduced(t, m, op):
+            node.meta[FOLLOWS_MESH] = _blocks_meaning(op, p.dim, mesh.shape[m])
             return Replicate()
         node.meta[UNKNOWN_WHY] = _not_partial_why(op, p)
         return AGREED
@@ -195,6 +201,9 @@ def _reduced_type(node: Any, in_types: list, mesh: Any) -> Any:
     m = mesh_dim_of(source, mesh)
     x = in_types[0][m]
     whole = isinstance(x, Partial) and x.reduce_op == "avg" or _blocks_reduced(in_types[0], m, "avg")
+    if whole and isinstance(x, Shard):  # the avg's meaning, said once: not the sum under it
+        source.meta.pop(FOLLOWS_MESH, None)
+        node.meta[FOLLOWS_MESH] = _blocks_meaning("avg", x.dim, mesh.shape[m])
     if not whole:
         node.meta[UNKNOWN_WHY] = _not_partial_why("avg", x)
     return tuple((Replicate() if whole else AGREED) if k == m else p for k, p in enumerate(result))
@@ -343,6 +352,9 @@ def _all_to_all_single_type(node: Any, in_types: list, mesh: Any) -> Any:
                 for s in node.args[1:3])
     others = all(compat.sharded_dim(p) != 0 for k, p in enumerate(t) if k != m)
     moved = Shard(0) if equal and others and t[m] == Shard(0) and not compat.is_strided_shard(t[m]) else VARYING
+    if moved is not VARYING:
+        node.meta[FOLLOWS_MESH] = (f"all_to_all_single in equal splits of a shard of dim 0: the global rows with "
+                                   f"their {n} x {n} sub-blocks transposed")
     return tuple(moved if k == m else p for k, p in enumerate(t))
 
 

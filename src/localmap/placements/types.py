@@ -86,3 +86,6 @@ class RuleError(Exception):
 # that names where a proof stopped).
 UNKNOWN_WHY = "localmap_unknown_why"
 OPAQUE = "localmap_opaque"  # node.meta key: the op has no rule at all, so even a Replicate claim is unproven
+# node.meta key: the proof read this step by its meaning on the call's mesh, which follows the mesh's size (an
+# all_reduce of a shard, ppermute: NOTE in check.coordinates); the verdict lists them (Verdict.follows_mesh)
+FOLLOWS_MESH = "localmap_follows_mesh"
