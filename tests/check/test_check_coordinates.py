@@ -94,3 +94,18 @@ def test_the_verdict_names_the_steps_read_by_their_meaning_on_the_mesh(sim_mesh_
     assert len(b.follows_mesh) == 1 and "the max of the global value's 4 blocks along dim 0" in b.follows_mesh[0]
     assert w.follows_mesh == []
     assert any("a block picked by the rank's coordinate" in n for n in s.follows_mesh), s.follows_mesh
+
+
+def test_a_replicated_table_looked_up_at_the_coordinate_gets_a_partial_gradient(sim_mesh_4):
+    """A learned per-rank scale: a Replicate table read at this rank's coordinate scales its shard. Each rank's
+    gradient reaches only its own entry, so the table's gradient is a Partial sum (inferred), and values and
+    gradients match the meaning on the mesh computed on one device."""
+    body = lambda d, x, table: x * table.index_select(0, C.axis_index(d).reshape(1))  # noqa: E731
+    reference = lambda x, table: x * table.repeat_interleave(2).unsqueeze(1)  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run_collective_region(sim_mesh_4, 0, body, reference, [randn(8, 6), randn(4)], [S0, R], S0,
+                              grad_placements=[(S0,), (P,)], check="strict")
+    region = local_map(lambda x, t: body(0, x, t), [S0], [[S0], [R]], [[S0], [R]], sim_mesh_4)
+    with pytest.raises(PlacementError, match="Replicate"):  # the table's gradient given Replicate: refused
+        region(distribute(randn(8, 6), sim_mesh_4, [S0]), distribute(randn(4), sim_mesh_4, [R]))
