@@ -78,8 +78,11 @@ def check_graph(gm: fx.GraphModule, in_types: Sequence[Any], out_claims: Sequenc
         flow.compare_output(node, claim, out_paths[k] if k < len(out_paths) else f"outputs[{k}]")
     differentiable = [_differentiable(p) for p in gm.graph.find_nodes(op="placeholder")]
     _infer_grads(flow, [t if d else None for t, d in zip(in_types, differentiable)], given_grads, in_paths)
-    flow.verdict.follows_mesh = list(dict.fromkeys(f"{_source(n)}: {n.meta[FOLLOWS_MESH]}"
-                                                   for n in gm.graph.nodes if FOLLOWS_MESH in n.meta))
+    first_per_line: dict[str, str] = {}  # a localmap collective is several ops of one line: its first step says it
+    for n in gm.graph.nodes:
+        if FOLLOWS_MESH in n.meta:
+            first_per_line.setdefault(_source(n), n.meta[FOLLOWS_MESH])
+    flow.verdict.follows_mesh = [f"{line}: {meaning}" for line, meaning in first_per_line.items()]
     return flow.verdict
 
 
