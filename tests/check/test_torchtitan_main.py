@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 from helpers import P, R, S0, S1, max_diff, randn
-from localmap import PlacementError, RuleError, clear_caches, local_map, register_rule
+from localmap import PlacementError, RuleError, UnprovenError, clear_caches, local_map, register_rule
 from localmap.collectives import axis_index
 from localmap.testing import distribute, full, on_one_device, simulated_mesh
 
@@ -281,12 +281,17 @@ def _local_causal(q, k, v):
 
 def test_causal_attention_with_global_query_positions(cp_mesh):
     """torchtitan's placements (q Shard(0), k/v Replicate with Partial gradients), the mask from global query
-    positions: equal to one device, without a warning. Settled by the test today (the proof stops at the
-    comparison of the rank-offset positions with the key positions); a proof may come."""
+    positions: equal to one device, without a warning, and proven (check.coordinates: the positions
+    ``axis_index * k + arange(k)`` are Shard(0) of arange(n * k), so the mask is a shard of the one-device mask).
+    An offset off by one shard length is not proven."""
     q, k, v = randn(8, 2, 4), randn(8, 2, 4), randn(8, 2, 4)
     status = _right(cp_mesh, _cp_attention, [q, k, v], [[S0], [R], [R]], [S0], [[S0], [P], [P]],
                     reference=lambda q, k, v: _attention(q, k, v, 0))
-    assert status in ("ok", "tested")
+    assert status == "ok"
+    off = lambda q, k, v: _attention(q, k, v, axis_index("cp") * (q.shape[0] + 1))  # noqa: E731
+    region = local_map(off, [S0], [[S0], [R], [R]], [[S0], [P], [P]], cp_mesh, check="strict")
+    with pytest.raises((PlacementError, UnprovenError)):
+        region(*[distribute(t, cp_mesh, p) for t, p in zip((q, k, v), ([S0], [R], [R]))])
 
 
 def test_causal_attention_with_local_positions_is_refused(cp_mesh):

@@ -9,6 +9,10 @@ shard of a stated global value:
   one-element coordinate value c. Rank r computes f(block r, c(r)), which is block r of f(X, C) where C holds c(r)
   along every row of block r: Shard(d) of that value. Met with data the same on every rank (or a partial sum), the
   result has no global form and stays Varying.
+* **this rank's positions** (``coordinate_positions``): ``arange(k) + k * axis_index(m)`` holds positions r*k ..
+  r*k+k-1 on rank r: Shard(0) of ``arange(n * k)``, the positions of the rows a shard of k rows holds, which is
+  the one-rank run's ``arange`` too (a causal mask from them compares global positions: no meaning that follows
+  the mesh here).
 * **a block picked by coordinate** (``coordinate_picked``): ``all_gather(y.unsqueeze(0), m).index_select(0, c)``
   (how ``ppermute`` and ``shift`` are made). Every rank gathers the ranks' y in rank order and keeps y of rank
   c(r): for y Shard(d) on m that is block c(r) of y's global value, so the result is Shard(d) of that value with
@@ -31,7 +35,7 @@ import torch.fx as fx
 from torch.distributed.tensor.placement_types import Replicate, Shard
 
 from localmap import compat
-from localmap.check.offsets import coordinates, peel
+from localmap.check.offsets import coordinates, peel, rows_of_rank
 from localmap.collectives.registry import mesh_dim_of
 from localmap.check.propagation import op_name
 from localmap.placements.types import FOLLOWS_MESH, UNKNOWN_WHY, VARYING, RuleError
@@ -110,6 +114,22 @@ def coordinate_scaled(node: fx.Node, in_types: list, mesh: Any, types: dict, def
                                       f"{m} with values that are not a shard there: it differs per rank with no "
                                       "global form")
     return tuple(VARYING if m in dims and not isinstance(p, Shard) else p for m, p in enumerate(out))
+
+
+def coordinate_positions(node: fx.Node, in_types: list, mesh: Any, types: dict, default: Callable) -> Any:
+    """The type of ``arange(k) + k * axis_index(m)`` (either order): Shard(0) on those mesh dims m (the module
+    docstring); None where it is not of that form on any."""
+    val = node.meta.get("val")
+    if node.target is not aten.add.Tensor or not isinstance(val, torch.Tensor) or val.ndim != 1 or \
+            type(val.shape[0]) is not int:
+        return None
+    dims = {m for m in range(mesh.ndim) if rows_of_rank(node, m, mesh, val.shape[0])}
+    if not dims:
+        return None
+    inputs = [a for a in node.all_input_nodes if isinstance(types.get(a), tuple)]
+    plain = {a: tuple(Replicate() if m in dims else p for m, p in enumerate(types[a])) for a in inputs}
+    out = default(node, [plain[a] for a in inputs], mesh, plain)
+    return tuple(Shard(0) if m in dims else p for m, p in enumerate(out)) if isinstance(out, tuple) else None
 
 
 def coordinate_picked(node: fx.Node, in_types: list, mesh: Any, types: dict, default: Callable) -> Any:

@@ -386,7 +386,7 @@ def rank_rows(node: fx.Node, in_types: list, mesh: Any, types: dict, default: An
     if type(k) is not int:  # a data-dependent row count (MoE routing): not this form, and never guarded on
         return None
     rows = {m for m in range(mesh.ndim) if isinstance(types[table][m], Replicate) and
-            known_equal(tval.shape[dim], k * mesh.shape[m]) and _rows_of_rank(index, m, mesh, k)}
+            known_equal(tval.shape[dim], k * mesh.shape[m]) and rows_of_rank(index, m, mesh, k)}
     if not rows:
         return None
     inputs = [a for a in node.all_input_nodes if types.get(a) is not None]
@@ -396,7 +396,7 @@ def rank_rows(node: fx.Node, in_types: list, mesh: Any, types: dict, default: An
     return tuple(Shard(at) if m in rows else p for m, p in enumerate(out))
 
 
-def _rows_of_rank(index: Any, m: int, mesh: Any, k: int) -> bool:
+def rows_of_rank(index: Any, m: int, mesh: Any, k: int) -> bool:
     """index == arange(k) + k * (coordinate on mesh dim m), in either order."""
     if not isinstance(index, fx.Node) or index.target is not aten.add.Tensor or index.kwargs.get("alpha", 1) != 1:
         return False

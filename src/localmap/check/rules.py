@@ -20,7 +20,7 @@ from torch.distributed.tensor.placement_types import Partial, Replicate, Shard
 
 import localmap.collectives  # noqa: F401  (registers the collectives' facts)
 from localmap import compat
-from localmap.check.coordinates import coordinate_picked, coordinate_scaled
+from localmap.check.coordinates import coordinate_picked, coordinate_positions, coordinate_scaled
 from localmap.check.merges import merged_attention
 from localmap.check.offsets import ROW_LOOKUPS, is_zero, partial_where_masked, rank_rows
 from localmap.check.propagation import default_types, op_name, replicated
@@ -340,9 +340,10 @@ def output_types(node: fx.Node, in_types: list, mesh: Any, types: dict, uneven: 
     if compat.draws_random(node.target, node.args, node.kwargs):  # ops ATen tags random (dropout_p=0 is not)
         return _random(node, in_types, mesh)
     if by_coordinate:
-        scaled = coordinate_scaled(node, in_types, mesh, types, default_types)
-        if scaled is not None:
-            return scaled
+        read = coordinate_positions(node, in_types, mesh, types, default_types) or \
+            coordinate_scaled(node, in_types, mesh, types, default_types)
+        if read is not None:
+            return read
     facts = collective(node.target)
     if facts is not None:
         return facts.type_rule(node, in_types, mesh)
