@@ -547,14 +547,22 @@ def test_a_whole_table_at_the_ranks_rows_is_a_shard(sim_mesh_4, lookup):
     _proven_against(sim_mesh_4, _my_rows(lookup), lambda x, pos: x + pos, [randn(8, 4), randn(8, 4)], [S0, R], S0)
 
 
-@pytest.mark.parametrize("variant, pos_rows", [({"factor": 1}, 8), ({"base": 1}, 9), ({}, 12)],
-                         ids=["offset by another factor", "a base added", "a table of other length"])
-def test_a_whole_table_at_other_rows_is_not_proven(sim_mesh_4, variant, pos_rows):
-    """Offset by a factor that is not the local length, positions shifted by a constant, or a table whose rows
-    are not k * n: not the rank's chunk of the one-rank lookup, never accepted."""
-    region = local_map(_my_rows(**variant), [S0], [[S0], [R]], None, sim_mesh_4, check="strict")
+def test_a_whole_table_at_rows_offset_by_another_factor_is_not_proven(sim_mesh_4):
+    """Offset by a factor that is not the local length: rank r reads rows r*(k+1) ..., not its chunk of the
+    one-rank lookup (which reads rows 0 .. n*k - 1), never accepted."""
+    region = local_map(_my_rows(factor=1), [S0], [[S0], [R]], None, sim_mesh_4, check="strict")
     with pytest.raises((UnprovenError, PlacementError)):
-        region(distribute(randn(8, 4), sim_mesh_4, [S0]), distribute(randn(pos_rows + 4, 4), sim_mesh_4, [R]))
+        region(distribute(randn(8, 4), sim_mesh_4, [S0]), distribute(randn(12, 4), sim_mesh_4, [R]))
+
+
+@pytest.mark.parametrize("variant, table_rows, first", [({"base": 1}, 13, 1), ({}, 16, 0)],
+                         ids=["a base added", "a table of other length"])
+def test_a_whole_table_at_the_ranks_positions_shifted_or_longer_is_a_shard(sim_mesh_4, variant, table_rows, first):
+    """The rank's positions arange(k) + k * axis_index are a shard of the global positions (check.coordinates),
+    so the positions shifted by a constant, or a table longer than n * k rows, read chunk r of the one-rank
+    lookup (rows first .. first + n*k - 1) on rank r: proven, and equal to one device."""
+    _proven_against(sim_mesh_4, _my_rows(**variant), lambda x, pos: x + pos[first:first + 8],
+                    [randn(8, 4), randn(table_rows, 4)], [S0, R], S0)
 
 
 # ---- positions: tables sliced or made by the local length --------------------------------------------------------
