@@ -109,3 +109,47 @@ def test_a_replicated_table_looked_up_at_the_coordinate_gets_a_partial_gradient(
     region = local_map(lambda x, t: body(0, x, t), [S0], [[S0], [R]], [[S0], [R]], sim_mesh_4)
     with pytest.raises(PlacementError, match="Replicate"):  # the table's gradient given Replicate: refused
         region(distribute(randn(8, 6), sim_mesh_4, [S0]), distribute(randn(4), sim_mesh_4, [R]))
+
+
+def _flash(q, k, v, mask):
+    """The fused CPU kernel with a mask, called as torch 2.14's SDPA dispatches a masked call on CPU ([B, H, L, E])."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=mask)[0]
+
+
+def _global_causal(q, k, v):
+    """Queries sharded along their sequence (dim 2), keys and values whole; the causal mask from the queries'
+    global positions, this rank's rows of the one-device mask."""
+    rows = torch.arange(q.shape[2]) + C.axis_index(0) * q.shape[2]
+    mask = torch.where(rows[:, None] >= torch.arange(k.shape[2])[None, :], 0.0, float("-inf"))
+    return _flash(q, k, v, mask)
+
+
+def _one_device_causal(q, k, v):
+    rows = torch.arange(q.shape[2])
+    return _flash(q, k, v, torch.where(rows[:, None] >= torch.arange(k.shape[2])[None, :], 0.0, float("-inf")))
+
+
+def test_a_fused_kernels_mask_of_the_queries_own_rows_is_proven(sim_mesh_4):
+    """A fused attention kernel with a mask sharded like its queries (rows from global positions): proven, values
+    and gradients equal to one device (k and v's gradients Partial, inferred)."""
+    q, k, v = randn(1, 2, 8, 4), randn(1, 2, 8, 4), randn(1, 2, 8, 4)
+    S2 = torch.distributed.tensor.Shard(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run_collective_region(sim_mesh_4, 0, lambda d, *a: _global_causal(*a), _one_device_causal, [q, k, v],
+                              [S2, R, R], S2, grad_placements=[(S2,), (P,), (P,)], check="strict")
+
+
+@pytest.mark.parametrize("mask_of", [
+    lambda q, k: torch.where(torch.arange(q.shape[2])[:, None] >= torch.arange(k.shape[2])[None, :], 0.0, -1e9),
+    lambda q, k: torch.where((torch.arange(q.shape[2]) + (C.axis_index(0) + 1) % 4 * q.shape[2])[:, None]
+                             >= torch.arange(k.shape[2])[None, :], 0.0, -1e9),
+], ids=["local_positions", "next_ranks_rows"])
+def test_a_fused_kernels_mask_not_cut_like_its_queries_is_not_proven(sim_mesh_4, mask_of):
+    """A mask from local positions (every shard starts at query 0), or from the next rank's positions: each rank
+    does not use its own rows of the one-device mask, never proven."""
+    S2 = torch.distributed.tensor.Shard(2)
+    region = local_map(lambda q, k, v: _flash(q, k, v, mask_of(q, k)), [S2], [[S2], [R], [R]], None, sim_mesh_4,
+                       check="strict")
+    with pytest.raises((PlacementError, UnprovenError)):
+        region(*[distribute(randn(1, 2, 8, 4), sim_mesh_4, [p]) for p in (S2, R, R)])

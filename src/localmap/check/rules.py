@@ -354,8 +354,10 @@ def output_types(node: fx.Node, in_types: list, mesh: Any, types: dict, uneven: 
 # DTensor has no sharding strategy for some fused attention ops (the CPU flash kernel), and the check never
 # decomposes them: attention is typed here, on q [..., Lq, E], k and v [..., Lk, E]: batch and head dims sharded
 # alike stay sharded; queries sharded along their sequence attend whole keys; keys sharded along their sequence
-# give a per-rank partial attention (merged by log-sum-exp outside: Varying); a mask or causality with sharded
-# queries uses local positions (Varying: unproven, not refused).
+# give a per-rank partial attention (merged by log-sum-exp outside: Varying). A mask (attn_mask) must follow the
+# queries: sharded along the queries' sharded dim (a causal mask from global positions: check.coordinates), or
+# whole and of size 1 there; causality with sequence-sharded queries uses local positions, and a mask of another
+# making is unknown (Varying: unproven, not refused).
 
 def _attention(node: fx.Node, in_types: list, mesh: Any) -> Any:
     q, k, v = node.args[:3]
@@ -364,30 +366,46 @@ def _attention(node: fx.Node, in_types: list, mesh: Any) -> Any:
         return [default_types(node, in_types, mesh, {})]
     types = dict(zip(inputs, in_types))
     ndim = q.meta["val"].ndim
-    masked = bool(compat.call_argument(node.target, node.args, node.kwargs, "is_causal")) or \
-        any(a not in (q, k, v) for a in inputs)
-    out = tuple(_attention_dim(node, [types[q][m], types[k][m], types[v][m]], ndim, masked, m)
+    causal = bool(compat.call_argument(node.target, node.args, node.kwargs, "is_causal"))
+    masks = [a for a in inputs if a not in (q, k, v)]
+    out = tuple(_attention_dim(node, [types[q][m], types[k][m], types[v][m]], ndim, causal, m,
+                               [(types[a][m], a.meta["val"].shape) for a in masks])
                 for m in range(mesh.ndim))
     n = len(node.meta["val"]) if isinstance(node.meta.get("val"), (tuple, list)) else 1
     return [out, out] + [replicated(mesh)] * (n - 2) if n > 1 else out
 
 
-def _attention_dim(node: fx.Node, column: list, ndim: int, masked: bool, m: int) -> Any:
+def _masks_follow(masks: list, ndim: int, d: int) -> bool:
+    """Whether every mask (type on the mesh dim, shape) meets the queries' dim d as they are cut: Shard of its
+    own dim aligned with d (broadcast from the right), or whole with size 1 there (or no such dim)."""
+    for p, shape in masks:
+        j = d - (ndim - len(shape))
+        if isinstance(p, Replicate):
+            if j >= 0 and shape[j] != 1:
+                return False
+        elif not (isinstance(p, Shard) and not compat.is_strided_shard(p) and j >= 0 and p.dim == j):
+            return False
+    return True
+
+
+def _attention_dim(node: fx.Node, column: list, ndim: int, causal: bool, m: int, masks: list) -> Any:
     q, k, v = column
     if any(isinstance(p, Partial) for p in column):
         raise RuleError(f"{op_name(node)} gets a Partial query, key or value: attention is not linear in them",
                         "all_reduce it first", m)
     if AGREED in column:  # attention with a value of unknown meaning: the same on every rank or not
-        return AGREED if all(same_on_ranks(p) for p in column) else _unknown(node)
+        return AGREED if all(same_on_ranks(p) for p, _ in masks) and all(same_on_ranks(p) for p in column) \
+            else _unknown(node)
     kv_whole = all(isinstance(p, Replicate) or p is PER_RANK_COPY for p in (k, v))
-    if all(isinstance(p, Replicate) for p in column):
+    masks_whole = all(isinstance(p, Replicate) for p, _ in masks)
+    if all(isinstance(p, Replicate) for p in column) and masks_whole:
         return Replicate()
-    if kv_whole and isinstance(q, Replicate):
+    if kv_whole and isinstance(q, Replicate) and masks_whole:
         return PER_RANK_COPY
-    if isinstance(q, Shard) and q == k == v and q.dim < ndim - 2:
+    if isinstance(q, Shard) and q == k == v and q.dim < ndim - 2 and _masks_follow(masks, ndim, q.dim):
         return q  # batch or heads
-    if kv_whole and isinstance(q, Shard) and q.dim == ndim - 2 and not masked:
-        return q  # this rank's queries against every key
+    if kv_whole and isinstance(q, Shard) and q.dim == ndim - 2 and not causal and _masks_follow(masks, ndim, q.dim):
+        return q  # this rank's queries against every key, with their own rows of any mask
     return _unknown(node)
 
 
