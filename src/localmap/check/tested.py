@@ -14,7 +14,8 @@ the call's own inputs, without a trace:
 Values and gradients within tolerance: "tested" (the record names the inputs and the largest difference). A
 difference: "wrong", with the numbers, unless the body may mean another program on one rank, which is then
 reported unproven with the numbers and the reason (``dependence``): an output whose global value has another
-shape than the one-rank run's (shapes that depend on the mesh's size: an all_reduce of shards), an integer input
+shape than the one-rank run's (shapes that depend on the mesh's size: an all_reduce of per-rank values one shard
+long, which the proof cannot type), an integer input
 that holds one value per rank (rank ids passed as data), a Python integer the body closes over that equals a mesh dim's size (module
 state such as ``self.ep_size``), a device mesh it closes over, or a fixed position taken in a shard's sharded dim (``w[0]`` as "this rank's
 expert": ``mesh_reads``, found in the traced graph).
@@ -481,8 +482,9 @@ def _compare_outputs(layout: _Layout, many: Any, one: Any, specs: Sequence[Any],
 
 
 # NOTE: another shape on one rank. An output whose pieces have another size than the one-rank run's output along
-# a dim its claim keeps whole comes from a body whose shapes follow the mesh's size (an all_reduce of shards: each
-# rank's piece is one shard long, the one-rank run's output the whole dim): its one-rank run is another program,
+# a dim its claim keeps whole comes from a body whose shapes follow the mesh's size (an all_reduce of per-rank
+# values one shard long, which the proof cannot type: each rank's piece is one shard long, the one-rank run's
+# output the whole dim; of a shard itself the proof states it, check.coordinates): its one-rank run is another program,
 # so the difference is a dependence (unproven), never a refutation. A claim that shards a dim the body keeps at
 # its one-rank size (a partial sum claimed Shard) is only a wrong claim: refuted as any difference.
 _OTHER_SHAPE = "shapes that follow the mesh's size"
