@@ -86,6 +86,17 @@ def _scalar(node: Any) -> bool:
     return isinstance(val, torch.Tensor) and all(type(s) is int and s == 1 for s in val.shape)
 
 
+def _asked_whole(node: fx.Node, dims: set, types: dict, mesh: Any, default: Callable,
+                 which: Callable[[Any], bool] = lambda p: True) -> Any:
+    """The default rule's type for `node` with its inputs' entries on `dims` (those `which` picks) asked about as
+    Replicate: what the op does on the other mesh dims, and its answer on `dims` before the caller's own; None
+    where it gives no single type."""
+    inputs = [a for a in node.all_input_nodes if isinstance(types.get(a), tuple)]
+    plain = {a: tuple(Replicate() if m in dims and which(p) else p for m, p in enumerate(types[a])) for a in inputs}
+    out = default(node, [plain[a] for a in inputs], mesh, plain)
+    return out if isinstance(out, tuple) else None
+
+
 def coordinate_scaled(node: fx.Node, in_types: list, mesh: Any, types: dict, default: Callable) -> Any:
     """The type of a pointwise op where one-element coordinate values meet shards (the module docstring):
     Shard(d) on the mesh dims where the op with those values taken as Replicate gives Shard(d), Varying on the
@@ -93,17 +104,15 @@ def coordinate_scaled(node: fx.Node, in_types: list, mesh: Any, types: dict, def
     if not isinstance(node.target, compat.OpOverload) or torch.Tag.pointwise not in node.target.tags:
         return None
     inputs = [a for a in node.all_input_nodes if isinstance(types.get(a), tuple)]
-    dims = set()
+    dims = set()  # mesh dims where every varying input is a one-element coordinate value
     for m in range(mesh.ndim):
         varying = [a for a in inputs if types[a][m] is VARYING]
         if varying and all(_scalar(a) and coordinate_value(a, m, mesh, types) for a in varying):
             dims.add(m)
     if not dims:
         return None
-    plain = {a: tuple(Replicate() if m in dims and types[a][m] is VARYING else p for m, p in enumerate(types[a]))
-             for a in inputs}
-    out = default(node, [plain[a] for a in inputs], mesh, plain)
-    if not isinstance(out, tuple):
+    out = _asked_whole(node, dims, types, mesh, default, lambda p: p is VARYING)
+    if out is None:
         return None
     for m in dims:  # a result the same on every rank beside the coordinate is itself a coordinate value
         if isinstance(out[m], Shard):
@@ -124,12 +133,8 @@ def coordinate_positions(node: fx.Node, in_types: list, mesh: Any, types: dict, 
             type(val.shape[0]) is not int:
         return None
     dims = {m for m in range(mesh.ndim) if rows_of_rank(node, m, mesh, val.shape[0])}
-    if not dims:
-        return None
-    inputs = [a for a in node.all_input_nodes if isinstance(types.get(a), tuple)]
-    plain = {a: tuple(Replicate() if m in dims else p for m, p in enumerate(types[a])) for a in inputs}
-    out = default(node, [plain[a] for a in inputs], mesh, plain)
-    return tuple(Shard(0) if m in dims else p for m, p in enumerate(out)) if isinstance(out, tuple) else None
+    out = _asked_whole(node, dims, types, mesh, default) if dims else None
+    return None if out is None else tuple(Shard(0) if m in dims else p for m, p in enumerate(out))
 
 
 def coordinate_picked(node: fx.Node, in_types: list, mesh: Any, types: dict, default: Callable) -> Any:
@@ -157,10 +162,8 @@ def coordinate_picked(node: fx.Node, in_types: list, mesh: Any, types: dict, def
     picked = t[m] if isinstance(t[m], Replicate) or (isinstance(t[m], Shard) and t[m].dim > 0) else None
     if picked is None:
         return None
-    inputs = [a for a in node.all_input_nodes if isinstance(types.get(a), tuple)]
-    plain = {a: tuple(Replicate() if k == m else p for k, p in enumerate(types[a])) for a in inputs}
-    out = default(node, [plain[a] for a in inputs], mesh, plain)
-    if not isinstance(out, tuple):
+    out = _asked_whole(node, {m}, types, mesh, default)
+    if out is None:
         return None
     if isinstance(picked, Shard):
         node.meta[FOLLOWS_MESH] = (f"a block picked by the rank's coordinate on mesh dim {m} (ppermute, shift): "

@@ -340,6 +340,13 @@ def reduce_scatter(x: torch.Tensor, mesh_dim: int | str, dim: int = 0, op: str =
     return compat_funcol.reduce_scatter(x.contiguous(), "sum", dim % x.dim(), group.name)
 
 
+def _equal_splits(exchange: Any, n: int) -> bool:
+    """Whether an all_to_all_single node sends and receives n equal static splits (None, or filled in by the
+    functional collective)."""
+    return all(s is None or (len(s) == n and len({*s}) == 1 and all(type(v) is int for v in s))
+               for s in exchange.args[1:3])
+
+
 def _all_to_all_single_type(node: Any, in_types: list, mesh: Any) -> Any:
     """Rows sent in equal splits (static sizes) from a shard of dim 0: rank r receives sub-block r of every
     rank's block, in rank order, which is block r of the global rows in a fixed order (blocks transposed): a
@@ -348,10 +355,9 @@ def _all_to_all_single_type(node: Any, in_types: list, mesh: Any) -> Any:
     by data and brought back."""
     m = mesh_dim_of(node, mesh)
     n, t = mesh.shape[m], in_types[0]
-    equal = all(s is None or (len(s) == n and len({*s}) == 1 and all(type(v) is int for v in s))
-                for s in node.args[1:3])
     others = all(compat.sharded_dim(p) != 0 for k, p in enumerate(t) if k != m)
-    moved = Shard(0) if equal and others and t[m] == Shard(0) and not compat.is_strided_shard(t[m]) else VARYING
+    moved = Shard(0) if _equal_splits(node, n) and others and t[m] == Shard(0) and not compat.is_strided_shard(t[m]) \
+        else VARYING
     if moved is not VARYING:
         node.meta[FOLLOWS_MESH] = (f"all_to_all_single in equal splits of a shard of dim 0: the global rows with "
                                    f"their {n} x {n} sub-blocks transposed")
@@ -466,9 +472,7 @@ def _all_to_all_steps(node: Any, mesh: Any) -> tuple | None:
     except Exception:
         return None
     n, pieces = mesh.shape[m], exchange.args[0]
-    equal = all(s is None or (len(s) == n and len({*s}) == 1 and all(type(v) is int for v in s))
-                for s in exchange.args[1:3])  # equal splits (None, or filled in by the functional collective)
-    if len(node.args[0]) != n or not equal:
+    if len(node.args[0]) != n or not _equal_splits(exchange, n):
         return None
     sent, split_dim = pieces, 0
     if getattr(pieces, "target", None) is aten.cat.default and (pieces.args[1] if len(pieces.args) > 1 else 0) == 0:
