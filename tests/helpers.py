@@ -19,9 +19,9 @@ _gen = torch.Generator().manual_seed(1234)
 
 def randn(*shape: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """A global test input: the same plain tensor whether or not a simulated mesh is active. Drawn from this
-    module's generator unless `generator` is given: its values then depend on the tests that drew before, which
-    ``torch.manual_seed`` does not reset; inputs that must be fixed (a routing's per-rank row counts) pass their
-    own seeded generator."""
+    module's generator unless `generator` is given; conftest seeds it from each test's id, so a test's inputs
+    do not depend on the tests that ran before it. Inputs that must hold a property (a routing's per-rank row
+    counts) pass their own seeded generator."""
     with on_one_device():
         return torch.randn(*shape, generator=_gen if generator is None else generator)
 

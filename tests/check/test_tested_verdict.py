@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import P, R, S0, S1, doubled, grad_for_output, max_diff, randn
+from helpers import P, R, S0, S1, doubled, grad_for_output, max_diff, randn, rel_diff
 from localmap import PlacementError, Shard, local_map
 from localmap import collectives as C
 from localmap.check import tested
@@ -93,7 +93,9 @@ def cp_scan(x):
 
 def _region_vs_one_device(mesh, body, ref, inputs, ins, out, check=True):
     """Run `body` as a region (default check) and `ref` on one device; returns (region, warnings, the largest
-    difference of the value and the input gradients)."""
+    difference of the value and the input gradients, relative to each reference's magnitude where it is over
+    1: a weight's gradient sums over every row, in another order on each rank, so its float error grows with
+    it)."""
     with on_one_device():
         ref_in = [t.clone().requires_grad_() for t in inputs]
         ref_out = ref(*ref_in)
@@ -106,7 +108,7 @@ def _region_vs_one_device(mesh, body, ref, inputs, ins, out, check=True):
         y = fn(*dts)
         y.backward(distribute(upstream, mesh, grad_for_output(out)))
     said = [str(w.message) for w in caught if str(w.message).startswith("local_map:")]
-    diff = max([max_diff(full(y), ref_out)] + [max_diff(full(d.grad), r.grad) for d, r in zip(dts, ref_in)])
+    diff = max([rel_diff(full(y), ref_out)] + [rel_diff(full(d.grad), r.grad) for d, r in zip(dts, ref_in)])
     return fn.region, said, diff
 
 
@@ -342,8 +344,9 @@ def test_meshes_held_by_module_state_have_one_rank_in_the_one_rank_run():
     with simulated_mesh(4, ("ep",)) as mesh:
         module = RowsThereAndBack(mesh)
         ref = lambda x, w: silu_mul(x @ w, x @ w)  # noqa: E731
-        region, said, diff = _region_vs_one_device(mesh, module, ref, [randn(16, 6), randn(6, 4)],
-                                                   [(S0,), (R,)], (S0,))
+        seeded = torch.Generator().manual_seed(20)  # the same inputs whichever tests ran before in this worker
+        inputs = [randn(16, 6, generator=seeded), randn(6, 4, generator=seeded)]
+        region, said, diff = _region_vs_one_device(mesh, module, ref, inputs, [(S0,), (R,)], (S0,))
         assert module.dispatcher.mesh is mesh  # put back after the test
     assert not said, said
     assert diff <= 1e-5, "the region differs from one device"
