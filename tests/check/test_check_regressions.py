@@ -4,8 +4,8 @@ found, one plain case each, compared with one device where values matter."""
 import pytest
 import torch
 
-from helpers import P, R, S0, max_diff, randn
-from localmap import Partial, PlacementError, local_map
+from helpers import P, R, S0, S1, max_diff, randn
+from localmap import Partial, PlacementError, Shard, local_map
 from localmap.testing import distribute, full, simulated_mesh
 
 
@@ -98,3 +98,21 @@ def test_a_claim_shorter_than_the_mesh_is_checked_with_its_trailing_dims_replica
     region = local_map(lambda x: x * 2, [P], [[S0, S0]], None, sim_mesh_2x2, check="strict")
     with pytest.raises(PlacementError, match="inferred Shard"):
         region(distribute(randn(8, 3), sim_mesh_2x2, [S0, S0]))
+
+
+@pytest.mark.parametrize("shape, body, claim", [
+    ((1, 1, 4), lambda t: t.sigmoid().flatten(0, 1), S1),  # batch and heads of 1: the flattened dims are 1
+    ((1, 1, 1), lambda t: t.sigmoid().flatten(0, 1), S1),  # uneven: 1 column on rank 0, none on rank 1
+    ((1, 1, 4), lambda t: t.flatten(1, 2), S1),
+])
+def test_flatten_beside_dims_of_one_keeps_the_shard_on_its_own_dim(shape, body, claim):
+    """A flatten of dims of size 1 before a shard of dim 2 (property seed 30 on 2.14.1): the local view (1, 1, k)
+    -> (1, k) also fits a global (2, k) sharded on dim 0, which the check took, so it refused the right claim
+    Shard(1) as wrong. The shard now lands on the output dim the view makes of dim 2: proven, and equal to one
+    device; the other claim is refused."""
+    with simulated_mesh(2) as mesh:
+        x = randn(*shape)
+        y = local_map(body, [claim], ([Shard(2)],), None, mesh)(distribute(x, mesh, [Shard(2)]))
+        assert max_diff(full(y), body(x)) == 0
+        with pytest.raises(PlacementError, match="is a shard of dim 1 but is claimed Shard"):
+            local_map(body, [S0], ([Shard(2)],), None, mesh)(distribute(x, mesh, [Shard(2)]))

@@ -7,7 +7,7 @@ import torch
 from torch.distributed.tensor import Partial, Replicate, Shard
 
 from localmap.placements.shapes import (chunk_sizes, dense_stride, even_global_shape, is_uneven, like_stride,
-                                        local_shape, shard_dims)
+                                        local_shape, shard_dims, view_group)
 
 S0, S1, R, P = Shard(0), Shard(1), Replicate(), Partial()
 
@@ -85,3 +85,18 @@ def test_like_stride():
     assert like_stride((1, 6), (0, 1)) == (1, 1)  # a size-1 dim's 0 stride is not a broadcast: dense
     broadcast = like_stride((4, 6), (0, 1))  # an expanded row: the broadcast dim keeps stride 0
     assert broadcast[0] == 0 and broadcast[1] > 0
+
+
+@pytest.mark.parametrize("src,dst,dim,group", [
+    ((2, 3, 4), (6, 4), 1, (0,)),  # flatten(0, 1): dims 0 and 1 become output dim 0
+    ((2, 3, 4), (6, 4), 2, (1,)),
+    ((2, 6), (2, 2, 3), 1, (1, 2)),  # a heads split: dim 1 becomes output dims 1 and 2
+    ((1, 1, 2), (1, 2), 2, (1,)),  # flatten(0, 1) beside sizes of 1: dim 2 is output dim 1, not 0
+    ((1, 1, 1), (1, 1), 2, (1,)),  # a size-1 dim left at the end joins the last group
+    ((4,), (1, 4), 0, (0, 1)),  # a new dim of 1 before it: the group holds both
+    ((3, 1), (3,), 1, (0,)),
+    ((2, 3), (3, 2), 0, (0, 1)),  # no finer grouping: the whole shape is one group
+    ((2, 3), (5,), 0, ()),  # not a reshape
+])
+def test_view_group(src, dst, dim, group):
+    assert view_group(src, dst, dim) == group

@@ -20,7 +20,7 @@ from torch.distributed.tensor.placement_types import Partial, Replicate, Shard
 from localmap import compat
 from localmap.caches import register_cache
 from localmap.compat import pytree
-from localmap.placements.shapes import dense_stride
+from localmap.placements.shapes import dense_stride, view_group
 from localmap.placements.types import AGREED, OPAQUE, PER_RANK_COPY, UNKNOWN_WHY, VARYING, RuleError, Type, \
     same_on_ranks
 
@@ -160,13 +160,28 @@ def _ask_view_globally(node: fx.Node, mesh: Any, types: dict) -> tuple[Any, list
     # A plain Shard first (a heads split keeps its shard); else a strided shard, where the view merges the
     # sharded dim with a dim before it (tokens flattened over batch and a sharded sequence): each rank then
     # holds a fixed, interleaved set of the merged dim's rows, which a sum or a row-wise op may use as they are.
+    choices = _landings_in_order(tuple(src.meta["val"].shape), tuple(out_val.shape),
+                                 [compat.sharded_dim(p) for _, p in sharded])
     for strided in (False, True):
-        for choice in itertools.product(range(out_val.ndim), repeat=len(sharded)):
+        for choice in choices:
             sharding = _view_landing(node, in_spec, out_val, mesh, sharded, choice, strided)
             if sharding is not None:
                 return sharding, [in_spec]
     node.meta[UNKNOWN_WHY] = f"{op_name(node)} gives a shape that only fits the local shard (no global view)"
     return None
+
+
+def _landings_in_order(local_in: tuple, local_out: tuple, dims: list) -> list[tuple[int, ...]]:
+    """Where each sharded input dim's shard may land (one output dim per sharded mesh dim), the view's own reading
+    first. More than one landing can fit the local shapes where dims of size 1 stand beside the sharded one: a
+    flatten(0, 1) of a (1, 1, k) shard of dim 2 fits (1, n*k), sharded on dim 1, and (n, k), sharded on dim 0,
+    alike; only the first is the flatten's meaning on the global tensor, and taking the second refused the right
+    claim. So landings inside the output dims the local view makes of the sharded dim (shapes.view_group) come
+    first; the rest keep their order. Inside that group the first dim that fits wins, DTensor's convention for a
+    split: a heads split with one head per rank, (b, s, d) -> (b, s, 1, d), keeps the shard on the heads dim."""
+    groups = [view_group(local_in, local_out, d) for d in dims]
+    return sorted(itertools.product(range(len(local_out)), repeat=len(dims)),
+                  key=lambda choice: sum(j not in g for j, g in zip(choice, groups)))
 
 
 def _view_landing(node: fx.Node, in_spec: Any, out_val: torch.Tensor, mesh: Any, sharded: list,

@@ -88,3 +88,33 @@ def like_stride(shape: Sequence[Any], stride: Sequence[Any]) -> tuple[Any, ...]:
     """Dense strides for `shape` in the dim order of `stride`, keeping broadcast (0) strides as 0."""
     dense = dense_stride(shape, stride)
     return tuple(0 if s == 0 and n != 1 else d for s, n, d in zip(stride, shape, dense, strict=True))
+
+
+def view_group(in_shape: Sequence[int], out_shape: Sequence[int], dim: int) -> tuple[int, ...]:
+    """The output dims a reshape from `in_shape` to `out_shape` makes of input dim `dim`: the shapes are walked
+    in step, grouping dims until their sizes' products agree (a flatten groups several input dims into one
+    output dim, a split one input dim into several). A size-1 dim left over at the end joins the last group.
+    Empty where the sizes do not match as a reshape would need."""
+    groups: list[tuple[list[int], list[int]]] = []
+    i = j = 0
+    while i < len(in_shape) and j < len(out_shape):
+        ins, outs = [i], [j]
+        a, b = in_shape[i], out_shape[j]
+        while a != b:
+            if a < b and i + 1 < len(in_shape):
+                i += 1
+                ins.append(i)
+                a *= in_shape[i]
+            elif b < a and j + 1 < len(out_shape):
+                j += 1
+                outs.append(j)
+                b *= out_shape[j]
+            else:
+                return ()
+        groups.append((ins, outs))
+        i, j = i + 1, j + 1
+    if not groups:
+        return ()
+    groups[-1][0].extend(range(i, len(in_shape)))
+    groups[-1][1].extend(range(j, len(out_shape)))
+    return next((tuple(outs) for ins, outs in groups if dim in ins), ())
